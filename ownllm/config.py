@@ -1,0 +1,136 @@
+"""Frozen, normalized settings: what a model is (ModelConfig) and what the engine may use (EngineConfig).
+
+Everything here is plain data, validated once when built; a bad value raises ValueError naming it.
+It imports no torch, so the control plane (engine/) can use it freely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+DTYPES = ("float32", "bfloat16", "float16")
+_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def normalize_dtype(dtype: str | None) -> str | None:
+    """'bf16' -> 'bfloat16'; None and 'auto' stay None (meaning: the checkpoint's own dtype)."""
+    if dtype is None or dtype == "auto":
+        return None
+    name = _DTYPE_ALIASES.get(str(dtype).removeprefix("torch."), str(dtype).removeprefix("torch."))
+    if name not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    return name
+
+
+def _rope_settings(hf: Mapping[str, Any]) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from either transformers v5 `rope_parameters` or v4 `rope_theta` + `rope_scaling`."""
+    params = dict(hf.get("rope_parameters") or {})
+    theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+    scaling = params or dict(hf.get("rope_scaling") or {})
+    rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
+    if rope_type == "default":
+        return theta, None
+    return theta, {"rope_type": rope_type, **scaling}
+
+
+def _layer_types(hf: Mapping[str, Any], num_layers: int, sliding_window: int | None) -> tuple[str, ...]:
+    """Per layer 'full_attention' or 'sliding_attention', the way transformers decides it."""
+    if hf.get("layer_types"):
+        types = tuple(hf["layer_types"])
+        if len(types) != num_layers:
+            raise ValueError(f"layer_types has {len(types)} entries but num_hidden_layers is {num_layers}")
+        return types if sliding_window else tuple("full_attention" for _ in types)
+    if not sliding_window:
+        return ("full_attention",) * num_layers
+    if "use_sliding_window" in hf:  # Qwen2 style: sliding only from max_window_layers on
+        if not hf["use_sliding_window"]:
+            return ("full_attention",) * num_layers
+        first = int(hf.get("max_window_layers", 0))
+        return tuple("sliding_attention" if i >= first else "full_attention" for i in range(num_layers))
+    return ("sliding_attention",) * num_layers
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One model's shape and numerics, normalized from its HF config.json (or a GGUF file's metadata)."""
+
+    architecture: str
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    mlp_bias: bool
+    sliding_window: int | None
+    layer_types: tuple[str, ...]
+    dtype: str
+    hf_config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any], dtype: str | None = None) -> "ModelConfig":
+        archs = hf.get("architectures") or []
+        if not archs:
+            raise ValueError("config.json has no 'architectures' entry; cannot tell which model this is")
+        text = hf.get("text_config")
+        if text:  # multimodal wrappers keep the language model's shape in text_config
+            hf = {**hf, **text}
+        required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+        missing = [k for k in required if k not in hf]
+        if missing:
+            raise ValueError(f"config.json lacks {', '.join(missing)}")
+        num_heads = int(hf["num_attention_heads"])
+        hidden = int(hf["hidden_size"])
+        num_layers = int(hf["num_hidden_layers"])
+        sliding_window = hf.get("sliding_window") or None
+        if sliding_window is not None and hf.get("use_sliding_window") is False:
+            sliding_window = None
+        theta, scaling = _rope_settings(hf)
+        config_dtype = hf.get("dtype") or hf.get("torch_dtype")
+        config = cls(
+            architecture=archs[0],
+            model_type=hf.get("model_type", ""),
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(hf.get("intermediate_size", 4 * hidden)),
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=int(hf.get("num_key_value_heads") or num_heads),
+            head_dim=int(hf.get("head_dim") or hidden // num_heads),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=bool(hf.get("attention_bias", False)),
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            sliding_window=int(sliding_window) if sliding_window else None,
+            layer_types=_layer_types(hf, num_layers, sliding_window),
+            dtype=normalize_dtype(dtype) or normalize_dtype(config_dtype) or "float32",
+            hf_config=dict(hf),
+        )
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"config.json: {name} must be positive, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"config.json: num_attention_heads ({self.num_attention_heads}) is not a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+
+    @property
+    def max_model_len(self) -> int:
+        return self.max_position_embeddings

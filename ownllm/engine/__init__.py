@@ -1,0 +1,1 @@
+"""Control plane: plain Python, no torch. Requests, scheduling, stopping, outputs."""

@@ -1,0 +1,92 @@
+"""Turns sampled token ids into what users see: incremental text, stop strings, logprobs.
+
+One RequestState per request keeps its detokenizer and accumulated output. Text that might be the
+start of a stop string is held back from streams until it is known not to be one, so a stop string
+spanning tokens is never half-shown.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ownllm.outputs import CompletionOutput, Logprob
+from ownllm.request import FinishReason, Request
+from ownllm.tokenizer import IncrementalDetokenizer, Tokenizer, find_stop, held_back_len
+
+
+@dataclass
+class RequestState:
+    request: Request
+    index: int  # which of the n samples
+    detokenizer: IncrementalDetokenizer
+    text: str = ""  # all decoded text (may end in held-back characters)
+    num_sent: int = 0  # characters already handed to a stream
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float = 0.0
+    finished_by_stop_string: str | None = field(default=None)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.states: dict[str, RequestState] = {}
+
+    def add(self, request: Request, index: int = 0) -> None:
+        params = request.sampling_params
+        self.states[request.request_id] = RequestState(
+            request, index, self.tokenizer.detokenizer(params.skip_special_tokens),
+            logprobs=[] if params.logprobs is not None else None,
+        )
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def process(self, request: Request, result) -> str | None:
+        """Folds in one sampled token -> the new text safe to stream; returns a stop string if one ended it."""
+        state = self.states[request.request_id]
+        params = request.sampling_params
+        state.cumulative_logprob += result.logprob
+        if state.logprobs is not None:
+            entry = {result.token_id: Logprob(result.logprob, result.rank, self._token_text(result.token_id))}
+            for rank, (token_id, logprob) in enumerate(result.top_logprobs or [], start=1):
+                entry.setdefault(token_id, Logprob(logprob, rank, self._token_text(token_id)))
+            state.logprobs.append(entry)
+        stopped_by_token = request.finish_reason is FinishReason.STOP
+        if not stopped_by_token:
+            new_text = state.detokenizer.push(result.token_id)
+            start = len(state.text)
+            state.text += new_text
+            at = find_stop(state.text, params.stop, start) if params.stop else -1
+            if at >= 0:
+                stop = next(s for s in params.stop if state.text.startswith(s, at))
+                state.text = state.text[: at + (len(stop) if params.include_stop_str_in_output else 0)]
+                state.finished_by_stop_string = stop
+                request.finish(FinishReason.STOP, stop)
+        return state.finished_by_stop_string
+
+    def take_delta(self, request_id: str) -> str:
+        """Text not yet streamed that can no longer turn out to be part of a stop string."""
+        state = self.states[request_id]
+        end = len(state.text)
+        if not state.request.is_finished and state.request.sampling_params.stop:
+            end -= held_back_len(state.text, state.request.sampling_params.stop)
+        delta = state.text[state.num_sent : end]
+        state.num_sent = max(state.num_sent, end)
+        return delta
+
+    def completion(self, request_id: str) -> CompletionOutput:
+        state = self.states[request_id]
+        request = state.request
+        reason = request.finish_reason
+        return CompletionOutput(
+            index=state.index,
+            text=state.text,
+            token_ids=list(request.output_token_ids),
+            cumulative_logprob=state.cumulative_logprob,
+            logprobs=state.logprobs,
+            finish_reason=reason.value if reason else None,
+            stop_reason=request.stop_reason,
+        )
+
+    def remove(self, request_id: str) -> None:
+        self.states.pop(request_id, None)

@@ -1,0 +1,1 @@
+"""Shared building blocks of the model files: norms, rotary embeddings, attention, MLPs."""

@@ -1,0 +1,52 @@
+"""Checkpoint formats -> (ModelConfig, HF-named tensors, Tokenizer), whatever the source.
+
+`load_checkpoint(model)` accepts a Hugging Face checkpoint folder, a hub id (via huggingface_hub's
+cache, downloading only when online), a .gguf file, the name of the bundled model, or None for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+from ownllm.config import ModelConfig
+from ownllm.loader.resolve import resolve_model
+
+if TYPE_CHECKING:
+    import torch
+
+    from ownllm.tokenizer import Tokenizer
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    tensors: Mapping[str, "torch.Tensor"]  # HF parameter names
+    tokenizer: "Tokenizer"
+    generation_config: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+
+def load_checkpoint(model: str | None, dtype: str | None = None) -> Checkpoint:
+    path = resolve_model(model)
+    if path.suffix == ".gguf":
+        from ownllm.loader.gguf import load_gguf
+
+        gguf = load_gguf(path, dtype=_torch_dtype(dtype))
+        config = ModelConfig.from_hf(gguf.hf_config, dtype)
+        return Checkpoint(config, gguf.tensors, gguf.tokenizer, {}, path)
+    from ownllm.loader.hf import load_hf_folder
+
+    return load_hf_folder(path, dtype)
+
+
+def _torch_dtype(dtype: str | None):
+    from ownllm.config import normalize_dtype
+
+    name = normalize_dtype(dtype)
+    if name is None:
+        return None
+    import torch
+
+    return getattr(torch, name)

@@ -1,0 +1,65 @@
+"""What every causal LM shares: building on the meta device and adopting checkpoint tensors as weights.
+
+Weights are taken from the loader's tensors by their Hugging Face names. A tensor already in the
+compute dtype is adopted as is (a memory-mapped safetensors tensor stays mapped, no second copy);
+otherwise it is converted once, tensor by tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from ownllm.config import ModelConfig
+from ownllm.layers.attention import AttentionMetadata
+
+
+class CausalLM(nn.Module):
+    # checkpoint tensors that carry no weights of ours (e.g. precomputed rotary tables)
+    ignored_tensor_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    @classmethod
+    def from_tensors(cls, config: ModelConfig, tensors: Mapping[str, torch.Tensor]) -> "CausalLM":
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_weights(tensors, getattr(torch, config.dtype))
+        return model.eval().requires_grad_(False)
+
+    def tied_parameters(self) -> dict[str, str]:
+        """{parameter name: the name it shares storage with}, e.g. a tied lm_head."""
+        return {}
+
+    def load_weights(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:
+        tied = self.tied_parameters()
+        for name, param in list(self.named_parameters()):
+            if name in tied:
+                continue
+            if name not in tensors:
+                raise ValueError(f"the checkpoint is missing tensor {name!r}")
+            tensor = tensors[name]
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"tensor {name!r} has shape {tuple(tensor.shape)} but the config implies {tuple(param.shape)}"
+                )
+            self._set_parameter(name, tensor.to(dtype))
+        for name, source in tied.items():
+            self._set_parameter(name, self.get_parameter(source))
+
+    def _set_parameter(self, name: str, tensor: torch.Tensor) -> None:
+        module_name, _, attr = name.rpartition(".")
+        module = self.get_submodule(module_name)
+        module._parameters[attr] = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids: [T] -> hidden states [T, hidden_size] (final norm applied)."""
+        raise NotImplementedError
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, hidden_size] -> logits [N, vocab_size]."""
+        raise NotImplementedError

@@ -1,0 +1,1 @@
+"""Data plane: tensors. Builds model inputs from requests, runs the model and samples."""

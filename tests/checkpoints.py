@@ -1,0 +1,74 @@
+"""Tiny random-weight checkpoints saved by transformers in the real on-disk format, for parity tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+TINY_VOCAB = 384
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "def main():\n    print('hello, world')\n    return 42\n",
+    "Numbers 0123456789 and symbols !@#$%^&*()[]{} <>",
+    "Ollama, llama.cpp and vLLM run open-weight models locally.",
+]
+
+BASE = dict(
+    vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    initializer_range=0.1, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+)
+
+
+def save_tiny_tokenizer(folder: Path) -> None:
+    """A byte-level BPE trained on a few lines; enough for the loader, while tests feed token ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB, special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_CORPUS, trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<s>assistant: {% endif %}",
+    }))
+
+
+def build_checkpoint(folder: Path, arch: str, seed: int = 0, max_shard_size: str | None = None, **overrides):
+    """Saves a random transformers model of `arch` (e.g. "LlamaForCausalLM") -> the HF model, in float32."""
+    import transformers
+
+    config_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+    model_cls = getattr(transformers, arch)
+    config = config_cls(**{**BASE, **overrides})
+    torch.manual_seed(seed)
+    model = model_cls(config).eval().to(torch.float32)
+    folder.mkdir(parents=True, exist_ok=True)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, safe_serialization=True, **kwargs)
+    save_tiny_tokenizer(folder)
+    return model
+
+
+def random_prompts(lengths=(5, 17, 40), seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, TINY_VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+@torch.inference_mode()
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
+    """transformers' greedy continuation -> (new token ids, per step logprobs [vocab])."""
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+        output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+    )
+    tokens = out.sequences[0, len(prompt):].tolist()
+    return tokens, [step[0].float().log_softmax(-1) for step in out.logits]
