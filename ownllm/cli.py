@@ -1,0 +1,185 @@
+"""The `ownllm` command: run, chat, models. Wires the offline engine to a terminal.
+
+Every expected failure (bad path, bad option value, unsupported model...) is printed as one
+`error: ...` line with a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from ownllm.loader.resolve import BUNDLED_MODEL_NAME
+
+app = typer.Typer(
+    help="Run open-weight LLMs on your own machine, offline. With no --model, uses the bundled "
+    f"{BUNDLED_MODEL_NAME} (SmolLM2-135M-Instruct, Q4_1 GGUF).",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+out = Console(highlight=False, soft_wrap=True)
+
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help=f"A Hugging Face checkpoint folder, a hub id (org/name), a .gguf file, or "
+    f"'{BUNDLED_MODEL_NAME}'. Default: the bundled {BUNDLED_MODEL_NAME}.")]
+DtypeOpt = Annotated[Optional[str], typer.Option(
+    help="Compute dtype: float32, bfloat16 or float16. Default: the checkpoint's (float32 for quantized GGUF).")]
+MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate per answer.")]
+TemperatureOpt = Annotated[Optional[float], typer.Option(
+    help="Sampling temperature; 0 is greedy. Default: the model's generation_config, else 0.8.")]
+TopPOpt = Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling: keep the most likely tokens "
+                                                   "whose probabilities sum to this, in (0, 1].")]
+TopKOpt = Annotated[Optional[int], typer.Option("--top-k", help="Keep only the k most likely tokens; 0 disables.")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed for reproducible sampling.")]
+SystemOpt = Annotated[Optional[str], typer.Option(help="A system prompt to put before the conversation.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Print load time, prompt and decode speed after each answer.")]
+
+
+def _load(model: str | None, dtype: str | None):
+    from ownllm.engine.llm import LLM
+
+    started = time.perf_counter()
+    with err.status(f"Loading {model or BUNDLED_MODEL_NAME}..."):
+        llm = LLM(model, dtype=dtype)
+    return llm, time.perf_counter() - started
+
+
+def _params(llm, max_tokens: int, temperature, top_p, top_k, seed):
+    from ownllm.sampling_params import SamplingParams
+
+    defaults = llm.default_sampling_params()
+    temperature = temperature if temperature is not None else (
+        defaults.temperature if "temperature" in llm.generation_config else 0.8)
+    return SamplingParams(
+        temperature=temperature, top_p=top_p if top_p is not None else defaults.top_p,
+        top_k=top_k if top_k is not None else defaults.top_k, min_p=defaults.min_p,
+        repetition_penalty=defaults.repetition_penalty, seed=seed, max_tokens=max_tokens,
+    )
+
+
+def _stream_answer(llm, prompt, params, verbose: bool) -> str:
+    """Streams one answer to stdout; Ctrl-C stops the answer (not the program). -> the answer's text."""
+    pieces: list[str] = []
+    started = time.perf_counter()
+    first_token_at = None
+    stream = llm.stream(prompt, params)
+    try:
+        for piece in stream:
+            first_token_at = first_token_at or time.perf_counter()
+            pieces.append(piece)
+            out.print(piece, end="", markup=False)
+    except KeyboardInterrupt:
+        stream.close()
+        out.print()
+        err.print("[dim](stopped)[/dim]")
+        return "".join(pieces)
+    out.print()
+    if verbose and llm.last_output is not None:
+        _print_stats(llm, prompt, started, first_token_at, len(llm.last_output.token_ids))
+    return "".join(pieces)
+
+
+def _print_stats(llm, prompt, started: float, first_token_at: float | None, num_generated: int) -> None:
+    ended = time.perf_counter()
+    first = first_token_at or ended
+    num_prompt = len(prompt["prompt_token_ids"]) if isinstance(prompt, dict) else len(llm.tokenizer.encode(prompt))
+    decode_tokens = max(num_generated - 1, 0)
+    err.print(f"prompt: {num_prompt} tokens in {first - started:.2f}s ({num_prompt / max(first - started, 1e-9):.1f} tokens/s)")
+    err.print(f"decode: {decode_tokens} tokens in {ended - first:.2f}s ({decode_tokens / max(ended - first, 1e-9):.1f} tokens/s)")
+
+
+@app.command()
+def run(
+    prompt: Annotated[str, typer.Argument(help="What to ask. Use - to read it from standard input.")],
+    model: ModelOpt = None, dtype: DtypeOpt = None, max_tokens: MaxTokensOpt = 512,
+    temperature: TemperatureOpt = None, top_p: TopPOpt = None, top_k: TopKOpt = None, seed: SeedOpt = None,
+    system: SystemOpt = None,
+    raw: Annotated[bool, typer.Option(help="Send the prompt as is, without the model's chat template.")] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Answer one prompt and stream the answer to the terminal."""
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    llm, load_seconds = _load(model, dtype)
+    if verbose:
+        err.print(f"load: {load_seconds:.2f}s")
+    params = _params(llm, max_tokens, temperature, top_p, top_k, seed)
+    if raw or llm.tokenizer.chat_template is None:
+        request = prompt
+    else:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        request = llm.chat_prompt(messages)
+    _stream_answer(llm, request, params, verbose)
+
+
+@app.command()
+def chat(
+    model: ModelOpt = None, dtype: DtypeOpt = None, max_tokens: MaxTokensOpt = 1024,
+    temperature: TemperatureOpt = None, top_p: TopPOpt = None, top_k: TopKOpt = None, seed: SeedOpt = None,
+    system: SystemOpt = None, verbose: VerboseOpt = False,
+) -> None:
+    """Chat with a model in the terminal. /reset clears the history, /exit (or Ctrl-D) quits, Ctrl-C stops an answer."""
+    llm, load_seconds = _load(model, dtype)
+    params = _params(llm, max_tokens, temperature, top_p, top_k, seed)
+    system_messages = [{"role": "system", "content": system}] if system else []
+    history = list(system_messages)
+    err.print(f"[dim]{BUNDLED_MODEL_NAME if model is None else model} loaded in {load_seconds:.1f}s. "
+              "/reset clears the history, /exit quits, Ctrl-C stops an answer.[/dim]")
+    while True:
+        try:
+            line = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            out.print()
+            return
+        if not line.strip():
+            continue
+        if line.strip() in ("/exit", "/bye", "/quit"):
+            return
+        if line.strip() == "/reset":
+            history = list(system_messages)
+            err.print("[dim](history cleared)[/dim]")
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            prompt = llm.chat_prompt(history)
+        except ValueError as error:  # e.g. the conversation outgrew the context
+            history.pop()
+            err.print(f"[red]error:[/red] {escape(str(error))}")
+            continue
+        answer = _stream_answer(llm, prompt, params, verbose)
+        history.append({"role": "assistant", "content": answer})
+
+
+@app.command()
+def models(
+    paths: Annotated[Optional[list[Path]], typer.Argument(help="GGUF files or checkpoint folders to describe too.")] = None,
+) -> None:
+    """List the models available locally: the bundled one, the Hugging Face cache, and any paths given."""
+    from rich.table import Table
+
+    from ownllm.model_list import list_local_models
+
+    table = Table("name", "source", "architecture", "size", "path")
+    for entry in list_local_models(paths or []):
+        table.add_row(entry.name, entry.source, entry.architecture, entry.size, entry.path)
+    out.print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as error:
+        err.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
