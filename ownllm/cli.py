@@ -22,7 +22,7 @@ app = typer.Typer(
     f"{BUNDLED_MODEL_NAME} (SmolLM2-135M-Instruct, Q4_1 GGUF).",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
 
 ModelOpt = Annotated[Optional[str], typer.Option(

@@ -7,7 +7,7 @@ spanning tokens is never half-shown.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ownllm.outputs import CompletionOutput, Logprob
 from ownllm.request import FinishReason, Request
@@ -23,7 +23,6 @@ class RequestState:
     num_sent: int = 0  # characters already handed to a stream
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float = 0.0
-    finished_by_stop_string: str | None = field(default=None)
 
 
 class OutputProcessor:
@@ -41,8 +40,8 @@ class OutputProcessor:
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def process(self, request: Request, result) -> str | None:
-        """Folds in one sampled token -> the new text safe to stream; returns a stop string if one ended it."""
+    def process(self, request: Request, result) -> None:
+        """Folds in one sampled token: logprobs, text, and a stop string that may end the request."""
         state = self.states[request.request_id]
         params = request.sampling_params
         state.cumulative_logprob += result.logprob
@@ -51,18 +50,18 @@ class OutputProcessor:
             for rank, (token_id, logprob) in enumerate(result.top_logprobs or [], start=1):
                 entry.setdefault(token_id, Logprob(logprob, rank, self._token_text(token_id)))
             state.logprobs.append(entry)
-        stopped_by_token = request.finish_reason is FinishReason.STOP
+        stopped_by_token = request.finish_reason is FinishReason.STOP  # a stop token is not part of the text
+        start = len(state.text)
         if not stopped_by_token:
-            new_text = state.detokenizer.push(result.token_id)
-            start = len(state.text)
-            state.text += new_text
-            at = find_stop(state.text, params.stop, start) if params.stop else -1
+            state.text += state.detokenizer.push(result.token_id)
+        if request.is_finished:
+            state.text += state.detokenizer.flush()
+        if params.stop and not stopped_by_token:
+            at = find_stop(state.text, params.stop, start)
             if at >= 0:
                 stop = next(s for s in params.stop if state.text.startswith(s, at))
                 state.text = state.text[: at + (len(stop) if params.include_stop_str_in_output else 0)]
-                state.finished_by_stop_string = stop
                 request.finish(FinishReason.STOP, stop)
-        return state.finished_by_stop_string
 
     def take_delta(self, request_id: str) -> str:
         """Text not yet streamed that can no longer turn out to be part of a stop string."""

@@ -1,0 +1,5 @@
+"""`python -m ownllm` is the `ownllm` command."""
+
+from ownllm.cli import main
+
+main()
