@@ -1,0 +1,398 @@
+"""Loads a llama.cpp GGUF checkpoint as an HF-style config dict, HF-named tensors and a tokenizer.
+
+This module owns the GGUF side of loading: reading the file (memory-mapped by `gguf.GGUFReader`),
+turning `{arch}.*` metadata into a config.json-style dict that `ModelConfig.from_hf` accepts,
+dequantizing every tensor to the compute dtype, renaming it to the transformers name with the
+transformers shape, and undoing the one layout change llama.cpp's converter makes (the Q/K row
+permutation of `llama`-architecture models). The tokenizer is rebuilt by `gguf_tokenizer`.
+
+Supported: `general.architecture` llama (also Mistral, whose GGUFs say "llama"), qwen2 and qwen3;
+tensor types F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K and Q6_K.
+
+Default compute dtype (`dtype=None`): a file whose weight matrices are all F16 (or all BF16) loads
+in that dtype; every other file (F32 or any quantized type) loads in float32 -- dequantized values
+are exact in float32, and float32 is what the CPU reference path runs in.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable
+
+import numpy as np
+import torch
+
+import gguf
+from gguf import GGMLQuantizationType as QType
+
+from ownllm.loader.gguf_tokenizer import tokenizer_from_metadata
+
+if TYPE_CHECKING:
+    from ownllm.tokenizer import Tokenizer
+
+# general.architecture -> (HF architectures[0], HF model_type)
+ARCHITECTURES = {
+    "llama": ("LlamaForCausalLM", "llama"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+}
+# Architectures whose q/k rows llama.cpp's converter permutes (LlamaModel.modify_tensors, undo_permute=True).
+PERMUTED_ARCHITECTURES = frozenset({"llama"})
+
+SUPPORTED_TYPES = (
+    QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q4_K, QType.Q5_K, QType.Q6_K,
+)
+_FLOAT_DTYPES = {QType.F16: torch.float16, QType.BF16: torch.bfloat16}
+
+# GGUF tensor name -> HF name. `{n}` is the layer index.
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_output.bias": "self_attn.o_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_gate.bias": "mlp.gate_proj.bias",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_up.bias": "mlp.up_proj.bias",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    "ffn_down.bias": "mlp.down_proj.bias",
+}
+_REQUIRED_LAYER_TENSORS = (
+    "attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
+    "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight",
+)
+_LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
+_ROPE_FREQS = "rope_freqs.weight"  # llama3 rope scaling, stored as per-dimension factors
+
+_GGUF_MAGIC = b"GGUF"
+_MAX_LISTED_ARRAY = 64  # metadata arrays longer than this (the vocabulary...) stay out of `metadata`
+
+
+@dataclass
+class GGUFCheckpoint:
+    hf_config: dict  # config.json-style; see hf_config_from_metadata
+    tensors: dict[str, torch.Tensor]  # HF names and shapes, in the compute dtype
+    tokenizer: "Tokenizer"
+    metadata: dict  # the file's scalar metadata (and short arrays), for `ownllm models` and debugging
+
+
+def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None) -> GGUFCheckpoint:
+    """Read a GGUF file into HF-named tensors of `dtype` (None: see the module docstring's rule)."""
+    path = os.fspath(path)
+    reader = open_gguf(path)
+    fields = read_fields(reader)
+    arch = _architecture(fields)
+    _check_tensor_types(reader)
+    compute_dtype = dtype or default_dtype(reader)
+    names = {t.name for t in reader.tensors}
+    hf_config = hf_config_from_metadata(fields, reader, compute_dtype)
+    _check_tensor_names(names, hf_config["num_hidden_layers"])
+    tokenizer = tokenizer_from_metadata(fields)  # before the slow part, so a bad vocabulary fails fast
+    tensors = {}
+    for tensor in reader.tensors:
+        if tensor.name == _ROPE_FREQS:
+            continue  # folded into hf_config["rope_scaling"]
+        hf_name = hf_tensor_name(tensor.name)
+        value = dequantize_tensor(tensor, compute_dtype)
+        tensors[hf_name] = unpermute_qk(value, tensor.name, arch, hf_config)
+    return GGUFCheckpoint(
+        hf_config=hf_config,
+        tensors=tensors,
+        tokenizer=tokenizer,
+        metadata={k: v for k, v in fields.items() if not isinstance(v, list) or len(v) <= _MAX_LISTED_ARRAY},
+    )
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+
+def open_gguf(path: str) -> gguf.GGUFReader:
+    """A GGUFReader over `path`, or ValueError naming the path when it is not a (complete) GGUF file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != _GGUF_MAGIC:
+        raise ValueError(f"{path} is not a GGUF file (starts with {magic!r}, expected {_GGUF_MAGIC!r})")
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OverflowError, TypeError, MemoryError) as e:
+        raise ValueError(f"{path} is a truncated or corrupt GGUF file: {e}") from e
+    size = reader.data.shape[0]
+    for tensor in reader.tensors:
+        if tensor.data_offset + tensor.n_bytes > size:
+            raise ValueError(
+                f"{path} is a truncated GGUF file: tensor {tensor.name!r} ends at byte "
+                f"{tensor.data_offset + tensor.n_bytes} but the file has {size} bytes"
+            )
+    return reader
+
+
+def read_fields(reader: gguf.GGUFReader) -> dict[str, Any]:
+    """Every metadata key -> its value (str, int, float, bool, or a list of those)."""
+    return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+def _architecture(fields: dict[str, Any]) -> str:
+    arch = fields.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ValueError(
+            f"GGUF architecture {arch!r} (general.architecture) is not supported; "
+            f"supported: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    return arch
+
+
+def _check_tensor_types(reader: gguf.GGUFReader) -> None:
+    for tensor in reader.tensors:
+        if tensor.tensor_type not in SUPPORTED_TYPES:
+            raise ValueError(
+                f"tensor {tensor.name!r} has GGUF type {tensor.tensor_type.name}, which is not supported; "
+                f"supported: {', '.join(t.name for t in SUPPORTED_TYPES)}"
+            )
+
+
+def default_dtype(reader: gguf.GGUFReader) -> torch.dtype:
+    """float16/bfloat16 when every weight matrix is stored so, else float32 (F32 or quantized files)."""
+    kinds = {t.tensor_type for t in reader.tensors if len(t.shape) >= 2}
+    if len(kinds) == 1 and (kind := next(iter(kinds))) in _FLOAT_DTYPES:
+        return _FLOAT_DTYPES[kind]
+    return torch.float32
+
+
+# --- config --------------------------------------------------------------------------------------
+
+
+def _f32(value: float) -> float:
+    """A float32 metadata value as the decimal it was written from (9.99999975e-06 -> 1e-05)."""
+    return float(str(np.float32(value)))
+
+
+def _uniform(fields: dict[str, Any], key: str, default: Any = None) -> Any:
+    """A per-model value; llama.cpp allows per-layer arrays, which must all agree here."""
+    value = fields.get(key, default)
+    if isinstance(value, list):
+        if len(set(value)) != 1:
+            raise ValueError(f"GGUF {key} differs between layers ({value}); per-layer shapes are not supported")
+        value = value[0]
+    return value
+
+
+def _require(fields: dict[str, Any], key: str) -> Any:
+    if key not in fields:
+        raise ValueError(f"GGUF metadata lacks {key}")
+    return _uniform(fields, key)
+
+
+def hf_config_from_metadata(fields: dict[str, Any], reader: gguf.GGUFReader, dtype: torch.dtype) -> dict:
+    """The config.json-style dict for this file (keys as transformers' Llama/Qwen2/Qwen3 configs)."""
+    arch = _architecture(fields)
+    architecture, model_type = ARCHITECTURES[arch]
+    tensors = {t.name: t for t in reader.tensors}
+    hidden = int(_require(fields, f"{arch}.embedding_length"))
+    heads = int(_require(fields, f"{arch}.attention.head_count"))
+    kv_heads = int(_uniform(fields, f"{arch}.attention.head_count_kv", heads))
+    head_dim = int(_uniform(fields, f"{arch}.attention.key_length", hidden // heads))
+    rotary_dim = int(_uniform(fields, f"{arch}.rope.dimension_count", head_dim))
+    if rotary_dim != head_dim:
+        raise ValueError(
+            f"GGUF {arch}.rope.dimension_count is {rotary_dim} but head_dim is {head_dim}; partial rotary "
+            "embeddings are not supported"
+        )
+    config: dict[str, Any] = {
+        "architectures": [architecture],
+        "model_type": model_type,
+        "vocab_size": _vocab_size(fields, tensors, arch),
+        "hidden_size": hidden,
+        "intermediate_size": int(_require(fields, f"{arch}.feed_forward_length")),
+        "num_hidden_layers": int(_require(fields, f"{arch}.block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "rms_norm_eps": _f32(_require(fields, f"{arch}.attention.layer_norm_rms_epsilon")),
+        "rope_theta": _f32(fields.get(f"{arch}.rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(_require(fields, f"{arch}.context_length")),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "rope_scaling": _rope_scaling(fields, arch, reader, head_dim),
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    if arch != "qwen2":  # Qwen2ForCausalLM always has q/k/v biases and never an o_proj one
+        config["attention_bias"] = "blk.0.attn_q.bias" in tensors
+    if "blk.0.ffn_up.bias" in tensors:
+        config["mlp_bias"] = True
+    if (window := fields.get(f"{arch}.attention.sliding_window")) is not None:
+        config["sliding_window"] = int(window)
+    for key, name in (("bos_token_id", "tokenizer.ggml.bos_token_id"), ("eos_token_id", "tokenizer.ggml.eos_token_id")):
+        if name in fields:
+            config[key] = int(fields[name])
+    return config
+
+
+def _vocab_size(fields: dict[str, Any], tensors: dict[str, Any], arch: str) -> int:
+    if "token_embd.weight" in tensors:
+        return int(tensors["token_embd.weight"].shape[-1])  # ne = [hidden, vocab]
+    if f"{arch}.vocab_size" in fields:
+        return int(fields[f"{arch}.vocab_size"])
+    return len(fields.get("tokenizer.ggml.tokens") or ())
+
+
+def _rope_scaling(fields: dict[str, Any], arch: str, reader: gguf.GGUFReader, head_dim: int) -> dict | None:
+    """HF rope_scaling from `{arch}.rope.scaling.*`, or from a rope_freqs tensor (llama3 scaling, which
+    llama.cpp stores only as per-dimension factors, not as metadata)."""
+    kind = fields.get(f"{arch}.rope.scaling.type")
+    factor = fields.get(f"{arch}.rope.scaling.factor")
+    if kind == "linear" and factor:
+        return {"rope_type": "linear", "factor": _f32(factor)}
+    if kind == "yarn" and factor:
+        scaling = {"rope_type": "yarn", "factor": _f32(factor)}
+        if (orig := fields.get(f"{arch}.rope.scaling.original_context_length")) is not None:
+            scaling["original_max_position_embeddings"] = int(orig)
+        yarn_keys = (
+            ("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow"), ("attention_factor", "yarn_attn_factor")
+        )
+        for key, name in yarn_keys:
+            if (value := fields.get(f"{arch}.rope.scaling.{name}")) is not None:
+                scaling[key] = _f32(value)
+        return scaling
+    if kind not in (None, "none") and factor:
+        raise ValueError(f"GGUF rope scaling type {kind!r} ({arch}.rope.scaling.type) is not supported")
+    rope_freqs = next((t for t in reader.tensors if t.name == _ROPE_FREQS), None)
+    if rope_freqs is not None:
+        theta = float(fields.get(f"{arch}.rope.freq_base", 10000.0))
+        return llama3_scaling_from_factors(_to_numpy_f32(rope_freqs), head_dim, theta)
+    return None
+
+
+# The llama3 parameters every Llama 3.x checkpoint uses; only the factor (8 for 3.1, 32 for 3.2) varies.
+_LLAMA3_CANDIDATES = tuple((1.0, 4.0, ctx) for ctx in (8192, 4096, 16384, 32768, 2048, 65536, 131072))
+
+
+def llama3_factors(head_dim: int, theta: float, factor: float, low: float, high: float, old_ctx: int) -> np.ndarray:
+    """rope_freqs as convert_hf_to_gguf.py's LlamaModel.generate_extra_tensors computes them. [head_dim // 2]"""
+    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
+def llama3_scaling_from_factors(factors: np.ndarray, head_dim: int, theta: float) -> dict:
+    """The HF llama3 rope_scaling dict whose per-dimension factors are `factors`, or ValueError."""
+    factors = factors.reshape(-1)
+    factor = float(factors.max())
+    for low, high, old_ctx in _LLAMA3_CANDIDATES:
+        expected = llama3_factors(head_dim, theta, factor, low, high, old_ctx)
+        if expected.shape == factors.shape and np.allclose(expected, factors, rtol=1e-5, atol=0):
+            return {
+                "rope_type": "llama3",
+                "factor": _f32(factor),
+                "low_freq_factor": low,
+                "high_freq_factor": high,
+                "original_max_position_embeddings": old_ctx,
+            }
+    raise ValueError(
+        f"GGUF tensor {_ROPE_FREQS!r} holds RoPE factors that match no known llama3 rope scaling "
+        "(low_freq_factor=1, high_freq_factor=4); custom per-dimension RoPE factors are not supported"
+    )
+
+
+# --- tensors -------------------------------------------------------------------------------------
+
+
+def hf_tensor_name(name: str) -> str:
+    """GGUF tensor name -> transformers name (ValueError for a tensor this loader does not know)."""
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    match = _LAYER_RE.fullmatch(name)
+    if match and match.group(2) in _LAYER_NAMES:
+        return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
+    raise ValueError(
+        f"GGUF tensor {name!r} is not one this loader knows (supported: llama/qwen2/qwen3 decoder tensors)"
+    )
+
+
+def _check_tensor_names(names: Iterable[str], num_layers: int) -> None:
+    names = set(names)
+    for name in sorted(names):
+        if name != _ROPE_FREQS:
+            hf_tensor_name(name)  # raises for unknown names
+    missing = [n for n in ("token_embd.weight", "output_norm.weight") if n not in names]
+    layer_names = (f"blk.{i}.{n}" for i in range(num_layers) for n in _REQUIRED_LAYER_TENSORS)
+    missing += [n for n in layer_names if n not in names]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise ValueError(f"GGUF file lacks tensors: {shown}")
+
+
+def _hf_shape(tensor: gguf.ReaderTensor) -> tuple[int, ...]:
+    # GGUF lists dimensions innermost first (ggml's ne order); HF's [out, in] is the reverse.
+    return tuple(int(d) for d in reversed(tensor.shape.tolist()))
+
+
+def _to_numpy_f32(tensor: gguf.ReaderTensor) -> np.ndarray:
+    values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)  # [rows, cols] float32
+    return np.asarray(values, dtype=np.float32).reshape(_hf_shape(tensor))
+
+
+def dequantize_tensor(tensor: gguf.ReaderTensor, dtype: torch.dtype) -> torch.Tensor:
+    """One GGUF tensor as a new torch tensor of `dtype` in HF's shape (nothing left memory-mapped)."""
+    shape = _hf_shape(tensor)
+    kind = tensor.tensor_type
+    if kind in (QType.F32, QType.F16):
+        # reader data is already float32/float16, laid out as `shape`
+        value = torch.from_numpy(np.array(tensor.data, copy=True)).reshape(shape)
+    elif kind == QType.BF16:
+        # raw bytes -> int16 words -> bfloat16 bit pattern
+        words = np.array(tensor.data, copy=True).view(np.int16)
+        value = torch.from_numpy(words).view(torch.bfloat16).reshape(shape)
+    else:
+        value = torch.from_numpy(_to_numpy_f32(tensor))
+    return value.to(dtype)
+
+
+def unpermute_qk(value: torch.Tensor, gguf_name: str, arch: str, hf_config: dict) -> torch.Tensor:
+    """Undo convert_hf_to_gguf.py's `LlamaModel.permute` on q/k weights and biases of llama models.
+
+    The converter reorders each head's rows from HF's rotate_half layout (first half, second half) to
+    llama.cpp's interleaved pairs: w.reshape(n_head, 2, rows // n_head // 2, ...).swapaxes(1, 2).
+    """
+    if arch not in PERMUTED_ARCHITECTURES:
+        return value
+    suffix = gguf_name.split(".", 2)[-1] if gguf_name.startswith("blk.") else ""
+    if suffix in ("attn_q.weight", "attn_q.bias"):
+        n_head = hf_config["num_attention_heads"]
+    elif suffix in ("attn_k.weight", "attn_k.bias"):
+        n_head = hf_config["num_key_value_heads"]
+    else:
+        return value
+    rows = value.shape[0]
+    # [rows, ...] -> [n_head, rows_per_head // 2, 2, ...] -> [n_head, 2, rows_per_head // 2, ...] -> [rows, ...]
+    pairs = value.reshape(n_head, rows // n_head // 2, 2, *value.shape[1:])
+    return pairs.transpose(1, 2).reshape(value.shape).contiguous()
+
+
+__all__ = ["GGUFCheckpoint", "load_gguf", "hf_config_from_metadata", "hf_tensor_name", "unpermute_qk"]
