@@ -63,13 +63,13 @@ def test_stop_token_id_and_max_tokens(llm):
 
 def test_eos_ends_generation_unless_ignored(llm):
     full = llm.generate(PROMPT, greedy())[0].outputs[0]
-    llm.engine.eos_token_ids = {full.token_ids[3]}
+    llm.engine.core.eos_token_ids = {full.token_ids[3]}
     try:
         out = llm.generate(PROMPT, greedy(ignore_eos=False))[0].outputs[0]
         assert out.finish_reason == "stop" and out.stop_reason is None and len(out.token_ids) <= 4
         assert len(llm.generate(PROMPT, greedy())[0].outputs[0].token_ids) == 24
     finally:
-        llm.engine.eos_token_ids = set(llm.tokenizer.eos_token_ids)
+        llm.engine.core.eos_token_ids = set(llm.tokenizer.eos_token_ids)
 
 
 def test_n_samples_and_seed(llm):
@@ -104,7 +104,7 @@ def test_context_limit(llm):
         llm.generate([5] * 70, greedy())
     out = llm.generate([5] * 50, greedy(max_tokens=None))[0].outputs[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 64 - 50
-    assert not llm.engine.requests and not llm.runner._caches  # everything released
+    assert not llm.engine.core.requests and not llm.runner._caches  # everything released
 
 
 def test_bad_token_ids_are_refused(llm):

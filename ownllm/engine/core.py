@@ -25,6 +25,8 @@ class EngineCore:
         self.eos_token_ids = set(eos_token_ids)
         self.max_model_len = max_model_len
         self.requests: dict[str, Request] = {}
+        self.num_prompt_tokens_total = 0
+        self.num_generation_tokens_total = 0
 
     def add_request(self, request: Request) -> None:
         if not request.prompt_token_ids:
@@ -41,6 +43,18 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    @property
+    def num_waiting(self) -> int:
+        return sum(r.status is RequestStatus.WAITING for r in self.requests.values())
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "num_running": sum(r.status is RequestStatus.RUNNING for r in self.requests.values()),
+            "num_waiting": self.num_waiting,
+            "prompt_tokens_total": self.num_prompt_tokens_total,
+            "generation_tokens_total": self.num_generation_tokens_total,
+        }
+
     def _stop_ids(self, request: Request) -> set[int]:
         params = request.sampling_params
         ids = set(params.stop_token_ids)
@@ -56,6 +70,8 @@ class EngineCore:
         num_tokens = [r.num_tokens - r.num_computed_tokens for r in batch]
         results = self.runner.execute(batch, num_tokens, [self._stop_ids(r) for r in batch])
         for request, n, result in zip(batch, num_tokens, results):
+            self.num_prompt_tokens_total += max(0, min(request.num_prompt_tokens - request.num_computed_tokens, n))
+            self.num_generation_tokens_total += 1
             request.num_computed_tokens += n
             request.output_token_ids.append(result.token_id)
             self._check_stop(request)

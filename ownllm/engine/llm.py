@@ -7,13 +7,11 @@ engine until the requests it submitted are done. `stream` yields text as it is g
 from __future__ import annotations
 
 import itertools
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
-from ownllm.engine.core import EngineCore
-from ownllm.engine.output_processor import OutputProcessor
+from ownllm.engine.engine import Engine
 from ownllm.loader import load_checkpoint
 from ownllm.outputs import CompletionOutput, RequestOutput
-from ownllm.request import FinishReason, Request
 from ownllm.sampling_params import SamplingParams
 
 PromptType = str | Sequence[int] | dict[str, Any]
@@ -30,8 +28,8 @@ class LLM:
         self.generation_config = checkpoint.generation_config
         self.model_path = checkpoint.path
         self.runner = ModelRunner(checkpoint)
-        self.engine = EngineCore(self.runner, self.tokenizer.eos_token_ids, self.config.max_model_len)
-        self.output_processor = OutputProcessor(self.tokenizer)
+        self.engine = Engine(self.runner, self.tokenizer, self.config.max_model_len)
+        self.last_output: CompletionOutput | None = None
         self._ids = itertools.count()
 
     def default_sampling_params(self) -> SamplingParams:
@@ -41,9 +39,8 @@ class LLM:
             values["temperature"] = 0.0
         return SamplingParams(**values)
 
-    # ---- inputs
-
-    def _prompt_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+    def prompt_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """(prompt text if any, token ids) for a string, a list of token ids or {"prompt_token_ids": [...]}."""
         if isinstance(prompt, str):
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, dict):
@@ -61,50 +58,32 @@ class LLM:
             return [prompts]
         return list(prompts)
 
-    def _submit(self, prompt: PromptType, params: SamplingParams) -> tuple[str, str | None, list[int], list[str]]:
-        text, ids = self._prompt_ids(prompt)
+    def _add(self, prompt: PromptType, params: SamplingParams) -> str:
+        text, ids = self.prompt_ids(prompt)
         request_id = str(next(self._ids))
-        child_ids = [f"{request_id}-{i}" for i in range(params.n)]
-        for i, child_id in enumerate(child_ids):
-            request = Request(child_id, ids, params.for_sample(i), prompt=text)
-            self.engine.add_request(request)
-            self.output_processor.add(request, i)
-        return request_id, text, ids, child_ids
-
-    # ---- the engine loop
-
-    def _step(self) -> None:
-        for request, result in self.engine.step():
-            self.output_processor.process(request, result)
-        self.engine.release_finished()
-
-    def _collect(self, child_ids: list[str]) -> list[CompletionOutput]:
-        outputs = [self.output_processor.completion(cid) for cid in child_ids]
-        for cid in child_ids:
-            self.output_processor.remove(cid)
-        return outputs
+        self.engine.add_request(request_id, ids, params, prompt=text)
+        return request_id
 
     def generate(
-        self, prompts: PromptType | Sequence[PromptType], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        self, prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         prompts = self._as_list(prompts)
         params = sampling_params or self.default_sampling_params()
         params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(params_list)} sampling params for {len(prompts)} prompts")
-        submitted = []
+        request_ids: list[str] = []
+        finished: dict[str, RequestOutput] = {}
         try:
             for prompt, p in zip(prompts, params_list):
-                submitted.append(self._submit(prompt, p))
+                request_ids.append(self._add(prompt, p))
             while self.engine.has_unfinished():
-                self._step()
-        except BaseException:
-            self._abort([cid for *_, child_ids in submitted for cid in child_ids])
-            raise
-        return [
-            RequestOutput(rid, text, ids, self._collect(child_ids), finished=True)
-            for rid, text, ids, child_ids in submitted
-        ]
+                finished.update((o.request_id, o) for o in self.engine.step() if o.finished)
+        finally:
+            for request_id in request_ids:
+                self.engine.abort(request_id)  # a no-op for finished requests
+        return [finished[rid] for rid in request_ids]
 
     def chat(
         self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None, *,
@@ -124,23 +103,25 @@ class LLM:
         return {"prompt_token_ids": ids}
 
     def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[str]:
-        """Yields the text of one request as it is generated; closing the iterator aborts the request."""
+        """Yields the text of one request as it is generated; closing the iterator aborts the request.
+        The finished output is left in `self.last_output`."""
         params = sampling_params or self.default_sampling_params()
         if params.n != 1:
             raise ValueError("stream() takes one sample (n=1)")
-        _, _, _, (child_id,) = self._submit(prompt, params)
-        self.last_output: CompletionOutput | None = None
+        request_id = self._add(prompt, params)
+        self.last_output = None
+        sent = 0
         try:
-            while child_id in self.engine.requests:
-                self._step()
-                delta = self.output_processor.take_delta(child_id)
-                if delta:
-                    yield delta
-            self.last_output = self._collect([child_id])[0]
+            while self.engine.has_unfinished():
+                for output in self.engine.step():
+                    if output.request_id != request_id:
+                        continue
+                    completion = output.outputs[0]
+                    if len(completion.text) > sent:
+                        yield completion.text[sent:]
+                        sent = len(completion.text)
+                    if output.finished:
+                        self.last_output = completion
+                        return
         finally:
-            self._abort([child_id])
-
-    def _abort(self, request_ids: Iterable[str]) -> None:
-        for request_id in request_ids:
-            self.engine.finish(request_id, FinishReason.ABORT)
-            self.output_processor.remove(request_id)
+            self.engine.abort(request_id)

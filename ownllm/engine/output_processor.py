@@ -1,7 +1,7 @@
 """Turns sampled token ids into what users see: incremental text, stop strings, logprobs.
 
 One RequestState per request keeps its detokenizer and accumulated output. Text that might be the
-start of a stop string is held back from streams until it is known not to be one, so a stop string
+start of a stop string is held back from outputs until it is known not to be one, so a stop string
 spanning tokens is never half-shown.
 """
 
@@ -20,7 +20,6 @@ class RequestState:
     index: int  # which of the n samples
     detokenizer: IncrementalDetokenizer
     text: str = ""  # all decoded text (may end in held-back characters)
-    num_sent: int = 0  # characters already handed to a stream
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float = 0.0
 
@@ -63,23 +62,18 @@ class OutputProcessor:
                 state.text = state.text[: at + (len(stop) if params.include_stop_str_in_output else 0)]
                 request.finish(FinishReason.STOP, stop)
 
-    def take_delta(self, request_id: str) -> str:
-        """Text not yet streamed that can no longer turn out to be part of a stop string."""
-        state = self.states[request_id]
-        end = len(state.text)
-        if not state.request.is_finished and state.request.sampling_params.stop:
-            end -= held_back_len(state.text, state.request.sampling_params.stop)
-        delta = state.text[state.num_sent : end]
-        state.num_sent = max(state.num_sent, end)
-        return delta
-
     def completion(self, request_id: str) -> CompletionOutput:
+        """The output so far. While running, text that may be the start of a stop string is held back,
+        so successive completions' texts only ever extend each other."""
         state = self.states[request_id]
         request = state.request
         reason = request.finish_reason
+        text = state.text
+        if not request.is_finished and request.sampling_params.stop:
+            text = text[: len(text) - held_back_len(text, request.sampling_params.stop)]
         return CompletionOutput(
             index=state.index,
-            text=state.text,
+            text=text,
             token_ids=list(request.output_token_ids),
             cumulative_logprob=state.cumulative_logprob,
             logprobs=state.logprobs,

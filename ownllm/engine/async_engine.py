@@ -1,0 +1,164 @@
+"""AsyncEngine: the EngineClient the server talks to. The engine loop runs in a background thread.
+
+Callers (asyncio) send commands (add, abort) through a thread-safe queue; the loop applies them
+between steps, runs `Engine.step()` while anything is unfinished, and hands each RequestOutput to
+its request's own asyncio queue. Leaving a `generate()` stream early (a client disconnect cancels
+it) aborts the request, which frees its KV cache at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+from ownllm.engine.engine import Engine
+from ownllm.outputs import RequestOutput
+from ownllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineOverloaded(RuntimeError):
+    """More requests are waiting than the engine accepts; the caller should retry later."""
+
+
+class EngineDead(RuntimeError):
+    """The engine loop failed; the request could not be completed."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, model_name: str, max_waiting: int | None = None) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self.max_waiting = max_waiting
+        self.started_at = time.time()
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._ids = itertools.count()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="ownllm-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_model(cls, model: str | None, dtype: str | None = None, max_waiting: int | None = None,
+                   model_name: str | None = None) -> "AsyncEngine":
+        from ownllm.engine.llm import LLM
+
+        llm = LLM(model, dtype=dtype)
+        name = model_name or (llm.model_path.stem if llm.model_path and llm.model_path.suffix == ".gguf"
+                              else str(model or "smollm2-135m-instruct"))
+        engine = cls(llm.engine, name, max_waiting)
+        engine.generation_config = llm.generation_config
+        engine.default_sampling_params = llm.default_sampling_params
+        return engine
+
+    # ---- the API (call from an asyncio event loop)
+
+    async def generate(
+        self, prompt_token_ids: list[int], sampling_params: SamplingParams, request_id: str | None = None,
+        prompt: str | None = None, priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        """Streams cumulative RequestOutputs; the last has finished=True. Raises ValueError for a request the
+        engine refuses (e.g. too long), EngineOverloaded when too many wait."""
+        request_id = request_id or f"req-{next(self._ids)}"
+        loop = asyncio.get_running_loop()
+        stream = _Stream(loop, asyncio.Queue())
+        added: asyncio.Future = loop.create_future()
+
+        def add() -> None:
+            try:
+                if self.max_waiting is not None and self.engine.num_waiting >= self.max_waiting:
+                    raise EngineOverloaded(f"{self.engine.num_waiting} requests are already waiting")
+                self.engine.add_request(request_id, prompt_token_ids, sampling_params, prompt, priority)
+                self._streams[request_id] = stream
+                loop.call_soon_threadsafe(_resolve, added, None)
+            except Exception as error:  # handed to the caller, not the loop
+                loop.call_soon_threadsafe(_resolve, added, error)
+
+        self._send(add)
+        error = await added
+        if error is not None:
+            raise error
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self._send(lambda: self._abort_now(request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._send(lambda: self._abort_now(request_id))
+
+    def stats(self) -> dict:
+        return {**self.engine.stats(), "num_unfinished": len(self._streams)}
+
+    def shutdown(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            self._commands.put(lambda: None)  # wake the loop so it sees _stopped
+            self._thread.join(timeout=10)
+
+    # ---- the engine thread
+
+    def _send(self, command: Callable[[], None]) -> None:
+        if self._stopped:
+            raise EngineDead("the engine has shut down")
+        self._commands.put(command)
+
+    def _abort_now(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+        self.engine.abort(request_id)
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            block = not self.engine.has_unfinished()
+            try:
+                command = self._commands.get(block=block)
+                command()
+                continue  # drain every pending command before the next step
+            except queue.Empty:
+                pass
+            try:
+                outputs = self.engine.step()
+            except Exception as error:  # a bug or resource failure: fail what is running, keep serving
+                logger.exception("engine step failed")
+                self._fail_all(EngineDead(f"the engine failed: {error}"))
+                continue
+            for output in outputs:
+                stream = self._streams.get(output.request_id)
+                if stream is not None:
+                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, output)
+                    if output.finished:
+                        del self._streams[output.request_id]
+
+    def _fail_all(self, error: BaseException) -> None:
+        for request_id, stream in list(self._streams.items()):
+            self.engine.abort(request_id)
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+        self._streams.clear()
+
+
+def _resolve(future: asyncio.Future, error: BaseException | None) -> None:
+    if not future.done():
+        future.set_result(error)
