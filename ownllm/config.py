@@ -134,3 +134,54 @@ class ModelConfig:
     @property
     def max_model_len(self) -> int:
         return self.max_position_embeddings
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache: block size, and its size as bytes of memory (None: a fraction of what is free)."""
+
+    block_size: int = 16
+    memory_bytes: int | None = None
+    memory_fraction: float = 0.25  # of the memory available when the engine starts (capped at 2 GiB)
+    enable_prefix_caching: bool = True
+    num_blocks: int | None = None  # overrides the memory sizing (tests)
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.memory_bytes is not None and self.memory_bytes <= 0:
+            raise ValueError(f"kv cache memory must be positive, got {self.memory_bytes} bytes")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if not 0 < self.memory_fraction <= 1:
+            raise ValueError(f"kv cache memory fraction must be in (0, 1], got {self.memory_fraction}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching: how many tokens one step may compute, and how many sequences may run at once."""
+
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 64
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+
+
+def parse_memory_size(text: str) -> int:
+    """'2GiB', '512MB', '1e9' -> bytes."""
+    units = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+    value = text.strip().lower().removesuffix("b")
+    for suffix in sorted(units, key=len, reverse=True):
+        if value.endswith(suffix):
+            try:
+                return int(float(value[: -len(suffix)]) * units[suffix])
+            except ValueError:
+                break
+    try:
+        return int(float(value))
+    except ValueError:
+        raise ValueError(f"memory size {text!r} is not understood; write e.g. 2GiB or 512MB") from None

@@ -7,6 +7,10 @@ RequestOutput holds one CompletionOutput per sample (n); logprobs, when asked fo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ownllm.request import Request
 
 
 @dataclass
@@ -38,3 +42,21 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = False
+
+
+@dataclass
+class SchedulerOutput:
+    """What one engine step computes: for each scheduled request, how many of its next tokens, in which blocks.
+
+    A request samples a token this step iff its computed tokens then reach its total (`samples[i]`);
+    a prefill chunk that stops short of the prompt's end only fills the KV cache."""
+
+    requests: list["Request"]
+    num_tokens: list[int]  # tokens computed this step, per request, starting at request.num_computed_tokens
+    block_tables: list[list[int]]
+    samples: list[bool]
+    preempted_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(self.num_tokens)

@@ -26,7 +26,7 @@ class RequestStatus(enum.Enum):
     FINISHED = enum.auto()
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not field-by-field comparison
 class Request:
     request_id: str
     prompt_token_ids: list[int]

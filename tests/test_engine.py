@@ -104,7 +104,7 @@ def test_context_limit(llm):
         llm.generate([5] * 70, greedy())
     out = llm.generate([5] * 50, greedy(max_tokens=None))[0].outputs[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 64 - 50
-    assert not llm.engine.core.requests and not llm.runner._caches  # everything released
+    assert not llm.engine.core.requests and llm.kv_cache.num_free_blocks == llm.kv_cache.num_blocks  # all released
 
 
 def test_bad_token_ids_are_refused(llm):

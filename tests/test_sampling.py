@@ -27,7 +27,7 @@ def _draws(params: SamplingParams, num: int, request_id: str = "r") -> torch.Ten
     request = Request(request_id, [0], params)
     counts = torch.zeros(len(LOGITS))
     for _ in range(num):
-        counts[sampler(LOGITS[None].clone(), [request], [set()])[0].token_id] += 1
+        counts[sampler(LOGITS[None].clone(), [request])[0].token_id] += 1
     return counts
 
 
@@ -72,15 +72,15 @@ def test_seed_reproduces_and_different_seeds_differ():
     assert torch.equal(a, b)
     sampler_a, sampler_c = Sampler(), Sampler()
     ra, rc = Request("a", [0], SamplingParams(temperature=1.0, seed=123)), Request("c", [0], SamplingParams(temperature=1.0, seed=124))
-    seq_a = [sampler_a(LOGITS[None].clone(), [ra], [set()])[0].token_id for _ in range(50)]
-    seq_c = [sampler_c(LOGITS[None].clone(), [rc], [set()])[0].token_id for _ in range(50)]
+    seq_a = [sampler_a(LOGITS[None].clone(), [ra])[0].token_id for _ in range(50)]
+    seq_c = [sampler_c(LOGITS[None].clone(), [rc])[0].token_id for _ in range(50)]
     assert seq_a != seq_c
     assert not torch.equal(a, c) or seq_a != seq_c
 
 
 def test_greedy_picks_argmax_and_reports_raw_logprobs():
     request = Request("g", [0], SamplingParams(temperature=0, logprobs=3))
-    result = Sampler()(LOGITS[None].clone(), [request], [set()])[0]
+    result = Sampler()(LOGITS[None].clone(), [request])[0]
     raw = LOGITS.log_softmax(-1)
     assert result.token_id == 0 and result.rank == 1
     assert result.logprob == pytest.approx(float(raw[0]))
@@ -88,8 +88,10 @@ def test_greedy_picks_argmax_and_reports_raw_logprobs():
 
 
 def test_min_tokens_masks_stop_ids():
-    request = Request("m", [0], SamplingParams(temperature=0, min_tokens=2))
-    assert Sampler()(LOGITS[None].clone(), [request], [{0}])[0].token_id == 1
+    request = Request("m", [0], SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[1]))
+    assert Sampler(eos_token_ids=[0])(LOGITS[None].clone(), [request])[0].token_id == 2
+    request.output_token_ids = [5, 5]
+    assert Sampler(eos_token_ids=[0])(LOGITS[None].clone(), [request])[0].token_id == 0
 
 
 def test_penalties():

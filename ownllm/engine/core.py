@@ -1,27 +1,35 @@
-"""EngineCore: one step = pick the requests to advance -> run the model -> append tokens -> stop checks.
+"""EngineCore: one step = schedule -> run the model -> append sampled tokens -> token-level stop checks.
 
-No batching scheduler yet: every unfinished request advances each step, a prefill computing its
-whole prompt in one go and a decode one token. Token-level stopping (EOS, stop token ids,
-max_tokens, the context limit) is decided here; stop strings are the output processor's.
-The runner is anything with `execute(requests, num_tokens, stop_ids)` and `free(request_id)`.
+Token-level stopping (EOS, stop token ids, max_tokens, the context limit) is decided here; stop
+strings are the output processor's. The runner is anything with `execute(SchedulerOutput)` ->
+{request_id: sample result} and `free(request_id)`; the core never touches a tensor.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
+from ownllm.config import SchedulerConfig
+from ownllm.engine.kv_cache import KVCacheManager
+from ownllm.engine.scheduler import Scheduler
+from ownllm.outputs import SchedulerOutput
 from ownllm.request import FinishReason, Request, RequestStatus
 
 
 class Runner(Protocol):
-    def execute(self, requests: list[Request], num_tokens: list[int], stop_ids: list[set[int]]) -> list: ...
+    def execute(self, output: SchedulerOutput) -> dict[str, Any]: ...
 
     def free(self, request_id: str) -> None: ...
 
 
 class EngineCore:
-    def __init__(self, runner: Runner, eos_token_ids: Sequence[int], max_model_len: int) -> None:
+    def __init__(
+        self, runner: Runner, kv_cache: KVCacheManager, eos_token_ids: Sequence[int], max_model_len: int,
+        scheduler_config: SchedulerConfig | None = None,
+    ) -> None:
         self.runner = runner
+        self.kv_cache = kv_cache
+        self.scheduler = Scheduler(scheduler_config or SchedulerConfig(), kv_cache)
         self.eos_token_ids = set(eos_token_ids)
         self.max_model_len = max_model_len
         self.requests: dict[str, Request] = {}
@@ -39,18 +47,25 @@ class EngineCore:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
+        self.scheduler.add(request)
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
     @property
     def num_waiting(self) -> int:
-        return sum(r.status is RequestStatus.WAITING for r in self.requests.values())
+        return self.scheduler.num_waiting
 
     def stats(self) -> dict[str, float]:
+        kv = self.kv_cache
         return {
-            "num_running": sum(r.status is RequestStatus.RUNNING for r in self.requests.values()),
-            "num_waiting": self.num_waiting,
+            "num_running": self.scheduler.num_running,
+            "num_waiting": self.scheduler.num_waiting,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "kv_blocks_total": kv.num_blocks,
+            "kv_blocks_used": kv.num_blocks - kv.num_free_blocks,
+            "prefix_cache_queries": kv.num_query_tokens,
+            "prefix_cache_hits": kv.num_hit_tokens,
             "prompt_tokens_total": self.num_prompt_tokens_total,
             "generation_tokens_total": self.num_generation_tokens_total,
         }
@@ -60,22 +75,24 @@ class EngineCore:
         ids = set(params.stop_token_ids)
         return ids if params.ignore_eos else ids | self.eos_token_ids
 
-    def step(self) -> list[tuple[Request, object]]:
-        """Advances every unfinished request by one token -> (request, sample result) pairs."""
-        batch = list(self.requests.values())
-        if not batch:
+    def step(self) -> list[tuple[Request, Any]]:
+        """Runs one scheduled batch -> (request, sample result) for each request that got a new token."""
+        output = self.scheduler.schedule()
+        if not output.requests:
             return []
-        for request in batch:
-            request.status = RequestStatus.RUNNING
-        num_tokens = [r.num_tokens - r.num_computed_tokens for r in batch]
-        results = self.runner.execute(batch, num_tokens, [self._stop_ids(r) for r in batch])
-        for request, n, result in zip(batch, num_tokens, results):
-            self.num_prompt_tokens_total += max(0, min(request.num_prompt_tokens - request.num_computed_tokens, n))
-            self.num_generation_tokens_total += 1
-            request.num_computed_tokens += n
+        results = self.runner.execute(output)
+        self.scheduler.update(output)
+        sampled = []
+        for request, num_new in zip(output.requests, output.num_tokens):
+            self.num_prompt_tokens_total += max(0, min(num_new, request.num_prompt_tokens - (request.num_computed_tokens - num_new)))
+            result = results.get(request.request_id)
+            if result is None:
+                continue
             request.output_token_ids.append(result.token_id)
+            self.num_generation_tokens_total += 1
             self._check_stop(request)
-        return list(zip(batch, results))
+            sampled.append((request, result))
+        return sampled
 
     def _check_stop(self, request: Request) -> None:
         params, token_id = request.sampling_params, request.output_token_ids[-1]
@@ -96,5 +113,5 @@ class EngineCore:
 
     def release_finished(self) -> None:
         for request_id in [rid for rid, r in self.requests.items() if r.is_finished]:
-            del self.requests[request_id]
+            self.scheduler.finish(self.requests.pop(request_id))
             self.runner.free(request_id)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ownllm.config import SchedulerConfig
 from ownllm.engine.core import EngineCore, Runner
+from ownllm.engine.kv_cache import KVCacheManager
 from ownllm.engine.output_processor import OutputProcessor
 from ownllm.outputs import RequestOutput
 from ownllm.request import FinishReason, Request
@@ -22,11 +24,13 @@ class _Parent:
     prompt: str | None
     prompt_token_ids: list[int]
     child_ids: list[str]
+    forks: list[Request]  # samples not yet admitted
 
 
 class Engine:
-    def __init__(self, runner: Runner, tokenizer: Tokenizer, max_model_len: int) -> None:
-        self.core = EngineCore(runner, tokenizer.eos_token_ids, max_model_len)
+    def __init__(self, runner: Runner, kv_cache: KVCacheManager, tokenizer: Tokenizer, max_model_len: int,
+                 scheduler_config: SchedulerConfig | None = None) -> None:
+        self.core = EngineCore(runner, kv_cache, tokenizer.eos_token_ids, max_model_len, scheduler_config)
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.output_processor = OutputProcessor(tokenizer)
@@ -38,19 +42,23 @@ class Engine:
     ) -> None:
         if request_id in self._parents:
             raise ValueError(f"request id {request_id!r} is already in use")
-        child_ids = [f"{request_id}#{i}" for i in range(params.n)]
-        added = []
-        try:
-            for i, child_id in enumerate(child_ids):
-                request = Request(child_id, list(prompt_token_ids), params.for_sample(i), prompt=prompt, priority=priority)
-                self.core.add_request(request)
-                added.append(child_id)
-                self.output_processor.add(request, i)
-        except ValueError:
-            for child_id in added:
-                self._drop(child_id)
-            raise
-        self._parents[request_id] = _Parent(prompt, list(prompt_token_ids), child_ids)
+        children = [
+            Request(f"{request_id}#{i}", list(prompt_token_ids), params.for_sample(i), prompt=prompt, priority=priority)
+            for i in range(params.n)
+        ]
+        self.core.add_request(children[0])  # validates; raises ValueError for a request it refuses
+        for i, child in enumerate(children):
+            self.output_processor.add(child, i)
+        self._parents[request_id] = _Parent(prompt, list(prompt_token_ids), [c.request_id for c in children], children[1:])
+
+    def _add_forks(self) -> None:
+        """Admits samples 2..n once sample 1 has computed the prompt, so they share its cached prompt blocks."""
+        for parent in self._parents.values():
+            first = self.core.requests.get(parent.child_ids[0])
+            if parent.forks and (first is None or first.num_computed_tokens >= first.num_prompt_tokens):
+                for fork in parent.forks:
+                    self.core.add_request(fork)
+                parent.forks = []
 
     def has_unfinished(self) -> bool:
         return bool(self._parents)
@@ -64,6 +72,7 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Runs one engine step -> a cumulative output for each request that progressed (finished ones last time)."""
+        self._add_forks()
         progressed = set()
         for request, result in self.core.step():
             self.output_processor.process(request, result)
@@ -74,7 +83,7 @@ class Engine:
     def _output(self, request_id: str) -> RequestOutput:
         parent = self._parents[request_id]
         outputs = [self.output_processor.completion(cid) for cid in parent.child_ids]
-        finished = all(o.finished for o in outputs)
+        finished = not parent.forks and all(o.finished for o in outputs)
         if finished:
             for child_id in parent.child_ids:
                 self.output_processor.remove(child_id)

@@ -1,9 +1,11 @@
-"""Causal self-attention over a KV cache, and the cache itself.
+"""Causal self-attention over the paged KV cache: the plain-torch reference backend.
 
-AttentionMetadata is what the model runner builds once per forward and passes down to every layer;
-the Attention module writes the new keys/values into the cache and attends over the cached context
-(causal, optionally a sliding window). This is the plain-torch reference path (SDPA) the CPU tests
-run; the paged cache and faster backends plug in behind the same `Attention.forward` signature.
+The model runner builds one AttentionMetadata per forward (a flat batch of several sequences'
+new tokens) and passes it to every layer. Attention writes the new keys and values into their
+cache slots, then attends each query over its sequence's cached context (causal, optionally a
+sliding window). Decode-only batches run as one padded SDPA call; mixed prefill / decode batches
+run one SDPA call per sequence. Faster backends replace `Attention.forward`'s body, keeping this
+signature, and are tested against it.
 """
 
 from __future__ import annotations
@@ -15,56 +17,35 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class SequenceKVCache:
-    """One sequence's keys and values for every layer, contiguous, grown in chunks as it lengthens."""
+class PagedKVCache:
+    """The preallocated pool: k and v of every layer, [num_layers, num_blocks, block_size, num_kv_heads, head_dim]."""
 
-    GROW_BY = 256
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype) -> None:
+        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+        self.block_size = block_size
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
-        self.shape = (num_layers, 0, num_kv_heads, head_dim)
-        self.k = torch.empty(self.shape, dtype=dtype)  # [num_layers, capacity, num_kv_heads, head_dim]
-        self.v = torch.empty(self.shape, dtype=dtype)
-
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[1]
-
-    def reserve(self, num_tokens: int, num_valid: int) -> None:
-        """Make room for num_tokens positions, keeping the first num_valid."""
-        if num_tokens <= self.capacity:
-            return
-        capacity = num_tokens + self.GROW_BY
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = old.new_empty((old.shape[0], capacity, *old.shape[2:]))
-            new[:, :num_valid] = old[:, :num_valid]
-            setattr(self, name, new)
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
 
 
 @dataclass
 class AttentionMetadata:
-    """Per-forward inputs every attention layer needs: where the new tokens sit and the cache they extend."""
+    """One forward's batch layout: sequence i owns tokens query_start_loc[i]:query_start_loc[i+1]."""
 
-    positions: torch.Tensor  # [T] absolute positions of this forward's tokens, contiguous
-    kv_cache: SequenceKVCache
+    positions: torch.Tensor  # [T] absolute position of each token
+    slot_mapping: torch.Tensor  # [T] cache slot (block_id * block_size + offset) of each token
+    query_start_loc: list[int]  # [B + 1]
+    seq_lens: list[int]  # [B] context length of each sequence after this forward
+    block_tables: torch.Tensor  # [B, max_blocks] block ids, padded with 0
+    kv_cache: PagedKVCache
 
     @property
-    def start(self) -> int:
-        return int(self.positions[0])
-
-    @property
-    def end(self) -> int:
-        return self.start + self.positions.shape[0]
-
-
-def _attention_mask(start: int, num_queries: int, kv_start: int, kv_end: int, window: int | None) -> torch.Tensor:
-    """[num_queries, kv_end - kv_start] bool: query at position p sees key j iff j <= p and p - j < window."""
-    q_pos = torch.arange(start, start + num_queries)[:, None]
-    k_pos = torch.arange(kv_start, kv_end)[None, :]
-    mask = k_pos <= q_pos
-    if window is not None:
-        mask &= (q_pos - k_pos) < window
-    return mask
+    def is_decode_only(self) -> bool:
+        return len(self.query_start_loc) - 1 == self.positions.shape[0]
 
 
 class Attention(nn.Module):
@@ -80,18 +61,49 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # q: [T, num_heads, head_dim]; k, v: [T, num_kv_heads, head_dim] -> [T, num_heads * head_dim]
-        cache, start, end = meta.kv_cache, meta.start, meta.end
-        cache.k[self.layer_idx, start:end] = k
-        cache.v[self.layer_idx, start:end] = v
-        kv_start = 0 if self.sliding_window is None else max(0, start - self.sliding_window + 1)
-        keys = cache.k[self.layer_idx, kv_start:end].transpose(0, 1)  # [num_kv_heads, S, head_dim]
-        values = cache.v[self.layer_idx, kv_start:end].transpose(0, 1)
-        num_queries = q.shape[0]
-        mask = None
-        if num_queries > 1 or self.sliding_window is not None:
-            mask = _attention_mask(start, num_queries, kv_start, end, self.sliding_window)
+        k_cache = meta.kv_cache.k[self.layer_idx]  # [num_blocks, block_size, num_kv_heads, head_dim]
+        v_cache = meta.kv_cache.v[self.layer_idx]
+        k_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = k
+        v_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = v
+        if meta.is_decode_only:
+            out = self._decode(q, k_cache, v_cache, meta)
+        else:
+            out = torch.cat([self._sequence(q, k_cache, v_cache, meta, i) for i in range(len(meta.seq_lens))])
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def _allowed(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """Bool mask broadcasting q_pos against k_pos: causal, and within the sliding window if any."""
+        mask = k_pos <= q_pos
+        if self.sliding_window is not None:
+            mask &= (q_pos - k_pos) < self.sliding_window
+        return mask
+
+    def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        # one query per sequence: gather each sequence's blocks, pad to the longest, mask the padding
+        num_seqs, max_blocks = meta.block_tables.shape
+        keys = k_cache[meta.block_tables].view(num_seqs, max_blocks * meta.kv_cache.block_size, self.num_kv_heads, self.head_dim)
+        values = v_cache[meta.block_tables].view_as(keys)  # [B, S, num_kv_heads, head_dim]
+        k_pos = torch.arange(keys.shape[1])[None, :]  # [1, S]
+        mask = self._allowed(meta.positions[:, None], k_pos)  # [B, S]
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), keys, values, attn_mask=mask, scale=self.scale,
-            enable_gqa=self.num_heads != self.num_kv_heads,
-        )  # [num_heads, T, head_dim]
-        return out.transpose(0, 1).reshape(num_queries, self.num_heads * self.head_dim)
+            q[:, :, None, :], keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask[:, None, None, :],
+            scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads,
+        )  # [B, num_heads, 1, head_dim]
+        return out[:, :, 0, :]
+
+    def _sequence(self, q, k_cache, v_cache, meta: AttentionMetadata, i: int) -> torch.Tensor:
+        start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+        seq_len = meta.seq_lens[i]
+        block_size = meta.kv_cache.block_size
+        kv_start = 0 if self.sliding_window is None else max(0, seq_len - (end - start) - self.sliding_window + 1)
+        first_block, num_blocks = kv_start // block_size, -(-seq_len // block_size)
+        blocks = meta.block_tables[i, first_block:num_blocks]
+        offset = first_block * block_size
+        keys = k_cache[blocks].flatten(0, 1)[: seq_len - offset]  # [S, num_kv_heads, head_dim]
+        values = v_cache[blocks].flatten(0, 1)[: seq_len - offset]
+        mask = self._allowed(meta.positions[start:end, None], torch.arange(offset, seq_len)[None, :])  # [Q, S]
+        out = F.scaled_dot_product_attention(
+            q[start:end].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), attn_mask=mask,
+            scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads,
+        )  # [num_heads, Q, head_dim]
+        return out.transpose(0, 1)

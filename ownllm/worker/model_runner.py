@@ -1,51 +1,95 @@
-"""ModelRunner: requests in, sampled tokens out. Owns the model weights and each request's KV cache.
+"""ModelRunner: a SchedulerOutput in, sampled tokens out. Owns the model weights and the KV-cache pool.
 
-The engine hands it the requests to advance this step and how many tokens each computes; it runs
-the model over those tokens, samples the next token from the last position and reports results as
-plain Python values, so the engine above it never touches a tensor.
+Each step it flattens the scheduled requests' new tokens into one batch (token ids, positions,
+cache slots, block tables), runs the model once, takes the logits of each request that finishes
+its scheduled tokens this step and samples them. Results are plain Python values, so the engine
+above it never touches a tensor.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from ownllm.config import ModelConfig
-from ownllm.layers.attention import AttentionMetadata, SequenceKVCache
+from ownllm.config import CacheConfig, ModelConfig
+from ownllm.layers.attention import AttentionMetadata, PagedKVCache
 from ownllm.loader import Checkpoint
 from ownllm.models.registry import model_class
-from ownllm.request import Request
+from ownllm.outputs import SchedulerOutput
 from ownllm.worker.sampler import SampleResult, Sampler
+
+logger = logging.getLogger(__name__)
+DEFAULT_KV_CACHE_BYTES = 2 * 2**30
+
+
+def available_memory_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30
 
 
 class ModelRunner:
-    def __init__(self, checkpoint: Checkpoint) -> None:
+    def __init__(self, checkpoint: Checkpoint, cache_config: CacheConfig | None = None,
+                 eos_token_ids: list[int] | None = None) -> None:
         self.config: ModelConfig = checkpoint.config
+        self.cache_config = cache_config or CacheConfig()
         self.dtype = getattr(torch, self.config.dtype)
         self.model = model_class(self.config.architecture).from_tensors(self.config, checkpoint.tensors)
-        self.sampler = Sampler()
-        self._caches: dict[str, SequenceKVCache] = {}
+        self.sampler = Sampler(eos_token_ids or [])
+        c = self.config
+        self.block_size = self.cache_config.block_size
+        self.num_blocks = self._num_blocks()
+        self.kv_cache = PagedKVCache(c.num_hidden_layers, self.num_blocks, self.block_size, c.num_key_value_heads,
+                                     c.head_dim, self.dtype)
 
-    def _cache(self, request_id: str) -> SequenceKVCache:
-        if request_id not in self._caches:
-            c = self.config
-            self._caches[request_id] = SequenceKVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.dtype)
-        return self._caches[request_id]
+    def _num_blocks(self) -> int:
+        c, cc = self.config, self.cache_config
+        if cc.num_blocks is not None:
+            return cc.num_blocks
+        per_block = PagedKVCache.bytes_per_block(c.num_hidden_layers, cc.block_size, c.num_key_value_heads, c.head_dim, self.dtype)
+        budget = cc.memory_bytes or min(DEFAULT_KV_CACHE_BYTES, int(available_memory_bytes() * cc.memory_fraction))
+        num_blocks = budget // per_block
+        if num_blocks < 1:
+            raise ValueError(f"a KV cache of {budget} bytes holds no block of {per_block} bytes; give it more memory")
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, cc.block_size, num_blocks * per_block / 2**30)
+        return num_blocks
+
+    def _metadata(self, output: SchedulerOutput) -> tuple[torch.Tensor, AttentionMetadata, list[int]]:
+        token_ids, positions, slots, query_start_loc, seq_lens, last_index = [], [], [], [0], [], []
+        bs = self.block_size
+        for request, num_new, table in zip(output.requests, output.num_tokens, output.block_tables):
+            start = request.num_computed_tokens
+            token_ids += request.all_token_ids[start : start + num_new]
+            span = range(start, start + num_new)
+            positions += span
+            slots += [table[p // bs] * bs + p % bs for p in span]
+            query_start_loc.append(query_start_loc[-1] + num_new)
+            seq_lens.append(start + num_new)
+            last_index.append(query_start_loc[-1] - 1)
+        max_blocks = max(len(t) for t in output.block_tables)
+        tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in output.block_tables], dtype=torch.long)
+        meta = AttentionMetadata(
+            torch.tensor(positions, dtype=torch.long), torch.tensor(slots, dtype=torch.long), query_start_loc,
+            seq_lens, tables, self.kv_cache,
+        )
+        return torch.tensor(token_ids, dtype=torch.long), meta, last_index
 
     @torch.inference_mode()
-    def forward_logits(self, request: Request, num_tokens: int) -> torch.Tensor:
-        """Computes the request's next num_tokens tokens into its cache -> logits of the last one: [vocab] float32."""
-        start = request.num_computed_tokens
-        token_ids = request.all_token_ids[start : start + num_tokens]
-        cache = self._cache(request.request_id)
-        cache.reserve(start + len(token_ids), start)
-        meta = AttentionMetadata(torch.arange(start, start + len(token_ids)), cache)
-        hidden = self.model(torch.tensor(token_ids, dtype=torch.long), meta)  # [T, hidden]
-        return self.model.compute_logits(hidden[-1:])[0].float()
-
-    def execute(self, requests: list[Request], num_tokens: list[int], stop_ids: list[set[int]]) -> list[SampleResult]:
-        logits = torch.stack([self.forward_logits(r, n) for r, n in zip(requests, num_tokens)])  # [B, vocab]
-        return self.sampler(logits, requests, stop_ids)
+    def execute(self, output: SchedulerOutput) -> dict[str, SampleResult]:
+        input_ids, meta, last_index = self._metadata(output)
+        hidden = self.model(input_ids, meta)  # [T, hidden]
+        rows = [i for i, s in enumerate(output.samples) if s]
+        if not rows:
+            return {}
+        logits = self.model.compute_logits(hidden[[last_index[i] for i in rows]]).float()  # [R, vocab]
+        requests = [output.requests[i] for i in rows]
+        return {r.request_id: result for r, result in zip(requests, self.sampler(logits, requests))}
 
     def free(self, request_id: str) -> None:
-        self._caches.pop(request_id, None)
         self.sampler.free(request_id)

@@ -56,7 +56,8 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) 
 
 
 class Sampler:
-    def __init__(self) -> None:
+    def __init__(self, eos_token_ids: list[int] | None = None) -> None:
+        self.eos_token_ids = set(eos_token_ids or [])
         self._generators: dict[str, torch.Generator] = {}
 
     def _generator(self, request: Request) -> torch.Generator | None:
@@ -70,15 +71,16 @@ class Sampler:
     def free(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request], stop_ids: list[set[int]]) -> list[SampleResult]:
-        # logits: [num_requests, vocab] float32; stop_ids: per request the ids min_tokens must hold back
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
+        # logits: [num_requests, vocab] float32
         raw_logprobs = logits.log_softmax(-1)
-        return [self._sample_one(logits[i].clone(), raw_logprobs[i], r, stop_ids[i]) for i, r in enumerate(requests)]
+        return [self._sample_one(logits[i].clone(), raw_logprobs[i], r) for i, r in enumerate(requests)]
 
-    def _sample_one(self, logits: torch.Tensor, raw: torch.Tensor, request: Request, stop_ids: set[int]) -> SampleResult:
+    def _sample_one(self, logits: torch.Tensor, raw: torch.Tensor, request: Request) -> SampleResult:
         params = request.sampling_params
         logits = apply_penalties(logits, request)
-        if request.num_output_tokens < params.min_tokens and stop_ids:
+        if request.num_output_tokens < params.min_tokens:  # hold back every token that would stop it
+            stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
             logits[list(stop_ids)] = float("-inf")
         if params.is_greedy:
             token_id = int(logits.argmax())
