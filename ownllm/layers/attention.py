@@ -17,19 +17,28 @@ import torch.nn.functional as F
 from torch import nn
 
 
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """What one layer caches per token: keys of num_kv_heads x head_dim and values of num_kv_heads x v_head_dim
+    (v_head_dim 0: keys only, e.g. MLA's compressed latent)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    v_head_dim: int
+
+    def bytes_per_token(self, dtype: torch.dtype) -> int:
+        return self.num_layers * self.num_kv_heads * (self.head_dim + self.v_head_dim) * dtype.itemsize
+
+
 class PagedKVCache:
-    """The preallocated pool: k and v of every layer, [num_layers, num_blocks, block_size, num_kv_heads, head_dim]."""
+    """The preallocated pool: k [num_layers, num_blocks, block_size, num_kv_heads, head_dim] and v alike."""
 
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype) -> None:
-        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
+    def __init__(self, spec: KVCacheSpec, num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
+        shape = (spec.num_layers, num_blocks, block_size, spec.num_kv_heads)
+        self.k = torch.zeros((*shape, spec.head_dim), dtype=dtype)
+        self.v = torch.zeros((*shape, spec.v_head_dim), dtype=dtype) if spec.v_head_dim else None
         self.block_size = block_size
-
-    @staticmethod
-    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
 
 
 @dataclass

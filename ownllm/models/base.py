@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ownllm.config import ModelConfig
-from ownllm.layers.attention import AttentionMetadata
+from ownllm.layers.attention import AttentionMetadata, KVCacheSpec
 
 
 class CausalLM(nn.Module):
@@ -30,6 +30,12 @@ class CausalLM(nn.Module):
             model = cls(config)
         model.load_weights(tensors, getattr(torch, config.dtype))
         return model.eval().requires_grad_(False)
+
+    @classmethod
+    def kv_cache_spec(cls, config: ModelConfig) -> KVCacheSpec:
+        """What the paged KV cache must hold per token; models with another layout (MLA) override it."""
+        c = config
+        return KVCacheSpec(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, c.head_dim)
 
     def tied_parameters(self) -> dict[str, str]:
         """{parameter name: the name it shares storage with}, e.g. a tied lm_head."""

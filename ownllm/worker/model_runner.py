@@ -40,19 +40,19 @@ class ModelRunner:
         self.config: ModelConfig = checkpoint.config
         self.cache_config = cache_config or CacheConfig()
         self.dtype = getattr(torch, self.config.dtype)
-        self.model = model_class(self.config.architecture).from_tensors(self.config, checkpoint.tensors)
+        cls = model_class(self.config.architecture)
+        self.model = cls.from_tensors(self.config, checkpoint.tensors)
         self.sampler = Sampler(eos_token_ids or [])
-        c = self.config
+        self.kv_spec = cls.kv_cache_spec(self.config)
         self.block_size = self.cache_config.block_size
         self.num_blocks = self._num_blocks()
-        self.kv_cache = PagedKVCache(c.num_hidden_layers, self.num_blocks, self.block_size, c.num_key_value_heads,
-                                     c.head_dim, self.dtype)
+        self.kv_cache = PagedKVCache(self.kv_spec, self.num_blocks, self.block_size, self.dtype)
 
     def _num_blocks(self) -> int:
-        c, cc = self.config, self.cache_config
+        cc = self.cache_config
         if cc.num_blocks is not None:
             return cc.num_blocks
-        per_block = PagedKVCache.bytes_per_block(c.num_hidden_layers, cc.block_size, c.num_key_value_heads, c.head_dim, self.dtype)
+        per_block = self.kv_spec.bytes_per_token(self.dtype) * cc.block_size
         budget = cc.memory_bytes or min(DEFAULT_KV_CACHE_BYTES, int(available_memory_bytes() * cc.memory_fraction))
         num_blocks = budget // per_block
         if num_blocks < 1:
