@@ -1,4 +1,5 @@
-"""The `ownllm` command: run, chat, models. Wires the offline engine to a terminal.
+"""The `ownllm` command: run, chat, models, serve. Wires the offline engine to a terminal, and the
+async engine to the HTTP server.
 
 Every expected failure (bad path, bad option value, unsupported model...) is printed as one
 `error: ...` line with a non-zero exit, never a traceback.
@@ -169,6 +170,70 @@ def models(
     for entry in list_local_models(paths or []):
         table.add_row(entry.name, entry.source, entry.architecture, entry.size, entry.path)
     out.print(table)
+
+
+@app.command()
+def serve(
+    model: ModelOpt = None, dtype: DtypeOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on. The default keeps the server private to this machine; "
+                                      "0.0.0.0 opens it to the network (then set --api-key).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on (vLLM's 8000; point Ollama clients "
+                                      "at it with OLLAMA_HOST=http://127.0.0.1:8000).")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(envvar="OWNLLM_API_KEY", help="Require 'Authorization: Bearer "
+                                                   "KEY' on every /v1 and /api request.")] = None,
+    cors_origins: Annotated[Optional[list[str]], typer.Option(help="Let web pages from these origins call the server "
+                                                              "(repeat or comma-separate; '*' for any). Default: none.")] = None,
+    max_waiting: Annotated[Optional[int], typer.Option(min=0, help="Answer 503 with Retry-After to a new request when "
+                                                       "this many already wait. Default: no limit.")] = None,
+    served_model_name: Annotated[Optional[str], typer.Option(help="The model name clients send. Default: the model's "
+                                                             "file or folder name, or the hub id.")] = None,
+) -> None:
+    """Serve a model over HTTP: the OpenAI API under /v1, the Ollama API under /api, /health and /metrics."""
+    import uvicorn
+
+    from ownllm.engine.async_engine import AsyncEngine
+    from ownllm.loader.resolve import resolve_model
+    from ownllm.server import ServerSettings, build_app
+
+    _check_port_free(host, port)
+    path = resolve_model(model)
+    name = served_model_name or _served_name(model, path)
+    with err.status(f"Loading {model or BUNDLED_MODEL_NAME}..."):
+        engine = AsyncEngine.from_model(str(path), dtype=dtype, max_waiting=max_waiting, model_name=name)
+    origins = tuple(o.strip() for value in cors_origins or [] for o in value.split(",") if o.strip())
+    settings = ServerSettings(api_key=api_key or None, cors_origins=origins, model_path=path)
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        err.print(f"[yellow]warning:[/yellow] listening on {escape(host)} without --api-key: anyone who can reach "
+                  "this port can use the model")
+    err.print(f"Serving {escape(name)} at http://{escape(host)}:{port} (OpenAI API: /v1, Ollama API: /api)")
+    try:
+        uvicorn.run(build_app(engine, settings), host=host, port=port, timeout_graceful_shutdown=5)
+    finally:
+        engine.shutdown()
+
+
+def _served_name(model: str | None, path: Path) -> str:
+    if model is None or model.lower() == BUNDLED_MODEL_NAME:
+        return BUNDLED_MODEL_NAME
+    if Path(model).expanduser().exists():
+        return path.stem if path.suffix == ".gguf" else path.resolve().name
+    return model
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fails fast, before the model loads, when the address cannot be listened on."""
+    import socket
+
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as error:
+        raise ValueError(f"cannot listen on {host!r}: {error.strerror}") from None
+    with socket.socket(family, kind) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise ValueError(f"cannot listen on {host}:{port}: {error.strerror}") from None
 
 
 def main() -> None:

@@ -3,9 +3,11 @@
 The model runner builds one AttentionMetadata per forward (a flat batch of several sequences'
 new tokens) and passes it to every layer. Attention writes the new keys and values into their
 cache slots, then attends each query over its sequence's cached context (causal, optionally a
-sliding window). Decode-only batches run as one padded SDPA call; mixed prefill / decode batches
-run one SDPA call per sequence. Faster backends replace `Attention.forward`'s body, keeping this
-signature, and are tested against it.
+sliding window). Decode-only batches run as two padded batched matmuls; mixed prefill / decode
+batches run one SDPA call per sequence. Attention math runs in float32 (CPU SDPA is several times slower
+in bfloat16, and the cache reads are small next to the weights). Gathers use index_select: advanced
+indexing of a large bfloat16 pool takes a slow path in torch. Faster backends replace
+`Attention.forward`'s body, keeping this signature, and are tested against it.
 """
 
 from __future__ import annotations
@@ -90,15 +92,18 @@ class Attention(nn.Module):
     def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         # one query per sequence: gather each sequence's blocks, pad to the longest, mask the padding
         num_seqs, max_blocks = meta.block_tables.shape
-        keys = k_cache[meta.block_tables].view(num_seqs, max_blocks * meta.kv_cache.block_size, self.num_kv_heads, self.head_dim)
-        values = v_cache[meta.block_tables].view_as(keys)  # [B, S, num_kv_heads, head_dim]
+        flat_tables = meta.block_tables.flatten()
+        keys = k_cache.index_select(0, flat_tables).view(
+            num_seqs, max_blocks * meta.kv_cache.block_size, self.num_kv_heads, self.head_dim)
+        values = v_cache.index_select(0, flat_tables).view_as(keys)  # [B, S, num_kv_heads, head_dim]
         k_pos = torch.arange(keys.shape[1])[None, :]  # [1, S]
         mask = self._allowed(meta.positions[:, None], k_pos)  # [B, S]
-        out = F.scaled_dot_product_attention(
-            q[:, :, None, :], keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask[:, None, None, :],
-            scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads,
-        )  # [B, num_heads, 1, head_dim]
-        return out[:, :, 0, :]
+        group = self.num_heads // self.num_kv_heads
+        q = q.view(num_seqs, self.num_kv_heads, group, self.head_dim).float()  # [B, kv, g, D]
+        scores = q @ keys.permute(0, 2, 3, 1).float() * self.scale  # [B, kv, g, S]
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf")).softmax(-1)
+        out = scores @ values.transpose(1, 2).float()  # [B, kv, g, D]
+        return out.view(num_seqs, self.num_heads, self.head_dim).to(values.dtype)
 
     def _sequence(self, q, k_cache, v_cache, meta: AttentionMetadata, i: int) -> torch.Tensor:
         start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
@@ -108,11 +113,11 @@ class Attention(nn.Module):
         first_block, num_blocks = kv_start // block_size, -(-seq_len // block_size)
         blocks = meta.block_tables[i, first_block:num_blocks]
         offset = first_block * block_size
-        keys = k_cache[blocks].flatten(0, 1)[: seq_len - offset]  # [S, num_kv_heads, head_dim]
-        values = v_cache[blocks].flatten(0, 1)[: seq_len - offset]
+        keys = k_cache.index_select(0, blocks).flatten(0, 1)[: seq_len - offset]  # [S, num_kv_heads, head_dim]
+        values = v_cache.index_select(0, blocks).flatten(0, 1)[: seq_len - offset]
         mask = self._allowed(meta.positions[start:end, None], torch.arange(offset, seq_len)[None, :])  # [Q, S]
         out = F.scaled_dot_product_attention(
-            q[start:end].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), attn_mask=mask,
-            scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads,
+            q[start:end].transpose(0, 1).float(), keys.transpose(0, 1).float(), values.transpose(0, 1).float(),
+            attn_mask=mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads,
         )  # [num_heads, Q, head_dim]
-        return out.transpose(0, 1)
+        return out.transpose(0, 1).to(q.dtype)

@@ -51,16 +51,28 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class RotaryEmbedding:
-    """Applies RoPE to q and k given each token's absolute position."""
+    """Applies RoPE to q and k given each token's absolute position.
+
+    cos/sin depend only on the positions, so they are computed once per forward (for the first
+    layer) and reused by the others: the cache is keyed on the positions tensor itself."""
 
     def __init__(self, head_dim: int, theta: float, scaling: dict | None) -> None:
         self.inv_freq = rope_inv_freq(head_dim, theta, scaling)  # [head_dim // 2], float32
+        self._cached: tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = self._cached
+        if cached is not None and cached[0] is positions and cached[1] == dtype:
+            return cached[2], cached[3]
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, head_dim // 2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, head_dim]
+        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        self._cached = (positions, dtype, cos, sin)
+        return cos, sin
 
     def __call__(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [T]; q: [T, num_heads, head_dim]; k: [T, num_kv_heads, head_dim]
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, head_dim // 2]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, head_dim]
-        cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
+        cos, sin = self.cos_sin(positions, q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

@@ -29,7 +29,11 @@ class CausalLM(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         model.load_weights(tensors, getattr(torch, config.dtype))
+        model.post_load()
         return model.eval().requires_grad_(False)
+
+    def post_load(self) -> None:
+        """Rearranges loaded weights for speed (e.g. fusing projections); parity tests cover the result."""
 
     @classmethod
     def kv_cache_spec(cls, config: ModelConfig) -> KVCacheSpec:

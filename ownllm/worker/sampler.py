@@ -20,7 +20,7 @@ from ownllm.request import Request
 class SampleResult:
     token_id: int
     logprob: float  # of the sampled token, raw distribution
-    rank: int  # 1 = most likely
+    rank: int  # 1 = most likely; 0 when logprobs were not asked for
     top_logprobs: list[tuple[int, float]] | None  # (token id, logprob), most likely first
 
 
@@ -90,8 +90,9 @@ class Sampler:
             race = torch.empty_like(probs).exponential_(generator=self._generator(request))
             token_id = int((probs / race).argmax())
         logprob = float(raw[token_id])
-        rank = int((raw > raw[token_id]).sum()) + 1
-        top = None
+        rank, top = 0, None
+        if params.logprobs is not None:
+            rank = int((raw > raw[token_id]).sum()) + 1
         if params.logprobs:
             values, ids = raw.topk(params.logprobs)
             top = list(zip(ids.tolist(), values.tolist()))

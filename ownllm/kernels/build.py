@@ -1,0 +1,47 @@
+"""Compiles the C++ kernels next to this file with torch's extension builder, once, into a cache folder.
+
+A kernel that cannot be built (no compiler, a CPU without the instructions) is reported once and
+its callers fall back to plain torch. OWNLLM_NO_KERNELS=1 turns them all off.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+CACHE_DIR = Path(os.environ.get("OWNLLM_CACHE", Path.home() / ".cache" / "ownllm")) / "kernels"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.cache
+def load(name: str, required_flags: tuple[str, ...], extra_cflags: tuple[str, ...]):
+    """The compiled module `name` (from name.cpp), or None when it cannot run here."""
+    if os.environ.get("OWNLLM_NO_KERNELS") == "1":
+        return None
+    missing = [f for f in required_flags if f not in _cpu_flags()]
+    if missing:
+        logger.info("kernel %s disabled: the CPU lacks %s", name, ", ".join(missing))
+        return None
+    from torch.utils.cpp_extension import load as build
+
+    build_dir = CACHE_DIR / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return build(name=f"ownllm_{name}", sources=[str(Path(__file__).with_name(f"{name}.cpp"))],
+                     extra_cflags=["-O3", *extra_cflags], build_directory=str(build_dir), verbose=False)
+    except Exception as error:  # no compiler, or it failed: run on plain torch instead
+        logger.warning("kernel %s could not be built, using plain torch: %s", name, error)
+        return None

@@ -1,0 +1,76 @@
+// Skinny bf16 matmul for decode: y[M, N] = x[M, K] @ w[N, K]^T with M <= 4, float32 accumulation.
+// Decode is memory bound: each weight row is streamed from memory once and multiplied against all
+// M activation rows (which stay in cache) with AVX-512 BF16 dot products (vdpbf16ps).
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/extension.h>
+
+namespace {
+
+constexpr int kMaxM = 4;  // beyond this oneDNN's batched kernels win; callers fall back to torch
+
+inline __m512bh load(const at::BFloat16* p) { return (__m512bh)_mm512_loadu_si512(p); }
+inline __m512bh load_tail(const at::BFloat16* p, __mmask32 mask) { return (__m512bh)_mm512_maskz_loadu_epi16(mask, p); }
+
+// Row n of y for all M activation rows: one sequential stream over the weight row, with two
+// accumulator chains per activation row (even and odd 32-element chunks) to hide dpbf16 latency.
+template <int M>
+inline void row(const at::BFloat16* x, const at::BFloat16* w, const at::BFloat16* bias, at::BFloat16* y,
+                int64_t K, int64_t N, int64_t n) {
+  const at::BFloat16* wr = w + n * K;
+  __m512 acc0[M], acc1[M];
+#pragma GCC unroll 4
+  for (int m = 0; m < M; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps();
+  const int64_t K64 = K & ~int64_t(63);
+  int64_t k = 0;
+  for (; k < K64; k += 64) {
+    __m512bh w0 = load(wr + k), w1 = load(wr + k + 32);
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) {
+      acc0[m] = _mm512_dpbf16_ps(acc0[m], w0, load(x + m * K + k));
+      acc1[m] = _mm512_dpbf16_ps(acc1[m], w1, load(x + m * K + k + 32));
+    }
+  }
+  for (; k < K; k += 32) {
+    const int remaining = (int)std::min<int64_t>(32, K - k);
+    const __mmask32 mask = (__mmask32)((1ull << remaining) - 1);
+    __m512bh wv = load_tail(wr + k, mask);
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) acc0[m] = _mm512_dpbf16_ps(acc0[m], wv, load_tail(x + m * K + k, mask));
+  }
+  const float b = bias ? static_cast<float>(bias[n]) : 0.f;
+#pragma GCC unroll 4
+  for (int m = 0; m < M; ++m) y[m * N + n] = at::BFloat16(_mm512_reduce_add_ps(_mm512_add_ps(acc0[m], acc1[m])) + b);
+}
+
+template <int M>
+void run(const at::BFloat16* x, const at::BFloat16* w, const at::BFloat16* bias, at::BFloat16* y, int64_t K, int64_t N) {
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) row<M>(x, w, bias, y, K, N, n);
+  });
+}
+
+using Fn = void (*)(const at::BFloat16*, const at::BFloat16*, const at::BFloat16*, at::BFloat16*, int64_t, int64_t);
+constexpr Fn kTable[kMaxM] = {&run<1>, &run<2>, &run<3>, &run<4>};
+
+}  // namespace
+
+torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bf16 inputs expected");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "shapes: x [M, K], w [N, K]");
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxM, "1 <= M <= 4");
+  x = x.contiguous();
+  TORCH_CHECK(w.is_contiguous(), "w must be contiguous");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  const at::BFloat16* b = nullptr;
+  torch::Tensor bias_c;
+  if (bias.has_value() && bias->defined()) {
+    bias_c = bias->to(at::kBFloat16).contiguous();
+    b = bias_c.data_ptr<at::BFloat16>();
+  }
+  kTable[M - 1](x.data_ptr<at::BFloat16>(), w.data_ptr<at::BFloat16>(), b, y.data_ptr<at::BFloat16>(), K, N);
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("gemv_bf16", &gemv_bf16, "skinny bf16 matmul (M <= 4)"); }

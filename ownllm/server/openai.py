@@ -1,0 +1,355 @@
+"""The OpenAI-compatible API: /v1/chat/completions, /v1/completions and /v1/models, and how each request
+becomes engine requests and engine outputs become OpenAI responses (JSON or SSE chunks).
+
+Options OpenAI clients may send but ownllm cannot honour yet (structured output, logit_bias, forced
+tool calls, suffix, prompt logprobs) are refused with a 400 naming them, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import AsyncIterator
+
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from ownllm.outputs import CompletionOutput, Logprob, RequestOutput
+from ownllm.sampling_params import SamplingParams
+from ownllm.server.protocol import (
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
+    ChatLogprobs, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, DeltaMessage,
+    ErrorInfo, ErrorResponse, ModelCard, ModelList, TokenLogprob, TopLogprob, Usage,
+)
+from ownllm.server.serving import (
+    ServerContext, ServerError, Timing, as_server_error, check_context, first_and_rest, last_output, make_params, merge, new_id, parse_body, run,
+    until_disconnect,
+)
+
+MIN_LOGPROB = -9999.0  # JSON has no -inf
+
+
+def router(ctx: ServerContext) -> APIRouter:
+    api = APIRouter(prefix="/v1")
+
+    @api.get("/models")
+    async def list_models() -> Response:
+        return _json(ModelList(data=[_model_card(ctx)]))
+
+    @api.get("/models/{model_id:path}")
+    async def get_model(model_id: str) -> Response:
+        check_model(ctx, model_id)
+        return _json(_model_card(ctx))
+
+    @api.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await serve_chat(ctx, request)
+
+    @api.post("/completions")
+    async def completions(request: Request) -> Response:
+        return await serve_completion(ctx, request)
+
+    return api
+
+
+def error_body(error: ServerError) -> dict:
+    kind = "invalid_request_error" if error.status < 500 else "server_error"
+    return ErrorResponse(error=ErrorInfo(message=error.message, type=kind, param=error.param, code=error.code)).model_dump()
+
+
+def check_model(ctx: ServerContext, model: str | None) -> None:
+    if model is not None and model != ctx.model_name:
+        raise ServerError(404, f"The model `{model}` does not exist; this server serves `{ctx.model_name}`.",
+                          param="model", code="model_not_found")
+
+
+def _model_card(ctx: ServerContext) -> ModelCard:
+    return ModelCard(id=ctx.model_name, created=int(ctx.started_at), max_model_len=ctx.engine.max_model_len)
+
+
+def _json(model) -> Response:
+    return JSONResponse(model.model_dump())
+
+
+# ---- requests -> engine inputs
+
+
+def _check_common(body: ChatCompletionRequest | CompletionRequest) -> None:
+    if body.logit_bias:
+        raise ServerError(400, "logit_bias is not supported", param="logit_bias")
+
+
+def _check_chat(body: ChatCompletionRequest) -> None:
+    _check_common(body)
+    if body.response_format is not None and body.response_format.type != "text":
+        raise ServerError(400, f"response_format {body.response_format.type!r} (structured output) is not supported "
+                          "yet; only 'text'", param="response_format")
+    if body.tool_choice not in (None, "auto", "none"):
+        raise ServerError(400, "tool_choice can only be 'auto' or 'none': forcing a tool call is not supported yet",
+                          param="tool_choice")
+    if body.top_logprobs and not body.logprobs:
+        raise ServerError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
+
+
+def _chat_messages(body: ChatCompletionRequest) -> list[dict]:
+    messages = []
+    for i, message in enumerate(body.messages):
+        values = message.model_dump()
+        if isinstance(message.content, list):
+            values["content"] = _text_parts(message.content, f"messages.{i}.content")
+        messages.append(values)
+    return messages
+
+
+def _text_parts(parts: list[dict], param: str) -> str:
+    texts = []
+    for part in parts:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise ServerError(400, f"{param}: only text parts are supported, got a part of type {part.get('type')!r}",
+                              param=param)
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _chat_prompt_ids(ctx: ServerContext, body: ChatCompletionRequest) -> list[int]:
+    try:
+        return ctx.engine.tokenizer.encode_chat(
+            _chat_messages(body), tools=body.tools, add_generation_prompt=body.add_generation_prompt,
+            **(body.chat_template_kwargs or {}))
+    except (ValueError, TypeError) as error:
+        raise ServerError(400, str(error), param="messages") from None
+
+
+def _completion_prompts(ctx: ServerContext, body: CompletionRequest) -> list[tuple[str, list[int]]]:
+    """(prompt text, prompt token ids) for each prompt the request holds."""
+    prompt = body.prompt
+    items = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
+    if not items:
+        raise ServerError(400, "prompt is empty", param="prompt")
+    tokenizer = ctx.engine.tokenizer
+    prompts = []
+    for item in items:
+        if isinstance(item, str):
+            prompts.append((item, tokenizer.encode(item)))
+            continue
+        if not all(0 <= t < tokenizer.vocab_size for t in item):
+            raise ServerError(400, f"prompt token ids must be in [0, {tokenizer.vocab_size})", param="prompt")
+        prompts.append((tokenizer.decode(item), list(item)))
+    if any(not ids for _, ids in prompts):
+        raise ServerError(400, "prompt is empty", param="prompt")
+    return prompts
+
+
+def _check_completion(body: CompletionRequest) -> None:
+    _check_common(body)
+    if body.suffix:
+        raise ServerError(400, "suffix (fill in the middle) is not supported", param="suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise ServerError(400, "best_of is not supported (it may only equal n)", param="best_of")
+    if body.echo and body.logprobs is not None:
+        raise ServerError(400, "echo with logprobs needs prompt logprobs, which are not supported yet", param="echo")
+
+
+def _sampling_params(ctx: ServerContext, body: ChatCompletionRequest | CompletionRequest, max_tokens: int | None,
+                     logprobs: int | None) -> SamplingParams:
+    defaults = ctx.engine.default_sampling_params()
+
+    def pick(name: str):
+        value = getattr(body, name)
+        return getattr(defaults, name) if value is None else value
+
+    return make_params(dict(
+        n=body.n, temperature=pick("temperature"), top_p=pick("top_p"), top_k=pick("top_k"), min_p=pick("min_p"),
+        repetition_penalty=pick("repetition_penalty"), presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty, seed=body.seed, max_tokens=max_tokens, min_tokens=body.min_tokens,
+        stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []), stop_token_ids=body.stop_token_ids,
+        ignore_eos=body.ignore_eos, include_stop_str_in_output=body.include_stop_str_in_output, logprobs=logprobs,
+        skip_special_tokens=body.skip_special_tokens,
+    ))
+
+
+# ---- logprobs
+
+
+def _top(entry: dict[int, Logprob], k: int) -> list[Logprob]:
+    return sorted((lp for lp in entry.values() if lp.rank <= k), key=lambda lp: lp.rank)[:k]
+
+
+def _token_text(logprob: Logprob) -> str:
+    return logprob.decoded_token or ""
+
+
+def _chat_logprobs(completion: CompletionOutput, start: int, end: int, k: int) -> ChatLogprobs:
+    content = []
+    for token_id, entry in zip(completion.token_ids[start:end], completion.logprobs[start:end]):
+        chosen = entry[token_id]
+        content.append(TokenLogprob(
+            token=_token_text(chosen), logprob=max(chosen.logprob, MIN_LOGPROB),
+            bytes=list(_token_text(chosen).encode()),
+            top_logprobs=[TopLogprob(token=_token_text(lp), logprob=max(lp.logprob, MIN_LOGPROB),
+                                     bytes=list(_token_text(lp).encode())) for lp in _top(entry, k)],
+        ))
+    return ChatLogprobs(content=content)
+
+
+def _completion_logprobs(completion: CompletionOutput, start: int, end: int, k: int, offset: int) -> CompletionLogprobs:
+    result = CompletionLogprobs()
+    for token_id, entry in zip(completion.token_ids[start:end], completion.logprobs[start:end]):
+        chosen = entry[token_id]
+        result.tokens.append(_token_text(chosen))
+        result.token_logprobs.append(max(chosen.logprob, MIN_LOGPROB))
+        top = {_token_text(lp): max(lp.logprob, MIN_LOGPROB) for lp in [*_top(entry, k), chosen]}
+        result.top_logprobs.append(top)
+        result.text_offset.append(offset)
+        offset += len(_token_text(chosen))
+    return result
+
+
+def _usage(num_prompt_tokens: int, outputs: list[RequestOutput]) -> Usage:
+    num_completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return Usage(prompt_tokens=num_prompt_tokens, completion_tokens=num_completion,
+                 total_tokens=num_prompt_tokens + num_completion)
+
+
+def _sse(chunks: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _sse_events(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """`data: ...` events ending with `data: [DONE]`; an error mid-stream is sent as an error event."""
+    try:
+        async for event in events:
+            yield f"data: {event}\n\n"
+    except Exception as error:
+        yield f"data: {json.dumps(error_body(as_server_error(error)))}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+# ---- /v1/chat/completions
+
+
+async def serve_chat(ctx: ServerContext, request: Request) -> Response:
+    timing = Timing()
+    body = parse_body(await request.body(), ChatCompletionRequest)
+    check_model(ctx, body.model)
+    _check_chat(body)
+    prompt_ids = _chat_prompt_ids(ctx, body)
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    tokens_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    check_context(len(prompt_ids), max_tokens, ctx.engine.max_model_len, "messages", tokens_param)
+    params = _sampling_params(ctx, body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
+    request_id = new_id("chatcmpl")
+    outputs = run(ctx, prompt_ids, params, request_id, timing)
+    if body.stream:
+        outputs = await first_and_rest(request, outputs)
+        return _sse(_sse_events(_chat_chunks(ctx, body, request_id, len(prompt_ids), outputs)))
+    final = await until_disconnect(request, last_output(outputs))
+    choices = [
+        ChatChoice(index=c.index, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason,
+                   stop_reason=c.stop_reason,
+                   logprobs=_chat_logprobs(c, 0, len(c.token_ids), body.top_logprobs or 0) if body.logprobs else None)
+        for c in final.outputs
+    ]
+    return _json(ChatCompletionResponse(id=request_id, created=int(time.time()), model=ctx.model_name,
+                                        choices=choices, usage=_usage(len(prompt_ids), [final])))
+
+
+async def _chat_chunks(ctx: ServerContext, body: ChatCompletionRequest, request_id: str, num_prompt_tokens: int,
+                       outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
+    created = int(time.time())
+
+    def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+        return ChatCompletionChunk(id=request_id, created=created, model=ctx.model_name, choices=choices,
+                                   usage=usage).model_dump_json()
+
+    yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(body.n)])
+    sent_text, sent_tokens, done = [0] * body.n, [0] * body.n, [False] * body.n
+    last = None
+    async for last in outputs:
+        choices = []
+        for c in last.outputs:
+            if done[c.index]:
+                continue
+            start, end = sent_tokens[c.index], len(c.token_ids)
+            delta = c.text[sent_text[c.index]:]
+            if not delta and start == end and not c.finished:
+                continue
+            logprobs = _chat_logprobs(c, start, end, body.top_logprobs or 0) if body.logprobs else None
+            choices.append(ChatChunkChoice(index=c.index, delta=DeltaMessage(content=delta), logprobs=logprobs,
+                                           finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+            sent_text[c.index], sent_tokens[c.index], done[c.index] = len(c.text), end, c.finished
+        if choices:
+            yield chunk(choices)
+    if body.stream_options and body.stream_options.include_usage:
+        yield chunk([], _usage(num_prompt_tokens, [last]))
+
+
+# ---- /v1/completions
+
+
+async def serve_completion(ctx: ServerContext, request: Request) -> Response:
+    timing = Timing()
+    body = parse_body(await request.body(), CompletionRequest)
+    check_model(ctx, body.model)
+    _check_completion(body)
+    prompts = _completion_prompts(ctx, body)
+    for _, ids in prompts:
+        check_context(len(ids), body.max_tokens, ctx.engine.max_model_len, "prompt", "max_tokens")
+    params = _sampling_params(ctx, body, body.max_tokens, body.logprobs)
+    request_id = new_id("cmpl")
+    streams = [run(ctx, ids, params, f"{request_id}-{i}", Timing(timing.arrived)) for i, (_, ids) in enumerate(prompts)]
+    num_prompt_tokens = sum(len(ids) for _, ids in prompts)
+    merged = merge(streams)
+    if body.stream:
+        merged = await first_and_rest(request, merged)
+        return _sse(_sse_events(_completion_chunks(ctx, body, request_id, prompts, num_prompt_tokens, merged)))
+    finals = await until_disconnect(request, _finals(merged, len(prompts)))
+    choices = []
+    for p, final in enumerate(finals):
+        for c in final.outputs:
+            text = (prompts[p][0] if body.echo else "") + c.text
+            logprobs = _completion_logprobs(c, 0, len(c.token_ids), body.logprobs, 0) if body.logprobs is not None else None
+            choices.append(CompletionChoice(index=p * body.n + c.index, text=text, logprobs=logprobs,
+                                            finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+    return _json(CompletionResponse(id=request_id, created=int(time.time()), model=ctx.model_name, choices=choices,
+                                    usage=_usage(num_prompt_tokens, finals)))
+
+
+async def _finals(merged: AsyncIterator[tuple[int, RequestOutput]], num_prompts: int) -> list[RequestOutput]:
+    finals: list[RequestOutput | None] = [None] * num_prompts
+    async for index, output in merged:
+        finals[index] = output
+    return finals
+
+
+async def _completion_chunks(ctx: ServerContext, body: CompletionRequest, request_id: str,
+                             prompts: list[tuple[str, list[int]]], num_prompt_tokens: int,
+                             merged: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
+    created = int(time.time())
+    num_choices = len(prompts) * body.n
+    echoes = [prompts[i // body.n][0] if body.echo else "" for i in range(num_choices)]
+    sent_text, sent_tokens, offsets, done = [0] * num_choices, [0] * num_choices, [0] * num_choices, [False] * num_choices
+    finals: list[RequestOutput | None] = [None] * len(prompts)
+    async for p, output in merged:
+        finals[p] = output
+        choices = []
+        for c in output.outputs:
+            i = p * body.n + c.index
+            start, end = sent_tokens[i], len(c.token_ids)
+            text = echoes[i] + c.text[sent_text[i]:]
+            if done[i] or (not text and start == end and not c.finished):
+                continue
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = _completion_logprobs(c, start, end, body.logprobs, offsets[i])
+                offsets[i] += sum(len(t) for t in logprobs.tokens)
+            choices.append(CompletionChoice(index=i, text=text, logprobs=logprobs, finish_reason=c.finish_reason,
+                                            stop_reason=c.stop_reason))
+            echoes[i], sent_text[i], sent_tokens[i], done[i] = "", len(c.text), end, c.finished
+        if choices:
+            yield CompletionResponse(id=request_id, created=created, model=ctx.model_name,
+                                     choices=choices).model_dump_json()
+    if body.stream_options and body.stream_options.include_usage:
+        yield CompletionResponse(id=request_id, created=created, model=ctx.model_name, choices=[],
+                                 usage=_usage(num_prompt_tokens, finals)).model_dump_json()

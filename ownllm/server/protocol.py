@@ -1,0 +1,347 @@
+"""The wire shapes of the OpenAI and Ollama APIs as pydantic models: what requests may hold and what
+responses carry.
+
+Request models are strict (a string is not a number) and ignore unknown fields, as vLLM and Ollama
+do, so newer clients keep working. Range checks that SamplingParams also makes are left to it, so a
+limit is written once. This module only describes data: it never touches the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+
+# ---- OpenAI requests
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+
+
+class ChatMessage(_Request):
+    """One message; fields beyond role and content (name, tool_calls, tool_call_id...) go to the template."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class _OpenAISampling(_Request):
+    """The decoding options both OpenAI endpoints share, with vLLM's extensions."""
+
+    model: str | None = None
+    n: int = Field(1, ge=1, le=128)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    logit_bias: dict[str, float] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
+class ChatCompletionRequest(_OpenAISampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class CompletionRequest(_OpenAISampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
+
+
+# ---- OpenAI responses
+
+
+class ErrorInfo(_Response):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Response):
+    error: ErrorInfo
+
+
+class Usage(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChatLogprobs(_Response):
+    content: list[TokenLogprob] | None = None
+    refusal: list[TokenLogprob] | None = None
+
+
+class AssistantMessage(_Response):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(_Response):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(_Response):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class DeltaMessage(_Response):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(_Response):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionChunk(_Response):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class CompletionLogprobs(_Response):
+    """The legacy completions format: parallel lists, one entry per generated token."""
+
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
+    text_offset: list[int] = []
+
+
+class CompletionChoice(_Response):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class CompletionResponse(_Response):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ModelCard(_Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "ownllm"
+    max_model_len: int | None = None
+
+
+class ModelList(_Response):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ---- Ollama requests
+
+
+class OllamaOptions(_Request):
+    """Ollama's `options`. Those that only tune llama.cpp's runtime (num_thread, num_gpu...) are ignored."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    num_predict: int | None = None
+    stop: list[str] | str | None = None
+    seed: int | None = None
+    repeat_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    num_ctx: int | None = Field(None, ge=1)
+
+
+class OllamaMessage(_Request):
+    model_config = ConfigDict(strict=True, extra="allow")
+    role: str
+    content: str | None = ""
+    images: list[str] | None = None
+
+
+class _OllamaBase(_Request):
+    model: str = Field(min_length=1)
+    stream: bool = True
+    options: OllamaOptions | None = None
+    format: str | dict[str, Any] | None = None
+    keep_alive: str | int | float | None = None
+    think: bool | str | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class OllamaChatRequest(_OllamaBase):
+    messages: list[OllamaMessage] = []
+    tools: list[dict[str, Any]] | None = None
+
+
+class OllamaGenerateRequest(_OllamaBase):
+    prompt: str = ""
+    system: str | None = None
+    template: str | None = None
+    raw: bool = False
+    context: list[int] | None = None
+    suffix: str | None = None
+    images: list[str] | None = None
+
+
+class OllamaShowRequest(_Request):
+    model: str | None = Field(None, min_length=1)
+    name: str | None = Field(None, min_length=1)
+    verbose: bool = False
+
+
+# ---- Ollama responses (sent without their None fields, as Ollama omits empty ones)
+
+
+class OllamaTopLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class OllamaLogprob(OllamaTopLogprob):
+    top_logprobs: list[OllamaTopLogprob] | None = None
+
+
+class _OllamaChunk(_Response):
+    model: str
+    created_at: str
+    done: bool
+    done_reason: str | None = None
+    total_duration: int | None = None
+    load_duration: int | None = None
+    prompt_eval_count: int | None = None
+    prompt_eval_duration: int | None = None
+    eval_count: int | None = None
+    eval_duration: int | None = None
+    logprobs: list[OllamaLogprob] | None = None
+
+
+class OllamaAssistantMessage(_Response):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class OllamaChatChunk(_OllamaChunk):
+    message: OllamaAssistantMessage
+
+
+class OllamaGenerateChunk(_OllamaChunk):
+    response: str
+    context: list[int] | None = None
+
+
+class OllamaModelDetails(_Response):
+    parent_model: str = ""
+    format: str
+    family: str
+    families: list[str]
+    parameter_size: str
+    quantization_level: str
+
+
+class OllamaModel(_Response):
+    name: str
+    model: str
+    modified_at: str
+    size: int
+    digest: str
+    details: OllamaModelDetails
+
+
+class OllamaTags(_Response):
+    models: list[OllamaModel]
+
+
+class OllamaRunningModel(OllamaModel):
+    expires_at: str
+    size_vram: int
+    context_length: int
+
+
+class OllamaProcesses(_Response):
+    models: list[OllamaRunningModel]
+
+
+class OllamaShowResponse(_Response):
+    modified_at: str
+    template: str
+    parameters: str
+    details: OllamaModelDetails
+    model_info: dict[str, Any]
+    capabilities: list[str]

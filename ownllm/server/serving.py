@@ -1,0 +1,264 @@
+"""What the OpenAI and Ollama serving modules share: the server context, errors, body parsing, the
+context-length check, and running engine requests with their timings observed.
+
+`run()` is the only place the server drives the engine: it maps engine refusals to HTTP errors,
+records time to first token and inter-token latency, and aborts the engine request whenever the
+caller stops early (client disconnect, error, cancellation). It never renders a response: the API
+modules shape what the client sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Awaitable, Protocol, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+
+from ownllm.engine.async_engine import EngineDead, EngineOverloaded
+from ownllm.outputs import RequestOutput
+from ownllm.sampling_params import SamplingParams
+from ownllm.server.metrics import ServerMetrics
+
+logger = logging.getLogger(__name__)
+RETRY_AFTER_SECONDS = 1
+ModelT = TypeVar("ModelT", bound=BaseModel)
+T = TypeVar("T")
+
+
+class EngineClient(Protocol):
+    """The engine as the server sees it (ownllm.engine.async_engine.AsyncEngine)."""
+
+    model_name: str
+    max_model_len: int
+    generation_config: dict
+
+    def generate(self, prompt_token_ids: list[int], sampling_params: SamplingParams, request_id: str | None = None,
+                 prompt: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def stats(self) -> dict: ...
+
+    def default_sampling_params(self) -> SamplingParams: ...
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    model_path: Path | None = None  # for Ollama's model listings (size, format, modification time)
+
+
+@dataclass
+class ServerContext:
+    engine: EngineClient
+    settings: ServerSettings
+    metrics: ServerMetrics
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+
+class ServerError(Exception):
+    """An error the client caused or must hear about; each API renders it in its own shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+
+def as_server_error(error: Exception) -> ServerError:
+    """An error met after a response started, as a ServerError to send in the stream (unexpected ones logged)."""
+    if isinstance(error, ServerError):
+        return error
+    logger.error("error while streaming a response", exc_info=error)
+    return ServerError(500, f"internal server error ({type(error).__name__})")
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its answer was ready."""
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def parse_body(body: bytes, model: type[ModelT]) -> ModelT:
+    """JSON bytes -> a validated request; malformed JSON and invalid fields raise a 400 naming the field."""
+    try:
+        return model.model_validate_json(body or b"{}")
+    except ValidationError as error:
+        first = error.errors()[0]
+        if first["type"] == "json_invalid":
+            raise ServerError(400, f"the request body is not valid JSON: {first['ctx']['error']}") from None
+        param = ".".join(str(part) for part in first["loc"]) or None
+        messages = [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in error.errors()]
+        raise ServerError(400, "; ".join(messages), param=param) from None
+
+
+def make_params(values: dict, renames: dict[str, str] | None = None) -> SamplingParams:
+    """SamplingParams from request values; its validation errors become a 400 naming the API's field."""
+    try:
+        return SamplingParams(**values)
+    except ValueError as error:
+        message = str(error)
+        name = message.split(" ", 1)[0]
+        param = (renames or {}).get(name, name)
+        raise ServerError(400, message.replace(name, param, 1), param=param) from None
+
+
+def check_context(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int, prompt_param: str,
+                  tokens_param: str) -> None:
+    """Refuses a request that cannot fit the context: never truncated silently."""
+    if num_prompt_tokens >= max_model_len:
+        raise ServerError(
+            400, f"the prompt is {num_prompt_tokens} tokens but this model's context is {max_model_len} tokens "
+            "(room is needed for at least one new token)", param=prompt_param, code="context_length_exceeded")
+    if max_tokens is not None and num_prompt_tokens + max_tokens > max_model_len:
+        raise ServerError(
+            400, f"this model's context is {max_model_len} tokens, but the prompt ({num_prompt_tokens} tokens) "
+            f"plus {tokens_param} ({max_tokens}) is {num_prompt_tokens + max_tokens} tokens; lower {tokens_param} "
+            "or shorten the prompt", param=tokens_param, code="context_length_exceeded")
+
+
+@dataclass
+class Timing:
+    """When one request arrived, got its first and its latest token (perf_counter seconds)."""
+
+    arrived: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    last_token: float | None = None
+
+
+async def run(ctx: ServerContext, prompt_ids: list[int], params: SamplingParams, request_id: str,
+              timing: Timing) -> AsyncIterator[RequestOutput]:
+    """The engine's outputs for one request, with timings recorded; engine refusals become ServerErrors.
+    The request is aborted whenever the caller stops early (the engine cannot see a cancellation that
+    lands while it is still adding the request, so this abort is what frees it then)."""
+    finished = False
+    try:
+        async with aclosing(ctx.engine.generate(prompt_ids, params, request_id=request_id)) as outputs:
+            async for output in outputs:
+                now = time.perf_counter()
+                if any(o.token_ids for o in output.outputs):
+                    _observe_token(ctx.metrics, timing, now)
+                finished = output.finished
+                if finished:
+                    ctx.metrics.observe_finished(output, now - timing.arrived)
+                yield output
+    except EngineOverloaded as error:
+        raise ServerError(503, f"the server is busy ({error}); retry later", code="overloaded",
+                          headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+    except EngineDead as error:
+        raise ServerError(500, str(error), code="engine_error") from None
+    except ValueError as error:
+        raise ServerError(400, str(error)) from None
+    finally:
+        if not finished:
+            await ctx.engine.abort(request_id)
+
+
+def _observe_token(metrics: ServerMetrics, timing: Timing, now: float) -> None:
+    if timing.first_token is None:
+        timing.first_token = now
+        metrics.time_to_first_token.observe(now - timing.arrived)
+    else:
+        metrics.inter_token_latency.observe(now - timing.last_token)
+    timing.last_token = now
+
+
+async def last_output(outputs: AsyncIterator[T]) -> T:
+    last = None
+    async for last in outputs:
+        pass
+    return last
+
+
+async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Interleaves several async iterators as their items arrive -> (which stream, item). The first error
+    stops everything; leaving early cancels the rest."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(index: int, stream: AsyncIterator[T]) -> None:
+        try:
+            async for item in stream:
+                await queue.put((index, item))
+            await queue.put((index, done))
+        except Exception as error:
+            await queue.put((index, error))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def until_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
+    """Awaits `awaitable` unless the client disconnects first: then it is cancelled and ClientDisconnected raised."""
+    task = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise ClientDisconnected()
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def first_and_rest(request: Request, stream: AsyncIterator[T]) -> AsyncIterator[T]:
+    """Waits for the stream's first item before a response starts (so refusals are still HTTP errors),
+    then -> an iterator over all items. A client leaving during that wait closes the stream."""
+    try:
+        first = await until_disconnect(request, anext(stream))
+    except BaseException:
+        await stream.aclose()
+        raise
+
+    async def chain() -> AsyncIterator[T]:
+        try:
+            yield first
+            async for item in stream:
+                yield item
+        finally:
+            await stream.aclose()
+
+    return chain()
