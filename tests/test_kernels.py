@@ -67,3 +67,42 @@ def test_bfloat16_fast_path_tracks_transformers_bfloat16(tmp_path):
             diffs.append(abs(out.logprobs[step][token].logprob - float(ref[step, token])))
     assert agree >= 0.9 * total
     assert max(diffs) < 0.1 and sum(diffs) / len(diffs) < 0.02
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_int4_weights_from_gguf_blocks(qtype):
+    import gguf
+    import numpy as np
+
+    from ownllm.layers.quant import Int4Weight, int4_linear
+
+    rng = np.random.default_rng(0)
+    dense = rng.standard_normal((64, 96)).astype(np.float32)
+    kind = getattr(gguf.GGMLQuantizationType, qtype)
+    blocks = gguf.quants.quantize(dense, kind)  # [64, 3 * block_bytes]
+    expected = torch.from_numpy(gguf.quants.dequantize(blocks, kind)).reshape(64, 96)
+    weight = Int4Weight.from_gguf_blocks(blocks, (64, 96), has_min=qtype == "Q4_1")
+    torch.testing.assert_close(weight.dequantize(torch.float32), expected, rtol=0, atol=1e-6)
+    x = torch.randn(3, 96).bfloat16()
+    packed, scales_and_zeros = weight.pack(torch.bfloat16)
+    out = int4_linear(x, packed, scales_and_zeros).float()
+    reference = x.float() @ expected.T
+    assert (out - reference).abs().max() <= 2e-2 * reference.abs().max()
+
+
+def test_int4_fusion_equals_separate():
+    from ownllm.layers.quant import Int4Weight
+
+    torch.manual_seed(0)
+    parts = [Int4Weight(torch.randint(0, 16, (n, 64), dtype=torch.uint8), torch.rand(n, 2), torch.randn(n, 2))
+             for n in (64, 32, 32)]
+    layers = []
+    for part in parts:
+        layer = Linear(64, part.shape[0], bias=False)
+        layer.set_int4(part)
+        layers.append(layer)
+    fused = fuse_linears(layers)
+    for layer in [fused, *layers]:
+        layer.finalize(torch.bfloat16)
+    x = torch.randn(2, 64).bfloat16()
+    torch.testing.assert_close(fused(x), torch.cat([layer(x) for layer in layers], dim=-1))

@@ -15,7 +15,8 @@ logger = logging.getLogger(__name__)
 CACHE_DIR = Path(os.environ.get("OWNLLM_CACHE", Path.home() / ".cache" / "ownllm")) / "kernels"
 
 
-def _cpu_flags() -> set[str]:
+@functools.cache
+def cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:
@@ -31,7 +32,7 @@ def load(name: str, required_flags: tuple[str, ...], extra_cflags: tuple[str, ..
     """The compiled module `name` (from name.cpp), or None when it cannot run here."""
     if os.environ.get("OWNLLM_NO_KERNELS") == "1":
         return None
-    missing = [f for f in required_flags if f not in _cpu_flags()]
+    missing = [f for f in required_flags if f not in cpu_flags()]
     if missing:
         logger.info("kernel %s disabled: the CPU lacks %s", name, ", ".join(missing))
         return None

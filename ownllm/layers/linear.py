@@ -3,6 +3,7 @@
 Decode multiplies a few activation rows by each weight, which is bound by memory bandwidth; for
 bfloat16 weights and up to 4 rows the AVX-512 BF16 kernel (kernels/gemv_bf16.cpp) streams each
 weight row once. Everything else goes to torch (oneDNN), which is faster for prefill-sized batches.
+A Linear may instead hold 4-bit weights (layers/quant.py), kept quantized from a GGUF file.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ownllm.layers.quant import Int4Weight, int4_linear
 
 logger = logging.getLogger(__name__)
 GEMV_MAX_ROWS = 4
@@ -35,20 +38,40 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class Linear(nn.Linear):
+    int4: Int4Weight | None = None  # set instead of `weight` for 4-bit weights, packed by finalize()
+
+    def set_int4(self, weight: Int4Weight) -> None:
+        self.int4 = weight
+        self.weight = None
+
+    def finalize(self, dtype: torch.dtype) -> None:
+        """After loading (and fusing): puts 4-bit weights in the kernel's layout."""
+        if self.int4 is not None:
+            self.int4_packed, self.int4_scales_and_zeros = self.int4.pack(dtype)
+            self.int4 = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is None:
+            out = int4_linear(x, self.int4_packed, self.int4_scales_and_zeros)
+            return out if self.bias is None else out + self.bias
         return linear(x, self.weight, self.bias)
 
 
-def fuse_linears(layers: list[nn.Linear]) -> Linear:
-    """One Linear computing several at once (e.g. q, k and v): their output rows stacked in order."""
-    weight = torch.cat([layer.weight for layer in layers])
-    bias = None
-    if any(layer.bias is not None for layer in layers):
-        bias = torch.cat([layer.bias if layer.bias is not None else weight.new_zeros(layer.out_features)
-                          for layer in layers])
+def fuse_linears(layers: list[Linear]) -> Linear | None:
+    """One Linear computing several at once (e.g. q, k and v): their output rows stacked in order.
+    None when their weights are stored differently (4-bit and dense), which cannot be stacked."""
+    if len({layer.int4 is None for layer in layers}) > 1:
+        return None
     with torch.device("meta"):
-        fused = Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    fused.weight = nn.Parameter(weight, requires_grad=False)
-    if bias is not None:
-        fused.bias = nn.Parameter(bias, requires_grad=False)
+        fused = Linear(layers[0].in_features, sum(layer.out_features for layer in layers),
+                       bias=any(layer.bias is not None for layer in layers))
+    if layers[0].int4 is not None:
+        fused.set_int4(Int4Weight.cat([layer.int4 for layer in layers]))
+    else:
+        fused.weight = nn.Parameter(torch.cat([layer.weight for layer in layers]), requires_grad=False)
+    if fused.bias is not None:
+        dtype = next(layer.bias.dtype for layer in layers if layer.bias is not None)
+        fused.bias = nn.Parameter(torch.cat([
+            layer.bias if layer.bias is not None else torch.zeros(layer.out_features, dtype=dtype) for layer in layers
+        ]), requires_grad=False)
     return fused

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from ownllm.config import ModelConfig
+from ownllm.config import ModelConfig, normalize_dtype
 from ownllm.loader.resolve import resolve_model
 
 if TYPE_CHECKING:
@@ -33,7 +33,8 @@ def load_checkpoint(model: str | None, dtype: str | None = None) -> Checkpoint:
     if path.suffix == ".gguf":
         from ownllm.loader.gguf import load_gguf
 
-        gguf = load_gguf(path, dtype=_torch_dtype(dtype))
+        dtype = dtype or _quantized_gguf_dtype(path)
+        gguf = load_gguf(path, dtype=_torch_dtype(dtype), keep_int4=normalize_dtype(dtype) == "bfloat16")
         config = ModelConfig.from_hf(gguf.hf_config, dtype)
         return Checkpoint(config, gguf.tensors, gguf.tokenizer, {}, path)
     from ownllm.loader.hf import load_hf_folder
@@ -41,9 +42,22 @@ def load_checkpoint(model: str | None, dtype: str | None = None) -> Checkpoint:
     return load_hf_folder(path, dtype)
 
 
-def _torch_dtype(dtype: str | None):
-    from ownllm.config import normalize_dtype
+def _quantized_gguf_dtype(path: Path) -> str | None:
+    """Quantized GGUF files run in bfloat16 with 4-bit kernels where the CPU multiplies bfloat16 natively
+    (AVX-512 BF16); elsewhere loading follows gguf.default_dtype (float32 for quantized files)."""
+    from gguf import GGMLQuantizationType as QType
+    from gguf import GGUFReader
 
+    from ownllm.kernels.build import cpu_flags
+
+    if "avx512_bf16" not in cpu_flags():
+        return None
+    plain = {QType.F32, QType.F16, QType.BF16}
+    quantized = any(t.tensor_type not in plain for t in GGUFReader(str(path)).tensors if len(t.shape) == 2)
+    return "bfloat16" if quantized else None
+
+
+def _torch_dtype(dtype: str | None):
     name = normalize_dtype(dtype)
     if name is None:
         return None

@@ -28,10 +28,13 @@ import torch
 import gguf
 from gguf import GGMLQuantizationType as QType
 
+from ownllm.layers.quant import Int4Weight
 from ownllm.loader.gguf_tokenizer import tokenizer_from_metadata
 
 if TYPE_CHECKING:
     from ownllm.tokenizer import Tokenizer
+
+_INT4_TYPES = (QType.Q4_0, QType.Q4_1)
 
 # general.architecture -> (HF architectures[0], HF model_type)
 ARCHITECTURES = {
@@ -92,8 +95,9 @@ class GGUFCheckpoint:
     metadata: dict  # the file's scalar metadata (and short arrays), for `ownllm models` and debugging
 
 
-def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None) -> GGUFCheckpoint:
-    """Read a GGUF file into HF-named tensors of `dtype` (None: see the module docstring's rule)."""
+def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None, keep_int4: bool = False) -> GGUFCheckpoint:
+    """Read a GGUF file into HF-named tensors of `dtype` (None: see the module docstring's rule).
+    keep_int4: Q4_0 / Q4_1 matrices (other than the embedding) stay 4-bit, as layers.quant.Int4Weight."""
     path = os.fspath(path)
     reader = open_gguf(path)
     fields = read_fields(reader)
@@ -109,6 +113,10 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None) -> GGUF
         if tensor.name == _ROPE_FREQS:
             continue  # folded into hf_config["rope_scaling"]
         hf_name = hf_tensor_name(tensor.name)
+        if keep_int4 and tensor.tensor_type in _INT4_TYPES and tensor.name != "token_embd.weight":
+            weight = Int4Weight.from_gguf_blocks(tensor.data, _hf_shape(tensor), tensor.tensor_type == QType.Q4_1)
+            tensors[hf_name] = weight.map_rows(lambda rows: unpermute_qk(rows, tensor.name, arch, hf_config))
+            continue
         value = dequantize_tensor(tensor, compute_dtype)
         tensors[hf_name] = unpermute_qk(value, tensor.name, arch, hf_config)
     return GGUFCheckpoint(

@@ -14,6 +14,8 @@ from torch import nn
 
 from ownllm.config import ModelConfig
 from ownllm.layers.attention import AttentionMetadata, KVCacheSpec
+from ownllm.layers.linear import Linear
+from ownllm.layers.quant import Int4Weight
 
 
 class CausalLM(nn.Module):
@@ -33,7 +35,12 @@ class CausalLM(nn.Module):
         return model.eval().requires_grad_(False)
 
     def post_load(self) -> None:
-        """Rearranges loaded weights for speed (e.g. fusing projections); parity tests cover the result."""
+        """Rearranges loaded weights for speed (e.g. fusing projections); parity tests cover the result.
+        Subclasses fuse first, then call this, which packs 4-bit weights into the kernel's layout."""
+        dtype = getattr(torch, self.config.dtype)
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.finalize(dtype)
 
     @classmethod
     def kv_cache_spec(cls, config: ModelConfig) -> KVCacheSpec:
@@ -57,9 +64,20 @@ class CausalLM(nn.Module):
                 raise ValueError(
                     f"tensor {name!r} has shape {tuple(tensor.shape)} but the config implies {tuple(param.shape)}"
                 )
-            self._set_parameter(name, tensor.to(dtype))
+            if isinstance(tensor, Int4Weight):
+                self._set_int4(name, tensor, dtype)
+            else:
+                self._set_parameter(name, tensor.to(dtype))
         for name, source in tied.items():
             self._set_parameter(name, self.get_parameter(source))
+
+    def _set_int4(self, name: str, weight: Int4Weight, dtype: torch.dtype) -> None:
+        module_name, _, attr = name.rpartition(".")
+        module = self.get_submodule(module_name)
+        if isinstance(module, Linear) and attr == "weight" and dtype == torch.bfloat16:
+            module.set_int4(weight)
+        else:  # the kernel multiplies bfloat16 activations by Linear weights only
+            self._set_parameter(name, weight.dequantize(dtype))
 
     def _set_parameter(self, name: str, tensor: torch.Tensor) -> None:
         module_name, _, attr = name.rpartition(".")

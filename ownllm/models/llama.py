@@ -41,8 +41,10 @@ class LlamaAttention(nn.Module):
 
     def fuse(self) -> None:
         """After loading: one qkv matmul instead of three."""
-        self.qkv_proj = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
-        del self.q_proj, self.k_proj, self.v_proj
+        fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        if fused is not None:
+            self.qkv_proj = fused
+            del self.q_proj, self.k_proj, self.v_proj
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if hasattr(self, "qkv_proj"):
@@ -106,6 +108,7 @@ class LlamaForCausalLM(CausalLM):
         for layer in self.model.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
+        super().post_load()
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)  # [T, hidden]

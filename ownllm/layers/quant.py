@@ -1,0 +1,67 @@
+"""4-bit weights kept quantized, multiplied by torch's int4 CPU kernel (_weight_int4pack_mm_for_cpu).
+
+GGUF's Q4_0 and Q4_1 store groups of 32 weights as 4-bit codes q with an fp16 scale d (and, for
+Q4_1, a minimum m): Q4_0 is w = d * (q - 8), Q4_1 is w = d * q + m. Both are exactly the kernel's
+form w = (q - 8) * scale + zero, with zero = 0 and zero = m + 8 * d respectively, so the file's
+codes are used as they are; only scale and zero are rounded to the activations' dtype (bfloat16).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+GROUP_SIZE = 32
+
+
+@dataclass
+class Int4Weight:
+    """w[n, k] = (q[n, k] - 8) * scale[n, k // 32] + zero[n, k // 32]."""
+
+    q: torch.Tensor  # [N, K] uint8, values 0..15
+    scale: torch.Tensor  # [N, K // 32] float32
+    zero: torch.Tensor  # [N, K // 32] float32
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    @classmethod
+    def from_gguf_blocks(cls, blocks: np.ndarray, shape: tuple[int, int], has_min: bool) -> "Int4Weight":
+        """blocks: [N, K // 32 * block_bytes] raw Q4_0 (d, qs[16]) or Q4_1 (d, m, qs[16]) blocks."""
+        rows, cols = shape
+        header = 4 if has_min else 2
+        raw = np.asarray(blocks, dtype=np.uint8).reshape(rows, cols // GROUP_SIZE, header + 16)
+        d = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # [N, K // 32]
+        m = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if has_min else np.zeros_like(d)
+        packed = raw[..., header:]  # [N, K // 32, 16]: value j in the low nibble of byte j, j + 16 in the high
+        codes = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).reshape(rows, cols)
+        zero = m + 8 * d if has_min else np.zeros_like(d)
+        return cls(torch.from_numpy(codes), torch.from_numpy(d), torch.from_numpy(zero))
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        scale = self.scale.repeat_interleave(GROUP_SIZE, dim=1)  # [N, K]
+        zero = self.zero.repeat_interleave(GROUP_SIZE, dim=1)
+        return ((self.q.float() - 8) * scale + zero).to(dtype)
+
+    def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Int4Weight":
+        """The same row reordering (e.g. undoing llama.cpp's Q/K permutation) applied to codes and scales."""
+        return Int4Weight(fn(self.q), fn(self.scale), fn(self.zero))
+
+    @staticmethod
+    def cat(weights: list["Int4Weight"]) -> "Int4Weight":
+        return Int4Weight(*(torch.cat([getattr(w, name) for w in weights]) for name in ("q", "scale", "zero")))
+
+    def pack(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (codes in the kernel's layout, scales_and_zeros [K // 32, N, 2] in the activations' dtype)."""
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.q.to(torch.int32).contiguous(), 1)
+        scales_and_zeros = torch.stack([self.scale.T, self.zero.T], dim=-1).to(dtype).contiguous()
+        return packed, scales_and_zeros
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    # x: [T, K] -> [T, N]
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP_SIZE, scales_and_zeros)
