@@ -175,22 +175,32 @@ def models(
 @app.command()
 def serve(
     model: ModelOpt = None, dtype: DtypeOpt = None,
-    host: Annotated[str, typer.Option(help="Address to listen on. The default keeps the server private to this machine; "
-                                      "0.0.0.0 opens it to the network (then set --api-key).")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Address to listen on. The default keeps the server private to this "
+                                      "machine; 0.0.0.0 opens it to the network (then set --api-key).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on (vLLM's 8000; point Ollama clients "
                                       "at it with OLLAMA_HOST=http://127.0.0.1:8000).")] = 8000,
     api_key: Annotated[Optional[str], typer.Option(envvar="OWNLLM_API_KEY", help="Require 'Authorization: Bearer "
                                                    "KEY' on every /v1 and /api request.")] = None,
-    cors_origins: Annotated[Optional[list[str]], typer.Option(help="Let web pages from these origins call the server "
-                                                              "(repeat or comma-separate; '*' for any). Default: none.")] = None,
+    cors_origins: Annotated[Optional[list[str]], typer.Option(
+        help="Let web pages from these origins call the server (repeat or comma-separate; '*' for any). "
+        "Default: none.")] = None,
     max_waiting: Annotated[Optional[int], typer.Option(min=0, help="Answer 503 with Retry-After to a new request when "
                                                        "this many already wait. Default: no limit.")] = None,
     served_model_name: Annotated[Optional[str], typer.Option(help="The model name clients send. Default: the model's "
                                                              "file or folder name, or the hub id.")] = None,
+    kv_cache_memory: Annotated[Optional[str], typer.Option(
+        help="Memory for the paged KV cache, e.g. 4GiB or 512MB. Default: what --max-num-seqs full-length "
+        "sequences need, at most 2 GiB or a quarter of free memory.")] = None,
+    max_num_seqs: Annotated[int, typer.Option(min=1, help="Most requests decoded together in one step.")] = 64,
+    max_num_batched_tokens: Annotated[int, typer.Option(
+        min=1, help="Token budget of one engine step; longer prompts are prefilled in chunks of this size.")] = 512,
+    no_prefix_caching: Annotated[bool, typer.Option(
+        "--no-prefix-caching", help="Do not reuse the KV cache of earlier requests' shared prompt prefixes.")] = False,
 ) -> None:
     """Serve a model over HTTP: the OpenAI API under /v1, the Ollama API under /api, /health and /metrics."""
     import uvicorn
 
+    from ownllm.config import parse_memory_size
     from ownllm.engine.async_engine import AsyncEngine
     from ownllm.loader.resolve import resolve_model
     from ownllm.server import ServerSettings, build_app
@@ -199,7 +209,12 @@ def serve(
     path = resolve_model(model)
     name = served_model_name or _served_name(model, path)
     with err.status(f"Loading {model or BUNDLED_MODEL_NAME}..."):
-        engine = AsyncEngine.from_model(str(path), dtype=dtype, max_waiting=max_waiting, model_name=name)
+        engine = AsyncEngine.from_model(
+            str(path), dtype=dtype, max_waiting=max_waiting, model_name=name,
+            kv_cache_memory=parse_memory_size(kv_cache_memory) if kv_cache_memory else None,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            enable_prefix_caching=not no_prefix_caching,
+        )
     origins = tuple(o.strip() for value in cors_origins or [] for o in value.split(",") if o.strip())
     settings = ServerSettings(api_key=api_key or None, cors_origins=origins, model_path=path)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:

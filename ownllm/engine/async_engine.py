@@ -55,15 +55,18 @@ class AsyncEngine:
 
     @classmethod
     def from_model(cls, model: str | None, dtype: str | None = None, max_waiting: int | None = None,
-                   model_name: str | None = None) -> "AsyncEngine":
+                   model_name: str | None = None, **engine_options) -> "AsyncEngine":
+        """engine_options: LLM's (kv_cache_memory, max_num_seqs, max_num_batched_tokens, block_size, ...)."""
         from ownllm.engine.llm import LLM
 
-        llm = LLM(model, dtype=dtype)
+        llm = LLM(model, dtype=dtype, **engine_options)
         name = model_name or (llm.model_path.stem if llm.model_path and llm.model_path.suffix == ".gguf"
                               else str(model or "smollm2-135m-instruct"))
         engine = cls(llm.engine, name, max_waiting)
         engine.generation_config = llm.generation_config
         engine.default_sampling_params = llm.default_sampling_params
+        engine.model_config = llm.config
+        engine.model_path = llm.model_path
         return engine
 
     # ---- the API (call from an asyncio event loop)
@@ -89,12 +92,13 @@ class AsyncEngine:
             except Exception as error:  # handed to the caller, not the loop
                 loop.call_soon_threadsafe(_resolve, added, error)
 
-        self._send(add)
-        error = await added
-        if error is not None:
-            raise error
         finished = False
-        try:
+        self._send(add)
+        try:  # from here on, leaving early (cancelled while waiting too) aborts the request
+            error = await added
+            if error is not None:
+                finished = True  # it was never added
+                raise error
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):

@@ -40,7 +40,7 @@ class LLM:
         self.tokenizer = checkpoint.tokenizer
         self.generation_config = checkpoint.generation_config
         self.model_path = checkpoint.path
-        self.runner = ModelRunner(checkpoint, cache_config, self.tokenizer.eos_token_ids)
+        self.runner = ModelRunner(checkpoint, cache_config, self.tokenizer.eos_token_ids, max_num_seqs)
         self.kv_cache = KVCacheManager(self.runner.num_blocks, block_size, enable_prefix_caching)
         self.max_model_len = min(self.config.max_model_len, self.runner.num_blocks * block_size)
         self.engine = Engine(self.runner, self.kv_cache, self.tokenizer, self.max_model_len, scheduler_config)

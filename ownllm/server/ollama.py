@@ -21,7 +21,7 @@ from typing import AsyncIterator
 
 from fastapi import APIRouter
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 import ownllm
 from ownllm.outputs import CompletionOutput, RequestOutput
@@ -32,8 +32,8 @@ from ownllm.server.protocol import (
     OllamaShowRequest, OllamaShowResponse, OllamaTags, OllamaTopLogprob,
 )
 from ownllm.server.serving import (
-    ServerContext, ServerError, Timing, as_server_error, check_context, first_and_rest, last_output, make_params, new_id, parse_body, run,
-    until_disconnect,
+    ClosingStreamingResponse, ServerContext, ServerError, Timing, as_server_error, check_context, first_and_rest,
+    last_output, make_params, new_id, parse_body, run, until_disconnect,
 )
 
 DEFAULT_TEMPERATURE = 0.8  # Ollama's, used when the model's generation_config sets none
@@ -78,7 +78,9 @@ def router(ctx: ServerContext) -> APIRouter:
     @api.post("/show")
     async def show(request: Request) -> Response:
         body = parse_body(await request.body(), OllamaShowRequest)
-        check_model(ctx, body.model or body.name or "")
+        if not (body.model or body.name):
+            raise ServerError(400, "model is required", param="model")
+        check_model(ctx, body.model or body.name)
         return _json(_show(ctx, facts))
 
     @api.get("/version")
@@ -210,7 +212,8 @@ def _think_kwargs(ctx: ServerContext, think: bool | str | None) -> dict:
     return {}
 
 
-def _encode_chat(ctx: ServerContext, messages: list[dict], tools: list[dict] | None, think: bool | str | None) -> list[int]:
+def _encode_chat(ctx: ServerContext, messages: list[dict], tools: list[dict] | None,
+                 think: bool | str | None) -> list[int]:
     try:
         return ctx.engine.tokenizer.encode_chat(messages, tools=tools, **_think_kwargs(ctx, think))
     except (ValueError, TypeError) as error:
@@ -221,13 +224,15 @@ def _chat_messages(body: OllamaChatRequest) -> list[dict]:
     messages = []
     for i, message in enumerate(body.messages):
         if message.images:
-            raise ServerError(400, f"messages.{i}.images: this model does not accept images", param=f"messages.{i}.images")
+            param = f"messages.{i}.images"
+            raise ServerError(400, f"{param}: this model does not accept images", param=param)
         messages.append({k: v for k, v in message.model_dump().items() if k != "images"})
     return messages
 
 
 def _generate_prompt_ids(ctx: ServerContext, body: OllamaGenerateRequest) -> list[int]:
-    for field, why in (("images", "this model does not accept images"), ("suffix", "fill in the middle is not supported"),
+    for field, why in (("images", "this model does not accept images"),
+                       ("suffix", "fill in the middle is not supported"),
                        ("template", "Go templates are not supported; format the prompt yourself and set raw to true")):
         if getattr(body, field):
             raise ServerError(400, f"{field}: {why}", param=field)
@@ -331,7 +336,7 @@ async def _respond(request: Request, body: OllamaChatRequest | OllamaGenerateReq
         text, logprobs = _Deltas(top_logprobs).next(final.outputs[0])
         return _json(chunk(final, text, logprobs, True))
     outputs = await first_and_rest(request, outputs)
-    return StreamingResponse(_ndjson(outputs, _Deltas(top_logprobs), chunk), media_type="application/x-ndjson")
+    return ClosingStreamingResponse(_ndjson(outputs, _Deltas(top_logprobs), chunk), media_type="application/x-ndjson")
 
 
 async def _ndjson(outputs: AsyncIterator[RequestOutput], deltas: _Deltas, chunk) -> AsyncIterator[str]:

@@ -13,7 +13,7 @@ from typing import AsyncIterator
 
 from fastapi import APIRouter
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from ownllm.outputs import CompletionOutput, Logprob, RequestOutput
 from ownllm.sampling_params import SamplingParams
@@ -23,8 +23,8 @@ from ownllm.server.protocol import (
     ErrorInfo, ErrorResponse, ModelCard, ModelList, TokenLogprob, TopLogprob, Usage,
 )
 from ownllm.server.serving import (
-    ServerContext, ServerError, Timing, as_server_error, check_context, first_and_rest, last_output, make_params, merge, new_id, parse_body, run,
-    until_disconnect,
+    ClosingStreamingResponse, ServerContext, ServerError, Timing, as_server_error, check_context, first_and_rest,
+    last_output, make_params, merge, new_id, parse_body, run, until_disconnect,
 )
 
 MIN_LOGPROB = -9999.0  # JSON has no -inf
@@ -55,7 +55,8 @@ def router(ctx: ServerContext) -> APIRouter:
 
 def error_body(error: ServerError) -> dict:
     kind = "invalid_request_error" if error.status < 500 else "server_error"
-    return ErrorResponse(error=ErrorInfo(message=error.message, type=kind, param=error.param, code=error.code)).model_dump()
+    info = ErrorInfo(message=error.message, type=kind, param=error.param, code=error.code)
+    return ErrorResponse(error=info).model_dump()
 
 
 def check_model(ctx: ServerContext, model: str | None) -> None:
@@ -212,8 +213,8 @@ def _usage(num_prompt_tokens: int, outputs: list[RequestOutput]) -> Usage:
                  total_tokens=num_prompt_tokens + num_completion)
 
 
-def _sse(chunks: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+def _sse(chunks: AsyncIterator[str]) -> ClosingStreamingResponse:
+    return ClosingStreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 async def _sse_events(events: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -309,7 +310,9 @@ async def serve_completion(ctx: ServerContext, request: Request) -> Response:
     for p, final in enumerate(finals):
         for c in final.outputs:
             text = (prompts[p][0] if body.echo else "") + c.text
-            logprobs = _completion_logprobs(c, 0, len(c.token_ids), body.logprobs, 0) if body.logprobs is not None else None
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = _completion_logprobs(c, 0, len(c.token_ids), body.logprobs, 0)
             choices.append(CompletionChoice(index=p * body.n + c.index, text=text, logprobs=logprobs,
                                             finish_reason=c.finish_reason, stop_reason=c.stop_reason))
     return _json(CompletionResponse(id=request_id, created=int(time.time()), model=ctx.model_name, choices=choices,
@@ -329,7 +332,8 @@ async def _completion_chunks(ctx: ServerContext, body: CompletionRequest, reques
     created = int(time.time())
     num_choices = len(prompts) * body.n
     echoes = [prompts[i // body.n][0] if body.echo else "" for i in range(num_choices)]
-    sent_text, sent_tokens, offsets, done = [0] * num_choices, [0] * num_choices, [0] * num_choices, [False] * num_choices
+    sent_text, sent_tokens, offsets = [0] * num_choices, [0] * num_choices, [0] * num_choices
+    done = [False] * num_choices
     finals: list[RequestOutput | None] = [None] * len(prompts)
     async for p, output in merged:
         finals[p] = output

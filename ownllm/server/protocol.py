@@ -2,8 +2,9 @@
 responses carry.
 
 Request models are strict (a string is not a number) and ignore unknown fields, as vLLM and Ollama
-do, so newer clients keep working. Range checks that SamplingParams also makes are left to it, so a
-limit is written once. This module only describes data: it never touches the engine.
+do, so newer clients keep working. Ranges are checked here only where SamplingParams does not check
+them under the same name; the rest is left to it, so a limit is written once. This module only
+describes data: it never touches the engine.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ class _OpenAISampling(_Request):
     """The decoding options both OpenAI endpoints share, with vLLM's extensions."""
 
     model: str | None = None
-    n: int = Field(1, ge=1, le=128)
-    max_tokens: int | None = Field(None, ge=1)
+    n: int = Field(1, le=128)
+    max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -57,7 +58,7 @@ class _OpenAISampling(_Request):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = 0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logit_bias: dict[str, float] | None = None
@@ -80,7 +81,7 @@ class ChatCompletionRequest(_OpenAISampling):
 
 class CompletionRequest(_OpenAISampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = Field(None, le=20)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)

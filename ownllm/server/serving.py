@@ -20,11 +20,14 @@ from typing import AsyncIterator, Awaitable, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from ownllm.engine.async_engine import EngineDead, EngineOverloaded
 from ownllm.outputs import RequestOutput
 from ownllm.sampling_params import SamplingParams
 from ownllm.server.metrics import ServerMetrics
+from ownllm.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 RETRY_AFTER_SECONDS = 1
@@ -38,6 +41,7 @@ class EngineClient(Protocol):
     model_name: str
     max_model_len: int
     generation_config: dict
+    tokenizer: Tokenizer
 
     def generate(self, prompt_token_ids: list[int], sampling_params: SamplingParams, request_id: str | None = None,
                  prompt: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]: ...
@@ -231,6 +235,7 @@ async def until_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
         if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -242,6 +247,17 @@ async def until_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
 async def _disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """Closes its body iterator when the response ends, however it ends, so a client that leaves mid-stream
+    gets its engine request aborted at once rather than when the iterator is garbage collected."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
 
 
 async def first_and_rest(request: Request, stream: AsyncIterator[T]) -> AsyncIterator[T]:

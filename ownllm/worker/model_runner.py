@@ -36,7 +36,7 @@ def available_memory_bytes() -> int:
 
 class ModelRunner:
     def __init__(self, checkpoint: Checkpoint, cache_config: CacheConfig | None = None,
-                 eos_token_ids: list[int] | None = None) -> None:
+                 eos_token_ids: list[int] | None = None, max_num_seqs: int = 64) -> None:
         self.config: ModelConfig = checkpoint.config
         self.cache_config = cache_config or CacheConfig()
         self.dtype = getattr(torch, self.config.dtype)
@@ -45,18 +45,22 @@ class ModelRunner:
         self.sampler = Sampler(eos_token_ids or [])
         self.kv_spec = cls.kv_cache_spec(self.config)
         self.block_size = self.cache_config.block_size
-        self.num_blocks = self._num_blocks()
+        self.num_blocks = self._num_blocks(max_num_seqs)
         self.kv_cache = PagedKVCache(self.kv_spec, self.num_blocks, self.block_size, self.dtype)
 
-    def _num_blocks(self) -> int:
+    def _num_blocks(self, max_num_seqs: int) -> int:
+        """From the memory budget; without an explicit one, no more than max_num_seqs full contexts need."""
         cc = self.cache_config
         if cc.num_blocks is not None:
             return cc.num_blocks
         per_block = self.kv_spec.bytes_per_token(self.dtype) * cc.block_size
-        budget = cc.memory_bytes or min(DEFAULT_KV_CACHE_BYTES, int(available_memory_bytes() * cc.memory_fraction))
-        num_blocks = budget // per_block
+        if cc.memory_bytes:
+            num_blocks = cc.memory_bytes // per_block
+        else:
+            budget = min(DEFAULT_KV_CACHE_BYTES, int(available_memory_bytes() * cc.memory_fraction))
+            num_blocks = min(budget // per_block, max_num_seqs * -(-self.config.max_model_len // cc.block_size))
         if num_blocks < 1:
-            raise ValueError(f"a KV cache of {budget} bytes holds no block of {per_block} bytes; give it more memory")
+            raise ValueError(f"the KV cache memory holds no block of {per_block} bytes; give it more memory")
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, cc.block_size, num_blocks * per_block / 2**30)
         return num_blocks
 

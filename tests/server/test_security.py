@@ -1,0 +1,81 @@
+"""A server started with an API key (from OWNLLM_API_KEY), CORS for one origin and --max-waiting 0:
+every /v1 and /api route needs the key, /health and /metrics stay open, only the allowed origin gets
+CORS headers, and generation is refused with 503 + Retry-After while other routes keep working."""
+
+from __future__ import annotations
+
+import httpx
+import ollama
+import openai
+import pytest
+
+from tests.server.conftest import TINY_NAME, start_server
+
+KEY = "s3cret-key"
+ORIGIN = "http://app.example"
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    with start_server(tmp_path_factory.mktemp("logs"), str(tiny_model), "--served-model-name", TINY_NAME,
+                      "--cors-origins", f"{ORIGIN},http://other.example", "--max-waiting", "0",
+                      env={"OWNLLM_API_KEY": KEY}) as server:
+        yield server
+
+
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/api/tags"),
+    ("POST", "/api/chat"), ("POST", "/api/generate"), ("POST", "/api/show"), ("GET", "/api/ps"),
+    ("GET", "/api/version"),
+])
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}])
+def test_routes_need_the_key(server, method, path, headers):
+    response = httpx.request(method, f"{server.url}{path}", headers=headers, json={})
+    assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+    error = response.json()["error"]
+    if path.startswith("/v1"):
+        assert error["code"] == "invalid_api_key" and "API key" in error["message"]
+    else:
+        assert "API key" in error
+
+
+def test_the_right_key_works(server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    assert httpx.get(f"{server.url}/v1/models", headers=headers).status_code == 200
+    assert httpx.get(f"{server.url}/api/tags", headers=headers).status_code == 200
+    assert openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY).models.list().data[0].id == TINY_NAME
+    assert ollama.Client(host=server.url, headers=headers).list().models
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_probes_stay_open(server):
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    assert "ownllm_num_requests_running" in httpx.get(f"{server.url}/metrics").text
+
+
+def test_cors_only_for_allowed_origins(server):
+    preflight = httpx.options(f"{server.url}/v1/chat/completions", headers={
+        "Origin": ORIGIN, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"})
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == ORIGIN
+    allowed = httpx.get(f"{server.url}/v1/models", headers={"Origin": ORIGIN, "Authorization": f"Bearer {KEY}"})
+    assert allowed.headers["access-control-allow-origin"] == ORIGIN
+    other = httpx.get(f"{server.url}/v1/models", headers={"Origin": "http://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_overload_is_503_with_retry_after(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+    for _ in range(2):
+        with pytest.raises(openai.InternalServerError) as raised:
+            client.chat.completions.create(model=TINY_NAME, messages=MESSAGES, max_tokens=2)
+        assert raised.value.status_code == 503 and raised.value.response.headers["retry-after"] == "1"
+        assert raised.value.body["code"] == "overloaded"
+        with pytest.raises(openai.InternalServerError):
+            client.chat.completions.create(model=TINY_NAME, messages=MESSAGES, max_tokens=2, stream=True)
+        with pytest.raises(ollama.ResponseError) as raised:
+            ollama.Client(host=server.url, headers={"Authorization": f"Bearer {KEY}"}).chat(
+                model=TINY_NAME, messages=MESSAGES)
+        assert raised.value.status_code == 503 and "busy" in raised.value.error
+    assert client.models.list().data and httpx.get(f"{server.url}/health").status_code == 200
