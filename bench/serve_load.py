@@ -84,13 +84,22 @@ def percentile(values: list[float], q: float) -> float:
 # ---- one request, one level, the probe
 
 
+OWNLLM_ARGS: list[str] = []  # --ownllm-dtype
+RAW = False  # --raw: /v1/completions on the joined message texts (for models without a chat template)
+
+
 async def chat(client: httpx.AsyncClient, messages: list[dict], max_tokens: int) -> RequestResult:
-    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+    body = {"max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}, "ignore_eos": True}
+    if RAW:
+        body["prompt"] = "\n".join(m["content"] for m in messages)
+    else:
+        body["messages"] = messages
     start = time.perf_counter()
     first = last = None
     itls, num_chunks, usage = [], 0, None
-    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+    route = "/v1/completions" if RAW else "/v1/chat/completions"
+    async with client.stream("POST", route, json=body) as response:
         if response.status_code != 200:
             raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread()).decode()[:300]}")
         async for line in response.aiter_lines():
@@ -98,7 +107,7 @@ async def chat(client: httpx.AsyncClient, messages: list[dict], max_tokens: int)
                 continue
             data = json.loads(line[len("data: "):])
             usage = data.get("usage") or usage
-            if any(choice.get("delta", {}).get("content") for choice in data.get("choices") or []):
+            if any(choice.get("text") or choice.get("delta", {}).get("content") for choice in data.get("choices") or []):
                 now = time.perf_counter()
                 if first is None:
                     first = now
@@ -158,7 +167,7 @@ def free_port() -> int:
 
 def server_command(kind: str, model: Path, port: int, threads: int) -> list[str]:
     if kind == "ownllm":
-        return [sys.executable, "-m", "ownllm", "serve", "--model", str(model), "--port", str(port)]
+        return [sys.executable, "-m", "ownllm", "serve", "--model", str(model), "--port", str(port), *OWNLLM_ARGS]
     return [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--port", str(port), "--n_ctx", "4096",
             "--n_threads", str(threads), "--n_threads_batch", str(threads), "--verbose", "False",
             "--interrupt_requests", "False"]  # queue concurrent requests instead of cutting the running one
@@ -229,7 +238,12 @@ def report(measured: dict[str, tuple[list[LevelResult], tuple[float, float]]], a
             lines.append(f"| {mine.concurrency} | {mine.tokens_per_s / other.tokens_per_s:.2f}x | "
                          f"{mine.ttft(0.5) / other.ttft(0.5):.2f}x |")
         lines.append("")
-    lines += ["| server | TTFT, fresh ~1,000-token system prompt (s) | TTFT, shared with an earlier request (s) "
+    lines += ["| server | output tok/s at 16 clients / at 1 client |", "|---|---|"]
+    for name in names:
+        by_level = {level.concurrency: level.tokens_per_s for level in measured[name][0]}
+        if 1 in by_level and 16 in by_level:
+            lines.append(f"| {name} | {by_level[16] / by_level[1]:.2f}x |")
+    lines += ["", "| server | TTFT, fresh ~1,000-token system prompt (s) | TTFT, shared with an earlier request (s) "
               "| speed-up |", "|---|---|---|---|"]
     for name in names:
         cold, warm = measured[name][1]
@@ -255,7 +269,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    parser.add_argument("--ownllm-model", type=Path, help="what ownllm serves instead of --model (e.g. the HF "
+                        "checkpoint the GGUF was converted from)")
+    parser.add_argument("--ownllm-dtype", help="ownllm serve --dtype")
+    parser.add_argument("--raw", action="store_true", help="/v1/completions on plain text (no chat template needed)")
+    parser.add_argument("--section", default="Serving load", help="bench/RESULTS.md section to (re)write")
     args = parser.parse_args()
+    global RAW
+    RAW = args.raw
+    if args.ownllm_dtype:
+        OWNLLM_ARGS.extend(["--dtype", args.ownllm_dtype])
     if args.model is None:
         from ownllm.loader.resolve import bundled_model_path
 
@@ -272,12 +295,13 @@ def main() -> None:
     else:
         for kind in (["ownllm", "llama.cpp"] if args.start == "both" else [args.start]):
             print(f"{kind}:", flush=True)
-            with launched(kind, args.model, args.threads) as url:
+            model = args.ownllm_model if kind == "ownllm" and args.ownllm_model else args.model
+            with launched(kind, model, args.threads) as url:
                 measured[kind] = measure(url, args)
     body = report(measured, args)
     print(body)
     if not args.url and not args.no_write:
-        write_section("Serving load", body)
+        write_section(args.section, body)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ def kernel():
     return module
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 16])
 @pytest.mark.parametrize("in_features, out_features", [(576, 1536), (100, 70), (64, 5), (2048, 33)])
 def test_gemv_bf16_matches_float_reference(kernel, rows, in_features, out_features):
     torch.manual_seed(rows)

@@ -1,4 +1,4 @@
-// Skinny bf16 matmul for decode: y[M, N] = x[M, K] @ w[N, K]^T with M <= 4, float32 accumulation.
+// Skinny bf16 matmul for decode: y[M, N] = x[M, K] @ w[N, K]^T with M <= 16, float32 accumulation.
 // Decode is memory bound: each weight row is streamed from memory once and multiplied against all
 // M activation rows (which stay in cache) with AVX-512 BF16 dot products (vdpbf16ps).
 #include <ATen/Parallel.h>
@@ -7,7 +7,7 @@
 
 namespace {
 
-constexpr int kMaxM = 4;  // beyond this oneDNN's batched kernels win; callers fall back to torch
+constexpr int kMaxM = 16;  // beyond this oneDNN's batched kernels win; callers fall back to torch
 
 inline __m512bh load(const at::BFloat16* p) { return (__m512bh)_mm512_loadu_si512(p); }
 inline __m512bh load_tail(const at::BFloat16* p, __mmask32 mask) { return (__m512bh)_mm512_maskz_loadu_epi16(mask, p); }
@@ -43,22 +43,27 @@ inline void row(const at::BFloat16* x, const at::BFloat16* w, const at::BFloat16
   for (int m = 0; m < M; ++m) y[m * N + n] = at::BFloat16(_mm512_reduce_add_ps(_mm512_add_ps(acc0[m], acc1[m])) + b);
 }
 
-template <int M>
-void run(const at::BFloat16* x, const at::BFloat16* w, const at::BFloat16* bias, at::BFloat16* y, int64_t K, int64_t N) {
+using RowFn = void (*)(const at::BFloat16*, const at::BFloat16*, const at::BFloat16*, at::BFloat16*, int64_t, int64_t,
+                       int64_t);
+constexpr RowFn kRow[4] = {&row<1>, &row<2>, &row<3>, &row<4>};
+
+// Activation rows go in groups of 4: the first group streams the weight row from memory, the
+// others find it in L1, so the weights are read from memory once however many rows there are.
+void run(const at::BFloat16* x, const at::BFloat16* w, const at::BFloat16* bias, at::BFloat16* y, int64_t M,
+         int64_t K, int64_t N) {
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) row<M>(x, w, bias, y, K, N, n);
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m0 = 0; m0 < M; m0 += 4)
+        kRow[std::min<int64_t>(4, M - m0) - 1](x + m0 * K, w, bias, y + m0 * N, K, N, n);
   });
 }
-
-using Fn = void (*)(const at::BFloat16*, const at::BFloat16*, const at::BFloat16*, at::BFloat16*, int64_t, int64_t);
-constexpr Fn kTable[kMaxM] = {&run<1>, &run<2>, &run<3>, &run<4>};
 
 }  // namespace
 
 torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bf16 inputs expected");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "shapes: x [M, K], w [N, K]");
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxM, "1 <= M <= 4");
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxM, "1 <= M <= 16");
   x = x.contiguous();
   TORCH_CHECK(w.is_contiguous(), "w must be contiguous");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
@@ -69,8 +74,8 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::T
     bias_c = bias->to(at::kBFloat16).contiguous();
     b = bias_c.data_ptr<at::BFloat16>();
   }
-  kTable[M - 1](x.data_ptr<at::BFloat16>(), w.data_ptr<at::BFloat16>(), b, y.data_ptr<at::BFloat16>(), K, N);
+  run(x.data_ptr<at::BFloat16>(), w.data_ptr<at::BFloat16>(), b, y.data_ptr<at::BFloat16>(), M, K, N);
   return y;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("gemv_bf16", &gemv_bf16, "skinny bf16 matmul (M <= 4)"); }
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("gemv_bf16", &gemv_bf16, "skinny bf16 matmul (M <= 16)"); }
