@@ -1,7 +1,10 @@
-"""Rotary position embeddings (rotate_half layout) with the rope_scaling variants checkpoints use.
+"""Rotary position embeddings with the rope_scaling variants checkpoints use.
 
+Two layouts: rotate_half (Llama, Qwen, Mistral: dimension i pairs with i + head_dim/2) and
+interleaved pairs (Llama 4, DeepSeek: dimension 2i pairs with 2i+1, Meta's complex-number form).
 inv_freq is computed exactly as transformers' modeling_rope_utils does, so positions rotate to the
 same float32 angles; cos/sin are computed per call from the positions (no table of max_len rows).
+Yarn also scales cos and sin by an attention factor, as transformers does.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import math
 
 import torch
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 def _default_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
@@ -33,6 +36,45 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn_inv_freq(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
+    """NTK-by-parts interpolation (transformers' _compute_yarn_parameters): high frequencies kept,
+    low frequencies divided by `factor`, a linear ramp between beta_fast and beta_slow rotations."""
+    factor = scaling["factor"]
+    original_len = scaling["original_max_position_embeddings"]
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def correction_dim(num_rotations: float) -> float:
+        return (head_dim * math.log(original_len / (num_rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    pos_freqs = theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device="cpu") / head_dim)  # [head_dim // 2]
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    keep = 1 - ramp
+    return interpolation * (1 - keep) + extrapolation * keep
+
+
+def rope_attention_factor(scaling: dict | None) -> float:
+    """The factor transformers multiplies cos and sin by: 1 except for yarn."""
+    if (scaling or {}).get("rope_type") != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor, mscale, mscale_all_dim = scaling["factor"], scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        return float(_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim))
+    return _yarn_mscale(factor)
+
+
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     inv_freq = _default_inv_freq(head_dim, theta)
     rope_type = (scaling or {}).get("rope_type", "default")
@@ -42,6 +84,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
         return inv_freq / scaling["factor"]
     if rope_type == "llama3":
         return _llama3_inv_freq(inv_freq, scaling)
+    if rope_type == "yarn":
+        return _yarn_inv_freq(head_dim, theta, scaling)
     raise ValueError(f"rope_scaling type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
 
 
@@ -58,6 +102,7 @@ class RotaryEmbedding:
 
     def __init__(self, head_dim: int, theta: float, scaling: dict | None) -> None:
         self.inv_freq = rope_inv_freq(head_dim, theta, scaling)  # [head_dim // 2], float32
+        self.attention_factor = rope_attention_factor(scaling)
         self._cached: tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +111,10 @@ class RotaryEmbedding:
             return cached[2], cached[3]
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, head_dim // 2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, head_dim]
-        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if self.attention_factor != 1.0:
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
+        cos, sin = cos.to(dtype), sin.to(dtype)
         self._cached = (positions, dtype, cos, sin)
         return cos, sin
 
@@ -76,3 +124,37 @@ class RotaryEmbedding:
         # positions: [T]; q: [T, num_heads, head_dim]; k: [T, num_kv_heads, head_dim]
         cos, sin = self.cos_sin(positions, q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+class InterleavedRotaryEmbedding(RotaryEmbedding):
+    """RoPE over adjacent pairs (x[2i], x[2i+1]) rotated by angle position * inv_freq[i]: the complex
+    multiplication of Meta's Llama 4 (computed the same way, in float32) and of DeepSeek's `rope_interleave`.
+    The output keeps the interleaved layout; DeepSeek's transformers code writes the halves out
+    de-interleaved instead, which permutes q and k alike and so leaves every attention score unchanged."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None) -> None:
+        super().__init__(head_dim, theta, scaling)
+        self._cached_cis: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def rotations(self, positions: torch.Tensor) -> torch.Tensor:
+        """[T, 1, head_dim // 2] complex64 unit rotations (times yarn's attention factor), cached per positions."""
+        cached = self._cached_cis
+        if cached is not None and cached[0] is positions:
+            return cached[1]
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, head_dim // 2]
+        cis = torch.polar(torch.full_like(freqs, self.attention_factor), freqs)[:, None, :]
+        self._cached_cis = (positions, cis)
+        return cis
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
+        # x: [T, heads, head_dim]; cis: [T, 1, head_dim // 2] complex64
+        pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # [T, heads, head_dim // 2]
+        return torch.view_as_real(pairs * cis).flatten(-2).to(x.dtype)
+
+    def __call__(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: [T]; q: [T, num_heads, head_dim]; k: [T, num_kv_heads, head_dim]
+        cis = self.rotations(positions)
+        return self._rotate(q, cis), self._rotate(k, cis)

@@ -1,0 +1,176 @@
+"""Multi-head latent attention (DeepSeek-V2/V3) over the paged KV cache, caching only the compressed latent.
+
+Per token and layer the cache holds [c_kv (kv_lora_rank) | k_rope (qk_rope_head_dim)] (576 values for
+DeepSeek-V3) as "keys" of one head with no values (KVCacheSpec(num_layers, 1, 576, 0)). Two ways to
+attend over it, chosen by the module's `mode`:
+- expanded: up-project every cached latent with kv_b_proj to per-head keys (nope | shared rope part)
+  and values, then ordinary attention; cheapest when many queries share the context (prefill).
+- absorbed: fold kv_b_proj's key half into the query (q_nope @ W_uk -> a query in latent space) and its
+  value half into the output (latent-space attention output @ W_uv), so attention reads the latents as
+  they are; cheapest for decode, where each step would otherwise re-expand the whole context.
+"auto" (the default) runs decode-only batches absorbed and everything else expanded. Both use kv_b_proj
+split per head by `split_kv_b()`, which the model calls once after loading. Attention math
+runs in float32, as in layers/attention.py, whose paging pattern (slot writes, block-table gathers,
+per-sequence causal masks) this copies. It never touches `kv_cache.v`, which is None for this layout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ownllm.config import ModelConfig
+from ownllm.layers.attention import AttentionMetadata, KVCacheSpec
+from ownllm.layers.linear import Linear, fuse_linears
+from ownllm.layers.norm import RMSNorm
+from ownllm.layers.rotary import RotaryEmbedding
+
+MLA_MODES = ("auto", "expanded", "absorbed")
+LORA_NORM_EPS = 1e-6  # transformers builds q_a_layernorm / kv_a_layernorm with the default eps, not rms_norm_eps
+
+
+def mla_kv_cache_spec(config: ModelConfig) -> KVCacheSpec:
+    hf = config.hf_config
+    return KVCacheSpec(config.num_hidden_layers, 1, int(hf["kv_lora_rank"]) + int(hf["qk_rope_head_dim"]), 0)
+
+
+def yarn_softmax_scale(head_dim: int, scaling: dict | None) -> float:
+    """head_dim^-0.5, times mscale^2 when yarn scaling sets mscale_all_dim (DeepSeek's yarn_get_mscale)."""
+    scale = head_dim**-0.5
+    scaling = scaling or {}
+    if scaling.get("rope_type", "default") != "default" and scaling.get("mscale_all_dim"):
+        factor = scaling["factor"]
+        mscale = 1.0 if factor <= 1 else 0.1 * scaling["mscale_all_dim"] * math.log(factor) + 1.0
+        scale *= mscale * mscale
+    return scale
+
+
+class MultiLatentAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, scale: float) -> None:
+        super().__init__()
+        hf = config.hf_config
+        hidden, bias = config.hidden_size, config.attention_bias
+        self.num_heads = config.num_attention_heads
+        self.q_lora_rank = hf.get("q_lora_rank")
+        self.kv_lora_rank = int(hf["kv_lora_rank"])
+        self.nope_dim, self.rope_dim = int(hf["qk_nope_head_dim"]), int(hf["qk_rope_head_dim"])
+        self.v_dim = int(hf["v_head_dim"])
+        qk_dim = self.nope_dim + self.rope_dim
+        if self.q_lora_rank:
+            self.q_a_proj = Linear(hidden, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, LORA_NORM_EPS)
+            self.q_b_proj = Linear(self.q_lora_rank, self.num_heads * qk_dim, bias=False)
+        else:
+            self.q_proj = Linear(hidden, self.num_heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(hidden, self.kv_lora_rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LORA_NORM_EPS)
+        self.kv_b_proj = Linear(self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = Linear(self.num_heads * self.v_dim, hidden, bias=bias)
+        self.scale = scale
+        self.layer_idx = layer_idx
+        self.mode = "auto"
+
+    def fuse(self) -> None:
+        """After loading: q_a_proj and kv_a_proj_with_mqa (both read x) as one matmul."""
+        if self.q_lora_rank and (fused := fuse_linears([self.q_a_proj, self.kv_a_proj_with_mqa])) is not None:
+            self.q_kv_a_proj = fused
+            del self.q_a_proj, self.kv_a_proj_with_mqa
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # x: [T, hidden] -> q [T, heads * (nope + rope)], compressed kv [T, rank + rope]
+        if hasattr(self, "q_kv_a_proj"):
+            q_a, kv_a = self.q_kv_a_proj(x).split([self.q_lora_rank, self.kv_lora_rank + self.rope_dim], dim=-1)
+        else:
+            q_a = self.q_a_proj(x) if self.q_lora_rank else None
+            kv_a = self.kv_a_proj_with_mqa(x)
+        q = self.q_b_proj(self.q_a_layernorm(q_a)) if self.q_lora_rank else self.q_proj(x)
+        return q, kv_a
+
+    def split_kv_b(self) -> None:
+        """After loading: kv_b_proj re-laid out per head for both forms' batched matmuls, then dropped (so the
+        weights are held once): w_uk [heads, nope_dim, rank] and w_uv [heads, rank, v_dim]."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        self.w_uk = w[:, : self.nope_dim].contiguous()
+        self.w_uv = w[:, self.nope_dim :].transpose(1, 2).contiguous()
+        del self.kv_b_proj
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata, rope: RotaryEmbedding) -> torch.Tensor:
+        # x: [T, hidden] -> [T, hidden]
+        num_tokens = x.shape[0]
+        q, kv_a = self._project(x)
+        q_nope, q_rope = q.view(num_tokens, self.num_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
+        c_kv, k_rope = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        q_rope, k_rope = rope(meta.positions, q_rope, k_rope[:, None, :])  # [T, heads, rope], [T, 1, rope]
+        latent_cache = meta.kv_cache.k[self.layer_idx]  # [num_blocks, block_size, 1, rank + rope]
+        latent_cache.view(-1, self.kv_lora_rank + self.rope_dim)[meta.slot_mapping] = torch.cat(
+            (self.kv_a_layernorm(c_kv), k_rope[:, 0]), dim=-1)
+        absorbed = self.mode == "absorbed" or (self.mode == "auto" and meta.is_decode_only)
+        if absorbed and meta.is_decode_only:
+            out = self._absorbed_decode(q_nope, q_rope, latent_cache, meta)
+        else:
+            attend = self._absorbed_sequence if absorbed else self._expanded_sequence
+            out = torch.cat([attend(q_nope, q_rope, latent_cache, meta, i) for i in range(len(meta.seq_lens))])
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.v_dim))  # out: [T, heads, v_dim]
+
+    def _latents(self, latent_cache: torch.Tensor, meta: AttentionMetadata, i: int) -> torch.Tensor:
+        # -> [S, rank + rope]: sequence i's cached latents in position order
+        blocks = meta.block_tables[i, : -(-meta.seq_lens[i] // meta.kv_cache.block_size)]
+        return latent_cache.index_select(0, blocks).flatten(0, 2)[: meta.seq_lens[i]]
+
+    def _expanded_sequence(self, q_nope, q_rope, latent_cache, meta: AttentionMetadata, i: int) -> torch.Tensor:
+        start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+        latents = self._latents(latent_cache, meta, i)
+        c_kv, k_rope = latents.split([self.kv_lora_rank, self.rope_dim], dim=-1)  # [S, rank], [S, rope]
+        k_nope = torch.einsum("sr,hdr->shd", c_kv, self.w_uk)  # [S, heads, nope]
+        values = torch.einsum("sr,hrv->shv", c_kv, self.w_uv)  # [S, heads, v_dim]
+        keys = torch.cat((k_nope, k_rope[:, None, :].expand(-1, self.num_heads, -1)), dim=-1)
+        queries = torch.cat((q_nope[start:end], q_rope[start:end]), dim=-1)  # [Q, heads, nope + rope]
+        mask = torch.arange(keys.shape[0])[None, :] <= meta.positions[start:end, None]  # [Q, S]
+        out = F.scaled_dot_product_attention(
+            queries.transpose(0, 1).float(), keys.transpose(0, 1).float(), values.transpose(0, 1).float(),
+            attn_mask=mask, scale=self.scale,
+        )  # [heads, Q, v_dim]
+        return out.transpose(0, 1).to(q_nope.dtype)
+
+    def _latent_query(self, q_nope: torch.Tensor, q_rope: torch.Tensor) -> torch.Tensor:
+        # q_nope: [N, heads, nope] -> [N, heads, rank + rope] float32: the query in latent space, beside its rope part
+        q_latent = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)  # [N, heads, rank]
+        return torch.cat((q_latent, q_rope), dim=-1).float()
+
+    def _latent_output(self, out_latent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        # out_latent: [N, heads, rank] float32 -> [N, heads, v_dim]
+        return torch.bmm(out_latent.to(dtype).transpose(0, 1), self.w_uv).transpose(0, 1)
+
+    def _absorbed_sequence(self, q_nope, q_rope, latent_cache, meta: AttentionMetadata, i: int) -> torch.Tensor:
+        start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+        latents = self._latents(latent_cache, meta, i).float()  # [S, rank + rope]
+        query = self._latent_query(q_nope[start:end], q_rope[start:end])  # [Q, heads, rank + rope]
+        scores = torch.einsum("qhr,sr->hqs", query, latents) * self.scale
+        mask = torch.arange(latents.shape[0])[None, :] <= meta.positions[start:end, None]  # [Q, S]
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)  # [heads, Q, S]
+        out_latent = torch.einsum("hqs,sr->qhr", probs, latents[:, : self.kv_lora_rank])
+        return self._latent_output(out_latent, q_nope.dtype)
+
+    def _absorbed_decode(self, q_nope, q_rope, latent_cache, meta: AttentionMetadata) -> torch.Tensor:
+        # one query per sequence: gather each sequence's blocks, pad to the longest, mask the padding
+        num_seqs, max_blocks = meta.block_tables.shape
+        latents = latent_cache.index_select(0, meta.block_tables.flatten()).view(
+            num_seqs, max_blocks * meta.kv_cache.block_size, -1).float()  # [B, S, rank + rope]
+        query = self._latent_query(q_nope, q_rope)  # [B, heads, rank + rope]
+        scores = query @ latents.transpose(1, 2) * self.scale  # [B, heads, S]
+        mask = torch.arange(latents.shape[1])[None, :] <= meta.positions[:, None]  # [B, S]
+        probs = scores.masked_fill(~mask[:, None, :], float("-inf")).softmax(-1)
+        out_latent = probs @ latents[:, :, : self.kv_lora_rank]  # [B, heads, rank]
+        return self._latent_output(out_latent, q_nope.dtype)
+
+
+def set_mla_mode(model: nn.Module, mode: str) -> None:
+    """Sets every MultiLatentAttention in `model` to "auto", "expanded" or "absorbed"."""
+    if mode not in MLA_MODES:
+        raise ValueError(f"MLA mode {mode!r} is unknown; choose one of {', '.join(MLA_MODES)}")
+    for module in model.modules():
+        if isinstance(module, MultiLatentAttention):
+            module.mode = mode

@@ -1,0 +1,149 @@
+"""DeepseekV3ForCausalLM: multi-head latent attention (layers/mla.py) and a DeepSeek MoE feed-forward.
+
+- Attention: MLA with an optional low-rank query (`q_lora_rank` may be null: one q_proj), the compressed
+  KV latent cached as is (kv_lora_rank + qk_rope_head_dim values per token and layer), RoPE on the
+  rope part only (interleaved pairs if `rope_interleave`), yarn scaling whose mscale also scales the
+  softmax (mscale_all_dim).
+- Feed-forward: the first `first_k_dense_replace` layers are dense SwiGLU (`intermediate_size`); the rest
+  route with sigmoid scores, `e_score_correction_bias` for selection only, group-limited top-k
+  (`n_group`, `topk_group`), `norm_topk_prob`, `routed_scaling_factor`, plus `n_shared_experts` shared
+  experts (one SwiGLU of n_shared * moe_intermediate_size). The router runs in float32 with a float32
+  bias, as transformers keeps it.
+Checkpoints store experts per expert (`mlp.experts.<e>.gate_proj.weight`...), stacked at load. The
+multi-token-prediction layer (`model.layers.<num_hidden_layers>.*`) is not read.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ownllm.config import ModelConfig
+from ownllm.layers.attention import AttentionMetadata, KVCacheSpec
+from ownllm.layers.linear import Linear
+from ownllm.layers.mla import MultiLatentAttention, mla_kv_cache_spec, yarn_softmax_scale
+from ownllm.layers.mlp import GatedMLP
+from ownllm.layers.moe import ExpertTensors, FusedExperts, check_moe_config, grouped_sigmoid_topk
+from ownllm.layers.norm import RMSNorm
+from ownllm.layers.rotary import InterleavedRotaryEmbedding, RotaryEmbedding
+from ownllm.models.base import CausalLM
+
+
+def rope_scaling(config: ModelConfig) -> dict | None:
+    """config.rope_scaling with yarn's `factor` filled in the way transformers does when it is absent."""
+    scaling = dict(config.rope_scaling or {}) or None
+    if scaling and scaling.get("rope_type") == "yarn" and scaling.get("factor") is None:
+        scaling["factor"] = config.max_position_embeddings / scaling["original_max_position_embeddings"]
+    return scaling
+
+
+class DeepseekV3TopkRouter(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        hf = config.hf_config
+        num_experts = int(hf["n_routed_experts"])
+        self.weight = nn.Parameter(torch.empty(num_experts, config.hidden_size))
+        self.e_score_correction_bias = nn.Parameter(torch.empty(num_experts))
+        self.top_k = int(hf["num_experts_per_tok"])
+        self.num_groups, self.topk_groups = int(hf.get("n_group") or 1), int(hf.get("topk_group") or 1)
+        self.renormalize = bool(hf.get("norm_topk_prob", True))
+        self.scaling_factor = float(hf.get("routed_scaling_factor", 1.0))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # x: [T, hidden] -> weights [T, k] float32, expert ids [T, k]
+        logits = F.linear(x.float(), self.weight.float())  # [T, E]
+        return grouped_sigmoid_topk(logits, self.top_k, self.e_score_correction_bias, self.num_groups,
+                                    self.topk_groups, self.renormalize, self.scaling_factor)
+
+
+class DeepseekV3MoE(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        hf = config.hf_config
+        width = int(hf["moe_intermediate_size"])
+        self.gate = DeepseekV3TopkRouter(config)
+        self.experts = FusedExperts(int(hf["n_routed_experts"]), config.hidden_size, width)
+        num_shared = int(hf.get("n_shared_experts") or 0)
+        self.shared_experts = GatedMLP(config.hidden_size, width * num_shared) if num_shared else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, hidden] -> [T, hidden]
+        weights, ids = self.gate(x)
+        out = self.experts(x, weights, ids)
+        return out if self.shared_experts is None else out + self.shared_experts(x)
+
+
+class DeepseekV3DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, softmax_scale: float) -> None:
+        super().__init__()
+        hf = config.hf_config
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MultiLatentAttention(config, layer_idx, softmax_scale)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        is_sparse = layer_idx >= int(hf.get("first_k_dense_replace") or 0) and int(hf.get("n_routed_experts") or 0)
+        self.mlp = DeepseekV3MoE(config) if is_sparse else GatedMLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata, rope: RotaryEmbedding) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), meta, rope)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DeepseekV3Model(nn.Module):
+    def __init__(self, config: ModelConfig, softmax_scale: float) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DeepseekV3DecoderLayer(config, i, softmax_scale) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class DeepseekV3ForCausalLM(CausalLM):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        check_moe_config(config)
+        hf = config.hf_config
+        scaling = rope_scaling(config)
+        rope_dim = int(hf["qk_rope_head_dim"])
+        softmax_scale = yarn_softmax_scale(int(hf["qk_nope_head_dim"]) + rope_dim, scaling)
+        self.model = DeepseekV3Model(config, softmax_scale)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        rope_cls = InterleavedRotaryEmbedding if hf.get("rope_interleave", True) else RotaryEmbedding
+        self.rope = rope_cls(rope_dim, config.rope_theta, scaling)
+
+    @classmethod
+    def kv_cache_spec(cls, config: ModelConfig) -> KVCacheSpec:
+        return mla_kv_cache_spec(config)
+
+    def tied_parameters(self) -> dict[str, str]:
+        return {"lm_head.weight": "model.embed_tokens.weight"} if self.config.tie_word_embeddings else {}
+
+    def load_weights(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:
+        super().load_weights(ExpertTensors(tensors, int(self.config.hf_config.get("n_routed_experts") or 0)), dtype)
+        for name, _ in list(self.named_parameters()):
+            if name.endswith("gate.e_score_correction_bias"):  # selection needs the bias in float32
+                self._set_parameter(name, tensors[name].float())
+
+    def post_load(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.split_kv_b()
+            layer.self_attn.fuse()
+            mlp = layer.mlp
+            if isinstance(mlp, DeepseekV3MoE):
+                mlp.gate.weight = nn.Parameter(mlp.gate.weight.float(), requires_grad=False)  # it runs in float32
+                mlp = mlp.shared_experts
+            if mlp is not None:
+                mlp.fuse()
+        super().post_load()
+
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)  # [T, hidden]
+        for layer in self.model.layers:
+            x = layer(x, meta, self.rope)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)

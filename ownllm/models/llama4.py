@@ -1,0 +1,198 @@
+"""Llama4ForCausalLM (text) and the text part of Llama4ForConditionalGeneration (vision tower skipped).
+
+What differs from Llama 3:
+- Feed-forward: MoE on layers `moe_layers` (default every `interleave_moe_layer_step`-th), dense SwiGLU of
+  `intermediate_size_mlp` between. The MoE routes top-1 by raw logit, scales the chosen expert's *input*
+  by the sigmoid of its logit, and always adds a shared expert. Experts are stored fused:
+  `feed_forward.experts.gate_up_proj` [E, H, 2I] and `.down_proj` [E, I, H] (transposed at load).
+- Attention: RoPE over interleaved pairs (complex form) on the layers `no_rope_layers` marks with 1; those
+  layers attend only within their aligned `attention_chunk_size` chunk and, with `use_qk_norm`, L2-normalize
+  q and k after RoPE. The other (NoPE) layers attend the full causal context and, with
+  `attn_temperature_tuning`, scale q by log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1.
+The conditional-generation checkpoint names the text weights `language_model.model.*` and
+`language_model.lm_head.weight`; its vision tower and projector are never read.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ownllm.config import ModelConfig
+from ownllm.layers.attention import Attention, AttentionMetadata
+from ownllm.layers.linear import Linear, fuse_linears
+from ownllm.layers.mlp import GatedMLP
+from ownllm.layers.moe import ExpertTensors, FusedExperts, check_moe_config, sigmoid_topk
+from ownllm.layers.norm import RMSNorm
+from ownllm.layers.rotary import InterleavedRotaryEmbedding
+from ownllm.models.base import CausalLM
+
+
+def uses_rope(config: ModelConfig, layer_idx: int) -> bool:
+    hf = config.hf_config
+    flags = hf.get("no_rope_layers")
+    if flags:
+        return bool(flags[layer_idx])
+    return (layer_idx + 1) % int(hf.get("no_rope_layer_interval", 4)) != 0
+
+
+def moe_layers(config: ModelConfig) -> set[int]:
+    hf = config.hf_config
+    if hf.get("moe_layers") is not None:
+        return set(hf["moe_layers"])
+    step = int(hf.get("interleave_moe_layer_step", 1))
+    return set(range(step - 1, config.num_hidden_layers, step))
+
+
+class ChunkedAttention(Attention):
+    """Causal attention restricted to the query's own aligned chunk: key and query share pos // chunk_size."""
+
+    def __init__(self, *args, chunk_size: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.chunk_size = chunk_size
+
+    def _allowed(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        return super()._allowed(q_pos, k_pos) & (k_pos // self.chunk_size == q_pos // self.chunk_size)
+
+
+def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    # x: [..., head_dim]; RMS-normalized in float32, no weight (transformers' Llama4TextL2Norm)
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+class Llama4Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        hf = config.hf_config
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+        )
+        hidden, bias = config.hidden_size, config.attention_bias
+        self.q_proj = Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        self.use_rope = uses_rope(config, layer_idx)
+        self.qk_norm_eps = config.rms_norm_eps if (self.use_rope and hf.get("use_qk_norm", True)) else None
+        self.temperature_tuning = not self.use_rope and bool(hf.get("attn_temperature_tuning", True))
+        self.floor_scale, self.attn_scale = float(hf.get("floor_scale", 8192)), float(hf.get("attn_scale", 0.1))
+        args = (self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, layer_idx)
+        chunk = hf.get("attention_chunk_size")
+        self.attn = ChunkedAttention(*args, chunk_size=int(chunk)) if self.use_rope and chunk else Attention(*args)
+
+    def fuse(self) -> None:
+        """After loading: one qkv matmul instead of three."""
+        fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        if fused is not None:
+            self.qkv_proj = fused
+            del self.q_proj, self.k_proj, self.v_proj
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if hasattr(self, "qkv_proj"):
+            q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            return self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata, rope: InterleavedRotaryEmbedding) -> torch.Tensor:
+        # x: [T, hidden]
+        num_tokens = x.shape[0]
+        q, k, v = self._qkv(x)
+        q = q.reshape(num_tokens, self.num_heads, self.head_dim)
+        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.use_rope:
+            q, k = rope(meta.positions, q, k)
+        if self.qk_norm_eps is not None:
+            q, k = l2_norm(q, self.qk_norm_eps), l2_norm(k, self.qk_norm_eps)
+        if self.temperature_tuning:
+            scale = torch.log1p(torch.floor((meta.positions.float() + 1.0) / self.floor_scale)) * self.attn_scale + 1.0
+            q = (q * scale[:, None, None]).to(q.dtype)  # scale: [T]
+        return self.o_proj(self.attn(q, k, v, meta))
+
+
+class Llama4Moe(nn.Module):
+    """router -> top-k sigmoid weights scaling the experts' input, plus the always-on shared expert."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        hf = config.hf_config
+        num_experts = int(hf["num_local_experts"])
+        self.top_k = int(hf.get("num_experts_per_tok", 1))
+        self.router = Linear(config.hidden_size, num_experts, bias=False)
+        self.experts = FusedExperts(num_experts, config.hidden_size, config.intermediate_size, scale_input=True)
+        self.shared_expert = GatedMLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, hidden] -> [T, hidden]
+        weights, ids = sigmoid_topk(self.router(x), self.top_k)
+        return self.shared_expert(x) + self.experts(x, weights, ids)
+
+
+class Llama4DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, is_moe: bool) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Llama4Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        width = int(config.hf_config.get("intermediate_size_mlp") or config.intermediate_size)
+        self.feed_forward = Llama4Moe(config) if is_moe else GatedMLP(config.hidden_size, width)
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata, rope: InterleavedRotaryEmbedding) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), meta, rope)
+        return x + self.feed_forward(self.post_attention_layernorm(x))
+
+
+class Llama4Model(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        sparse = moe_layers(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            Llama4DecoderLayer(config, i, i in sparse) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Llama4ForCausalLM(CausalLM):
+    checkpoint_prefix = ""  # where the text model's names start in the checkpoint
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        check_moe_config(config)
+        self.model = Llama4Model(config)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rope = InterleavedRotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+
+    def tied_parameters(self) -> dict[str, str]:
+        return {"lm_head.weight": "model.embed_tokens.weight"} if self.config.tie_word_embeddings else {}
+
+    def load_weights(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:
+        prefix = self.checkpoint_prefix
+        experts = ExpertTensors(tensors, int(self.config.hf_config["num_local_experts"]), transposed=True,
+                                rename=lambda name: prefix + name)
+        super().load_weights(experts, dtype)
+
+    def post_load(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            ffn = layer.feed_forward
+            (ffn.shared_expert if isinstance(ffn, Llama4Moe) else ffn).fuse()
+        super().post_load()
+
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)  # [T, hidden]
+        for layer in self.model.layers:
+            x = layer(x, meta, self.rope)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+
+class Llama4ForConditionalGeneration(Llama4ForCausalLM):
+    """Text only: the language model of a multimodal Llama 4 checkpoint (images are not supported)."""
+
+    checkpoint_prefix = "language_model."

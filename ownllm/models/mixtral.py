@@ -1,0 +1,116 @@
+"""MixtralForCausalLM: the Mistral decoder (GQA, rotate_half RoPE, optional sliding window) with a sparse
+MoE feed-forward in every layer: softmax router, top-k (2) experts renormalized to sum 1, no shared expert.
+
+Checkpoints store each expert as `block_sparse_moe.experts.<e>.w1/w3/w2.weight` (gate/up/down); they
+are stacked at load time into `block_sparse_moe.experts.gate_up_proj` / `.down_proj` (layers/moe.py).
+Qwen3-MoE is a subclass (qwen3_moe.py): the class attributes below say where the two differ.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from ownllm.config import ModelConfig
+from ownllm.layers.attention import AttentionMetadata
+from ownllm.layers.linear import Linear
+from ownllm.layers.mlp import GatedMLP
+from ownllm.layers.moe import ExpertTensors, FusedExperts, check_moe_config, softmax_topk
+from ownllm.layers.norm import RMSNorm
+from ownllm.layers.rotary import RotaryEmbedding
+from ownllm.models.base import CausalLM
+from ownllm.models.llama import LlamaAttention
+
+
+def num_experts(config: ModelConfig) -> int:
+    """Mixtral's `num_local_experts`; Qwen3-MoE checkpoints write `num_experts` (transformers 5 saves either)."""
+    hf = config.hf_config
+    return int(hf.get("num_local_experts") or hf.get("num_experts") or 0)
+
+
+class MixtralSparseMoeBlock(nn.Module):
+    """Softmax router (`gate`) over FusedExperts; Mixtral always renormalizes the top-k, Qwen3-MoE if asked."""
+
+    def __init__(self, config: ModelConfig, renormalize: bool) -> None:
+        super().__init__()
+        hf = config.hf_config
+        self.top_k = int(hf.get("num_experts_per_tok", 2))
+        self.renormalize = renormalize
+        width = int(hf.get("moe_intermediate_size") or config.intermediate_size)
+        self.gate = Linear(config.hidden_size, num_experts(config), bias=False)
+        self.experts = FusedExperts(num_experts(config), config.hidden_size, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, hidden] -> [T, hidden]
+        weights, ids = softmax_topk(self.gate(x), self.top_k, self.renormalize)
+        return self.experts(x, weights, ids)
+
+
+class MixtralDecoderLayer(nn.Module):
+    """Pre-norm attention then the feed-forward, which the checkpoint names `ffn_name`."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, qk_norm: bool, ffn_name: str, ffn: nn.Module) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        bias = config.attention_bias
+        self.self_attn = LlamaAttention(config, layer_idx, qkv_bias=bias, o_bias=bias, qk_norm=qk_norm)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.ffn_name = ffn_name
+        self.add_module(ffn_name, ffn)
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata, rope: RotaryEmbedding) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), meta, rope)
+        return x + getattr(self, self.ffn_name)(self.post_attention_layernorm(x))
+
+
+class MixtralModel(nn.Module):
+    def __init__(self, config: ModelConfig, layers: list[MixtralDecoderLayer]) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class MixtralForCausalLM(CausalLM):
+    qk_norm = False
+    ffn_name = "block_sparse_moe"
+    expert_names = ("w1", "w3", "w2")  # gate, up, down
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        check_moe_config(config)
+        layers = [
+            MixtralDecoderLayer(config, i, self.qk_norm, self.ffn_name, self.feed_forward(config, i))
+            for i in range(config.num_hidden_layers)
+        ]
+        self.model = MixtralModel(config, layers)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+
+    def feed_forward(self, config: ModelConfig, layer_idx: int) -> nn.Module:
+        return MixtralSparseMoeBlock(config, renormalize=True)
+
+    def tied_parameters(self) -> dict[str, str]:
+        return {"lm_head.weight": "model.embed_tokens.weight"} if self.config.tie_word_embeddings else {}
+
+    def load_weights(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:
+        super().load_weights(ExpertTensors(tensors, num_experts(self.config), names=self.expert_names), dtype)
+
+    def post_load(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            ffn = getattr(layer, layer.ffn_name)
+            if isinstance(ffn, GatedMLP):
+                ffn.fuse()
+        super().post_load()
+
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)  # [T, hidden]
+        for layer in self.model.layers:
+            x = layer(x, meta, self.rope)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
