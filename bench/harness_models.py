@@ -93,17 +93,19 @@ def build(shape: str) -> None:
 
     folder = CACHE / f"{shape}-v{BUILD_VERSION}"
     hf = folder / "hf"
-    if not (hf / "model.safetensors").exists() and not (hf / "model.safetensors.index.json").exists():
+    if not hf.exists():  # written under another name and renamed, so an interrupted build is redone
+        partial = folder / "hf.partial"
         config = LlamaConfig(**SHAPES[shape], bos_token_id=0, eos_token_id=2, initializer_range=0.02,
                              dtype="bfloat16")
         torch.manual_seed(0)
         torch.set_default_dtype(torch.bfloat16)  # init directly in bf16: no float32 copy of the 1B
         model = LlamaForCausalLM(config).eval()
         torch.set_default_dtype(torch.float32)
-        hf.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(hf, safe_serialization=True, max_shard_size="10GB")
+        partial.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(partial, safe_serialization=True, max_shard_size="10GB")
         del model
-        save_tokenizer(hf, config.vocab_size)
+        save_tokenizer(partial, config.vocab_size)
+        partial.rename(hf)
     for qtype in ("F16", "Q8_0"):
         path = folder / f"model-{qtype}.gguf"
         if not path.exists():

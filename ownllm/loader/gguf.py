@@ -6,8 +6,11 @@ dequantizing every tensor to the compute dtype, renaming it to the transformers 
 transformers shape, and undoing the one layout change llama.cpp's converter makes (the Q/K row
 permutation of `llama`-architecture models). The tokenizer is rebuilt by `gguf_tokenizer`.
 
-Supported: `general.architecture` llama (also Mistral, whose GGUFs say "llama"), qwen2 and qwen3;
-tensor types F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K and Q6_K.
+Supported: `general.architecture` llama (also Mistral, whose GGUFs say "llama", and Mixtral: "llama" with
+`llama.expert_count`), qwen2, qwen3, qwen3moe and llama4 (text); tensor types F32, F16, BF16, Q8_0, Q4_0, Q4_1,
+Q4_K, Q5_K and Q6_K. MoE files store each layer's experts as 3-D tensors (`blk.N.ffn_gate_exps` ...); they
+become the architecture's HF expert tensors (per expert for Mixtral and Qwen3-MoE, Llama 4's fused
+`gate_up_proj` / `down_proj`), and settings llama.cpp hard-codes for Llama 4 are written into the config.
 
 Default compute dtype (`dtype=None`): a file whose weight matrices are all F16 (or all BF16) loads
 in that dtype; every other file (F32 or any quantized type) loads in float32 -- dequantized values
@@ -41,6 +44,8 @@ ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", "llama"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
+    "llama4": ("Llama4ForCausalLM", "llama4_text"),
 }
 # Architectures whose q/k rows llama.cpp's converter permutes (LlamaModel.modify_tensors, undo_permute=True).
 PERMUTED_ARCHITECTURES = frozenset({"llama"})
@@ -81,6 +86,18 @@ _REQUIRED_LAYER_TENSORS = (
     "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight",
 )
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
+# MoE layers: the router, the experts as 3-D [E, out, in] tensors, and (Llama 4) the shared expert.
+_MOE_LAYER_TENSORS = (
+    "ffn_gate_inp.weight", "ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight",
+    "ffn_gate_shexp.weight", "ffn_up_shexp.weight", "ffn_down_shexp.weight",
+)
+# HF architecture -> (feed-forward module name, router name, per-expert gate/up/down names; None: Llama 4's
+# fused gate_up_proj [E, H, 2I] and down_proj [E, I, H])
+_MOE_LAYOUT = {
+    "MixtralForCausalLM": ("block_sparse_moe", "gate", ("w1", "w3", "w2")),
+    "Qwen3MoeForCausalLM": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj")),
+    "Llama4ForCausalLM": ("feed_forward", "router", None),
+}
 _ROPE_FREQS = "rope_freqs.weight"  # llama3 rope scaling, stored as per-dimension factors
 
 _GGUF_MAGIC = b"GGUF"
@@ -106,19 +123,24 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None, keep_in
     compute_dtype = dtype or default_dtype(reader)
     names = {t.name for t in reader.tensors}
     hf_config = hf_config_from_metadata(fields, reader, compute_dtype)
-    _check_tensor_names(names, hf_config["num_hidden_layers"])
+    architecture = hf_config["architectures"][0]
+    _check_tensor_names(names, hf_config["num_hidden_layers"], architecture)
     tokenizer = tokenizer_from_metadata(fields)  # before the slow part, so a bad vocabulary fails fast
-    tensors = {}
+    tensors, moe = {}, {}
     for tensor in reader.tensors:
         if tensor.name == _ROPE_FREQS:
             continue  # folded into hf_config["rope_scaling"]
-        hf_name = hf_tensor_name(tensor.name)
+        if _is_moe_tensor(tensor.name):
+            moe[tensor.name] = dequantize_tensor(tensor, compute_dtype)
+            continue
+        hf_name = hf_tensor_name(tensor.name, architecture)
         if keep_int4 and tensor.tensor_type in _INT4_TYPES and tensor.name != "token_embd.weight":
             weight = Int4Weight.from_gguf_blocks(tensor.data, _hf_shape(tensor), tensor.tensor_type == QType.Q4_1)
             tensors[hf_name] = weight.map_rows(lambda rows: unpermute_qk(rows, tensor.name, arch, hf_config))
             continue
         value = dequantize_tensor(tensor, compute_dtype)
         tensors[hf_name] = unpermute_qk(value, tensor.name, arch, hf_config)
+    tensors.update(moe_hf_tensors(moe, architecture))
     return GGUFCheckpoint(
         hf_config=hf_config,
         tensors=tensors,
@@ -162,7 +184,7 @@ def _architecture(fields: dict[str, Any]) -> str:
     if arch not in ARCHITECTURES:
         raise ValueError(
             f"GGUF architecture {arch!r} (general.architecture) is not supported; "
-            f"supported: {', '.join(sorted(ARCHITECTURES))}"
+            f"supported: {', '.join(ARCHITECTURES)}"
         )
     return arch
 
@@ -209,7 +231,8 @@ def _require(fields: dict[str, Any], key: str) -> Any:
 
 
 def hf_config_from_metadata(fields: dict[str, Any], reader: gguf.GGUFReader, dtype: torch.dtype) -> dict:
-    """The config.json-style dict for this file (keys as transformers' Llama/Qwen2/Qwen3 configs)."""
+    """The config.json-style dict for this file (keys as transformers' Llama/Qwen2/Qwen3/Mixtral/Qwen3-MoE/
+    Llama 4 text configs)."""
     arch = _architecture(fields)
     architecture, model_type = ARCHITECTURES[arch]
     tensors = {t.name: t for t in reader.tensors}
@@ -249,7 +272,35 @@ def hf_config_from_metadata(fields: dict[str, Any], reader: gguf.GGUFReader, dty
     for key, name in (("bos_token_id", "tokenizer.ggml.bos_token_id"), ("eos_token_id", "tokenizer.ggml.eos_token_id")):
         if name in fields:
             config[key] = int(fields[name])
+    config.update(_moe_config(fields, arch, config))
     return config
+
+
+def _moe_config(fields: dict[str, Any], arch: str, config: dict) -> dict:
+    """The MoE keys of the HF config: experts and their width; for Llama 4 also its dense width and the
+    attention settings llama.cpp hard-codes (chunks of 8192 on RoPE layers, NoPE every 4th layer, q/k norm
+    except on the 128-expert model), or, when the file sets sliding_window 0, RoPE and full attention everywhere."""
+    num_experts = int(_uniform(fields, f"{arch}.expert_count", 0) or 0)
+    if not num_experts:
+        return {}
+    moe: dict[str, Any] = {"num_experts_per_tok": int(_require(fields, f"{arch}.expert_used_count"))}
+    if arch == "llama":
+        return {**moe, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_local_experts": num_experts}
+    if arch == "qwen3moe":
+        width = int(_require(fields, f"{arch}.expert_feed_forward_length"))
+        return {**moe, "num_experts": num_experts, "moe_intermediate_size": width, "norm_topk_prob": True}
+    if arch != "llama4":
+        raise ValueError(f"GGUF {arch}.expert_count is set, but {arch} mixture-of-experts files are not supported")
+    full_attention = fields.get(f"{arch}.attention.sliding_window") == 0
+    layers = config["num_hidden_layers"]
+    return {
+        **moe, "num_local_experts": num_experts, "intermediate_size_mlp": config["intermediate_size"],
+        "intermediate_size": int(_require(fields, f"{arch}.expert_feed_forward_length")),
+        "interleave_moe_layer_step": int(fields.get(f"{arch}.interleave_moe_layer_step", 1)),
+        "use_qk_norm": num_experts != 128, "sliding_window": None,
+        "attention_chunk_size": None if full_attention else 8192,
+        "no_rope_layers": [1] * layers if full_attention else [int((i + 1) % 4 != 0) for i in range(layers)],
+    }
 
 
 def _vocab_size(fields: dict[str, Any], tensors: dict[str, Any], arch: str) -> int:
@@ -331,26 +382,66 @@ def llama3_scaling_from_factors(factors: np.ndarray, head_dim: int, theta: float
 # --- tensors -------------------------------------------------------------------------------------
 
 
-def hf_tensor_name(name: str) -> str:
-    """GGUF tensor name -> transformers name (ValueError for a tensor this loader does not know)."""
+def hf_tensor_name(name: str, architecture: str = "LlamaForCausalLM") -> str:
+    """GGUF tensor name -> transformers name (ValueError for a tensor this loader does not know). MoE tensors
+    are named by moe_hf_tensors; Llama 4 calls its MLP `feed_forward`."""
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
     match = _LAYER_RE.fullmatch(name)
     if match and match.group(2) in _LAYER_NAMES:
-        return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
+        hf_name = _LAYER_NAMES[match.group(2)]
+        if architecture == "Llama4ForCausalLM":
+            hf_name = hf_name.replace("mlp.", "feed_forward.")
+        return f"model.layers.{match.group(1)}.{hf_name}"
     raise ValueError(
-        f"GGUF tensor {name!r} is not one this loader knows (supported: llama/qwen2/qwen3 decoder tensors)"
+        f"GGUF tensor {name!r} is not one this loader knows (supported: llama/qwen2/qwen3/qwen3moe/llama4 decoder tensors)"
     )
 
 
-def _check_tensor_names(names: Iterable[str], num_layers: int) -> None:
+def _is_moe_tensor(name: str) -> bool:
+    match = _LAYER_RE.fullmatch(name)
+    return match is not None and match.group(2) in _MOE_LAYER_TENSORS
+
+
+def moe_hf_tensors(moe: dict[str, torch.Tensor], architecture: str) -> dict[str, torch.Tensor]:
+    """A file's MoE tensors (GGUF name -> value in HF dimension order) -> the architecture's HF tensors."""
+    if not moe:
+        return {}
+    if architecture not in _MOE_LAYOUT:
+        raise ValueError(f"GGUF expert tensors ({next(iter(moe))!r}...) are not supported for {architecture}")
+    ffn, router, per_expert = _MOE_LAYOUT[architecture]
+    out = {}
+    for name, value in moe.items():
+        layer, kind = _LAYER_RE.fullmatch(name).groups()
+        prefix = f"model.layers.{layer}.{ffn}."
+        role = kind.split(".")[0].removeprefix("ffn_")  # gate_inp, gate_exps, ..., down_shexp
+        if role == "gate_inp":
+            out[f"{prefix}{router}.weight"] = value
+        elif role.endswith("_shexp"):
+            out[f"{prefix}shared_expert.{role.removesuffix('_shexp')}_proj.weight"] = value
+        elif per_expert is not None:  # value: [E, out, in]
+            projection = per_expert[("gate_exps", "up_exps", "down_exps").index(role)]
+            out.update((f"{prefix}experts.{e}.{projection}.weight", value[e]) for e in range(value.shape[0]))
+        elif role == "down_exps":
+            out[f"{prefix}experts.down_proj"] = value.transpose(1, 2)  # [E, I, H]
+        elif role == "gate_exps":
+            up = moe[name.replace("ffn_gate_exps", "ffn_up_exps")]
+            out[f"{prefix}experts.gate_up_proj"] = torch.cat((value, up), dim=1).transpose(1, 2)  # [E, H, 2I]
+    return out
+
+
+def _check_tensor_names(names: Iterable[str], num_layers: int, architecture: str = "LlamaForCausalLM") -> None:
     names = set(names)
     for name in sorted(names):
-        if name != _ROPE_FREQS:
-            hf_tensor_name(name)  # raises for unknown names
+        if name != _ROPE_FREQS and not _is_moe_tensor(name):
+            hf_tensor_name(name, architecture)  # raises for unknown names
     missing = [n for n in ("token_embd.weight", "output_norm.weight") if n not in names]
-    layer_names = (f"blk.{i}.{n}" for i in range(num_layers) for n in _REQUIRED_LAYER_TENSORS)
-    missing += [n for n in layer_names if n not in names]
+    for i in range(num_layers):
+        sparse = f"blk.{i}.ffn_gate_exps.weight" in names
+        required = [n for n in _REQUIRED_LAYER_TENSORS if not (sparse and n.startswith("ffn_") and n != "ffn_norm.weight")]
+        if sparse:
+            required += ["ffn_gate_inp.weight", "ffn_up_exps.weight", "ffn_down_exps.weight"]
+        missing += [f"blk.{i}.{n}" for n in required if f"blk.{i}.{n}" not in names]
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise ValueError(f"GGUF file lacks tensors: {shown}")
@@ -403,4 +494,4 @@ def unpermute_qk(value: torch.Tensor, gguf_name: str, arch: str, hf_config: dict
     return pairs.transpose(1, 2).reshape(value.shape).contiguous()
 
 
-__all__ = ["GGUFCheckpoint", "load_gguf", "hf_config_from_metadata", "hf_tensor_name", "unpermute_qk"]
+__all__ = ["GGUFCheckpoint", "load_gguf", "hf_config_from_metadata", "hf_tensor_name", "moe_hf_tensors", "unpermute_qk"]
