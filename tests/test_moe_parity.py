@@ -98,17 +98,24 @@ def variant(request, tmp_path_factory):
     arch, overrides = VARIANTS[request.param]
     folder = tmp_path_factory.mktemp(request.param)
     hf_model = build(folder, arch, overrides)
-    return request.param, folder, hf_model, LLM(str(folder), dtype="float32")
+    # no prefix caching: the runs below that switch a path (reference MoE, MLA form, masks) recompute every token
+    return request.param, folder, hf_model, LLM(str(folder), dtype="float32", enable_prefix_caching=False)
 
 
-def record_experts(model: torch.nn.Module) -> dict[str, list[torch.Tensor]]:
-    """Hooks every FusedExperts: {module name: [expert ids [T, k] of each forward]}."""
+def generate_recording_experts(llm: LLM) -> tuple[list, dict[str, list[torch.Tensor]]]:
+    """generate(llm), and {FusedExperts module name: [expert ids [T, k] of each of its forwards]}."""
     chosen: dict[str, list[torch.Tensor]] = {}
-    for name, module in model.named_modules():
+    hooks = []
+    for name, module in llm.runner.model.named_modules():
         if isinstance(module, FusedExperts):
             chosen[name] = []
-            module.register_forward_hook(lambda m, args, out, name=name: chosen[name].append(args[2].clone()))
-    return chosen
+            hooks.append(module.register_forward_hook(
+                lambda m, args, out, name=name: chosen[name].append(args[2].clone())))
+    try:
+        return generate(llm), chosen
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def generate(llm: LLM, logprobs: int = 5):
@@ -119,8 +126,7 @@ def generate(llm: LLM, logprobs: int = 5):
 def test_matches_transformers_and_reference_paths(variant):
     name, _, hf_model, llm = variant
     model = llm.runner.model
-    chosen = record_experts(model)
-    outputs = generate(llm)
+    outputs, chosen = generate_recording_experts(llm)
     for prompt, ours in zip(random_prompts(), outputs):
         ref_tokens, ref_logprobs = hf_greedy(hf_model, prompt, NEW_TOKENS)
         assert ours.token_ids == ref_tokens
@@ -138,13 +144,13 @@ def test_matches_transformers_and_reference_paths(variant):
     finally:
         set_moe_impl(model, "fast")
     if name.startswith("deepseek"):
-        check_groups(model, chosen)
+        check_groups(chosen)
         check_mla_forms(llm, outputs)
     if name.startswith("llama4"):
         check_llama4_features_matter(llm, outputs)
 
 
-def check_groups(model, chosen: dict[str, list[torch.Tensor]]) -> None:
+def check_groups(chosen: dict[str, list[torch.Tensor]]) -> None:
     """Each token's experts span both allowed groups, and tokens differ in which groups they use."""
     group_size = DEEPSEEK["n_routed_experts"] // DEEPSEEK["n_group"]
     for layer, ids in chosen.items():
