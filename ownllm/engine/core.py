@@ -13,7 +13,7 @@ from ownllm.config import SchedulerConfig
 from ownllm.engine.kv_cache import KVCacheManager
 from ownllm.engine.scheduler import Scheduler
 from ownllm.outputs import SchedulerOutput
-from ownllm.request import FinishReason, Request, RequestStatus
+from ownllm.request import FinishReason, Request
 
 
 class Runner(Protocol):

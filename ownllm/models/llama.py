@@ -109,12 +109,3 @@ class LlamaForCausalLM(CausalLM):
             layer.self_attn.fuse()
             layer.mlp.fuse()
         super().post_load()
-
-    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids)  # [T, hidden]
-        for layer in self.model.layers:
-            x = layer(x, meta, self.rope)
-        return self.model.norm(x)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)

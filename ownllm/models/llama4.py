@@ -182,15 +182,6 @@ class Llama4ForCausalLM(CausalLM):
             (ffn.shared_expert if isinstance(ffn, Llama4Moe) else ffn).fuse()
         super().post_load()
 
-    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids)  # [T, hidden]
-        for layer in self.model.layers:
-            x = layer(x, meta, self.rope)
-        return self.model.norm(x)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
-
 
 class Llama4ForConditionalGeneration(Llama4ForCausalLM):
     """Text only: the language model of a multimodal Llama 4 checkpoint (images are not supported)."""

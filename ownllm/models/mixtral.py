@@ -105,12 +105,3 @@ class MixtralForCausalLM(CausalLM):
             if isinstance(ffn, GatedMLP):
                 ffn.fuse()
         super().post_load()
-
-    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids)  # [T, hidden]
-        for layer in self.model.layers:
-            x = layer(x, meta, self.rope)
-        return self.model.norm(x)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
