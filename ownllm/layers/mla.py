@@ -156,14 +156,17 @@ class MultiLatentAttention(nn.Module):
 
     def _absorbed_decode(self, q_nope, q_rope, latent_cache, meta: AttentionMetadata) -> torch.Tensor:
         # one query per sequence: gather each sequence's blocks, pad to the longest, mask the padding
+        # (one sequence: cut at its length instead, since its query attends its whole context)
         num_seqs, max_blocks = meta.block_tables.shape
         latents = latent_cache.index_select(0, meta.block_tables.flatten()).view(
-            num_seqs, max_blocks * meta.kv_cache.block_size, -1).float()  # [B, S, rank + rope]
+            num_seqs, max_blocks * meta.kv_cache.block_size, -1)  # [B, S, rank + rope]
+        latents = (latents[:, : meta.seq_lens[0]] if num_seqs == 1 else latents).float()
         query = self._latent_query(q_nope, q_rope)  # [B, heads, rank + rope]
         scores = query @ latents.transpose(1, 2) * self.scale  # [B, heads, S]
-        mask = torch.arange(latents.shape[1])[None, :] <= meta.positions[:, None]  # [B, S]
-        probs = scores.masked_fill(~mask[:, None, :], float("-inf")).softmax(-1)
-        out_latent = probs @ latents[:, :, : self.kv_lora_rank]  # [B, heads, rank]
+        if num_seqs > 1:
+            padding = torch.arange(latents.shape[1])[None, :] > meta.positions[:, None]  # [B, S]
+            scores = scores.masked_fill(padding[:, None, :], float("-inf"))
+        out_latent = scores.softmax(-1) @ latents[:, :, : self.kv_lora_rank]  # [B, heads, rank]
         return self._latent_output(out_latent, q_nope.dtype)
 
 

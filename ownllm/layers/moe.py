@@ -67,16 +67,14 @@ def grouped_sigmoid_topk(
     choice = scores if correction_bias is None else scores + correction_bias
     num_tokens, num_experts = choice.shape
     if num_groups > 1 and topk_groups < num_groups:
-        group_size = num_experts // num_groups
-        grouped = choice.view(num_tokens, num_groups, group_size)  # [T, G, E / G]
-        group_scores = grouped.topk(min(2, group_size), dim=-1)[0].sum(dim=-1)  # [T, G]
+        grouped = choice.view(num_tokens, num_groups, num_experts // num_groups)  # [T, G, E / G]
+        group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1)[0].sum(dim=-1)  # [T, G]
         cutoff = group_scores.topk(topk_groups, dim=-1)[0][:, -1:]  # [T, 1] the worst kept group's score
-        dropped = (group_scores < cutoff).repeat_interleave(group_size, dim=1)  # [T, E]
-        choice = choice.masked_fill(dropped, float("-inf"))
+        choice = grouped.masked_fill((group_scores < cutoff)[:, :, None], float("-inf")).view(num_tokens, num_experts)
     ids = choice.topk(top_k, dim=-1)[1]  # [T, k]
     weights = scores.gather(1, ids)
     if renormalize:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * (scaling_factor / (weights.sum(dim=-1, keepdim=True) + 1e-20)), ids
     return weights * scaling_factor, ids
 
 

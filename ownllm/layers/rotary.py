@@ -155,6 +155,6 @@ class InterleavedRotaryEmbedding(RotaryEmbedding):
     def __call__(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions: [T]; q: [T, num_heads, head_dim]; k: [T, num_kv_heads, head_dim]
-        cis = self.rotations(positions)
-        return self._rotate(q, cis), self._rotate(k, cis)
+        # positions: [T]; q: [T, num_heads, head_dim]; k: [T, num_kv_heads, head_dim]; rotated together
+        both = self._rotate(torch.cat((q, k), dim=1), self.rotations(positions))  # [T, heads + kv_heads, head_dim]
+        return both.split([q.shape[1], k.shape[1]], dim=1)
