@@ -23,7 +23,7 @@ import torch
 from ownllm import LLM, SamplingParams
 from ownllm.layers.mla import set_mla_mode
 from ownllm.layers.moe import FusedExperts, set_moe_impl
-from ownllm.models.llama4 import ChunkedAttention, Llama4Attention
+from ownllm.models.llama4 import Llama4Attention
 from tests.checkpoints import BASE, build_checkpoint, hf_greedy, random_prompts, save_tiny_tokenizer
 
 NEW_TOKENS = 32
@@ -172,7 +172,7 @@ def check_mla_forms(llm: LLM, absorbed_decode) -> None:
 def check_llama4_features_matter(llm: LLM, outputs) -> None:
     """Guards the parity above: without the chunk mask, or without temperature tuning, the logprobs change."""
     attns = [m for m in llm.runner.model.modules() if isinstance(m, Llama4Attention)]
-    chunked = [a.attn for a in attns if isinstance(a.attn, ChunkedAttention)]
+    chunked = [a.attn for a in attns if a.attn.chunk_size is not None]
     tuned = [a for a in attns if a.temperature_tuning]
     assert chunked and tuned
     baseline = outputs[-1].cumulative_logprob  # the 40-token prompt: past two chunks of 16

@@ -11,8 +11,11 @@ import logging
 import os
 from pathlib import Path
 
+import torch
+
 logger = logging.getLogger(__name__)
 CACHE_DIR = Path(os.environ.get("OWNLLM_CACHE", Path.home() / ".cache" / "ownllm")) / "kernels"
+BF16_FLAGS = ("-mavx512f", "-mavx512bf16", "-mavx512vl", "-mavx512bw")
 
 
 @functools.cache
@@ -46,3 +49,15 @@ def load(name: str, required_flags: tuple[str, ...], extra_cflags: tuple[str, ..
     except Exception as error:  # no compiler, or it failed: run on plain torch instead
         logger.warning("kernel %s could not be built, using plain torch: %s", name, error)
         return None
+
+
+@functools.cache
+def bf16_kernels(name: str):
+    """A module of AVX-512 BF16 kernels (gemv_bf16, decode_ops), or None on CPUs without those instructions."""
+    logger.info("building the %s kernels (once; cached afterwards)", name)
+    return load(name, ("avx512_bf16", "avx512bw"), BF16_FLAGS)
+
+
+def decode_ops(x: torch.Tensor):
+    """The fused decode ops (kernels/decode_ops.cpp) when they apply to bf16 tensor `x`, else None."""
+    return bf16_kernels("decode_ops") if x.dtype == torch.bfloat16 else None

@@ -4,7 +4,8 @@ The model runner builds one AttentionMetadata per forward (a flat batch of sever
 new tokens) and passes it to every layer. Attention writes the new keys and values into their
 cache slots, then attends each query over its sequence's cached context (causal, optionally a
 sliding window). Decode-only batches run as two padded batched matmuls; mixed prefill / decode
-batches run one SDPA call per sequence. Attention math runs in float32 (CPU SDPA is several times slower
+batches run one SDPA call per sequence. In bfloat16, decode-only batches run instead as one call of
+the fused kernel (kernels/decode_ops.cpp), which reads the blocks in place and is tested against this. Attention math runs in float32 (CPU SDPA is several times slower
 in bfloat16, and the cache reads are small next to the weights). Gathers use index_select: advanced
 indexing of a large bfloat16 pool takes a slow path in torch. Faster backends replace
 `Attention.forward`'s body, keeping this signature, and are tested against it.
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ownllm.kernels.build import decode_ops
 
 
 @dataclass(frozen=True)
@@ -62,18 +65,24 @@ class AttentionMetadata:
 class Attention(nn.Module):
     def __init__(
         self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, layer_idx: int,
-        sliding_window: int | None = None,
+        sliding_window: int | None = None, chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
         self.layer_idx = layer_idx
         self.sliding_window = sliding_window
+        self.chunk_size = chunk_size  # Llama 4's local attention: keys in the query's aligned chunk only
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # q: [T, num_heads, head_dim]; k, v: [T, num_kv_heads, head_dim] -> [T, num_heads * head_dim]
         k_cache = meta.kv_cache.k[self.layer_idx]  # [num_blocks, block_size, num_kv_heads, head_dim]
         v_cache = meta.kv_cache.v[self.layer_idx]
+        ops = decode_ops(q) if meta.is_decode_only else None
+        if ops is not None:  # writes k and v into their slots, then attends
+            return ops.paged_decode_attention(q, k, v, k_cache, v_cache, meta.slot_mapping, meta.positions,
+                                              meta.block_tables, self.scale, self.sliding_window or 0,
+                                              self.chunk_size or 0)
         k_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = k
         v_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = v
         if meta.is_decode_only:
@@ -87,6 +96,8 @@ class Attention(nn.Module):
         mask = k_pos <= q_pos
         if self.sliding_window is not None:
             mask &= (q_pos - k_pos) < self.sliding_window
+        if self.chunk_size is not None:
+            mask &= k_pos // self.chunk_size == q_pos // self.chunk_size
         return mask
 
     def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:

@@ -8,25 +8,18 @@ A Linear may instead hold 4-bit weights (layers/quant.py), kept quantized from a
 
 from __future__ import annotations
 
-import functools
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ownllm.kernels.build import bf16_kernels
 from ownllm.layers.quant import Int4Weight, int4_linear
 
-logger = logging.getLogger(__name__)
 GEMV_MAX_ROWS = 4
 
 
-@functools.cache
 def gemv_kernel():
-    from ownllm.kernels.build import load
-
-    logger.info("building the bf16 decode kernel (once; cached afterwards)")
-    return load("gemv_bf16", ("avx512_bf16", "avx512bw"), ("-mavx512f", "-mavx512bf16", "-mavx512vl", "-mavx512bw"))
+    return bf16_kernels("gemv_bf16")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,10 +1,13 @@
-"""RMSNorm as Llama-family models define it: normalize in float32, scale in the input dtype."""
+"""RMSNorm as Llama-family models define it: normalize in float32, scale in the input dtype.
+bfloat16 runs as one fused kernel call (kernels/decode_ops.cpp) where the CPU has one."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ownllm.kernels.build import decode_ops
 
 
 class RMSNorm(nn.Module):
@@ -15,4 +18,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., dim]
+        ops = decode_ops(x)
+        if ops is not None and self.weight.dtype == x.dtype:
+            return ops.rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)

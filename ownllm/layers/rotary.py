@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from ownllm.kernels.build import decode_ops
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
@@ -123,6 +125,11 @@ class RotaryEmbedding:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [T]; q: [T, num_heads, head_dim]; k: [T, num_kv_heads, head_dim]
         cos, sin = self.cos_sin(positions, q.dtype)
+        ops = decode_ops(q)
+        if ops is not None:  # in place, the same roundings as below
+            ops.rope_rotate_half_(q, cos[:, 0], sin[:, 0])
+            ops.rope_rotate_half_(k, cos[:, 0], sin[:, 0])
+            return q, k
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 

@@ -47,17 +47,6 @@ def moe_layers(config: ModelConfig) -> set[int]:
     return set(range(step - 1, config.num_hidden_layers, step))
 
 
-class ChunkedAttention(Attention):
-    """Causal attention restricted to the query's own aligned chunk: key and query share pos // chunk_size."""
-
-    def __init__(self, *args, chunk_size: int, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.chunk_size = chunk_size
-
-    def _allowed(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        return super()._allowed(q_pos, k_pos) & (k_pos // self.chunk_size == q_pos // self.chunk_size)
-
-
 def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     # x: [..., head_dim]; RMS-normalized in float32, no weight (transformers' Llama4TextL2Norm)
     return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
@@ -81,7 +70,7 @@ class Llama4Attention(nn.Module):
         self.floor_scale, self.attn_scale = float(hf.get("floor_scale", 8192)), float(hf.get("attn_scale", 0.1))
         args = (self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, layer_idx)
         chunk = hf.get("attention_chunk_size")
-        self.attn = ChunkedAttention(*args, chunk_size=int(chunk)) if self.use_rope and chunk else Attention(*args)
+        self.attn = Attention(*args, chunk_size=int(chunk) if self.use_rope and chunk else None)
 
     def fuse(self) -> None:
         """After loading: one qkv matmul instead of three."""
