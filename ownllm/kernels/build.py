@@ -15,6 +15,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 CACHE_DIR = Path(os.environ.get("OWNLLM_CACHE", Path.home() / ".cache" / "ownllm")) / "kernels"
+# at::parallel_for is a header template: built without OpenMP it runs on one thread. libgomp's soname
+# matches the copy torch loads, so the kernels share torch's thread pool.
+OPENMP_FLAGS = ("-fopenmp",)
 BF16_FLAGS = ("-mavx512f", "-mavx512bf16", "-mavx512vl", "-mavx512bw")
 
 
@@ -45,7 +48,8 @@ def load(name: str, required_flags: tuple[str, ...], extra_cflags: tuple[str, ..
     build_dir.mkdir(parents=True, exist_ok=True)
     try:
         return build(name=f"ownllm_{name}", sources=[str(Path(__file__).with_name(f"{name}.cpp"))],
-                     extra_cflags=["-O3", *extra_cflags], build_directory=str(build_dir), verbose=False)
+                     extra_cflags=["-O3", *OPENMP_FLAGS, *extra_cflags], extra_ldflags=list(OPENMP_FLAGS),
+                     build_directory=str(build_dir), verbose=False)
     except Exception as error:  # no compiler, or it failed: run on plain torch instead
         logger.warning("kernel %s could not be built, using plain torch: %s", name, error)
         return None
