@@ -106,3 +106,29 @@ def test_int4_fusion_equals_separate():
         layer.finalize(torch.bfloat16)
     x = torch.randn(2, 64).bfloat16()
     torch.testing.assert_close(fused(x), torch.cat([layer(x) for layer in layers], dim=-1))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4, 5, 16, 40])
+@pytest.mark.parametrize("out_features, in_features", [(96, 576), (33, 96), (64, 1536)])
+def test_packed_int4_matches_dequantized_weights(rows, out_features, in_features):
+    """Our 4-bit kernel (decode rows) and its dequantize-then-matmul path (prefill rows) against the
+    float32 product with the dequantized weights; odd group counts (96 = 3 groups) take the kernel's tail."""
+    from ownllm.layers.quant import Int4Weight, PackedInt4
+
+    torch.manual_seed(rows + out_features)
+    groups = in_features // 32
+    weight = Int4Weight(torch.randint(0, 16, (out_features, in_features), dtype=torch.uint8),
+                        torch.rand(out_features, groups) / 8, torch.randn(out_features, groups) / 4)
+    packed = PackedInt4(weight, torch.bfloat16)
+    if packed.kernel is None:
+        pytest.skip("the 4-bit kernel cannot run on this CPU")
+    dense = weight.dequantize(torch.float32)
+    torch.testing.assert_close(packed.kernel.int4_dequantize(packed.codes, packed.scales, packed.mins).float(), dense,
+                               rtol=2**-8, atol=1e-6)
+    x = torch.randn(rows, in_features).bfloat16()
+    bias = torch.randn(out_features).bfloat16()
+    reference = x.float() @ dense.T + bias.float()
+    out = packed.matmul(x, bias).float()
+    # prefill rounds the weights to bf16 first; decode multiplies exact codes, rounds once at the end
+    tolerance = (2**-8 if rows <= 16 else 2**-6) * reference.abs().max()
+    assert (out - reference).abs().max() <= tolerance

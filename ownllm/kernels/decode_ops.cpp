@@ -34,6 +34,11 @@ inline void store(bf16* p, __m512 v, int64_t n = 16) {
     _mm256_mask_storeu_epi16(p, tail_mask(n), packed);
 }
 
+// 32 bf16 values (the first n of them, zeros after) as dot-product operands.
+inline __m512bh load_pairs(const bf16* p, int64_t n = 32) {
+  return (__m512bh)(n >= 32 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16((__mmask32)((1ull << n) - 1), p));
+}
+
 // Float32 values rounded to bf16 and back: the reference's intermediate roundings.
 inline __m512 round_bf16(__m512 v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
@@ -54,6 +59,18 @@ inline __m512 exp512(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
   return _mm512_scalef_ps(p, n);
+}
+
+// The 16 horizontal sums of v[0..15], in order: a transposing tree of adds.
+inline __m512 hsum16(const __m512* v) {
+  __m512 t[8], u[4];
+  for (int i = 0; i < 8; ++i)
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)
+    u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44), _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0xEE));
+  const __m512 x0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+  const __m512 x1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(x0, x1, 0x88), _mm512_shuffle_f32x4(x0, x1, 0xDD));
 }
 
 void check_bf16(const torch::Tensor& t, const char* name) {
@@ -174,46 +191,76 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k, torch::Te
   auto out = torch::empty({B, H * D}, q.options());
   const bf16* qp = q.data_ptr<bf16>();
   bf16* op = out.data_ptr<bf16>();
-  const int64_t chunks = (D + 15) / 16;
-  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores;
-    __m512 qv[32], acc[32];
+  const int64_t chunks = (D + 15) / 16, pair_chunks = (D + 31) / 32;
+  // One work item per (sequence, kv head): its group of query heads walks the context together in
+  // blocks of 16 tokens, so each key and value is fetched from memory once and reused from L1.
+  at::parallel_for(0, B * KVH, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores, sums;  // [group, n rounded up to 16], [group, D]
+    std::vector<int64_t> rows;
+    __m512bh qv[16];
+    __m512 acc[32];
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / H, h = i % H, kvh = h / group, p = pos[b];
+      const int64_t b = i / KVH, kvh = i % KVH, p = pos[b];
       int64_t first = 0;
       if (window > 0) first = std::max<int64_t>(first, p - window + 1);
       if (chunk > 0) first = std::max<int64_t>(first, p - p % chunk);
+      const int64_t n = p + 1 - first, padded = (n + 15) / 16 * 16;
       const int64_t* table = tables + b * max_blocks;
-      auto row = [&](int64_t s) { return (table[s / block_size] * block_size + s % block_size) * KVH + kvh; };
-      const bf16* qh = qp + b * q.stride(0) + h * q.stride(1);
-      for (int64_t c = 0; c < chunks; ++c) qv[c] = load(qh + c * 16, D - c * 16);
-      scores.resize(p + 1 - first);
-      float max_score = -INFINITY;
-      for (int64_t s = first; s <= p; ++s) {
-        const bf16* key = kc + row(s) * D;
-        __m512 dot = _mm512_setzero_ps();
-        for (int64_t c = 0; c < chunks; ++c) dot = _mm512_fmadd_ps(qv[c], load(key + c * 16, D - c * 16), dot);
-        const float score = _mm512_reduce_add_ps(dot) * (float)scale;
-        scores[s - first] = score;
-        max_score = std::max(max_score, score);
+      rows.resize(n);  // each context token's row in the cache, block by block (no divisions)
+      for (int64_t s = first, block = first / block_size, offset = first % block_size; s <= p; ++s) {
+        rows[s - first] = (table[block] * block_size + offset) * KVH + kvh;
+        if (++offset == block_size) offset = 0, ++block;
       }
-      const int64_t n = (int64_t)scores.size();
-      __m512 total = _mm512_setzero_ps();
-      for (int64_t j = 0; j < n; j += 16) {
-        const __mmask16 m = tail_mask(n - j);
-        __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores.data() + j), _mm512_set1_ps(max_score)));
-        e = _mm512_maskz_mov_ps(m, e);
-        _mm512_mask_storeu_ps(scores.data() + j, m, e);
-        total = _mm512_add_ps(total, e);
+      scores.resize(group * padded);
+      for (int64_t j = 0; j < n; j += 16) {  // scores: 16 dot products per head, then one tree of sums
+        for (int64_t g = 0; g < group; ++g) {
+          const bf16* qh = qp + b * q.stride(0) + (kvh * group + g) * q.stride(1);
+          for (int64_t c = 0; c < pair_chunks; ++c) qv[c] = load_pairs(qh + c * 32, D - c * 32);
+          __m512 dots[16];  // exact bf16 products, float32 sums (bf16 dot-product instructions)
+          for (int64_t t = 0; t < 16; ++t) {
+            dots[t] = _mm512_setzero_ps();
+            if (j + t >= n) continue;
+            const bf16* key = kc + rows[j + t] * D;
+            for (int64_t c = 0; c < pair_chunks; ++c) dots[t] = _mm512_dpbf16_ps(dots[t], qv[c], load_pairs(key + c * 32, D - c * 32));
+          }
+          _mm512_storeu_ps(scores.data() + g * padded + j, _mm512_mul_ps(hsum16(dots), _mm512_set1_ps((float)scale)));
+        }
       }
-      const __m512 inv_total = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(total));
-      for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_setzero_ps();
-      for (int64_t s = first; s <= p; ++s) {
-        const bf16* value = vc + row(s) * D;
-        const __m512 weight = _mm512_set1_ps(scores[s - first]);
-        for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_fmadd_ps(weight, load(value + c * 16, D - c * 16), acc[c]);
+      std::vector<float> inv_totals(group);
+      for (int64_t g = 0; g < group; ++g) {  // softmax numerators in place
+        float* row_scores = scores.data() + g * padded;
+        __m512 max_scores = _mm512_set1_ps(-INFINITY);
+        for (int64_t j = 0; j < n; j += 16)
+          max_scores = _mm512_mask_max_ps(max_scores, tail_mask(n - j), max_scores, _mm512_loadu_ps(row_scores + j));
+        const __m512 max_score = _mm512_set1_ps(_mm512_reduce_max_ps(max_scores));
+        __m512 total = _mm512_setzero_ps();
+        for (int64_t j = 0; j < n; j += 16) {
+          const __m512 e = _mm512_maskz_mov_ps(tail_mask(n - j), exp512(_mm512_sub_ps(_mm512_loadu_ps(row_scores + j), max_score)));
+          _mm512_storeu_ps(row_scores + j, e);
+          total = _mm512_add_ps(total, e);
+        }
+        inv_totals[g] = 1.f / _mm512_reduce_add_ps(total);
       }
-      for (int64_t c = 0; c < chunks; ++c) store(op + b * H * D + h * D + c * 16, _mm512_mul_ps(acc[c], inv_total), D - c * 16);
+      sums.assign(group * chunks * 16, 0.f);
+      for (int64_t j = 0; j < n; j += 16) {  // weighted values, 16 tokens at a time per head
+        const int64_t count = std::min<int64_t>(16, n - j);
+        for (int64_t g = 0; g < group; ++g) {
+          float* head_sums = sums.data() + g * chunks * 16;
+          for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_loadu_ps(head_sums + c * 16);
+          const float* weights = scores.data() + g * padded + j;
+          for (int64_t t = 0; t < count; ++t) {
+            const bf16* value = vc + rows[j + t] * D;
+            const __m512 weight = _mm512_set1_ps(weights[t]);
+            for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_fmadd_ps(weight, load(value + c * 16, D - c * 16), acc[c]);
+          }
+          for (int64_t c = 0; c < chunks; ++c) _mm512_storeu_ps(head_sums + c * 16, acc[c]);
+        }
+      }
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t c = 0; c < chunks; ++c)
+          store(op + b * H * D + (kvh * group + g) * D + c * 16,
+                _mm512_mul_ps(_mm512_loadu_ps(sums.data() + (g * chunks + c) * 16), _mm512_set1_ps(inv_totals[g])),
+                D - c * 16);
     }
   });
   return out;

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ownllm.kernels.build import decode_ops
+from ownllm.layers.module import Module
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class AttentionMetadata:
         return len(self.query_start_loc) - 1 == self.positions.shape[0]
 
 
-class Attention(nn.Module):
+class Attention(Module):
     def __init__(
         self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, layer_idx: int,
         sliding_window: int | None = None, chunk_size: int | None = None,

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ownllm.kernels.build import bf16_kernels
-from ownllm.layers.quant import Int4Weight, int4_linear
+from ownllm.layers.module import Module
+from ownllm.layers.quant import Int4Weight, PackedInt4
 
 GEMV_MAX_ROWS = 4
 
@@ -30,7 +31,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-class Linear(nn.Linear):
+class Linear(Module, nn.Linear):
     int4: Int4Weight | None = None  # set instead of `weight` for 4-bit weights, packed by finalize()
 
     def set_int4(self, weight: Int4Weight) -> None:
@@ -40,13 +41,12 @@ class Linear(nn.Linear):
     def finalize(self, dtype: torch.dtype) -> None:
         """After loading (and fusing): puts 4-bit weights in the kernel's layout."""
         if self.int4 is not None:
-            self.int4_packed, self.int4_scales_and_zeros = self.int4.pack(dtype)
+            self.int4_packed = PackedInt4(self.int4, dtype)
             self.int4 = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is None:
-            out = int4_linear(x, self.int4_packed, self.int4_scales_and_zeros)
-            return out if self.bias is None else out + self.bias
+            return self.int4_packed.matmul(x, self.bias)
         return linear(x, self.weight, self.bias)
 
 

@@ -25,6 +25,7 @@ from torch import nn
 from ownllm.config import ModelConfig
 from ownllm.layers.attention import AttentionMetadata, KVCacheSpec
 from ownllm.layers.linear import Linear, fuse_linears
+from ownllm.layers.module import Module
 from ownllm.layers.norm import RMSNorm
 from ownllm.layers.rotary import RotaryEmbedding
 
@@ -48,7 +49,7 @@ def yarn_softmax_scale(head_dim: int, scaling: dict | None) -> float:
     return scale
 
 
-class MultiLatentAttention(nn.Module):
+class MultiLatentAttention(Module):
     def __init__(self, config: ModelConfig, layer_idx: int, scale: float) -> None:
         super().__init__()
         hf = config.hf_config

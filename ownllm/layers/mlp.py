@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ownllm.kernels.build import decode_ops
 from ownllm.layers.linear import Linear, fuse_linears
+from ownllm.layers.module import Module
 
 
-class GatedMLP(nn.Module):
+class GatedMLP(Module):
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
         super().__init__()
         self.gate_proj = Linear(hidden_size, intermediate_size, bias=bias)

@@ -24,6 +24,7 @@ from torch import nn
 
 from ownllm.config import ModelConfig
 from ownllm.layers.linear import linear
+from ownllm.layers.module import Module
 
 MOE_IMPLS = ("fast", "reference")
 
@@ -78,7 +79,7 @@ def grouped_sigmoid_topk(
     return weights * scaling_factor, ids
 
 
-class FusedExperts(nn.Module):
+class FusedExperts(Module):
     """E SwiGLU experts in two stacked tensors. forward(x, weights, ids) -> Σ_k weights[t, k] * expert_ids[t, k](x[t]),
     or with `scale_input` (Llama 4) Σ_k expert(weights[t, k] * x[t])."""
 

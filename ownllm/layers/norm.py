@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ownllm.kernels.build import decode_ops
+from ownllm.layers.module import Module
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))

@@ -1,4 +1,5 @@
-"""4-bit weights kept quantized, multiplied by torch's int4 CPU kernel (_weight_int4pack_mm_for_cpu).
+"""4-bit weights kept quantized: multiplied by our kernel (kernels/int4_gemv.cpp) on CPUs with AVX-512 BF16,
+by torch's int4 CPU kernel (_weight_int4pack_mm_for_cpu) elsewhere.
 
 GGUF's Q4_0 and Q4_1 store groups of 32 weights as 4-bit codes q with an fp16 scale d (and, for
 Q4_1, a minimum m): Q4_0 is w = d * (q - 8), Q4_1 is w = d * q + m. Both are exactly the kernel's
@@ -13,8 +14,12 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+from ownllm.kernels.build import bf16_kernels
 
 GROUP_SIZE = 32
+KERNEL_MAX_ROWS = 16  # more rows (prefill): dequantize to bf16, then one oneDNN matmul
 
 
 @dataclass
@@ -65,3 +70,27 @@ class Int4Weight:
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
     # x: [T, K] -> [T, N]
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP_SIZE, scales_and_zeros)
+
+
+class PackedInt4:
+    """An Int4Weight in the layout its kernel multiplies, built once after loading (and fusing)."""
+
+    def __init__(self, weight: Int4Weight, dtype: torch.dtype) -> None:
+        self.kernel = bf16_kernels("int4_gemv") if dtype == torch.bfloat16 else None
+        if self.kernel is None:
+            self.packed, self.scales_and_zeros = weight.pack(dtype)
+            return
+        rows, cols = weight.shape
+        groups = weight.q.view(rows, cols // GROUP_SIZE, 2, GROUP_SIZE // 2)  # element j and j + 16 share a byte
+        self.codes = (groups[:, :, 0] | (groups[:, :, 1] << 4)).reshape(rows, cols // 2).contiguous()  # [N, K / 2]
+        self.scales = weight.scale.float().contiguous()  # [N, K / 32]
+        self.mins = (weight.zero - 136 * weight.scale).float().contiguous()  # w = scale * (128 + code) + min
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # x: [T, K] -> [T, N]
+        if self.kernel is None:
+            out = int4_linear(x, self.packed, self.scales_and_zeros)
+            return out if bias is None else out + bias
+        if x.shape[0] <= KERNEL_MAX_ROWS:
+            return self.kernel.int4_gemv(x, self.codes, self.scales, self.mins, bias)
+        return F.linear(x, self.kernel.int4_dequantize(self.codes, self.scales, self.mins), bias)

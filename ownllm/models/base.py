@@ -15,10 +15,11 @@ from torch import nn
 from ownllm.config import ModelConfig
 from ownllm.layers.attention import AttentionMetadata, KVCacheSpec
 from ownllm.layers.linear import Linear
+from ownllm.layers.module import Module
 from ownllm.layers.quant import Int4Weight
 
 
-class CausalLM(nn.Module):
+class CausalLM(Module):
     # checkpoint tensors that carry no weights of ours (e.g. precomputed rotary tables)
     ignored_tensor_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
 
@@ -32,7 +33,17 @@ class CausalLM(nn.Module):
             model = cls(config)
         model.load_weights(tensors, getattr(torch, config.dtype))
         model.post_load()
-        return model.eval().requires_grad_(False)
+        model.eval().requires_grad_(False)
+        model.freeze()
+        return model
+
+    def freeze(self) -> None:
+        """For inference from here on: every submodule and parameter becomes a plain instance attribute too.
+        nn.Module finds them through its __getattr__, ~0.4 us a lookup; a decode step of a 30-layer model
+        makes ~1,000 of them. Nothing may reassign a parameter or submodule afterwards (the copy would go stale)."""
+        for module in self.modules():
+            vars(module).update(module._modules)
+            vars(module).update(module._parameters)
 
     def post_load(self) -> None:
         """Rearranges loaded weights for speed (e.g. fusing projections); parity tests cover the result.

@@ -26,6 +26,7 @@ from ownllm.layers.attention import AttentionMetadata, KVCacheSpec
 from ownllm.layers.linear import Linear
 from ownllm.layers.mla import MultiLatentAttention, mla_kv_cache_spec, yarn_softmax_scale
 from ownllm.layers.mlp import GatedMLP
+from ownllm.layers.module import Module
 from ownllm.layers.moe import ExpertTensors, FusedExperts, check_moe_config, grouped_sigmoid_topk
 from ownllm.layers.norm import RMSNorm
 from ownllm.layers.rotary import InterleavedRotaryEmbedding, RotaryEmbedding
@@ -40,7 +41,7 @@ def rope_scaling(config: ModelConfig) -> dict | None:
     return scaling
 
 
-class DeepseekV3TopkRouter(nn.Module):
+class DeepseekV3TopkRouter(Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         hf = config.hf_config
@@ -59,7 +60,7 @@ class DeepseekV3TopkRouter(nn.Module):
                                     self.topk_groups, self.renormalize, self.scaling_factor)
 
 
-class DeepseekV3MoE(nn.Module):
+class DeepseekV3MoE(Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         hf = config.hf_config
@@ -76,7 +77,7 @@ class DeepseekV3MoE(nn.Module):
         return out if self.shared_experts is None else out + self.shared_experts(x)
 
 
-class DeepseekV3DecoderLayer(nn.Module):
+class DeepseekV3DecoderLayer(Module):
     def __init__(self, config: ModelConfig, layer_idx: int, softmax_scale: float) -> None:
         super().__init__()
         hf = config.hf_config
@@ -91,7 +92,7 @@ class DeepseekV3DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class DeepseekV3Model(nn.Module):
+class DeepseekV3Model(Module):
     def __init__(self, config: ModelConfig, softmax_scale: float) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)

@@ -14,12 +14,13 @@ from ownllm.config import ModelConfig
 from ownllm.layers.attention import Attention, AttentionMetadata
 from ownllm.layers.linear import Linear, fuse_linears
 from ownllm.layers.mlp import GatedMLP
+from ownllm.layers.module import Module
 from ownllm.layers.norm import RMSNorm
 from ownllm.layers.rotary import RotaryEmbedding
 from ownllm.models.base import CausalLM
 
 
-class LlamaAttention(nn.Module):
+class LlamaAttention(Module):
     def __init__(self, config: ModelConfig, layer_idx: int, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
@@ -65,7 +66,7 @@ class LlamaAttention(nn.Module):
         return self.o_proj(self.attn(q, k, v, meta))
 
 
-class LlamaDecoderLayer(nn.Module):
+class LlamaDecoderLayer(Module):
     def __init__(self, config: ModelConfig, layer_idx: int, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -78,7 +79,7 @@ class LlamaDecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class LlamaModel(nn.Module):
+class LlamaModel(Module):
     def __init__(self, config: ModelConfig, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)

@@ -25,6 +25,7 @@ from ownllm.config import ModelConfig
 from ownllm.layers.attention import Attention, AttentionMetadata
 from ownllm.layers.linear import Linear, fuse_linears
 from ownllm.layers.mlp import GatedMLP
+from ownllm.layers.module import Module
 from ownllm.layers.moe import ExpertTensors, FusedExperts, check_moe_config, sigmoid_topk
 from ownllm.layers.norm import RMSNorm
 from ownllm.layers.rotary import InterleavedRotaryEmbedding
@@ -52,7 +53,7 @@ def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
-class Llama4Attention(nn.Module):
+class Llama4Attention(Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         hf = config.hf_config
@@ -102,7 +103,7 @@ class Llama4Attention(nn.Module):
         return self.o_proj(self.attn(q, k, v, meta))
 
 
-class Llama4Moe(nn.Module):
+class Llama4Moe(Module):
     """router -> top-k sigmoid weights scaling the experts' input, plus the always-on shared expert."""
 
     def __init__(self, config: ModelConfig) -> None:
@@ -120,7 +121,7 @@ class Llama4Moe(nn.Module):
         return self.shared_expert(x) + self.experts(x, weights, ids)
 
 
-class Llama4DecoderLayer(nn.Module):
+class Llama4DecoderLayer(Module):
     def __init__(self, config: ModelConfig, layer_idx: int, is_moe: bool) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -134,7 +135,7 @@ class Llama4DecoderLayer(nn.Module):
         return x + self.feed_forward(self.post_attention_layernorm(x))
 
 
-class Llama4Model(nn.Module):
+class Llama4Model(Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         sparse = moe_layers(config)

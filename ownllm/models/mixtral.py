@@ -17,6 +17,7 @@ from ownllm.config import ModelConfig
 from ownllm.layers.attention import AttentionMetadata
 from ownllm.layers.linear import Linear
 from ownllm.layers.mlp import GatedMLP
+from ownllm.layers.module import Module
 from ownllm.layers.moe import ExpertTensors, FusedExperts, check_moe_config, softmax_topk
 from ownllm.layers.norm import RMSNorm
 from ownllm.layers.rotary import RotaryEmbedding
@@ -30,7 +31,7 @@ def num_experts(config: ModelConfig) -> int:
     return int(hf.get("num_local_experts") or hf.get("num_experts") or 0)
 
 
-class MixtralSparseMoeBlock(nn.Module):
+class MixtralSparseMoeBlock(Module):
     """Softmax router (`gate`) over FusedExperts; Mixtral always renormalizes the top-k, Qwen3-MoE if asked."""
 
     def __init__(self, config: ModelConfig, renormalize: bool) -> None:
@@ -48,7 +49,7 @@ class MixtralSparseMoeBlock(nn.Module):
         return self.experts(x, weights, ids)
 
 
-class MixtralDecoderLayer(nn.Module):
+class MixtralDecoderLayer(Module):
     """Pre-norm attention then the feed-forward, which the checkpoint names `ffn_name`."""
 
     def __init__(self, config: ModelConfig, layer_idx: int, qk_norm: bool, ffn_name: str, ffn: nn.Module) -> None:
@@ -65,7 +66,7 @@ class MixtralDecoderLayer(nn.Module):
         return x + getattr(self, self.ffn_name)(self.post_attention_layernorm(x))
 
 
-class MixtralModel(nn.Module):
+class MixtralModel(Module):
     def __init__(self, config: ModelConfig, layers: list[MixtralDecoderLayer]) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
