@@ -1,4 +1,4 @@
-"""4-bit weights kept quantized: multiplied by our kernel (kernels/int4_gemv.cpp) on CPUs with AVX-512 BF16,
+"""4-bit weights kept quantized: multiplied by our kernel (kernels/int4_matmul.cpp) on CPUs with AVX-512 BF16,
 by torch's int4 CPU kernel (_weight_int4pack_mm_for_cpu) elsewhere.
 
 GGUF's Q4_0 and Q4_1 store groups of 32 weights as 4-bit codes q with an fp16 scale d (and, for
@@ -14,12 +14,10 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ownllm.kernels.build import bf16_kernels
 
 GROUP_SIZE = 32
-KERNEL_MAX_ROWS = 16  # more rows (prefill): dequantize to bf16, then one oneDNN matmul
 
 
 @dataclass
@@ -76,7 +74,7 @@ class PackedInt4:
     """An Int4Weight in the layout its kernel multiplies, built once after loading (and fusing)."""
 
     def __init__(self, weight: Int4Weight, dtype: torch.dtype) -> None:
-        self.kernel = bf16_kernels("int4_gemv") if dtype == torch.bfloat16 else None
+        self.kernel = bf16_kernels("int4_matmul") if dtype == torch.bfloat16 else None
         if self.kernel is None:
             self.packed, self.scales_and_zeros = weight.pack(dtype)
             return
@@ -91,6 +89,4 @@ class PackedInt4:
         if self.kernel is None:
             out = int4_linear(x, self.packed, self.scales_and_zeros)
             return out if bias is None else out + bias
-        if x.shape[0] <= KERNEL_MAX_ROWS:
-            return self.kernel.int4_gemv(x, self.codes, self.scales, self.mins, bias)
-        return F.linear(x, self.kernel.int4_dequantize(self.codes, self.scales, self.mins), bias)
+        return self.kernel.int4_matmul(x, self.codes, self.scales, self.mins, bias)

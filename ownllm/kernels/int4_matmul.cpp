@@ -1,5 +1,7 @@
-// 4-bit weights (GGUF Q4_0 / Q4_1 groups of 32) times a few bf16 activation rows, for decode, and
-// their dequantization to bf16 for prefill-sized batches (then a oneDNN matmul).
+// 4-bit weights (GGUF Q4_0 / Q4_1 groups of 32) times bf16 activation rows, float32 accumulation.
+// Every output element is computed the same way whatever the number of rows, so a prompt gives the
+// same numbers in one piece, in chunks, or after a prefix-cache hit (a dequantize-then-oneDNN path
+// for long batches would round the weights to bf16 and break that).
 //
 // Layout, per output row n: codes [K / 2] bytes, group g in bytes 16g..16g+15 with element j in the
 // low nibble of byte j and element j + 16 in the high nibble (GGUF's own order); scales and mins
@@ -17,12 +19,11 @@
 namespace {
 
 using bf16 = at::BFloat16;
-constexpr int kMaxM = 16;
+constexpr int64_t kRowBlock = 64;  // weight rows whose codes stay in L1 while every activation row passes
 
 // Activations rearranged for two groups at a time: for pair p, 32 values x[64p + 0..15] then
 // x[64p + 32..47] (the low nibbles' partners), then x[64p + 16..31], x[64p + 48..63]; a last odd group as is.
-std::vector<bf16> pair_layout(const bf16* x, int64_t K) {
-  std::vector<bf16> out(K);
+void pair_layout(const bf16* x, bf16* out, int64_t K) {
   const int64_t pairs = K / 64;
   for (int64_t p = 0; p < pairs; ++p)
     for (int64_t j = 0; j < 16; ++j) {
@@ -32,7 +33,6 @@ std::vector<bf16> pair_layout(const bf16* x, int64_t K) {
       out[64 * p + 48 + j] = x[64 * p + 48 + j];
     }
   for (int64_t k = pairs * 64; k < K; ++k) out[k] = x[k];
-  return out;
 }
 
 template <int M>
@@ -89,7 +89,8 @@ void row(const bf16* const* xs, const float* const* xsums, const uint8_t* codes,
 
 using RowFn = void (*)(const bf16* const*, const float* const*, const uint8_t*, const float*, const float*,
                        const bf16*, bf16*, int64_t, int64_t, int64_t);
-constexpr RowFn kRow[4] = {&row<1>, &row<2>, &row<3>, &row<4>};
+constexpr int kRowsAtOnce = 4;  // activation rows per pass over a weight row (two accumulators each)
+constexpr RowFn kRow[kRowsAtOnce] = {&row<1>, &row<2>, &row<3>, &row<4>};
 
 void check(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& mins) {
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 2 && codes.is_contiguous(), "codes: [N, K / 2] uint8");
@@ -101,29 +102,31 @@ void check(const torch::Tensor& codes, const torch::Tensor& scales, const torch:
 
 }  // namespace
 
-// x: [M, K] bf16, M <= 16 -> [M, N] bf16.
-torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor mins,
-                        c10::optional<torch::Tensor> bias) {
+// x: [M, K] bf16 -> [M, N] bf16.
+torch::Tensor int4_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor mins,
+                          c10::optional<torch::Tensor> bias) {
   check(codes, scales, mins);
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.size(1) == 2 * codes.size(1), "x: [M, K] bf16");
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxM, "1 <= M <= 16");
   x = x.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = codes.size(0), groups = K / 32;
-  std::vector<std::vector<bf16>> arranged(M);
-  std::vector<std::vector<float>> sums(M, std::vector<float>(groups));
+  auto arranged = torch::empty({M, K}, x.options());
+  auto sums = torch::empty({M, groups}, x.options().dtype(at::kFloat));
+  const bf16* xp = x.data_ptr<bf16>();
+  bf16* ap = arranged.data_ptr<bf16>();
+  float* sp = sums.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      pair_layout(xp + m * K, ap + m * K, K);
+      for (int64_t g = 0; g < groups; ++g) {
+        float total = 0.f;
+        for (int64_t j = 0; j < 32; ++j) total += static_cast<float>(xp[m * K + 32 * g + j]);
+        sp[m * groups + g] = total;
+      }
+    }
+  });
   std::vector<const bf16*> xs(M);
   std::vector<const float*> xsums(M);
-  for (int64_t m = 0; m < M; ++m) {
-    const bf16* row_x = x.data_ptr<bf16>() + m * K;
-    arranged[m] = pair_layout(row_x, K);
-    for (int64_t g = 0; g < groups; ++g) {
-      float total = 0.f;
-      for (int64_t j = 0; j < 32; ++j) total += static_cast<float>(row_x[32 * g + j]);
-      sums[m][g] = total;
-    }
-    xs[m] = arranged[m].data();
-    xsums[m] = sums[m].data();
-  }
+  for (int64_t m = 0; m < M; ++m) xs[m] = ap + m * K, xsums[m] = sp + m * groups;
   torch::Tensor bias_c;
   const bf16* b = nullptr;
   if (bias.has_value() && bias->defined()) {
@@ -135,39 +138,15 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
   const float* s = scales.data_ptr<float>();
   const float* mn = mins.data_ptr<float>();
   bf16* yp = y.data_ptr<bf16>();
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t m0 = 0; m0 < M; m0 += 4)
-        kRow[std::min<int64_t>(4, M - m0) - 1](xs.data() + m0, xsums.data() + m0, c, s, mn, b, yp + m0 * N, K, N, n);
+  at::parallel_for(0, N, kRowBlock, [&](int64_t n0, int64_t n1) {
+    for (int64_t block = n0; block < n1; block += kRowBlock)
+      for (int64_t m0 = 0; m0 < M; m0 += kRowsAtOnce)
+        for (int64_t n = block; n < std::min(n1, block + kRowBlock); ++n)
+          kRow[std::min<int64_t>(kRowsAtOnce, M - m0) - 1](xs.data() + m0, xsums.data() + m0, c, s, mn, b, yp + m0 * N, K, N, n);
   });
   return y;
 }
 
-// -> [N, K] bf16, w = bf16(scale * (128 + code) + min).
-torch::Tensor int4_dequantize(torch::Tensor codes, torch::Tensor scales, torch::Tensor mins) {
-  check(codes, scales, mins);
-  const int64_t N = codes.size(0), K = 2 * codes.size(1), groups = K / 32;
-  auto out = torch::empty({N, K}, codes.options().dtype(at::kBFloat16));
-  const uint8_t* c = codes.data_ptr<uint8_t>();
-  const float* s = scales.data_ptr<float>();
-  const float* mn = mins.data_ptr<float>();
-  bf16* op = out.data_ptr<bf16>();
-  at::parallel_for(0, N * groups, 256, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(c + 16 * i)));
-      const __m512 scale = _mm512_set1_ps(s[i]), min = _mm512_set1_ps(mn[i]);
-      const __m512i lo_codes = _mm512_and_si512(bytes, _mm512_set1_epi32(0x0F)), hi_codes = _mm512_srli_epi32(bytes, 4);
-      const __m512i offset = _mm512_set1_epi32(128);
-      const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(lo_codes, offset)), scale, min);
-      const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(hi_codes, offset)), scale, min);
-      _mm256_storeu_si256((__m256i*)(op + 32 * i), (__m256i)_mm512_cvtneps_pbh(lo));
-      _mm256_storeu_si256((__m256i*)(op + 32 * i + 16), (__m256i)_mm512_cvtneps_pbh(hi));
-    }
-  });
-  return out;
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int4_gemv", &int4_gemv, "4-bit weights times up to 16 bf16 rows");
-  m.def("int4_dequantize", &int4_dequantize, "4-bit weights to bf16");
+  m.def("int4_matmul", &int4_matmul, "bf16 rows times 4-bit weights");
 }
