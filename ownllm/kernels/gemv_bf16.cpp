@@ -78,4 +78,33 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::T
   return y;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("gemv_bf16", &gemv_bf16, "skinny bf16 matmul (M <= 16)"); }
+// One skinny matmul per head: x [M, heads, K] (any strides but the last) times w [heads, N, K] -> [M, heads, N].
+// MLA's absorbed decode multiplies each head's query and output by that head's slice of kv_b_proj.
+torch::Tensor gemv_bf16_heads(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bf16 inputs expected");
+  TORCH_CHECK(x.dim() == 3 && w.dim() == 3 && x.size(1) == w.size(0) && x.size(2) == w.size(2),
+              "shapes: x [M, heads, K], w [heads, N, K]");
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxM, "1 <= M <= 16");
+  TORCH_CHECK(w.is_contiguous(), "w must be contiguous");
+  const int64_t M = x.size(0), H = w.size(0), N = w.size(1), K = w.size(2);
+  auto xh = x.transpose(0, 1).contiguous();  // [heads, M, K]
+  auto y = torch::empty({M, H, N}, x.options());
+  auto yh = torch::empty({H, M, N}, x.options());
+  const at::BFloat16* xp = xh.data_ptr<at::BFloat16>();
+  const at::BFloat16* wp = w.data_ptr<at::BFloat16>();
+  at::BFloat16* yp = yh.data_ptr<at::BFloat16>();
+  at::parallel_for(0, H * N, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t h = r / N, n = r % N;
+      for (int64_t m0 = 0; m0 < M; m0 += 4)
+        kRow[std::min<int64_t>(4, M - m0) - 1](xp + (h * M + m0) * K, wp + h * N * K, nullptr, yp + (h * M + m0) * N, K, N, n);
+    }
+  });
+  y.copy_(yh.transpose(0, 1));
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gemv_bf16", &gemv_bf16, "skinny bf16 matmul (M <= 16)");
+  m.def("gemv_bf16_heads", &gemv_bf16_heads, "skinny bf16 matmul per head (M <= 16)");
+}

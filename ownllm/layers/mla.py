@@ -24,7 +24,7 @@ from torch import nn
 
 from ownllm.config import ModelConfig
 from ownllm.layers.attention import AttentionMetadata, KVCacheSpec
-from ownllm.layers.linear import Linear, fuse_linears
+from ownllm.layers.linear import GEMV_MAX_ROWS, Linear, fuse_linears, gemv_kernel
 from ownllm.layers.module import Module
 from ownllm.layers.norm import RMSNorm
 from ownllm.layers.rotary import RotaryEmbedding
@@ -47,6 +47,13 @@ def yarn_softmax_scale(head_dim: int, scaling: dict | None) -> float:
         mscale = 1.0 if factor <= 1 else 0.1 * scaling["mscale_all_dim"] * math.log(factor) + 1.0
         scale *= mscale * mscale
     return scale
+
+
+def per_head_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    # x: [N, heads, K]; w: [heads, out, K] -> [N, heads, out]; a few bf16 rows: one kernel call, else bmm
+    if x.shape[0] <= GEMV_MAX_ROWS and x.dtype == w.dtype == torch.bfloat16 and gemv_kernel() is not None:
+        return gemv_kernel().gemv_bf16_heads(x, w)
+    return torch.bmm(x.transpose(0, 1), w.transpose(1, 2)).transpose(0, 1)
 
 
 class MultiLatentAttention(Module):
@@ -91,11 +98,11 @@ class MultiLatentAttention(Module):
         return q, kv_a
 
     def split_kv_b(self) -> None:
-        """After loading: kv_b_proj re-laid out per head for both forms' batched matmuls, then dropped (so the
-        weights are held once): w_uk [heads, nope_dim, rank] and w_uv [heads, rank, v_dim]."""
+        """After loading: kv_b_proj split per head, then dropped (so the weights are held once): w_uk_t
+        [heads, rank, nope_dim] and w_uv_t [heads, v_dim, rank], rows laid out as the decode kernel reads them."""
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        self.w_uk = w[:, : self.nope_dim].contiguous()
-        self.w_uv = w[:, self.nope_dim :].transpose(1, 2).contiguous()
+        self.w_uk_t = w[:, : self.nope_dim].transpose(1, 2).contiguous()
+        self.w_uv_t = w[:, self.nope_dim :].contiguous()
         del self.kv_b_proj
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, rope: RotaryEmbedding) -> torch.Tensor:
@@ -125,8 +132,8 @@ class MultiLatentAttention(Module):
         start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
         latents = self._latents(latent_cache, meta, i)
         c_kv, k_rope = latents.split([self.kv_lora_rank, self.rope_dim], dim=-1)  # [S, rank], [S, rope]
-        k_nope = torch.einsum("sr,hdr->shd", c_kv, self.w_uk)  # [S, heads, nope]
-        values = torch.einsum("sr,hrv->shv", c_kv, self.w_uv)  # [S, heads, v_dim]
+        k_nope = torch.einsum("sr,hrd->shd", c_kv, self.w_uk_t)  # [S, heads, nope]
+        values = torch.einsum("sr,hvr->shv", c_kv, self.w_uv_t)  # [S, heads, v_dim]
         keys = torch.cat((k_nope, k_rope[:, None, :].expand(-1, self.num_heads, -1)), dim=-1)
         queries = torch.cat((q_nope[start:end], q_rope[start:end]), dim=-1)  # [Q, heads, nope + rope]
         mask = torch.arange(keys.shape[0])[None, :] <= meta.positions[start:end, None]  # [Q, S]
@@ -138,12 +145,12 @@ class MultiLatentAttention(Module):
 
     def _latent_query(self, q_nope: torch.Tensor, q_rope: torch.Tensor) -> torch.Tensor:
         # q_nope: [N, heads, nope] -> [N, heads, rank + rope] float32: the query in latent space, beside its rope part
-        q_latent = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)  # [N, heads, rank]
+        q_latent = per_head_matmul(q_nope, self.w_uk_t)  # [N, heads, rank]
         return torch.cat((q_latent, q_rope), dim=-1).float()
 
     def _latent_output(self, out_latent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # out_latent: [N, heads, rank] float32 -> [N, heads, v_dim]
-        return torch.bmm(out_latent.to(dtype).transpose(0, 1), self.w_uv).transpose(0, 1)
+        return per_head_matmul(out_latent.to(dtype), self.w_uv_t)
 
     def _absorbed_sequence(self, q_nope, q_rope, latent_cache, meta: AttentionMetadata, i: int) -> torch.Tensor:
         start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
