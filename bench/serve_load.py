@@ -141,10 +141,10 @@ def long_system_prompt(num_rules: int = 80) -> str:
     return f"Session {uuid.uuid4().hex}. You are a careful assistant. {rules}"
 
 
-async def prefix_probe(url: str) -> tuple[float, float]:
+async def prefix_probe(url: str, num_rules: int) -> tuple[float, float]:
     """-> (first-token time with a fresh ~1,000-token system prompt, with one an earlier request sent)."""
     async with httpx.AsyncClient(base_url=url, timeout=1800) as client:
-        shared = long_system_prompt()
+        shared = long_system_prompt(num_rules)
 
         async def ttft(system: str, question: str) -> float:
             messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
@@ -152,7 +152,7 @@ async def prefix_probe(url: str) -> tuple[float, float]:
 
         await ttft(shared, QUESTIONS[0])  # fills the cache with the shared prompt
         warm = await ttft(shared, QUESTIONS[1])
-        cold = await ttft(long_system_prompt(), QUESTIONS[1])
+        cold = await ttft(long_system_prompt(num_rules), QUESTIONS[1])
     return cold, warm
 
 
@@ -213,7 +213,7 @@ def measure(url: str, args: argparse.Namespace) -> tuple[list[LevelResult], tupl
         print(f"  {concurrency:>3} clients: {level.requests_per_s:.2f} req/s, {level.tokens_per_s:.1f} tok/s, "
               f"TTFT p50 {level.ttft(0.5):.3f}s", flush=True)
         levels.append(level)
-    probe = asyncio.run(prefix_probe(url))
+    probe = asyncio.run(prefix_probe(url, args.prefix_rules))
     print(f"  prefix probe: fresh {probe[0]:.3f}s, shared {probe[1]:.3f}s", flush=True)
     return levels, probe
 
@@ -253,7 +253,8 @@ def report(measured: dict[str, tuple[list[LevelResult], tuple[float, float]]], a
         f"Command: `{command}`",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f} at the end: "
         f"other work shares them), llama.cpp threads {args.threads}; model "
-        f"{args.model.name}; streaming greedy chat, {args.max_tokens} new tokens (EOS ignored), "
+        f"{args.model.name if not args.ownllm_model else f'{args.ownllm_model} (ownllm) / {args.model} (llama.cpp)'}; "
+        f"{'raw completions' if RAW else 'streaming greedy chat'}, {args.max_tokens} new tokens (EOS ignored), "
         f"{args.requests_per_client} request(s) per client; timings at the client.", "",
     ]
     return "\n".join(header + lines) + "\n"
@@ -274,6 +275,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ownllm-dtype", help="ownllm serve --dtype")
     parser.add_argument("--raw", action="store_true", help="/v1/completions on plain text (no chat template needed)")
     parser.add_argument("--section", default="Serving load", help="bench/RESULTS.md section to (re)write")
+    parser.add_argument("--prefix-rules", type=int, default=80, help="length of the prefix probe's system prompt: "
+                        "80 rules are ~1,000 tokens for SmolLM2's tokenizer, 19 for the harness's byte-level one")
     args = parser.parse_args()
     global RAW
     RAW = args.raw
