@@ -78,7 +78,7 @@ class Attention(Module):
         # q: [T, num_heads, head_dim]; k, v: [T, num_kv_heads, head_dim] -> [T, num_heads * head_dim]
         k_cache = meta.kv_cache.k[self.layer_idx]  # [num_blocks, block_size, num_kv_heads, head_dim]
         v_cache = meta.kv_cache.v[self.layer_idx]
-        ops = decode_ops(q) if meta.is_decode_only else None
+        ops = decode_ops(q) if meta.is_decode_only and self.head_dim <= 512 else None
         if ops is not None:  # writes k and v into their slots, then attends
             return ops.paged_decode_attention(q, k, v, k_cache, v_cache, meta.slot_mapping, meta.positions,
                                               meta.block_tables, self.scale, self.sliding_window or 0,

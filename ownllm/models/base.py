@@ -40,7 +40,8 @@ class CausalLM(Module):
     def freeze(self) -> None:
         """For inference from here on: every submodule and parameter becomes a plain instance attribute too.
         nn.Module finds them through its __getattr__, ~0.4 us a lookup; a decode step of a 30-layer model
-        makes ~1,000 of them. Nothing may reassign a parameter or submodule afterwards (the copy would go stale)."""
+        makes ~1,000 of them. Afterwards nothing may delete, register, or set to None a parameter or submodule
+        (assigning a new Parameter or Module is fine: nn.Module.__setattr__ drops the stale copy)."""
         for module in self.modules():
             vars(module).update(module._modules)
             vars(module).update(module._parameters)
