@@ -68,7 +68,10 @@ def test_rope_rotate_half_in_place_on_qkv_views(ops, reference, head_dim):
                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
     positions = torch.tensor([0, 7, 300, 5000])
     qkv = torch.randn(4, (6 + 2 + 2) * head_dim).bfloat16()
-    views = lambda t: (t[:, : 6 * head_dim].reshape(4, 6, head_dim), t[:, 6 * head_dim : 8 * head_dim].reshape(4, 2, head_dim))  # noqa: E731
+
+    def views(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # q and k as the qkv split leaves them
+        return t[:, : 6 * head_dim].reshape(4, 6, head_dim), t[:, 6 * head_dim : 8 * head_dim].reshape(4, 2, head_dim)
+
     expected_q, expected_k = reference(rope, positions, *views(qkv.clone()))
     rope._cached = None
     q, k = rope(positions, *views(qkv))

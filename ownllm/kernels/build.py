@@ -7,6 +7,7 @@ its callers fall back to plain torch. OWNLLM_NO_KERNELS=1 turns them all off.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -44,12 +45,15 @@ def load(name: str, required_flags: tuple[str, ...], extra_cflags: tuple[str, ..
         return None
     from torch.utils.cpp_extension import load as build
 
-    build_dir = CACHE_DIR / name
+    source = Path(__file__).with_name(f"{name}.cpp")
+    cflags = ["-O3", *OPENMP_FLAGS, *extra_cflags]
+    # one build per source text and flags: checkouts or versions sharing the cache never load another's module
+    digest = hashlib.sha256(source.read_bytes() + " ".join(cflags).encode()).hexdigest()[:12]
+    build_dir = CACHE_DIR / f"{name}-{digest}"
     build_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return build(name=f"ownllm_{name}", sources=[str(Path(__file__).with_name(f"{name}.cpp"))],
-                     extra_cflags=["-O3", *OPENMP_FLAGS, *extra_cflags], extra_ldflags=list(OPENMP_FLAGS),
-                     build_directory=str(build_dir), verbose=False)
+        return build(name=f"ownllm_{name}_{digest}", sources=[str(source)], extra_cflags=cflags,
+                     extra_ldflags=list(OPENMP_FLAGS), build_directory=str(build_dir), verbose=False)
     except Exception as error:  # no compiler, or it failed: run on plain torch instead
         logger.warning("kernel %s could not be built, using plain torch: %s", name, error)
         return None

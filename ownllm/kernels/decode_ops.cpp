@@ -108,23 +108,24 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   return out;
 }
 
-// x: [T, heads, D] in place -> x * cos + rotate_half(x) * sin, each product and the sum rounded to
-// bf16 as the reference rounds them. cos, sin: [T, D] bf16.
-void rope_rotate_half_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
-  check_bf16(x, "x");
-  TORCH_CHECK(x.dim() == 3 && cos.dim() == 2 && cos.size(0) == x.size(0) && cos.size(1) == x.size(2),
-              "shapes: x [T, heads, D], cos and sin [T, D]");
+// q: [T, heads, D] and k: [T, kv_heads, D] in place -> x * cos + rotate_half(x) * sin, each product
+// and the sum rounded to bf16 as the reference rounds them. cos, sin: [T, 1, D] (or [T, D]) bf16.
+void rope_rotate_half_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin) {
+  check_bf16(q, "q");
+  check_bf16(k, "k");
+  const int64_t T = q.size(0), Hq = q.size(1), Hk = k.size(1), D = q.size(2), half = D / 2;
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.size(0) == T && k.size(2) == D && cos.numel() == T * D &&
+                  sin.numel() == T * D, "shapes: q [T, heads, D], k [T, kv_heads, D], cos and sin [T, 1, D]");
   cos = cos.contiguous();
   sin = sin.contiguous();
-  const int64_t T = x.size(0), H = x.size(1), D = x.size(2), half = D / 2;
-  const int64_t st = x.stride(0), sh = x.stride(1);
-  bf16* xp = x.data_ptr<bf16>();
+  bf16* qp = q.data_ptr<bf16>();
+  bf16* kp = k.data_ptr<bf16>();
   const bf16* cp = cos.data_ptr<bf16>();
   const bf16* sp = sin.data_ptr<bf16>();
-  at::parallel_for(0, T * H, 64, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, T * (Hq + Hk), 64, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t t = i / H;
-      bf16* head = xp + t * st + (i % H) * sh;
+      const int64_t t = i / (Hq + Hk), h = i % (Hq + Hk);
+      bf16* head = h < Hq ? qp + t * q.stride(0) + h * q.stride(1) : kp + t * k.stride(0) + (h - Hq) * k.stride(1);
       const bf16 *c = cp + t * D, *s = sp + t * D;
       for (int64_t d = 0; d < half; d += 16) {
         const int64_t n = half - d;
@@ -195,7 +196,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k, torch::Te
   // One work item per (sequence, kv head): its group of query heads walks the context together in
   // blocks of 16 tokens, so each key and value is fetched from memory once and reused from L1.
   at::parallel_for(0, B * KVH, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores, sums;  // [group, n rounded up to 16], [group, D]
+    std::vector<float> scores, sums, inv_totals(group);  // [group, n rounded up to 16], [group, D], [group]
     std::vector<int64_t> rows;
     __m512bh qv[16];
     __m512 acc[32];
@@ -226,7 +227,6 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k, torch::Te
           _mm512_storeu_ps(scores.data() + g * padded + j, _mm512_mul_ps(hsum16(dots), _mm512_set1_ps((float)scale)));
         }
       }
-      std::vector<float> inv_totals(group);
       for (int64_t g = 0; g < group; ++g) {  // softmax numerators in place
         float* row_scores = scores.data() + g * padded;
         __m512 max_scores = _mm512_set1_ps(-INFINITY);
@@ -268,7 +268,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k, torch::Te
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "Llama RMSNorm, bf16");
-  m.def("rope_rotate_half_", &rope_rotate_half_, "rotate-half RoPE in place, bf16");
+  m.def("rope_rotate_half_", &rope_rotate_half_, "rotate-half RoPE of q and k in place, bf16");
   m.def("silu_mul", &silu_mul, "silu(gate) * up, bf16");
   m.def("paged_decode_attention", &paged_decode_attention, "one query per sequence over the paged KV cache, bf16");
 }

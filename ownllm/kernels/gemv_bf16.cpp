@@ -78,7 +78,7 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::T
   return y;
 }
 
-// One skinny matmul per head: x [M, heads, K] (any strides but the last) times w [heads, N, K] -> [M, heads, N].
+// One skinny matmul per head: x [M, heads, K] (any strides but the last) times w [heads, N, K] -> [M, heads, N] (a transposed view).
 // MLA's absorbed decode multiplies each head's query and output by that head's slice of kv_b_proj.
 torch::Tensor gemv_bf16_heads(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bf16 inputs expected");
@@ -88,7 +88,6 @@ torch::Tensor gemv_bf16_heads(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(w.is_contiguous(), "w must be contiguous");
   const int64_t M = x.size(0), H = w.size(0), N = w.size(1), K = w.size(2);
   auto xh = x.transpose(0, 1).contiguous();  // [heads, M, K]
-  auto y = torch::empty({M, H, N}, x.options());
   auto yh = torch::empty({H, M, N}, x.options());
   const at::BFloat16* xp = xh.data_ptr<at::BFloat16>();
   const at::BFloat16* wp = w.data_ptr<at::BFloat16>();
@@ -100,8 +99,7 @@ torch::Tensor gemv_bf16_heads(torch::Tensor x, torch::Tensor w) {
         kRow[std::min<int64_t>(4, M - m0) - 1](xp + (h * M + m0) * K, wp + h * N * K, nullptr, yp + (h * M + m0) * N, K, N, n);
     }
   });
-  y.copy_(yh.transpose(0, 1));
-  return y;
+  return yh.transpose(0, 1);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

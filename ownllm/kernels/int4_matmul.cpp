@@ -5,7 +5,8 @@
 //
 // Layout, per output row n: codes [K / 2] bytes, group g in bytes 16g..16g+15 with element j in the
 // low nibble of byte j and element j + 16 in the high nibble (GGUF's own order); scales and mins
-// [K / 32] float32, w = scale * (128 + code) + min. Decode streams each row's codes once. A nibble v OR'ed
+// [K / 32] float32, w = scale * (128 + code) + min. Each row's codes are read once per 4 activation
+// rows, from L1 after the first (blocks of 64 weight rows). A nibble v OR'ed
 // into the bf16 pattern 0x4300 is exactly the bf16 number 128 + v (one instruction per 32 codes), so
 // the AVX-512 BF16 dot products (float32 accumulation, one scale multiply per group) compute
 // sum scale * (128 + v) * x; the mins (the file's minimum less 128 scales) contribute

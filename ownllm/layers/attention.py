@@ -5,8 +5,9 @@ new tokens) and passes it to every layer. Attention writes the new keys and valu
 cache slots, then attends each query over its sequence's cached context (causal, optionally a
 sliding window). Decode-only batches run as two padded batched matmuls; mixed prefill / decode
 batches run one SDPA call per sequence. In bfloat16, decode-only batches run instead as one call of
-the fused kernel (kernels/decode_ops.cpp), which reads the blocks in place and is tested against this. Attention math runs in float32 (CPU SDPA is several times slower
-in bfloat16, and the cache reads are small next to the weights). Gathers use index_select: advanced
+the fused kernel (kernels/decode_ops.cpp), which reads the blocks in place and is tested against this.
+Attention math runs in float32 (CPU SDPA is several times slower in bfloat16, and the cache reads are
+small next to the weights). Gathers use index_select: advanced
 indexing of a large bfloat16 pool takes a slow path in torch. Faster backends replace
 `Attention.forward`'s body, keeping this signature, and are tested against it.
 """

@@ -127,8 +127,7 @@ class RotaryEmbedding:
         cos, sin = self.cos_sin(positions, q.dtype)
         ops = decode_ops(q)
         if ops is not None:  # in place, the same roundings as below
-            ops.rope_rotate_half_(q, cos[:, 0], sin[:, 0])
-            ops.rope_rotate_half_(k, cos[:, 0], sin[:, 0])
+            ops.rope_rotate_half_(q, k, cos, sin)
             return q, k
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
