@@ -1,5 +1,5 @@
 """The MoE building blocks on their own: routers against transformers' router modules, the fast expert
-path against the reference, checkpoint expert stacking, yarn / interleaved RoPE, and MLA's cache size."""
+path and its kernel against the reference, checkpoint expert mapping, yarn / interleaved RoPE, and MLA's cache size."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from ownllm.config import ModelConfig
 from ownllm.layers.attention import KVCacheSpec
 from ownllm.layers.mla import mla_kv_cache_spec
-from ownllm.layers.moe import ExpertTensors, FusedExperts, grouped_sigmoid_topk, sigmoid_topk, softmax_topk
+from ownllm.layers.moe import ExpertTensors, Experts, grouped_sigmoid_topk, sigmoid_topk, softmax_topk
 from ownllm.layers.rotary import InterleavedRotaryEmbedding, rope_attention_factor, rope_inv_freq
 
 HIDDEN, NUM_EXPERTS = 32, 8
@@ -86,16 +86,17 @@ def test_group_limit_and_bias_change_the_choice_but_bias_not_the_weights():
     torch.testing.assert_close(weights, logits.sigmoid().gather(1, ids))
 
 
-def random_experts(scale_input: bool = False, dtype=torch.float32) -> FusedExperts:
+def random_experts(scale_input: bool = False, dtype=torch.float32, width: int = 24) -> Experts:
     with torch.device("meta"):
-        experts = FusedExperts(NUM_EXPERTS, HIDDEN, 24, scale_input=scale_input)
+        experts = Experts(NUM_EXPERTS, HIDDEN, width, scale_input=scale_input)
     g = torch.Generator().manual_seed(1)
-    experts.gate_up_proj = torch.nn.Parameter(torch.randn(NUM_EXPERTS, 48, HIDDEN, generator=g).to(dtype) / 4)
-    experts.down_proj = torch.nn.Parameter(torch.randn(NUM_EXPERTS, HIDDEN, 24, generator=g).to(dtype) / 4)
+    for expert in experts.experts:
+        for linear in (expert.gate_proj, expert.up_proj, expert.down_proj):
+            linear.weight = torch.nn.Parameter(torch.randn(linear.weight.shape, generator=g).to(dtype) / 4)
     return experts
 
 
-def run(experts: FusedExperts, impl: str, x, weights, ids) -> torch.Tensor:
+def run(experts: Experts, impl: str, x, weights, ids) -> torch.Tensor:
     experts.impl = impl
     return experts(x, weights, ids)
 
@@ -109,42 +110,74 @@ def test_fast_path_matches_reference(num_tokens, scale_input):
     torch.testing.assert_close(run(experts, "fast", x, weights, ids), run(experts, "reference", x, weights, ids))
 
 
-def test_fast_path_in_bfloat16_matches_reference():
-    experts = random_experts(dtype=torch.bfloat16)
-    x = hidden_states(5).bfloat16()
-    weights, ids = softmax_topk(hidden_states(5, seed=2)[:, :NUM_EXPERTS], 2, True)
+@pytest.mark.parametrize("num_tokens", [1, 5])
+@pytest.mark.parametrize("scale_input", [False, True])
+def test_fast_path_in_bfloat16_matches_reference(num_tokens, scale_input):
+    experts = random_experts(scale_input, dtype=torch.bfloat16)
+    x = hidden_states(num_tokens).bfloat16()
+    weights, ids = softmax_topk(hidden_states(num_tokens, seed=2)[:, :NUM_EXPERTS], 2, True)
     torch.testing.assert_close(run(experts, "fast", x, weights, ids).float(),
                                run(experts, "reference", x, weights, ids).float(), atol=2e-2, rtol=2e-2)
 
 
-def test_decode_reads_only_the_chosen_experts():
+@pytest.mark.parametrize("scale_input", [False, True])
+@pytest.mark.parametrize("width", [24, 100])
+def test_one_token_kernel_matches_the_torch_path(scale_input, width):
+    """The bf16 kernel (kernels/moe_experts.cpp) against the per-op torch path it replaces, to bf16 rounding."""
+    from ownllm.kernels.build import bf16_kernels
+
+    kernel = bf16_kernels("moe_experts")
+    if kernel is None:
+        pytest.skip("no AVX-512 BF16 on this CPU")
+    experts = random_experts(scale_input, dtype=torch.bfloat16, width=width)
+    x = hidden_states(1, seed=3).bfloat16()
+    weights, ids = torch.tensor([0.6, 0.3, 0.1]), [6, 1, 4]
+    gate, up, down = ([ws[e] for e in ids] for ws in experts.per_expert())
+    got = kernel.experts_one_token(x, gate, up, down, weights, scale_input).float()
+    if scale_input:
+        expected = sum(experts.experts[e]((x.float() * w).bfloat16()).float() for e, w in zip(ids, weights))
+    else:
+        expected = sum(experts.experts[e](x).float() * w for e, w in zip(ids, weights))
+    torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2)
+    assert got.abs().max() > 0.1  # a real signal, not zeros
+    with pytest.raises(RuntimeError, match="weights must be contiguous bf16"):
+        kernel.experts_one_token(x, [gate[0].t()], up[:1], down[:1], weights[:1], scale_input)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_reads_only_the_chosen_experts(dtype):
     """Poisoning every other expert's weights with NaN leaves one token's fast-path output finite and unchanged."""
-    experts = random_experts()
-    x = hidden_states(1)
+    experts = random_experts(dtype=dtype)
+    x = hidden_states(1).to(dtype)
     weights, ids = torch.tensor([[0.7, 0.3]]), torch.tensor([[5, 2]])
     expected = run(experts, "reference", x, weights, ids)
-    others = [e for e in range(NUM_EXPERTS) if e not in (5, 2)]
-    experts.gate_up_proj.data[others] = float("nan")
-    experts.down_proj.data[others] = float("nan")
-    torch.testing.assert_close(run(experts, "fast", x, weights, ids), expected)
+    for e in (e for e in range(NUM_EXPERTS) if e not in (5, 2)):
+        for linear in (experts.experts[e].gate_proj, experts.experts[e].up_proj, experts.experts[e].down_proj):
+            linear.weight.data.fill_(float("nan"))
+    got = run(experts, "fast", x, weights, ids)
+    assert got.isfinite().all()
+    torch.testing.assert_close(got, expected)
 
 
-def test_expert_tensors_stack_per_expert_weights_and_name_what_is_missing():
+def test_expert_tensors_rename_per_expert_weights_and_name_what_is_missing():
     tensors = {f"m.experts.{e}.{n}.weight": torch.full((4, 3) if n != "w2" else (3, 4), float(e))
                for e in range(2) for n in ("w1", "w3", "w2")}
-    view = ExpertTensors(tensors, 2, names=("w1", "w3", "w2"))
-    gate_up, down = view["m.experts.gate_up_proj"], view["m.experts.down_proj"]
-    assert gate_up.shape == (2, 8, 3) and down.shape == (2, 3, 4)
-    assert gate_up[1].eq(1).all() and down[0].eq(0).all()
+    view = ExpertTensors(tensors, names=("w1", "w3", "w2"))
+    assert view["m.experts.1.up_proj.weight"] is tensors["m.experts.1.w3.weight"]
+    assert "m.experts.0.down_proj.weight" in view and "m.experts.2.down_proj.weight" not in view
     del tensors["m.experts.1.w3.weight"]
     with pytest.raises(ValueError, match=r"m\.experts\.1\.w3\.weight"):
-        view["m.experts.gate_up_proj"]
+        view["m.experts.1.up_proj.weight"]
 
 
-def test_expert_tensors_transpose_fused_llama4_layout():
-    gate_up = torch.randn(2, 3, 8)  # [E, H, 2I]
-    view = ExpertTensors({"p.x.experts.gate_up_proj": gate_up}, 2, transposed=True, rename=lambda n: "p." + n)
-    assert torch.equal(view["x.experts.gate_up_proj"], gate_up.transpose(1, 2))
+def test_expert_tensors_view_fused_llama4_layout():
+    gate_up, down = torch.randn(2, 3, 8), torch.randn(2, 4, 3)  # [E, H, 2I], [E, I, H]
+    view = ExpertTensors({"p.x.experts.gate_up_proj": gate_up, "p.x.experts.down_proj": down},
+                         rename=lambda n: "p." + n)
+    assert torch.equal(view["x.experts.1.gate_proj.weight"], gate_up[1, :, :4].t())
+    assert torch.equal(view["x.experts.1.up_proj.weight"], gate_up[1, :, 4:].t())
+    assert torch.equal(view["x.experts.0.down_proj.weight"], down[0].t())
+    assert view["x.experts.1.up_proj.weight"].data_ptr() == gate_up[1, 0, 4:].data_ptr()  # a view, not a copy
 
 
 def test_yarn_matches_transformers():

@@ -22,7 +22,7 @@ import torch
 
 from ownllm import LLM, SamplingParams
 from ownllm.layers.mla import set_mla_mode
-from ownllm.layers.moe import FusedExperts, set_moe_impl
+from ownllm.layers.moe import Experts, set_moe_impl
 from ownllm.models.llama4 import Llama4Attention
 from tests.checkpoints import BASE, build_checkpoint, hf_greedy, random_prompts, save_tiny_tokenizer
 
@@ -102,12 +102,36 @@ def variant(request, tmp_path_factory):
     return request.param, folder, hf_model, LLM(str(folder), dtype="float32", enable_prefix_caching=False)
 
 
+def assert_experts_memory_mapped(llm: LLM, suffix: str) -> None:
+    """Every expert weight lies inside a mapping of a file named *suffix (/proc/self/maps): adopted, not copied."""
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) >= 6 and fields[-1].endswith(suffix):
+                start, end = (int(a, 16) for a in fields[0].split("-"))
+                ranges.append((start, end))
+    assert ranges, f"no *{suffix} file is mapped"
+    weights = [linear.weight for module in llm.runner.model.modules() if isinstance(module, Experts)
+               for expert in module.experts for linear in (expert.gate_proj, expert.up_proj, expert.down_proj)]
+    assert weights
+    for weight in weights:
+        storage = weight.untyped_storage()
+        first, last = storage.data_ptr(), storage.data_ptr() + storage.nbytes() - 1
+        assert any(start <= first and last < end for start, end in ranges), "an expert weight was copied"
+
+
+def test_expert_weights_stay_memory_mapped(variant):
+    _, _, _, llm = variant
+    assert_experts_memory_mapped(llm, ".safetensors")
+
+
 def generate_recording_experts(llm: LLM) -> tuple[list, dict[str, list[torch.Tensor]]]:
-    """generate(llm), and {FusedExperts module name: [expert ids [T, k] of each of its forwards]}."""
+    """generate(llm), and {Experts module name: [expert ids [T, k] of each of its forwards]}."""
     chosen: dict[str, list[torch.Tensor]] = {}
     hooks = []
     for name, module in llm.runner.model.named_modules():
-        if isinstance(module, FusedExperts):
+        if isinstance(module, Experts):
             chosen[name] = []
             hooks.append(module.register_forward_hook(
                 lambda m, args, out, name=name: chosen[name].append(args[2].clone())))
@@ -277,7 +301,9 @@ def test_gguf_loads_like_the_checkpoint(name, tmp_path):
     build(tmp_path / "hf", arch, overrides)
     path = write_moe_gguf(tmp_path / "hf", tmp_path / f"{name}.gguf")
     from_hf = generate(LLM(str(tmp_path / "hf"), dtype="float32"))
-    from_gguf = generate(LLM(str(path), dtype="float32"))
+    gguf_llm = LLM(str(path), dtype="float32")
+    assert_experts_memory_mapped(gguf_llm, ".gguf")
+    from_gguf = generate(gguf_llm)
     for hf_out, gguf_out in zip(from_hf, from_gguf):
         assert gguf_out.token_ids == hf_out.token_ids
         for hf_step, gguf_step in zip(hf_out.logprobs, gguf_out.logprobs):

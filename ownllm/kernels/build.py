@@ -48,7 +48,8 @@ def load(name: str, required_flags: tuple[str, ...], extra_cflags: tuple[str, ..
     source = Path(__file__).with_name(f"{name}.cpp")
     cflags = ["-O3", *OPENMP_FLAGS, *extra_cflags]
     # one build per source text and flags: checkouts or versions sharing the cache never load another's module
-    digest = hashlib.sha256(source.read_bytes() + " ".join(cflags).encode()).hexdigest()[:12]
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+    digest = hashlib.sha256(source.read_bytes() + headers + " ".join(cflags).encode()).hexdigest()[:12]
     build_dir = CACHE_DIR / f"{name}-{digest}"
     build_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -61,7 +62,7 @@ def load(name: str, required_flags: tuple[str, ...], extra_cflags: tuple[str, ..
 
 @functools.cache
 def bf16_kernels(name: str):
-    """A module of AVX-512 BF16 kernels (gemv_bf16, decode_ops), or None on CPUs without those instructions."""
+    """A module of AVX-512 BF16 kernels (gemv_bf16, decode_ops, moe_experts), or None on CPUs without those instructions."""
     logger.info("building the %s kernels (once; cached afterwards)", name)
     return load(name, ("avx512_bf16", "avx512bw"), BF16_FLAGS)
 

@@ -1,15 +1,15 @@
-"""Mixture-of-experts pieces shared by the MoE model files: routers, stacked experts, checkpoint stacking.
+"""Mixture-of-experts pieces shared by the MoE model files: routers, the experts, checkpoint name mapping.
 
 Routers are plain functions from router logits [T, E] to (weights [T, k] float32, expert ids [T, k]):
 softmax -> top-k (Mixtral, Qwen3-MoE), top-k -> sigmoid (Llama 4) and sigmoid + bias + group-limited
-top-k (DeepSeek-V3). `FusedExperts` holds every expert's SwiGLU weights stacked as
-gate_up_proj [E, 2 * I, H] and down_proj [E, H, I] (nn.Linear's [out, in] per expert) and runs them
-one of two ways, chosen by its `impl` attribute:
+top-k (DeepSeek-V3). `Experts` holds E SwiGLU experts, each its own gate/up/down weights as loaded
+(memory-mapped views when no conversion is needed), and runs them one of two ways, chosen by `impl`:
 - "reference": every expert on every token, then a dense [T, E] weighting; obviously right, slow.
-- "fast": token-expert pairs sorted by expert, one matmul pair per active expert over its tokens, so
-  a decode step reads only the weights of the experts its tokens chose.
-Both give the same result; the parity tests run both. `ExpertTensors` presents a checkpoint's
-per-expert (or differently laid out) tensors under the stacked names, so loading stays a name lookup.
+- "fast": token-expert pairs sorted by expert, one call per active expert over its tokens, so a decode
+  step reads only the weights of the experts its tokens chose; one token in bfloat16 runs all its k
+  experts in one kernel call (kernels/moe_experts.cpp).
+Both give the same result; the parity tests run both. `ExpertTensors` finds each expert's tensors in
+a checkpoint's layout (per expert, or Llama 4's fused 3-D tensors) without copying them.
 This module never decides which layers are sparse or how a model names its router: the model files do.
 """
 
@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ownllm.config import ModelConfig
-from ownllm.layers.linear import linear
+from ownllm.kernels.build import bf16_kernels
+from ownllm.layers.linear import Linear
 from ownllm.layers.module import Module
 
 MOE_IMPLS = ("fast", "reference")
@@ -79,25 +80,48 @@ def grouped_sigmoid_topk(
     return weights * scaling_factor, ids
 
 
-class FusedExperts(Module):
-    """E SwiGLU experts in two stacked tensors. forward(x, weights, ids) -> Σ_k weights[t, k] * expert_ids[t, k](x[t]),
-    or with `scale_input` (Llama 4) Σ_k expert(weights[t, k] * x[t])."""
+class SwiGLUExpert(Module):
+    """One expert: gate, up and down projections as the checkpoint stores them (HF names)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [N, H] -> [N, H]
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(Module):
+    """E SwiGLU experts (children "0".."E-1"). forward(x, weights, ids) -> Σ_k weights[t, k] * expert_ids[t, k](x[t]),
+    or with `scale_input` (Llama 4) Σ_k expert(weights[t, k] * x[t]).
+
+    Each expert keeps the tensors the loader gave it: views of the memory-mapped checkpoint when no dtype
+    conversion is needed, so a model larger than RAM loads, and a decode step pages in only the experts it
+    uses. Stacking them into one [E, ...] tensor would copy every expert."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, scale_input: bool = False) -> None:
         super().__init__()
         self.num_experts, self.intermediate_size = num_experts, intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        for e in range(num_experts):
+            self.add_module(str(e), SwiGLUExpert(hidden_size, intermediate_size))
+        self.experts = [self._modules[str(e)] for e in range(num_experts)]
         self.scale_input = scale_input
         self.impl = "fast"
-        self._views: tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._weights: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None = None
 
-    def per_expert(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Each expert's gate_up [2I, H] and down [H, I] weights as a list of views, built once per loaded
-        tensor (indexing the stacked tensor on every call costs an op per expert)."""
-        if self._views is None or self._views[0] is not self.gate_up_proj:
-            self._views = (self.gate_up_proj, list(self.gate_up_proj.unbind(0)), list(self.down_proj.unbind(0)))
-        return self._views[1], self._views[2]
+    def per_expert(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None:
+        """Every expert's gate [I, H], up [I, H] and down [H, I] weights when all are dense and row-major
+        (what the one-token kernel reads), else None; looked up once per loaded weight."""
+        first = self.experts[0].gate_proj.weight
+        if self._weights is None or self._weights[0][0] is not first:
+            lists = tuple([getattr(expert, name).weight for expert in self.experts]
+                          for name in ("gate_proj", "up_proj", "down_proj"))
+            usable = all(w is not None and w.is_contiguous() for ws in lists for w in ws)
+            self._weights = lists if usable else ([first], [], [])
+        return self._weights if self._weights[1] else None
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         # x: [T, H]; weights: [T, k] float32; ids: [T, k] -> [T, H]
@@ -105,25 +129,19 @@ class FusedExperts(Module):
             return self._reference(x, weights, ids)
         return self._fast(x, weights, ids)
 
-    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        # x: [N, H] -> [N, H] through expert e
-        gate_up, down = self.per_expert()
-        gate, up = linear(x, gate_up[e]).chunk(2, dim=-1)  # [N, I] each
-        return linear(F.silu(gate) * up, down[e])
-
     def _reference(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         dense = torch.zeros(x.shape[0], self.num_experts, dtype=torch.float32).scatter_add_(1, ids, weights)  # [T, E]
         out = torch.zeros(x.shape, dtype=torch.float32)
-        for e in range(self.num_experts):
+        for e, expert in enumerate(self.experts):
             w = dense[:, e : e + 1]  # [T, 1]
             if self.scale_input:
-                out += self._expert(e, (x.float() * w).to(x.dtype)).float()
+                out += expert((x.float() * w).to(x.dtype)).float()
             else:
-                out += self._expert(e, x).float() * w
+                out += expert(x).float() * w
         return out.to(x.dtype)
 
     def _fast(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        # one gather in, one matmul pair per active expert over a contiguous slice, one gather out; no
+        # one gather in, one expert call per active expert over a contiguous slice, one gather out; no
         # per-expert scatter (index_add_ on a few rows costs far more than the rows, once threads are involved)
         num_tokens, top_k = ids.shape
         if num_tokens == 1:
@@ -137,7 +155,7 @@ class FusedExperts(Module):
             x_pairs = (x_pairs.float() * pair_weights).to(x.dtype)
         outputs, start = [], 0
         for e in (e for e, n in enumerate(counts) if n):
-            outputs.append(self._expert(e, x_pairs[start : start + counts[e]]))
+            outputs.append(self.experts[e](x_pairs[start : start + counts[e]]))
             start += counts[e]
         y = torch.cat(outputs).float()  # [T * k, H], sorted by expert
         if not self.scale_input:
@@ -146,44 +164,41 @@ class FusedExperts(Module):
         return y.view(num_tokens, top_k, -1).sum(dim=1).to(x.dtype)
 
     def _one_token(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        # x: [1, H]; weights, ids: [k] -> [1, H]. Reads only the k chosen experts' weights; the elementwise
-        # work runs once over all k rows instead of once per expert.
+        # x: [1, H]; weights, ids: [k] -> [1, H]. Reads only the k chosen experts' weights.
         experts = ids.tolist()
-        gate_up_w, down_w = self.per_expert()
+        kernel = bf16_kernels("moe_experts") if x.dtype == torch.bfloat16 else None
+        if kernel is not None and (lists := self.per_expert()) is not None:
+            gate, up, down = ([ws[e] for e in experts] for ws in lists)
+            return kernel.experts_one_token(x, gate, up, down, weights, self.scale_input)
         if self.scale_input:
             rows = (x.float() * weights[:, None]).to(x.dtype).split(1)  # k x [1, H]
-            gate_up = torch.cat([linear(row, gate_up_w[e]) for row, e in zip(rows, experts)])
-        else:
-            gate_up = torch.cat([linear(x, gate_up_w[e]) for e in experts])  # [k, 2I]
-        gate, up = gate_up.chunk(2, dim=-1)
-        hidden = (F.silu(gate) * up).split(1)  # k x [1, I]
-        y = torch.cat([linear(h, down_w[e]) for h, e in zip(hidden, experts)]).float()  # [k, H]
-        if self.scale_input:
-            return y.sum(dim=0, keepdim=True).to(x.dtype)
+            return torch.cat([self.experts[e](row) for row, e in zip(rows, experts)]).float().sum(
+                dim=0, keepdim=True).to(x.dtype)
+        y = torch.cat([self.experts[e](x) for e in experts]).float()  # [k, H]
         return (weights[None, :] @ y).to(x.dtype)
 
 
 def set_moe_impl(model: nn.Module, impl: str) -> None:
-    """Switches every FusedExperts in `model` to "fast" or "reference"."""
+    """Switches every Experts in `model` to "fast" or "reference"."""
     if impl not in MOE_IMPLS:
         raise ValueError(f"MoE implementation {impl!r} is unknown; choose one of {', '.join(MOE_IMPLS)}")
     for module in model.modules():
-        if isinstance(module, FusedExperts):
+        if isinstance(module, Experts):
             module.impl = impl
 
 
 class ExpertTensors(Mapping[str, torch.Tensor]):
-    """A checkpoint's tensors, plus each `<prefix>experts.gate_up_proj` / `.down_proj` built from what the
-    checkpoint stores: per-expert Linear weights (`<prefix>experts.<e>.<gate|up|down>.weight`, stacked)
-    or, with `transposed`, Llama 4's fused [E, H, 2I] / [E, I, H] tensors (transposed to [out, in])."""
+    """A checkpoint's tensors, with each expert's `<prefix>experts.<e>.<gate_proj|up_proj|down_proj>.weight`
+    found where the checkpoint keeps it: under its own name (renamed by `names`, e.g. Mixtral's w1/w3/w2), or
+    as a view [out, in] into Llama 4's fused `<prefix>experts.gate_up_proj` [E, H, 2I] / `.down_proj` [E, I, H].
+    Nothing is copied: memory-mapped tensors stay mapped."""
 
-    _STACKED = re.compile(r"(.*\.experts\.)(gate_up_proj|down_proj)$")
+    _EXPERT = re.compile(r"(.*\.experts\.)(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+    _ROLES = ("gate_proj", "up_proj", "down_proj")
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], num_experts: int,
-                 names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"), transposed: bool = False,
+    def __init__(self, tensors: Mapping[str, torch.Tensor], names: tuple[str, str, str] = _ROLES,
                  rename: Callable[[str], str] = lambda name: name) -> None:
-        self.tensors, self.num_experts, self.names, self.transposed = tensors, num_experts, names, transposed
-        self.rename = rename
+        self.tensors, self.names, self.rename = tensors, names, rename
 
     def _get(self, name: str) -> torch.Tensor:
         stored = self.rename(name)
@@ -192,24 +207,28 @@ class ExpertTensors(Mapping[str, torch.Tensor]):
         return self.tensors[stored]
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        match = self._STACKED.match(name)
+        match = self._EXPERT.match(name)
         if match is None:
             return self._get(name)
-        prefix, kind = match.groups()
-        if self.transposed:
-            return self._get(name).transpose(1, 2).contiguous()
-        gate, up, down = self.names
-        per_expert = [
-            torch.cat([self._get(f"{prefix}{e}.{gate}.weight"), self._get(f"{prefix}{e}.{up}.weight")])
-            if kind == "gate_up_proj" else self._get(f"{prefix}{e}.{down}.weight")
-            for e in range(self.num_experts)
-        ]
-        return torch.stack(per_expert)  # [E, 2I, H] or [E, H, I]
+        prefix, expert, role = match.groups()
+        own_name = f"{prefix}{expert}.{self.names[self._ROLES.index(role)]}.weight"
+        fused_name = f"{prefix}{'down_proj' if role == 'down_proj' else 'gate_up_proj'}"
+        if self.rename(own_name) in self.tensors or self.rename(fused_name) not in self.tensors:
+            return self._get(own_name)
+        fused = self._get(fused_name)[int(expert)]  # [H, 2I] (gate then up) or [I, H]: [in, out]
+        if role == "down_proj":
+            return fused.t()
+        width = fused.shape[1] // 2
+        return (fused[:, :width] if role == "gate_proj" else fused[:, width:]).t()
 
     def __contains__(self, name: object) -> bool:
-        if isinstance(name, str) and self._STACKED.match(name):
-            return True
-        return isinstance(name, str) and self.rename(name) in self.tensors
+        if not isinstance(name, str):
+            return False
+        try:
+            self[name]
+        except ValueError:
+            return False
+        return True
 
     def __iter__(self) -> Iterator[str]:  # the checkpoint's own names
         return iter(self.tensors)

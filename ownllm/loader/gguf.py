@@ -8,9 +8,8 @@ permutation of `llama`-architecture models). The tokenizer is rebuilt by `gguf_t
 
 Supported: `general.architecture` llama (also Mistral, whose GGUFs say "llama", and Mixtral: "llama" with
 `llama.expert_count`), qwen2, qwen3, qwen3moe and llama4 (text); tensor types F32, F16, BF16, Q8_0, Q4_0, Q4_1,
-Q4_K, Q5_K and Q6_K. MoE files store each layer's experts as 3-D tensors (`blk.N.ffn_gate_exps` ...); they
-become the architecture's HF expert tensors (per expert for Mixtral and Qwen3-MoE, Llama 4's fused
-`gate_up_proj` / `down_proj`), and settings llama.cpp hard-codes for Llama 4 are written into the config.
+Q4_K, Q5_K and Q6_K. MoE files store each layer's experts as 3-D tensors (`blk.N.ffn_gate_exps` ...); each
+expert's slice becomes its HF per-expert tensor (a view, not a copy), and settings llama.cpp hard-codes for Llama 4 are written into the config.
 
 Default compute dtype (`dtype=None`): a file whose weight matrices are all F16 (or all BF16) loads
 in that dtype; every other file (F32 or any quantized type) loads in float32 -- dequantized values
@@ -91,12 +90,11 @@ _MOE_LAYER_TENSORS = (
     "ffn_gate_inp.weight", "ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight",
     "ffn_gate_shexp.weight", "ffn_up_shexp.weight", "ffn_down_shexp.weight",
 )
-# HF architecture -> (feed-forward module name, router name, per-expert gate/up/down names; None: Llama 4's
-# fused gate_up_proj [E, H, 2I] and down_proj [E, I, H])
+# HF architecture -> (feed-forward module name, router name, per-expert gate/up/down names)
 _MOE_LAYOUT = {
     "MixtralForCausalLM": ("block_sparse_moe", "gate", ("w1", "w3", "w2")),
     "Qwen3MoeForCausalLM": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj")),
-    "Llama4ForCausalLM": ("feed_forward", "router", None),
+    "Llama4ForCausalLM": ("feed_forward", "router", ("gate_proj", "up_proj", "down_proj")),
 }
 _ROPE_FREQS = "rope_freqs.weight"  # llama3 rope scaling, stored as per-dimension factors
 
@@ -161,7 +159,7 @@ def open_gguf(path: str) -> gguf.GGUFReader:
     if magic != _GGUF_MAGIC:
         raise ValueError(f"{path} is not a GGUF file (starts with {magic!r}, expected {_GGUF_MAGIC!r})")
     try:
-        reader = gguf.GGUFReader(path)
+        reader = gguf.GGUFReader(path, mode="c")  # copy-on-write: tensors may view it, nothing writes back
     except (ValueError, IndexError, KeyError, OverflowError, TypeError, MemoryError) as e:
         raise ValueError(f"{path} is a truncated or corrupt GGUF file: {e}") from e
     size = reader.data.shape[0]
@@ -419,14 +417,9 @@ def moe_hf_tensors(moe: dict[str, torch.Tensor], architecture: str) -> dict[str,
             out[f"{prefix}{router}.weight"] = value
         elif role.endswith("_shexp"):
             out[f"{prefix}shared_expert.{role.removesuffix('_shexp')}_proj.weight"] = value
-        elif per_expert is not None:  # value: [E, out, in]
+        else:  # value: [E, out, in]
             projection = per_expert[("gate_exps", "up_exps", "down_exps").index(role)]
             out.update((f"{prefix}experts.{e}.{projection}.weight", value[e]) for e in range(value.shape[0]))
-        elif role == "down_exps":
-            out[f"{prefix}experts.down_proj"] = value.transpose(1, 2)  # [E, I, H]
-        elif role == "gate_exps":
-            up = moe[name.replace("ffn_gate_exps", "ffn_up_exps")]
-            out[f"{prefix}experts.gate_up_proj"] = torch.cat((value, up), dim=1).transpose(1, 2)  # [E, H, 2I]
     return out
 
 
@@ -458,16 +451,16 @@ def _to_numpy_f32(tensor: gguf.ReaderTensor) -> np.ndarray:
 
 
 def dequantize_tensor(tensor: gguf.ReaderTensor, dtype: torch.dtype) -> torch.Tensor:
-    """One GGUF tensor as a new torch tensor of `dtype` in HF's shape (nothing left memory-mapped)."""
+    """One GGUF tensor as a torch tensor of `dtype` in HF's shape: a view of the (copy-on-write) file
+    mapping when the file stores it in `dtype`, so pages are read only when used; else a new tensor."""
     shape = _hf_shape(tensor)
     kind = tensor.tensor_type
     if kind in (QType.F32, QType.F16):
         # reader data is already float32/float16, laid out as `shape`
-        value = torch.from_numpy(np.array(tensor.data, copy=True)).reshape(shape)
+        value = torch.from_numpy(tensor.data).reshape(shape)
     elif kind == QType.BF16:
         # raw bytes -> int16 words -> bfloat16 bit pattern
-        words = np.array(tensor.data, copy=True).view(np.int16)
-        value = torch.from_numpy(words).view(torch.bfloat16).reshape(shape)
+        value = torch.from_numpy(tensor.data.view(np.int16)).view(torch.bfloat16).reshape(shape)
     else:
         value = torch.from_numpy(_to_numpy_f32(tensor))
     return value.to(dtype)

@@ -9,7 +9,7 @@
   (`n_group`, `topk_group`), `norm_topk_prob`, `routed_scaling_factor`, plus `n_shared_experts` shared
   experts (one SwiGLU of n_shared * moe_intermediate_size). The router runs in float32 with a float32
   bias, as transformers keeps it.
-Checkpoints store experts per expert (`mlp.experts.<e>.gate_proj.weight`...), stacked at load. The
+Checkpoints store experts per expert (`mlp.experts.<e>.gate_proj.weight`...), adopted as they are. The
 multi-token-prediction layer (`model.layers.<num_hidden_layers>.*`) is not read.
 """
 
@@ -27,7 +27,7 @@ from ownllm.layers.linear import Linear
 from ownllm.layers.mla import MultiLatentAttention, mla_kv_cache_spec, yarn_softmax_scale
 from ownllm.layers.mlp import GatedMLP
 from ownllm.layers.module import Module
-from ownllm.layers.moe import ExpertTensors, FusedExperts, check_moe_config, grouped_sigmoid_topk
+from ownllm.layers.moe import ExpertTensors, Experts, check_moe_config, grouped_sigmoid_topk
 from ownllm.layers.norm import RMSNorm
 from ownllm.layers.rotary import InterleavedRotaryEmbedding, RotaryEmbedding
 from ownllm.models.base import CausalLM
@@ -66,7 +66,7 @@ class DeepseekV3MoE(Module):
         hf = config.hf_config
         width = int(hf["moe_intermediate_size"])
         self.gate = DeepseekV3TopkRouter(config)
-        self.experts = FusedExperts(int(hf["n_routed_experts"]), config.hidden_size, width)
+        self.experts = Experts(int(hf["n_routed_experts"]), config.hidden_size, width)
         num_shared = int(hf.get("n_shared_experts") or 0)
         self.shared_experts = GatedMLP(config.hidden_size, width * num_shared) if num_shared else None
 
@@ -123,7 +123,7 @@ class DeepseekV3ForCausalLM(CausalLM):
         return {"lm_head.weight": "model.embed_tokens.weight"} if self.config.tie_word_embeddings else {}
 
     def load_weights(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:
-        super().load_weights(ExpertTensors(tensors, int(self.config.hf_config.get("n_routed_experts") or 0)), dtype)
+        super().load_weights(ExpertTensors(tensors), dtype)
         for name, _ in list(self.named_parameters()):
             if name.endswith("gate.e_score_correction_bias"):  # selection needs the bias in float32
                 self._set_parameter(name, tensors[name].float())

@@ -4,7 +4,8 @@ What differs from Llama 3:
 - Feed-forward: MoE on layers `moe_layers` (default every `interleave_moe_layer_step`-th), dense SwiGLU of
   `intermediate_size_mlp` between. The MoE routes top-1 by raw logit, scales the chosen expert's *input*
   by the sigmoid of its logit, and always adds a shared expert. Experts are stored fused:
-  `feed_forward.experts.gate_up_proj` [E, H, 2I] and `.down_proj` [E, I, H] (transposed at load).
+  `feed_forward.experts.gate_up_proj` [E, H, 2I] and `.down_proj` [E, I, H]; each expert takes
+  transposed views of them (no copy).
 - Attention: RoPE over interleaved pairs (complex form) on the layers `no_rope_layers` marks with 1; those
   layers attend only within their aligned `attention_chunk_size` chunk and, with `use_qk_norm`, L2-normalize
   q and k after RoPE. The other (NoPE) layers attend the full causal context and, with
@@ -26,7 +27,7 @@ from ownllm.layers.attention import Attention, AttentionMetadata
 from ownllm.layers.linear import Linear, fuse_linears
 from ownllm.layers.mlp import GatedMLP
 from ownllm.layers.module import Module
-from ownllm.layers.moe import ExpertTensors, FusedExperts, check_moe_config, sigmoid_topk
+from ownllm.layers.moe import ExpertTensors, Experts, check_moe_config, sigmoid_topk
 from ownllm.layers.norm import RMSNorm
 from ownllm.layers.rotary import InterleavedRotaryEmbedding
 from ownllm.models.base import CausalLM
@@ -112,7 +113,7 @@ class Llama4Moe(Module):
         num_experts = int(hf["num_local_experts"])
         self.top_k = int(hf.get("num_experts_per_tok", 1))
         self.router = Linear(config.hidden_size, num_experts, bias=False)
-        self.experts = FusedExperts(num_experts, config.hidden_size, config.intermediate_size, scale_input=True)
+        self.experts = Experts(num_experts, config.hidden_size, config.intermediate_size, scale_input=True)
         self.shared_expert = GatedMLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,8 +162,7 @@ class Llama4ForCausalLM(CausalLM):
 
     def load_weights(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:
         prefix = self.checkpoint_prefix
-        experts = ExpertTensors(tensors, int(self.config.hf_config["num_local_experts"]), transposed=True,
-                                rename=lambda name: prefix + name)
+        experts = ExpertTensors(tensors, rename=lambda name: prefix + name)
         super().load_weights(experts, dtype)
 
     def post_load(self) -> None:

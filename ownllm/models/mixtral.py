@@ -1,8 +1,8 @@
 """MixtralForCausalLM: the Mistral decoder (GQA, rotate_half RoPE, optional sliding window) with a sparse
 MoE feed-forward in every layer: softmax router, top-k (2) experts renormalized to sum 1, no shared expert.
 
-Checkpoints store each expert as `block_sparse_moe.experts.<e>.w1/w3/w2.weight` (gate/up/down); they
-are stacked at load time into `block_sparse_moe.experts.gate_up_proj` / `.down_proj` (layers/moe.py).
+Checkpoints store each expert as `block_sparse_moe.experts.<e>.w1/w3/w2.weight` (gate/up/down); each
+expert adopts its tensors as they are (layers/moe.py ExpertTensors renames them).
 Qwen3-MoE is a subclass (qwen3_moe.py): the class attributes below say where the two differ.
 """
 
@@ -18,7 +18,7 @@ from ownllm.layers.attention import AttentionMetadata
 from ownllm.layers.linear import Linear
 from ownllm.layers.mlp import GatedMLP
 from ownllm.layers.module import Module
-from ownllm.layers.moe import ExpertTensors, FusedExperts, check_moe_config, softmax_topk
+from ownllm.layers.moe import ExpertTensors, Experts, check_moe_config, softmax_topk
 from ownllm.layers.norm import RMSNorm
 from ownllm.layers.rotary import RotaryEmbedding
 from ownllm.models.base import CausalLM
@@ -32,7 +32,7 @@ def num_experts(config: ModelConfig) -> int:
 
 
 class MixtralSparseMoeBlock(Module):
-    """Softmax router (`gate`) over FusedExperts; Mixtral always renormalizes the top-k, Qwen3-MoE if asked."""
+    """Softmax router (`gate`) over Experts; Mixtral always renormalizes the top-k, Qwen3-MoE if asked."""
 
     def __init__(self, config: ModelConfig, renormalize: bool) -> None:
         super().__init__()
@@ -41,7 +41,7 @@ class MixtralSparseMoeBlock(Module):
         self.renormalize = renormalize
         width = int(hf.get("moe_intermediate_size") or config.intermediate_size)
         self.gate = Linear(config.hidden_size, num_experts(config), bias=False)
-        self.experts = FusedExperts(num_experts(config), config.hidden_size, width)
+        self.experts = Experts(num_experts(config), config.hidden_size, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, hidden] -> [T, hidden]
@@ -97,7 +97,7 @@ class MixtralForCausalLM(CausalLM):
         return {"lm_head.weight": "model.embed_tokens.weight"} if self.config.tie_word_embeddings else {}
 
     def load_weights(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:
-        super().load_weights(ExpertTensors(tensors, num_experts(self.config), names=self.expert_names), dtype)
+        super().load_weights(ExpertTensors(tensors, names=self.expert_names), dtype)
 
     def post_load(self) -> None:
         for layer in self.model.layers:
