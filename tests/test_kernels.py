@@ -5,18 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ownllm.kernels.build import cpu_has_bf16
 from ownllm.layers.linear import Linear, fuse_linears, gemv_kernel, linear
 
 
 @pytest.fixture(scope="module")
 def kernel():
-    module = gemv_kernel()
-    if module is None:
+    if not cpu_has_bf16():
         pytest.skip("the bf16 decode kernel cannot run on this CPU")
+    module = gemv_kernel()
+    assert module is not None, "the kernel failed to build (see the log)"
     return module
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 16, 33, 64])
 @pytest.mark.parametrize("in_features, out_features", [(576, 1536), (100, 70), (64, 5), (2048, 33)])
 def test_gemv_bf16_matches_float_reference(kernel, rows, in_features, out_features):
     torch.manual_seed(rows)
@@ -30,7 +32,19 @@ def test_gemv_bf16_matches_float_reference(kernel, rows, in_features, out_featur
     assert not torch.equal(out, torch.zeros_like(out))
 
 
-@pytest.mark.parametrize("rows", [1, 3, 5])
+def test_gemv_bf16_gives_each_row_the_same_numbers_in_any_batch(kernel):
+    """A sequence decoded alone or beside up to 63 others gets bit-identical projections."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 200).bfloat16()
+    w = torch.randn(301, 200).bfloat16()
+    alone = torch.cat([kernel.gemv_bf16(x[i : i + 1], w, None) for i in range(64)])
+    for rows in (2, 5, 16, 64):
+        assert torch.equal(kernel.gemv_bf16(x[:rows], w, None), alone[:rows]), rows
+    with pytest.raises(RuntimeError, match="1 <= M <= 64"):
+        kernel.gemv_bf16(torch.randn(65, 200).bfloat16(), w, None)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 5, 17])
 def test_gemv_bf16_heads_matches_bmm(kernel, rows):
     """MLA's absorbed decode: each head's query slice times that head's weights, from a strided view."""
     torch.manual_seed(rows)
@@ -45,7 +59,7 @@ def test_gemv_bf16_heads_matches_bmm(kernel, rows):
 def test_linear_dispatch_agrees_with_torch_for_all_shapes(kernel):
     torch.manual_seed(0)
     w = torch.randn(48, 96).bfloat16()
-    for rows in (1, 4, 5, 33):  # kernel for <= 4 rows, torch beyond
+    for rows in (1, 4, 5, 32, 33, 64, 200):  # kernel for <= 32 rows, torch beyond
         x = torch.randn(rows, 96).bfloat16()
         torch.testing.assert_close(linear(x, w), torch.nn.functional.linear(x, w), rtol=2e-2, atol=2e-2)
 
@@ -132,8 +146,9 @@ def test_packed_int4_matches_dequantized_weights(rows, out_features, in_features
     weight = Int4Weight(torch.randint(0, 16, (out_features, in_features), dtype=torch.uint8),
                         torch.rand(out_features, groups) / 8, torch.randn(out_features, groups) / 4)
     packed = PackedInt4(weight, torch.bfloat16)
-    if packed.kernel is None:
+    if not cpu_has_bf16():
         pytest.skip("the 4-bit kernel cannot run on this CPU")
+    assert packed.kernel is not None, "the kernel failed to build (see the log)"
     dense = weight.dequantize(torch.float32)
     x = torch.randn(rows, in_features).bfloat16()
     bias = torch.randn(out_features).bfloat16()

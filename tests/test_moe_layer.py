@@ -124,11 +124,12 @@ def test_fast_path_in_bfloat16_matches_reference(num_tokens, scale_input):
 @pytest.mark.parametrize("width", [24, 100])
 def test_one_token_kernel_matches_the_torch_path(scale_input, width):
     """The bf16 kernel (kernels/moe_experts.cpp) against the per-op torch path it replaces, to bf16 rounding."""
-    from ownllm.kernels.build import bf16_kernels
+    from ownllm.kernels.build import bf16_kernels, cpu_has_bf16
 
-    kernel = bf16_kernels("moe_experts")
-    if kernel is None:
+    if not cpu_has_bf16():
         pytest.skip("no AVX-512 BF16 on this CPU")
+    kernel = bf16_kernels("moe_experts")
+    assert kernel is not None, "the kernel failed to build (see the log)"
     experts = random_experts(scale_input, dtype=torch.bfloat16, width=width)
     x = hidden_states(1, seed=3).bfloat16()
     weights, ids = torch.tensor([0.6, 0.3, 0.1]), [6, 1, 4]

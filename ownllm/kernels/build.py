@@ -20,6 +20,7 @@ CACHE_DIR = Path(os.environ.get("OWNLLM_CACHE", Path.home() / ".cache" / "ownllm
 # matches the copy torch loads, so the kernels share torch's thread pool.
 OPENMP_FLAGS = ("-fopenmp",)
 BF16_FLAGS = ("-mavx512f", "-mavx512bf16", "-mavx512vl", "-mavx512bw")
+BF16_CPU_FLAGS = ("avx512_bf16", "avx512bw")  # /proc/cpuinfo names of what BF16_FLAGS compiles for
 
 
 @functools.cache
@@ -60,11 +61,16 @@ def load(name: str, required_flags: tuple[str, ...], extra_cflags: tuple[str, ..
         return None
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU runs the AVX-512 BF16 kernels (tests skip without it, and fail if they do not build)."""
+    return set(BF16_CPU_FLAGS) <= cpu_flags()
+
+
 @functools.cache
 def bf16_kernels(name: str):
     """A module of AVX-512 BF16 kernels (gemv_bf16, decode_ops, moe_experts), or None on CPUs without those instructions."""
     logger.info("building the %s kernels (once; cached afterwards)", name)
-    return load(name, ("avx512_bf16", "avx512bw"), BF16_FLAGS)
+    return load(name, BF16_CPU_FLAGS, BF16_FLAGS)
 
 
 def decode_ops(x: torch.Tensor):

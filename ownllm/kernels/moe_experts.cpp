@@ -9,7 +9,7 @@
 #include <cmath>
 #include <vector>
 
-#include "gemv_row.h"
+#include "bf16_tile.h"
 
 namespace {
 
@@ -50,29 +50,31 @@ torch::Tensor experts_one_token(torch::Tensor x, std::vector<torch::Tensor> gate
   }
   auto input = [&](int64_t j) { return scale_input ? inputs.data() + j * H : xp; };
 
-  std::vector<bf16> act(k * I);  // bf16(bf16(silu(gate)) * up), [k, I]
+  // per expert: gate [I] then up [I]; act = bf16(bf16(silu(gate)) * up), [k, I]
+  std::vector<bf16> gate_up(2 * k * I), act(k * I);
   at::parallel_for(0, k * I, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t j = r / I, i = r % I;
-      bf16 g, u;
-      gemv::row<1>(input(j), gp[j] + i * H, nullptr, &g, H, 1, 0);
-      gemv::row<1>(input(j), upp[j] + i * H, nullptr, &u, H, 1, 0);
-      const float gf = static_cast<float>(g);
-      const float silu = static_cast<float>(bf16(gf / (1.f + std::exp(-gf))));
-      act[r] = bf16(silu * static_cast<float>(u));
-    }
+    bf16mm::split_rows(r0, r1, I, [&](int64_t j, int64_t i0, int64_t i1) {
+      bf16* g = gate_up.data() + 2 * j * I;
+      bf16mm::rows(input(j), H, 1, gp[j], H, H, i0, i1, nullptr, g, I);
+      bf16mm::rows(input(j), H, 1, upp[j], H, H, i0, i1, nullptr, g + I, I);
+      for (int64_t i = i0; i < i1; ++i) {
+        const float gf = static_cast<float>(g[i]);
+        const float silu = static_cast<float>(bf16(gf / (1.f + std::exp(-gf))));
+        act[j * I + i] = bf16(silu * static_cast<float>(g[I + i]));
+      }
+    });
   });
 
   auto out = torch::empty({1, H}, x.options());
   bf16* op = out.data_ptr<bf16>();
+  std::vector<bf16> y(k * H);  // each expert's down projection, [k, H]
   at::parallel_for(0, H, 16, [&](int64_t h0, int64_t h1) {
+    for (int64_t j = 0; j < k; ++j)
+      bf16mm::rows(act.data() + j * I, I, 1, dp[j], I, I, h0, h1, nullptr, y.data() + j * H, H);
     for (int64_t h = h0; h < h1; ++h) {
       float sum = 0.f;
-      for (int64_t j = 0; j < k; ++j) {
-        bf16 y;
-        gemv::row<1>(act.data() + j * I, dp[j] + h * I, nullptr, &y, I, 1, 0);
-        sum += scale_input ? static_cast<float>(y) : wp[j] * static_cast<float>(y);
-      }
+      for (int64_t j = 0; j < k; ++j)
+        sum += scale_input ? static_cast<float>(y[j * H + h]) : wp[j] * static_cast<float>(y[j * H + h]);
       op[h] = bf16(sum);
     }
   });

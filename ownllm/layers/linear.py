@@ -1,8 +1,9 @@
 """Linear layers: nn.Linear's parameters (so HF names load as is), matmuls dispatched by shape.
 
 Decode multiplies a few activation rows by each weight, which is bound by memory bandwidth; for
-bfloat16 weights and up to 4 rows the AVX-512 BF16 kernel (kernels/gemv_bf16.cpp) streams each
-weight row once. Everything else goes to torch (oneDNN), which is faster for prefill-sized batches.
+bfloat16 weights and up to 32 rows the AVX-512 BF16 kernel (kernels/gemv_bf16.cpp) streams each
+weight row once, and gives each row the same numbers whatever the batch. Larger batches (prefill)
+go to torch (oneDNN), which is faster there.
 A Linear may instead hold 4-bit weights (layers/quant.py), kept quantized from a GGUF file.
 """
 
@@ -16,7 +17,7 @@ from ownllm.kernels.build import bf16_kernels
 from ownllm.layers.module import Module
 from ownllm.layers.quant import Int4Weight, PackedInt4
 
-GEMV_MAX_ROWS = 4
+GEMV_MAX_ROWS = 32  # up to 64 the kernel is right, but slower than oneDNN on K = 8192 (bench/skinny_matmul.py)
 
 
 def gemv_kernel():
