@@ -23,6 +23,7 @@ from torch import nn
 
 from ownllm.config import ModelConfig
 from ownllm.layers.attention import AttentionMetadata, KVCacheSpec
+from ownllm.layers.embedding import Embedding
 from ownllm.layers.linear import Linear
 from ownllm.layers.mla import MultiLatentAttention, mla_kv_cache_spec, yarn_softmax_scale
 from ownllm.layers.mlp import GatedMLP
@@ -95,7 +96,7 @@ class DeepseekV3DecoderLayer(Module):
 class DeepseekV3Model(Module):
     def __init__(self, config: ModelConfig, softmax_scale: float) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             DeepseekV3DecoderLayer(config, i, softmax_scale) for i in range(config.num_hidden_layers)
         )

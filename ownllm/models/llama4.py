@@ -24,6 +24,7 @@ from torch import nn
 
 from ownllm.config import ModelConfig
 from ownllm.layers.attention import Attention, AttentionMetadata
+from ownllm.layers.embedding import Embedding
 from ownllm.layers.linear import Linear, fuse_linears
 from ownllm.layers.mlp import GatedMLP
 from ownllm.layers.module import Module
@@ -140,7 +141,7 @@ class Llama4Model(Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         sparse = moe_layers(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             Llama4DecoderLayer(config, i, i in sparse) for i in range(config.num_hidden_layers)
         )

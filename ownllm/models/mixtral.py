@@ -15,6 +15,7 @@ from torch import nn
 
 from ownllm.config import ModelConfig
 from ownllm.layers.attention import AttentionMetadata
+from ownllm.layers.embedding import Embedding
 from ownllm.layers.linear import Linear
 from ownllm.layers.mlp import GatedMLP
 from ownllm.layers.module import Module
@@ -69,7 +70,7 @@ class MixtralDecoderLayer(Module):
 class MixtralModel(Module):
     def __init__(self, config: ModelConfig, layers: list[MixtralDecoderLayer]) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

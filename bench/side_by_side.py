@@ -1,0 +1,108 @@
+"""Batch-1 decode of ownllm and llama.cpp side by side in one process, taking turns run by run.
+
+    python bench/side_by_side.py [--new-tokens 128] [--repeats 5] [--threads 2]
+
+The comparison harness runs each tool in a process of its own, one after another, so memory bandwidth
+drifting between them (36-55 GB/s on this shared machine) moves their ratio by +-15%. Here both tools
+load once and alternate runs, so drift hits them alike. Pairs: the harness's random-weight Llama-3.2-1B
+(ownllm: the bf16 HF folder; llama.cpp: its F16 GGUF) and the bundled SmolLM2-135M-Instruct Q4_1 GGUF
+(the same file for both). 128-token prompts of random ids, greedy, EOS ignored; decode tokens/s =
+(new tokens - 1) / time after the first token; the median of the repeats after the first.
+Results go to bench/RESULTS.md (section "Batch-1 decode, side by side").
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.bundled_decode import write_section  # noqa: E402
+from bench.harness_models import MODELS, ensure_built  # noqa: E402
+
+
+def pairs() -> list[tuple[str, str, str, str]]:
+    """(label, ownllm model, ownllm dtype or "", llama.cpp GGUF)."""
+    from ownllm.loader.resolve import bundled_model_path
+
+    one_b = {m.weights: m for m in MODELS if m.shape == "llama-3.2-1b"}
+    ensure_built("llama-3.2-1b")
+    bundled = str(bundled_model_path())
+    return [("llama-3.2-1b (bf16 / F16)", str(one_b["bf16"].path()), "bfloat16", str(one_b["F16"].path())),
+            ("bundled SmolLM2-135M Q4_1", bundled, "", bundled)]
+
+
+def timed(tokens) -> tuple[float, float, float]:
+    """(start, first token time, end) over an iterator that yields once per generated token."""
+    start = time.perf_counter()
+    first = None
+    for _ in tokens:
+        first = first or time.perf_counter()
+    return start, first, time.perf_counter()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from llama_cpp import Llama
+
+    from ownllm import LLM, SamplingParams
+
+    new = args.new_tokens
+    lines = ["| model | ownllm decode tok/s | llama.cpp decode tok/s | ownllm / llama.cpp | ownllm prefill tok/s | llama.cpp prefill tok/s |",
+             "|---|---|---|---|---|---|"]
+    for label, ours_path, dtype, gguf in pairs():
+        ours = LLM(ours_path, **({"dtype": dtype} if dtype else {}), enable_prefix_caching=False)
+        theirs = Llama(gguf, n_threads=args.threads, n_ctx=1024, n_batch=512, verbose=False)
+        params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+
+        def run_ours(prompt):
+            return timed(ours.stream({"prompt_token_ids": prompt}, params))
+
+        def run_theirs(prompt):
+            def tokens():
+                for i, _ in enumerate(theirs.generate(prompt, temp=0.0, reset=True)):
+                    yield
+                    if i + 1 >= new:
+                        return
+            theirs.reset()
+            return timed(tokens())
+
+        rng = random.Random(0)
+        vocab = min(ours.config.vocab_size, theirs.n_vocab())
+        results: dict[str, list[tuple[float, float]]] = {"ownllm": [], "llama.cpp": []}
+        for _ in range(args.repeats):
+            for name, run in (("ownllm", run_ours), ("llama.cpp", run_theirs)):
+                prompt = [rng.randrange(100, vocab) for _ in range(128)]
+                start, first, end = run(prompt)
+                results[name].append((len(prompt) / (first - start), (new - 1) / (end - first)))
+        med = {name: [statistics.median(r[i] for r in runs[1:]) for i in (0, 1)] for name, runs in results.items()}
+        line = (f"| {label} | {med['ownllm'][1]:.1f} | {med['llama.cpp'][1]:.1f} | {med['ownllm'][1] / med['llama.cpp'][1]:.2f}x | "
+                f"{med['ownllm'][0]:.0f} | {med['llama.cpp'][0]:.0f} |")
+        print(line, "  runs:", {n: [round(r[1], 1) for r in runs] for n, runs in results.items()}, flush=True)
+        lines.append(line)
+        del ours, theirs
+        gc.collect()
+    body = (f"Command: `python bench/side_by_side.py --new-tokens {new} --repeats {args.repeats} --threads {args.threads}`; "
+            f"{args.threads} threads each, the tools alternating run by run in one process (median of the runs after the "
+            "first). The harness table above measures each tool in its own process, one after another.\n\n"
+            + "\n".join(lines) + "\n")
+    write_section("Batch-1 decode, side by side", body)
+
+
+if __name__ == "__main__":
+    main()
