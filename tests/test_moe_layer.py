@@ -179,6 +179,7 @@ def test_expert_tensors_view_fused_llama4_layout():
     assert torch.equal(view["x.experts.1.up_proj.weight"], gate_up[1, :, 4:].t())
     assert torch.equal(view["x.experts.0.down_proj.weight"], down[0].t())
     assert view["x.experts.1.up_proj.weight"].data_ptr() == gate_up[1, 0, 4:].data_ptr()  # a view, not a copy
+    assert "x.experts.2.gate_proj.weight" not in view  # 2 experts stored: a clear "missing", not an IndexError
 
 
 def test_yarn_matches_transformers():

@@ -10,7 +10,7 @@
 // fast at 1 row, 1.15-1.3x at 16, slower at 64 rows of 8192 inputs (bench/skinny_matmul.py).
 //
 // Batch-invariant: every output is one accumulator over its 32-element chunks in order, then the same
-// horizontal sum, whatever the tile shape or M, so a sequence's numbers do not depend on its batch.
+// horizontal sum, whatever the tile shape or M (up to the callers' limit: linear() sends it <= 32 rows).
 #pragma once
 #include <immintrin.h>
 #include <torch/extension.h>

@@ -42,9 +42,10 @@ class KVCacheSpec:
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Zeros whose pages the OS maps in on first touch (numpy's zeros is calloc, which mmaps large sizes):
     a pool of gigabytes costs nothing at start-up (torch.zeros wrote 2.6 GB in 2.9 s), and resident memory
-    grows with what is used. Zeros, not garbage: the reference decode reads padded slots, masked."""
-    words = np.zeros(math.prod(shape) * dtype.itemsize // 2, dtype=np.int16)
-    return torch.from_numpy(words).view(dtype).view(shape)
+    grows with what is used (so a pool larger than free memory fails when filled, not at start-up). Zeros,
+    not garbage: the reference decode reads padded slots, masked."""
+    raw = np.zeros(math.prod(shape) * dtype.itemsize, dtype=np.uint8)
+    return torch.from_numpy(raw).view(dtype).view(shape)
 
 
 class PagedKVCache:

@@ -2,8 +2,8 @@
 
 Decode multiplies a few activation rows by each weight, which is bound by memory bandwidth; for
 bfloat16 weights and up to 32 rows the AVX-512 BF16 kernel (kernels/gemv_bf16.cpp) streams each
-weight row once, and gives each row the same numbers whatever the batch. Larger batches (prefill)
-go to torch (oneDNN), which is faster there.
+weight row once, and gives each row the same numbers in any batch of up to 32 rows. Larger batches
+(prefill, or decodes beside a prompt chunk) go to torch (oneDNN), which is faster there and rounds differently.
 A Linear may instead hold 4-bit weights (layers/quant.py), kept quantized from a GGUF file.
 """
 

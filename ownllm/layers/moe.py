@@ -113,13 +113,14 @@ class Experts(Module):
         self._weights: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None = None
 
     def per_expert(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None:
-        """Every expert's gate [I, H], up [I, H] and down [H, I] weights when all are dense and row-major
-        (what the one-token kernel reads), else None; looked up once per loaded weight."""
+        """Every expert's gate [I, H], up [I, H] and down [H, I] weights when all are dense bf16 and row-major
+        (what the one-token kernel reads), else None. Looked up again only when expert 0's gate weight is
+        replaced (loading replaces them all). Llama 4's transposed views are not row-major: they run on torch."""
         first = self.experts[0].gate_proj.weight
         if self._weights is None or self._weights[0][0] is not first:
             lists = tuple([getattr(expert, name).weight for expert in self.experts]
                           for name in ("gate_proj", "up_proj", "down_proj"))
-            usable = all(w is not None and w.is_contiguous() for ws in lists for w in ws)
+            usable = all(w is not None and w.dtype == torch.bfloat16 and w.is_contiguous() for ws in lists for w in ws)
             self._weights = lists if usable else ([first], [], [])
         return self._weights if self._weights[1] else None
 
@@ -215,7 +216,10 @@ class ExpertTensors(Mapping[str, torch.Tensor]):
         fused_name = f"{prefix}{'down_proj' if role == 'down_proj' else 'gate_up_proj'}"
         if self.rename(own_name) in self.tensors or self.rename(fused_name) not in self.tensors:
             return self._get(own_name)
-        fused = self._get(fused_name)[int(expert)]  # [H, 2I] (gate then up) or [I, H]: [in, out]
+        stacked = self._get(fused_name)
+        if int(expert) >= stacked.shape[0]:
+            raise ValueError(f"the checkpoint's {self.rename(fused_name)!r} has {stacked.shape[0]} experts, not {int(expert) + 1}")
+        fused = stacked[int(expert)]  # [H, 2I] (gate then up) or [I, H]: [in, out]
         if role == "down_proj":
             return fused.t()
         width = fused.shape[1] // 2

@@ -452,7 +452,8 @@ def _to_numpy_f32(tensor: gguf.ReaderTensor) -> np.ndarray:
 
 def dequantize_tensor(tensor: gguf.ReaderTensor, dtype: torch.dtype) -> torch.Tensor:
     """One GGUF tensor as a torch tensor of `dtype` in HF's shape: a view of the (copy-on-write) file
-    mapping when the file stores it in `dtype`, so pages are read only when used; else a new tensor."""
+    mapping when the file stores it in `dtype`, so pages are read only when used (the file must not be
+    rewritten while a model uses it, as with any mmap); else a new tensor."""
     shape = _hf_shape(tensor)
     kind = tensor.tensor_type
     if kind in (QType.F32, QType.F16):
