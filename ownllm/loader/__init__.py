@@ -31,10 +31,11 @@ class Checkpoint:
 def load_checkpoint(model: str | None, dtype: str | None = None) -> Checkpoint:
     path = resolve_model(model)
     if path.suffix == ".gguf":
-        from ownllm.loader.gguf import load_gguf
+        from ownllm.loader.gguf import load_gguf, open_gguf
 
-        dtype = dtype or _quantized_gguf_dtype(path)
-        gguf = load_gguf(path, dtype=_torch_dtype(dtype), keep_int4=normalize_dtype(dtype) == "bfloat16")
+        reader = open_gguf(str(path))  # parsed once: the vocabulary makes it the slow part of start-up
+        dtype = dtype or _quantized_gguf_dtype(reader)
+        gguf = load_gguf(path, dtype=_torch_dtype(dtype), keep_int4=normalize_dtype(dtype) == "bfloat16", reader=reader)
         config = ModelConfig.from_hf(gguf.hf_config, dtype)
         return Checkpoint(config, gguf.tensors, gguf.tokenizer, {}, path)
     from ownllm.loader.hf import load_hf_folder
@@ -42,18 +43,17 @@ def load_checkpoint(model: str | None, dtype: str | None = None) -> Checkpoint:
     return load_hf_folder(path, dtype)
 
 
-def _quantized_gguf_dtype(path: Path) -> str | None:
+def _quantized_gguf_dtype(reader) -> str | None:
     """Quantized GGUF files run in bfloat16 with 4-bit kernels where the CPU multiplies bfloat16 natively
     (AVX-512 BF16); elsewhere loading follows gguf.default_dtype (float32 for quantized files)."""
     from gguf import GGMLQuantizationType as QType
-    from gguf import GGUFReader
 
-    from ownllm.kernels.build import cpu_flags
+    from ownllm.kernels.build import cpu_has_bf16
 
-    if "avx512_bf16" not in cpu_flags():
+    if not cpu_has_bf16():
         return None
     plain = {QType.F32, QType.F16, QType.BF16}
-    quantized = any(t.tensor_type not in plain for t in GGUFReader(str(path)).tensors if len(t.shape) == 2)
+    quantized = any(t.tensor_type not in plain for t in reader.tensors if len(t.shape) == 2)
     return "bfloat16" if quantized else None
 
 

@@ -137,9 +137,11 @@ def model_facts(path: Path | None) -> ModelFacts:
 
 
 def _gguf_facts(path: Path) -> tuple[str, str, int]:
-    from gguf import GGUFReader, LlamaFileType
+    from gguf import LlamaFileType
 
-    reader = GGUFReader(str(path))
+    from ownllm.loader.gguf import open_gguf
+
+    reader = open_gguf(str(path))
     family = str(reader.fields["general.architecture"].contents())
     file_type = reader.fields.get("general.file_type")
     quantization = LlamaFileType(file_type.contents()).name.removeprefix("MOSTLY_") if file_type else "unknown"
