@@ -228,6 +228,8 @@ class ExpertTensors(Mapping[str, torch.Tensor]):
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
             return False
+        if self.rename(name) in self.tensors:  # stored under its own name: no need to read it
+            return True
         try:
             self[name]
         except ValueError:

@@ -64,6 +64,9 @@ class SafetensorsWeights(Mapping[str, torch.Tensor]):
         except (SafetensorError, OSError, RuntimeError) as error:
             raise ValueError(f"tensor {name!r} in {file} cannot be read (truncated file?): {error}") from None
 
+    def __contains__(self, name: object) -> bool:  # Mapping's default would read the tensor to find out
+        return name in self._file_of
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._file_of)
 
