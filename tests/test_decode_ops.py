@@ -111,7 +111,7 @@ def paged_batch(context_lens: list[int], num_kv_heads: int, head_dim: int, block
 @pytest.mark.parametrize("window, chunk", [(None, None), (20, None), (None, 32)])
 def test_paged_decode_attention(ops, reference, num_heads, num_kv_heads, head_dim, window, chunk):
     torch.manual_seed(head_dim + num_heads)
-    context_lens = [1, 17, 100, 64, 33]
+    context_lens = [1, 17, 100, 64, 33, 300]  # over 64 tokens: split across work items, then merged
     cache, meta = paged_batch(context_lens, num_kv_heads, head_dim)
     attn = Attention(num_heads, num_kv_heads, head_dim, head_dim**-0.5, layer_idx=1, sliding_window=window,
                      chunk_size=chunk)

@@ -9,6 +9,7 @@
 #include <immintrin.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -166,6 +167,15 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
 // slots, positions: [B]; block_tables: [B, max_blocks]. A query at position p attends keys p' <= p,
 // and p' > p - window (window > 0) and p' >= p - p % chunk (chunk > 0). Float32 scores, softmax and
 // sums (as the reference), output rounded to bf16: [B, H * D].
+//
+// Work items are (sequence, kv head, split of kSplitTokens context tokens): each split's group of query
+// heads walks its tokens together in steps of 16, so each key and value is fetched once, all of them
+// prefetched up front (the cache is cold: a decode step streams the weights through L3 between two visits
+// of a layer). Splits spread one long sequence over the threads; a second pass merges each head's splits
+// (softmax partials rescaled to their common max). The splits depend on the context length only, so a
+// sequence gets the same numbers in any batch; a context of up to kSplitTokens is one split, merged as is.
+constexpr int64_t kSplitTokens = 64;
+
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor k_cache,
                                      torch::Tensor v_cache, torch::Tensor slots, torch::Tensor positions,
                                      torch::Tensor block_tables, double scale, int64_t window, int64_t chunk) {
@@ -189,30 +199,51 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k, torch::Te
       std::memcpy(kc + (slot[b] * KVH + h) * D, k.data_ptr<bf16>() + b * k.stride(0) + h * k.stride(1), D * sizeof(bf16));
       std::memcpy(vc + (slot[b] * KVH + h) * D, v.data_ptr<bf16>() + b * v.stride(0) + h * v.stride(1), D * sizeof(bf16));
     }
-  auto out = torch::empty({B, H * D}, q.options());
+  // each sequence's first attended position and its splits; items[i] = (sequence, kv head, split)
+  std::vector<int64_t> firsts(B), split_start(B + 1, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t p = pos[b];
+    int64_t first = 0;
+    if (window > 0) first = std::max<int64_t>(first, p - window + 1);
+    if (chunk > 0) first = std::max<int64_t>(first, p - p % chunk);
+    firsts[b] = first;
+    split_start[b + 1] = split_start[b] + (p + 1 - first + kSplitTokens - 1) / kSplitTokens;
+  }
+  const int64_t num_splits = split_start[B], num_items = num_splits * KVH;
+  const int64_t chunks = (D + 15) / 16, pair_chunks = (D + 31) / 32, line_stride = 32;  // bf16 per 64-byte line
+  // per item and head of its group: the split's max score, its sum of exponentials, its weighted values [D]
+  std::vector<float> partial(num_items * group * (chunks * 16 + 2));
+  const int64_t partial_size = group * (chunks * 16 + 2);
   const bf16* qp = q.data_ptr<bf16>();
-  bf16* op = out.data_ptr<bf16>();
-  const int64_t chunks = (D + 15) / 16, pair_chunks = (D + 31) / 32;
-  // One work item per (sequence, kv head): its group of query heads walks the context together in
-  // blocks of 16 tokens, so each key and value is fetched from memory once and reused from L1.
-  at::parallel_for(0, B * KVH, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores, sums, inv_totals(group);  // [group, n rounded up to 16], [group, D], [group]
-    std::vector<int64_t> rows;
+  // item i's context rows in the cache (block by block, no divisions), each key and value prefetched;
+  // -> (sequence, tokens)
+  const auto plan = [&](int64_t i, int64_t* rows) -> std::pair<int64_t, int64_t> {
+    const int64_t split = i / KVH, kvh = i % KVH;
+    const int64_t b = std::upper_bound(split_start.begin(), split_start.end(), split) - split_start.begin() - 1;
+    const int64_t lo = firsts[b] + (split - split_start[b]) * kSplitTokens;
+    const int64_t n = std::min(kSplitTokens, pos[b] + 1 - lo);
+    const int64_t* table = tables + b * max_blocks;
+    for (int64_t s = 0, block = lo / block_size, offset = lo % block_size; s < n; ++s) {
+      rows[s] = (table[block] * block_size + offset) * KVH + kvh;
+      if (++offset == block_size) offset = 0, ++block;
+      for (int64_t d = 0; d < D; d += line_stride) {
+        _mm_prefetch((const char*)(kc + rows[s] * D + d), _MM_HINT_T0);
+        _mm_prefetch((const char*)(vc + rows[s] * D + d), _MM_HINT_T0);
+      }
+    }
+    return {b, n};
+  };
+  at::parallel_for(0, num_items, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(group * kSplitTokens);  // [group, kSplitTokens]
+    int64_t rows[kSplitTokens], next_rows[kSplitTokens];
     __m512bh qv[16];
     __m512 acc[32];
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / KVH, kvh = i % KVH, p = pos[b];
-      int64_t first = 0;
-      if (window > 0) first = std::max<int64_t>(first, p - window + 1);
-      if (chunk > 0) first = std::max<int64_t>(first, p - p % chunk);
-      const int64_t n = p + 1 - first, padded = (n + 15) / 16 * 16;
-      const int64_t* table = tables + b * max_blocks;
-      rows.resize(n);  // each context token's row in the cache, block by block (no divisions)
-      for (int64_t s = first, block = first / block_size, offset = first % block_size; s <= p; ++s) {
-        rows[s - first] = (table[block] * block_size + offset) * KVH + kvh;
-        if (++offset == block_size) offset = 0, ++block;
-      }
-      scores.resize(group * padded);
+    std::pair<int64_t, int64_t> next = plan(i0, next_rows);
+    for (int64_t i = i0; i < i1; ++i) {  // the next item's keys and values load while this one computes
+      const auto [b, n] = next;
+      std::copy(next_rows, next_rows + n, rows);
+      if (i + 1 < i1) next = plan(i + 1, next_rows);
+      const int64_t kvh = i % KVH;
       for (int64_t j = 0; j < n; j += 16) {  // scores: 16 dot products per head, then one tree of sums
         for (int64_t g = 0; g < group; ++g) {
           const bf16* qh = qp + b * q.stride(0) + (kvh * group + g) * q.stride(1);
@@ -224,43 +255,60 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k, torch::Te
             const bf16* key = kc + rows[j + t] * D;
             for (int64_t c = 0; c < pair_chunks; ++c) dots[t] = _mm512_dpbf16_ps(dots[t], qv[c], load_pairs(key + c * 32, D - c * 32));
           }
-          _mm512_storeu_ps(scores.data() + g * padded + j, _mm512_mul_ps(hsum16(dots), _mm512_set1_ps((float)scale)));
+          _mm512_storeu_ps(scores.data() + g * kSplitTokens + j, _mm512_mul_ps(hsum16(dots), _mm512_set1_ps((float)scale)));
         }
       }
+      float* out_partial = partial.data() + i * partial_size;
       for (int64_t g = 0; g < group; ++g) {  // softmax numerators in place
-        float* row_scores = scores.data() + g * padded;
+        float* row_scores = scores.data() + g * kSplitTokens;
         __m512 max_scores = _mm512_set1_ps(-INFINITY);
         for (int64_t j = 0; j < n; j += 16)
           max_scores = _mm512_mask_max_ps(max_scores, tail_mask(n - j), max_scores, _mm512_loadu_ps(row_scores + j));
-        const __m512 max_score = _mm512_set1_ps(_mm512_reduce_max_ps(max_scores));
+        const float max_score = _mm512_reduce_max_ps(max_scores);
         __m512 total = _mm512_setzero_ps();
         for (int64_t j = 0; j < n; j += 16) {
-          const __m512 e = _mm512_maskz_mov_ps(tail_mask(n - j), exp512(_mm512_sub_ps(_mm512_loadu_ps(row_scores + j), max_score)));
+          const __m512 e = _mm512_maskz_mov_ps(tail_mask(n - j), exp512(_mm512_sub_ps(_mm512_loadu_ps(row_scores + j), _mm512_set1_ps(max_score))));
           _mm512_storeu_ps(row_scores + j, e);
           total = _mm512_add_ps(total, e);
         }
-        inv_totals[g] = 1.f / _mm512_reduce_add_ps(total);
+        out_partial[g * (chunks * 16 + 2)] = max_score;
+        out_partial[g * (chunks * 16 + 2) + 1] = _mm512_reduce_add_ps(total);
       }
-      sums.assign(group * chunks * 16, 0.f);
-      for (int64_t j = 0; j < n; j += 16) {  // weighted values, 16 tokens at a time per head
-        const int64_t count = std::min<int64_t>(16, n - j);
-        for (int64_t g = 0; g < group; ++g) {
-          float* head_sums = sums.data() + g * chunks * 16;
-          for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_loadu_ps(head_sums + c * 16);
-          const float* weights = scores.data() + g * padded + j;
-          for (int64_t t = 0; t < count; ++t) {
-            const bf16* value = vc + rows[j + t] * D;
-            const __m512 weight = _mm512_set1_ps(weights[t]);
-            for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_fmadd_ps(weight, load(value + c * 16, D - c * 16), acc[c]);
-          }
-          for (int64_t c = 0; c < chunks; ++c) _mm512_storeu_ps(head_sums + c * 16, acc[c]);
+      for (int64_t g = 0; g < group; ++g) {  // weighted values, token by token per head
+        for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_setzero_ps();
+        const float* weights = scores.data() + g * kSplitTokens;
+        for (int64_t t = 0; t < n; ++t) {
+          const bf16* value = vc + rows[t] * D;
+          const __m512 weight = _mm512_set1_ps(weights[t]);
+          for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_fmadd_ps(weight, load(value + c * 16, D - c * 16), acc[c]);
         }
+        for (int64_t c = 0; c < chunks; ++c) _mm512_storeu_ps(out_partial + g * (chunks * 16 + 2) + 2 + c * 16, acc[c]);
       }
-      for (int64_t g = 0; g < group; ++g)
+    }
+  });
+  auto out = torch::empty({B, H * D}, q.options());
+  bf16* op = out.data_ptr<bf16>();
+  at::parallel_for(0, B * H, 16, [&](int64_t h0, int64_t h1) {  // merge each head's splits
+    __m512 acc[32];
+    for (int64_t bh = h0; bh < h1; ++bh) {
+      const int64_t b = bh / H, h = bh % H, kvh = h / group, g = h % group;
+      const auto head_partial = [&](int64_t split) {
+        return partial.data() + ((split_start[b] + split) * KVH + kvh) * partial_size + g * (chunks * 16 + 2);
+      };
+      const int64_t splits = split_start[b + 1] - split_start[b];
+      float max_score = -INFINITY;
+      for (int64_t s = 0; s < splits; ++s) max_score = std::max(max_score, head_partial(s)[0]);
+      float total = 0.f;
+      for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_setzero_ps();
+      for (int64_t s = 0; s < splits; ++s) {
+        const float* part = head_partial(s);
+        const float weight = splits == 1 ? 1.f : std::exp(part[0] - max_score);
+        total += weight * part[1];
         for (int64_t c = 0; c < chunks; ++c)
-          store(op + b * H * D + (kvh * group + g) * D + c * 16,
-                _mm512_mul_ps(_mm512_loadu_ps(sums.data() + (g * chunks + c) * 16), _mm512_set1_ps(inv_totals[g])),
-                D - c * 16);
+          acc[c] = _mm512_fmadd_ps(_mm512_set1_ps(weight), _mm512_loadu_ps(part + 2 + c * 16), acc[c]);
+      }
+      for (int64_t c = 0; c < chunks; ++c)
+        store(op + b * H * D + h * D + c * 16, _mm512_mul_ps(acc[c], _mm512_set1_ps(1.f / total)), D - c * 16);
     }
   });
   return out;
