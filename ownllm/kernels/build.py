@@ -19,7 +19,7 @@ CACHE_DIR = Path(os.environ.get("OWNLLM_CACHE", Path.home() / ".cache" / "ownllm
 # at::parallel_for is a header template: built without OpenMP it runs on one thread. libgomp's soname
 # matches the copy torch loads, so the kernels share torch's thread pool.
 OPENMP_FLAGS = ("-fopenmp",)
-BF16_FLAGS = ("-mavx512f", "-mavx512bf16", "-mavx512vl", "-mavx512bw")
+BF16_FLAGS = ("-mavx512f", "-mavx512bf16", "-mavx512vl", "-mavx512bw", "-mf16c")
 BF16_CPU_FLAGS = ("avx512_bf16", "avx512bw")  # /proc/cpuinfo names of what BF16_FLAGS compiles for
 
 
