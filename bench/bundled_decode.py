@@ -88,7 +88,7 @@ def main() -> None:
     from ownllm.loader.gguf import load_gguf
 
     path = bundled_model_path()
-    tokenizer = load_gguf(path, keep_int4=True).tokenizer
+    tokenizer = load_gguf(path, keep_quantized=True).tokenizer
     prompt_ids = tokenizer.encode_chat([{"role": "user", "content": QUESTION}])
     theirs = time_llama_cpp(path, prompt_ids, args.new_tokens, args.repeats, args.threads)
     fast = time_ownllm(prompt_ids, args.new_tokens, args.repeats, None)

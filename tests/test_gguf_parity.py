@@ -32,3 +32,36 @@ def test_gguf_greedy_matches_transformers_on_same_file(arch, qtype, tmp_path):
             values, ids = ref.topk(5)
             for token_id, value in zip(ids.tolist(), values.tolist()):
                 assert abs(entry[token_id].logprob - value) < 1e-3
+
+
+@pytest.mark.parametrize("arch, tied", [("LlamaForCausalLM", True), ("Qwen2ForCausalLM", False)])
+def test_q8_0_kept_quantized_in_bfloat16_equals_dequantized(arch, tied, tmp_path, monkeypatch):
+    """In bfloat16 a Q8_0 file's matrices and embedding stay the file's blocks (layers.quant.Q8Weight),
+    multiplied by the Q8_0 kernel: the same tokens and logprobs as the weights dequantized to bf16 at load."""
+    from ownllm.kernels.build import cpu_has_bf16
+    from ownllm.layers.quant import Q8Weight
+
+    if not cpu_has_bf16():
+        pytest.skip("the Q8_0 kernel needs AVX-512 BF16")
+    build_checkpoint(tmp_path / "hf", arch, hidden_size=128, intermediate_size=256, tie_word_embeddings=tied)
+    path = write_gguf(tmp_path / "hf", tmp_path / "tiny-Q8_0.gguf", "Q8_0")
+    params = SamplingParams(temperature=0, max_tokens=24, min_tokens=24, logprobs=5)
+
+    def run(llm):
+        return [llm.generate(prompt, params)[0].outputs[0] for prompt in random_prompts()]  # 40 tokens: prefill path
+
+    kept = LLM(str(path), dtype="bfloat16")
+    model = kept.runner.model
+    assert model.model.embed_tokens.weight is None and isinstance(model.model.embed_tokens.quantized, Q8Weight)
+    assert isinstance(model.lm_head.packed, Q8Weight) and isinstance(model.model.layers[0].mlp.down_proj.packed, Q8Weight)
+    ours = run(kept)
+    with monkeypatch.context() as m:
+        m.setattr(Q8Weight, "runs_here", staticmethod(lambda dtype: False))
+        dequantized = LLM(str(path), dtype="bfloat16")
+        assert dequantized.runner.model.lm_head.weight.dtype == torch.bfloat16
+        expected = run(dequantized)
+    for a, b in zip(ours, expected):
+        assert a.token_ids == b.token_ids
+        for entry, ref in zip(a.logprobs, b.logprobs):
+            for token_id, value in ref.items():
+                assert abs(entry[token_id].logprob - value.logprob) < 2e-2

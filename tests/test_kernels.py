@@ -125,7 +125,7 @@ def test_int4_fusion_equals_separate():
     layers = []
     for part in parts:
         layer = Linear(64, part.shape[0], bias=False)
-        layer.set_int4(part)
+        layer.set_quantized(part)
         layers.append(layer)
     fused = fuse_linears(layers)
     for layer in [fused, *layers]:
@@ -157,3 +157,64 @@ def test_packed_int4_matches_dequantized_weights(rows, out_features, in_features
     # exact codes times bf16 activations, float32 sums, one rounding at the end
     assert (out.float() - reference).abs().max() <= 2**-8 * reference.abs().max()
     assert torch.equal(packed.matmul(x[-1:], bias), out[-1:])  # batch-invariant: alone = in the batch
+
+
+def q8_blocks(rows: int, cols: int, seed: int = 0):
+    """Random weights quantized to GGUF Q8_0 by gguf-py -> (raw blocks [rows, cols / 32 * 34], dequantized float32)."""
+    import gguf
+    import numpy as np
+
+    dense = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
+    blocks = gguf.quants.quantize(dense, gguf.GGMLQuantizationType.Q8_0)
+    return blocks, torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q8_0)).reshape(rows, cols)
+
+
+def test_q8_weights_from_gguf_blocks():
+    from ownllm.layers.quant import Q8Weight
+
+    blocks, expected = q8_blocks(48, 96)
+    weight = Q8Weight.from_gguf_blocks(blocks, (48, 96))
+    assert weight.shape == (48, 96)
+    assert torch.equal(weight.dequantize(torch.float32), expected)
+    assert torch.equal(weight.dequantize(torch.bfloat16), expected.bfloat16())
+    rows = torch.tensor([5, 0, 47, 5])
+    assert torch.equal(weight.dequantize(torch.bfloat16, rows=rows), expected.bfloat16()[rows])
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 32, 40])
+@pytest.mark.parametrize("out_features, in_features", [(96, 576), (33, 96), (70, 2048)])
+def test_q8_matmul_equals_bf16_kernel_on_dequantized_weights(rows, out_features, in_features):
+    """The Q8_0 kernel decodes to the bf16 weights dequantizing gives and multiplies as gemv_bf16 does:
+    bit-equal up to 32 rows (batch-invariant with it); larger batches go to oneDNN a chunk of weight rows
+    at a time, close to oneDNN on the whole dequantized matrix."""
+    from ownllm.layers.quant import Q8Weight
+
+    if not cpu_has_bf16():
+        pytest.skip("the Q8_0 kernel cannot run on this CPU")
+    assert Q8Weight.runs_here(torch.bfloat16), "the kernel failed to build (see the log)"
+    blocks, _ = q8_blocks(out_features, in_features, seed=rows)
+    weight = Q8Weight.from_gguf_blocks(blocks, (out_features, in_features))
+    dense = weight.dequantize(torch.bfloat16)
+    torch.manual_seed(rows)
+    x = torch.randn(rows, in_features).bfloat16()
+    bias = torch.randn(out_features).bfloat16()
+    out = weight.matmul(x, bias)
+    assert out.shape == (rows, out_features) and out.dtype == torch.bfloat16
+    if rows <= 32:
+        assert torch.equal(out, linear(x, dense, bias))
+        assert torch.equal(weight.matmul(x[-1:], bias), out[-1:])  # alone = in the batch
+    else:
+        torch.testing.assert_close(out, torch.nn.functional.linear(x, dense, bias), rtol=2**-7, atol=1e-2)
+
+
+def test_q8_matmul_several_prefill_chunks(monkeypatch):
+    import ownllm.layers.quant as quant
+
+    if not cpu_has_bf16():
+        pytest.skip("the Q8_0 kernel cannot run on this CPU")
+    monkeypatch.setattr(quant, "PREFILL_CHUNK_ROWS", 32)
+    blocks, _ = q8_blocks(100, 64)
+    weight = quant.Q8Weight.from_gguf_blocks(blocks, (100, 64))
+    x = torch.randn(50, 64).bfloat16()
+    expected = torch.nn.functional.linear(x, weight.dequantize(torch.bfloat16))
+    torch.testing.assert_close(weight.matmul(x, None), expected, rtol=2**-7, atol=1e-2)

@@ -21,6 +21,9 @@ CACHE_DIR = Path(os.environ.get("OWNLLM_CACHE", Path.home() / ".cache" / "ownllm
 OPENMP_FLAGS = ("-fopenmp",)
 BF16_FLAGS = ("-mavx512f", "-mavx512bf16", "-mavx512vl", "-mavx512bw", "-mf16c")
 BF16_CPU_FLAGS = ("avx512_bf16", "avx512bw")  # /proc/cpuinfo names of what BF16_FLAGS compiles for
+# the skinny bf16 matmul kernels (gemv_bf16, q8_matmul) take batches of up to this many rows; larger ones
+# go to oneDNN. Up to 64 they are right, but slower than oneDNN on K = 8192 (bench/skinny_matmul.py)
+GEMV_MAX_ROWS = 32
 
 
 @functools.cache

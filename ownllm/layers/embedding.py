@@ -2,15 +2,33 @@
 
 Every weight comes from the checkpoint, and nn.Embedding's normal_ init on the meta device costs 0.8 s
 the first time (torch imports its Python decompositions for it), a sixth of the 1B shape's start-up.
+A GGUF's Q8_0 embedding may instead stay quantized (layers/quant.py): each lookup dequantizes only the
+rows it needs, so the table is held once, at half the bytes, even when a tied lm_head multiplies by it.
 """
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ownllm.layers.module import Module
+from ownllm.layers.quant import Q8Weight
 
 
 class Embedding(Module, nn.Embedding):
+    quantized: Q8Weight | None = None  # set instead of `weight`
+    quantized_dtype: torch.dtype = torch.bfloat16
+
     def reset_parameters(self) -> None:  # the checkpoint's weights replace it
         pass
+
+    def set_quantized(self, weight: Q8Weight, dtype: torch.dtype) -> None:
+        self.quantized, self.quantized_dtype = weight, dtype
+        self.weight = None
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # input_ids: [T] -> [T, embedding_dim]
+        if self.weight is None:
+            return self.quantized.dequantize(self.quantized_dtype, rows=input_ids)
+        return F.embedding(input_ids, self.weight)

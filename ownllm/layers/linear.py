@@ -4,7 +4,7 @@ Decode multiplies a few activation rows by each weight, which is bound by memory
 bfloat16 weights and up to 32 rows the AVX-512 BF16 kernel (kernels/gemv_bf16.cpp) streams each
 weight row once, and gives each row the same numbers in any batch of up to 32 rows. Larger batches
 (prefill, or decodes beside a prompt chunk) go to torch (oneDNN), which is faster there and rounds differently.
-A Linear may instead hold 4-bit weights (layers/quant.py), kept quantized from a GGUF file.
+A Linear may instead hold 4-bit or 8-bit weights (layers/quant.py), kept quantized from a GGUF file.
 """
 
 from __future__ import annotations
@@ -13,11 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ownllm.kernels.build import bf16_kernels
+from ownllm.kernels.build import GEMV_MAX_ROWS, bf16_kernels
 from ownllm.layers.module import Module
-from ownllm.layers.quant import Int4Weight, PackedInt4
-
-GEMV_MAX_ROWS = 32  # up to 64 the kernel is right, but slower than oneDNN on K = 8192 (bench/skinny_matmul.py)
+from ownllm.layers.quant import QuantizedWeight
 
 
 def gemv_kernel():
@@ -33,34 +31,41 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class Linear(Module, nn.Linear):
-    int4: Int4Weight | None = None  # set instead of `weight` for 4-bit weights, packed by finalize()
+    quantized: QuantizedWeight | None = None  # set instead of `weight` for quantized weights, packed by finalize()
 
-    def set_int4(self, weight: Int4Weight) -> None:
-        self.int4 = weight
+    def set_quantized(self, weight: QuantizedWeight) -> None:
+        self.quantized = weight
         self.weight = None
 
     def finalize(self, dtype: torch.dtype) -> None:
-        """After loading (and fusing): puts 4-bit weights in the kernel's layout."""
-        if self.int4 is not None:
-            self.int4_packed = PackedInt4(self.int4, dtype)
-            self.int4 = None
+        """After loading (and fusing): puts quantized weights in their kernel's layout."""
+        if self.quantized is not None:
+            self.packed = self.quantized.packed(dtype)
+            self.quantized = None
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight as a bf16 tensor even when it is held quantized (quantized weights imply bf16 compute)."""
+        if self.weight is not None:
+            return self.weight
+        return self.quantized.dequantize(torch.bfloat16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is None:
-            return self.int4_packed.matmul(x, self.bias)
+            return self.packed.matmul(x, self.bias)
         return linear(x, self.weight, self.bias)
 
 
 def fuse_linears(layers: list[Linear]) -> Linear | None:
     """One Linear computing several at once (e.g. q, k and v): their output rows stacked in order.
-    None when their weights are stored differently (4-bit and dense), which cannot be stacked."""
-    if len({layer.int4 is None for layer in layers}) > 1:
+    None when their weights are stored differently (e.g. 4-bit and dense), which cannot be stacked."""
+    kinds = {type(layer.quantized) for layer in layers}
+    if len(kinds) > 1:
         return None
     with torch.device("meta"):
         fused = Linear(layers[0].in_features, sum(layer.out_features for layer in layers),
                        bias=any(layer.bias is not None for layer in layers))
-    if layers[0].int4 is not None:
-        fused.set_int4(Int4Weight.cat([layer.int4 for layer in layers]))
+    if layers[0].quantized is not None:
+        fused.set_quantized(kinds.pop().cat([layer.quantized for layer in layers]))
     else:
         fused.weight = nn.Parameter(torch.cat([layer.weight for layer in layers]), requires_grad=False)
     if fused.bias is not None:

@@ -1,10 +1,18 @@
-"""4-bit weights kept quantized: multiplied by our kernel (kernels/int4_matmul.cpp) on CPUs with AVX-512 BF16,
+"""GGUF weights kept quantized, for bfloat16 compute: 4-bit (Q4_0, Q4_1) and 8-bit (Q8_0).
+
+4-bit weights are multiplied by our kernel (kernels/int4_matmul.cpp) on CPUs with AVX-512 BF16,
 by torch's int4 CPU kernel (_weight_int4pack_mm_for_cpu) elsewhere.
 
 GGUF's Q4_0 and Q4_1 store groups of 32 weights as 4-bit codes q with an fp16 scale d (and, for
 Q4_1, a minimum m): Q4_0 is w = d * (q - 8), Q4_1 is w = d * q + m. Both are exactly the kernel's
 form w = (q - 8) * scale + zero, with zero = 0 and zero = m + 8 * d respectively, so the file's
 codes are used as they are; only scale and zero are rounded to the activations' dtype (bfloat16).
+
+Q8_0 stores groups of 32 int8 codes q with an fp16 scale d, w = d * q. Its blocks stay the file's
+bytes (a view of the mapping where no fusing or reordering copies them); kernels/q8_matmul.cpp
+multiplies them, with the same numbers as the bf16 kernel on the weights dequantized to bf16, while
+reading about half the bytes. Embeddings stored so are dequantized row by row as tokens look them up.
+Without that kernel (CPUs lacking AVX-512 BF16) Q8_0 tensors are dequantized at load.
 """
 
 from __future__ import annotations
@@ -14,10 +22,13 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from ownllm.kernels.build import bf16_kernels
+from ownllm.kernels.build import GEMV_MAX_ROWS, bf16_kernels
 
 GROUP_SIZE = 32
+Q8_BLOCK_BYTES = 34  # fp16 scale, 32 int8 codes
+PREFILL_CHUNK_ROWS = 1024  # Q8_0 weight rows dequantized at a time for batches too large for the kernel
 
 
 @dataclass
@@ -58,6 +69,14 @@ class Int4Weight:
     def cat(weights: list["Int4Weight"]) -> "Int4Weight":
         return Int4Weight(*(torch.cat([getattr(w, name) for w in weights]) for name in ("q", "scale", "zero")))
 
+    @staticmethod
+    def runs_here(dtype: torch.dtype) -> bool:
+        """Whether 4-bit weights can stay quantized for compute in `dtype` (our kernel or torch's)."""
+        return dtype == torch.bfloat16
+
+    def packed(self, dtype: torch.dtype) -> "PackedInt4":
+        return PackedInt4(self, dtype)
+
     def pack(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (codes in the kernel's layout, scales_and_zeros [K // 32, N, 2] in the activations' dtype)."""
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.q.to(torch.int32).contiguous(), 1)
@@ -90,3 +109,53 @@ class PackedInt4:
             out = int4_linear(x, self.packed, self.scales_and_zeros)
             return out if bias is None else out + bias
         return self.kernel.int4_matmul(x, self.codes, self.scales, self.mins, bias)
+
+
+@dataclass
+class Q8Weight:
+    """GGUF Q8_0 rows: blocks[n] holds K / 32 blocks of (fp16 d, int8 q[32]), w[n, 32 g + j] = d * q[j]."""
+
+    blocks: torch.Tensor  # [N, K // 32 * 34] uint8
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.blocks.shape[0], self.blocks.shape[1] // Q8_BLOCK_BYTES * GROUP_SIZE))
+
+    @classmethod
+    def from_gguf_blocks(cls, blocks: np.ndarray, shape: tuple[int, int]) -> "Q8Weight":
+        return cls(torch.from_numpy(np.asarray(blocks, dtype=np.uint8).reshape(shape[0], -1)))
+
+    @staticmethod
+    def runs_here(dtype: torch.dtype) -> bool:
+        """Whether Q8_0 weights can stay quantized for compute in `dtype` on this CPU."""
+        return dtype == torch.bfloat16 and bf16_kernels("q8_matmul") is not None
+
+    def dequantize(self, dtype: torch.dtype, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """-> [N, K] (or [len(rows), K] for those rows) of d * q, computed in float32."""
+        raw = self.blocks if rows is None else self.blocks.index_select(0, rows)
+        raw = raw.view(raw.shape[0], -1, Q8_BLOCK_BYTES)  # [R, K // 32, 34]
+        scale = raw[..., :2].contiguous().view(torch.float16).float()  # [R, K // 32, 1]
+        codes = raw[..., 2:].view(torch.int8).float()  # [R, K // 32, 32]
+        return (codes * scale).reshape(raw.shape[0], -1).to(dtype)
+
+    def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Q8Weight":
+        return Q8Weight(fn(self.blocks))
+
+    @staticmethod
+    def cat(weights: list["Q8Weight"]) -> "Q8Weight":
+        return Q8Weight(torch.cat([w.blocks for w in weights]))
+
+    def packed(self, dtype: torch.dtype) -> "Q8Weight":
+        return self  # the kernel reads the blocks as they are
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # x: [T, K] bf16 -> [T, N]
+        kernel = bf16_kernels("q8_matmul")
+        if x.shape[0] <= GEMV_MAX_ROWS:
+            return kernel.q8_matmul(x, self.blocks, bias)
+        # prefill: oneDNN on bf16 weights, dequantized a chunk of rows at a time (L3-sized, never all at once)
+        out = torch.cat([F.linear(x, kernel.q8_dequantize(chunk)) for chunk in self.blocks.split(PREFILL_CHUNK_ROWS)], dim=-1)
+        return out if bias is None else out + bias
+
+
+QuantizedWeight = Int4Weight | Q8Weight

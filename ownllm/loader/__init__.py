@@ -35,7 +35,7 @@ def load_checkpoint(model: str | None, dtype: str | None = None) -> Checkpoint:
 
         reader = open_gguf(str(path))  # parsed once: the vocabulary makes it the slow part of start-up
         dtype = dtype or _quantized_gguf_dtype(reader)
-        gguf = load_gguf(path, dtype=_torch_dtype(dtype), keep_int4=normalize_dtype(dtype) == "bfloat16", reader=reader)
+        gguf = load_gguf(path, dtype=_torch_dtype(dtype), keep_quantized=normalize_dtype(dtype) == "bfloat16", reader=reader)
         config = ModelConfig.from_hf(gguf.hf_config, dtype)
         return Checkpoint(config, gguf.tensors, gguf.tokenizer, {}, path)
     from ownllm.loader.hf import load_hf_folder
@@ -44,7 +44,7 @@ def load_checkpoint(model: str | None, dtype: str | None = None) -> Checkpoint:
 
 
 def _quantized_gguf_dtype(reader) -> str | None:
-    """Quantized GGUF files run in bfloat16 with 4-bit kernels where the CPU multiplies bfloat16 natively
+    """Quantized GGUF files run in bfloat16 with 4-bit and 8-bit kernels where the CPU multiplies bfloat16 natively
     (AVX-512 BF16); elsewhere loading follows gguf.default_dtype (float32 for quantized files)."""
     from gguf import GGMLQuantizationType as QType
 

@@ -30,7 +30,7 @@ import torch
 import gguf
 from gguf import GGMLQuantizationType as QType
 
-from ownllm.layers.quant import Int4Weight
+from ownllm.layers.quant import Int4Weight, Q8Weight
 from ownllm.loader.gguf_tokenizer import tokenizer_from_metadata
 
 if TYPE_CHECKING:
@@ -110,10 +110,11 @@ class GGUFCheckpoint:
     metadata: dict  # the file's scalar metadata (and short arrays), for `ownllm models` and debugging
 
 
-def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None, keep_int4: bool = False,
+def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None, keep_quantized: bool = False,
               reader: gguf.GGUFReader | None = None) -> GGUFCheckpoint:
     """Read a GGUF file into HF-named tensors of `dtype` (None: see the module docstring's rule).
-    keep_int4: Q4_0 / Q4_1 matrices (other than the embedding) stay 4-bit, as layers.quant.Int4Weight.
+    keep_quantized: Q4_0 / Q4_1 matrices (other than the embedding) stay 4-bit, as layers.quant.Int4Weight,
+    and Q8_0 ones (the embedding too) stay the file's blocks, as layers.quant.Q8Weight.
     reader: the file's open_gguf() reader, when the caller has parsed it already."""
     path = os.fspath(path)
     reader = reader or open_gguf(path)
@@ -134,8 +135,13 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None, keep_in
             moe[tensor.name] = dequantize_tensor(tensor, compute_dtype)
             continue
         hf_name = hf_tensor_name(tensor.name, architecture)
-        if keep_int4 and tensor.tensor_type in _INT4_TYPES and tensor.name != "token_embd.weight":
+        if keep_quantized and tensor.tensor_type in _INT4_TYPES and tensor.name != "token_embd.weight":
             weight = Int4Weight.from_gguf_blocks(tensor.data, _hf_shape(tensor), tensor.tensor_type == QType.Q4_1)
+        elif keep_quantized and tensor.tensor_type == QType.Q8_0 and len(tensor.shape) == 2:
+            weight = Q8Weight.from_gguf_blocks(tensor.data, _hf_shape(tensor))
+        else:
+            weight = None
+        if weight is not None:
             tensors[hf_name] = weight.map_rows(lambda rows: unpermute_qk(rows, tensor.name, arch, hf_config))
             continue
         value = dequantize_tensor(tensor, compute_dtype)

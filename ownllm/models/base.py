@@ -16,7 +16,8 @@ from ownllm.config import ModelConfig
 from ownllm.layers.attention import AttentionMetadata, KVCacheSpec
 from ownllm.layers.linear import Linear
 from ownllm.layers.module import Module
-from ownllm.layers.quant import Int4Weight
+from ownllm.layers.embedding import Embedding
+from ownllm.layers.quant import Q8Weight, QuantizedWeight
 
 
 class CausalLM(Module):
@@ -76,19 +77,25 @@ class CausalLM(Module):
                 raise ValueError(
                     f"tensor {name!r} has shape {tuple(tensor.shape)} but the config implies {tuple(param.shape)}"
                 )
-            if isinstance(tensor, Int4Weight):
-                self._set_int4(name, tensor, dtype)
+            if isinstance(tensor, QuantizedWeight):
+                self._set_quantized(name, tensor, dtype)
             else:
                 self._set_parameter(name, tensor.to(dtype))
         for name, source in tied.items():
-            self._set_parameter(name, self.get_parameter(source))
+            source_module = self.get_submodule(source.rpartition(".")[0])
+            if source_module.weight is None:  # a quantized embedding: the lm_head multiplies by it as it is
+                self.get_submodule(name.rpartition(".")[0]).set_quantized(source_module.quantized)
+            else:
+                self._set_parameter(name, self.get_parameter(source))
 
-    def _set_int4(self, name: str, weight: Int4Weight, dtype: torch.dtype) -> None:
+    def _set_quantized(self, name: str, weight: QuantizedWeight, dtype: torch.dtype) -> None:
         module_name, _, attr = name.rpartition(".")
         module = self.get_submodule(module_name)
-        if isinstance(module, Linear) and attr == "weight" and dtype == torch.bfloat16:
-            module.set_int4(weight)
-        else:  # the kernel multiplies bfloat16 activations by Linear weights only
+        if attr == "weight" and weight.runs_here(dtype) and isinstance(module, Linear):
+            module.set_quantized(weight)
+        elif attr == "weight" and weight.runs_here(dtype) and isinstance(module, Embedding) and isinstance(weight, Q8Weight):
+            module.set_quantized(weight, dtype)
+        else:  # the kernels multiply bfloat16 activations by Linear weights only
             self._set_parameter(name, weight.dequantize(dtype))
 
     def _set_parameter(self, name: str, tensor: torch.Tensor) -> None:
