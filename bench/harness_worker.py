@@ -94,14 +94,19 @@ class Job:
 
 def module_weight_bytes(model) -> int:
     """Bytes a batch-1 decode step reads from a model's weights: every tensor a module holds (parameters,
-    buffers, and tensor attributes such as packed 4-bit weights), each storage once, except those only
+    buffers, and tensors held as attributes, such as quantized weights), each storage once, except those only
     the input embedding uses (it reads one row; a tied lm_head counts it) and rotary tables."""
     import torch
+
+    from ownllm.layers.quant import PackedInt4, Q8Weight
 
     sizes, used = {}, set()
     for module_name, module in model.named_modules():
         tensors = {**module._parameters, **module._buffers,
                    **{k: v for k, v in vars(module).items() if isinstance(v, torch.Tensor)}}
+        for key, held in vars(module).items():  # quantized weights (layers/quant.py) hold their tensors as attributes
+            if isinstance(held, (PackedInt4, Q8Weight)):
+                tensors.update({f"{key}.{k}": v for k, v in vars(held).items() if isinstance(v, torch.Tensor)})
         for name, tensor in tensors.items():
             if tensor is None or tensor.device.type == "meta":
                 continue
