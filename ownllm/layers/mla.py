@@ -112,7 +112,7 @@ class MultiLatentAttention(Module):
         q_nope, q_rope = q.view(num_tokens, self.num_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
         c_kv, k_rope = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         q_rope, k_rope = rope(meta.positions, q_rope, k_rope[:, None, :])  # [T, heads, rope], [T, 1, rope]
-        latent_cache = meta.kv_cache.k[self.layer_idx]  # [num_blocks, block_size, 1, rank + rope]
+        latent_cache = meta.kv_cache.k_layers[self.layer_idx]  # [num_blocks, block_size, 1, rank + rope]
         latent_cache.view(-1, self.kv_lora_rank + self.rope_dim)[meta.slot_mapping] = torch.cat(
             (self.kv_a_layernorm(c_kv), k_rope[:, 0]), dim=-1)
         absorbed = self.mode == "absorbed" or (self.mode == "auto" and meta.is_decode_only)
