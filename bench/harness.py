@@ -370,6 +370,11 @@ def preamble(rows: list[Row], args, settings: dict, elapsed: float, xs: list[str
         "bandwidth measured around that worker allows, reading every weight once per token (the tool's own weight "
         "bytes: the GGUF's tensors, or what the loaded model holds; the tied embedding once, as lm_head); "
         "of limit: decode / limit. Limits at the median bandwidth: " + "; ".join(limits) + ".",
+        "",
+        "Tools that read the same bytes per token are memory bound alike, so between two processes run minutes "
+        "apart their batch-1 ratio moves with the bandwidth each one got (range above): compare them by `of limit`, "
+        "or by bench/side_by_side.py, which alternates them run by run in one process (section "
+        "\"Batch-1 decode, side by side\").",
     ]
 
 
