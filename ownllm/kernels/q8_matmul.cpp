@@ -98,10 +98,11 @@ torch::Tensor q8_matmul(torch::Tensor x, torch::Tensor weights, c10::optional<to
   return y;
 }
 
-// weights: [N, K / 32 * 34] uint8 -> [N, K] bf16, d * q rounded to bf16.
-torch::Tensor q8_dequantize(torch::Tensor weights) {
+// weights: [N, K / 32 * 34] uint8 -> out [N, K] bf16 (given, so callers can reuse one buffer), d * q rounded to bf16.
+torch::Tensor q8_dequantize(torch::Tensor weights, torch::Tensor out) {
   const int64_t K = check_weights(weights), N = weights.size(0);
-  auto out = torch::empty({N, K}, weights.options().dtype(at::kBFloat16));
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.dim() == 2 && out.size(0) == N &&
+                  out.size(1) == K, "out: [N, K] bf16, contiguous");
   const uint8_t* w = weights.data_ptr<uint8_t>();
   bf16* op = out.data_ptr<bf16>();
   at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) { decode_rows(w, K, n0, n1, op + n0 * K); });

@@ -17,6 +17,7 @@ Without that kernel (CPUs lacking AVX-512 BF16) Q8_0 tensors are dequantized at 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -153,9 +154,18 @@ class Q8Weight:
         kernel = bf16_kernels("q8_matmul")
         if x.shape[0] <= GEMV_MAX_ROWS:
             return kernel.q8_matmul(x, self.blocks, bias)
-        # prefill: oneDNN on bf16 weights, dequantized a chunk of rows at a time (L3-sized, never all at once)
-        out = torch.cat([F.linear(x, kernel.q8_dequantize(chunk)) for chunk in self.blocks.split(PREFILL_CHUNK_ROWS)], dim=-1)
+        # prefill: oneDNN on bf16 weights, dequantized a chunk of rows at a time into one reused buffer
+        # (L3-sized, never all at once; a fresh buffer per chunk cost more in page faults than the matmul)
+        buffer = _dequantize_buffer(PREFILL_CHUNK_ROWS, self.shape[1])
+        out = torch.cat([F.linear(x, kernel.q8_dequantize(chunk, buffer[: chunk.shape[0]]))
+                         for chunk in self.blocks.split(PREFILL_CHUNK_ROWS)], dim=-1)
         return out if bias is None else out + bias
+
+
+@functools.cache
+def _dequantize_buffer(rows: int, cols: int) -> torch.Tensor:
+    """[rows, cols] bf16 scratch for Q8Weight.matmul (the model runs on one thread)."""
+    return torch.empty(rows, cols, dtype=torch.bfloat16)
 
 
 QuantizedWeight = Int4Weight | Q8Weight
