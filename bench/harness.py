@@ -1,7 +1,7 @@
 """Comparison harness: ownllm next to transformers and llama.cpp on random-weight checkpoints of real
 shapes (Llama-3.2-1B, SmolLM2-135M) and the bundled SmolLM2-135M-Instruct Q4_1 GGUF, in one run.
 
-    python bench/harness.py                  # the full run (~23 min), writes bench/RESULTS.md
+    python bench/harness.py                  # the full run (~28 min), writes bench/RESULTS.md
     python bench/harness.py --quick          # SmolLM2 only, 32 + 32 tokens: a try-out (~5 min)
     python bench/harness.py --models llama-3.2-1b --tools ownllm,llama.cpp
     python bench/harness.py --gpu            # ownllm and transformers on CUDA in bfloat16
@@ -11,8 +11,10 @@ prompt length and number of new tokens, greedy, EOS ignored. Reported: load time
 first token, file in page cache), prefill and batch-1 decode tokens/s (median of repeats), aggregate
 generated tokens/s with 4 and 16 sequences submitted at once, and peak RSS. The machine's read
 bandwidth, measured right before and after each worker, gives the batch-1 decode limit
-(bandwidth / bytes of weights read per token) and each tool's fraction of it. Checkpoints are built
-once into bench/.cache/ (bench/harness_models.py). See bench/README.md.
+(bandwidth / bytes of weights read per token) and each tool's fraction of it. The full run ends with
+ownllm and llama.cpp decoding batch-1 in one process, taking turns (bench/side_by_side.py), the fair
+ratio for tools bound by the same bandwidth. Checkpoints are built once into bench/.cache/
+(bench/harness_models.py). See bench/README.md.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import resource
 import signal
 import statistics
 import subprocess
+import tempfile
 import sys
 import time
 from dataclasses import dataclass, field
@@ -85,13 +88,14 @@ def main() -> None:
         ensure_built(shape)
     started = time.time()
     run_all(rows, settings, started + 60 * (args.minutes or (5 if args.quick else 22)))
-    body = report(rows, args, settings, time.time() - started)
+    customized = (args.quick, args.models, args.tools, args.gpu, args.prompt_len, args.new_tokens, args.repeats)
+    alternating = None if any(customized) else side_by_side(args.threads)
+    body = report(rows, args, settings, time.time() - started, alternating)
     print("\n" + body)
     if args.json:
         args.json.write_text(json.dumps([
             {"model": r.model.label, "tool": r.tool, "bandwidth": r.bandwidth, "other_cores": r.other_cores,
              **r.result} for r in rows], indent=1))
-    customized = (args.quick, args.models, args.tools, args.gpu, args.prompt_len, args.new_tokens, args.repeats)
     if not args.no_write and not any(customized):
         write_results(body)
         print(f"[harness] wrote section '{SECTION}' of bench/RESULTS.md")
@@ -298,7 +302,18 @@ def fmt(value, spec: str = ".1f", missing: str = "—") -> str:
     return missing if value is None else format(value, spec)
 
 
-def report(rows: list[Row], args, settings: dict, elapsed: float) -> str:
+def side_by_side(threads: int) -> str | None:
+    """Batch-1 decode of ownllm and llama.cpp taking turns in one process (bench/side_by_side.py, run as a
+    child so its models are freed): the table rows, or None if it failed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        table = Path(tmp) / "table.md"
+        print("[harness] batch-1 side by side (bench/side_by_side.py --repeats 3)", flush=True)
+        done = subprocess.run([sys.executable, str(ROOT / "bench" / "side_by_side.py"), "--repeats", "3",
+                               "--threads", str(threads), "--table-only", str(table)], cwd=ROOT)
+        return table.read_text() if done.returncode == 0 and table.exists() else None
+
+
+def report(rows: list[Row], args, settings: dict, elapsed: float, alternating: str | None = None) -> str:
     xs = [f"x{n}" for n in settings["concurrency"]]
     head = ["model", "weights", "tool (compute dtype)", "load s", "prefill tok/s", "decode tok/s",
             "limit tok/s", "of limit", *[f"{x} tok/s" for x in xs], f"{xs[-1]} decode tok/s", "peak RSS GiB",
@@ -309,8 +324,13 @@ def report(rows: list[Row], args, settings: dict, elapsed: float) -> str:
         cells, row_notes = table_row(row, xs)
         table.append("| " + " | ".join(cells) + " |")
         notes += [f"- {row.model.label} / {row.tool}: {note}" for note in row_notes]
+    side = [] if alternating is None else [
+        "Batch-1 decode with the tools taking turns run by run in one process (bench/side_by_side.py --repeats 3, "
+        "the same prompts and token counts; median of the runs after the first), so bandwidth drift hits both alike:",
+        "", "| model | ownllm decode tok/s | llama.cpp decode tok/s | ownllm / llama.cpp | ownllm prefill tok/s "
+        "| llama.cpp prefill tok/s |", "|---|---|---|---|---|---|", alternating.rstrip("\n"), ""]
     return "\n".join([*preamble(rows, args, settings, elapsed, xs), "", *table, "", *notes,
-                      *([""] if notes else [])])
+                      *([""] if notes else []), *side])
 
 
 def table_row(row: Row, xs: list[str]) -> tuple[list[str], list[str]]:
@@ -373,8 +393,7 @@ def preamble(rows: list[Row], args, settings: dict, elapsed: float, xs: list[str
         "",
         "Tools that read the same bytes per token are memory bound alike, so between two processes run minutes "
         "apart their batch-1 ratio moves with the bandwidth each one got (range above): compare them by `of limit`, "
-        "or by bench/side_by_side.py, which alternates them run by run in one process (section "
-        "\"Batch-1 decode, side by side\").",
+        "or by the side-by-side table below, where they alternate run by run in one process.",
     ]
 
 

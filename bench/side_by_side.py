@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--table-only", type=Path, help="write just the table here (the harness's use), not RESULTS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -98,6 +99,9 @@ def main() -> None:
         lines.append(line)
         del ours, theirs
         gc.collect()
+    if args.table_only:
+        args.table_only.write_text("\n".join(lines[2:]) + "\n")  # the rows, without the header
+        return
     body = (f"Command: `python bench/side_by_side.py --new-tokens {new} --repeats {args.repeats} --threads {args.threads}`; "
             f"{args.threads} threads each, the tools alternating run by run in one process (median of the runs after the "
             "first). The harness table above measures each tool in its own process, one after another.\n\n"
