@@ -63,6 +63,15 @@ def random_prompts(lengths=(5, 17, 40), seed: int = 1) -> list[list[int]]:
     return [torch.randint(3, TINY_VOCAB, (n,), generator=g).tolist() for n in lengths]
 
 
+def assert_same_generations(outputs, expected, atol: float) -> None:
+    """Two runs' CompletionOutputs: the same tokens, and each step's expected top logprobs within atol."""
+    for out, ref in zip(outputs, expected, strict=True):
+        assert out.token_ids == ref.token_ids
+        for step, ref_step in zip(out.logprobs, ref.logprobs):
+            for token_id, entry in ref_step.items():
+                assert abs(step[token_id].logprob - entry.logprob) < atol
+
+
 @torch.inference_mode()
 def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
     """transformers' greedy continuation -> (new token ids, per step logprobs [vocab])."""

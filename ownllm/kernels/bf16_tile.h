@@ -21,6 +21,11 @@ namespace bf16mm {
 
 using bf16 = at::BFloat16;
 
+// A matmul's optional bias as contiguous bf16 (the caller holds it while using its data), or undefined.
+inline torch::Tensor bf16_bias(const c10::optional<torch::Tensor>& bias) {
+  return bias.has_value() && bias->defined() ? bias->to(at::kBFloat16).contiguous() : torch::Tensor();
+}
+
 inline __m512bh load32(const bf16* p) { return (__m512bh)_mm512_loadu_si512(p); }
 inline __m512bh load32(const bf16* p, __mmask32 mask) { return (__m512bh)_mm512_maskz_loadu_epi16(mask, p); }
 

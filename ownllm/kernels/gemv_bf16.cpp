@@ -21,12 +21,8 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::T
   TORCH_CHECK(w.is_contiguous(), "w must be contiguous");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   auto y = torch::empty({M, N}, x.options());
-  const at::BFloat16* b = nullptr;
-  torch::Tensor bias_c;
-  if (bias.has_value() && bias->defined()) {
-    bias_c = bias->to(at::kBFloat16).contiguous();
-    b = bias_c.data_ptr<at::BFloat16>();
-  }
+  const torch::Tensor bias_c = bf16mm::bf16_bias(bias);
+  const at::BFloat16* b = bias_c.defined() ? bias_c.data_ptr<at::BFloat16>() : nullptr;
   const at::BFloat16 *xp = x.data_ptr<at::BFloat16>(), *wp = w.data_ptr<at::BFloat16>();
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
   at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) { bf16mm::rows(xp, K, M, wp, K, K, n0, n1, b, yp, N); });

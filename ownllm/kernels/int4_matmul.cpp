@@ -17,6 +17,8 @@
 
 #include <vector>
 
+#include "bf16_tile.h"
+
 namespace {
 
 using bf16 = at::BFloat16;
@@ -128,12 +130,8 @@ torch::Tensor int4_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
   std::vector<const bf16*> xs(M);
   std::vector<const float*> xsums(M);
   for (int64_t m = 0; m < M; ++m) xs[m] = ap + m * K, xsums[m] = sp + m * groups;
-  torch::Tensor bias_c;
-  const bf16* b = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    bias_c = bias->to(at::kBFloat16).contiguous();
-    b = bias_c.data_ptr<bf16>();
-  }
+  const torch::Tensor bias_c = bf16mm::bf16_bias(bias);
+  const bf16* b = bias_c.defined() ? bias_c.data_ptr<bf16>() : nullptr;
   auto y = torch::empty({M, N}, x.options());
   const uint8_t* c = codes.data_ptr<uint8_t>();
   const float* s = scales.data_ptr<float>();

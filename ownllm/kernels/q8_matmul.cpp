@@ -73,12 +73,8 @@ torch::Tensor q8_matmul(torch::Tensor x, torch::Tensor weights, c10::optional<to
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.size(1) == K, "x: [M, K] bf16, K = ", K);
   x = x.contiguous();
   const int64_t M = x.size(0);
-  torch::Tensor bias_c;
-  const bf16* b = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    bias_c = bias->to(at::kBFloat16).contiguous();
-    b = bias_c.data_ptr<bf16>();
-  }
+  const torch::Tensor bias_c = bf16mm::bf16_bias(bias);
+  const bf16* b = bias_c.defined() ? bias_c.data_ptr<bf16>() : nullptr;
   auto y = torch::empty({M, N}, x.options());
   const uint8_t* w = weights.data_ptr<uint8_t>();
   const bf16* xp = x.data_ptr<bf16>();

@@ -43,12 +43,6 @@ class Linear(Module, nn.Linear):
             self.packed = self.quantized.packed(dtype)
             self.quantized = None
 
-    def dense_weight(self) -> torch.Tensor:
-        """The weight as a bf16 tensor even when it is held quantized (quantized weights imply bf16 compute)."""
-        if self.weight is not None:
-            return self.weight
-        return self.quantized.dequantize(torch.bfloat16)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is None:
             return self.packed.matmul(x, self.bias)

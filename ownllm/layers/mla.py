@@ -100,7 +100,7 @@ class MultiLatentAttention(Module):
     def split_kv_b(self) -> None:
         """After loading: kv_b_proj split per head, then dropped (so the weights are held once): w_uk_t
         [heads, rank, nope_dim] and w_uv_t [heads, v_dim, rank], rows laid out as the decode kernel reads them."""
-        w = self.kv_b_proj.dense_weight().view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         self.w_uk_t = w[:, : self.nope_dim].transpose(1, 2).contiguous()
         self.w_uv_t = w[:, self.nope_dim :].contiguous()
         del self.kv_b_proj
