@@ -95,7 +95,7 @@ def main() -> None:
     exact = time_ownllm(prompt_ids, args.new_tokens, args.repeats, "float32")
     theirs_again = time_llama_cpp(path, prompt_ids, args.new_tokens, args.repeats, args.threads)
     theirs = tuple(max(a, b) for a, b in zip(theirs, theirs_again))  # llama.cpp's better run of two
-    rows = [("ownllm default (bf16, 4-bit kernels)", fast), ("ownllm --dtype float32 (exact)", exact),
+    rows = [("ownllm default (bf16, 4-bit and Q8_0 kernels)", fast), ("ownllm --dtype float32 (exact)", exact),
             (f"llama.cpp {llama_cpp.__version__} (Q4_1 kernels), best of 2 runs", theirs)]
     table = ["| tool | prefill tokens/s | decode tokens/s | decode vs llama.cpp |", "|---|---|---|---|"]
     for name, (prefill, decode) in rows:
