@@ -81,11 +81,12 @@ void check_bf16(const torch::Tensor& t, const char* name) {
 
 }  // namespace
 
-// x: [T, D] -> weight * bf16(x * rsqrt(mean(x^2) + eps)), the Llama RMSNorm.
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
-  check_bf16(x, "x");
+// x: [..., D] -> weight * bf16(x * rsqrt(mean(x^2) + eps)), the Llama RMSNorm (per head for [T, heads, D]).
+torch::Tensor rms_norm(torch::Tensor input, torch::Tensor weight, double eps) {
+  check_bf16(input, "x");
   check_bf16(weight, "weight");
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 1 && weight.size(0) == x.size(1), "shapes: x [T, D], weight [D]");
+  TORCH_CHECK(input.dim() >= 1 && weight.dim() == 1 && weight.size(0) == input.size(-1), "shapes: x [..., D], weight [D]");
+  const torch::Tensor x = input.dim() == 2 ? input : input.reshape({-1, input.size(-1)});
   const int64_t T = x.size(0), D = x.size(1), stride = x.stride(0);
   auto out = torch::empty({T, D}, x.options());
   const bf16* xp = x.data_ptr<bf16>();
@@ -106,7 +107,7 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
       }
     }
   });
-  return out;
+  return out.view(input.sizes());
 }
 
 // q: [T, heads, D] and k: [T, kv_heads, D] in place -> x * cos + rotate_half(x) * sin, each product
@@ -212,8 +213,8 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k, torch::Te
   const int64_t num_splits = split_start[B], num_items = num_splits * KVH;
   const int64_t chunks = (D + 15) / 16, pair_chunks = (D + 31) / 32, line_stride = 32;  // bf16 per 64-byte line
   // per item and head of its group: the split's max score, its sum of exponentials, its weighted values [D]
-  std::vector<float> partial(num_items * group * (chunks * 16 + 2));
-  const int64_t partial_size = group * (chunks * 16 + 2);
+  const int64_t head_size = 2 + chunks * 16, partial_size = group * head_size;
+  std::vector<float> partial(num_items * partial_size);
   const bf16* qp = q.data_ptr<bf16>();
   // item i's context rows in the cache (block by block, no divisions), each key and value prefetched;
   // -> (sequence, tokens)
@@ -271,8 +272,8 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k, torch::Te
           _mm512_storeu_ps(row_scores + j, e);
           total = _mm512_add_ps(total, e);
         }
-        out_partial[g * (chunks * 16 + 2)] = max_score;
-        out_partial[g * (chunks * 16 + 2) + 1] = _mm512_reduce_add_ps(total);
+        out_partial[g * head_size] = max_score;
+        out_partial[g * head_size + 1] = _mm512_reduce_add_ps(total);
       }
       for (int64_t g = 0; g < group; ++g) {  // weighted values, token by token per head
         for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_setzero_ps();
@@ -282,7 +283,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k, torch::Te
           const __m512 weight = _mm512_set1_ps(weights[t]);
           for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_fmadd_ps(weight, load(value + c * 16, D - c * 16), acc[c]);
         }
-        for (int64_t c = 0; c < chunks; ++c) _mm512_storeu_ps(out_partial + g * (chunks * 16 + 2) + 2 + c * 16, acc[c]);
+        for (int64_t c = 0; c < chunks; ++c) _mm512_storeu_ps(out_partial + g * head_size + 2 + c * 16, acc[c]);
       }
     }
   });
@@ -293,7 +294,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k, torch::Te
     for (int64_t bh = h0; bh < h1; ++bh) {
       const int64_t b = bh / H, h = bh % H, kvh = h / group, g = h % group;
       const auto head_partial = [&](int64_t split) {
-        return partial.data() + ((split_start[b] + split) * KVH + kvh) * partial_size + g * (chunks * 16 + 2);
+        return partial.data() + ((split_start[b] + split) * KVH + kvh) * partial_size + g * head_size;
       };
       const int64_t splits = split_start[b + 1] - split_start[b];
       float max_score = -INFINITY;
@@ -302,7 +303,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k, torch::Te
       for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_setzero_ps();
       for (int64_t s = 0; s < splits; ++s) {
         const float* part = head_partial(s);
-        const float weight = splits == 1 ? 1.f : std::exp(part[0] - max_score);
+        const float weight = std::exp(part[0] - max_score);  // exactly 1 for a single split
         total += weight * part[1];
         for (int64_t c = 0; c < chunks; ++c)
           acc[c] = _mm512_fmadd_ps(_mm512_set1_ps(weight), _mm512_loadu_ps(part + 2 + c * 16), acc[c]);

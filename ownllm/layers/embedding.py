@@ -17,18 +17,17 @@ from ownllm.layers.quant import Q8Weight
 
 
 class Embedding(Module, nn.Embedding):
-    quantized: Q8Weight | None = None  # set instead of `weight`
-    quantized_dtype: torch.dtype = torch.bfloat16
+    quantized: Q8Weight | None = None  # set instead of `weight` (quantized weights imply bfloat16 compute)
 
     def reset_parameters(self) -> None:  # the checkpoint's weights replace it
         pass
 
-    def set_quantized(self, weight: Q8Weight, dtype: torch.dtype) -> None:
-        self.quantized, self.quantized_dtype = weight, dtype
+    def set_quantized(self, weight: Q8Weight) -> None:
+        self.quantized = weight
         self.weight = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         # input_ids: [T] -> [T, embedding_dim]
         if self.weight is None:
-            return self.quantized.dequantize(self.quantized_dtype, rows=input_ids)
+            return self.quantized.dequantize(torch.bfloat16, rows=input_ids)
         return F.embedding(input_ids, self.weight)

@@ -21,7 +21,5 @@ class RMSNorm(Module):
         # x: [..., dim]
         ops = decode_ops(x)
         if ops is not None and self.weight.dtype == x.dtype:
-            if x.dim() == 2:
-                return ops.rms_norm(x, self.weight, self.eps)
-            return ops.rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
+            return ops.rms_norm(x, self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)

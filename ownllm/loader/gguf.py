@@ -135,13 +135,7 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None, keep_qu
             moe[tensor.name] = dequantize_tensor(tensor, compute_dtype)
             continue
         hf_name = hf_tensor_name(tensor.name, architecture)
-        if keep_quantized and tensor.tensor_type in _INT4_TYPES and tensor.name != "token_embd.weight":
-            weight = Int4Weight.from_gguf_blocks(tensor.data, _hf_shape(tensor), tensor.tensor_type == QType.Q4_1)
-        elif keep_quantized and tensor.tensor_type == QType.Q8_0 and len(tensor.shape) == 2:
-            weight = Q8Weight.from_gguf_blocks(tensor.data, _hf_shape(tensor))
-        else:
-            weight = None
-        if weight is not None:
+        if keep_quantized and (weight := _kept_quantized(tensor)) is not None:
             tensors[hf_name] = weight.map_rows(lambda rows: unpermute_qk(rows, tensor.name, arch, hf_config))
             continue
         value = dequantize_tensor(tensor, compute_dtype)
@@ -153,6 +147,15 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None, keep_qu
         tokenizer=tokenizer,
         metadata={k: v for k, v in fields.items() if not isinstance(v, list) or len(v) <= _MAX_LISTED_ARRAY},
     )
+
+
+def _kept_quantized(tensor: gguf.ReaderTensor) -> Int4Weight | Q8Weight | None:
+    """The matrix as the quantized kernels multiply it (Q4_0 / Q4_1 other than the embedding; Q8_0), else None."""
+    if tensor.tensor_type in _INT4_TYPES and tensor.name != "token_embd.weight":
+        return Int4Weight.from_gguf_blocks(tensor.data, _hf_shape(tensor), tensor.tensor_type == QType.Q4_1)
+    if tensor.tensor_type == QType.Q8_0 and len(tensor.shape) == 2:
+        return Q8Weight.from_gguf_blocks(tensor.data, _hf_shape(tensor))
+    return None
 
 
 # --- reading -------------------------------------------------------------------------------------

@@ -91,11 +91,10 @@ class CausalLM(Module):
     def _set_quantized(self, name: str, weight: QuantizedWeight, dtype: torch.dtype) -> None:
         module_name, _, attr = name.rpartition(".")
         module = self.get_submodule(module_name)
-        if attr == "weight" and weight.runs_here(dtype) and isinstance(module, Linear):
+        kept = isinstance(module, Linear) or (isinstance(module, Embedding) and isinstance(weight, Q8Weight))
+        if attr == "weight" and kept and weight.runs_here(dtype):
             module.set_quantized(weight)
-        elif attr == "weight" and weight.runs_here(dtype) and isinstance(module, Embedding) and isinstance(weight, Q8Weight):
-            module.set_quantized(weight, dtype)
-        else:  # the kernels multiply bfloat16 activations by Linear weights only
+        else:  # the kernels multiply bfloat16 activations by Linear weights (and look up Q8_0 embeddings) only
             self._set_parameter(name, weight.dequantize(dtype))
 
     def _set_parameter(self, name: str, tensor: torch.Tensor) -> None:
