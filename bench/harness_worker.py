@@ -98,14 +98,14 @@ def module_weight_bytes(model) -> int:
     the input embedding uses (it reads one row; a tied lm_head counts it) and rotary tables."""
     import torch
 
-    from ownllm.layers.quant import PackedInt4, Q8Weight
+    from ownllm.layers.quant import BlockWeight, PackedInt4
 
     sizes, used = {}, set()
     for module_name, module in model.named_modules():
         tensors = {**module._parameters, **module._buffers,
                    **{k: v for k, v in vars(module).items() if isinstance(v, torch.Tensor)}}
         for key, held in vars(module).items():  # quantized weights (layers/quant.py) hold their tensors as attributes
-            if isinstance(held, (PackedInt4, Q8Weight)):
+            if isinstance(held, (BlockWeight, PackedInt4)):
                 tensors.update({f"{key}.{k}": v for k, v in vars(held).items() if isinstance(v, torch.Tensor)})
         for name, tensor in tensors.items():
             if tensor is None or tensor.device.type == "meta":

@@ -8,7 +8,8 @@ the other weights as F32/F16/BF16/Q8_0 via `gguf.quants.quantize`, the llama3 `r
 `generate_extra_tensors`, and a byte-level BPE (`gpt2`) tokenizer section like `_set_vocab_gpt2`.
 
 Also here: a tiny byte-level BPE tokenizer trained on an inline corpus, a tiny SentencePiece model,
-and writers for vocab-only files and for files with raw (already quantized) tensor bytes.
+writers for vocab-only files and for files with raw (already quantized) tensor bytes, and llama.cpp's
+quantizer for the K-quant files gguf-py cannot write.
 """
 
 from __future__ import annotations
@@ -402,6 +403,19 @@ def write_gguf(
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _finish(writer)
     return path
+
+
+def quantize_with_llama_cpp(source: str | os.PathLike, path: str | os.PathLike, ftype: str) -> Path:
+    """llama.cpp's own quantizer (llama-quantize, through llama-cpp-python) on an F32/F16 GGUF: `ftype` is a
+    llama_ftype name such as "Q4_K_M" (Q4_K with Q6_K for some tensors, as users download them)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.nthread = 2
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(path).encode(), params) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {source} to {ftype}")
+    return Path(path)
 
 
 def write_vocab_only(path: str | os.PathLike, add_vocab, architecture: str = "llama") -> Path:

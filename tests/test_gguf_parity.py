@@ -7,19 +7,28 @@ import torch
 
 from ownllm import LLM, SamplingParams
 from tests.checkpoints import assert_same_generations, build_checkpoint, hf_greedy, random_prompts
-from tests.gguf_writer import write_gguf
+from tests.gguf_writer import quantize_with_llama_cpp, write_gguf
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # transformers' from_pretrained(gguf_file=...) needs it
 
 CASES = [("LlamaForCausalLM", "F32"), ("LlamaForCausalLM", "F16"), ("LlamaForCausalLM", "Q8_0"),
-         ("Qwen2ForCausalLM", "Q8_0")]
+         ("Qwen2ForCausalLM", "Q8_0"), ("LlamaForCausalLM", "Q4_K_M"), ("Qwen2ForCausalLM", "Q5_K_M")]
+
+
+def tiny_gguf(folder, arch: str, qtype: str, **overrides):
+    """A tiny random checkpoint of `arch` saved under folder/hf, as a GGUF of `qtype`: written by our writer
+    (F32, F16, BF16, Q8_0), or by llama.cpp's quantizer from the F32 file (K-quant mixes such as Q4_K_M)."""
+    # K-quants need rows of 256k weights (llama.cpp falls back to other types otherwise), Q8_0 of 32k
+    build_checkpoint(folder / "hf", arch, hidden_size=256, intermediate_size=512, **overrides)
+    if "_K" not in qtype:
+        return write_gguf(folder / "hf", folder / f"tiny-{qtype}.gguf", qtype)
+    return quantize_with_llama_cpp(write_gguf(folder / "hf", folder / "tiny-F32.gguf"), folder / f"tiny-{qtype}.gguf", qtype)
 
 
 @pytest.mark.parametrize("arch, qtype", CASES)
 def test_gguf_greedy_matches_transformers_on_same_file(arch, qtype, tmp_path):
-    build_checkpoint(tmp_path / "hf", arch, hidden_size=128, intermediate_size=256)  # Q8_0 needs rows of 32k
-    path = write_gguf(tmp_path / "hf", tmp_path / f"tiny-{qtype}.gguf", qtype)
+    path = tiny_gguf(tmp_path, arch, qtype)
     reference = transformers.AutoModelForCausalLM.from_pretrained(
         str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
     llm = LLM(str(path), dtype="float32")
@@ -34,17 +43,20 @@ def test_gguf_greedy_matches_transformers_on_same_file(arch, qtype, tmp_path):
                 assert abs(entry[token_id].logprob - value) < 1e-3
 
 
-@pytest.mark.parametrize("arch, tied", [("LlamaForCausalLM", True), ("Qwen2ForCausalLM", False)])
-def test_q8_0_kept_quantized_in_bfloat16_equals_dequantized(arch, tied, tmp_path, monkeypatch):
-    """In bfloat16 a Q8_0 file's matrices and embedding stay the file's blocks (layers.quant.Q8Weight),
-    multiplied by the Q8_0 kernel: the same tokens and logprobs as the weights dequantized to bf16 at load."""
+@pytest.mark.parametrize("arch, qtype, tied", [("LlamaForCausalLM", "Q8_0", True), ("Qwen2ForCausalLM", "Q8_0", False),
+                                               ("LlamaForCausalLM", "Q4_K_M", False), ("Qwen2ForCausalLM", "Q4_K_M", True)])
+def test_block_quantized_kept_in_bfloat16_equals_dequantized(arch, qtype, tied, tmp_path, monkeypatch):
+    """In bfloat16 a Q8_0 or K-quant file's matrices and embedding stay the file's blocks
+    (layers.quant.BlockWeight), multiplied by the block kernel: the same tokens and logprobs as the weights
+    dequantized to bf16 at load. Q4_K_M mixes Q4_K and Q6_K, so some projections cannot be fused."""
+    from gguf import GGMLQuantizationType as QType
+
     from ownllm.kernels.build import cpu_has_bf16
-    from ownllm.layers.quant import Q8Weight
+    from ownllm.layers.quant import BlockWeight
 
     if not cpu_has_bf16():
-        pytest.skip("the Q8_0 kernel needs AVX-512 BF16")
-    build_checkpoint(tmp_path / "hf", arch, hidden_size=128, intermediate_size=256, tie_word_embeddings=tied)
-    path = write_gguf(tmp_path / "hf", tmp_path / "tiny-Q8_0.gguf", "Q8_0")
+        pytest.skip("the block kernels need AVX-512 BF16")
+    path = tiny_gguf(tmp_path, arch, qtype, tie_word_embeddings=tied)
     params = SamplingParams(temperature=0, max_tokens=24, min_tokens=24, logprobs=5)
 
     def run(llm):
@@ -52,11 +64,14 @@ def test_q8_0_kept_quantized_in_bfloat16_equals_dequantized(arch, tied, tmp_path
 
     kept = LLM(str(path), dtype="bfloat16")
     model = kept.runner.model
-    assert model.model.embed_tokens.weight is None and isinstance(model.model.embed_tokens.quantized, Q8Weight)
-    assert isinstance(model.lm_head.packed, Q8Weight) and isinstance(model.model.layers[0].mlp.down_proj.packed, Q8Weight)
+    embedding = model.model.embed_tokens
+    assert embedding.weight is None and isinstance(embedding.quantized, BlockWeight)
+    held = [model.lm_head.packed] + [m.packed for m in model.modules() if getattr(m, "packed", None) is not None]
+    assert all(isinstance(weight, BlockWeight) for weight in held)
+    assert {weight.qtype for weight in held} == ({QType.Q8_0} if qtype == "Q8_0" else {QType.Q4_K, QType.Q6_K})
     ours = run(kept)
     with monkeypatch.context() as m:
-        m.setattr(Q8Weight, "runs_here", staticmethod(lambda dtype: False))
+        m.setattr(BlockWeight, "runs_here", staticmethod(lambda dtype: False))
         dequantized = LLM(str(path), dtype="bfloat16")
         assert dequantized.runner.model.lm_head.weight.dtype == torch.bfloat16
         expected = run(dequantized)

@@ -159,41 +159,62 @@ def test_packed_int4_matches_dequantized_weights(rows, out_features, in_features
     assert torch.equal(packed.matmul(x[-1:], bias), out[-1:])  # batch-invariant: alone = in the batch
 
 
-def q8_blocks(rows: int, cols: int, seed: int = 0):
-    """Random weights quantized to GGUF Q8_0 by gguf-py -> (raw blocks [rows, cols / 32 * 34], dequantized float32)."""
+BLOCK_TYPES = ["Q8_0", "Q4_K", "Q5_K", "Q6_K"]
+
+
+def random_blocks(qtype: str, rows: int, cols: int, seed: int = 0):
+    """Random GGUF blocks of `qtype` (any bytes, with small finite fp16 scales) -> (raw blocks [rows, cols / W * B],
+    gguf-py's dequantization of them, float32 [rows, cols])."""
     import gguf
     import numpy as np
 
-    dense = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
-    blocks = gguf.quants.quantize(dense, gguf.GGMLQuantizationType.Q8_0)
-    return blocks, torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q8_0)).reshape(rows, cols)
+    from ownllm.layers.quant import BLOCK_FORMATS
+
+    kind = gguf.GGMLQuantizationType[qtype]
+    weights, nbytes = BLOCK_FORMATS[kind]
+    scale_offsets = {"Q8_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}[qtype]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows, cols // weights, nbytes), dtype=np.uint8)
+    for offset in scale_offsets:
+        scales = rng.uniform(-0.05, 0.05, (rows, cols // weights)).astype(np.float16)
+        raw[..., offset:offset + 2] = scales.view(np.uint8).reshape(rows, cols // weights, 2)
+    blocks = raw.reshape(rows, -1)
+    return blocks, torch.from_numpy(gguf.quants.dequantize(blocks, kind)).reshape(rows, cols)
 
 
-def test_q8_weights_from_gguf_blocks():
-    from ownllm.layers.quant import Q8Weight
+@pytest.mark.parametrize("qtype", BLOCK_TYPES)
+def test_block_weights_dequantize_as_gguf_py(qtype):
+    import gguf
 
-    blocks, expected = q8_blocks(48, 96)
-    weight = Q8Weight.from_gguf_blocks(blocks, (48, 96))
-    assert weight.shape == (48, 96)
-    assert torch.equal(weight.dequantize(torch.float32), expected)
-    assert torch.equal(weight.dequantize(torch.bfloat16), expected.bfloat16())
+    from ownllm.layers.quant import BlockWeight
+
+    if not cpu_has_bf16():
+        pytest.skip("the block kernels cannot run on this CPU")
+    blocks, expected = random_blocks(qtype, 48, 512)
+    weight = BlockWeight.from_gguf_blocks(blocks, (48, 512), gguf.GGMLQuantizationType[qtype])
+    assert weight.shape == (48, 512)
+    assert torch.equal(weight.dequantize(torch.float32), expected)  # gguf-py's numbers
+    assert torch.equal(weight.dequantize(torch.bfloat16), expected.bfloat16())  # the kernel's, rounded alike
     rows = torch.tensor([5, 0, 47, 5])
     assert torch.equal(weight.dequantize(torch.bfloat16, rows=rows), expected.bfloat16()[rows])
 
 
+@pytest.mark.parametrize("qtype", BLOCK_TYPES)
 @pytest.mark.parametrize("rows", [1, 2, 5, 16, 32, 40])
-@pytest.mark.parametrize("out_features, in_features", [(96, 576), (33, 96), (70, 2048)])
-def test_q8_matmul_equals_bf16_kernel_on_dequantized_weights(rows, out_features, in_features):
-    """The Q8_0 kernel decodes to the bf16 weights dequantizing gives and multiplies as gemv_bf16 does:
+@pytest.mark.parametrize("out_features, in_features", [(96, 768), (33, 256), (70, 2048)])
+def test_block_matmul_equals_bf16_kernel_on_dequantized_weights(qtype, rows, out_features, in_features):
+    """The block kernel decodes to the bf16 weights dequantizing gives and multiplies as gemv_bf16 does:
     bit-equal up to 32 rows (batch-invariant with it); larger batches go to oneDNN a chunk of weight rows
     at a time, close to oneDNN on the whole dequantized matrix."""
-    from ownllm.layers.quant import Q8Weight
+    import gguf
+
+    from ownllm.layers.quant import BlockWeight
 
     if not cpu_has_bf16():
-        pytest.skip("the Q8_0 kernel cannot run on this CPU")
-    assert Q8Weight.runs_here(torch.bfloat16), "the kernel failed to build (see the log)"
-    blocks, _ = q8_blocks(out_features, in_features, seed=rows)
-    weight = Q8Weight.from_gguf_blocks(blocks, (out_features, in_features))
+        pytest.skip("the block kernels cannot run on this CPU")
+    assert BlockWeight.runs_here(torch.bfloat16), "the kernel failed to build (see the log)"
+    blocks, _ = random_blocks(qtype, out_features, in_features, seed=rows)
+    weight = BlockWeight.from_gguf_blocks(blocks, (out_features, in_features), gguf.GGMLQuantizationType[qtype])
     dense = weight.dequantize(torch.bfloat16)
     torch.manual_seed(rows)
     x = torch.randn(rows, in_features).bfloat16()
@@ -207,14 +228,16 @@ def test_q8_matmul_equals_bf16_kernel_on_dequantized_weights(rows, out_features,
         torch.testing.assert_close(out, torch.nn.functional.linear(x, dense, bias), rtol=2**-7, atol=1e-2)
 
 
-def test_q8_matmul_several_prefill_chunks(monkeypatch):
+def test_block_matmul_several_prefill_chunks(monkeypatch):
+    import gguf
+
     import ownllm.layers.quant as quant
 
     if not cpu_has_bf16():
-        pytest.skip("the Q8_0 kernel cannot run on this CPU")
+        pytest.skip("the block kernels cannot run on this CPU")
     monkeypatch.setattr(quant, "PREFILL_CHUNK_ROWS", 32)
-    blocks, _ = q8_blocks(100, 64)
-    weight = quant.Q8Weight.from_gguf_blocks(blocks, (100, 64))
-    x = torch.randn(50, 64).bfloat16()
+    blocks, _ = random_blocks("Q4_K", 100, 256)
+    weight = quant.BlockWeight.from_gguf_blocks(blocks, (100, 256), gguf.GGMLQuantizationType.Q4_K)
+    x = torch.randn(50, 256).bfloat16()
     expected = torch.nn.functional.linear(x, weight.dequantize(torch.bfloat16))
     torch.testing.assert_close(weight.matmul(x, None), expected, rtol=2**-7, atol=1e-2)

@@ -21,7 +21,9 @@ CACHE_DIR = Path(os.environ.get("OWNLLM_CACHE", Path.home() / ".cache" / "ownllm
 OPENMP_FLAGS = ("-fopenmp",)
 BF16_FLAGS = ("-mavx512f", "-mavx512bf16", "-mavx512vl", "-mavx512bw", "-mf16c")
 BF16_CPU_FLAGS = ("avx512_bf16", "avx512bw")  # /proc/cpuinfo names of what BF16_FLAGS compiles for
-# the skinny bf16 matmul kernels (gemv_bf16, q8_matmul) take batches of up to this many rows; larger ones
+# block_matmul decodes GGUF blocks with float32 arithmetic that must round as gguf-py's dequantize rounds
+KERNEL_FLAGS = {"block_matmul": ("-ffp-contract=off",)}
+# the skinny bf16 matmul kernels (gemv_bf16, block_matmul) take batches of up to this many rows; larger ones
 # go to oneDNN. Up to 64 they are right, but slower than oneDNN on K = 8192 (bench/skinny_matmul.py)
 GEMV_MAX_ROWS = 32
 
@@ -71,9 +73,9 @@ def cpu_has_bf16() -> bool:
 
 @functools.cache
 def bf16_kernels(name: str):
-    """A module of AVX-512 BF16 kernels (gemv_bf16, decode_ops, moe_experts), or None on CPUs without those instructions."""
+    """A module of AVX-512 BF16 kernels (gemv_bf16, decode_ops, moe_experts...), or None on CPUs without those instructions."""
     logger.info("building the %s kernels (once; cached afterwards)", name)
-    return load(name, BF16_CPU_FLAGS, BF16_FLAGS)
+    return load(name, BF16_CPU_FLAGS, BF16_FLAGS + KERNEL_FLAGS.get(name, ()))
 
 
 def decode_ops(x: torch.Tensor):

@@ -2,7 +2,7 @@
 
 Every weight comes from the checkpoint, and nn.Embedding's normal_ init on the meta device costs 0.8 s
 the first time (torch imports its Python decompositions for it), a sixth of the 1B shape's start-up.
-A GGUF's Q8_0 embedding may instead stay quantized (layers/quant.py): each lookup dequantizes only the
+A GGUF embedding in Q8_0 or a K-quant may instead stay quantized (layers/quant.py): each lookup dequantizes only the
 rows it needs, so the table is held once, at half the bytes, even when a tied lm_head multiplies by it.
 """
 
@@ -13,16 +13,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ownllm.layers.module import Module
-from ownllm.layers.quant import Q8Weight
+from ownllm.layers.quant import BlockWeight
 
 
 class Embedding(Module, nn.Embedding):
-    quantized: Q8Weight | None = None  # set instead of `weight` (quantized weights imply bfloat16 compute)
+    quantized: BlockWeight | None = None  # set instead of `weight` (quantized weights imply bfloat16 compute)
 
     def reset_parameters(self) -> None:  # the checkpoint's weights replace it
         pass
 
-    def set_quantized(self, weight: Q8Weight) -> None:
+    def set_quantized(self, weight: BlockWeight) -> None:
         self.quantized = weight
         self.weight = None
 

@@ -51,15 +51,19 @@ class Linear(Module, nn.Linear):
 
 def fuse_linears(layers: list[Linear]) -> Linear | None:
     """One Linear computing several at once (e.g. q, k and v): their output rows stacked in order.
-    None when their weights are stored differently (e.g. 4-bit and dense), which cannot be stacked."""
+    None when their weights are stored differently (e.g. 4-bit and dense, or Q4_K and Q6_K blocks), which
+    cannot be stacked."""
     kinds = {type(layer.quantized) for layer in layers}
     if len(kinds) > 1:
         return None
+    quantized = kinds.pop().cat([layer.quantized for layer in layers]) if layers[0].quantized is not None else None
+    if layers[0].quantized is not None and quantized is None:
+        return None  # e.g. Q4_K and Q6_K blocks
     with torch.device("meta"):
         fused = Linear(layers[0].in_features, sum(layer.out_features for layer in layers),
                        bias=any(layer.bias is not None for layer in layers))
-    if layers[0].quantized is not None:
-        fused.set_quantized(kinds.pop().cat([layer.quantized for layer in layers]))
+    if quantized is not None:
+        fused.set_quantized(quantized)
     else:
         fused.weight = nn.Parameter(torch.cat([layer.weight for layer in layers]), requires_grad=False)
     if fused.bias is not None:

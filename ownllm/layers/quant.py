@@ -1,4 +1,4 @@
-"""GGUF weights kept quantized, for bfloat16 compute: 4-bit (Q4_0, Q4_1) and 8-bit (Q8_0).
+"""GGUF weights kept quantized, for bfloat16 compute: Q4_0 and Q4_1 repacked, Q8_0 and the K-quants as stored.
 
 4-bit weights are multiplied by our kernel (kernels/int4_matmul.cpp) on CPUs with AVX-512 BF16,
 by torch's int4 CPU kernel (_weight_int4pack_mm_for_cpu) elsewhere.
@@ -8,11 +8,12 @@ Q4_1, a minimum m): Q4_0 is w = d * (q - 8), Q4_1 is w = d * q + m. Both are exa
 form w = (q - 8) * scale + zero, with zero = 0 and zero = m + 8 * d respectively, so the file's
 codes are used as they are; only scale and zero are rounded to the activations' dtype (bfloat16).
 
-Q8_0 stores groups of 32 int8 codes q with an fp16 scale d, w = d * q. Its blocks stay the file's
-bytes (a view of the mapping where no fusing or reordering copies them); kernels/q8_matmul.cpp
-multiplies them, with the same numbers as the bf16 kernel on the weights dequantized to bf16, while
-reading about half the bytes. Embeddings stored so are dequantized row by row as tokens look them up.
-Without that kernel (CPUs lacking AVX-512 BF16) Q8_0 tensors are dequantized at load.
+Q8_0 (groups of 32 int8 codes with an fp16 scale) and the K-quants Q4_K, Q5_K and Q6_K (256 weights
+a block, with 6- or 8-bit sub-block scales) stay the file's bytes (a view of the mapping where no fusing
+or reordering copies them); kernels/block_matmul.cpp multiplies them, with the same numbers as the bf16
+kernel on the weights dequantized to bf16, while reading 0.56-1.06 bytes per weight instead of 2.
+Embeddings stored so are dequantized row by row as tokens look them up. Without that kernel (CPUs
+lacking AVX-512 BF16) these tensors are dequantized at load.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+import gguf
+from gguf import GGMLQuantizationType
 
 from ownllm.kernels.build import GEMV_MAX_ROWS, bf16_kernels
 
 GROUP_SIZE = 32
-Q8_BLOCK_BYTES = 34  # fp16 scale, 32 int8 codes
-PREFILL_CHUNK_ROWS = 1024  # Q8_0 weight rows dequantized at a time for batches too large for the kernel
+PREFILL_CHUNK_ROWS = 1024  # block-quantized weight rows dequantized at a time for batches too large for the kernel
 
 
 @dataclass
@@ -112,60 +114,76 @@ class PackedInt4:
         return self.kernel.int4_matmul(x, self.codes, self.scales, self.mins, bias)
 
 
-@dataclass
-class Q8Weight:
-    """GGUF Q8_0 rows: blocks[n] holds K / 32 blocks of (fp16 d, int8 q[32]), w[n, 32 g + j] = d * q[j]."""
+# GGUF block formats kept as the file's bytes: type -> (weights per block, bytes per block)
+BLOCK_FORMATS = {
+    GGMLQuantizationType.Q8_0: (32, 34),  # fp16 d, int8 q[32]
+    GGMLQuantizationType.Q4_K: (256, 144),  # fp16 d, fp16 dmin, 6-bit scales and mins, 4-bit q[256]
+    GGMLQuantizationType.Q5_K: (256, 176),  # as Q4_K, plus one more bit per weight
+    GGMLQuantizationType.Q6_K: (256, 210),  # 4-bit and 2-bit parts of q[256], int8 scales[16], fp16 d
+}
 
-    blocks: torch.Tensor  # [N, K // 32 * 34] uint8
+
+@dataclass
+class BlockWeight:
+    """GGUF block-quantized rows (BLOCK_FORMATS): blocks[n] holds row n's K / W blocks of B bytes, as the file
+    stores them; kernels/block_matmul.cpp decodes them (its comments give each layout)."""
+
+    blocks: torch.Tensor  # [N, K // W * B] uint8
+    qtype: GGMLQuantizationType
 
     @property
     def shape(self) -> torch.Size:
-        return torch.Size((self.blocks.shape[0], self.blocks.shape[1] // Q8_BLOCK_BYTES * GROUP_SIZE))
+        weights, nbytes = BLOCK_FORMATS[self.qtype]
+        return torch.Size((self.blocks.shape[0], self.blocks.shape[1] // nbytes * weights))
 
     @classmethod
-    def from_gguf_blocks(cls, blocks: np.ndarray, shape: tuple[int, int]) -> "Q8Weight":
-        return cls(torch.from_numpy(np.asarray(blocks, dtype=np.uint8).reshape(shape[0], -1)))
+    def from_gguf_blocks(cls, blocks: np.ndarray, shape: tuple[int, int], qtype: GGMLQuantizationType) -> "BlockWeight":
+        return cls(torch.from_numpy(np.asarray(blocks, dtype=np.uint8).reshape(shape[0], -1)), qtype)
 
     @staticmethod
     def runs_here(dtype: torch.dtype) -> bool:
-        """Whether Q8_0 weights can stay quantized for compute in `dtype` on this CPU."""
-        return dtype == torch.bfloat16 and bf16_kernels("q8_matmul") is not None
+        """Whether block-quantized weights can stay so for compute in `dtype` on this CPU."""
+        return dtype == torch.bfloat16 and bf16_kernels("block_matmul") is not None
 
     def dequantize(self, dtype: torch.dtype, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """-> [N, K] (or [len(rows), K] for those rows) of d * q, computed in float32."""
+        """-> [N, K] (or [len(rows), K] for those rows), as gguf-py dequantizes them (by the kernel in bf16)."""
         raw = self.blocks if rows is None else self.blocks.index_select(0, rows)
-        raw = raw.view(raw.shape[0], -1, Q8_BLOCK_BYTES)  # [R, K // 32, 34]
-        scale = raw[..., :2].contiguous().view(torch.float16).float()  # [R, K // 32, 1]
-        codes = raw[..., 2:].view(torch.int8).float()  # [R, K // 32, 32]
-        return (codes * scale).reshape(raw.shape[0], -1).to(dtype)
+        if dtype == torch.bfloat16 and self.runs_here(dtype):
+            out = torch.empty(raw.shape[0], self.shape[1], dtype=torch.bfloat16)
+            return bf16_kernels("block_matmul").block_dequantize(raw, int(self.qtype), out)
+        values = gguf.quants.dequantize(raw.numpy(), self.qtype)  # float32
+        return torch.from_numpy(values.reshape(raw.shape[0], -1)).to(dtype)
 
-    def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Q8Weight":
-        return Q8Weight(fn(self.blocks))
+    def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "BlockWeight":
+        return BlockWeight(fn(self.blocks), self.qtype)
 
     @staticmethod
-    def cat(weights: list["Q8Weight"]) -> "Q8Weight":
-        return Q8Weight(torch.cat([w.blocks for w in weights]))
+    def cat(weights: list["BlockWeight"]) -> "BlockWeight":
+        """None when they are of different formats (which cannot be stacked)."""
+        if len({w.qtype for w in weights}) > 1:
+            return None
+        return BlockWeight(torch.cat([w.blocks for w in weights]), weights[0].qtype)
 
-    def packed(self, dtype: torch.dtype) -> "Q8Weight":
+    def packed(self, dtype: torch.dtype) -> "BlockWeight":
         return self  # the kernel reads the blocks as they are
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # x: [T, K] bf16 -> [T, N]
-        kernel = bf16_kernels("q8_matmul")
+        kernel = bf16_kernels("block_matmul")
         if x.shape[0] <= GEMV_MAX_ROWS:
-            return kernel.q8_matmul(x, self.blocks, bias)
+            return kernel.block_matmul(x, self.blocks, int(self.qtype), bias)
         # prefill: oneDNN on bf16 weights, dequantized a chunk of rows at a time into one reused buffer
         # (L3-sized, never all at once; a fresh buffer per chunk cost more in page faults than the matmul)
         buffer = _dequantize_buffer(PREFILL_CHUNK_ROWS, self.shape[1])
-        out = torch.cat([F.linear(x, kernel.q8_dequantize(chunk, buffer[: chunk.shape[0]]))
+        out = torch.cat([F.linear(x, kernel.block_dequantize(chunk, int(self.qtype), buffer[: chunk.shape[0]]))
                          for chunk in self.blocks.split(PREFILL_CHUNK_ROWS)], dim=-1)
         return out if bias is None else out + bias
 
 
 @functools.cache
 def _dequantize_buffer(rows: int, cols: int) -> torch.Tensor:
-    """[rows, cols] bf16 scratch for Q8Weight.matmul (the model runs on one thread)."""
+    """[rows, cols] bf16 scratch for BlockWeight.matmul (the model runs on one thread)."""
     return torch.empty(rows, cols, dtype=torch.bfloat16)
 
 
-QuantizedWeight = Int4Weight | Q8Weight
+QuantizedWeight = Int4Weight | BlockWeight

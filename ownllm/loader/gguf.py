@@ -30,7 +30,7 @@ import torch
 import gguf
 from gguf import GGMLQuantizationType as QType
 
-from ownllm.layers.quant import Int4Weight, Q8Weight
+from ownllm.layers.quant import BLOCK_FORMATS, BlockWeight, Int4Weight
 from ownllm.loader.gguf_tokenizer import tokenizer_from_metadata
 
 if TYPE_CHECKING:
@@ -114,7 +114,7 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None, keep_qu
               reader: gguf.GGUFReader | None = None) -> GGUFCheckpoint:
     """Read a GGUF file into HF-named tensors of `dtype` (None: see the module docstring's rule).
     keep_quantized: Q4_0 / Q4_1 matrices (other than the embedding) stay 4-bit, as layers.quant.Int4Weight,
-    and Q8_0 ones (the embedding too) stay the file's blocks, as layers.quant.Q8Weight.
+    and Q8_0, Q4_K, Q5_K and Q6_K ones (the embedding too) stay the file's blocks, as layers.quant.BlockWeight.
     reader: the file's open_gguf() reader, when the caller has parsed it already."""
     path = os.fspath(path)
     reader = reader or open_gguf(path)
@@ -149,12 +149,13 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None, keep_qu
     )
 
 
-def _kept_quantized(tensor: gguf.ReaderTensor) -> Int4Weight | Q8Weight | None:
-    """The matrix as the quantized kernels multiply it (Q4_0 / Q4_1 other than the embedding; Q8_0), else None."""
+def _kept_quantized(tensor: gguf.ReaderTensor) -> Int4Weight | BlockWeight | None:
+    """The matrix as the quantized kernels multiply it (Q4_0 / Q4_1 other than the embedding; Q8_0 and
+    K-quants), else None."""
     if tensor.tensor_type in _INT4_TYPES and tensor.name != "token_embd.weight":
         return Int4Weight.from_gguf_blocks(tensor.data, _hf_shape(tensor), tensor.tensor_type == QType.Q4_1)
-    if tensor.tensor_type == QType.Q8_0 and len(tensor.shape) == 2:
-        return Q8Weight.from_gguf_blocks(tensor.data, _hf_shape(tensor))
+    if tensor.tensor_type in BLOCK_FORMATS and len(tensor.shape) == 2:
+        return BlockWeight.from_gguf_blocks(tensor.data, _hf_shape(tensor), tensor.tensor_type)
     return None
 
 

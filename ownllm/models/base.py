@@ -17,7 +17,7 @@ from ownllm.layers.attention import AttentionMetadata, KVCacheSpec
 from ownllm.layers.linear import Linear
 from ownllm.layers.module import Module
 from ownllm.layers.embedding import Embedding
-from ownllm.layers.quant import Q8Weight, QuantizedWeight
+from ownllm.layers.quant import BlockWeight, QuantizedWeight
 
 
 class CausalLM(Module):
@@ -91,10 +91,10 @@ class CausalLM(Module):
     def _set_quantized(self, name: str, weight: QuantizedWeight, dtype: torch.dtype) -> None:
         module_name, _, attr = name.rpartition(".")
         module = self.get_submodule(module_name)
-        kept = isinstance(module, Linear) or (isinstance(module, Embedding) and isinstance(weight, Q8Weight))
+        kept = isinstance(module, Linear) or (isinstance(module, Embedding) and isinstance(weight, BlockWeight))
         if attr == "weight" and kept and weight.runs_here(dtype):
             module.set_quantized(weight)
-        else:  # the kernels multiply bfloat16 activations by Linear weights (and look up Q8_0 embeddings) only
+        else:  # the kernels multiply bfloat16 activations by Linear weights (and look up block-quantized embeddings) only
             self._set_parameter(name, weight.dequantize(dtype))
 
     def _set_parameter(self, name: str, tensor: torch.Tensor) -> None:
