@@ -67,7 +67,7 @@ class Row:
 
 def applies(model: Model, tool: str, gpu: bool) -> bool:
     """Which tool runs which file: transformers the HF folders, llama.cpp the GGUFs, ownllm the HF
-    folders and the GGUFs it keeps quantized (Q8_0, the bundled Q4_1; the F16 GGUF it would only
+    folders and the GGUFs it keeps quantized (Q8_0, Q4_K_M, the bundled Q4_1; the F16 GGUF it would only
     convert to the bf16 folder's weights)."""
     if gpu:
         return tool in ("ownllm", "transformers") and not model.is_gguf
@@ -75,7 +75,7 @@ def applies(model: Model, tool: str, gpu: bool) -> bool:
         return not model.is_gguf
     if tool == "llama.cpp":
         return model.is_gguf
-    return not model.is_gguf or model.weights in ("Q8_0", "Q4_1")
+    return not model.is_gguf or model.weights in ("Q8_0", "Q4_K_M", "Q4_1")
 
 
 def main() -> None:

@@ -3,7 +3,9 @@
 `MODELS` names what the harness runs. `build(name)` makes (or finds, under bench/.cache/) a model's HF
 folder (transformers LlamaConfig + LlamaForCausalLM, random init, bf16 safetensors, with a byte-level
 BPE tokenizer.json padded to the model's vocab size) and its F16 and Q8_0 GGUFs, written by
-tests/gguf_writer.py. The bundled SmolLM2-135M-Instruct Q4_1 GGUF is used as it is.
+tests/gguf_writer.py; the 1B also as Q4_K_M (Q4_K with some Q6_K, the most downloaded kind of GGUF),
+written by llama.cpp's own quantizer from the F16 file. The bundled SmolLM2-135M-Instruct Q4_1 GGUF is
+used as it is.
 `weight_bytes_per_token` tells how many bytes of weights one batch-1 decode step reads.
 
 Run as `python bench/harness_models.py NAME` to build one model in a process of its own (the harness
@@ -42,7 +44,7 @@ class Model:
     """One row group of the table: a model file (HF folder or .gguf) and how it is stored."""
 
     name: str  # e.g. "llama-3.2-1b"
-    weights: str  # "bf16" (HF folder), "F16" / "Q8_0" (GGUF we wrote), "Q4_1" (bundled GGUF)
+    weights: str  # "bf16" (HF folder), "F16" / "Q8_0" (GGUF we wrote), "Q4_K_M" (llama.cpp's), "Q4_1" (bundled GGUF)
     shape: str  # key of SHAPES, or "bundled"
 
     @property
@@ -70,6 +72,7 @@ MODELS = [
     Model("llama-3.2-1b", "bf16", "llama-3.2-1b"),
     Model("llama-3.2-1b", "F16", "llama-3.2-1b"),
     Model("llama-3.2-1b", "Q8_0", "llama-3.2-1b"),
+    Model("llama-3.2-1b", "Q4_K_M", "llama-3.2-1b"),
 ]
 
 
@@ -89,7 +92,7 @@ def build(shape: str) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     sys.path.insert(0, str(ROOT))
-    from tests.gguf_writer import write_gguf
+    from tests.gguf_writer import quantize_with_llama_cpp, write_gguf
 
     folder = CACHE / f"{shape}-v{BUILD_VERSION}"
     hf = folder / "hf"
@@ -112,6 +115,11 @@ def build(shape: str) -> None:
             partial = path.with_suffix(".partial")
             write_gguf(hf, partial, qtype, name=shape)
             partial.rename(path)
+    for model in MODELS:
+        if model.shape == shape and "_K" in model.weights and not model.path().exists():
+            partial = model.path().with_suffix(".partial")
+            quantize_with_llama_cpp(folder / "model-F16.gguf", partial, model.weights)
+            partial.rename(model.path())
 
 
 def save_tokenizer(folder: Path, vocab_size: int) -> None:

@@ -1,12 +1,12 @@
 """Batch-1 decode of ownllm and llama.cpp side by side in one process, taking turns run by run.
 
-    python bench/side_by_side.py [--new-tokens 128] [--repeats 5] [--threads 2]
+    python bench/side_by_side.py [--new-tokens 128] [--repeats 5] [--threads 2] [--models Q4_K_M,bundled]
 
 The comparison harness runs each tool in a process of its own, one after another, so memory bandwidth
 drifting between them (36-55 GB/s on this shared machine) moves their ratio by +-15%. Here both tools
 load once and alternate runs, so drift hits them alike. Pairs: the harness's random-weight Llama-3.2-1B
-(ownllm: the bf16 HF folder; llama.cpp: its F16 GGUF), its Q8_0 GGUF and the bundled SmolLM2-135M-Instruct
-Q4_1 GGUF (the same file for both). 128-token prompts of random ids, greedy, EOS ignored; decode tokens/s =
+(ownllm: the bf16 HF folder; llama.cpp: its F16 GGUF), its Q8_0 and Q4_K_M GGUFs and the bundled
+SmolLM2-135M-Instruct Q4_1 GGUF (the same file for both). 128-token prompts of random ids, greedy, EOS ignored; decode tokens/s =
 (new tokens - 1) / time after the first token; the median of the repeats after the first.
 Results go to bench/RESULTS.md (section "Batch-1 decode, side by side").
 """
@@ -39,6 +39,7 @@ def pairs() -> list[tuple[str, str, str, str]]:
     bundled = str(bundled_model_path())
     return [("llama-3.2-1b (bf16 / F16)", str(one_b["bf16"].path()), "bfloat16", str(one_b["F16"].path())),
             ("llama-3.2-1b Q8_0", str(one_b["Q8_0"].path()), "", str(one_b["Q8_0"].path())),
+            ("llama-3.2-1b Q4_K_M", str(one_b["Q4_K_M"].path()), "", str(one_b["Q4_K_M"].path())),
             ("bundled SmolLM2-135M Q4_1", bundled, "", bundled)]
 
 
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--models", help="comma-separated substrings of the pair labels to run, e.g. Q4_K_M")
     parser.add_argument("--table-only", type=Path, help="write just the table here (the harness's use), not RESULTS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -67,7 +69,10 @@ def main() -> None:
     new = args.new_tokens
     lines = ["| model | ownllm decode tok/s | llama.cpp decode tok/s | ownllm / llama.cpp | ownllm prefill tok/s | llama.cpp prefill tok/s |",
              "|---|---|---|---|---|---|"]
+    wanted = args.models.split(",") if args.models else [""]
     for label, ours_path, dtype, gguf in pairs():
+        if not any(w in label for w in wanted):
+            continue
         ours = LLM(ours_path, **({"dtype": dtype} if dtype else {}), enable_prefix_caching=False)
         theirs = Llama(gguf, n_threads=args.threads, n_ctx=1024, n_batch=512, verbose=False)
         params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)

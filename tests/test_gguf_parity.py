@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ownllm import LLM, SamplingParams
-from tests.checkpoints import assert_same_generations, build_checkpoint, hf_greedy, random_prompts
+from tests.checkpoints import assert_same_generations, assert_tracks_reference, build_checkpoint, hf_greedy, random_prompts
 from tests.gguf_writer import quantize_with_llama_cpp, write_gguf
 
 transformers = pytest.importorskip("transformers")
@@ -45,10 +45,12 @@ def test_gguf_greedy_matches_transformers_on_same_file(arch, qtype, tmp_path):
 
 @pytest.mark.parametrize("arch, qtype, tied", [("LlamaForCausalLM", "Q8_0", True), ("Qwen2ForCausalLM", "Q8_0", False),
                                                ("LlamaForCausalLM", "Q4_K_M", False), ("Qwen2ForCausalLM", "Q4_K_M", True)])
-def test_block_quantized_kept_in_bfloat16_equals_dequantized(arch, qtype, tied, tmp_path, monkeypatch):
+def test_block_quantized_kept_in_bfloat16(arch, qtype, tied, tmp_path, monkeypatch):
     """In bfloat16 a Q8_0 or K-quant file's matrices and embedding stay the file's blocks
-    (layers.quant.BlockWeight), multiplied by the block kernel: the same tokens and logprobs as the weights
-    dequantized to bf16 at load. Q4_K_M mixes Q4_K and Q6_K, so some projections cannot be fused."""
+    (layers.quant.BlockWeight), multiplied by the block kernel. Q8_0: the same tokens and logprobs as the
+    weights dequantized to bf16 at load (the kernel is bit-equal to that). K-quants, multiplied by their exact
+    weights: teacher-forced along the float32 load's greedy run, within what bf16 activations move it.
+    Q4_K_M mixes Q4_K and Q6_K, so some projections cannot be fused."""
     from gguf import GGMLQuantizationType as QType
 
     from ownllm.kernels.build import cpu_has_bf16
@@ -69,6 +71,13 @@ def test_block_quantized_kept_in_bfloat16_equals_dequantized(arch, qtype, tied, 
     held = [model.lm_head.packed] + [m.packed for m in model.modules() if getattr(m, "packed", None) is not None]
     assert all(isinstance(weight, BlockWeight) for weight in held)
     assert {weight.qtype for weight in held} == ({QType.Q8_0} if qtype == "Q8_0" else {QType.Q4_K, QType.Q6_K})
+    if qtype != "Q8_0":
+        # bf16 activations alone move these random models' logprobs by up to 0.14 (mean 0.02-0.03), measured
+        # with the weights dequantized to bf16 as with the kernel
+        differences = [d for prompt, reference in zip(random_prompts(), run(LLM(str(path), dtype="float32")))
+                       for d in assert_tracks_reference(kept, prompt, reference, atol=0.2)]
+        assert sum(differences) / len(differences) < 0.05
+        return
     ours = run(kept)
     with monkeypatch.context() as m:
         m.setattr(BlockWeight, "runs_here", staticmethod(lambda dtype: False))

@@ -62,39 +62,85 @@ struct Q8_0 {
   }
 };
 
-// The 6-bit scales and mins of a Q4_K / Q5_K block's 8 sub-blocks of 32, packed in 12 bytes
-// (llama.cpp's get_scale_min_k4).
-inline void scales_and_mins(const uint8_t* s, uint8_t* scale, uint8_t* min) {
-  for (int j = 0; j < 4; ++j) {
-    scale[j] = s[j] & 63;
-    min[j] = s[j + 4] & 63;
-    scale[j + 4] = (s[j + 8] & 0x0F) | ((s[j] >> 6) << 4);
-    min[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
-  }
+// The 6-bit scales and mins of a Q4_K / Q5_K block's 8 sub-blocks of 32, packed in 12 bytes, unpacked to
+// scale[0..7] and min[0..7] as bytes (llama.cpp's get_scale_min_k4, four at a time).
+inline __m128i scales_and_mins(const uint8_t* packed) {
+  constexpr uint32_t kLow6 = 0x3f3f3f3f, kLow4 = 0x0f0f0f0f, kLow2 = 0x03030303;
+  uint32_t s[4];
+  std::memcpy(s, packed, 12);
+  const uint32_t min_low = s[1] & kLow6;
+  s[3] = ((s[2] >> 4) & kLow4) | (((s[1] >> 6) & kLow2) << 4);
+  s[1] = (s[2] & kLow4) | (((s[0] >> 6) & kLow2) << 4);
+  s[2] = min_low;
+  s[0] &= kLow6;
+  return _mm_loadu_si128((const __m128i*)s);
 }
+
+// Lane i of v in every lane.
+inline __m512 lane(__m512 v, int i) { return _mm512_permutexvar_ps(_mm512_set1_epi32(i), v); }
 
 // Q4_K (144 bytes per 256 weights): fp16 d, fp16 dmin, 12 bytes of scales and mins, q[128] nibbles.
 // Sub-block c (32 weights) takes the low nibbles of q[32 (c / 2) ...] for even c, the high ones for odd c;
 // w = (d * scale[c]) * q - dmin * min[c]. Q5_K (176 bytes) adds qh[32] before q: bit c of qh[j] is the
 // fifth bit of weight j of sub-block c.
+// A sub-block's weights take only 16 (32) values, so those are computed once, as a bf16 table, and each
+// code looks its weight up (vpermw): half the instructions of computing every weight in float32.
 template <bool kFifthBit>
 struct QK_4or5 {
   static constexpr int64_t kWeights = 256, kBytes = kFifthBit ? 176 : 144;
   template <class F>
   static void chunks(const uint8_t* block, F f) {
-    const float d = fp16_at(block), dmin = fp16_at(block + 2);
-    uint8_t scale[8], min[8];
-    scales_and_mins(block + 4, scale, min);
+    // lanes 0-7: d * scale[c], lanes 8-15: dmin * min[c], as float32 numpy computes them
+    const __m512 d = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(fp16_at(block)), _mm512_set1_ps(fp16_at(block + 2)));
+    const __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(scales_and_mins(block + 4))), d);
     const uint8_t* q = block + 16 + (kFifthBit ? 32 : 0);
-    const __m256i high_bits = kFifthBit ? _mm256_loadu_si256((const __m256i*)(block + 16)) : _mm256_setzero_si256();
-    for (int c = 0; c < 8; ++c) {
-      __m256i codes = nibbles(_mm256_loadu_si256((const __m256i*)(q + 32 * (c / 2))), 4 * (c % 2));
-      if (kFifthBit) {
-        const __m256i bit = _mm256_and_si256(_mm256_srli_epi16(high_bits, c), _mm256_set1_epi8(1));
-        codes = _mm256_or_si256(codes, _mm256_slli_epi16(bit, 4));
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i low_nibble = _mm512_set1_epi16(0x0F);
+    __m512i high_bits;  // qh as 32 16-bit lanes
+    if (kFifthBit) high_bits = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(block + 16)));
+    for (int pair = 0; pair < 4; ++pair) {
+      const __m512i codes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(q + 32 * pair)));  // 32 x u16
+      for (int half = 0; half < 2; ++half) {
+        const int c = 2 * pair + half;
+        __m512i index = half ? _mm512_srli_epi16(codes, 4) : _mm512_and_si512(codes, low_nibble);
+        const __m512 s = lane(scaled, c), m = lane(scaled, 8 + c);
+        const __m512 values = _mm512_sub_ps(_mm512_mul_ps(iota, s), m);  // w for q = 0..15
+        __m512i table;
+        if (kFifthBit) {
+          const __m512 upper = _mm512_sub_ps(_mm512_mul_ps(_mm512_add_ps(iota, _mm512_set1_ps(16.f)), s), m);
+          table = (__m512i)_mm512_cvtne2ps_pbh(upper, values);
+          const __mmask32 fifth = _mm512_test_epi16_mask(high_bits, _mm512_set1_epi16((short)(1 << c)));
+          index = _mm512_mask_add_epi16(index, fifth, index, _mm512_set1_epi16(16));  // index < 16: + is |
+        } else {
+          table = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(values));
+        }
+        f(c, (__m512bh)_mm512_permutexvar_epi16(index, table));
       }
-      const __m512 s = _mm512_set1_ps(d * (float)scale[c]), m = _mm512_set1_ps(dmin * (float)min[c]);
-      f(c, weights(low16_u8(codes), high16_u8(codes), s, s, m, m));
+    }
+  }
+
+  // The factored form (see Factored): codes bf16(128 + q) per sub-block c, w = scale[c] (128 + q) - offset[c].
+  static constexpr int kGroup = 32;
+  static void factors(const uint8_t* block, __m512& scale, __m512& offset) {  // lanes 0-7 (c) of each
+    const __m512 d = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(fp16_at(block)), _mm512_set1_ps(fp16_at(block + 2)));
+    scale = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(scales_and_mins(block + 4))), d);  // mins in 8-15
+    const __m512 mins = _mm512_permutexvar_ps(_mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15), scale);
+    offset = _mm512_fmadd_ps(scale, _mm512_set1_ps(128.f), mins);
+  }
+  template <class F>
+  static void codes(const uint8_t* block, __m512 scale, F f) {
+    const uint8_t* q = block + 16 + (kFifthBit ? 32 : 0);
+    const __m512i low_nibble = _mm512_set1_epi16(0x0F), bf16_128 = _mm512_set1_epi16(0x4300);
+    __m512i high_bits;  // qh as 32 16-bit lanes
+    if (kFifthBit) high_bits = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(block + 16)));
+    for (int pair = 0; pair < 4; ++pair) {
+      const __m512i codes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(q + 32 * pair)));  // 32 x u16
+      for (int half = 0; half < 2; ++half) {
+        const int c = 2 * pair + half;
+        __m512i value = half ? _mm512_srli_epi16(codes, 4) : _mm512_and_si512(codes, low_nibble);
+        if (kFifthBit) value = _mm512_or_si512(value, _mm512_slli_epi16(_mm512_srli_epi16(high_bits, c) & _mm512_set1_epi16(1), 4));
+        f(c, (__m512bh)_mm512_or_si512(value, bf16_128), lane(scale, c));
+      }
     }
   }
 };
@@ -108,8 +154,9 @@ struct Q6_K {
   static void chunks(const uint8_t* block, F f) {
     const uint8_t* ql = block;
     const uint8_t* qh = block + 128;
-    const int8_t* scale = (const int8_t*)(block + 192);
-    const float d = fp16_at(block + 208);
+    // d * scale[e], for each 16 weights e, as float32 numpy computes them
+    const __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(block + 192)))),
+                                        _mm512_set1_ps(fp16_at(block + 208)));
     const __m512i bias = _mm512_set1_epi32(32);
     const __m512 zero = _mm512_setzero_ps();
     for (int h = 0; h < 2; ++h) {
@@ -120,7 +167,32 @@ struct Q6_K {
         const __m256i codes = _mm256_or_si256(low, _mm256_slli_epi16(top, 4));
         const int e = 8 * h + 2 * t;  // the scale of the first 16 of these 32 weights
         f(4 * h + t, weights(_mm512_sub_epi32(low16_u8(codes), bias), _mm512_sub_epi32(high16_u8(codes), bias),
-                             _mm512_set1_ps(d * (float)scale[e]), _mm512_set1_ps(d * (float)scale[e + 1]), zero, zero));
+                             lane(scaled, e), lane(scaled, e + 1), zero, zero));
+      }
+    }
+  }
+
+  // The factored form (see Factored): codes bf16(128 + q) per 32, w = scale[e] (128 + q) - offset[e] per 16.
+  static constexpr int kGroup = 16;
+  static void factors(const uint8_t* block, __m512& scale, __m512& offset) {  // lane e of each
+    scale = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(block + 192)))),
+                          _mm512_set1_ps(fp16_at(block + 208)));
+    offset = _mm512_mul_ps(scale, _mm512_set1_ps(160.f));  // 128 + the codes' bias of 32
+  }
+  template <class F>
+  static void codes(const uint8_t* block, __m512 scales, F f) {
+    const uint8_t* ql = block;
+    const uint8_t* qh = block + 128;
+    const __m512i bf16_128 = _mm512_set1_epi16(0x4300);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i high = _mm256_loadu_si256((const __m256i*)(qh + 32 * h));
+      for (int t = 0; t < 4; ++t) {
+        const __m256i low = nibbles(_mm256_loadu_si256((const __m256i*)(ql + 64 * h + 32 * (t % 2))), 4 * (t / 2));
+        const __m256i top = _mm256_and_si256(_mm256_srli_epi16(high, 2 * t), _mm256_set1_epi8(3));
+        const __m512i codes = _mm512_cvtepu8_epi16(_mm256_or_si256(low, _mm256_slli_epi16(top, 4)));
+        const int e = 8 * h + 2 * t;  // dot lanes 0-7 hold the first 16 weights (scale e), 8-15 the next (e + 1)
+        const __m512 pair = _mm512_permutexvar_ps(_mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(e), _mm512_set1_epi32(e + 1)), scales);
+        f(4 * h + t, (__m512bh)_mm512_or_si512(codes, bf16_128), pair);
       }
     }
   }
@@ -177,6 +249,70 @@ struct Kernel {
   }
 };
 
+// The K-quants are multiplied in factored form. A block's weights are w = scale_g (128 + q) - offset_g for
+// groups g of G weights (32 for Q4_K and Q5_K, 16 for Q6_K), and 128 + q (q < 128) is exact in bf16 as the
+// bits 0x4300 | q, so
+//   x . w = sum over chunks c of 32: scale_c * (x_c . bf16(128 + q_c))  -  sum over groups g: offset_g * sum(x_g)
+// with float32 dot products of exact products (vdpbf16ps) and the group sums of x computed once per call.
+// Each 32 weights cost an OR, a dot product and a multiply-add on top of extracting the codes: half the
+// instructions of decoding them to bf16 (which binds the kernel: Q4_K is read at ~0.56 bytes a weight).
+// The weights are thus used exactly, not rounded to bf16 as dequantizing rounds them; every output is the
+// same sequence of operations whatever M, so rows get the same numbers alone or in a batch of up to 32.
+template <class Format>
+struct Factored : Kernel<Format> {
+  static constexpr int64_t kWeights = Format::kWeights, kBytes = Format::kBytes, kGroup = Format::kGroup;
+  static constexpr int64_t kGroups = kWeights / kGroup;  // per block: 8 or 16
+  static constexpr __mmask16 kGroupLanes = kGroups == 16 ? 0xFFFF : 0xFF;
+  static constexpr int kTileRows = 8;  // activation rows per pass over a weight row: 2 accumulators each
+
+  // sums [M, K / G]: each G elements of each row of x, in float32
+  static void group_sums(const bf16* x, int64_t M, int64_t K, float* sums) {
+    const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3F80);  // bf16 1.0
+    const __mmask32 lanes = kGroup == 32 ? 0xFFFFFFFF : 0xFFFF;
+    for (int64_t i = 0; i < M * K / kGroup; ++i)
+      sums[i] = _mm512_reduce_add_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), ones, bf16mm::load32(x + kGroup * i, lanes)));
+  }
+
+  // out[m] = x[m] . w for MR activation rows and one weight row
+  template <int MR>
+  static void tile(const bf16* x, int64_t K, const float* sums, const uint8_t* row, float* out) {
+    __m512 acc[MR], off[MR];
+    for (int m = 0; m < MR; ++m) acc[m] = off[m] = _mm512_setzero_ps();
+    const int64_t groups = K / kGroup;
+    for (int64_t g = 0; g < K / kWeights; ++g) {
+      const uint8_t* block = row + g * kBytes;
+      __m512 scale, offsets;
+      Format::factors(block, scale, offsets);
+      for (int m = 0; m < MR; ++m)  // lanes past the block's groups: sums loaded as 0
+        off[m] = _mm512_fmadd_ps(offsets, _mm512_maskz_loadu_ps(kGroupLanes, sums + m * groups + g * kGroups), off[m]);
+      Format::codes(block, scale, [&](int c, __m512bh codes, __m512 s) {
+        for (int m = 0; m < MR; ++m) {
+          const __m512bh xv = bf16mm::load32(x + m * K + g * kWeights + 32 * c);
+          acc[m] = _mm512_fmadd_ps(s, _mm512_dpbf16_ps(_mm512_setzero_ps(), codes, xv), acc[m]);
+        }
+      });
+    }
+    for (int m = 0; m < MR; ++m) out[m] = _mm512_reduce_add_ps(acc[m]) - _mm512_reduce_add_ps(off[m]);
+  }
+
+  static void matmul(const bf16* x, int64_t M, const uint8_t* w, int64_t K, int64_t N, const bf16* bias, bf16* y) {
+    std::vector<float> sums(M * K / kGroup);
+    group_sums(x, M, K, sums.data());
+    using TileFn = void (*)(const bf16*, int64_t, const float*, const uint8_t*, float*);
+    constexpr TileFn tiles[kTileRows] = {&tile<1>, &tile<2>, &tile<3>, &tile<4>, &tile<5>, &tile<6>, &tile<7>, &tile<8>};
+    const int64_t row_bytes = K / kWeights * kBytes;
+    at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
+      float out[kTileRows];
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t m = 0; m < M; m += kTileRows) {  // the weight row stays in L1 while each 8 activation rows pass
+          const int mr = (int)std::min<int64_t>(kTileRows, M - m);
+          tiles[mr - 1](x + m * K, K, sums.data() + m * (K / kGroup), w + n * row_bytes, out);
+          for (int i = 0; i < mr; ++i) y[(m + i) * N + n] = bf16(out[i] + (bias ? static_cast<float>(bias[n]) : 0.f));
+        }
+    });
+  }
+};
+
 // GGUF's type numbers (ggml_type) for the formats above.
 enum Type : int64_t { kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
 
@@ -184,9 +320,9 @@ template <class F>
 void dispatch(int64_t type, F f) {
   switch (type) {
     case kQ8_0: return f(Kernel<Q8_0>());
-    case kQ4_K: return f(Kernel<QK_4or5<false>>());
-    case kQ5_K: return f(Kernel<QK_4or5<true>>());
-    case kQ6_K: return f(Kernel<Q6_K>());
+    case kQ4_K: return f(Factored<QK_4or5<false>>());
+    case kQ5_K: return f(Factored<QK_4or5<true>>());
+    case kQ6_K: return f(Factored<Q6_K>());
     default: TORCH_CHECK(false, "block_matmul: unsupported GGUF type ", type);
   }
 }
