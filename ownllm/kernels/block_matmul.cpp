@@ -1,20 +1,19 @@
 // GGUF block-quantized weights (Q8_0, Q4_K, Q5_K, Q6_K) times bf16 activation rows, read from the
-// file's own bytes, so the weights can stay a view of the file mapping.
+// file's own bytes, so the weights can stay a view of the file mapping: 1.06 (Q8_0), 0.56 (Q4_K),
+// 0.69 (Q5_K) or 0.82 (Q6_K) bytes per weight instead of bf16's 2.
 //
 // Each weight row n is K / W blocks of B bytes, laid out exactly as ggml stores them (see each format
-// below). A block is decoded 32 weights at a time to bf16, with the float32 arithmetic of gguf-py's
-// dequantize (and llama.cpp's dequantize_row_*) in the same order, then rounded: so the bf16 weights are
-// exactly those of dequantizing the tensor to bf16 (built with -ffp-contract=off, so no multiply-add is
-// fused). Every output is one float32 accumulator of bf16 dot products over the 32-element chunks in
-// order, then one horizontal sum: the arithmetic of the skinny bf16 tiles (bf16_tile.h). So
-// block_matmul gives bit for bit what gemv_bf16 gives on the dequantized weights, batch-invariant as that
-// is, while reading 1.06 (Q8_0), 0.56 (Q4_K), 0.69 (Q5_K) or 0.82 (Q6_K) bytes per weight instead of 2.
-// One activation row is multiplied straight from the decoded registers; for more, 4 weight rows at a
-// time are decoded into a bf16 scratch in L1 (the next 4 prefetched meanwhile) and the bf16 tiles run
-// over it, so each weight is decoded once for any M (decoding in registers for up to 8 rows, or two
-// weight rows at once for M = 1, measured slower on Q8_0).
-// block_dequantize gives row ranges as bf16, for prefill batches that go to oneDNN a chunk at a time,
-// and for embedding lookups.
+// below). Two ways to multiply, both giving each row the same numbers alone or in a batch of up to 32:
+// - Q8_0 is decoded 32 weights at a time to bf16, with the float32 arithmetic of gguf-py's dequantize
+//   (and llama.cpp's dequantize_row_*) in the same order, then rounded (built with -ffp-contract=off, so
+//   no multiply-add is fused), and multiplied as the skinny bf16 tiles (bf16_tile.h) multiply: bit for
+//   bit what gemv_bf16 gives on the dequantized weights. One activation row is multiplied straight from
+//   the decoded registers; for more, 4 weight rows at a time are decoded into a bf16 scratch in L1 (the
+//   next 4 prefetched meanwhile) and the bf16 tiles run over it.
+// - The K-quants are multiplied in factored form (struct Factored), which costs half the instructions
+//   per weight: decoding binds these kernels, not memory.
+// block_dequantize decodes row ranges to bf16 (the first way, for every format), for prefill batches
+// that go to oneDNN a chunk at a time, and for embedding lookups.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/extension.h>
@@ -45,8 +44,11 @@ inline __m512bh weights(__m512i q_lo, __m512i q_hi, __m512 scale_lo, __m512 scal
   return _mm512_cvtne2ps_pbh(hi, lo);
 }
 
-inline __m512i low16_u8(__m256i v) { return _mm512_cvtepu8_epi32(_mm256_castsi256_si128(v)); }
-inline __m512i high16_u8(__m256i v) { return _mm512_cvtepu8_epi32(_mm256_extracti128_si256(v, 1)); }
+// 32 16-bit lanes -> their first / last 16 as 32-bit lanes
+inline __m512i low16_u16(__m512i v) { return _mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)); }
+inline __m512i high16_u16(__m512i v) { return _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)); }
+// codes q < 128 in 16-bit lanes -> the bf16 numbers 128 + q, exactly (the bits 0x4300 | q)
+inline __m512bh bf16_128_plus(__m512i q) { return (__m512bh)_mm512_or_si512(q, _mm512_set1_epi16(0x4300)); }
 inline __m256i nibbles(__m256i v, int shift) {
   return _mm256_and_si256(_mm256_srli_epi16(v, shift), _mm256_set1_epi8(0x0F));
 }
@@ -83,65 +85,53 @@ inline __m512 lane(__m512 v, int i) { return _mm512_permutexvar_ps(_mm512_set1_e
 // Sub-block c (32 weights) takes the low nibbles of q[32 (c / 2) ...] for even c, the high ones for odd c;
 // w = (d * scale[c]) * q - dmin * min[c]. Q5_K (176 bytes) adds qh[32] before q: bit c of qh[j] is the
 // fifth bit of weight j of sub-block c.
-// A sub-block's weights take only 16 (32) values, so those are computed once, as a bf16 table, and each
-// code looks its weight up (vpermw): half the instructions of computing every weight in float32.
 template <bool kFifthBit>
 struct QK_4or5 {
   static constexpr int64_t kWeights = 256, kBytes = kFifthBit ? 176 : 144;
-  template <class F>
-  static void chunks(const uint8_t* block, F f) {
-    // lanes 0-7: d * scale[c], lanes 8-15: dmin * min[c], as float32 numpy computes them
+  static constexpr int kGroup = 32;  // weights per scale
+
+  // lanes 0-7: d * scale[c], lanes 8-15: dmin * min[c], as float32 numpy computes them
+  static __m512 scales(const uint8_t* block) {
     const __m512 d = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(fp16_at(block)), _mm512_set1_ps(fp16_at(block + 2)));
-    const __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(scales_and_mins(block + 4))), d);
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(scales_and_mins(block + 4))), d);
+  }
+
+  // f(c, q) for each sub-block c, with its 32 codes as 16-bit lanes
+  template <class F>
+  static void code_values(const uint8_t* block, F f) {
     const uint8_t* q = block + 16 + (kFifthBit ? 32 : 0);
-    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i low_nibble = _mm512_set1_epi16(0x0F);
     __m512i high_bits;  // qh as 32 16-bit lanes
     if (kFifthBit) high_bits = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(block + 16)));
     for (int pair = 0; pair < 4; ++pair) {
-      const __m512i codes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(q + 32 * pair)));  // 32 x u16
+      const __m512i codes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(q + 32 * pair)));
       for (int half = 0; half < 2; ++half) {
         const int c = 2 * pair + half;
-        __m512i index = half ? _mm512_srli_epi16(codes, 4) : _mm512_and_si512(codes, low_nibble);
-        const __m512 s = lane(scaled, c), m = lane(scaled, 8 + c);
-        const __m512 values = _mm512_sub_ps(_mm512_mul_ps(iota, s), m);  // w for q = 0..15
-        __m512i table;
-        if (kFifthBit) {
-          const __m512 upper = _mm512_sub_ps(_mm512_mul_ps(_mm512_add_ps(iota, _mm512_set1_ps(16.f)), s), m);
-          table = (__m512i)_mm512_cvtne2ps_pbh(upper, values);
-          const __mmask32 fifth = _mm512_test_epi16_mask(high_bits, _mm512_set1_epi16((short)(1 << c)));
-          index = _mm512_mask_add_epi16(index, fifth, index, _mm512_set1_epi16(16));  // index < 16: + is |
-        } else {
-          table = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(values));
-        }
-        f(c, (__m512bh)_mm512_permutexvar_epi16(index, table));
+        __m512i value = half ? _mm512_srli_epi16(codes, 4) : _mm512_and_si512(codes, _mm512_set1_epi16(0x0F));
+        if (kFifthBit)
+          value = _mm512_or_si512(value, _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(high_bits, c), _mm512_set1_epi16(1)), 4));
+        f(c, value);
       }
     }
   }
 
-  // The factored form (see Factored): codes bf16(128 + q) per sub-block c, w = scale[c] (128 + q) - offset[c].
-  static constexpr int kGroup = 32;
-  static void factors(const uint8_t* block, __m512& scale, __m512& offset) {  // lanes 0-7 (c) of each
-    const __m512 d = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(fp16_at(block)), _mm512_set1_ps(fp16_at(block + 2)));
-    scale = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(scales_and_mins(block + 4))), d);  // mins in 8-15
+  template <class F>
+  static void chunks(const uint8_t* block, F f) {
+    const __m512 scaled = scales(block);
+    code_values(block, [&](int c, __m512i q) {
+      const __m512 s = lane(scaled, c), m = lane(scaled, 8 + c);
+      f(c, weights(low16_u16(q), high16_u16(q), s, s, m, m));
+    });
+  }
+
+  // The factored form (see Factored): w = scale[c] (128 + q) - offset[c], in lanes c = 0-7 of each.
+  static void factors(const uint8_t* block, __m512& scale, __m512& offset) {
+    scale = scales(block);  // mins in lanes 8-15
     const __m512 mins = _mm512_permutexvar_ps(_mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15), scale);
     offset = _mm512_fmadd_ps(scale, _mm512_set1_ps(128.f), mins);
   }
   template <class F>
   static void codes(const uint8_t* block, __m512 scale, F f) {
-    const uint8_t* q = block + 16 + (kFifthBit ? 32 : 0);
-    const __m512i low_nibble = _mm512_set1_epi16(0x0F), bf16_128 = _mm512_set1_epi16(0x4300);
-    __m512i high_bits;  // qh as 32 16-bit lanes
-    if (kFifthBit) high_bits = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(block + 16)));
-    for (int pair = 0; pair < 4; ++pair) {
-      const __m512i codes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(q + 32 * pair)));  // 32 x u16
-      for (int half = 0; half < 2; ++half) {
-        const int c = 2 * pair + half;
-        __m512i value = half ? _mm512_srli_epi16(codes, 4) : _mm512_and_si512(codes, low_nibble);
-        if (kFifthBit) value = _mm512_or_si512(value, _mm512_slli_epi16(_mm512_srli_epi16(high_bits, c) & _mm512_set1_epi16(1), 4));
-        f(c, (__m512bh)_mm512_or_si512(value, bf16_128), lane(scale, c));
-      }
-    }
+    code_values(block, [&](int c, __m512i q) { f(c, bf16_128_plus(q), lane(scale, c)); });
   }
 };
 
@@ -150,56 +140,56 @@ struct QK_4or5 {
 // ql[64 h + 32 (t % 2) ...] and bits 2t, 2t + 1 of qh[32 h ...]; w = (d * scale[e / 16]) * (q - 32).
 struct Q6_K {
   static constexpr int64_t kWeights = 256, kBytes = 210;
+  static constexpr int kGroup = 16;
+
+  // lane e: d * scale[e], as float32 numpy computes it
+  static __m512 scales(const uint8_t* block) {
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(block + 192)))),
+                         _mm512_set1_ps(fp16_at(block + 208)));
+  }
+
+  // f(c, q, pair) for each 32 weights c, with their codes (0..63) as 16-bit lanes and, in lanes 0-7 and 8-15,
+  // the indices of the scales of their first and last 16
   template <class F>
-  static void chunks(const uint8_t* block, F f) {
+  static void code_values(const uint8_t* block, F f) {
     const uint8_t* ql = block;
     const uint8_t* qh = block + 128;
-    // d * scale[e], for each 16 weights e, as float32 numpy computes them
-    const __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(block + 192)))),
-                                        _mm512_set1_ps(fp16_at(block + 208)));
-    const __m512i bias = _mm512_set1_epi32(32);
-    const __m512 zero = _mm512_setzero_ps();
     for (int h = 0; h < 2; ++h) {
       const __m256i high = _mm256_loadu_si256((const __m256i*)(qh + 32 * h));
       for (int t = 0; t < 4; ++t) {
         const __m256i low = nibbles(_mm256_loadu_si256((const __m256i*)(ql + 64 * h + 32 * (t % 2))), 4 * (t / 2));
         const __m256i top = _mm256_and_si256(_mm256_srli_epi16(high, 2 * t), _mm256_set1_epi8(3));
-        const __m256i codes = _mm256_or_si256(low, _mm256_slli_epi16(top, 4));
-        const int e = 8 * h + 2 * t;  // the scale of the first 16 of these 32 weights
-        f(4 * h + t, weights(_mm512_sub_epi32(low16_u8(codes), bias), _mm512_sub_epi32(high16_u8(codes), bias),
-                             lane(scaled, e), lane(scaled, e + 1), zero, zero));
+        const int e = 8 * h + 2 * t;
+        f(4 * h + t, _mm512_cvtepu8_epi16(_mm256_or_si256(low, _mm256_slli_epi16(top, 4))),
+          _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(e), _mm512_set1_epi32(e + 1)));
       }
     }
   }
 
-  // The factored form (see Factored): codes bf16(128 + q) per 32, w = scale[e] (128 + q) - offset[e] per 16.
-  static constexpr int kGroup = 16;
-  static void factors(const uint8_t* block, __m512& scale, __m512& offset) {  // lane e of each
-    scale = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(block + 192)))),
-                          _mm512_set1_ps(fp16_at(block + 208)));
+  template <class F>
+  static void chunks(const uint8_t* block, F f) {
+    const __m512 scaled = scales(block), zero = _mm512_setzero_ps();
+    const __m512i bias = _mm512_set1_epi32(32);
+    code_values(block, [&](int c, __m512i q, __m512i pair) {
+      f(c, weights(_mm512_sub_epi32(low16_u16(q), bias), _mm512_sub_epi32(high16_u16(q), bias),
+                   lane(scaled, 2 * c), lane(scaled, 2 * c + 1), zero, zero));
+    });
+  }
+
+  // The factored form (see Factored): w = scale[e] (128 + q) - offset[e] for each 16 weights e.
+  static void factors(const uint8_t* block, __m512& scale, __m512& offset) {
+    scale = scales(block);
     offset = _mm512_mul_ps(scale, _mm512_set1_ps(160.f));  // 128 + the codes' bias of 32
   }
   template <class F>
-  static void codes(const uint8_t* block, __m512 scales, F f) {
-    const uint8_t* ql = block;
-    const uint8_t* qh = block + 128;
-    const __m512i bf16_128 = _mm512_set1_epi16(0x4300);
-    for (int h = 0; h < 2; ++h) {
-      const __m256i high = _mm256_loadu_si256((const __m256i*)(qh + 32 * h));
-      for (int t = 0; t < 4; ++t) {
-        const __m256i low = nibbles(_mm256_loadu_si256((const __m256i*)(ql + 64 * h + 32 * (t % 2))), 4 * (t / 2));
-        const __m256i top = _mm256_and_si256(_mm256_srli_epi16(high, 2 * t), _mm256_set1_epi8(3));
-        const __m512i codes = _mm512_cvtepu8_epi16(_mm256_or_si256(low, _mm256_slli_epi16(top, 4)));
-        const int e = 8 * h + 2 * t;  // dot lanes 0-7 hold the first 16 weights (scale e), 8-15 the next (e + 1)
-        const __m512 pair = _mm512_permutexvar_ps(_mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(e), _mm512_set1_epi32(e + 1)), scales);
-        f(4 * h + t, (__m512bh)_mm512_or_si512(codes, bf16_128), pair);
-      }
-    }
+  static void codes(const uint8_t* block, __m512 scale, F f) {
+    // dot product lanes 0-7 sum the first 16 weights' products, lanes 8-15 the last 16's
+    code_values(block, [&](int c, __m512i q, __m512i pair) { f(c, bf16_128_plus(q), _mm512_permutexvar_ps(pair, scale)); });
   }
 };
 
 template <class Format>
-struct Kernel {
+struct Decoded {  // decoded to bf16, then the bf16 tiles (Q8_0; and dequantizing every format)
   static constexpr int64_t kWeights = Format::kWeights, kBytes = Format::kBytes;
   // rows [n0, n1) of the weights -> out [n1 - n0, K] bf16. With `prefetch`, the same number of rows after
   // them is fetched meanwhile, a cache line per 64 bytes, so memory reads overlap the work on these rows.
@@ -259,7 +249,7 @@ struct Kernel {
 // The weights are thus used exactly, not rounded to bf16 as dequantizing rounds them; every output is the
 // same sequence of operations whatever M, so rows get the same numbers alone or in a batch of up to 32.
 template <class Format>
-struct Factored : Kernel<Format> {
+struct Factored : Decoded<Format> {
   static constexpr int64_t kWeights = Format::kWeights, kBytes = Format::kBytes, kGroup = Format::kGroup;
   static constexpr int64_t kGroups = kWeights / kGroup;  // per block: 8 or 16
   static constexpr __mmask16 kGroupLanes = kGroups == 16 ? 0xFFFF : 0xFF;
@@ -319,7 +309,7 @@ enum Type : int64_t { kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
 template <class F>
 void dispatch(int64_t type, F f) {
   switch (type) {
-    case kQ8_0: return f(Kernel<Q8_0>());
+    case kQ8_0: return f(Decoded<Q8_0>());
     case kQ4_K: return f(Factored<QK_4or5<false>>());
     case kQ5_K: return f(Factored<QK_4or5<true>>());
     case kQ6_K: return f(Factored<Q6_K>());

@@ -10,10 +10,11 @@ codes are used as they are; only scale and zero are rounded to the activations' 
 
 Q8_0 (groups of 32 int8 codes with an fp16 scale) and the K-quants Q4_K, Q5_K and Q6_K (256 weights
 a block, with 6- or 8-bit sub-block scales) stay the file's bytes (a view of the mapping where no fusing
-or reordering copies them); kernels/block_matmul.cpp multiplies them, with the same numbers as the bf16
-kernel on the weights dequantized to bf16, while reading 0.56-1.06 bytes per weight instead of 2.
-Embeddings stored so are dequantized row by row as tokens look them up. Without that kernel (CPUs
-lacking AVX-512 BF16) these tensors are dequantized at load.
+or reordering copies them), read at 0.56-1.06 bytes per weight instead of 2. kernels/block_matmul.cpp
+multiplies them: Q8_0 with the same numbers as the bf16 kernel on the weights dequantized to bf16, the
+K-quants by their exact weights in a factored form (faster). Embeddings stored so are dequantized row by
+row as tokens look them up. Without that kernel (CPUs lacking AVX-512 BF16) these tensors are
+dequantized at load.
 """
 
 from __future__ import annotations
