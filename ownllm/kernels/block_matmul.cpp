@@ -266,8 +266,9 @@ struct Factored : Decoded<Format> {
   // out[m] = x[m] . w for MR activation rows and one weight row
   template <int MR>
   static void tile(const bf16* x, int64_t K, const float* sums, const uint8_t* row, float* out) {
-    __m512 acc[MR], off[MR];
-    for (int m = 0; m < MR; ++m) acc[m] = off[m] = _mm512_setzero_ps();
+    // two accumulator chains per row (even and odd chunks): one row's fma latency, not throughput, binds
+    __m512 acc[2][MR], off[MR];
+    for (int m = 0; m < MR; ++m) acc[0][m] = acc[1][m] = off[m] = _mm512_setzero_ps();
     const int64_t groups = K / kGroup;
     for (int64_t g = 0; g < K / kWeights; ++g) {
       const uint8_t* block = row + g * kBytes;
@@ -278,11 +279,11 @@ struct Factored : Decoded<Format> {
       Format::codes(block, scale, [&](int c, __m512bh codes, __m512 s) {
         for (int m = 0; m < MR; ++m) {
           const __m512bh xv = bf16mm::load32(x + m * K + g * kWeights + 32 * c);
-          acc[m] = _mm512_fmadd_ps(s, _mm512_dpbf16_ps(_mm512_setzero_ps(), codes, xv), acc[m]);
+          acc[c & 1][m] = _mm512_fmadd_ps(s, _mm512_dpbf16_ps(_mm512_setzero_ps(), codes, xv), acc[c & 1][m]);
         }
       });
     }
-    for (int m = 0; m < MR; ++m) out[m] = _mm512_reduce_add_ps(acc[m]) - _mm512_reduce_add_ps(off[m]);
+    for (int m = 0; m < MR; ++m) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m])) - _mm512_reduce_add_ps(off[m]);
   }
 
   static void matmul(const bf16* x, int64_t M, const uint8_t* w, int64_t K, int64_t N, const bf16* bias, bf16* y) {
