@@ -3,15 +3,16 @@
 // 0.69 (Q5_K) or 0.82 (Q6_K) bytes per weight instead of bf16's 2.
 //
 // Each weight row n is K / W blocks of B bytes, laid out exactly as ggml stores them (see each format
-// below). Two ways to multiply, both giving each row the same numbers alone or in a batch of up to 32:
+// below). Two ways to multiply:
 // - Q8_0 is decoded 32 weights at a time to bf16, with the float32 arithmetic of gguf-py's dequantize
 //   (and llama.cpp's dequantize_row_*) in the same order, then rounded (built with -ffp-contract=off, so
 //   no multiply-add is fused), and multiplied as the skinny bf16 tiles (bf16_tile.h) multiply: bit for
 //   bit what gemv_bf16 gives on the dequantized weights. One activation row is multiplied straight from
 //   the decoded registers; for more, 4 weight rows at a time are decoded into a bf16 scratch in L1 (the
-//   next 4 prefetched meanwhile) and the bf16 tiles run over it.
-// - The K-quants are multiplied in factored form (struct Factored), which costs half the instructions
-//   per weight: decoding binds these kernels, not memory.
+//   next 4 prefetched meanwhile) and the bf16 tiles run over it. Rows get the same numbers in any batch of
+//   up to 32.
+// - The K-quants, for batches of up to 4 rows, in factored form (struct Factored): half the instructions
+//   per weight, and decoding binds these kernels, not memory. Larger batches are decoded as Q8_0 is.
 // block_dequantize decodes row ranges to bf16 (the first way, for every format), for prefill batches
 // that go to oneDNN a chunk at a time, and for embedding lookups.
 #include <ATen/Parallel.h>
@@ -239,21 +240,26 @@ struct Decoded {  // decoded to bf16, then the bf16 tiles (Q8_0; and dequantizin
   }
 };
 
-// The K-quants are multiplied in factored form. A block's weights are w = scale_g (128 + q) - offset_g for
-// groups g of G weights (32 for Q4_K and Q5_K, 16 for Q6_K), and 128 + q (q < 128) is exact in bf16 as the
-// bits 0x4300 | q, so
+// The K-quants are multiplied in factored form, for batches of up to 4 rows. A block's weights are
+// w = scale_g (128 + q) - offset_g for groups g of G weights (32 for Q4_K and Q5_K, 16 for Q6_K), and 128 + q
+// (q < 128) is exact in bf16 as the bits 0x4300 | q, so
 //   x . w = sum over chunks c of 32: scale_c * (x_c . bf16(128 + q_c))  -  sum over groups g: offset_g * sum(x_g)
 // with float32 dot products of exact products (vdpbf16ps) and the group sums of x computed once per call.
 // Each 32 weights cost an OR, a dot product and a multiply-add on top of extracting the codes: half the
-// instructions of decoding them to bf16 (which binds the kernel: Q4_K is read at ~0.56 bytes a weight).
-// The weights are thus used exactly, not rounded to bf16 as dequantizing rounds them; every output is the
-// same sequence of operations whatever M, so rows get the same numbers alone or in a batch of up to 32.
+// instructions of decoding them to bf16, which binds these kernels at batch 1 (Q4_K: 76 against 41 G
+// weights/s, memory-bound now; bench/skinny_matmul.py). The weights are used exactly, not rounded to bf16
+// as dequantizing rounds them. Every output is the same sequence of operations for 1-4 rows, and again for
+// 5-32 rows (decoded, as Q8_0): rows get the same numbers alone as in a batch of up to 4, and the same in
+// any batch of 5-32; between the two they differ by the weights' bf16 rounding.
 template <class Format>
 struct Factored : Decoded<Format> {
   static constexpr int64_t kWeights = Format::kWeights, kBytes = Format::kBytes, kGroup = Format::kGroup;
   static constexpr int64_t kGroups = kWeights / kGroup;  // per block: 8 or 16
   static constexpr __mmask16 kGroupLanes = kGroups == 16 ? 0xFFFF : 0xFF;
-  static constexpr int kTileRows = 8;  // activation rows per pass over a weight row: 2 accumulators each
+  // Batches of up to this many rows are factored; larger ones decoded to bf16 tiles, as Q8_0 is: each row
+  // pays a multiply-add per 32 weights here, which the decoded form shares between rows (16 rows of the 1B
+  // MLP's 8192x2048: 1.2 against 2.5 ms; up to 4 rows the factored form is as fast or faster).
+  static constexpr int64_t kFactoredRows = 4;
 
   // sums [M, K / G]: each G elements of each row of x, in float32
   static void group_sums(const bf16* x, int64_t M, int64_t K, float* sums) {
@@ -287,19 +293,18 @@ struct Factored : Decoded<Format> {
   }
 
   static void matmul(const bf16* x, int64_t M, const uint8_t* w, int64_t K, int64_t N, const bf16* bias, bf16* y) {
+    if (M > kFactoredRows) return Decoded<Format>::matmul(x, M, w, K, N, bias, y);
     std::vector<float> sums(M * K / kGroup);
     group_sums(x, M, K, sums.data());
     using TileFn = void (*)(const bf16*, int64_t, const float*, const uint8_t*, float*);
-    constexpr TileFn tiles[kTileRows] = {&tile<1>, &tile<2>, &tile<3>, &tile<4>, &tile<5>, &tile<6>, &tile<7>, &tile<8>};
+    constexpr TileFn tiles[kFactoredRows] = {&tile<1>, &tile<2>, &tile<3>, &tile<4>};
     const int64_t row_bytes = K / kWeights * kBytes;
     at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
-      float out[kTileRows];
-      for (int64_t n = n0; n < n1; ++n)
-        for (int64_t m = 0; m < M; m += kTileRows) {  // the weight row stays in L1 while each 8 activation rows pass
-          const int mr = (int)std::min<int64_t>(kTileRows, M - m);
-          tiles[mr - 1](x + m * K, K, sums.data() + m * (K / kGroup), w + n * row_bytes, out);
-          for (int i = 0; i < mr; ++i) y[(m + i) * N + n] = bf16(out[i] + (bias ? static_cast<float>(bias[n]) : 0.f));
-        }
+      float out[kFactoredRows];
+      for (int64_t n = n0; n < n1; ++n) {
+        tiles[M - 1](x, K, sums.data(), w + n * row_bytes, out);
+        for (int m = 0; m < M; ++m) y[m * N + n] = bf16(out[m] + (bias ? static_cast<float>(bias[n]) : 0.f));
+      }
     });
   }
 };
