@@ -72,21 +72,27 @@ def assert_same_generations(outputs, expected, atol: float) -> None:
                 assert abs(step[token_id].logprob - entry.logprob) < atol
 
 
-def assert_tracks_reference(llm, prompt: list[int], reference, atol: float) -> list[float]:
-    """Teacher-forced along a reference run's greedy CompletionOutput (logprobs >= 1): after each prefix of its
-    tokens, our logprob of its next token is within atol of its own, and that token is our argmax or within
-    2 atol of it (a near-tie for the reference, where two runs rounding differently may part: each of the two
-    logprobs may move by atol). -> those logprob differences, one per step."""
+def teacher_forced(llm, prompt: list[int], reference) -> list[tuple[dict[int, float], int, float]]:
+    """Along a reference run's greedy CompletionOutput (logprobs >= 1): after each prefix of its tokens, (our
+    top-20 logprobs {token: logprob}, the reference's next token, the reference's logprob of it)."""
     from ownllm import SamplingParams
 
     prefixes = [prompt + reference.token_ids[:i] for i in range(len(reference.token_ids))]
-    outputs = llm.generate(prefixes, SamplingParams(temperature=0, max_tokens=1, logprobs=5))
+    outputs = llm.generate(prefixes, SamplingParams(temperature=0, max_tokens=1, logprobs=20))
+    return [({t: lp.logprob for t, lp in out.outputs[0].logprobs[0].items()}, token, expected[token].logprob)
+            for out, token, expected in zip(outputs, reference.token_ids, reference.logprobs)]
+
+
+def assert_tracks_reference(llm, prompt: list[int], reference, atol: float) -> list[float]:
+    """Teacher-forced along a reference run (see teacher_forced): our logprob of each of its tokens is within
+    atol of its own, and that token is our argmax or within 2 atol of it (a near-tie for the reference, where
+    two runs rounding differently may part: each of the two logprobs may move by atol).
+    -> those logprob differences, one per step."""
     differences = []
-    for step, (out, token, expected) in enumerate(zip(outputs, reference.token_ids, reference.logprobs)):
-        ours = {t: lp.logprob for t, lp in out.outputs[0].logprobs[0].items()}
-        assert token in ours, f"step {step}: the reference's token {token} is outside our top 5"
-        differences.append(abs(ours[token] - expected[token].logprob))
-        assert differences[-1] < atol, f"step {step}: logprob {ours[token]:.4f} vs {expected[token].logprob:.4f}"
+    for step, (ours, token, expected) in enumerate(teacher_forced(llm, prompt, reference)):
+        assert token in ours, f"step {step}: the reference's token {token} is outside our top 20"
+        differences.append(abs(ours[token] - expected))
+        assert differences[-1] < atol, f"step {step}: logprob {ours[token]:.4f} vs {expected:.4f}"
         gap = max(ours.values()) - ours[token]
         assert gap < 2 * atol, f"step {step}: token {token} is {gap:.3f} below our best, no near-tie"
     return differences

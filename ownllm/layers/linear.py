@@ -56,9 +56,11 @@ def fuse_linears(layers: list[Linear]) -> Linear | None:
     kinds = {type(layer.quantized) for layer in layers}
     if len(kinds) > 1:
         return None
-    quantized = kinds.pop().cat([layer.quantized for layer in layers]) if layers[0].quantized is not None else None
-    if layers[0].quantized is not None and quantized is None:
-        return None  # e.g. Q4_K and Q6_K blocks
+    quantized = None
+    if layers[0].quantized is not None:
+        quantized = kinds.pop().cat([layer.quantized for layer in layers])
+        if quantized is None:
+            return None  # e.g. Q4_K and Q6_K blocks
     with torch.device("meta"):
         fused = Linear(layers[0].in_features, sum(layer.out_features for layer in layers),
                        bias=any(layer.bias is not None for layer in layers))

@@ -159,7 +159,7 @@ class BlockWeight:
         return BlockWeight(fn(self.blocks), self.qtype)
 
     @staticmethod
-    def cat(weights: list["BlockWeight"]) -> "BlockWeight":
+    def cat(weights: list["BlockWeight"]) -> "BlockWeight | None":
         """None when they are of different formats (which cannot be stacked)."""
         if len({w.qtype for w in weights}) > 1:
             return None

@@ -114,7 +114,8 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None, keep_qu
               reader: gguf.GGUFReader | None = None) -> GGUFCheckpoint:
     """Read a GGUF file into HF-named tensors of `dtype` (None: see the module docstring's rule).
     keep_quantized: Q4_0 / Q4_1 matrices (other than the embedding) stay 4-bit, as layers.quant.Int4Weight,
-    and Q8_0, Q4_K, Q5_K and Q6_K ones (the embedding too) stay the file's blocks, as layers.quant.BlockWeight.
+    and Q8_0, Q4_K, Q5_K and Q6_K ones (the embedding too) stay the file's blocks, as layers.quant.BlockWeight;
+    so do MoE experts, one such weight per expert.
     reader: the file's open_gguf() reader, when the caller has parsed it already."""
     path = os.fspath(path)
     reader = reader or open_gguf(path)
@@ -132,7 +133,10 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None, keep_qu
         if tensor.name == _ROPE_FREQS:
             continue  # folded into hf_config["rope_scaling"]
         if _is_moe_tensor(tensor.name):
-            moe[tensor.name] = dequantize_tensor(tensor, compute_dtype)
+            kept = None
+            if keep_quantized and "_gate_inp" not in tensor.name:  # the router stays dense
+                kept = _kept_quantized_experts(tensor) if len(tensor.shape) == 3 else _kept_quantized(tensor)
+            moe[tensor.name] = kept if kept is not None else dequantize_tensor(tensor, compute_dtype)
             continue
         hf_name = hf_tensor_name(tensor.name, architecture)
         if keep_quantized and (weight := _kept_quantized(tensor)) is not None:
@@ -157,6 +161,18 @@ def _kept_quantized(tensor: gguf.ReaderTensor) -> Int4Weight | BlockWeight | Non
     if tensor.tensor_type in BLOCK_FORMATS and len(tensor.shape) == 2:
         return BlockWeight.from_gguf_blocks(tensor.data, _hf_shape(tensor), tensor.tensor_type)
     return None
+
+
+def _kept_quantized_experts(tensor: gguf.ReaderTensor) -> list[Int4Weight | BlockWeight] | None:
+    """A 3-D expert tensor [E, out, in] as the quantized kernels multiply it, one weight per expert (views of
+    the file's blocks for Q8_0 and K-quants), else None."""
+    if tensor.tensor_type not in _INT4_TYPES and tensor.tensor_type not in BLOCK_FORMATS:
+        return None
+    experts, rows, cols = _hf_shape(tensor)
+    data = tensor.data.reshape(experts, rows, -1)  # [E, out, bytes per row]
+    if tensor.tensor_type in _INT4_TYPES:
+        return [Int4Weight.from_gguf_blocks(data[e], (rows, cols), tensor.tensor_type == QType.Q4_1) for e in range(experts)]
+    return [BlockWeight.from_gguf_blocks(data[e], (rows, cols), tensor.tensor_type) for e in range(experts)]
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -428,7 +444,8 @@ def _is_moe_tensor(name: str) -> bool:
 
 
 def moe_hf_tensors(moe: dict[str, torch.Tensor], architecture: str) -> dict[str, torch.Tensor]:
-    """A file's MoE tensors (GGUF name -> value in HF dimension order) -> the architecture's HF tensors."""
+    """A file's MoE tensors (GGUF name -> value in HF dimension order; experts [E, out, in], or a list of E
+    quantized weights) -> the architecture's HF tensors."""
     if not moe:
         return {}
     if architecture not in _MOE_LAYOUT:
@@ -443,9 +460,9 @@ def moe_hf_tensors(moe: dict[str, torch.Tensor], architecture: str) -> dict[str,
             out[f"{prefix}{router}.weight"] = value
         elif role.endswith("_shexp"):
             out[f"{prefix}shared_expert.{role.removesuffix('_shexp')}_proj.weight"] = value
-        else:  # value: [E, out, in]
+        else:  # value: [E, out, in], or a list of E quantized [out, in]
             projection = per_expert[("gate_exps", "up_exps", "down_exps").index(role)]
-            out.update((f"{prefix}experts.{e}.{projection}.weight", value[e]) for e in range(value.shape[0]))
+            out.update((f"{prefix}experts.{e}.{projection}.weight", value[e]) for e in range(len(value)))
     return out
 
 
