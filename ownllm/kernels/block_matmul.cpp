@@ -12,7 +12,7 @@
 //   next 4 prefetched meanwhile) and the bf16 tiles run over it. Rows get the same numbers in any batch of
 //   up to 32.
 // - The K-quants, for batches of up to 4 rows, in factored form (struct Factored): half the instructions
-//   per weight, and decoding binds these kernels, not memory. Larger batches are decoded as Q8_0 is.
+//   per weight, and decoding binds these kernels, not memory. Other batches are decoded as Q8_0 is.
 // block_dequantize decodes row ranges to bf16 (the first way, for every format), for prefill batches
 // that go to oneDNN a chunk at a time, and for embedding lookups.
 #include <ATen/Parallel.h>
@@ -240,7 +240,7 @@ struct Decoded {  // decoded to bf16, then the bf16 tiles (Q8_0; and dequantizin
   }
 };
 
-// The K-quants are multiplied in factored form, for batches of up to 4 rows. A block's weights are
+// The K-quants are multiplied in factored form, for small batches (see factored()). A block's weights are
 // w = scale_g (128 + q) - offset_g for groups g of G weights (32 for Q4_K and Q5_K, 16 for Q6_K), and 128 + q
 // (q < 128) is exact in bf16 as the bits 0x4300 | q, so
 //   x . w = sum over chunks c of 32: scale_c * (x_c . bf16(128 + q_c))  -  sum over groups g: offset_g * sum(x_g)
@@ -248,9 +248,9 @@ struct Decoded {  // decoded to bf16, then the bf16 tiles (Q8_0; and dequantizin
 // Each 32 weights cost an OR, a dot product and a multiply-add on top of extracting the codes: half the
 // instructions of decoding them to bf16, which binds these kernels at batch 1 (Q4_K: 76 against 41 G
 // weights/s, memory-bound now; bench/skinny_matmul.py). The weights are used exactly, not rounded to bf16
-// as dequantizing rounds them. Every output is the same sequence of operations for 1-4 rows, and again for
-// 5-32 rows (decoded, as Q8_0): rows get the same numbers alone as in a batch of up to 4, and the same in
-// any batch of 5-32; between the two they differ by the weights' bf16 rounding.
+// as dequantizing rounds them. Every output is the same sequence of operations in any factored batch, and
+// again in any decoded one (as Q8_0, up to 32 rows): rows get the same numbers alone as in a factored batch,
+// and the same in any decoded batch; between the two they differ by the weights' bf16 rounding.
 template <class Format>
 struct Factored : Decoded<Format> {
   static constexpr int64_t kWeights = Format::kWeights, kBytes = Format::kBytes, kGroup = Format::kGroup;
@@ -260,6 +260,12 @@ struct Factored : Decoded<Format> {
   // pays a multiply-add per 32 weights here, which the decoded form shares between rows (16 rows of the 1B
   // MLP's 8192x2048: 1.2 against 2.5 ms; up to 4 rows the factored form is as fast or faster).
   static constexpr int64_t kFactoredRows = 4;
+  // ... and only while their activation rows stay in half of L1 with the weight row beside them (2-4 rows of
+  // 8192: 1.2-1.4x slower than decoded), except a single row, read once
+  static constexpr int64_t kActivationBytes = 16 * 1024;
+  static bool factored(int64_t M, int64_t K) {
+    return M == 1 || (M <= kFactoredRows && M * K * (int64_t)sizeof(bf16) <= kActivationBytes);
+  }
 
   // sums [M, K / G]: each G elements of each row of x, in float32
   static void group_sums(const bf16* x, int64_t M, int64_t K, float* sums) {
@@ -293,7 +299,7 @@ struct Factored : Decoded<Format> {
   }
 
   static void matmul(const bf16* x, int64_t M, const uint8_t* w, int64_t K, int64_t N, const bf16* bias, bf16* y) {
-    if (M > kFactoredRows) return Decoded<Format>::matmul(x, M, w, K, N, bias, y);
+    if (!factored(M, K)) return Decoded<Format>::matmul(x, M, w, K, N, bias, y);
     std::vector<float> sums(M * K / kGroup);
     group_sums(x, M, K, sums.data());
     using TileFn = void (*)(const bf16*, int64_t, const float*, const uint8_t*, float*);
