@@ -126,14 +126,7 @@ def module_weight_bytes(model) -> int:
 def run_ownllm(job: Job, result: dict) -> None:
     from ownllm import LLM, SamplingParams
 
-    kwargs = {"dtype": job.dtype}
-    if job.device != "cpu":
-        import inspect
-
-        if "device" not in inspect.signature(LLM).parameters:
-            raise RuntimeError("ownllm's LLM takes no device option yet")
-        kwargs["device"] = job.device
-    llm = LLM(job.path, **kwargs)
+    llm = LLM(job.path, dtype=job.dtype, device=job.device)
     result["dtype"] = llm.config.dtype
     try:
         result["weight_bytes"] = module_weight_bytes(llm.runner.model)

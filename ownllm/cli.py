@@ -30,7 +30,10 @@ ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", help=f"A Hugging Face checkpoint folder, a hub id (org/name), a .gguf file, or "
     f"'{BUNDLED_MODEL_NAME}'. Default: the bundled {BUNDLED_MODEL_NAME}.")]
 DtypeOpt = Annotated[Optional[str], typer.Option(
-    help="Compute dtype: float32, bfloat16 or float16. Default: the checkpoint's (float32 for quantized GGUF).")]
+    help="Compute dtype: float32, bfloat16 or float16. Default: the checkpoint's; quantized GGUF files run in "
+    "bfloat16 with their weights kept quantized on CPUs with AVX-512 BF16, else in float32.")]
+DeviceOpt = Annotated[Optional[str], typer.Option(
+    help="Where to run: cpu (default) or cuda (plain-torch paths; GGUF weights dequantized).")]
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate per answer.")]
 TemperatureOpt = Annotated[Optional[float], typer.Option(
     help="Sampling temperature; 0 is greedy. Default: the model's generation_config, else 0.8.")]
@@ -42,12 +45,12 @@ SystemOpt = Annotated[Optional[str], typer.Option(help="A system prompt to put b
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Print load time, prompt and decode speed after each answer.")]
 
 
-def _load(model: str | None, dtype: str | None):
+def _load(model: str | None, dtype: str | None, device: str | None):
     from ownllm.engine.llm import LLM
 
     started = time.perf_counter()
     with err.status(f"Loading {model or BUNDLED_MODEL_NAME}..."):
-        llm = LLM(model, dtype=dtype)
+        llm = LLM(model, dtype=dtype, device=device)
     return llm, time.perf_counter() - started
 
 
@@ -98,7 +101,7 @@ def _print_stats(llm, prompt, started: float, first_token_at: float | None, num_
 @app.command()
 def run(
     prompt: Annotated[str, typer.Argument(help="What to ask. Use - to read it from standard input.")],
-    model: ModelOpt = None, dtype: DtypeOpt = None, max_tokens: MaxTokensOpt = 512,
+    model: ModelOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = None, max_tokens: MaxTokensOpt = 512,
     temperature: TemperatureOpt = None, top_p: TopPOpt = None, top_k: TopKOpt = None, seed: SeedOpt = None,
     system: SystemOpt = None,
     raw: Annotated[bool, typer.Option(help="Send the prompt as is, without the model's chat template.")] = False,
@@ -107,7 +110,7 @@ def run(
     """Answer one prompt and stream the answer to the terminal."""
     if prompt == "-":
         prompt = sys.stdin.read()
-    llm, load_seconds = _load(model, dtype)
+    llm, load_seconds = _load(model, dtype, device)
     if verbose:
         err.print(f"load: {load_seconds:.2f}s")
     params = _params(llm, max_tokens, temperature, top_p, top_k, seed)
@@ -121,12 +124,12 @@ def run(
 
 @app.command()
 def chat(
-    model: ModelOpt = None, dtype: DtypeOpt = None, max_tokens: MaxTokensOpt = 1024,
+    model: ModelOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = None, max_tokens: MaxTokensOpt = 1024,
     temperature: TemperatureOpt = None, top_p: TopPOpt = None, top_k: TopKOpt = None, seed: SeedOpt = None,
     system: SystemOpt = None, verbose: VerboseOpt = False,
 ) -> None:
     """Chat with a model in the terminal. /reset clears the history, /exit (or Ctrl-D) quits, Ctrl-C stops an answer."""
-    llm, load_seconds = _load(model, dtype)
+    llm, load_seconds = _load(model, dtype, device)
     params = _params(llm, max_tokens, temperature, top_p, top_k, seed)
     system_messages = [{"role": "system", "content": system}] if system else []
     history = list(system_messages)
@@ -174,7 +177,7 @@ def models(
 
 @app.command()
 def serve(
-    model: ModelOpt = None, dtype: DtypeOpt = None,
+    model: ModelOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = None,
     host: Annotated[str, typer.Option(help="Address to listen on. The default keeps the server private to this "
                                       "machine; 0.0.0.0 opens it to the network (then set --api-key).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on (vLLM's 8000; point Ollama clients "
@@ -210,7 +213,7 @@ def serve(
     name = served_model_name or _served_name(model, path)
     with err.status(f"Loading {model or BUNDLED_MODEL_NAME}..."):
         engine = AsyncEngine.from_model(
-            str(path), dtype=dtype, max_waiting=max_waiting, model_name=name,
+            str(path), dtype=dtype, device=device, max_waiting=max_waiting, model_name=name,
             kv_cache_memory=parse_memory_size(kv_cache_memory) if kv_cache_memory else None,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             enable_prefix_caching=not no_prefix_caching,

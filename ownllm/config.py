@@ -13,6 +13,24 @@ DTYPES = ("float32", "bfloat16", "float16")
 _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 
 
+def resolve_device(device: str | None) -> str:
+    """'cpu' (the default), 'cuda' or 'cuda:N', checked against what this torch build can use -> the name
+    ('cpu' for any CPU device)."""
+    import torch
+
+    name = device or "cpu"
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r} is not supported; use cpu or cuda")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: this torch build sees no CUDA GPU (torch {torch.__version__}, "
+                         "torch.cuda.is_available() is False)")
+    return "cpu" if kind == "cpu" else name
+
+
 def normalize_dtype(dtype: str | None) -> str | None:
     """'bf16' -> 'bfloat16'; None and 'auto' stay None (meaning: the checkpoint's own dtype)."""
     if dtype is None or dtype == "auto":

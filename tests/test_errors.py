@@ -112,3 +112,15 @@ def test_prompt_longer_than_context(tiny):
 ])
 def test_invalid_sampling_values(tiny, option, value, field):
     assert_one_line_error(run_cli("run", "--model", str(tiny), option, value, "hi"), field)
+
+
+def test_unusable_device(tiny):
+    import torch
+
+    with pytest.raises(ValueError, match="'tpu' is not supported; use cpu or cuda"):
+        LLM(str(tiny), device="tpu")
+    if torch.cuda.is_available():
+        return  # the rest checks a machine without a GPU
+    with pytest.raises(ValueError, match="sees no CUDA GPU"):
+        LLM(str(tiny), device="cuda")
+    assert_one_line_error(run_cli("run", "--model", str(tiny), "--device", "cuda", "hi"), "cuda", "no CUDA GPU")

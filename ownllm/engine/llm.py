@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 from typing import Any, Iterator, Sequence
 
-from ownllm.config import CacheConfig, SchedulerConfig
+from ownllm.config import CacheConfig, SchedulerConfig, resolve_device
 from ownllm.engine.engine import Engine
 from ownllm.engine.kv_cache import KVCacheManager
 from ownllm.loader import load_checkpoint
@@ -21,26 +21,30 @@ _GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition
 
 
 class LLM:
-    """vLLM-style offline API. Engine options: `kv_cache_memory` (bytes of KV cache; default min(2 GiB,
-    a quarter of free memory)), `block_size`, `enable_prefix_caching`, `max_num_batched_tokens` (the
-    per-step token budget, which is also the prefill chunk size), `max_num_seqs`, `num_kv_blocks` (tests)."""
+    """vLLM-style offline API. `device`: "cpu" (default) or "cuda"; on CUDA the plain-torch paths run, and
+    GGUF weights are dequantized to the compute dtype. Engine options: `kv_cache_memory` (bytes of KV cache;
+    default min(2 GiB, a quarter of free memory)), `block_size`, `enable_prefix_caching`,
+    `max_num_batched_tokens` (the per-step token budget, which is also the prefill chunk size),
+    `max_num_seqs`, `num_kv_blocks` (tests)."""
 
     def __init__(
         self, model: str | None = None, dtype: str | None = None, *, kv_cache_memory: int | None = None,
         block_size: int = 16, enable_prefix_caching: bool = True, max_num_batched_tokens: int = 512,
-        max_num_seqs: int = 64, num_kv_blocks: int | None = None,
+        max_num_seqs: int = 64, num_kv_blocks: int | None = None, device: str | None = None,
     ) -> None:
         from ownllm.worker.model_runner import ModelRunner
+
+        device = resolve_device(device)  # before loading: a bad device fails fast
 
         cache_config = CacheConfig(block_size, kv_cache_memory, enable_prefix_caching=enable_prefix_caching,
                                    num_blocks=num_kv_blocks)
         scheduler_config = SchedulerConfig(max_num_batched_tokens, max_num_seqs)
-        checkpoint = load_checkpoint(model, dtype)
+        checkpoint = load_checkpoint(model, dtype, keep_quantized=device == "cpu")
         self.config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
         self.generation_config = checkpoint.generation_config
         self.model_path = checkpoint.path
-        self.runner = ModelRunner(checkpoint, cache_config, self.tokenizer.eos_token_ids, max_num_seqs)
+        self.runner = ModelRunner(checkpoint, cache_config, self.tokenizer.eos_token_ids, max_num_seqs, device)
         self.kv_cache = KVCacheManager(self.runner.num_blocks, block_size, enable_prefix_caching)
         self.max_model_len = min(self.config.max_model_len, self.runner.num_blocks * block_size)
         self.engine = Engine(self.runner, self.kv_cache, self.tokenizer, self.max_model_len, scheduler_config)

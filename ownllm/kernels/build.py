@@ -79,5 +79,5 @@ def bf16_kernels(name: str):
 
 
 def decode_ops(x: torch.Tensor):
-    """The fused decode ops (kernels/decode_ops.cpp) when they apply to bf16 tensor `x`, else None."""
-    return bf16_kernels("decode_ops") if x.dtype == torch.bfloat16 else None
+    """The fused decode ops (kernels/decode_ops.cpp) when they apply to `x` (bf16, on the CPU), else None."""
+    return bf16_kernels("decode_ops") if x.dtype == torch.bfloat16 and x.is_cpu else None

@@ -6,8 +6,8 @@ cache slots, then attends each query over its sequence's cached context (causal,
 sliding window). Decode-only batches run as two padded batched matmuls; mixed prefill / decode
 batches run one SDPA call per sequence. In bfloat16, decode-only batches run instead as one call of
 the fused kernel (kernels/decode_ops.cpp), which reads the blocks in place and is tested against this.
-Attention math runs in float32 (CPU SDPA is several times slower in bfloat16, and the cache reads are
-small next to the weights). Gathers use index_select: advanced
+Attention math runs in float32 on the CPU (CPU SDPA is several times slower in bfloat16, and the cache
+reads are small next to the weights), in the model's dtype on a GPU. On a GPU only this reference path runs. Gathers use index_select: advanced
 indexing of a large bfloat16 pool takes a slow path in torch. Faster backends replace
 `Attention.forward`'s body, keeping this signature, and are tested against it.
 """
@@ -53,10 +53,15 @@ class PagedKVCache:
     """The preallocated pool: k [num_layers, num_blocks, block_size, num_kv_heads, head_dim] and v alike;
     k_layers / v_layers: each layer's [num_blocks, ...] view, made once (indexing the pool cost ~2 us a call)."""
 
-    def __init__(self, spec: KVCacheSpec, num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
+    def __init__(self, spec: KVCacheSpec, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: str = "cpu") -> None:
         shape = (spec.num_layers, num_blocks, block_size, spec.num_kv_heads)
-        self.k = lazy_zeros((*shape, spec.head_dim), dtype)
-        self.v = lazy_zeros((*shape, spec.v_head_dim), dtype) if spec.v_head_dim else None
+
+        def zeros(*dims: int) -> torch.Tensor:
+            return lazy_zeros(dims, dtype) if torch.device(device).type == "cpu" else torch.zeros(dims, dtype=dtype, device=device)
+
+        self.k = zeros(*shape, spec.head_dim)
+        self.v = zeros(*shape, spec.v_head_dim) if spec.v_head_dim else None
         self.k_layers = self.k.unbind(0)
         self.v_layers = self.v.unbind(0) if self.v is not None else None
         self.block_size = block_size
@@ -76,6 +81,12 @@ class AttentionMetadata:
     @functools.cached_property
     def is_decode_only(self) -> bool:  # asked by every layer
         return len(self.query_start_loc) - 1 == self.positions.shape[0]
+
+
+def attention_dtype(q: torch.Tensor) -> torch.dtype:
+    """float32 on the CPU (its SDPA is several times slower in bfloat16); the model's dtype on a GPU, whose
+    fused SDPA kernels take it and accumulate in float32."""
+    return torch.float32 if q.is_cpu else q.dtype
 
 
 class Attention(Module):
@@ -123,13 +134,14 @@ class Attention(Module):
         keys = k_cache.index_select(0, flat_tables).view(
             num_seqs, max_blocks * meta.kv_cache.block_size, self.num_kv_heads, self.head_dim)
         values = v_cache.index_select(0, flat_tables).view_as(keys)  # [B, S, num_kv_heads, head_dim]
-        k_pos = torch.arange(keys.shape[1])[None, :]  # [1, S]
+        k_pos = torch.arange(keys.shape[1], device=keys.device)[None, :]  # [1, S]
         mask = self._allowed(meta.positions[:, None], k_pos)  # [B, S]
         group = self.num_heads // self.num_kv_heads
-        q = q.view(num_seqs, self.num_kv_heads, group, self.head_dim).float()  # [B, kv, g, D]
-        scores = q @ keys.permute(0, 2, 3, 1).float() * self.scale  # [B, kv, g, S]
+        math = attention_dtype(q)
+        q = q.view(num_seqs, self.num_kv_heads, group, self.head_dim).to(math)  # [B, kv, g, D]
+        scores = q @ keys.permute(0, 2, 3, 1).to(math) * self.scale  # [B, kv, g, S]
         scores = scores.masked_fill(~mask[:, None, None, :], float("-inf")).softmax(-1)
-        out = scores @ values.transpose(1, 2).float()  # [B, kv, g, D]
+        out = scores @ values.transpose(1, 2).to(math)  # [B, kv, g, D]
         return out.view(num_seqs, self.num_heads, self.head_dim).to(values.dtype)
 
     def _sequence(self, q, k_cache, v_cache, meta: AttentionMetadata, i: int) -> torch.Tensor:
@@ -142,9 +154,10 @@ class Attention(Module):
         offset = first_block * block_size
         keys = k_cache.index_select(0, blocks).flatten(0, 1)[: seq_len - offset]  # [S, num_kv_heads, head_dim]
         values = v_cache.index_select(0, blocks).flatten(0, 1)[: seq_len - offset]
-        mask = self._allowed(meta.positions[start:end, None], torch.arange(offset, seq_len)[None, :])  # [Q, S]
+        mask = self._allowed(meta.positions[start:end, None], torch.arange(offset, seq_len, device=q.device)[None, :])  # [Q, S]
+        math = attention_dtype(q)
         out = F.scaled_dot_product_attention(
-            q[start:end].transpose(0, 1).float(), keys.transpose(0, 1).float(), values.transpose(0, 1).float(),
+            q[start:end].transpose(0, 1).to(math), keys.transpose(0, 1).to(math), values.transpose(0, 1).to(math),
             attn_mask=mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads,
         )  # [num_heads, Q, head_dim]
         return out.transpose(0, 1).to(q.dtype)

@@ -24,7 +24,7 @@ def gemv_kernel():
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     # x: [T, in] -> [T, out]
-    if (x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and x.dtype == torch.bfloat16
+    if (x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and x.dtype == torch.bfloat16 and x.is_cpu
             and weight.dtype == torch.bfloat16 and weight.is_contiguous() and gemv_kernel() is not None):
         return gemv_kernel().gemv_bf16(x, weight, bias)
     return F.linear(x, weight, bias)

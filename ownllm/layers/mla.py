@@ -51,7 +51,7 @@ def yarn_softmax_scale(head_dim: int, scaling: dict | None) -> float:
 
 def per_head_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     # x: [N, heads, K]; w: [heads, out, K] -> [N, heads, out]; a few bf16 rows: one kernel call, else bmm
-    if x.shape[0] <= GEMV_MAX_ROWS and x.dtype == w.dtype == torch.bfloat16 and gemv_kernel() is not None:
+    if x.shape[0] <= GEMV_MAX_ROWS and x.dtype == w.dtype == torch.bfloat16 and x.is_cpu and gemv_kernel() is not None:
         return gemv_kernel().gemv_bf16_heads(x, w)
     return torch.bmm(x.transpose(0, 1), w.transpose(1, 2)).transpose(0, 1)
 
@@ -136,7 +136,7 @@ class MultiLatentAttention(Module):
         values = torch.einsum("sr,hvr->shv", c_kv, self.w_uv_t)  # [S, heads, v_dim]
         keys = torch.cat((k_nope, k_rope[:, None, :].expand(-1, self.num_heads, -1)), dim=-1)
         queries = torch.cat((q_nope[start:end], q_rope[start:end]), dim=-1)  # [Q, heads, nope + rope]
-        mask = torch.arange(keys.shape[0])[None, :] <= meta.positions[start:end, None]  # [Q, S]
+        mask = torch.arange(keys.shape[0], device=keys.device)[None, :] <= meta.positions[start:end, None]  # [Q, S]
         out = F.scaled_dot_product_attention(
             queries.transpose(0, 1).float(), keys.transpose(0, 1).float(), values.transpose(0, 1).float(),
             attn_mask=mask, scale=self.scale,
@@ -157,7 +157,7 @@ class MultiLatentAttention(Module):
         latents = self._latents(latent_cache, meta, i).float()  # [S, rank + rope]
         query = self._latent_query(q_nope[start:end], q_rope[start:end])  # [Q, heads, rank + rope]
         scores = torch.einsum("qhr,sr->hqs", query, latents) * self.scale
-        mask = torch.arange(latents.shape[0])[None, :] <= meta.positions[start:end, None]  # [Q, S]
+        mask = torch.arange(latents.shape[0], device=latents.device)[None, :] <= meta.positions[start:end, None]  # [Q, S]
         probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)  # [heads, Q, S]
         out_latent = torch.einsum("hqs,sr->qhr", probs, latents[:, : self.kv_lora_rank])
         return self._latent_output(out_latent, q_nope.dtype)
@@ -172,7 +172,7 @@ class MultiLatentAttention(Module):
         query = self._latent_query(q_nope, q_rope)  # [B, heads, rank + rope]
         scores = query @ latents.transpose(1, 2) * self.scale  # [B, heads, S]
         if num_seqs > 1:
-            padding = torch.arange(latents.shape[1])[None, :] > meta.positions[:, None]  # [B, S]
+            padding = torch.arange(latents.shape[1], device=latents.device)[None, :] > meta.positions[:, None]  # [B, S]
             scores = scores.masked_fill(padding[:, None, :], float("-inf"))
         out_latent = scores.softmax(-1) @ latents[:, :, : self.kv_lora_rank]  # [B, heads, rank]
         return self._latent_output(out_latent, q_nope.dtype)

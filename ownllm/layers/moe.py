@@ -131,8 +131,8 @@ class Experts(Module):
         return self._fast(x, weights, ids)
 
     def _reference(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        dense = torch.zeros(x.shape[0], self.num_experts, dtype=torch.float32).scatter_add_(1, ids, weights)  # [T, E]
-        out = torch.zeros(x.shape, dtype=torch.float32)
+        dense = torch.zeros(x.shape[0], self.num_experts, dtype=torch.float32, device=x.device).scatter_add_(1, ids, weights)  # [T, E]
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for e, expert in enumerate(self.experts):
             w = dense[:, e : e + 1]  # [T, 1]
             if self.scale_input:
@@ -167,7 +167,7 @@ class Experts(Module):
     def _one_token(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         # x: [1, H]; weights, ids: [k] -> [1, H]. Reads only the k chosen experts' weights.
         experts = ids.tolist()
-        kernel = bf16_kernels("moe_experts") if x.dtype == torch.bfloat16 else None
+        kernel = bf16_kernels("moe_experts") if x.dtype == torch.bfloat16 and x.is_cpu else None
         if kernel is not None and (lists := self.per_expert()) is not None:
             gate, up, down = ([ws[e] for e in experts] for ws in lists)
             return kernel.experts_one_token(x, gate, up, down, weights, self.scale_input)

@@ -111,7 +111,7 @@ class RotaryEmbedding:
         cached = self._cached
         if cached is not None and cached[0] is positions and cached[1] == dtype:
             return cached[2], cached[3]
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, head_dim // 2]
+        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]  # [T, head_dim // 2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, head_dim]
         cos, sin = emb.cos(), emb.sin()
         if self.attention_factor != 1.0:
@@ -147,7 +147,7 @@ class InterleavedRotaryEmbedding(RotaryEmbedding):
         cached = self._cached_cis
         if cached is not None and cached[0] is positions:
             return cached[1]
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, head_dim // 2]
+        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]  # [T, head_dim // 2]
         cis = torch.polar(torch.full_like(freqs, self.attention_factor), freqs)[:, None, :]
         self._cached_cis = (positions, cis)
         return cis

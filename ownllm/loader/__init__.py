@@ -28,14 +28,17 @@ class Checkpoint:
     path: Path | None = None
 
 
-def load_checkpoint(model: str | None, dtype: str | None = None) -> Checkpoint:
+def load_checkpoint(model: str | None, dtype: str | None = None, keep_quantized: bool = True) -> Checkpoint:
+    """keep_quantized: a GGUF's quantized weights may stay so for our CPU kernels (in bfloat16); False
+    dequantizes them all (for a GPU)."""
     path = resolve_model(model)
     if path.suffix == ".gguf":
         from ownllm.loader.gguf import load_gguf, open_gguf
 
         reader = open_gguf(str(path))  # parsed once: the vocabulary makes it the slow part of start-up
-        dtype = dtype or _quantized_gguf_dtype(reader)
-        gguf = load_gguf(path, dtype=_torch_dtype(dtype), keep_quantized=normalize_dtype(dtype) == "bfloat16", reader=reader)
+        dtype = dtype or (_quantized_gguf_dtype(reader) if keep_quantized else None)
+        gguf = load_gguf(path, dtype=_torch_dtype(dtype), reader=reader,
+                         keep_quantized=keep_quantized and normalize_dtype(dtype) == "bfloat16")
         config = ModelConfig.from_hf(gguf.hf_config, dtype)
         return Checkpoint(config, gguf.tensors, gguf.tokenizer, {}, path)
     from ownllm.loader.hf import load_hf_folder

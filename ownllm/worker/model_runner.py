@@ -35,18 +35,24 @@ def available_memory_bytes() -> int:
 
 
 class ModelRunner:
+    """device: "cpu", or a CUDA device, where the weights, the KV pool and each step's tensors live; on a GPU
+    only the plain-torch paths run (the kernels are CPU code)."""
+
     def __init__(self, checkpoint: Checkpoint, cache_config: CacheConfig | None = None,
-                 eos_token_ids: list[int] | None = None, max_num_seqs: int = 64) -> None:
+                 eos_token_ids: list[int] | None = None, max_num_seqs: int = 64, device: str = "cpu") -> None:
         self.config: ModelConfig = checkpoint.config
         self.cache_config = cache_config or CacheConfig()
         self.dtype = getattr(torch, self.config.dtype)
+        self.device = device
         cls = model_class(self.config.architecture)
         self.model = cls.from_tensors(self.config, checkpoint.tensors)
-        self.sampler = Sampler(eos_token_ids or [])
+        if torch.device(device).type != "cpu":
+            self.model.to(device)
+        self.sampler = Sampler(eos_token_ids or [], device)
         self.kv_spec = cls.kv_cache_spec(self.config)
         self.block_size = self.cache_config.block_size
         self.num_blocks = self._num_blocks(max_num_seqs)
-        self.kv_cache = PagedKVCache(self.kv_spec, self.num_blocks, self.block_size, self.dtype)
+        self.kv_cache = PagedKVCache(self.kv_spec, self.num_blocks, self.block_size, self.dtype, device)
 
     def _num_blocks(self, max_num_seqs: int) -> int:
         """From the memory budget; without an explicit one, no more than max_num_seqs full contexts need."""
@@ -77,12 +83,12 @@ class ModelRunner:
             seq_lens.append(start + num_new)
             last_index.append(query_start_loc[-1] - 1)
         max_blocks = max(len(t) for t in output.block_tables)
-        tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in output.block_tables], dtype=torch.long)
-        meta = AttentionMetadata(
-            torch.tensor(positions, dtype=torch.long), torch.tensor(slots, dtype=torch.long), query_start_loc,
-            seq_lens, tables, self.kv_cache,
-        )
-        return torch.tensor(token_ids, dtype=torch.long), meta, last_index
+        def tensor(values: list) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=self.device)
+
+        tables = tensor([t + [0] * (max_blocks - len(t)) for t in output.block_tables])
+        meta = AttentionMetadata(tensor(positions), tensor(slots), query_start_loc, seq_lens, tables, self.kv_cache)
+        return tensor(token_ids), meta, last_index
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> dict[str, SampleResult]:

@@ -28,11 +28,11 @@ def apply_penalties(logits: torch.Tensor, request: Request) -> torch.Tensor:
     # logits: [vocab] float32
     params = request.sampling_params
     if params.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(request.all_token_ids)), dtype=torch.long)
+        seen = torch.tensor(sorted(set(request.all_token_ids)), dtype=torch.long, device=logits.device)
         values = logits[seen]
         logits[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
     if (params.presence_penalty or params.frequency_penalty) and request.output_token_ids:
-        ids, counts = torch.tensor(request.output_token_ids).unique(return_counts=True)
+        ids, counts = torch.tensor(request.output_token_ids, device=logits.device).unique(return_counts=True)
         logits[ids] -= params.frequency_penalty * counts.float() + params.presence_penalty
     return logits
 
@@ -56,8 +56,9 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) 
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: list[int] | None = None) -> None:
+    def __init__(self, eos_token_ids: list[int] | None = None, device: str = "cpu") -> None:
         self.eos_token_ids = set(eos_token_ids or [])
+        self.device = device  # the logits', so seeded generators live there
         self._generators: dict[str, torch.Generator] = {}
 
     def _generator(self, request: Request) -> torch.Generator | None:
@@ -65,7 +66,7 @@ class Sampler:
         if seed is None:
             return None
         if request.request_id not in self._generators:
-            self._generators[request.request_id] = torch.Generator().manual_seed(seed)
+            self._generators[request.request_id] = torch.Generator(device=self.device).manual_seed(seed)
         return self._generators[request.request_id]
 
     def free(self, request_id: str) -> None:
