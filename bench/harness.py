@@ -85,7 +85,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     for shape in dict.fromkeys(r.model.shape for r in rows):
-        ensure_built(shape)
+        ensure_built(shape, hf_only=args.gpu)
     started = time.time()
     run_all(rows, settings, started + 60 * (args.minutes or (5 if args.quick else 22)))
     customized = (args.quick, args.models, args.tools, args.gpu, args.prompt_len, args.new_tokens, args.repeats)

@@ -76,18 +76,19 @@ MODELS = [
 ]
 
 
-def ensure_built(shape: str) -> None:
-    """Builds the cached checkpoints of `shape` in a child process unless they are all there."""
+def ensure_built(shape: str, hf_only: bool = False) -> None:
+    """Builds the cached checkpoints of `shape` in a child process unless they are all there (hf_only: just
+    the HF folder, e.g. on a GPU machine without llama-cpp-python)."""
     if shape == "bundled":
         return
-    wanted = [m.path() for m in MODELS if m.shape == shape]
+    wanted = [m.path() for m in MODELS if m.shape == shape and not (hf_only and m.is_gguf)]
     if all(p.exists() for p in wanted):
         return
     print(f"[harness] building {shape} checkpoints under {CACHE} (once; cached for later runs)", flush=True)
-    subprocess.run([sys.executable, __file__, shape], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, __file__, shape, *(["--hf-only"] if hf_only else [])], check=True, cwd=ROOT)
 
 
-def build(shape: str) -> None:
+def build(shape: str, hf_only: bool = False) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -109,6 +110,8 @@ def build(shape: str) -> None:
         del model
         save_tokenizer(partial, config.vocab_size)
         partial.rename(hf)
+    if hf_only:
+        return
     for qtype in ("F16", "Q8_0"):
         path = folder / f"model-{qtype}.gguf"
         if not path.exists():
@@ -170,4 +173,4 @@ def num_params_per_token(model: Model) -> int:
 
 
 if __name__ == "__main__":
-    build(sys.argv[1])
+    build(sys.argv[1], hf_only="--hf-only" in sys.argv[2:])
