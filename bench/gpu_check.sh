@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 4, section 4, as one short run on a lent CUDA machine (the `device` tool):
-#   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=540)
+#   run(command="bash bench/gpu_check.sh", timeout_s=540)
 # That machine's image has torch (CUDA), transformers, safetensors, tokenizers, jinja2, typer, rich and
-# pytest, and nothing can be installed there; ownllm also imports gguf, which travels as a wheel. Once,
-# here, in the repository root:
-#   echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux2014_x86_64 -d .whl gguf==0.19.0
+# pytest, which is all this needs (HF folders only); nothing can be installed there. For GGUF runs, carry
+# gguf as a wheel: once, here, `echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps
+# --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl
+# gguf==0.19.0`, then run with carry=[".whl"]: wheels in .whl are installed first.
 # It runs the gpu-marked tests, then the harness's --gpu table (ownllm and transformers in bfloat16 on
 # the 1B and SmolLM2 shapes, built there: ~1 min), and leaves the logs, the JSON and RESULTS.md in $OUT.
 set -uo pipefail

@@ -26,8 +26,6 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-import gguf
-from gguf import GGMLQuantizationType
 
 from ownllm.kernels.build import GEMV_MAX_ROWS, bf16_kernels
 
@@ -115,12 +113,13 @@ class PackedInt4:
         return self.kernel.int4_matmul(x, self.codes, self.scales, self.mins, bias)
 
 
-# GGUF block formats kept as the file's bytes: type -> (weights per block, bytes per block)
+# GGUF block formats kept as the file's bytes: GGML type number (gguf.GGMLQuantizationType) -> (weights per
+# block, bytes per block). Numbers, so that models from HF folders need no gguf import.
 BLOCK_FORMATS = {
-    GGMLQuantizationType.Q8_0: (32, 34),  # fp16 d, int8 q[32]
-    GGMLQuantizationType.Q4_K: (256, 144),  # fp16 d, fp16 dmin, 6-bit scales and mins, 4-bit q[256]
-    GGMLQuantizationType.Q5_K: (256, 176),  # as Q4_K, plus one more bit per weight
-    GGMLQuantizationType.Q6_K: (256, 210),  # 4-bit and 2-bit parts of q[256], int8 scales[16], fp16 d
+    8: (32, 34),  # Q8_0: fp16 d, int8 q[32]
+    12: (256, 144),  # Q4_K: fp16 d, fp16 dmin, 6-bit scales and mins, 4-bit q[256]
+    13: (256, 176),  # Q5_K: as Q4_K, plus one more bit per weight
+    14: (256, 210),  # Q6_K: 4-bit and 2-bit parts of q[256], int8 scales[16], fp16 d
 }
 
 
@@ -130,7 +129,7 @@ class BlockWeight:
     stores them; kernels/block_matmul.cpp decodes them (its comments give each layout)."""
 
     blocks: torch.Tensor  # [N, K // W * B] uint8
-    qtype: GGMLQuantizationType
+    qtype: int  # a key of BLOCK_FORMATS
 
     @property
     def shape(self) -> torch.Size:
@@ -138,7 +137,7 @@ class BlockWeight:
         return torch.Size((self.blocks.shape[0], self.blocks.shape[1] // nbytes * weights))
 
     @classmethod
-    def from_gguf_blocks(cls, blocks: np.ndarray, shape: tuple[int, int], qtype: GGMLQuantizationType) -> "BlockWeight":
+    def from_gguf_blocks(cls, blocks: np.ndarray, shape: tuple[int, int], qtype: int) -> "BlockWeight":
         return cls(torch.from_numpy(np.asarray(blocks, dtype=np.uint8).reshape(shape[0], -1)), qtype)
 
     @staticmethod
@@ -152,7 +151,9 @@ class BlockWeight:
         if dtype == torch.bfloat16 and self.runs_here(dtype):
             out = torch.empty(raw.shape[0], self.shape[1], dtype=torch.bfloat16)
             return bf16_kernels("block_matmul").block_dequantize(raw, int(self.qtype), out)
-        values = gguf.quants.dequantize(raw.numpy(), self.qtype)  # float32
+        import gguf
+
+        values = gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType(self.qtype))  # float32
         return torch.from_numpy(values.reshape(raw.shape[0], -1)).to(dtype)
 
     def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "BlockWeight":
