@@ -75,7 +75,7 @@ def applies(model: Model, tool: str, gpu: bool) -> bool:
         return not model.is_gguf
     if tool == "llama.cpp":
         return model.is_gguf
-    return not model.is_gguf or model.weights in ("Q8_0", "Q4_K_M", "Q4_1")
+    return not model.is_gguf or model.weights != "F16"
 
 
 def main() -> None:

@@ -3,8 +3,8 @@
 `MODELS` names what the harness runs. `build(name)` makes (or finds, under bench/.cache/) a model's HF
 folder (transformers LlamaConfig + LlamaForCausalLM, random init, bf16 safetensors, with a byte-level
 BPE tokenizer.json padded to the model's vocab size) and its F16 and Q8_0 GGUFs, written by
-tests/gguf_writer.py; the 1B also as Q4_K_M (Q4_K with some Q6_K, the most downloaded kind of GGUF),
-written by llama.cpp's own quantizer from the F16 file. The bundled SmolLM2-135M-Instruct Q4_1 GGUF is
+tests/gguf_writer.py; both also as Q4_K_M (the most downloaded kind of GGUF: Q4_K with some Q6_K, and for
+SmolLM2's rows of 576 mostly Q5_0), written by llama.cpp's own quantizer from the F16 file. The bundled SmolLM2-135M-Instruct Q4_1 GGUF is
 used as it is.
 `weight_bytes_per_token` tells how many bytes of weights one batch-1 decode step reads.
 
@@ -68,6 +68,7 @@ MODELS = [
     Model("smollm2-135m", "bf16", "smollm2-135m"),
     Model("smollm2-135m", "F16", "smollm2-135m"),
     Model("smollm2-135m", "Q8_0", "smollm2-135m"),
+    Model("smollm2-135m", "Q4_K_M", "smollm2-135m"),  # rows of 576: llama.cpp falls back to Q5_0 for most
     Model("smollm2-135m-instruct", "Q4_1", "bundled"),
     Model("llama-3.2-1b", "bf16", "llama-3.2-1b"),
     Model("llama-3.2-1b", "F16", "llama-3.2-1b"),

@@ -5,8 +5,8 @@
 The comparison harness runs each tool in a process of its own, one after another, so memory bandwidth
 drifting between them (36-55 GB/s on this shared machine) moves their ratio by +-15%. Here both tools
 load once and alternate runs, so drift hits them alike. Pairs: the harness's random-weight Llama-3.2-1B
-(ownllm: the bf16 HF folder; llama.cpp: its F16 GGUF), its Q8_0 and Q4_K_M GGUFs and the bundled
-SmolLM2-135M-Instruct Q4_1 GGUF (the same file for both). 128-token prompts of random ids, greedy, EOS ignored; decode tokens/s =
+(ownllm: the bf16 HF folder; llama.cpp: its F16 GGUF), its Q8_0 and Q4_K_M GGUFs, the SmolLM2-135M
+shape's Q4_K_M (mostly Q5_0) and the bundled SmolLM2-135M-Instruct Q4_1 GGUF (the same file for both). 128-token prompts of random ids, greedy, EOS ignored; decode tokens/s =
 (new tokens - 1) / time after the first token; the median of the repeats after the first.
 Results go to bench/RESULTS.md (section "Batch-1 decode, side by side").
 """
@@ -35,11 +35,14 @@ def pairs() -> list[tuple[str, str, str, str]]:
     from ownllm.loader.resolve import bundled_model_path
 
     one_b = {m.weights: m for m in MODELS if m.shape == "llama-3.2-1b"}
+    smol = {m.weights: m for m in MODELS if m.shape == "smollm2-135m"}
     ensure_built("llama-3.2-1b")
+    ensure_built("smollm2-135m")
     bundled = str(bundled_model_path())
     return [("llama-3.2-1b (bf16 / F16)", str(one_b["bf16"].path()), "bfloat16", str(one_b["F16"].path())),
             ("llama-3.2-1b Q8_0", str(one_b["Q8_0"].path()), "", str(one_b["Q8_0"].path())),
             ("llama-3.2-1b Q4_K_M", str(one_b["Q4_K_M"].path()), "", str(one_b["Q4_K_M"].path())),
+            ("smollm2-135m Q4_K_M", str(smol["Q4_K_M"].path()), "", str(smol["Q4_K_M"].path())),
             ("bundled SmolLM2-135M Q4_1", bundled, "", bundled)]
 
 

@@ -19,8 +19,8 @@ CASES = [("LlamaForCausalLM", "F32"), ("LlamaForCausalLM", "F16"), ("LlamaForCau
 def tiny_gguf(folder, arch: str, qtype: str, **overrides):
     """A tiny random checkpoint of `arch` saved under folder/hf, as a GGUF of `qtype`: written by our writer
     (F32, F16, BF16, Q8_0), or by llama.cpp's quantizer from the F32 file (K-quant mixes such as Q4_K_M)."""
-    # K-quants need rows of 256k weights (llama.cpp falls back to other types otherwise), Q8_0 of 32k
-    build_checkpoint(folder / "hf", arch, hidden_size=256, intermediate_size=512, **overrides)
+    # K-quants need rows of 256k weights (llama.cpp falls back to Q5_0 / Q8_0 otherwise), Q8_0 of 32k
+    build_checkpoint(folder / "hf", arch, **{"hidden_size": 256, "intermediate_size": 512, **overrides})
     if "_K" not in qtype:
         return write_gguf(folder / "hf", folder / f"tiny-{qtype}.gguf", qtype)
     return quantize_with_llama_cpp(write_gguf(folder / "hf", folder / "tiny-F32.gguf"), folder / f"tiny-{qtype}.gguf", qtype)
@@ -85,3 +85,26 @@ def test_block_quantized_kept_in_bfloat16(arch, qtype, tied, tmp_path, monkeypat
         assert dequantized.runner.model.lm_head.weight.dtype == torch.bfloat16
         expected = run(dequantized)
     assert_same_generations(ours, expected, atol=2e-2)
+
+
+def test_k_quant_mix_with_fallback_types(tmp_path):
+    """Q4_K_M of a model whose rows are not multiples of 256 weights (hidden 160, as SmolLM2's 576 or
+    Qwen2.5-0.5B's 896): llama.cpp stores those matrices as Q5_0 (and Q8_0); they load and stay quantized
+    too, teacher-forced along the float32 load within what bf16 activations move it."""
+    from gguf import GGMLQuantizationType as QType
+
+    from ownllm.kernels.build import cpu_has_bf16
+    from ownllm.layers.quant import BlockWeight
+
+    path = tiny_gguf(tmp_path, "LlamaForCausalLM", "Q4_K_M", hidden_size=160, intermediate_size=512, head_dim=40)
+    reference = LLM(str(path), dtype="float32")
+    params = SamplingParams(temperature=0, max_tokens=24, min_tokens=24, logprobs=5)
+    expected = [reference.generate(prompt, params)[0].outputs[0] for prompt in random_prompts()]
+    if not cpu_has_bf16():
+        return  # loading in float32 (dequantized) is what this CPU can check
+    kept = LLM(str(path), dtype="bfloat16")
+    held = {m.packed.qtype for m in kept.runner.model.modules() if isinstance(getattr(m, "packed", None), BlockWeight)}
+    assert QType.Q5_0 in held
+    differences = [d for prompt, reference_output in zip(random_prompts(), expected)
+                   for d in assert_tracks_reference(kept, prompt, reference_output, atol=0.2)]
+    assert sum(differences) / len(differences) < 0.05

@@ -159,7 +159,7 @@ def test_packed_int4_matches_dequantized_weights(rows, out_features, in_features
     assert torch.equal(packed.matmul(x[-1:], bias), out[-1:])  # batch-invariant: alone = in the batch
 
 
-BLOCK_TYPES = ["Q8_0", "Q4_K", "Q5_K", "Q6_K"]
+BLOCK_TYPES = ["Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
 
 
 def random_blocks(qtype: str, rows: int, cols: int, seed: int = 0):
@@ -172,7 +172,7 @@ def random_blocks(qtype: str, rows: int, cols: int, seed: int = 0):
 
     kind = gguf.GGMLQuantizationType[qtype]
     weights, nbytes = BLOCK_FORMATS[kind]
-    scale_offsets = {"Q8_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}[qtype]
+    scale_offsets = {"Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}[qtype]
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, (rows, cols // weights, nbytes), dtype=np.uint8)
     for offset in scale_offsets:
@@ -203,7 +203,7 @@ def test_block_weights_dequantize_as_gguf_py(qtype):
 @pytest.mark.parametrize("rows", [1, 2, 4, 5, 9, 16, 32, 40])
 @pytest.mark.parametrize("out_features, in_features", [(96, 768), (33, 256), (70, 2048), (20, 8192)])
 def test_block_matmul_against_references(qtype, rows, out_features, in_features):
-    """Q8_0 (up to 32 rows) and the K-quants otherwise decode to the bf16 weights dequantizing gives and
+    """The 32-weight formats (up to 32 rows) and the K-quants otherwise decode to the bf16 weights dequantizing gives and
     multiply as gemv_bf16 does: bit-equal to it, so batch-invariant as it is. The K-quants for one row, or up
     to 4 whose activations fit in 16 KB, multiply by the exact weights in factored form: within the output's
     bf16 rounding of float64 on gguf-py's float32 weights, closer than the bf16 weights get, and the same
@@ -226,7 +226,7 @@ def test_block_matmul_against_references(qtype, rows, out_features, in_features)
     assert out.shape == (rows, out_features) and out.dtype == torch.bfloat16
     if rows > 32:
         torch.testing.assert_close(out, torch.nn.functional.linear(x, dense, bias), rtol=2**-7, atol=1e-2)
-    elif qtype == "Q8_0" or not (rows == 1 or (rows <= 4 and rows * in_features * 2 <= 16384)):  # the kernel's rule
+    elif qtype in ("Q5_0", "Q5_1", "Q8_0") or not (rows == 1 or (rows <= 4 and rows * in_features * 2 <= 16384)):  # the kernel's rule
         assert torch.equal(out, linear(x, dense, bias))
     else:
         assert torch.equal(out, torch.cat([weight.matmul(x[i : i + 1], bias) for i in range(rows)]))

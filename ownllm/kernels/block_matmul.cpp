@@ -1,10 +1,10 @@
-// GGUF block-quantized weights (Q8_0, Q4_K, Q5_K, Q6_K) times bf16 activation rows, read from the
-// file's own bytes, so the weights can stay a view of the file mapping: 1.06 (Q8_0), 0.56 (Q4_K),
-// 0.69 (Q5_K) or 0.82 (Q6_K) bytes per weight instead of bf16's 2.
+// GGUF block-quantized weights (Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) times bf16 activation rows, read from
+// the file's own bytes, so the weights can stay a view of the file mapping: 0.69 (Q5_0), 0.75 (Q5_1),
+// 1.06 (Q8_0), 0.56 (Q4_K), 0.69 (Q5_K) or 0.82 (Q6_K) bytes per weight instead of bf16's 2.
 //
 // Each weight row n is K / W blocks of B bytes, laid out exactly as ggml stores them (see each format
 // below). Two ways to multiply:
-// - Q8_0 is decoded 32 weights at a time to bf16, with the float32 arithmetic of gguf-py's dequantize
+// - Q8_0, Q5_0 and Q5_1 are decoded 32 weights at a time to bf16, with the float32 arithmetic of gguf-py's dequantize
 //   (and llama.cpp's dequantize_row_*) in the same order, then rounded (built with -ffp-contract=off, so
 //   no multiply-add is fused), and multiplied as the skinny bf16 tiles (bf16_tile.h) multiply: bit for
 //   bit what gemv_bf16 gives on the dequantized weights. One activation row is multiplied straight from
@@ -62,6 +62,35 @@ struct Q8_0 {
     const __m512 d = _mm512_set1_ps(fp16_at(block)), zero = _mm512_setzero_ps();
     f(0, weights(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(block + 2))),
                  _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(block + 18))), d, d, zero, zero));
+  }
+};
+
+// Q5_0 (22 bytes per 32 weights): fp16 d, qh[4] (bit j of the little-endian word: weight j's fifth bit),
+// q[16] (weight j in the low nibble of q[j], j + 16 in the high one); w = d * (q - 16). Q5_1 (24 bytes)
+// adds an fp16 m after d, with w = d * q + m. These fill in K-quant files where rows are not a multiple
+// of 256 weights (llama.cpp's fallback, e.g. SmolLM2's 576 or Qwen2.5-0.5B's 896).
+template <bool kMin>
+struct Q5_0or1 {
+  static constexpr int64_t kWeights = 32, kBytes = kMin ? 24 : 22;
+  template <class F>
+  static void chunks(const uint8_t* block, F f) {
+    const uint8_t* qh = block + (kMin ? 4 : 2);
+    uint32_t high;
+    std::memcpy(&high, qh, sizeof(high));
+    const __m512i nibbles = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(qh + 4)));  // q[0..15]
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i bits = _mm512_set1_epi32((int)high), one = _mm512_set1_epi32(1), mask = _mm512_set1_epi32(0x0F);
+    auto fifth = [&](__m512i shift) { return _mm512_slli_epi32(_mm512_and_si512(_mm512_srlv_epi32(bits, shift), one), 4); };
+    const __m512i lo = _mm512_or_si512(_mm512_and_si512(nibbles, mask), fifth(iota));
+    const __m512i hi = _mm512_or_si512(_mm512_srli_epi32(nibbles, 4), fifth(_mm512_add_epi32(iota, _mm512_set1_epi32(16))));
+    const __m512 d = _mm512_set1_ps(fp16_at(block));
+    if (kMin) {  // d * q + m, as (d * q) - (-m)
+      const __m512 neg_m = _mm512_set1_ps(-fp16_at(block + 2));
+      return f(0, weights(lo, hi, d, d, neg_m, neg_m));
+    }
+    const __m512i bias = _mm512_set1_epi32(16);
+    const __m512 zero = _mm512_setzero_ps();
+    f(0, weights(_mm512_sub_epi32(lo, bias), _mm512_sub_epi32(hi, bias), d, d, zero, zero));
   }
 };
 
@@ -316,11 +345,13 @@ struct Factored : Decoded<Format> {
 };
 
 // GGUF's type numbers (ggml_type) for the formats above.
-enum Type : int64_t { kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
+enum Type : int64_t { kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
 
 template <class F>
 void dispatch(int64_t type, F f) {
   switch (type) {
+    case kQ5_0: return f(Decoded<Q5_0or1<false>>());
+    case kQ5_1: return f(Decoded<Q5_0or1<true>>());
     case kQ8_0: return f(Decoded<Q8_0>());
     case kQ4_K: return f(Factored<QK_4or5<false>>());
     case kQ5_K: return f(Factored<QK_4or5<true>>());
@@ -368,6 +399,6 @@ torch::Tensor block_dequantize(torch::Tensor weights, int64_t type, torch::Tenso
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("block_matmul", &block_matmul, "bf16 rows times GGUF block-quantized weights (Q8_0, Q4_K, Q5_K, Q6_K)");
+  m.def("block_matmul", &block_matmul, "bf16 rows times GGUF block-quantized weights (Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)");
   m.def("block_dequantize", &block_dequantize, "GGUF block-quantized weights as bf16");
 }

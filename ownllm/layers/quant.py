@@ -1,4 +1,5 @@
-"""GGUF weights kept quantized, for bfloat16 compute: Q4_0 and Q4_1 repacked, Q8_0 and the K-quants as stored.
+"""GGUF weights kept quantized, for bfloat16 compute: Q4_0 and Q4_1 repacked; Q5_0, Q5_1, Q8_0 and the
+K-quants as stored.
 
 4-bit weights are multiplied by our kernel (kernels/int4_matmul.cpp) on CPUs with AVX-512 BF16,
 by torch's int4 CPU kernel (_weight_int4pack_mm_for_cpu) elsewhere.
@@ -8,11 +9,12 @@ Q4_1, a minimum m): Q4_0 is w = d * (q - 8), Q4_1 is w = d * q + m. Both are exa
 form w = (q - 8) * scale + zero, with zero = 0 and zero = m + 8 * d respectively, so the file's
 codes are used as they are; only scale and zero are rounded to the activations' dtype (bfloat16).
 
-Q8_0 (groups of 32 int8 codes with an fp16 scale) and the K-quants Q4_K, Q5_K and Q6_K (256 weights
-a block, with 6- or 8-bit sub-block scales) stay the file's bytes (a view of the mapping where no fusing
-or reordering copies them), read at 0.56-1.06 bytes per weight instead of 2. kernels/block_matmul.cpp
-multiplies them: Q8_0 with the same numbers as the bf16 kernel on the weights dequantized to bf16, the
-K-quants by their exact weights in a factored form (faster). Embeddings stored so are dequantized row by
+Q8_0 and Q5_0 / Q5_1 (groups of 32 8-bit or 5-bit codes with an fp16 scale, and minimum for Q5_1) and
+the K-quants Q4_K, Q5_K and Q6_K (256 weights a block, with 6- or 8-bit sub-block scales) stay the file's
+bytes (a view of the mapping where no fusing or reordering copies them), read at 0.56-1.06 bytes per
+weight instead of 2. kernels/block_matmul.cpp multiplies them: the 32-weight formats with the same
+numbers as the bf16 kernel on the weights dequantized to bf16, the K-quants (at batch 1-4) by their exact
+weights in a factored form (faster). Embeddings stored so are dequantized row by
 row as tokens look them up. Without that kernel (CPUs lacking AVX-512 BF16) these tensors are
 dequantized at load.
 """
@@ -116,6 +118,8 @@ class PackedInt4:
 # GGUF block formats kept as the file's bytes: GGML type number (gguf.GGMLQuantizationType) -> (weights per
 # block, bytes per block). Numbers, so that models from HF folders need no gguf import.
 BLOCK_FORMATS = {
+    6: (32, 22),  # Q5_0: fp16 d, 32 fifth bits, 4-bit q[32]
+    7: (32, 24),  # Q5_1: as Q5_0, plus an fp16 minimum
     8: (32, 34),  # Q8_0: fp16 d, int8 q[32]
     12: (256, 144),  # Q4_K: fp16 d, fp16 dmin, 6-bit scales and mins, 4-bit q[256]
     13: (256, 176),  # Q5_K: as Q4_K, plus one more bit per weight
