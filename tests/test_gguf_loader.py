@@ -504,10 +504,10 @@ def test_truncated_file(keep, converted, tmp_path):
 
 
 def test_unsupported_tensor_type(checkpoints, tmp_path):
-    q5 = gguf.quants.quantize(np.ones((2, 64), dtype=np.float32), QType.Q5_0)
-    extra = [("blk.0.ffn_extra.weight", q5, QType.Q5_0)]
-    path = gw.write_gguf(checkpoints["llama"][1], tmp_path / "q5.gguf", extra_tensors=extra)
-    with pytest.raises(ValueError, match=r"'blk\.0\.ffn_extra\.weight'.*Q5_0"):
+    ternary = gguf.quants.quantize(np.ones((2, 256), dtype=np.float32), QType.TQ2_0)
+    extra = [("blk.0.ffn_extra.weight", ternary, QType.TQ2_0)]
+    path = gw.write_gguf(checkpoints["llama"][1], tmp_path / "tq2.gguf", extra_tensors=extra)
+    with pytest.raises(ValueError, match=r"'blk\.0\.ffn_extra\.weight'.*TQ2_0"):
         load_gguf(path)
 
 
