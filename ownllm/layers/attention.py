@@ -7,8 +7,8 @@ sliding window). Decode-only batches run as two padded batched matmuls; mixed pr
 batches run one SDPA call per sequence. In bfloat16, decode-only batches run instead as one call of
 the fused kernel (kernels/decode_ops.cpp), which reads the blocks in place and is tested against this.
 Attention math runs in float32 on the CPU (CPU SDPA is several times slower in bfloat16, and the cache
-reads are small next to the weights), in the model's dtype on a GPU. On a GPU only this reference path runs. Gathers use index_select: advanced
-indexing of a large bfloat16 pool takes a slow path in torch. Faster backends replace
+reads are small next to the weights), in the model's dtype on a GPU, where only this path runs.
+Gathers use index_select: advanced indexing of a large bfloat16 pool takes a slow path in torch. Faster backends replace
 `Attention.forward`'s body, keeping this signature, and are tested against it.
 """
 
@@ -58,7 +58,9 @@ class PagedKVCache:
         shape = (spec.num_layers, num_blocks, block_size, spec.num_kv_heads)
 
         def zeros(*dims: int) -> torch.Tensor:
-            return lazy_zeros(dims, dtype) if torch.device(device).type == "cpu" else torch.zeros(dims, dtype=dtype, device=device)
+            if torch.device(device).type == "cpu":
+                return lazy_zeros(dims, dtype)
+            return torch.zeros(dims, dtype=dtype, device=device)
 
         self.k = zeros(*shape, spec.head_dim)
         self.v = zeros(*shape, spec.v_head_dim) if spec.v_head_dim else None
@@ -154,7 +156,8 @@ class Attention(Module):
         offset = first_block * block_size
         keys = k_cache.index_select(0, blocks).flatten(0, 1)[: seq_len - offset]  # [S, num_kv_heads, head_dim]
         values = v_cache.index_select(0, blocks).flatten(0, 1)[: seq_len - offset]
-        mask = self._allowed(meta.positions[start:end, None], torch.arange(offset, seq_len, device=q.device)[None, :])  # [Q, S]
+        k_pos = torch.arange(offset, seq_len, device=q.device)[None, :]  # [1, S]
+        mask = self._allowed(meta.positions[start:end, None], k_pos)  # [Q, S]
         math = attention_dtype(q)
         out = F.scaled_dot_product_attention(
             q[start:end].transpose(0, 1).to(math), keys.transpose(0, 1).to(math), values.transpose(0, 1).to(math),
