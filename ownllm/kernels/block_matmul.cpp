@@ -45,6 +45,12 @@ inline __m512bh weights(__m512i q_lo, __m512i q_hi, __m512 scale_lo, __m512 scal
   return _mm512_cvtne2ps_pbh(hi, lo);
 }
 
+// The same with no offset, w = scale * q (subtracting +0 would change no bit, but costs two instructions).
+inline __m512bh weights(__m512i q_lo, __m512i q_hi, __m512 scale_lo, __m512 scale_hi) {
+  return _mm512_cvtne2ps_pbh(_mm512_mul_ps(_mm512_cvtepi32_ps(q_hi), scale_hi),
+                             _mm512_mul_ps(_mm512_cvtepi32_ps(q_lo), scale_lo));
+}
+
 // 32 16-bit lanes -> their first / last 16 as 32-bit lanes
 inline __m512i low16_u16(__m512i v) { return _mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)); }
 inline __m512i high16_u16(__m512i v) { return _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)); }
@@ -59,9 +65,9 @@ struct Q8_0 {
   static constexpr int64_t kWeights = 32, kBytes = 34;
   template <class F>
   static void chunks(const uint8_t* block, F f) {
-    const __m512 d = _mm512_set1_ps(fp16_at(block)), zero = _mm512_setzero_ps();
+    const __m512 d = _mm512_set1_ps(fp16_at(block));
     f(0, weights(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(block + 2))),
-                 _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(block + 18))), d, d, zero, zero));
+                 _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(block + 18))), d, d));
   }
 };
 
@@ -78,19 +84,18 @@ struct Q5_0or1 {
     uint32_t high;
     std::memcpy(&high, qh, sizeof(high));
     const __m512i nibbles = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(qh + 4)));  // q[0..15]
-    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i bits = _mm512_set1_epi32((int)high), one = _mm512_set1_epi32(1), mask = _mm512_set1_epi32(0x0F);
-    auto fifth = [&](__m512i shift) { return _mm512_slli_epi32(_mm512_and_si512(_mm512_srlv_epi32(bits, shift), one), 4); };
-    const __m512i lo = _mm512_or_si512(_mm512_and_si512(nibbles, mask), fifth(iota));
-    const __m512i hi = _mm512_or_si512(_mm512_srli_epi32(nibbles, 4), fifth(_mm512_add_epi32(iota, _mm512_set1_epi32(16))));
+    const __m512i low = _mm512_and_si512(nibbles, _mm512_set1_epi32(0x0F)), high_nibbles = _mm512_srli_epi32(nibbles, 4);
+    // the fifth bit, 16, where qh has it: Q5_1's codes q, Q5_0's q - 16 (so 16 is added, or 16 taken off)
+    const __m512i sixteen = _mm512_set1_epi32(16);
+    const __mmask16 lo_bits = (__mmask16)high, hi_bits = (__mmask16)(high >> 16);
     const __m512 d = _mm512_set1_ps(fp16_at(block));
     if (kMin) {  // d * q + m, as (d * q) - (-m)
       const __m512 neg_m = _mm512_set1_ps(-fp16_at(block + 2));
-      return f(0, weights(lo, hi, d, d, neg_m, neg_m));
+      return f(0, weights(_mm512_mask_or_epi32(low, lo_bits, low, sixteen),
+                          _mm512_mask_or_epi32(high_nibbles, hi_bits, high_nibbles, sixteen), d, d, neg_m, neg_m));
     }
-    const __m512i bias = _mm512_set1_epi32(16);
-    const __m512 zero = _mm512_setzero_ps();
-    f(0, weights(_mm512_sub_epi32(lo, bias), _mm512_sub_epi32(hi, bias), d, d, zero, zero));
+    f(0, weights(_mm512_mask_sub_epi32(low, (__mmask16)~lo_bits, low, sixteen),
+                 _mm512_mask_sub_epi32(high_nibbles, (__mmask16)~hi_bits, high_nibbles, sixteen), d, d));
   }
 };
 
@@ -198,11 +203,11 @@ struct Q6_K {
 
   template <class F>
   static void chunks(const uint8_t* block, F f) {
-    const __m512 scaled = scales(block), zero = _mm512_setzero_ps();
+    const __m512 scaled = scales(block);
     const __m512i bias = _mm512_set1_epi32(32);
     code_values(block, [&](int c, __m512i q, __m512i pair) {
       f(c, weights(_mm512_sub_epi32(low16_u16(q), bias), _mm512_sub_epi32(high16_u16(q), bias),
-                   lane(scaled, 2 * c), lane(scaled, 2 * c + 1), zero, zero));
+                   lane(scaled, 2 * c), lane(scaled, 2 * c + 1)));
     });
   }
 
