@@ -271,14 +271,15 @@ def _raw_blocks(kind: QType, rows: int, cols: int, rng: np.random.Generator) -> 
 
     offsets = {  # where each block keeps its fp16 scale (and min)
         QType.Q4_0: (0,), QType.Q8_0: (0,), QType.Q4_1: (0, 2), QType.Q5_0: (0,), QType.Q5_1: (0, 2),
-        QType.Q4_K: (0, 2), QType.Q5_K: (0, 2), QType.Q6_K: (208,),
+        QType.Q2_K: (80, 82), QType.Q3_K: (108,), QType.Q4_K: (0, 2), QType.Q5_K: (0, 2), QType.Q6_K: (208,),
     }
     for offset in offsets[kind]:
         data[:, offset : offset + 2] = f16()
     return data.reshape(rows, cols // block * size)
 
 
-QUANT_TYPES = [QType.Q4_0, QType.Q4_1, QType.Q8_0, QType.Q4_K, QType.Q5_K, QType.Q6_K]  # transformers reads these
+QUANT_TYPES = [QType.Q4_0, QType.Q4_1, QType.Q8_0, QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K,
+               QType.Q6_K]  # transformers reads these
 
 
 def test_dequantize_matches_transformers(tmp_path):

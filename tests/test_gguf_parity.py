@@ -13,7 +13,8 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # transformers' from_pretrained(gguf_file=...) needs it
 
 CASES = [("LlamaForCausalLM", "F32"), ("LlamaForCausalLM", "F16"), ("LlamaForCausalLM", "Q8_0"),
-         ("Qwen2ForCausalLM", "Q8_0"), ("LlamaForCausalLM", "Q4_K_M"), ("Qwen2ForCausalLM", "Q5_K_M")]
+         ("Qwen2ForCausalLM", "Q8_0"), ("LlamaForCausalLM", "Q4_K_M"), ("Qwen2ForCausalLM", "Q5_K_M"),
+         ("LlamaForCausalLM", "Q3_K_M")]
 
 
 def tiny_gguf(folder, arch: str, qtype: str, **overrides):

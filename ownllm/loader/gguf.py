@@ -8,8 +8,8 @@ permutation of `llama`-architecture models). The tokenizer is rebuilt by `gguf_t
 
 Supported: `general.architecture` llama (also Mistral, whose GGUFs say "llama", and Mixtral: "llama" with
 `llama.expert_count`), qwen2, qwen3, qwen3moe and llama4 (text); tensor types F32, F16, BF16, Q8_0, Q4_0, Q4_1,
-Q5_0, Q5_1, Q4_K, Q5_K and Q6_K (the last three mixes, as Q4_K_M, fall back to Q5_0 / Q8_0 where rows are not
-multiples of 256). MoE files store each layer's experts as 3-D tensors (`blk.N.ffn_gate_exps` ...); each
+Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K (the K-quant mixes, as Q4_K_M, fall back to Q5_0 / Q8_0 where rows
+are not multiples of 256). Q2_K and Q3_K are always dequantized at load; the others may stay quantized. MoE files store each layer's experts as 3-D tensors (`blk.N.ffn_gate_exps` ...); each
 expert's slice becomes its HF per-expert tensor (a view, not a copy), and settings llama.cpp hard-codes for Llama 4 are written into the config.
 
 Default compute dtype (`dtype=None`): a file whose weight matrices are all F16 (or all BF16) loads
@@ -52,7 +52,7 @@ PERMUTED_ARCHITECTURES = frozenset({"llama"})
 
 SUPPORTED_TYPES = (
     QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1,
-    QType.Q4_K, QType.Q5_K, QType.Q6_K,
+    QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K,
 )
 _FLOAT_DTYPES = {QType.F16: torch.float16, QType.BF16: torch.bfloat16}
 
