@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType
@@ -28,9 +29,10 @@ sys.path.insert(0, str(ROOT))
 from bench.bundled_decode import write_section  # noqa: E402
 from ownllm.layers.linear import gemv_kernel  # noqa: E402
 from ownllm.layers.quant import BLOCK_FORMATS, BlockWeight  # noqa: E402
+from tests.gguf_writer import random_quant_blocks  # noqa: E402
 
 SHAPES = [(8192, 2048), (2048, 8192), (3072, 2048)]  # (out, in)
-FORMATS = {"Q8_0": (0,), "Q4_K": (0, 2), "Q6_K": (208,)}  # -> byte offsets of the fp16 scales in a block
+FORMATS = ("Q8_0", "Q4_K", "Q6_K")
 
 
 def bytes_per_weight(name: str) -> float:
@@ -40,15 +42,10 @@ def bytes_per_weight(name: str) -> float:
     return nbytes / weights
 
 
-def random_blocks(qtype: str, out_features: int, in_features: int) -> BlockWeight:
+def random_blocks(qtype: str, out_features: int, in_features: int, rng: np.random.Generator) -> BlockWeight:
     """Random codes with small fp16 scales, laid out as GGUF's blocks of `qtype`."""
     kind = GGMLQuantizationType[qtype]
-    weights, nbytes = BLOCK_FORMATS[kind]
-    blocks = torch.randint(0, 256, (out_features, in_features // weights, nbytes), dtype=torch.uint8)
-    for offset in FORMATS[qtype]:
-        scales = (torch.rand(out_features, in_features // weights, 1) / 64).half().view(torch.uint8)
-        blocks[..., offset:offset + 2] = scales
-    return BlockWeight(blocks.reshape(out_features, -1), kind)
+    return BlockWeight(torch.from_numpy(random_quant_blocks(kind, out_features, in_features, rng)), kind)
 
 
 def per_call_ms(fn, weights: list[torch.Tensor]) -> float:
@@ -68,6 +65,7 @@ def main() -> None:
     if kernel is None:
         sys.exit("the bf16 kernel cannot run on this CPU (it needs AVX-512 BF16)")
     rows = [int(r) for r in args.rows.split(",")]
+    rng = np.random.default_rng(0)
     lines = ["| weights (out x in) | rows | oneDNN bf16 ms | bf16 kernel | " + " | ".join(FORMATS) + " |",
              "|---|---|---|---|" + "---|" * len(FORMATS)]
     for out_features, in_features in SHAPES:
@@ -77,7 +75,7 @@ def main() -> None:
         weights = {"onednn": [torch.randn(out_features, in_features).bfloat16() for _ in range(copies("bf16"))]}
         weights["kernel"] = weights["onednn"]
         for qtype in FORMATS:
-            weights[qtype] = [random_blocks(qtype, out_features, in_features) for _ in range(copies(qtype))]
+            weights[qtype] = [random_blocks(qtype, out_features, in_features, rng) for _ in range(copies(qtype))]
         for m in rows:
             x = torch.randn(m, in_features).bfloat16()
             tools = {"onednn": lambda w: F.linear(x, w), "kernel": lambda w: kernel.gemv_bf16(x, w, None),

@@ -405,6 +405,21 @@ def write_gguf(
     return path
 
 
+def random_quant_blocks(kind: QType, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Random bytes for `rows` x `cols` values of a quantized type, with small finite fp16 scales (and mins):
+    [rows, cols / block * block bytes] uint8, as GGUF lays them out (any such bytes are valid blocks)."""
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    n = rows * cols // block
+    data = rng.integers(0, 256, size=(n, size), dtype=np.uint8)
+    offsets = {  # where each block keeps its fp16 scale (and min)
+        QType.Q4_0: (0,), QType.Q8_0: (0,), QType.Q4_1: (0, 2), QType.Q5_0: (0,), QType.Q5_1: (0, 2),
+        QType.Q2_K: (80, 82), QType.Q3_K: (108,), QType.Q4_K: (0, 2), QType.Q5_K: (0, 2), QType.Q6_K: (208,),
+    }
+    for offset in offsets[kind]:
+        data[:, offset : offset + 2] = (rng.standard_normal(n) * 0.01).astype(np.float16).view(np.uint8).reshape(n, 2)
+    return data.reshape(rows, cols // block * size)
+
+
 def quantize_with_llama_cpp(source: str | os.PathLike, path: str | os.PathLike, ftype: str) -> Path:
     """llama.cpp's own quantizer (llama-quantize, through llama-cpp-python) on an F32/F16 GGUF: `ftype` is a
     llama_ftype name such as "Q4_K_M" (Q4_K with Q6_K for some tensors, as users download them)."""

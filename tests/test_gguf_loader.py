@@ -260,24 +260,6 @@ def test_explicit_dtype(loaded):
     assert {t.dtype for t in ck.tensors.values()} == {torch.bfloat16}
 
 
-def _raw_blocks(kind: QType, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
-    """Random bytes for `rows` x `cols` values of a quantized type, with finite fp16 scales."""
-    block, size = gguf.GGML_QUANT_SIZES[kind]
-    n = rows * cols // block
-    data = rng.integers(0, 256, size=(n, size), dtype=np.uint8)
-
-    def f16():
-        return (rng.standard_normal(n) * 0.01).astype(np.float16).view(np.uint8).reshape(n, 2)
-
-    offsets = {  # where each block keeps its fp16 scale (and min)
-        QType.Q4_0: (0,), QType.Q8_0: (0,), QType.Q4_1: (0, 2), QType.Q5_0: (0,), QType.Q5_1: (0, 2),
-        QType.Q2_K: (80, 82), QType.Q3_K: (108,), QType.Q4_K: (0, 2), QType.Q5_K: (0, 2), QType.Q6_K: (208,),
-    }
-    for offset in offsets[kind]:
-        data[:, offset : offset + 2] = f16()
-    return data.reshape(rows, cols // block * size)
-
-
 QUANT_TYPES = [QType.Q4_0, QType.Q4_1, QType.Q8_0, QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K,
                QType.Q6_K]  # transformers reads these
 
@@ -287,7 +269,7 @@ def test_dequantize_matches_transformers(tmp_path):
     from transformers.integrations.gguf.dequant import dequantize as hf_dequantize
 
     rng = np.random.default_rng(0)
-    raw = {kind: _raw_blocks(kind, 6, 512, rng) for kind in QUANT_TYPES}
+    raw = {kind: gw.random_quant_blocks(kind, 6, 512, rng) for kind in QUANT_TYPES}
     path = gw.write_raw_tensors(tmp_path / "quants.gguf", [(f"{k.name}.weight", d, k) for k, d in raw.items()])
     reader = open_gguf(str(path))
     for tensor in reader.tensors:

@@ -163,22 +163,15 @@ BLOCK_TYPES = ["Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
 
 
 def random_blocks(qtype: str, rows: int, cols: int, seed: int = 0):
-    """Random GGUF blocks of `qtype` (any bytes, with small finite fp16 scales) -> (raw blocks [rows, cols / W * B],
-    gguf-py's dequantization of them, float32 [rows, cols])."""
+    """Random GGUF blocks of `qtype` -> (raw blocks [rows, cols / W * B], gguf-py's dequantization of them,
+    float32 [rows, cols])."""
     import gguf
     import numpy as np
 
-    from ownllm.layers.quant import BLOCK_FORMATS
+    from tests.gguf_writer import random_quant_blocks
 
     kind = gguf.GGMLQuantizationType[qtype]
-    weights, nbytes = BLOCK_FORMATS[kind]
-    scale_offsets = {"Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}[qtype]
-    rng = np.random.default_rng(seed)
-    raw = rng.integers(0, 256, (rows, cols // weights, nbytes), dtype=np.uint8)
-    for offset in scale_offsets:
-        scales = rng.uniform(-0.05, 0.05, (rows, cols // weights)).astype(np.float16)
-        raw[..., offset:offset + 2] = scales.view(np.uint8).reshape(rows, cols // weights, 2)
-    blocks = raw.reshape(rows, -1)
+    blocks = random_quant_blocks(kind, rows, cols, np.random.default_rng(seed))
     return blocks, torch.from_numpy(gguf.quants.dequantize(blocks, kind)).reshape(rows, cols)
 
 

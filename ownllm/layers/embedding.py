@@ -2,8 +2,9 @@
 
 Every weight comes from the checkpoint, and nn.Embedding's normal_ init on the meta device costs 0.8 s
 the first time (torch imports its Python decompositions for it), a sixth of the 1B shape's start-up.
-A GGUF embedding in Q8_0 or a K-quant may instead stay quantized (layers/quant.py): each lookup dequantizes only the
-rows it needs, so the table is held once, at half the bytes, even when a tied lm_head multiplies by it.
+A GGUF embedding in one of the block formats (layers/quant.py BlockWeight) may instead stay quantized:
+each lookup dequantizes only the rows it needs, so the table is held once, at its file size, even when a
+tied lm_head multiplies by it.
 """
 
 from __future__ import annotations

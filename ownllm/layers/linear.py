@@ -4,7 +4,7 @@ Decode multiplies a few activation rows by each weight, which is bound by memory
 bfloat16 weights and up to 32 rows the AVX-512 BF16 kernel (kernels/gemv_bf16.cpp) streams each
 weight row once, and gives each row the same numbers in any batch of up to 32 rows. Larger batches
 (prefill, or decodes beside a prompt chunk) go to torch (oneDNN), which is faster there and rounds differently.
-A Linear may instead hold 4-bit or 8-bit weights (layers/quant.py), kept quantized from a GGUF file.
+A Linear may instead hold a GGUF file's quantized weights as they are kept (layers/quant.py).
 """
 
 from __future__ import annotations

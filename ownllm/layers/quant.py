@@ -14,9 +14,8 @@ the K-quants Q4_K, Q5_K and Q6_K (256 weights a block, with 6- or 8-bit sub-bloc
 bytes (a view of the mapping where no fusing or reordering copies them), read at 0.56-1.06 bytes per
 weight instead of 2. kernels/block_matmul.cpp multiplies them: the 32-weight formats with the same
 numbers as the bf16 kernel on the weights dequantized to bf16, the K-quants (at batch 1-4) by their exact
-weights in a factored form (faster). Embeddings stored so are dequantized row by
-row as tokens look them up. Without that kernel (CPUs lacking AVX-512 BF16) these tensors are
-dequantized at load.
+weights in a factored form (faster). Embeddings stored so are dequantized row by row as tokens look
+them up. Without that kernel (CPUs lacking AVX-512 BF16) these tensors are dequantized at load.
 """
 
 from __future__ import annotations

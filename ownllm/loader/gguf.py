@@ -9,8 +9,10 @@ permutation of `llama`-architecture models). The tokenizer is rebuilt by `gguf_t
 Supported: `general.architecture` llama (also Mistral, whose GGUFs say "llama", and Mixtral: "llama" with
 `llama.expert_count`), qwen2, qwen3, qwen3moe and llama4 (text); tensor types F32, F16, BF16, Q8_0, Q4_0, Q4_1,
 Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K (the K-quant mixes, as Q4_K_M, fall back to Q5_0 / Q8_0 where rows
-are not multiples of 256). Q2_K and Q3_K are always dequantized at load; the others may stay quantized. MoE files store each layer's experts as 3-D tensors (`blk.N.ffn_gate_exps` ...); each
-expert's slice becomes its HF per-expert tensor (a view, not a copy), and settings llama.cpp hard-codes for Llama 4 are written into the config.
+are not multiples of 256). Q2_K and Q3_K are always dequantized at load; the others may stay quantized.
+MoE files store each layer's experts as 3-D tensors (`blk.N.ffn_gate_exps` ...); each expert's slice
+becomes its HF per-expert tensor (a view, not a copy), and settings llama.cpp hard-codes for Llama 4 are
+written into the config.
 
 Default compute dtype (`dtype=None`): a file whose weight matrices are all F16 (or all BF16) loads
 in that dtype; every other file (F32 or any quantized type) loads in float32 -- dequantized values
@@ -117,8 +119,7 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None, keep_qu
     """Read a GGUF file into HF-named tensors of `dtype` (None: see the module docstring's rule).
     keep_quantized: Q4_0 / Q4_1 matrices (other than the embedding) stay 4-bit, as layers.quant.Int4Weight,
     and Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K ones (the embedding too) stay the file's blocks, as
-    layers.quant.BlockWeight;
-    so do MoE experts, one such weight per expert.
+    layers.quant.BlockWeight; so do MoE experts, one such weight per expert.
     reader: the file's open_gguf() reader, when the caller has parsed it already."""
     path = os.fspath(path)
     reader = reader or open_gguf(path)
@@ -156,26 +157,35 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None, keep_qu
     )
 
 
+def _is_kept(kind: QType) -> bool:
+    return kind in _INT4_TYPES or kind in BLOCK_FORMATS
+
+
+def _quantized(blocks: np.ndarray, shape: tuple[int, int], kind: QType) -> Int4Weight | BlockWeight:
+    """blocks [out, bytes per row] of a kept type -> the weight its kernel multiplies."""
+    if kind in _INT4_TYPES:
+        return Int4Weight.from_gguf_blocks(blocks, shape, kind == QType.Q4_1)
+    return BlockWeight.from_gguf_blocks(blocks, shape, kind)
+
+
 def _kept_quantized(tensor: gguf.ReaderTensor) -> Int4Weight | BlockWeight | None:
-    """The matrix as the quantized kernels multiply it (Q4_0 / Q4_1 other than the embedding; Q8_0 and
-    K-quants), else None."""
-    if tensor.tensor_type in _INT4_TYPES and tensor.name != "token_embd.weight":
-        return Int4Weight.from_gguf_blocks(tensor.data, _hf_shape(tensor), tensor.tensor_type == QType.Q4_1)
-    if tensor.tensor_type in BLOCK_FORMATS and len(tensor.shape) == 2:
-        return BlockWeight.from_gguf_blocks(tensor.data, _hf_shape(tensor), tensor.tensor_type)
-    return None
+    """The matrix as the quantized kernels multiply it (Q4_0 / Q4_1 other than the embedding; the
+    BLOCK_FORMATS), else None."""
+    if len(tensor.shape) != 2 or not _is_kept(tensor.tensor_type):
+        return None
+    if tensor.tensor_type in _INT4_TYPES and tensor.name == "token_embd.weight":
+        return None
+    return _quantized(tensor.data, _hf_shape(tensor), tensor.tensor_type)
 
 
 def _kept_quantized_experts(tensor: gguf.ReaderTensor) -> list[Int4Weight | BlockWeight] | None:
     """A 3-D expert tensor [E, out, in] as the quantized kernels multiply it, one weight per expert (views of
-    the file's blocks for Q8_0 and K-quants), else None."""
-    if tensor.tensor_type not in _INT4_TYPES and tensor.tensor_type not in BLOCK_FORMATS:
+    the file's blocks for the BLOCK_FORMATS), else None."""
+    if not _is_kept(tensor.tensor_type):
         return None
     experts, rows, cols = _hf_shape(tensor)
     data = tensor.data.reshape(experts, rows, -1)  # [E, out, bytes per row]
-    if tensor.tensor_type in _INT4_TYPES:
-        return [Int4Weight.from_gguf_blocks(data[e], (rows, cols), tensor.tensor_type == QType.Q4_1) for e in range(experts)]
-    return [BlockWeight.from_gguf_blocks(data[e], (rows, cols), tensor.tensor_type) for e in range(experts)]
+    return [_quantized(data[e], (rows, cols), tensor.tensor_type) for e in range(experts)]
 
 
 # --- reading -------------------------------------------------------------------------------------
