@@ -177,12 +177,13 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
 // sequence gets the same numbers in any batch; a context of up to kSplitTokens is one split, merged as is.
 constexpr int64_t kSplitTokens = 64;
 
-torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor k_cache,
-                                     torch::Tensor v_cache, torch::Tensor slots, torch::Tensor positions,
-                                     torch::Tensor block_tables, double scale, int64_t window, int64_t chunk) {
-  for (auto* t : {&q, &k, &v, &k_cache, &v_cache}) check_bf16(*t, "q, k, v and the caches");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "the caches must be contiguous");
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(2), block_size = k_cache.size(1);
+// kD: the head size the loops are compiled for (their trip counts known, accumulators in registers), or 0
+// for any (q.size(2)).
+template <int64_t kD>
+torch::Tensor paged_decode_attention_d(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor k_cache,
+                                       torch::Tensor v_cache, torch::Tensor slots, torch::Tensor positions,
+                                       torch::Tensor block_tables, double scale, int64_t window, int64_t chunk) {
+  const int64_t B = q.size(0), H = q.size(1), D = kD ? kD : q.size(2), KVH = k_cache.size(2), block_size = k_cache.size(1);
   TORCH_CHECK(k.size(0) == B && k.size(1) == KVH && k.size(2) == D && k_cache.size(3) == D && H % KVH == 0,
               "shapes: q [B, H, D], k and v [B, KVH, D], caches [blocks, block_size, KVH, D]");
   TORCH_CHECK(D <= 512, "head_dim <= 512");
@@ -313,6 +314,18 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k, torch::Te
     }
   });
   return out;
+}
+
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor k_cache,
+                                     torch::Tensor v_cache, torch::Tensor slots, torch::Tensor positions,
+                                     torch::Tensor block_tables, double scale, int64_t window, int64_t chunk) {
+  for (auto* t : {&q, &k, &v, &k_cache, &v_cache}) check_bf16(*t, "q, k, v and the caches");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "the caches must be contiguous");
+  TORCH_CHECK(q.dim() == 3, "q: [B, H, D]");
+  auto attend = paged_decode_attention_d<0>;
+  if (q.size(2) == 64) attend = paged_decode_attention_d<64>;
+  if (q.size(2) == 128) attend = paged_decode_attention_d<128>;
+  return attend(q, k, v, k_cache, v_cache, slots, positions, block_tables, scale, window, chunk);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
