@@ -58,6 +58,7 @@ def timed(tokens) -> tuple[float, float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length: the context decode starts from")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", help="comma-separated substrings of the pair labels to run, e.g. Q4_K_M")
@@ -77,7 +78,7 @@ def main() -> None:
         if not any(w in label for w in wanted):
             continue
         ours = LLM(ours_path, **({"dtype": dtype} if dtype else {}), enable_prefix_caching=False)
-        theirs = Llama(gguf, n_threads=args.threads, n_ctx=1024, n_batch=512, verbose=False)
+        theirs = Llama(gguf, n_threads=args.threads, n_ctx=args.prompt_tokens + new + 64, n_batch=512, verbose=False)
         params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
 
         def run_ours(prompt):
@@ -97,7 +98,7 @@ def main() -> None:
         results: dict[str, list[tuple[float, float]]] = {"ownllm": [], "llama.cpp": []}
         for _ in range(args.repeats):
             for name, run in (("ownllm", run_ours), ("llama.cpp", run_theirs)):
-                prompt = [rng.randrange(100, vocab) for _ in range(128)]
+                prompt = [rng.randrange(100, vocab) for _ in range(args.prompt_tokens)]
                 start, first, end = run(prompt)
                 results[name].append((len(prompt) / (first - start), (new - 1) / (end - first)))
         med = {name: [statistics.median(r[i] for r in runs[1:]) for i in (0, 1)] for name, runs in results.items()}
@@ -110,7 +111,8 @@ def main() -> None:
     if args.table_only:
         args.table_only.write_text("\n".join(lines[2:]) + "\n")  # the rows, without the header
         return
-    body = (f"Command: `python bench/side_by_side.py --new-tokens {new} --repeats {args.repeats} --threads {args.threads}`; "
+    body = (f"Command: `python bench/side_by_side.py --new-tokens {new} --prompt-tokens {args.prompt_tokens} --repeats {args.repeats} "
+            f"--threads {args.threads}`; "
             f"{args.threads} threads each, the tools alternating run by run in one process (median of the runs after the "
             "first). The harness table above measures each tool in its own process, one after another.\n\n"
             + "\n".join(lines) + "\n")

@@ -81,3 +81,8 @@ def bf16_kernels(name: str):
 def decode_ops(x: torch.Tensor):
     """The fused decode ops (kernels/decode_ops.cpp) when they apply to `x` (bf16, on the CPU), else None."""
     return bf16_kernels("decode_ops") if x.dtype == torch.bfloat16 and x.is_cpu else None
+
+
+def prefill_attention_kernel(x: torch.Tensor):
+    """The bf16 attention of many queries (kernels/prefill_attention.cpp) when it applies to `x`, else None."""
+    return bf16_kernels("prefill_attention") if x.dtype == torch.bfloat16 and x.is_cpu else None

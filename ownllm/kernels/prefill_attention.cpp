@@ -1,0 +1,184 @@
+// Causal attention of one sequence's new tokens (a prompt or a chunk of it) over its keys: bf16 in,
+// float32 math, bf16 out. The many-query counterpart of paged_decode_attention (decode_ops.cpp).
+//
+// torch's CPU SDPA computes in float32 here (its bf16 path converts and is slower without AMX), ~50 GFLOP/s:
+// two thirds of a 2048-token prefill of the SmolLM2 shape went to attention. Here the scores are vdpbf16ps
+// dot products (exact bf16 products, float32 sums), the keys packed once per call in blocks of 16 with
+// dimension pairs interleaved, the instruction's operand layout; softmax and the weighted sum of the values
+// are float32, as the reference computes them. Each query's keys are one contiguous range (causal, and a
+// sliding window or an attention chunk's start as the lower end), so masks are bounds.
+//
+// Work items are (kv head, block of query positions): the rows of an item are its positions times the
+// query heads of the kv head's group, which share its keys. An item keeps its rows' scores whole (two passes
+// over exact row maxima, no online rescaling): rows x keys float32, within L2 for a few thousand keys.
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "simd_exp.h"
+
+namespace {
+
+using bf16 = at::BFloat16;
+constexpr int64_t kKeyBlock = 16;      // keys per packed block: one score vector
+constexpr int64_t kRowsPerItem = 32;   // query rows (positions x group heads) per work item, about
+constexpr int64_t kScoreRows = 8;      // rows whose scores one pass over a key block computes
+
+inline __m512 widen(const bf16* p) {  // 16 bf16 -> float32
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// kChunks: D / 16 as compiled (accumulators in registers), or 0 for any D (a multiple of 16, <= 256).
+template <int64_t kChunks>
+void attend(const bf16* q, int64_t ldq, const bf16* keys, const bf16* values, int64_t S, int64_t KVH,
+            const int64_t* pos, int64_t T, int64_t H, int64_t runtime_d, int64_t key_start, float scale,
+            int64_t window, int64_t chunk, bf16* out) {
+  const int64_t D = kChunks ? kChunks * 16 : runtime_d, chunks = D / 16, pairs = D / 2, group = H / KVH;
+  const int64_t blocks = (S + kKeyBlock - 1) / kKeyBlock;
+  // keys, packed: [KVH, blocks, pairs, 16] pairs of bf16 (as uint32), zeros past S
+  std::vector<uint32_t> packed(KVH * blocks * pairs * kKeyBlock, 0);
+  at::parallel_for(0, KVH * blocks, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t h = i / blocks, blk = i % blocks;
+      uint32_t* dst = packed.data() + i * pairs * kKeyBlock;
+      for (int64_t j = 0; j < kKeyBlock && blk * kKeyBlock + j < S; ++j) {
+        const uint32_t* key = (const uint32_t*)(keys + ((blk * kKeyBlock + j) * KVH + h) * D);
+        for (int64_t p = 0; p < pairs; ++p) dst[p * kKeyBlock + j] = key[p];
+      }
+    }
+  });
+  // key index range [lo, hi] of query t
+  const auto range = [&](int64_t t, int64_t& lo, int64_t& hi) {
+    const int64_t p = pos[t];
+    int64_t first = 0;
+    if (window > 0) first = std::max<int64_t>(first, p - window + 1);
+    if (chunk > 0) first = std::max<int64_t>(first, p - p % chunk);
+    lo = std::max<int64_t>(0, first - key_start);
+    hi = p - key_start;
+  };
+  const int64_t positions_per_item = std::max<int64_t>(1, kRowsPerItem / group);
+  const int64_t position_blocks = (T + positions_per_item - 1) / positions_per_item;
+  // items in the order 0, last, 1, last - 1, ...: the threads' contiguous shares of them cost alike
+  const auto item_block = [&](int64_t i) { return i % 2 ? position_blocks - 1 - i / 2 : i / 2; };
+  at::parallel_for(0, KVH * position_blocks, 1, [&](int64_t i0, int64_t i1) {
+    const int64_t max_rows = (positions_per_item * group + kScoreRows - 1) / kScoreRows * kScoreRows;
+    std::vector<uint32_t> qrows(max_rows * pairs);                   // the item's query rows, zero-padded
+    std::vector<float> scores(max_rows * (blocks * kKeyBlock + kKeyBlock));  // [rows, width]
+    std::vector<float> inv_sum(max_rows);
+    std::vector<int64_t> lo(max_rows), hi(max_rows);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t h = i / position_blocks, t0 = item_block(i % position_blocks) * positions_per_item;
+      const int64_t t1 = std::min(T, t0 + positions_per_item), rows = (t1 - t0) * group;
+      const int64_t padded = (rows + kScoreRows - 1) / kScoreRows * kScoreRows;
+      std::fill(qrows.begin(), qrows.end(), 0u);
+      int64_t first = S, last = 0;  // the union of the rows' ranges
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t t = t0 + r / group, head = h * group + r % group;
+        std::memcpy(qrows.data() + r * pairs, q + t * ldq + head * D, D * sizeof(bf16));
+        range(t, lo[r], hi[r]);
+        first = std::min(first, lo[r]);
+        last = std::max(last, hi[r]);
+      }
+      const int64_t blk0 = first / kKeyBlock, blk1 = last / kKeyBlock, base = blk0 * kKeyBlock;
+      const int64_t width = (blk1 - blk0 + 1) * kKeyBlock;
+      // scores [rows, width]: keys base.. of each row, scaled
+      for (int64_t blk = blk0; blk <= blk1; ++blk) {
+        const uint32_t* kb = packed.data() + (h * blocks + blk) * pairs * kKeyBlock;
+        for (int64_t r0 = 0; r0 < padded; r0 += kScoreRows) {
+          __m512 acc[kScoreRows];
+          for (int r = 0; r < kScoreRows; ++r) acc[r] = _mm512_setzero_ps();
+          const uint32_t* qr = qrows.data() + r0 * pairs;
+          for (int64_t p = 0; p < pairs; ++p) {
+            const __m512bh kv = (__m512bh)_mm512_loadu_si512(kb + p * kKeyBlock);
+#pragma GCC unroll 8
+            for (int r = 0; r < kScoreRows; ++r)
+              acc[r] = _mm512_dpbf16_ps(acc[r], kv, (__m512bh)_mm512_set1_epi32((int)qr[r * pairs + p]));
+          }
+          for (int r = 0; r < kScoreRows; ++r)
+            _mm512_storeu_ps(scores.data() + (r0 + r) * width + (blk - blk0) * kKeyBlock,
+                             _mm512_mul_ps(acc[r], _mm512_set1_ps(scale)));
+        }
+      }
+      // softmax numerators in place, zero outside each row's range
+      for (int64_t r = 0; r < rows; ++r) {
+        float* row = scores.data() + r * width;
+        const int64_t a = lo[r] - base, b = hi[r] - base + 1;
+        float max_score = -INFINITY;
+        for (int64_t j = a; j < b; ++j) max_score = std::max(max_score, row[j]);
+        __m512 total = _mm512_setzero_ps();
+        for (int64_t j = 0; j < width; j += 16) {
+          const __m512i lane = _mm512_add_epi32(_mm512_set1_epi32((int)j), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+          const __mmask16 inside = _mm512_cmpge_epi32_mask(lane, _mm512_set1_epi32((int)a)) &
+                                   _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32((int)b));
+          const __m512 e = _mm512_maskz_mov_ps(inside, exp512(_mm512_sub_ps(_mm512_loadu_ps(row + j), _mm512_set1_ps(max_score))));
+          _mm512_storeu_ps(row + j, e);
+          total = _mm512_add_ps(total, e);
+        }
+        inv_sum[r] = 1.f / _mm512_reduce_add_ps(total);
+      }
+      // out = numerators . values / sum, kRows rows at a time (their accumulators in registers)
+      constexpr int64_t kRows = kChunks ? std::max<int64_t>(1, 16 / kChunks) : 1;
+      const int64_t end = last - base + 1;
+      for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+        const int64_t n = std::min(kRows, rows - r0);
+        __m512 acc[kRows][kChunks ? kChunks : 16];
+        for (int64_t r = 0; r < kRows; ++r)
+          for (int64_t c = 0; c < chunks; ++c) acc[r][c] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < end; ++j) {
+          const bf16* value = values + ((base + j) * KVH + h) * D;
+          __m512 v[kChunks ? kChunks : 16];
+          for (int64_t c = 0; c < chunks; ++c) v[c] = widen(value + 16 * c);
+          for (int64_t r = 0; r < n; ++r) {
+            const __m512 weight = _mm512_set1_ps(scores[(r0 + r) * width + j]);
+            for (int64_t c = 0; c < chunks; ++c) acc[r][c] = _mm512_fmadd_ps(weight, v[c], acc[r][c]);
+          }
+        }
+        for (int64_t r = 0; r < n; ++r) {
+          const int64_t row = r0 + r, t = t0 + row / group, head = h * group + row % group;
+          bf16* dst = out + (t * H + head) * D;
+          for (int64_t c = 0; c < chunks; ++c)
+            _mm256_storeu_si256((__m256i*)(dst + 16 * c),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][c], _mm512_set1_ps(inv_sum[row]))));
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// q: [T, H, D] bf16 (rows may be strided); keys, values: [S, KVH, D] bf16, contiguous, key j at position
+// key_start + j; positions: [T] the queries' positions. A query at p attends keys p' <= p, and p' > p - window
+// (window > 0) and p' >= p - p % chunk (chunk > 0); its own key must be among them. -> [T, H * D] bf16.
+torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor keys, torch::Tensor values, torch::Tensor positions,
+                                int64_t key_start, double scale, int64_t window, int64_t chunk) {
+  for (auto* t : {&q, &keys, &values})
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->device().is_cpu() && t->dim() == 3, "q, keys, values: 3-D bf16 on the CPU");
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), S = keys.size(0), KVH = keys.size(1);
+  TORCH_CHECK(D % 16 == 0 && D <= 256, "head_dim: a multiple of 16, at most 256");
+  TORCH_CHECK(keys.sizes() == values.sizes() && keys.size(2) == D && H % KVH == 0, "keys and values: [S, KVH, D]");
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == D, "q: each position's heads contiguous");
+  keys = keys.contiguous();
+  values = values.contiguous();
+  positions = positions.to(at::kLong).contiguous();
+  TORCH_CHECK(positions.numel() == T, "positions: [T]");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(pos[t] >= key_start && pos[t] < key_start + S, "query position ", pos[t], " has no key");
+  auto out = torch::empty({T, H * D}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  auto run = attend<0>;
+  if (D == 64) run = attend<4>;
+  if (D == 128) run = attend<8>;
+  run(q.data_ptr<bf16>(), q.stride(0), keys.data_ptr<bf16>(), values.data_ptr<bf16>(), S, KVH, pos, T, H, D,
+      key_start, (float)scale, window, chunk, out.data_ptr<bf16>());
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("prefill_attention", &prefill_attention, "causal attention of a sequence's new tokens over its keys, bf16");
+}

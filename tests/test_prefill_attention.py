@@ -1,0 +1,85 @@
+"""The bf16 many-query attention kernel (kernels/prefill_attention.cpp) against the float32 SDPA path it
+replaces, in mixed batches of prompts, prompt chunks after cached prefixes, and single decodes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ownllm.layers.attention as attention_module
+from ownllm.kernels.build import cpu_has_bf16, prefill_attention_kernel
+from ownllm.layers.attention import Attention, AttentionMetadata, KVCacheSpec, PagedKVCache
+from tests.test_decode_ops import assert_rounded_alike
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    if not cpu_has_bf16():
+        pytest.skip("the bf16 kernels cannot run on this CPU")
+    module = prefill_attention_kernel(torch.zeros(1, dtype=torch.bfloat16))
+    assert module is not None, "the kernel failed to build (see the log)"
+    return module
+
+
+def prefill_batch(spans: list[tuple[int, int]], num_kv_heads: int, head_dim: int, block_size: int = 16):
+    """Sequences of (cached tokens, new tokens): random cache contents, blocks scattered through the pool."""
+    num_blocks = sum(-(-(c + n) // block_size) for c, n in spans) + 3
+    cache = PagedKVCache(KVCacheSpec(2, num_kv_heads, head_dim, head_dim), num_blocks, block_size, torch.bfloat16)
+    cache.k.normal_()
+    cache.v.normal_()
+    order = torch.randperm(num_blocks).tolist()
+    tables, positions, slots, starts = [], [], [], [0]
+    for cached, new in spans:
+        table = [order.pop() for _ in range(-(-(cached + new) // block_size))]
+        tables.append(table)
+        positions += range(cached, cached + new)
+        slots += [table[p // block_size] * block_size + p % block_size for p in range(cached, cached + new)]
+        starts.append(starts[-1] + new)
+    width = max(len(t) for t in tables)
+    meta = AttentionMetadata(torch.tensor(positions), torch.tensor(slots), starts, [c + n for c, n in spans],
+                             torch.tensor([t + [0] * (width - len(t)) for t in tables]), cache)
+    return cache, meta
+
+
+SPANS = [(0, 37), (20, 15), (100, 1), (0, 130), (64, 64), (3, 2)]
+
+
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(32, 8, 64), (9, 3, 64), (4, 4, 128), (8, 2, 96)])
+@pytest.mark.parametrize("window, chunk", [(None, None), (20, None), (None, 32)])
+def test_prefill_attention_matches_sdpa(kernel, monkeypatch, num_heads, num_kv_heads, head_dim, window, chunk):
+    torch.manual_seed(head_dim + num_heads)
+    cache, meta = prefill_batch(SPANS, num_kv_heads, head_dim)
+    attn = Attention(num_heads, num_kv_heads, head_dim, head_dim**-0.5, layer_idx=1, sliding_window=window,
+                     chunk_size=chunk)
+    tokens = meta.positions.shape[0]
+    q = torch.randn(tokens, num_heads, head_dim).bfloat16()
+    k = torch.randn(tokens, num_kv_heads, head_dim).bfloat16()
+    v = torch.randn(tokens, num_kv_heads, head_dim).bfloat16()
+    calls = []
+    monkeypatch.setattr(attention_module, "prefill_attention_kernel", lambda x: calls.append(x) or kernel)
+    out = attn(q, k, v, meta)
+    assert len(calls) == len(SPANS)  # each sequence went through the kernel
+    monkeypatch.setattr(attention_module, "prefill_attention_kernel", lambda x: None)
+    expected = attn(q, k, v, meta)  # the same keys and values, written again
+    assert_rounded_alike(out, expected)
+
+
+def test_queries_strided_as_the_qkv_split_leaves_them(kernel):
+    """q as a view of a fused qkv row (position stride wider than heads x head_dim), GQA, keys after an offset."""
+    torch.manual_seed(0)
+    qkv = torch.randn(40, (6 + 2 + 2) * 64).bfloat16()
+    q = qkv[:, : 6 * 64].reshape(40, 6, 64)
+    keys, values = torch.randn(50, 2, 64).bfloat16(), torch.randn(50, 2, 64).bfloat16()
+    positions = torch.arange(17, 57)  # keys at positions 7..56
+    out = kernel.prefill_attention(q, keys, values, positions, 7, 0.125, 0, 0)
+    mask = torch.arange(7, 57)[None, :] <= positions[:, None]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.contiguous().transpose(0, 1).float(), keys.transpose(0, 1).float(), values.transpose(0, 1).float(),
+        attn_mask=mask, scale=0.125, enable_gqa=True).transpose(0, 1).reshape(40, -1).bfloat16()
+    assert_rounded_alike(out, expected)
+
+
+def test_a_query_without_its_key_is_a_named_error(kernel):
+    q, keys = torch.zeros(2, 2, 64).bfloat16(), torch.zeros(4, 1, 64).bfloat16()
+    with pytest.raises(RuntimeError, match="query position 9 has no key"):
+        kernel.prefill_attention(q, keys, keys, torch.tensor([3, 9]), 0, 0.125, 0, 0)
