@@ -108,14 +108,17 @@ void attend(const bf16* q, int64_t ldq, const bf16* keys, const bf16* values, in
       for (int64_t r = 0; r < rows; ++r) {
         float* row = scores.data() + r * width;
         const int64_t a = lo[r] - base, b = hi[r] - base + 1;
-        float max_score = -INFINITY;
-        for (int64_t j = a; j < b; ++j) max_score = std::max(max_score, row[j]);
+        const auto inside = [&](int64_t j) {  // lanes j.. within [a, b)
+          const __m512i lane = _mm512_add_epi32(_mm512_set1_epi32((int)j), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+          return (__mmask16)(_mm512_cmpge_epi32_mask(lane, _mm512_set1_epi32((int)a)) &
+                             _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32((int)b)));
+        };
+        __m512 maxima = _mm512_set1_ps(-INFINITY);
+        for (int64_t j = a / 16 * 16; j < b; j += 16) maxima = _mm512_mask_max_ps(maxima, inside(j), maxima, _mm512_loadu_ps(row + j));
+        const float max_score = _mm512_reduce_max_ps(maxima);
         __m512 total = _mm512_setzero_ps();
         for (int64_t j = 0; j < width; j += 16) {
-          const __m512i lane = _mm512_add_epi32(_mm512_set1_epi32((int)j), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-          const __mmask16 inside = _mm512_cmpge_epi32_mask(lane, _mm512_set1_epi32((int)a)) &
-                                   _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32((int)b));
-          const __m512 e = _mm512_maskz_mov_ps(inside, exp512(_mm512_sub_ps(_mm512_loadu_ps(row + j), _mm512_set1_ps(max_score))));
+          const __m512 e = _mm512_maskz_mov_ps(inside(j), exp512(_mm512_sub_ps(_mm512_loadu_ps(row + j), _mm512_set1_ps(max_score))));
           _mm512_storeu_ps(row + j, e);
           total = _mm512_add_ps(total, e);
         }
