@@ -459,6 +459,34 @@ def test_checkpoint_tokenizer(loaded):
     assert tokenizer.decode(ids) == "Hello world"
 
 
+def test_fields_read_as_gguf_reads_them(tmp_path):
+    """Our one-pass array reading gives every field gguf.GGUFReader gives: arrays of each scalar type, of
+    strings (empty, multi-byte), of arrays, and scalars; and the tensors at the same offsets."""
+    path = tmp_path / "fields.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_array("t.ints", [3, -1, 2**31 - 1])
+    writer.add_array("t.floats", [0.5, -2.25, 1e-3])
+    writer.add_array("t.bools", [True, False, True])
+    writer.add_array("t.strings", ["", "héllo", "日本", "a b"])
+    writer.add_array("t.nested", [[1, 2], [3]])
+    writer.add_array("t.empty", [])
+    writer.add_string("t.string", "x")
+    writer.add_uint64("t.u64", 2**40)
+    writer.add_tensor("w", np.arange(12, dtype=np.float32).reshape(3, 4))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    paths = [path] + ([smollm2_path()] if smollm2_path() else [])  # the bundled vocabulary and merges
+    for file in paths:
+        ours, stock = open_gguf(str(file)), gguf.GGUFReader(str(file))
+        expected = {name: field.contents() for name, field in stock.fields.items() if not name.startswith("GGUF.")}
+        assert read_fields(ours) == expected
+        assert [(t.name, t.tensor_type, t.data_offset, t.n_bytes) for t in ours.tensors] == \
+            [(t.name, t.tensor_type, t.data_offset, t.n_bytes) for t in stock.tensors]
+    assert read_fields(open_gguf(str(path)))["t.strings"] == ["", "héllo", "日本", "a b"]
+
+
 # --- errors ----------------------------------------------------------------------------------------
 
 

@@ -194,7 +194,10 @@ def _kept_quantized_experts(tensor: gguf.ReaderTensor) -> list[Int4Weight | Bloc
 class _Reader(gguf.GGUFReader):
     """gguf.GGUFReader whose slices are plain ndarray views of its memmap: np.memmap's Python-level
     __getitem__ / __array_finalize__ ran ~2M times parsing the bundled model's vocabulary (1.6 s of
-    start-up; 0.5 s this way, the same fields and tensors)."""
+    start-up; 0.5 s this way, the same fields and tensors). Arrays of numbers or strings in the file's own
+    byte order are read in one pass, not one recursive call and 2-3 views per element (0.5 s -> 0.05 s for the
+    bundled vocabulary and merges): numbers as one array part, strings as one part each, which is what
+    ReaderField.contents() reads back."""
 
     def _get(self, offset: int, dtype, count: int = 1, override_order=None) -> np.ndarray:
         plain = self.__dict__.get("_plain")
@@ -203,6 +206,25 @@ class _Reader(gguf.GGUFReader):
         count = int(count)
         arr = plain[offset : offset + np.dtype(dtype).itemsize * count].view(dtype=dtype)[:count]
         return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
+
+    def _get_field_parts(self, orig_offs: int, raw_type: int):
+        if raw_type != gguf.GGUFValueType.ARRAY or self.byte_order != "I":
+            return super()._get_field_parts(orig_offs, raw_type)
+        item_type, count = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
+        kind = gguf.GGUFValueType(item_type[0])
+        offs, parts = orig_offs + 12, [item_type, count]
+        if kind == gguf.GGUFValueType.STRING:
+            raw = memoryview(self._plain)
+            for _ in range(int(count[0])):
+                size = int.from_bytes(raw[offs : offs + 8], "little")
+                parts.append(self._plain[offs + 8 : offs + 8 + size])
+                offs += 8 + size
+            return offs - orig_offs, parts, list(range(2, len(parts))), [gguf.GGUFValueType.ARRAY, kind]
+        scalar = self.gguf_scalar_to_np.get(kind)
+        if scalar is None:  # arrays of arrays
+            return super()._get_field_parts(orig_offs, raw_type)
+        values = self._get(offs, scalar, count[0])
+        return 12 + values.nbytes, parts + [values], [2], [gguf.GGUFValueType.ARRAY, kind]
 
 
 def open_gguf(path: str) -> gguf.GGUFReader:
