@@ -7,8 +7,11 @@ import pytest
 import torch
 
 import ownllm.layers.attention as attention_module
+from ownllm import LLM, SamplingParams
 from ownllm.kernels.build import cpu_has_bf16, prefill_attention_kernel
 from ownllm.layers.attention import Attention, AttentionMetadata, KVCacheSpec, PagedKVCache
+from ownllm.layers.mla import set_mla_mode
+from tests.checkpoints import assert_same_generations, build_checkpoint, random_prompts
 from tests.test_decode_ops import assert_rounded_alike
 
 
@@ -77,6 +80,36 @@ def test_queries_strided_as_the_qkv_split_leaves_them(kernel):
         q.contiguous().transpose(0, 1).float(), keys.transpose(0, 1).float(), values.transpose(0, 1).float(),
         attn_mask=mask, scale=0.125, enable_gqa=True).transpose(0, 1).reshape(40, -1).bfloat16()
     assert_rounded_alike(out, expected)
+
+
+def test_key_and_value_sizes_may_differ(kernel):
+    """MLA's expanded attention: keys of nope + rope dims (192 for DeepSeek-V3), values of 128, one kv head a head."""
+    torch.manual_seed(1)
+    q, keys, values = torch.randn(30, 4, 192).bfloat16(), torch.randn(30, 4, 192).bfloat16(), torch.randn(30, 4, 128).bfloat16()
+    positions = torch.arange(30)
+    out = kernel.prefill_attention(q, keys, values, positions, 0, 192**-0.5, 0, 0)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1).float(), keys.transpose(0, 1).float(), values.transpose(0, 1).float(), is_causal=True,
+        scale=192**-0.5).transpose(0, 1).reshape(30, -1).bfloat16()
+    assert_rounded_alike(out, expected)
+
+
+def test_mla_prompts_through_the_kernel(kernel, monkeypatch, tmp_path):
+    """A DeepSeek-V3 model in bfloat16, MLA expanded: the kernel gives the torch path's generations."""
+    build_checkpoint(tmp_path, "DeepseekV3ForCausalLM", num_hidden_layers=2, num_key_value_heads=4,
+                     n_routed_experts=4, n_group=2, topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1,
+                     q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+                     moe_intermediate_size=32)
+    llm = LLM(str(tmp_path), dtype="bfloat16", enable_prefix_caching=False)
+    set_mla_mode(llm.runner.model, "expanded")
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=3)
+    calls = []
+    monkeypatch.setattr(attention_module, "prefill_attention_kernel", lambda x: calls.append(x) or kernel)
+    ours = [o.outputs[0] for o in llm.generate(random_prompts((9, 40)), params)]
+    assert calls
+    monkeypatch.setattr(attention_module, "prefill_attention_kernel", lambda x: None)
+    reference = [o.outputs[0] for o in llm.generate(random_prompts((9, 40)), params)]
+    assert_same_generations(ours, reference, atol=0.02)  # attention outputs a bf16 ulp apart, at most
 
 
 def test_a_query_without_its_key_is_a_named_error(kernel):

@@ -33,12 +33,13 @@ inline __m512 widen(const bf16* p) {  // 16 bf16 -> float32
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
-// kChunks: D / 16 as compiled (accumulators in registers), or 0 for any D (a multiple of 16, <= 256).
+// Dk: the query and key size; Dv: the value size. kChunks: Dv / 16 as compiled (accumulators in registers), or 0
+// for any Dv (a multiple of 16, <= 256).
 template <int64_t kChunks>
 void attend(const bf16* q, int64_t ldq, const bf16* keys, const bf16* values, int64_t S, int64_t KVH,
-            const int64_t* pos, int64_t T, int64_t H, int64_t runtime_d, int64_t key_start, float scale,
+            const int64_t* pos, int64_t T, int64_t H, int64_t Dk, int64_t runtime_dv, int64_t key_start, float scale,
             int64_t window, int64_t chunk, bf16* out) {
-  const int64_t D = kChunks ? kChunks * 16 : runtime_d, chunks = D / 16, pairs = D / 2, group = H / KVH;
+  const int64_t Dv = kChunks ? kChunks * 16 : runtime_dv, chunks = Dv / 16, pairs = Dk / 2, group = H / KVH;
   const int64_t blocks = (S + kKeyBlock - 1) / kKeyBlock;
   // keys, packed: [KVH, blocks, pairs, 16] pairs of bf16 (as uint32), zeros past S
   std::vector<uint32_t> packed(KVH * blocks * pairs * kKeyBlock, 0);
@@ -47,7 +48,7 @@ void attend(const bf16* q, int64_t ldq, const bf16* keys, const bf16* values, in
       const int64_t h = i / blocks, blk = i % blocks;
       uint32_t* dst = packed.data() + i * pairs * kKeyBlock;
       for (int64_t j = 0; j < kKeyBlock && blk * kKeyBlock + j < S; ++j) {
-        const uint32_t* key = (const uint32_t*)(keys + ((blk * kKeyBlock + j) * KVH + h) * D);
+        const uint32_t* key = (const uint32_t*)(keys + ((blk * kKeyBlock + j) * KVH + h) * Dk);
         for (int64_t p = 0; p < pairs; ++p) dst[p * kKeyBlock + j] = key[p];
       }
     }
@@ -79,7 +80,7 @@ void attend(const bf16* q, int64_t ldq, const bf16* keys, const bf16* values, in
       int64_t first = S, last = 0;  // the union of the rows' ranges
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t t = t0 + r / group, head = h * group + r % group;
-        std::memcpy(qrows.data() + r * pairs, q + t * ldq + head * D, D * sizeof(bf16));
+        std::memcpy(qrows.data() + r * pairs, q + t * ldq + head * Dk, Dk * sizeof(bf16));
         range(t, lo[r], hi[r]);
         first = std::min(first, lo[r]);
         last = std::max(last, hi[r]);
@@ -133,7 +134,7 @@ void attend(const bf16* q, int64_t ldq, const bf16* keys, const bf16* values, in
         for (int64_t r = 0; r < kRows; ++r)
           for (int64_t c = 0; c < chunks; ++c) acc[r][c] = _mm512_setzero_ps();
         for (int64_t j = 0; j < end; ++j) {
-          const bf16* value = values + ((base + j) * KVH + h) * D;
+          const bf16* value = values + ((base + j) * KVH + h) * Dv;
           __m512 v[kChunks ? kChunks : 16];
           for (int64_t c = 0; c < chunks; ++c) v[c] = widen(value + 16 * c);
           for (int64_t r = 0; r < n; ++r) {
@@ -143,7 +144,7 @@ void attend(const bf16* q, int64_t ldq, const bf16* keys, const bf16* values, in
         }
         for (int64_t r = 0; r < n; ++r) {
           const int64_t row = r0 + r, t = t0 + row / group, head = h * group + row % group;
-          bf16* dst = out + (t * H + head) * D;
+          bf16* dst = out + (t * H + head) * Dv;
           for (int64_t c = 0; c < chunks; ++c)
             _mm256_storeu_si256((__m256i*)(dst + 16 * c),
                                 (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][c], _mm512_set1_ps(inv_sum[row]))));
@@ -155,17 +156,18 @@ void attend(const bf16* q, int64_t ldq, const bf16* keys, const bf16* values, in
 
 }  // namespace
 
-// q: [T, H, D] bf16 (rows may be strided); keys, values: [S, KVH, D] bf16, contiguous, key j at position
+// q: [T, H, Dk] bf16 (rows may be strided); keys: [S, KVH, Dk], values: [S, KVH, Dv] bf16, key j at position
 // key_start + j; positions: [T] the queries' positions. A query at p attends keys p' <= p, and p' > p - window
-// (window > 0) and p' >= p - p % chunk (chunk > 0); its own key must be among them. -> [T, H * D] bf16.
+// (window > 0) and p' >= p - p % chunk (chunk > 0); its own key must be among them. -> [T, H * Dv] bf16.
 torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor keys, torch::Tensor values, torch::Tensor positions,
                                 int64_t key_start, double scale, int64_t window, int64_t chunk) {
   for (auto* t : {&q, &keys, &values})
     TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->device().is_cpu() && t->dim() == 3, "q, keys, values: 3-D bf16 on the CPU");
-  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), S = keys.size(0), KVH = keys.size(1);
-  TORCH_CHECK(D % 16 == 0 && D <= 256, "head_dim: a multiple of 16, at most 256");
-  TORCH_CHECK(keys.sizes() == values.sizes() && keys.size(2) == D && H % KVH == 0, "keys and values: [S, KVH, D]");
-  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == D, "q: each position's heads contiguous");
+  const int64_t T = q.size(0), H = q.size(1), Dk = q.size(2), Dv = values.size(2), S = keys.size(0), KVH = keys.size(1);
+  TORCH_CHECK(Dk % 16 == 0 && Dk <= 256 && Dv % 16 == 0 && Dv <= 256, "head sizes: multiples of 16, at most 256");
+  TORCH_CHECK(keys.size(2) == Dk && values.size(0) == S && values.size(1) == KVH && H % KVH == 0,
+              "keys: [S, KVH, Dk], values: [S, KVH, Dv]");
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == Dk, "q: each position's heads contiguous");
   keys = keys.contiguous();
   values = values.contiguous();
   positions = positions.to(at::kLong).contiguous();
@@ -173,11 +175,11 @@ torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor keys, torch::Tens
   const int64_t* pos = positions.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t)
     TORCH_CHECK(pos[t] >= key_start && pos[t] < key_start + S, "query position ", pos[t], " has no key");
-  auto out = torch::empty({T, H * D}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  auto out = torch::empty({T, H * Dv}, q.options().memory_format(at::MemoryFormat::Contiguous));
   auto run = attend<0>;
-  if (D == 64) run = attend<4>;
-  if (D == 128) run = attend<8>;
-  run(q.data_ptr<bf16>(), q.stride(0), keys.data_ptr<bf16>(), values.data_ptr<bf16>(), S, KVH, pos, T, H, D,
+  if (Dv == 64) run = attend<4>;
+  if (Dv == 128) run = attend<8>;
+  run(q.data_ptr<bf16>(), q.stride(0), keys.data_ptr<bf16>(), values.data_ptr<bf16>(), S, KVH, pos, T, H, Dk, Dv,
       key_start, (float)scale, window, chunk, out.data_ptr<bf16>());
   return out;
 }

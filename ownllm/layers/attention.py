@@ -93,6 +93,20 @@ def attention_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float32 if q.is_cpu else q.dtype
 
 
+def prefill_kernel_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                             key_start: int, scale: float, window: int | None = None,
+                             chunk: int | None = None) -> torch.Tensor | None:
+    """kernels/prefill_attention.cpp on one sequence: queries q [Q, heads, Dk] at `positions`, keys [S, kv_heads, Dk]
+    and values [S, kv_heads, Dv] (key j at position key_start + j) -> [Q, heads, Dv]; causal, and within the
+    window or the query's attention chunk if given. None where it does not apply: not bf16 on the CPU, or head
+    sizes not multiples of 16 up to 256."""
+    kernel = prefill_attention_kernel(q)
+    if kernel is None or any(size % 16 or size > 256 for size in (q.shape[-1], values.shape[-1])):
+        return None
+    out = kernel.prefill_attention(q, keys, values, positions, key_start, scale, window or 0, chunk or 0)
+    return out.view(q.shape[0], q.shape[1], values.shape[-1])
+
+
 class Attention(Module):
     def __init__(
         self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, layer_idx: int,
@@ -158,10 +172,10 @@ class Attention(Module):
         offset = first_block * block_size
         keys = k_cache.index_select(0, blocks).flatten(0, 1)[: seq_len - offset]  # [S, num_kv_heads, head_dim]
         values = v_cache.index_select(0, blocks).flatten(0, 1)[: seq_len - offset]
-        kernel = prefill_attention_kernel(q)
-        if kernel is not None and self.head_dim % 16 == 0 and self.head_dim <= 256:
-            return kernel.prefill_attention(q[start:end], keys, values, meta.positions[start:end], offset, self.scale,
-                                            self.sliding_window or 0, self.chunk_size or 0).view(end - start, -1, self.head_dim)
+        out = prefill_kernel_attention(q[start:end], keys, values, meta.positions[start:end], offset, self.scale,
+                                       self.sliding_window, self.chunk_size)
+        if out is not None:
+            return out
         k_pos = torch.arange(offset, seq_len, device=q.device)[None, :]  # [1, S]
         mask = self._allowed(meta.positions[start:end, None], k_pos)  # [Q, S]
         math = attention_dtype(q)

@@ -11,7 +11,7 @@ attend over it, chosen by the module's `mode`:
 "auto" (the default) runs decode-only batches absorbed and everything else expanded. Both use kv_b_proj
 split per head by `split_kv_b()`, which the model calls once after loading. Attention math
 runs in float32, as in layers/attention.py, whose paging pattern (slot writes, block-table gathers,
-per-sequence causal masks) this copies. It never touches `kv_cache.v`, which is None for this layout.
+per-sequence causal masks) this copies; expanded attention in bf16 on the CPU runs its prompt kernel. It never touches `kv_cache.v`, which is None for this layout.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ownllm.config import ModelConfig
-from ownllm.layers.attention import AttentionMetadata, KVCacheSpec
+from ownllm.layers.attention import AttentionMetadata, KVCacheSpec, prefill_kernel_attention
 from ownllm.layers.linear import GEMV_MAX_ROWS, Linear, fuse_linears, gemv_kernel
 from ownllm.layers.module import Module
 from ownllm.layers.norm import RMSNorm
@@ -136,6 +136,9 @@ class MultiLatentAttention(Module):
         values = torch.einsum("sr,hvr->shv", c_kv, self.w_uv_t)  # [S, heads, v_dim]
         keys = torch.cat((k_nope, k_rope[:, None, :].expand(-1, self.num_heads, -1)), dim=-1)
         queries = torch.cat((q_nope[start:end], q_rope[start:end]), dim=-1)  # [Q, heads, nope + rope]
+        out = prefill_kernel_attention(queries, keys, values, meta.positions[start:end], 0, self.scale)
+        if out is not None:
+            return out
         mask = torch.arange(keys.shape[0], device=keys.device)[None, :] <= meta.positions[start:end, None]  # [Q, S]
         out = F.scaled_dot_product_attention(
             queries.transpose(0, 1).float(), keys.transpose(0, 1).float(), values.transpose(0, 1).float(),
