@@ -1,14 +1,16 @@
 """Batch-1 decode of ownllm and llama.cpp side by side in one process, taking turns run by run.
 
-    python bench/side_by_side.py [--new-tokens 128] [--repeats 5] [--threads 2] [--models Q4_K_M,bundled]
+    python bench/side_by_side.py [--new-tokens 128] [--prompt-tokens 128] [--repeats 5] [--threads 2] [--models Q4_K_M,bundled]
 
 The comparison harness runs each tool in a process of its own, one after another, so memory bandwidth
 drifting between them (36-55 GB/s on this shared machine) moves their ratio by +-15%. Here both tools
 load once and alternate runs, so drift hits them alike. Pairs: the harness's random-weight Llama-3.2-1B
 (ownllm: the bf16 HF folder; llama.cpp: its F16 GGUF), its Q8_0 and Q4_K_M GGUFs, the SmolLM2-135M
-shape's Q4_K_M (mostly Q5_0) and the bundled SmolLM2-135M-Instruct Q4_1 GGUF (the same file for both). 128-token prompts of random ids, greedy, EOS ignored; decode tokens/s =
-(new tokens - 1) / time after the first token; the median of the repeats after the first.
-Results go to bench/RESULTS.md (section "Batch-1 decode, side by side").
+shape's Q4_K_M (mostly Q5_0) and the bundled SmolLM2-135M-Instruct Q4_1 GGUF (the same file for both).
+Prompts of random ids (128 tokens, or --prompt-tokens: decode after a long prompt attends over all of it),
+greedy, EOS ignored; decode tokens/s = (new tokens - 1) / time after the first token; the median of the
+repeats after the first. Results go to bench/RESULTS.md (section "Batch-1 decode, side by side", with the
+prompt length in its title when not 128).
 """
 
 from __future__ import annotations
@@ -116,7 +118,8 @@ def main() -> None:
             f"{args.threads} threads each, the tools alternating run by run in one process (median of the runs after the "
             "first). The harness table above measures each tool in its own process, one after another.\n\n"
             + "\n".join(lines) + "\n")
-    write_section("Batch-1 decode, side by side", body)
+    title = "Batch-1 decode, side by side" + (f", {args.prompt_tokens}-token prompts" if args.prompt_tokens != 128 else "")
+    write_section(title, body)
 
 
 if __name__ == "__main__":
