@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ownllm import LLM, SamplingParams
+from ownllm.kernels.build import cpu_has_bf16
 from ownllm.loader.resolve import bundled_model_path
 
 pytestmark = pytest.mark.slow
@@ -122,3 +123,24 @@ def test_default_fast_path_tracks_float32(llm, prompts):
         total += NEW_TOKENS
     print(f"\nSmolLM2 Q4_1 default path ({fast.config.dtype}) vs float32: teacher-forced agreement {matches}/{total}")
     assert matches >= 0.9 * total
+
+
+def test_default_fast_path_gives_a_prompt_the_same_numbers_however_it_is_prefilled(prompts):
+    """In the default bfloat16 load every step of a prompt is batch-invariant (the 4-bit kernel at any row count,
+    the prompt attention kernel whatever its chunk, the Q8_0 embedding rows): in one piece, in chunks of 7 and
+    after a prefix-cache hit, greedy runs give bit-equal logprobs."""
+    if not cpu_has_bf16():
+        pytest.skip("the bf16 kernels cannot run on this CPU")
+    system = prompts[0][:-4]  # the chat template's system turn and most of the question: 2 full blocks and more
+    asks = [system + prompts[i][-4:] for i in (0, 1)]
+    assert all(len(p) % 7 not in (0, 1) for p in asks)  # a 1-token last chunk would be a decode step
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=5)
+
+    def runs(llm: LLM) -> list[list[dict[int, float]]]:
+        return [[{t: lp.logprob for t, lp in step.items()} for step in llm.generate([p], params)[0].outputs[0].logprobs]
+                for p in asks]
+
+    cold = runs(LLM(enable_prefix_caching=False))
+    cached = LLM()
+    assert runs(cached) == cold and cached.engine.stats()["prefix_cache_hits"] >= 32  # the 2nd hit the 1st's blocks
+    assert runs(LLM(enable_prefix_caching=False, max_num_batched_tokens=7)) == cold

@@ -11,6 +11,10 @@
 // Work items are (kv head, block of query positions): the rows of an item are its positions times the
 // query heads of the kv head's group, which share its keys. An item keeps its rows' scores whole (two passes
 // over exact row maxima, no online rescaling): rows x keys float32, within L2 for a few thousand keys.
+//
+// A query's numbers depend on it and its keys only, not on the rows it shares an item with: key blocks start at
+// multiples of 16 and keys outside its range add exact zeros. So a prompt gets the same numbers in one piece, in
+// chunks, or after a prefix-cache hit (torch's SDPA did not: tests/test_bundled_model.py).
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/extension.h>
