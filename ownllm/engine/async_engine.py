@@ -1,4 +1,5 @@
-"""AsyncEngine: the EngineClient the server talks to. The engine loop runs in a background thread.
+"""AsyncEngine: the EngineClient the server talks to. The engine loop runs in a background thread, the only
+one that runs the model (see from_model).
 
 Callers (asyncio) send commands (add, abort) through a thread-safe queue; the loop applies them
 between steps, runs `Engine.step()` while anything is unfinished, and hands each RequestOutput to
@@ -39,7 +40,11 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, model_name: str, max_waiting: int | None = None) -> None:
+    """thread: the engine thread, already started by from_model (which loads the model on it); by default one is
+    started here."""
+
+    def __init__(self, engine: Engine, model_name: str, max_waiting: int | None = None,
+                 thread: threading.Thread | None = None) -> None:
         self.engine = engine
         self.model_name = model_name
         self.tokenizer = engine.tokenizer
@@ -50,23 +55,49 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
         self._stopped = False
-        self._thread = threading.Thread(target=self._loop, name="ownllm-engine", daemon=True)
-        self._thread.start()
+        self._thread = thread or threading.Thread(target=self._loop, name="ownllm-engine", daemon=True)
+        if thread is None:
+            self._thread.start()
 
     @classmethod
     def from_model(cls, model: str | None, dtype: str | None = None, max_waiting: int | None = None,
                    model_name: str | None = None, **engine_options) -> "AsyncEngine":
-        """engine_options: LLM's (kv_cache_memory, max_num_seqs, max_num_batched_tokens, block_size, ...)."""
+        """engine_options: LLM's (kv_cache_memory, max_num_seqs, max_num_batched_tokens, block_size, ...).
+
+        The model loads on the engine thread, which then runs every step, so no other thread ever runs OpenMP
+        work: libgomp spins a team's idle workers only while its threads number no more than the cores, and the
+        team that loading on the caller's thread left behind made each step wake sleeping workers instead
+        (bundled model, one client: 3x slower decode)."""
         from ownllm.engine.llm import LLM
 
-        llm = LLM(model, dtype=dtype, **engine_options)
+        loaded: queue.SimpleQueue = queue.SimpleQueue()
+        set_up = threading.Event()
+        owner: list[AsyncEngine] = []
+
+        def load_then_loop() -> None:
+            try:
+                llm = LLM(model, dtype=dtype, **engine_options)
+            except BaseException as error:  # handed to the caller
+                loaded.put(error)
+                return
+            loaded.put(llm)
+            set_up.wait()
+            owner[0]._loop()
+
+        thread = threading.Thread(target=load_then_loop, name="ownllm-engine", daemon=True)
+        thread.start()
+        llm = loaded.get()
+        if isinstance(llm, BaseException):
+            raise llm
         name = model_name or (llm.model_path.stem if llm.model_path and llm.model_path.suffix == ".gguf"
                               else str(model or "smollm2-135m-instruct"))
-        engine = cls(llm.engine, name, max_waiting)
+        engine = cls(llm.engine, name, max_waiting, thread=thread)
         engine.generation_config = llm.generation_config
         engine.default_sampling_params = llm.default_sampling_params
         engine.model_config = llm.config
         engine.model_path = llm.model_path
+        owner.append(engine)
+        set_up.set()
         return engine
 
     # ---- the API (call from an asyncio event loop)
