@@ -9,19 +9,16 @@ import ownllm.layers.attention as attention_module
 import ownllm.layers.mlp as mlp_module
 import ownllm.layers.norm as norm_module
 import ownllm.layers.rotary as rotary_module
-from ownllm.kernels.build import cpu_has_bf16, decode_ops
+from ownllm.kernels.build import decode_ops
 from ownllm.layers.attention import Attention, AttentionMetadata, KVCacheSpec, PagedKVCache
 from ownllm.layers.norm import RMSNorm
 from ownllm.layers.rotary import RotaryEmbedding
+from tests.kernel_modules import built_kernel
 
 
 @pytest.fixture(scope="module")
 def ops():
-    if not cpu_has_bf16():
-        pytest.skip("the bf16 decode ops cannot run on this CPU")
-    module = decode_ops(torch.zeros(1, dtype=torch.bfloat16))
-    assert module is not None, "the kernels failed to build (see the log)"
-    return module
+    return built_kernel(lambda: decode_ops(torch.zeros(1, dtype=torch.bfloat16)), "the bf16 decode ops")
 
 
 @pytest.fixture

@@ -7,15 +7,12 @@ import torch
 
 from ownllm.kernels.build import cpu_has_bf16
 from ownllm.layers.linear import Linear, fuse_linears, gemv_kernel, linear
+from tests.kernel_modules import built_kernel
 
 
 @pytest.fixture(scope="module")
 def kernel():
-    if not cpu_has_bf16():
-        pytest.skip("the bf16 decode kernel cannot run on this CPU")
-    module = gemv_kernel()
-    assert module is not None, "the kernel failed to build (see the log)"
-    return module
+    return built_kernel(gemv_kernel, "the bf16 decode kernel")
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 16, 33, 64])

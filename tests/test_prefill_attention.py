@@ -8,20 +8,17 @@ import torch
 
 import ownllm.layers.attention as attention_module
 from ownllm import LLM, SamplingParams
-from ownllm.kernels.build import cpu_has_bf16, prefill_attention_kernel
+from ownllm.kernels.build import prefill_attention_kernel
 from ownllm.layers.attention import Attention, AttentionMetadata, KVCacheSpec, PagedKVCache
 from ownllm.layers.mla import set_mla_mode
 from tests.checkpoints import assert_same_generations, build_checkpoint, random_prompts
+from tests.kernel_modules import built_kernel
 from tests.test_decode_ops import assert_rounded_alike
 
 
 @pytest.fixture(scope="module")
 def kernel():
-    if not cpu_has_bf16():
-        pytest.skip("the bf16 kernels cannot run on this CPU")
-    module = prefill_attention_kernel(torch.zeros(1, dtype=torch.bfloat16))
-    assert module is not None, "the kernel failed to build (see the log)"
-    return module
+    return built_kernel(lambda: prefill_attention_kernel(torch.zeros(1, dtype=torch.bfloat16)), "the prompt attention kernel")
 
 
 def prefill_batch(spans: list[tuple[int, int]], num_kv_heads: int, head_dim: int, block_size: int = 16):
