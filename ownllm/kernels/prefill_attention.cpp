@@ -37,123 +37,166 @@ inline __m512 widen(const bf16* p) {  // 16 bf16 -> float32
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
-// Dk: the query and key size; Dv: the value size. kChunks: Dv / 16 as compiled (accumulators in registers), or 0
-// for any Dv (a multiple of 16, <= 256).
-template <int64_t kChunks>
-void attend(const bf16* q, int64_t ldq, const bf16* keys, const bf16* values, int64_t S, int64_t KVH,
-            const int64_t* pos, int64_t T, int64_t H, int64_t Dk, int64_t runtime_dv, int64_t key_start, float scale,
-            int64_t window, int64_t chunk, bf16* out) {
-  const int64_t Dv = kChunks ? kChunks * 16 : runtime_dv, chunks = Dv / 16, pairs = Dk / 2, group = H / KVH;
-  const int64_t blocks = (S + kKeyBlock - 1) / kKeyBlock;
-  // keys, packed: [KVH, blocks, pairs, 16] pairs of bf16 (as uint32), zeros past S
-  std::vector<uint32_t> packed(KVH * blocks * pairs * kKeyBlock, 0);
-  at::parallel_for(0, KVH * blocks, 16, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t h = i / blocks, blk = i % blocks;
-      uint32_t* dst = packed.data() + i * pairs * kKeyBlock;
-      for (int64_t j = 0; j < kKeyBlock && blk * kKeyBlock + j < S; ++j) {
-        const uint32_t* key = (const uint32_t*)(keys + ((blk * kKeyBlock + j) * KVH + h) * Dk);
-        for (int64_t p = 0; p < pairs; ++p) dst[p * kKeyBlock + j] = key[p];
-      }
-    }
-  });
+// One call's inputs (see prefill_attention below). Dk: the query and key size; Dv: the value size.
+struct Problem {
+  const bf16 *q, *keys, *values;
+  const int64_t* pos;
+  int64_t ldq, S, KVH, T, H, Dk, Dv, key_start, window, chunk;
+  float scale;
+  bf16* out;
+
+  int64_t group() const { return H / KVH; }
+  int64_t pairs() const { return Dk / 2; }
+  int64_t blocks() const { return (S + kKeyBlock - 1) / kKeyBlock; }
+
   // key index range [lo, hi] of query t
-  const auto range = [&](int64_t t, int64_t& lo, int64_t& hi) {
+  void range(int64_t t, int64_t& lo, int64_t& hi) const {
     const int64_t p = pos[t];
     int64_t first = 0;
     if (window > 0) first = std::max<int64_t>(first, p - window + 1);
     if (chunk > 0) first = std::max<int64_t>(first, p - p % chunk);
     lo = std::max<int64_t>(0, first - key_start);
     hi = p - key_start;
-  };
-  const int64_t positions_per_item = std::max<int64_t>(1, kRowsPerItem / group);
-  const int64_t position_blocks = (T + positions_per_item - 1) / positions_per_item;
+  }
+
+  // the keys, packed: [KVH, blocks, pairs, 16] pairs of bf16 (as uint32), zeros past S
+  std::vector<uint32_t> pack_keys() const {
+    const int64_t blocks = this->blocks(), pairs = this->pairs();
+    std::vector<uint32_t> packed(KVH * blocks * pairs * kKeyBlock, 0);
+    at::parallel_for(0, KVH * blocks, 16, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t h = i / blocks, blk = i % blocks;
+        uint32_t* dst = packed.data() + i * pairs * kKeyBlock;
+        for (int64_t j = 0; j < kKeyBlock && blk * kKeyBlock + j < S; ++j) {
+          const uint32_t* key = (const uint32_t*)(keys + ((blk * kKeyBlock + j) * KVH + h) * Dk);
+          for (int64_t p = 0; p < pairs; ++p) dst[p * kKeyBlock + j] = key[p];
+        }
+      }
+    });
+    return packed;
+  }
+};
+
+// One work item's rows (kv head h, positions t0..): their queries, key ranges and scores [rows, width] for the
+// keys base.. base + width, then their softmax numerators in place.
+struct Item {
+  std::vector<uint32_t> queries;  // [rows padded to kScoreRows, pairs], zeros past rows
+  std::vector<float> scores, inv_sum;
+  std::vector<int64_t> lo, hi;
+  int64_t h = 0, t0 = 0, rows = 0, base = 0, width = 0, end = 0;  // end: keys past base any row attends
+
+  Item(const Problem& pr, int64_t max_rows)
+      : queries(max_rows * pr.pairs()), scores(max_rows * (pr.blocks() + 1) * kKeyBlock), inv_sum(max_rows),
+        lo(max_rows), hi(max_rows) {}
+
+  void load(const Problem& pr, int64_t kv_head, int64_t first_position, int64_t positions) {
+    const int64_t group = pr.group(), pairs = pr.pairs();
+    h = kv_head, t0 = first_position, rows = positions * group;
+    std::fill(queries.begin(), queries.end(), 0u);
+    int64_t first = pr.S, last = 0;  // the union of the rows' ranges
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t t = t0 + r / group, head = h * group + r % group;
+      std::memcpy(queries.data() + r * pairs, pr.q + t * pr.ldq + head * pr.Dk, pr.Dk * sizeof(bf16));
+      pr.range(t, lo[r], hi[r]);
+      first = std::min(first, lo[r]);
+      last = std::max(last, hi[r]);
+    }
+    base = first / kKeyBlock * kKeyBlock;
+    width = (last / kKeyBlock + 1) * kKeyBlock - base;
+    end = last - base + 1;
+  }
+
+  // scaled q . k for every row and key block of the range, kScoreRows rows per pass over a block
+  void score(const Problem& pr, const uint32_t* packed) {
+    const int64_t pairs = pr.pairs(), padded = (rows + kScoreRows - 1) / kScoreRows * kScoreRows;
+    for (int64_t col = 0; col < width; col += kKeyBlock) {
+      const uint32_t* kb = packed + (h * pr.blocks() + (base + col) / kKeyBlock) * pairs * kKeyBlock;
+      for (int64_t r0 = 0; r0 < padded; r0 += kScoreRows) {
+        __m512 acc[kScoreRows];
+        for (int r = 0; r < kScoreRows; ++r) acc[r] = _mm512_setzero_ps();
+        const uint32_t* qr = queries.data() + r0 * pairs;
+        for (int64_t p = 0; p < pairs; ++p) {
+          const __m512bh kv = (__m512bh)_mm512_loadu_si512(kb + p * kKeyBlock);
+#pragma GCC unroll 8
+          for (int r = 0; r < kScoreRows; ++r)
+            acc[r] = _mm512_dpbf16_ps(acc[r], kv, (__m512bh)_mm512_set1_epi32((int)qr[r * pairs + p]));
+        }
+        for (int r = 0; r < kScoreRows; ++r)
+          _mm512_storeu_ps(scores.data() + (r0 + r) * width + col, _mm512_mul_ps(acc[r], _mm512_set1_ps(pr.scale)));
+      }
+    }
+  }
+
+  // scores -> exp(score - the row's max) within each row's range, zero outside; inv_sum: 1 / their sum
+  void softmax_numerators() {
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = scores.data() + r * width;
+      const int64_t a = lo[r] - base, b = hi[r] - base + 1;
+      const auto inside = [&](int64_t j) {  // lanes j.. within [a, b)
+        const __m512i lane = _mm512_add_epi32(_mm512_set1_epi32((int)j), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+        return (__mmask16)(_mm512_cmpge_epi32_mask(lane, _mm512_set1_epi32((int)a)) &
+                           _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32((int)b)));
+      };
+      __m512 maxima = _mm512_set1_ps(-INFINITY);
+      for (int64_t j = a / 16 * 16; j < b; j += 16) maxima = _mm512_mask_max_ps(maxima, inside(j), maxima, _mm512_loadu_ps(row + j));
+      const float max_score = _mm512_reduce_max_ps(maxima);
+      __m512 total = _mm512_setzero_ps();
+      for (int64_t j = 0; j < width; j += 16) {
+        const __m512 e = _mm512_maskz_mov_ps(inside(j), exp512(_mm512_sub_ps(_mm512_loadu_ps(row + j), _mm512_set1_ps(max_score))));
+        _mm512_storeu_ps(row + j, e);
+        total = _mm512_add_ps(total, e);
+      }
+      inv_sum[r] = 1.f / _mm512_reduce_add_ps(total);
+    }
+  }
+
+  // out rows = numerators . values / sum, kRows rows at a time (their accumulators in registers). kChunks: Dv / 16
+  // as compiled, or 0 for any Dv (a multiple of 16, <= 256).
+  template <int64_t kChunks>
+  void weigh_values(const Problem& pr) const {
+    constexpr int64_t kRows = kChunks ? std::max<int64_t>(1, 16 / kChunks) : 1;
+    const int64_t Dv = kChunks ? kChunks * 16 : pr.Dv, chunks = Dv / 16, group = pr.group();
+    for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+      const int64_t n = std::min(kRows, rows - r0);
+      __m512 acc[kRows][kChunks ? kChunks : 16];
+      for (int64_t r = 0; r < kRows; ++r)
+        for (int64_t c = 0; c < chunks; ++c) acc[r][c] = _mm512_setzero_ps();
+      for (int64_t j = 0; j < end; ++j) {
+        const bf16* value = pr.values + ((base + j) * pr.KVH + h) * Dv;
+        __m512 v[kChunks ? kChunks : 16];
+        for (int64_t c = 0; c < chunks; ++c) v[c] = widen(value + 16 * c);
+        for (int64_t r = 0; r < n; ++r) {
+          const __m512 weight = _mm512_set1_ps(scores[(r0 + r) * width + j]);
+          for (int64_t c = 0; c < chunks; ++c) acc[r][c] = _mm512_fmadd_ps(weight, v[c], acc[r][c]);
+        }
+      }
+      for (int64_t r = 0; r < n; ++r) {
+        const int64_t row = r0 + r, t = t0 + row / group, head = h * group + row % group;
+        bf16* dst = pr.out + (t * pr.H + head) * Dv;
+        for (int64_t c = 0; c < chunks; ++c)
+          _mm256_storeu_si256((__m256i*)(dst + 16 * c),
+                              (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][c], _mm512_set1_ps(inv_sum[row]))));
+      }
+    }
+  }
+};
+
+template <int64_t kChunks>
+void attend(const Problem& pr) {
+  const std::vector<uint32_t> packed = pr.pack_keys();
+  const int64_t group = pr.group(), positions_per_item = std::max<int64_t>(1, kRowsPerItem / group);
+  const int64_t position_blocks = (pr.T + positions_per_item - 1) / positions_per_item;
+  const int64_t max_rows = (positions_per_item * group + kScoreRows - 1) / kScoreRows * kScoreRows;
   // items in the order 0, last, 1, last - 1, ...: the threads' contiguous shares of them cost alike
   const auto item_block = [&](int64_t i) { return i % 2 ? position_blocks - 1 - i / 2 : i / 2; };
-  at::parallel_for(0, KVH * position_blocks, 1, [&](int64_t i0, int64_t i1) {
-    const int64_t max_rows = (positions_per_item * group + kScoreRows - 1) / kScoreRows * kScoreRows;
-    std::vector<uint32_t> qrows(max_rows * pairs);                   // the item's query rows, zero-padded
-    std::vector<float> scores(max_rows * (blocks * kKeyBlock + kKeyBlock));  // [rows, width]
-    std::vector<float> inv_sum(max_rows);
-    std::vector<int64_t> lo(max_rows), hi(max_rows);
+  at::parallel_for(0, pr.KVH * position_blocks, 1, [&](int64_t i0, int64_t i1) {
+    Item item(pr, max_rows);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t h = i / position_blocks, t0 = item_block(i % position_blocks) * positions_per_item;
-      const int64_t t1 = std::min(T, t0 + positions_per_item), rows = (t1 - t0) * group;
-      const int64_t padded = (rows + kScoreRows - 1) / kScoreRows * kScoreRows;
-      std::fill(qrows.begin(), qrows.end(), 0u);
-      int64_t first = S, last = 0;  // the union of the rows' ranges
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t t = t0 + r / group, head = h * group + r % group;
-        std::memcpy(qrows.data() + r * pairs, q + t * ldq + head * Dk, Dk * sizeof(bf16));
-        range(t, lo[r], hi[r]);
-        first = std::min(first, lo[r]);
-        last = std::max(last, hi[r]);
-      }
-      const int64_t blk0 = first / kKeyBlock, blk1 = last / kKeyBlock, base = blk0 * kKeyBlock;
-      const int64_t width = (blk1 - blk0 + 1) * kKeyBlock;
-      // scores [rows, width]: keys base.. of each row, scaled
-      for (int64_t blk = blk0; blk <= blk1; ++blk) {
-        const uint32_t* kb = packed.data() + (h * blocks + blk) * pairs * kKeyBlock;
-        for (int64_t r0 = 0; r0 < padded; r0 += kScoreRows) {
-          __m512 acc[kScoreRows];
-          for (int r = 0; r < kScoreRows; ++r) acc[r] = _mm512_setzero_ps();
-          const uint32_t* qr = qrows.data() + r0 * pairs;
-          for (int64_t p = 0; p < pairs; ++p) {
-            const __m512bh kv = (__m512bh)_mm512_loadu_si512(kb + p * kKeyBlock);
-#pragma GCC unroll 8
-            for (int r = 0; r < kScoreRows; ++r)
-              acc[r] = _mm512_dpbf16_ps(acc[r], kv, (__m512bh)_mm512_set1_epi32((int)qr[r * pairs + p]));
-          }
-          for (int r = 0; r < kScoreRows; ++r)
-            _mm512_storeu_ps(scores.data() + (r0 + r) * width + (blk - blk0) * kKeyBlock,
-                             _mm512_mul_ps(acc[r], _mm512_set1_ps(scale)));
-        }
-      }
-      // softmax numerators in place, zero outside each row's range
-      for (int64_t r = 0; r < rows; ++r) {
-        float* row = scores.data() + r * width;
-        const int64_t a = lo[r] - base, b = hi[r] - base + 1;
-        const auto inside = [&](int64_t j) {  // lanes j.. within [a, b)
-          const __m512i lane = _mm512_add_epi32(_mm512_set1_epi32((int)j), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-          return (__mmask16)(_mm512_cmpge_epi32_mask(lane, _mm512_set1_epi32((int)a)) &
-                             _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32((int)b)));
-        };
-        __m512 maxima = _mm512_set1_ps(-INFINITY);
-        for (int64_t j = a / 16 * 16; j < b; j += 16) maxima = _mm512_mask_max_ps(maxima, inside(j), maxima, _mm512_loadu_ps(row + j));
-        const float max_score = _mm512_reduce_max_ps(maxima);
-        __m512 total = _mm512_setzero_ps();
-        for (int64_t j = 0; j < width; j += 16) {
-          const __m512 e = _mm512_maskz_mov_ps(inside(j), exp512(_mm512_sub_ps(_mm512_loadu_ps(row + j), _mm512_set1_ps(max_score))));
-          _mm512_storeu_ps(row + j, e);
-          total = _mm512_add_ps(total, e);
-        }
-        inv_sum[r] = 1.f / _mm512_reduce_add_ps(total);
-      }
-      // out = numerators . values / sum, kRows rows at a time (their accumulators in registers)
-      constexpr int64_t kRows = kChunks ? std::max<int64_t>(1, 16 / kChunks) : 1;
-      const int64_t end = last - base + 1;
-      for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
-        const int64_t n = std::min(kRows, rows - r0);
-        __m512 acc[kRows][kChunks ? kChunks : 16];
-        for (int64_t r = 0; r < kRows; ++r)
-          for (int64_t c = 0; c < chunks; ++c) acc[r][c] = _mm512_setzero_ps();
-        for (int64_t j = 0; j < end; ++j) {
-          const bf16* value = values + ((base + j) * KVH + h) * Dv;
-          __m512 v[kChunks ? kChunks : 16];
-          for (int64_t c = 0; c < chunks; ++c) v[c] = widen(value + 16 * c);
-          for (int64_t r = 0; r < n; ++r) {
-            const __m512 weight = _mm512_set1_ps(scores[(r0 + r) * width + j]);
-            for (int64_t c = 0; c < chunks; ++c) acc[r][c] = _mm512_fmadd_ps(weight, v[c], acc[r][c]);
-          }
-        }
-        for (int64_t r = 0; r < n; ++r) {
-          const int64_t row = r0 + r, t = t0 + row / group, head = h * group + row % group;
-          bf16* dst = out + (t * H + head) * Dv;
-          for (int64_t c = 0; c < chunks; ++c)
-            _mm256_storeu_si256((__m256i*)(dst + 16 * c),
-                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][c], _mm512_set1_ps(inv_sum[row]))));
-        }
-      }
+      const int64_t t0 = item_block(i % position_blocks) * positions_per_item;
+      item.load(pr, i / position_blocks, t0, std::min(pr.T, t0 + positions_per_item) - t0);
+      item.score(pr, packed.data());
+      item.softmax_numerators();
+      item.weigh_values<kChunks>(pr);
     }
   });
 }
@@ -180,11 +223,12 @@ torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor keys, torch::Tens
   for (int64_t t = 0; t < T; ++t)
     TORCH_CHECK(pos[t] >= key_start && pos[t] < key_start + S, "query position ", pos[t], " has no key");
   auto out = torch::empty({T, H * Dv}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  const Problem problem{q.data_ptr<bf16>(), keys.data_ptr<bf16>(), values.data_ptr<bf16>(), pos, q.stride(0), S, KVH,
+                        T, H, Dk, Dv, key_start, window, chunk, (float)scale, out.data_ptr<bf16>()};
   auto run = attend<0>;
   if (Dv == 64) run = attend<4>;
   if (Dv == 128) run = attend<8>;
-  run(q.data_ptr<bf16>(), q.stride(0), keys.data_ptr<bf16>(), values.data_ptr<bf16>(), S, KVH, pos, T, H, Dk, Dv,
-      key_start, (float)scale, window, chunk, out.data_ptr<bf16>());
+  run(problem);
   return out;
 }
 
