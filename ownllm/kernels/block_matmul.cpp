@@ -404,6 +404,6 @@ torch::Tensor block_dequantize(torch::Tensor weights, int64_t type, torch::Tenso
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("block_matmul", &block_matmul, "bf16 rows times GGUF block-quantized weights (Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)");
-  m.def("block_dequantize", &block_dequantize, "GGUF block-quantized weights as bf16");
+  m.def("block_matmul", &block_matmul, "bf16 rows times GGUF block-quantized weights (Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)", py::call_guard<py::gil_scoped_release>());
+  m.def("block_dequantize", &block_dequantize, "GGUF block-quantized weights as bf16", py::call_guard<py::gil_scoped_release>());
 }

@@ -1,7 +1,9 @@
 """Compiles the C++ kernels next to this file with torch's extension builder, once, into a cache folder.
 
 A kernel that cannot be built (no compiler, a CPU without the instructions) is reported once and
-its callers fall back to plain torch. OWNLLM_NO_KERNELS=1 turns them all off.
+its callers fall back to plain torch. OWNLLM_NO_KERNELS=1 turns them all off. Every kernel function
+releases the GIL while it runs (py::call_guard<py::gil_scoped_release>: they touch no Python object), so
+the server's thread runs its Python meanwhile instead of waiting out the engine's kernel calls.
 """
 
 from __future__ import annotations

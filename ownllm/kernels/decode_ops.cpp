@@ -314,8 +314,8 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k, torch::Te
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rms_norm", &rms_norm, "Llama RMSNorm, bf16");
-  m.def("rope_rotate_half_", &rope_rotate_half_, "rotate-half RoPE of q and k in place, bf16");
-  m.def("silu_mul", &silu_mul, "silu(gate) * up, bf16");
-  m.def("paged_decode_attention", &paged_decode_attention, "one query per sequence over the paged KV cache, bf16");
+  m.def("rms_norm", &rms_norm, "Llama RMSNorm, bf16", py::call_guard<py::gil_scoped_release>());
+  m.def("rope_rotate_half_", &rope_rotate_half_, "rotate-half RoPE of q and k in place, bf16", py::call_guard<py::gil_scoped_release>());
+  m.def("silu_mul", &silu_mul, "silu(gate) * up, bf16", py::call_guard<py::gil_scoped_release>());
+  m.def("paged_decode_attention", &paged_decode_attention, "one query per sequence over the paged KV cache, bf16", py::call_guard<py::gil_scoped_release>());
 }

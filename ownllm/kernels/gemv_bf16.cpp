@@ -51,6 +51,6 @@ torch::Tensor gemv_bf16_heads(torch::Tensor x, torch::Tensor w) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gemv_bf16", &gemv_bf16, "skinny bf16 matmul (M <= 64)");
-  m.def("gemv_bf16_heads", &gemv_bf16_heads, "skinny bf16 matmul per head (M <= 64)");
+  m.def("gemv_bf16", &gemv_bf16, "skinny bf16 matmul (M <= 64)", py::call_guard<py::gil_scoped_release>());
+  m.def("gemv_bf16_heads", &gemv_bf16_heads, "skinny bf16 matmul per head (M <= 64)", py::call_guard<py::gil_scoped_release>());
 }

@@ -147,5 +147,5 @@ torch::Tensor int4_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int4_matmul", &int4_matmul, "bf16 rows times 4-bit weights");
+  m.def("int4_matmul", &int4_matmul, "bf16 rows times 4-bit weights", py::call_guard<py::gil_scoped_release>());
 }

@@ -82,5 +82,5 @@ torch::Tensor experts_one_token(torch::Tensor x, std::vector<torch::Tensor> gate
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("experts_one_token", &experts_one_token, "the k chosen SwiGLU experts of one token, bf16");
+  m.def("experts_one_token", &experts_one_token, "the k chosen SwiGLU experts of one token, bf16", py::call_guard<py::gil_scoped_release>());
 }

@@ -233,5 +233,5 @@ torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor keys, torch::Tens
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("prefill_attention", &prefill_attention, "causal attention of a sequence's new tokens over its keys, bf16");
+  m.def("prefill_attention", &prefill_attention, "causal attention of a sequence's new tokens over its keys, bf16", py::call_guard<py::gil_scoped_release>());
 }
