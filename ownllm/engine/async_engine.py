@@ -71,8 +71,7 @@ class AsyncEngine:
         from ownllm.engine.llm import LLM
 
         loaded: queue.SimpleQueue = queue.SimpleQueue()
-        set_up = threading.Event()
-        owner: list[AsyncEngine] = []
+        set_up = threading.Event()  # `engine` below is built
 
         def load_then_loop() -> None:
             try:
@@ -82,7 +81,7 @@ class AsyncEngine:
                 return
             loaded.put(llm)
             set_up.wait()
-            owner[0]._loop()
+            engine._loop()
 
         thread = threading.Thread(target=load_then_loop, name="ownllm-engine", daemon=True)
         thread.start()
@@ -96,7 +95,6 @@ class AsyncEngine:
         engine.default_sampling_params = llm.default_sampling_params
         engine.model_config = llm.config
         engine.model_path = llm.model_path
-        owner.append(engine)
         set_up.set()
         return engine
 

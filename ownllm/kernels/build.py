@@ -80,11 +80,21 @@ def bf16_kernels(name: str):
     return load(name, BF16_CPU_FLAGS, BF16_FLAGS + KERNEL_FLAGS.get(name, ()))
 
 
+def on_bf16_cpu(x: torch.Tensor) -> bool:
+    """Whether the bf16 kernels can take tensor `x`: bfloat16, on the CPU (they are CPU code)."""
+    return x.dtype == torch.bfloat16 and x.is_cpu
+
+
+def bf16_kernels_for(name: str, x: torch.Tensor):
+    """bf16_kernels(name) when they can take `x`, else None."""
+    return bf16_kernels(name) if on_bf16_cpu(x) else None
+
+
 def decode_ops(x: torch.Tensor):
-    """The fused decode ops (kernels/decode_ops.cpp) when they apply to `x` (bf16, on the CPU), else None."""
-    return bf16_kernels("decode_ops") if x.dtype == torch.bfloat16 and x.is_cpu else None
+    """The fused decode ops (kernels/decode_ops.cpp) for `x`, or None."""
+    return bf16_kernels_for("decode_ops", x)
 
 
 def prefill_attention_kernel(x: torch.Tensor):
-    """The bf16 attention of many queries (kernels/prefill_attention.cpp) when it applies to `x`, else None."""
-    return bf16_kernels("prefill_attention") if x.dtype == torch.bfloat16 and x.is_cpu else None
+    """The bf16 attention of many queries (kernels/prefill_attention.cpp) for `x`, or None."""
+    return bf16_kernels_for("prefill_attention", x)

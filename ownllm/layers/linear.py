@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ownllm.kernels.build import GEMV_MAX_ROWS, bf16_kernels
+from ownllm.kernels.build import GEMV_MAX_ROWS, bf16_kernels, on_bf16_cpu
 from ownllm.layers.module import Module
 from ownllm.layers.quant import QuantizedWeight
 
@@ -24,7 +24,7 @@ def gemv_kernel():
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     # x: [T, in] -> [T, out]
-    if (x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and x.dtype == torch.bfloat16 and x.is_cpu
+    if (x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and on_bf16_cpu(x)
             and weight.dtype == torch.bfloat16 and weight.is_contiguous() and gemv_kernel() is not None):
         return gemv_kernel().gemv_bf16(x, weight, bias)
     return F.linear(x, weight, bias)

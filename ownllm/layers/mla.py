@@ -11,7 +11,8 @@ attend over it, chosen by the module's `mode`:
 "auto" (the default) runs decode-only batches absorbed and everything else expanded. Both use kv_b_proj
 split per head by `split_kv_b()`, which the model calls once after loading. Attention math
 runs in float32, as in layers/attention.py, whose paging pattern (slot writes, block-table gathers,
-per-sequence causal masks) this copies; expanded attention in bf16 on the CPU runs its prompt kernel. It never touches `kv_cache.v`, which is None for this layout.
+per-sequence causal masks) this copies; expanded attention in bf16 on the CPU runs its prompt kernel.
+It never touches `kv_cache.v`, which is None for this layout.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ownllm.config import ModelConfig
+from ownllm.kernels.build import on_bf16_cpu
 from ownllm.layers.attention import AttentionMetadata, KVCacheSpec, prefill_kernel_attention
 from ownllm.layers.linear import GEMV_MAX_ROWS, Linear, fuse_linears, gemv_kernel
 from ownllm.layers.module import Module
@@ -51,7 +53,7 @@ def yarn_softmax_scale(head_dim: int, scaling: dict | None) -> float:
 
 def per_head_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     # x: [N, heads, K]; w: [heads, out, K] -> [N, heads, out]; a few bf16 rows: one kernel call, else bmm
-    if x.shape[0] <= GEMV_MAX_ROWS and x.dtype == w.dtype == torch.bfloat16 and x.is_cpu and gemv_kernel() is not None:
+    if x.shape[0] <= GEMV_MAX_ROWS and on_bf16_cpu(x) and w.dtype == torch.bfloat16 and gemv_kernel() is not None:
         return gemv_kernel().gemv_bf16_heads(x, w)
     return torch.bmm(x.transpose(0, 1), w.transpose(1, 2)).transpose(0, 1)
 

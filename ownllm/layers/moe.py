@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ownllm.config import ModelConfig
-from ownllm.kernels.build import bf16_kernels
+from ownllm.kernels.build import bf16_kernels_for
 from ownllm.layers.linear import Linear
 from ownllm.layers.module import Module
 
@@ -167,7 +167,7 @@ class Experts(Module):
     def _one_token(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         # x: [1, H]; weights, ids: [k] -> [1, H]. Reads only the k chosen experts' weights.
         experts = ids.tolist()
-        kernel = bf16_kernels("moe_experts") if x.dtype == torch.bfloat16 and x.is_cpu else None
+        kernel = bf16_kernels_for("moe_experts", x)
         if kernel is not None and (lists := self.per_expert()) is not None:
             gate, up, down = ([ws[e] for e in experts] for ws in lists)
             return kernel.experts_one_token(x, gate, up, down, weights, self.scale_input)

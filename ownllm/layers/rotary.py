@@ -107,11 +107,17 @@ class RotaryEmbedding:
         self.attention_factor = rope_attention_factor(scaling)
         self._cached: tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
 
+    def angles(self, positions: torch.Tensor) -> torch.Tensor:
+        """[T, head_dim // 2] float32: each position times each frequency (inv_freq moved to their device once)."""
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        return positions.float()[:, None] * self.inv_freq[None, :]
+
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         cached = self._cached
         if cached is not None and cached[0] is positions and cached[1] == dtype:
             return cached[2], cached[3]
-        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]  # [T, head_dim // 2]
+        freqs = self.angles(positions)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, head_dim]
         cos, sin = emb.cos(), emb.sin()
         if self.attention_factor != 1.0:
@@ -147,7 +153,7 @@ class InterleavedRotaryEmbedding(RotaryEmbedding):
         cached = self._cached_cis
         if cached is not None and cached[0] is positions:
             return cached[1]
-        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]  # [T, head_dim // 2]
+        freqs = self.angles(positions)
         cis = torch.polar(torch.full_like(freqs, self.attention_factor), freqs)[:, None, :]
         self._cached_cis = (positions, cis)
         return cis
