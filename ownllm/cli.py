@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -42,15 +43,23 @@ TopPOpt = Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampl
 TopKOpt = Annotated[Optional[int], typer.Option("--top-k", help="Keep only the k most likely tokens; 0 disables.")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed for reproducible sampling.")]
 SystemOpt = Annotated[Optional[str], typer.Option(help="A system prompt to put before the conversation.")]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Print load time, prompt and decode speed after each answer.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Print load time, prompt and decode speed (and "
+                                           "speculation's acceptance) after each answer.")]
+SpeculativeOpt = Annotated[Optional[str], typer.Option(
+    "--speculative-config", help="Speculative decoding, as JSON with vLLM's keys: '{\"method\": \"ngram\", "
+    "\"num_speculative_tokens\": 4}' (drafts copied from earlier text; also prompt_lookup_min/max) or "
+    "'{\"method\": \"draft_model\", \"model\": PATH, \"num_speculative_tokens\": 4}' (a small model with the "
+    "same tokenizer). Greedy output is unchanged; sampled output keeps its distribution.")]
 
 
-def _load(model: str | None, dtype: str | None, device: str | None):
+def _load(model: str | None, dtype: str | None, device: str | None, speculative_config: str | None):
+    from ownllm.config import SpeculativeConfig
     from ownllm.engine.llm import LLM
 
+    speculative = SpeculativeConfig.parse(speculative_config)  # checked before the model loads
     started = time.perf_counter()
     with err.status(f"Loading {model or BUNDLED_MODEL_NAME}..."):
-        llm = LLM(model, dtype=dtype, device=device)
+        llm = LLM(model, dtype=dtype, device=device, speculative_config=speculative)
     return llm, time.perf_counter() - started
 
 
@@ -96,6 +105,12 @@ def _print_stats(llm, prompt, started: float, first_token_at: float | None, num_
     decode_tokens = max(num_generated - 1, 0)
     err.print(f"prompt: {num_prompt} tokens in {first - started:.2f}s ({num_prompt / max(first - started, 1e-9):.1f} tokens/s)")
     err.print(f"decode: {decode_tokens} tokens in {ended - first:.2f}s ({decode_tokens / max(ended - first, 1e-9):.1f} tokens/s)")
+    stats = llm.engine.core.stats()
+    steps, drafted = stats["spec_decode_sampling_steps_total"], stats["spec_decode_draft_tokens_total"]
+    if drafted:  # totals since the model loaded
+        accepted = stats["spec_decode_accepted_tokens_total"]
+        err.print(f"speculation: {accepted}/{drafted} drafts accepted ({accepted / drafted:.0%}), "
+                  f"mean accepted length {1 + accepted / max(steps, 1):.2f} tokens a step")
 
 
 @app.command()
@@ -105,12 +120,12 @@ def run(
     temperature: TemperatureOpt = None, top_p: TopPOpt = None, top_k: TopKOpt = None, seed: SeedOpt = None,
     system: SystemOpt = None,
     raw: Annotated[bool, typer.Option(help="Send the prompt as is, without the model's chat template.")] = False,
-    verbose: VerboseOpt = False,
+    verbose: VerboseOpt = False, speculative_config: SpeculativeOpt = None,
 ) -> None:
     """Answer one prompt and stream the answer to the terminal."""
     if prompt == "-":
         prompt = sys.stdin.read()
-    llm, load_seconds = _load(model, dtype, device)
+    llm, load_seconds = _load(model, dtype, device, speculative_config)
     if verbose:
         err.print(f"load: {load_seconds:.2f}s")
     params = _params(llm, max_tokens, temperature, top_p, top_k, seed)
@@ -126,10 +141,10 @@ def run(
 def chat(
     model: ModelOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = None, max_tokens: MaxTokensOpt = 1024,
     temperature: TemperatureOpt = None, top_p: TopPOpt = None, top_k: TopKOpt = None, seed: SeedOpt = None,
-    system: SystemOpt = None, verbose: VerboseOpt = False,
+    system: SystemOpt = None, verbose: VerboseOpt = False, speculative_config: SpeculativeOpt = None,
 ) -> None:
     """Chat with a model in the terminal. /reset clears the history, /exit (or Ctrl-D) quits, Ctrl-C stops an answer."""
-    llm, load_seconds = _load(model, dtype, device)
+    llm, load_seconds = _load(model, dtype, device, speculative_config)
     params = _params(llm, max_tokens, temperature, top_p, top_k, seed)
     system_messages = [{"role": "system", "content": system}] if system else []
     history = list(system_messages)
@@ -199,25 +214,26 @@ def serve(
         min=1, help="Token budget of one engine step; longer prompts are prefilled in chunks of this size.")] = 512,
     no_prefix_caching: Annotated[bool, typer.Option(
         "--no-prefix-caching", help="Do not reuse the KV cache of earlier requests' shared prompt prefixes.")] = False,
+    speculative_config: SpeculativeOpt = None,
 ) -> None:
     """Serve a model over HTTP: the OpenAI API under /v1, the Ollama API under /api, /health and /metrics."""
     import uvicorn
 
-    from ownllm.config import parse_memory_size
+    from ownllm.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig, parse_memory_size
     from ownllm.engine.async_engine import AsyncEngine
     from ownllm.loader.resolve import resolve_model
     from ownllm.server import ServerSettings, build_app
 
+    config = EngineConfig(
+        None, dtype, device,
+        CacheConfig(memory_bytes=parse_memory_size(kv_cache_memory) if kv_cache_memory else None,
+                    enable_prefix_caching=not no_prefix_caching),
+        SchedulerConfig(max_num_batched_tokens, max_num_seqs), SpeculativeConfig.parse(speculative_config))
     _check_port_free(host, port)
     path = resolve_model(model)
     name = served_model_name or _served_name(model, path)
     with err.status(f"Loading {model or BUNDLED_MODEL_NAME}..."):
-        engine = AsyncEngine.from_model(
-            str(path), dtype=dtype, device=device, max_waiting=max_waiting, model_name=name,
-            kv_cache_memory=parse_memory_size(kv_cache_memory) if kv_cache_memory else None,
-            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            enable_prefix_caching=not no_prefix_caching,
-        )
+        engine = AsyncEngine.from_config(replace(config, model=str(path)), max_waiting, name)
     origins = tuple(o.strip() for value in cors_origins or [] for o in value.split(",") if o.strip())
     settings = ServerSettings(api_key=api_key or None, cors_origins=origins, model_path=path)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:

@@ -6,7 +6,8 @@ It imports no torch, so the control plane (engine/) can use it freely.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -181,12 +182,83 @@ class SchedulerConfig:
 
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64
+    # decode rows (decoding requests plus their drafts) up to which a step verifies drafts: the batch size up to
+    # which decode reads weights rather than computing (kernels.build.GEMV_MAX_ROWS, the skinny-matmul kernels')
+    max_num_spec_rows: int = 32
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+
+
+SPECULATIVE_METHODS = ("ngram", "draft_model", "mtp")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding, with vLLM's keys: {"method": "ngram", "num_speculative_tokens": k,
+    "prompt_lookup_min": a, "prompt_lookup_max": b}, {"method": "draft_model", "model": PATH_OR_ID,
+    "num_speculative_tokens": k} or {"method": "mtp"}."""
+
+    method: str
+    num_speculative_tokens: int = 4
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 5
+    model: str | None = None  # the draft model (method draft_model)
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative method {self.method!r} is not supported; choose one of "
+                             f"{', '.join(SPECULATIVE_METHODS)}")
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise ValueError(f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(f"prompt_lookup_min ({self.prompt_lookup_min}) must be >= 1 and <= prompt_lookup_max "
+                             f"({self.prompt_lookup_max})")
+        if (self.method == "draft_model") != (self.model is not None):
+            raise ValueError("a speculative config names a draft 'model' exactly when its method is draft_model")
+
+    @classmethod
+    def parse(cls, value: "str | Mapping[str, Any] | SpeculativeConfig | None") -> "SpeculativeConfig | None":
+        """From a dict or its JSON text (--speculative-config); unknown keys are refused by name."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"the speculative config is not valid JSON: {error}") from None
+        if not isinstance(value, Mapping):
+            raise ValueError("the speculative config must be a JSON object, e.g. "
+                             '{"method": "ngram", "num_speculative_tokens": 4}')
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"the speculative config has unknown keys {', '.join(unknown)}; known: "
+                             f"{', '.join(sorted(known))}")
+        if "method" not in value:
+            raise ValueError(f"the speculative config needs a 'method': one of {', '.join(SPECULATIVE_METHODS)}")
+        return cls(**value)
+
+    @property
+    def num_lookahead_tokens(self) -> int:
+        """Slots past the verified tokens a proposer writes while it drafts (a draft model's own KV)."""
+        return self.num_speculative_tokens if self.method == "draft_model" else 0
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything that makes one engine, built once and handed to `build_engine` by LLM, AsyncEngine and
+    `ownllm serve` alike. model None: the bundled model; dtype None: the checkpoint's; device None: cpu."""
+
+    model: str | None = None
+    dtype: str | None = None
+    device: str | None = None
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative: SpeculativeConfig | None = None
 
 
 def parse_memory_size(text: str) -> int:

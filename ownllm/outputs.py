@@ -1,16 +1,20 @@
-"""Results handed back to users, shaped like vLLM's so its users know them.
+"""Plain data that crosses the engine's seams: the step protocol between scheduler and runner, and the
+results handed back to users (shaped like vLLM's so its users know them).
 
-RequestOutput holds one CompletionOutput per sample (n); logprobs, when asked for, are one
-{token_id: Logprob} dict per generated token holding the sampled token and the top alternatives.
+The step protocol carries no live object and no tensor: a SchedulerOutput says what one step computes
+(new requests' data once, then per step only tokens to compute, new block ids and draft tokens), a
+RunnerOutput what it produced (0..k+1 sampled tokens per request, their logprobs, accepted drafts and
+the drafts proposed for the next step). RequestOutput holds one CompletionOutput per sample (n);
+logprobs, when asked for, are one {token_id: Logprob} dict per generated token holding the sampled
+token and the top alternatives.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:
-    from ownllm.request import Request
+from ownllm.sampling_params import SamplingParams
 
 
 @dataclass
@@ -22,6 +26,8 @@ class Logprob:
 
 @dataclass
 class CompletionOutput:
+    """One sample's output: all of it so far, or (output_kind "delta") only what the last step added."""
+
     index: int
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
@@ -44,19 +50,72 @@ class RequestOutput:
     finished: bool = False
 
 
+# ---- the step protocol
+
+
+@dataclass
+class NewRequestData:
+    """A request the runner has not seen (or must recompute after preemption): everything it needs, sent once."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # non-empty when resumed after preemption
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int  # a prefix-cache hit starts past 0
+
+
+@dataclass
+class CachedRequestData:
+    """A request the runner already holds: its blocks added since last step and where its computation stands."""
+
+    request_id: str
+    new_block_ids: list[int]
+    num_computed_tokens: int
+
+
 @dataclass
 class SchedulerOutput:
-    """What one engine step computes: for each scheduled request, how many of its next tokens, in which blocks.
+    """What one engine step computes. num_scheduled_tokens gives, in batch order, each request's tokens computed
+    this step from its num_computed_tokens on, draft tokens included. A request samples iff those tokens reach
+    the end of its known tokens; with k drafts it then samples k+1 rows. Blocks cover num_lookahead_tokens
+    more slots, which a draft model writes while it proposes."""
 
-    A request samples a token this step iff its computed tokens then reach its total (`samples[i]`);
-    a prefill chunk that stops short of the prompt's end only fills the KV cache."""
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    cached_requests: list[CachedRequestData] = field(default_factory=list)
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    finished_request_ids: set[str] = field(default_factory=set)  # finished, aborted or preempted since last step
+    num_lookahead_tokens: int = 0
+    # [num sampled rows, ceil(vocab / 32)] int32 bits of the tokens each row may sample (None: all), rows in
+    # batch order; filled by a grammar backend
+    allowed_token_bitmask: Any = None
 
-    requests: list["Request"]
-    num_tokens: list[int]  # tokens computed this step, per request, starting at request.num_computed_tokens
-    block_tables: list[list[int]]
-    samples: list[bool]
-    preempted_ids: list[str] = field(default_factory=list)
+    @property
+    def request_ids(self) -> list[str]:
+        return list(self.num_scheduled_tokens)
 
     @property
     def num_batched_tokens(self) -> int:
-        return sum(self.num_tokens)
+        return sum(self.num_scheduled_tokens.values())
+
+
+@dataclass
+class SampleLogprobs:
+    """Logprobs of one sampled token in the raw model distribution (before penalties and temperature)."""
+
+    logprob: float
+    rank: int  # 1 = most likely; 0 when logprobs were not asked for
+    top: list[tuple[int, float]] | None = None  # (token id, logprob), most likely first
+
+
+@dataclass
+class RunnerOutput:
+    """What one step produced, aligned with request_ids (the scheduler output's batch order).
+    sampled_token_ids[i]: the accepted drafts then one sampled token (empty for a prompt chunk short of the end)."""
+
+    request_ids: list[str] = field(default_factory=list)
+    sampled_token_ids: list[list[int]] = field(default_factory=list)
+    logprobs: list[list[SampleLogprobs]] = field(default_factory=list)
+    num_accepted_draft_tokens: list[int] = field(default_factory=list)
+    draft_token_ids: dict[str, list[int]] = field(default_factory=dict)  # proposals for the next step

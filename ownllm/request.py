@@ -1,7 +1,7 @@
 """Request: the one unit that flows through the engine, with explicit counters and its status.
 
-Plain data, no torch. The scheduler, the model runner and the output processor all read and
-advance the same Request; nothing about a request lives anywhere else.
+Plain data, no torch, and control-plane only: the scheduler and the output processor read and advance
+it; the model runner never sees it (it gets the step's plain data and keeps its own per-request state).
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ class Request:
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    spec_token_ids: list[int] = field(default_factory=list)  # draft tokens to verify in its next step
+    num_draft_tokens: int = 0  # drafts verified so far
+    num_accepted_tokens: int = 0  # of which accepted
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,4 +1,4 @@
-"""AsyncEngine.from_model: the model loads on the engine thread (the only thread that runs OpenMP work), load
+"""AsyncEngine.from_config: the model loads on the engine thread (the only thread that runs OpenMP work), load
 errors reach the caller, and streams give what the offline engine gives."""
 
 from __future__ import annotations
@@ -8,8 +8,9 @@ import threading
 
 import pytest
 
-import ownllm.engine.llm as llm_module
+import ownllm.engine.async_engine as async_module
 from ownllm import LLM, SamplingParams
+from ownllm.config import EngineConfig
 from ownllm.engine.async_engine import AsyncEngine
 from tests.checkpoints import build_checkpoint, random_prompts
 
@@ -24,13 +25,13 @@ def folder(tmp_path_factory):
 def test_loads_and_runs_on_the_engine_thread(folder, monkeypatch):
     loaded_on = []
 
-    class Recording(LLM):
-        def __init__(self, *args, **kwargs):
-            loaded_on.append(threading.current_thread())
-            super().__init__(*args, **kwargs)
+    def recording(config):
+        loaded_on.append(threading.current_thread())
+        return build_engine(config)
 
-    monkeypatch.setattr(llm_module, "LLM", Recording)
-    engine = AsyncEngine.from_model(str(folder), dtype="float32")
+    build_engine = async_module.build_engine
+    monkeypatch.setattr(async_module, "build_engine", recording)
+    engine = AsyncEngine.from_config(EngineConfig(str(folder), dtype="float32"))
     try:
         assert loaded_on == [engine._thread] and engine._thread is not threading.current_thread()
         prompt = random_prompts((9,), seed=2)[0]
@@ -50,4 +51,4 @@ def test_a_load_error_reaches_the_caller(tmp_path):
     with pytest.raises(FileNotFoundError):
         LLM(str(tmp_path / "missing.gguf"))
     with pytest.raises(FileNotFoundError):
-        AsyncEngine.from_model(str(tmp_path / "missing.gguf"))
+        AsyncEngine.from_config(EngineConfig(str(tmp_path / "missing.gguf")))

@@ -63,13 +63,13 @@ def test_stop_token_id_and_max_tokens(llm):
 
 def test_eos_ends_generation_unless_ignored(llm):
     full = llm.generate(PROMPT, greedy())[0].outputs[0]
-    llm.engine.core.eos_token_ids = {full.token_ids[3]}
+    llm.engine.core.output_processor.eos_token_ids = {full.token_ids[3]}
     try:
         out = llm.generate(PROMPT, greedy(ignore_eos=False))[0].outputs[0]
         assert out.finish_reason == "stop" and out.stop_reason is None and len(out.token_ids) <= 4
         assert len(llm.generate(PROMPT, greedy())[0].outputs[0].token_ids) == 24
     finally:
-        llm.engine.core.eos_token_ids = set(llm.tokenizer.eos_token_ids)
+        llm.engine.core.output_processor.eos_token_ids = set(llm.tokenizer.eos_token_ids)
 
 
 def test_n_samples_and_seed(llm):

@@ -6,10 +6,21 @@ import pytest
 import torch
 
 from ownllm import SamplingParams
-from ownllm.request import Request
-from ownllm.worker.sampler import Sampler, apply_penalties, filter_logits
+from ownllm.worker.sampler import Sampler, SamplerOutput, SamplingMetadata, SamplingRow, filter_logits
 
 LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
+
+
+def row(params: SamplingParams, prompt=(0,), output=(), generator=None) -> SamplingRow:
+    if generator is None and params.seed is not None:
+        generator = torch.Generator().manual_seed(params.seed)
+    return SamplingRow(params, list(prompt) + list(output), len(prompt), generator=generator)
+
+
+def sample(rows: list[SamplingRow], logits: torch.Tensor | None = None, eos=(), bitmask=None) -> SamplerOutput:
+    logits = LOGITS.expand(len(rows), -1).clone() if logits is None else logits
+    meta = SamplingMetadata.build(rows, logits.shape[-1], set(eos), allowed_token_bitmask=bitmask)
+    return Sampler()(logits, meta)
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -22,12 +33,13 @@ def test_invalid_values_are_refused_naming_the_field(kwargs, field):
         SamplingParams(**kwargs)
 
 
-def _draws(params: SamplingParams, num: int, request_id: str = "r") -> torch.Tensor:
-    sampler = Sampler()
-    request = Request(request_id, [0], params)
+def _draws(params: SamplingParams, num: int) -> torch.Tensor:
+    """num draws of one seeded request, in batches of 100 rows sharing its generator."""
+    one = row(params)
     counts = torch.zeros(len(LOGITS))
-    for _ in range(num):
-        counts[sampler(LOGITS[None].clone(), [request])[0].token_id] += 1
+    for _ in range(num // 100):
+        for token_id in sample([one] * 100).token_ids:
+            counts[token_id] += 1
     return counts
 
 
@@ -70,35 +82,79 @@ def test_seed_reproduces_and_different_seeds_differ():
     b = _draws(SamplingParams(temperature=1.0, seed=123), 200)
     c = _draws(SamplingParams(temperature=1.0, seed=124), 200)
     assert torch.equal(a, b)
-    sampler_a, sampler_c = Sampler(), Sampler()
-    ra, rc = Request("a", [0], SamplingParams(temperature=1.0, seed=123)), Request("c", [0], SamplingParams(temperature=1.0, seed=124))
-    seq_a = [sampler_a(LOGITS[None].clone(), [ra])[0].token_id for _ in range(50)]
-    seq_c = [sampler_c(LOGITS[None].clone(), [rc])[0].token_id for _ in range(50)]
+    ra, rc = row(SamplingParams(temperature=1.0, seed=123)), row(SamplingParams(temperature=1.0, seed=124))
+    seq_a = [sample([ra]).token_ids[0] for _ in range(50)]
+    seq_c = [sample([rc]).token_ids[0] for _ in range(50)]
     assert seq_a != seq_c
     assert not torch.equal(a, c) or seq_a != seq_c
 
 
+def test_a_seeded_request_draws_the_same_tokens_whatever_else_is_in_the_batch():
+    params = SamplingParams(temperature=0.9, top_p=0.9, seed=5)
+    generator = torch.Generator().manual_seed(5)
+    alone = [sample([row(params, generator=generator)]).token_ids[0] for _ in range(30)]
+    generator = torch.Generator().manual_seed(5)
+    others = [row(SamplingParams(temperature=1.3, top_k=3)), row(SamplingParams(temperature=0)),
+              row(SamplingParams(temperature=0.5, seed=99, repetition_penalty=1.3), output=[1, 2])]
+    batched = [sample([others[0], row(params, generator=generator), *others[1:]]).token_ids[1] for _ in range(30)]
+    assert batched == alone and len(set(alone)) > 1
+
+
+def test_batched_rows_match_rows_sampled_one_by_one():
+    """Every greedy row, penalties, min_tokens and logprobs included, equals the same row sampled alone."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50) * 3
+    rows = [row(SamplingParams(temperature=0, logprobs=3)),
+            row(SamplingParams(temperature=0, repetition_penalty=1.7, frequency_penalty=0.6), prompt=[4, 9], output=[9, 9, 2]),
+            row(SamplingParams(temperature=0, min_tokens=3, stop_token_ids=[7]), output=[1]),
+            row(SamplingParams(temperature=0, presence_penalty=1.5, logprobs=0), output=[11, 30]),
+            row(SamplingParams(temperature=0, logprobs=5), prompt=[1, 2, 3]),
+            row(SamplingParams(temperature=0, ignore_eos=True, min_tokens=2))]
+    for i in range(6):  # make each row's argmax something a setting changes
+        logits[i, [7, 9, 11, 30, 3]] += 8
+    together = sample(rows, logits.clone(), eos=[3])
+    for i, r in enumerate(rows):
+        alone = sample([r], logits[i : i + 1].clone(), eos=[3])
+        assert together.token_ids[i] == alone.token_ids[0], f"row {i}"
+        assert (together.logprobs[i], together.ranks[i], together.top_logprobs[i]) == (
+            alone.logprobs[0], alone.ranks[0], alone.top_logprobs[0]), f"row {i}"
+    assert together.token_ids[2] not in (3, 7) and together.token_ids[5] == 3
+
+
+def test_allowed_token_bitmask_restricts_every_row():
+    torch.manual_seed(1)
+    logits = torch.randn(3, 70)
+    allowed = [{5, 40}, {69}, {0, 33, 64}]
+    bitmask = torch.zeros(3, 3, dtype=torch.int32)
+    for i, tokens in enumerate(allowed):
+        for t in tokens:
+            bitmask[i, t // 32] |= torch.tensor(1 << (t % 32), dtype=torch.int64).to(torch.int32)
+    rows = [row(SamplingParams(temperature=0)), row(SamplingParams(temperature=1.0, seed=3)),
+            row(SamplingParams(temperature=2.0, seed=4))]
+    for _ in range(20):
+        out = sample(rows, logits.clone(), bitmask=bitmask)
+        assert all(t in a for t, a in zip(out.token_ids, allowed))
+
+
 def test_greedy_picks_argmax_and_reports_raw_logprobs():
-    request = Request("g", [0], SamplingParams(temperature=0, logprobs=3))
-    result = Sampler()(LOGITS[None].clone(), [request])[0]
+    out = sample([row(SamplingParams(temperature=0, logprobs=3))])
     raw = LOGITS.log_softmax(-1)
-    assert result.token_id == 0 and result.rank == 1
-    assert result.logprob == pytest.approx(float(raw[0]))
-    assert [t for t, _ in result.top_logprobs] == [0, 1, 2]
+    assert out.token_ids[0] == 0 and out.ranks[0] == 1
+    assert out.logprobs[0] == pytest.approx(float(raw[0]))
+    assert [t for t, _ in out.top_logprobs[0]] == [0, 1, 2]
 
 
 def test_min_tokens_masks_stop_ids():
-    request = Request("m", [0], SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[1]))
-    assert Sampler(eos_token_ids=[0])(LOGITS[None].clone(), [request])[0].token_id == 2
-    request.output_token_ids = [5, 5]
-    assert Sampler(eos_token_ids=[0])(LOGITS[None].clone(), [request])[0].token_id == 0
+    params = SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[1])
+    assert sample([row(params)], eos=[0]).token_ids == [2]
+    assert sample([row(params, output=[5, 5])], eos=[0]).token_ids == [0]
 
 
 def test_penalties():
     params = SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
-    request = Request("p", [0], params)  # prompt token 0
-    request.output_token_ids = [1, 1, 6]
-    out = apply_penalties(LOGITS.clone(), request)
+    logits = LOGITS[None].clone()
+    SamplingMetadata.build([row(params, prompt=[0], output=[1, 1, 6])], 8, set()).penalties.apply(logits)
+    out = logits[0]
     assert out[0] == pytest.approx(2.0 / 2)  # repetition only (prompt)
     assert out[1] == pytest.approx(1.5 / 2 - 0.5 - 2 * 0.25)  # repetition + presence + 2x frequency
     assert out[6] == pytest.approx(-1.0 * 2 - 0.5 - 0.25)  # negative logits are multiplied
@@ -106,5 +162,5 @@ def test_penalties():
 
 
 def test_filters_keep_at_least_one_token():
-    kept = filter_logits(LOGITS.clone(), top_k=0, top_p=1e-6, min_p=0.0)
+    kept = filter_logits(LOGITS[None].clone(), top_k=None, top_p=torch.tensor([1e-6]), min_p=None)[0]
     assert torch.isfinite(kept).sum() == 1 and torch.isfinite(kept[0])

@@ -17,14 +17,29 @@ def request(rid: str, prompt_len: int, first_token: int = 1, **kwargs) -> Reques
     return Request(rid, list(range(first_token, first_token + prompt_len)), SamplingParams(max_tokens=100), **kwargs)
 
 
-def run_step(s: Scheduler, token: int = 7):
+class Step:
+    """One scheduled step, seen as lists in batch order."""
+
+    def __init__(self, s: Scheduler, out):
+        self.out = out
+        by_id = {r.request_id: r for r in s.running}
+        self.requests = [by_id[rid] for rid in out.request_ids]
+        self.num_tokens = list(out.num_scheduled_tokens.values())
+        self.samples = [r.num_computed_tokens + n >= r.num_tokens for r, n in zip(self.requests, self.num_tokens)]
+        self.block_tables = [s.kv_cache.block_ids(r.request_id) for r in self.requests]
+        self.preempted_ids = sorted(rid for rid in out.finished_request_ids if rid not in s.kv_cache.req_blocks)
+        self.num_batched_tokens = out.num_batched_tokens
+
+
+def run_step(s: Scheduler, token: int = 7) -> Step:
     """One step with a fake model: every request that reaches its end gets `token`."""
-    out = s.schedule()
-    s.update(out)
-    for r, sample in zip(out.requests, out.samples):
+    step = Step(s, s.schedule())
+    for r, n, sample in zip(step.requests, step.num_tokens, step.samples):
+        s.advance(r, n, 0, 0)
         if sample:
             r.output_token_ids.append(token)
-    return out
+        s.cache_blocks(r)
+    return step
 
 
 def test_prompt_is_chunked_under_the_token_budget():
@@ -64,7 +79,7 @@ def test_block_tables_follow_allocation():
     s = make(block_size=4, budget=100)
     s.add(request("a", 9))
     out = s.schedule()
-    assert out.block_tables == [[0, 1, 2]]
+    assert [n.block_ids for n in out.new_requests] == [[0, 1, 2]]
 
 
 def test_preemption_frees_the_most_recent_request_and_it_resumes_with_its_tokens():

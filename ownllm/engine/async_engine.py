@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
+from ownllm.config import EngineConfig
+from ownllm.engine.build import build_engine, default_sampling_params
 from ownllm.engine.engine import Engine
 from ownllm.outputs import RequestOutput
 from ownllm.sampling_params import SamplingParams
@@ -49,6 +51,9 @@ class AsyncEngine:
         self.model_name = model_name
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
+        self.model_config = engine.model_config
+        self.model_path = engine.model_path
+        self.generation_config = engine.generation_config
         self.max_waiting = max_waiting
         self.started_at = time.time()
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -60,43 +65,38 @@ class AsyncEngine:
             self._thread.start()
 
     @classmethod
-    def from_model(cls, model: str | None, dtype: str | None = None, max_waiting: int | None = None,
-                   model_name: str | None = None, **engine_options) -> "AsyncEngine":
-        """engine_options: LLM's (kv_cache_memory, max_num_seqs, max_num_batched_tokens, block_size, ...).
-
-        The model loads on the engine thread, which then runs every step, so no other thread ever runs OpenMP
-        work: libgomp spins a team's idle workers only while its threads number no more than the cores, and the
-        team that loading on the caller's thread left behind made each step wake sleeping workers instead
-        (bundled model, one client: 3x slower decode)."""
-        from ownllm.engine.llm import LLM
-
+    def from_config(cls, config: EngineConfig, max_waiting: int | None = None,
+                    model_name: str | None = None) -> "AsyncEngine":
+        """Builds the engine (build_engine) on the engine thread, which then runs every step, so no other thread
+        ever runs OpenMP work: libgomp spins a team's idle workers only while its threads number no more than the
+        cores, and the team that loading on the caller's thread left behind made each step wake sleeping workers
+        instead (bundled model, one client: 3x slower decode)."""
         loaded: queue.SimpleQueue = queue.SimpleQueue()
         set_up = threading.Event()  # `engine` below is built
 
         def load_then_loop() -> None:
             try:
-                llm = LLM(model, dtype=dtype, **engine_options)
+                built = build_engine(config)
             except BaseException as error:  # handed to the caller
                 loaded.put(error)
                 return
-            loaded.put(llm)
+            loaded.put(built)
             set_up.wait()
             engine._loop()
 
         thread = threading.Thread(target=load_then_loop, name="ownllm-engine", daemon=True)
         thread.start()
-        llm = loaded.get()
-        if isinstance(llm, BaseException):
-            raise llm
-        name = model_name or (llm.model_path.stem if llm.model_path and llm.model_path.suffix == ".gguf"
-                              else str(model or "smollm2-135m-instruct"))
-        engine = cls(llm.engine, name, max_waiting, thread=thread)
-        engine.generation_config = llm.generation_config
-        engine.default_sampling_params = llm.default_sampling_params
-        engine.model_config = llm.config
-        engine.model_path = llm.model_path
+        built = loaded.get()
+        if isinstance(built, BaseException):
+            raise built
+        path = built.model_path
+        name = model_name or (path.stem if path and path.suffix == ".gguf" else str(config.model or "smollm2-135m-instruct"))
+        engine = cls(built, name, max_waiting, thread=thread)
         set_up.set()
         return engine
+
+    def default_sampling_params(self) -> SamplingParams:
+        return default_sampling_params(self.generation_config)
 
     # ---- the API (call from an asyncio event loop)
 
@@ -104,7 +104,7 @@ class AsyncEngine:
         self, prompt_token_ids: list[int], sampling_params: SamplingParams, request_id: str | None = None,
         prompt: str | None = None, priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
-        """Streams cumulative RequestOutputs; the last has finished=True. Raises ValueError for a request the
+        """Streams RequestOutputs (cumulative or deltas, as sampling_params.output_kind asks); the last has finished=True. Raises ValueError for a request the
         engine refuses (e.g. too long), EngineOverloaded when too many wait."""
         request_id = request_id or f"req-{next(self._ids)}"
         loop = asyncio.get_running_loop()

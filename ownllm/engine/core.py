@@ -1,42 +1,49 @@
-"""EngineCore: one step = schedule -> run the model -> append sampled tokens -> token-level stop checks.
+"""EngineCore: one step = schedule -> run the model -> fold in the sampled tokens -> release finished requests.
 
-Token-level stopping (EOS, stop token ids, max_tokens, the context limit) is decided here; stop
-strings are the output processor's. The runner is anything with `execute(SchedulerOutput)` ->
-{request_id: sample result} and `free(request_id)`; the core never touches a tensor.
+The runner is anything with `execute(SchedulerOutput) -> RunnerOutput` (worker.model_runner.ModelRunner, or a
+fake in tests): plain data in and out, so the core never touches a tensor. After each step the scheduler
+advances counters over accepted tokens only, the output processor appends the tokens and decides every stop,
+and the drafts the runner proposed wait, trimmed to what the request may still generate, for the next step.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from typing import Protocol, Sequence
 
 from ownllm.config import SchedulerConfig
 from ownllm.engine.kv_cache import KVCacheManager
+from ownllm.engine.output_processor import OutputProcessor
 from ownllm.engine.scheduler import Scheduler
-from ownllm.outputs import SchedulerOutput
+from ownllm.outputs import RunnerOutput, SchedulerOutput
 from ownllm.request import FinishReason, Request
+from ownllm.tokenizer import Tokenizer
 
 
 class Runner(Protocol):
-    def execute(self, output: SchedulerOutput) -> dict[str, Any]: ...
-
-    def free(self, request_id: str) -> None: ...
+    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput: ...
 
 
 class EngineCore:
     def __init__(
-        self, runner: Runner, kv_cache: KVCacheManager, eos_token_ids: Sequence[int], max_model_len: int,
-        scheduler_config: SchedulerConfig | None = None,
+        self, runner: Runner, kv_cache: KVCacheManager, tokenizer: Tokenizer, max_model_len: int,
+        scheduler_config: SchedulerConfig | None = None, num_lookahead_tokens: int = 0,
+        eos_token_ids: Sequence[int] | None = None,
     ) -> None:
         self.runner = runner
         self.kv_cache = kv_cache
-        self.scheduler = Scheduler(scheduler_config or SchedulerConfig(), kv_cache)
-        self.eos_token_ids = set(eos_token_ids)
+        self.scheduler = Scheduler(scheduler_config or SchedulerConfig(), kv_cache, num_lookahead_tokens)
+        eos = tokenizer.eos_token_ids if eos_token_ids is None else eos_token_ids
+        self.output_processor = OutputProcessor(tokenizer, eos, max_model_len)
         self.max_model_len = max_model_len
         self.requests: dict[str, Request] = {}
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
+        self.num_sampling_steps_total = 0  # request-steps that sampled
+        self.num_draft_tokens_total = 0
+        self.num_accepted_tokens_total = 0
 
     def add_request(self, request: Request) -> None:
+        """Queues a request whose output state the caller has added to output_processor."""
         if not request.prompt_token_ids:
             raise ValueError("the prompt is empty")
         if request.num_prompt_tokens >= self.max_model_len:
@@ -68,44 +75,51 @@ class EngineCore:
             "prefix_cache_hits": kv.num_hit_tokens,
             "prompt_tokens_total": self.num_prompt_tokens_total,
             "generation_tokens_total": self.num_generation_tokens_total,
+            "spec_decode_draft_tokens_total": self.num_draft_tokens_total,
+            "spec_decode_accepted_tokens_total": self.num_accepted_tokens_total,
+            "spec_decode_sampling_steps_total": self.num_sampling_steps_total,
         }
 
-    def _stop_ids(self, request: Request) -> set[int]:
-        params = request.sampling_params
-        ids = set(params.stop_token_ids)
-        return ids if params.ignore_eos else ids | self.eos_token_ids
-
-    def step(self) -> list[tuple[Request, Any]]:
-        """Runs one scheduled batch -> (request, sample result) for each request that got a new token."""
-        output = self.scheduler.schedule()
-        if not output.requests:
+    def step(self) -> list[Request]:
+        """Runs one scheduled batch -> the requests that got new tokens (finished ones included)."""
+        scheduler_output = self.scheduler.schedule()
+        if not scheduler_output.num_scheduled_tokens:
             return []
-        results = self.runner.execute(output)
-        self.scheduler.update(output)
-        sampled = []
-        for request, num_new in zip(output.requests, output.num_tokens):
-            self.num_prompt_tokens_total += max(0, min(num_new, request.num_prompt_tokens - (request.num_computed_tokens - num_new)))
-            result = results.get(request.request_id)
-            if result is None:
-                continue
-            request.output_token_ids.append(result.token_id)
-            self.num_generation_tokens_total += 1
-            self._check_stop(request)
-            sampled.append((request, result))
-        return sampled
+        runner_output = self.runner.execute(scheduler_output)
+        progressed = []
+        for i, request_id in enumerate(runner_output.request_ids):
+            request = self.requests[request_id]
+            num_scheduled = scheduler_output.num_scheduled_tokens[request_id]
+            num_drafts = len(scheduler_output.draft_token_ids.get(request_id, ()))
+            num_accepted = runner_output.num_accepted_draft_tokens[i]
+            num_prompt_left = request.num_prompt_tokens - request.num_computed_tokens
+            self.num_prompt_tokens_total += max(0, min(num_scheduled, num_prompt_left))
+            self.scheduler.advance(request, num_scheduled, num_drafts, num_accepted)
+            token_ids = runner_output.sampled_token_ids[i]
+            if token_ids:
+                num_before = request.num_output_tokens
+                self.output_processor.append(request, token_ids, runner_output.logprobs[i])
+                self.num_generation_tokens_total += request.num_output_tokens - num_before
+                self.num_sampling_steps_total += 1
+                self.num_draft_tokens_total += num_drafts
+                self.num_accepted_tokens_total += num_accepted
+                progressed.append(request)
+            self.scheduler.cache_blocks(request)
+            if not request.is_finished:
+                request.spec_token_ids = self._trim_drafts(request, runner_output.draft_token_ids.get(request_id, []))
+        self.release_finished()
+        return progressed
 
-    def _check_stop(self, request: Request) -> None:
-        params, token_id = request.sampling_params, request.output_token_ids[-1]
-        if request.num_output_tokens >= params.min_tokens and token_id in self._stop_ids(request):
-            reason = token_id if token_id in params.stop_token_ids else None
-            request.finish(FinishReason.STOP, reason)
-        elif params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
-            request.finish(FinishReason.LENGTH)
-        elif request.num_tokens >= self.max_model_len:
-            request.finish(FinishReason.LENGTH)
+    def _trim_drafts(self, request: Request, draft_token_ids: list[int]) -> list[int]:
+        """Drafts past what the request may still generate would be verified for nothing."""
+        room = self.max_model_len - request.num_tokens
+        max_tokens = request.sampling_params.max_tokens
+        if max_tokens is not None:
+            room = min(room, max_tokens - request.num_output_tokens)
+        return draft_token_ids[: max(room - 1, 0)]
 
     def finish(self, request_id: str, reason: FinishReason = FinishReason.ABORT, stop_reason: str | None = None) -> None:
-        """Ends a request early (abort, or a stop string found downstream) and frees what it holds."""
+        """Ends a request early (an abort) and frees what it holds."""
         request = self.requests.get(request_id)
         if request is not None and not request.is_finished:
             request.finish(reason, stop_reason)
@@ -114,4 +128,3 @@ class EngineCore:
     def release_finished(self) -> None:
         for request_id in [rid for rid, r in self.requests.items() if r.is_finished]:
             self.scheduler.finish(self.requests.pop(request_id))
-            self.runner.free(request_id)

@@ -1,18 +1,18 @@
 """Engine: prompts and SamplingParams in, RequestOutputs out, one step at a time.
 
-It fans a request with n samples out into n engine Requests, drives the EngineCore, folds sampled
-tokens into text through the OutputProcessor and reports, after each step, a cumulative
-RequestOutput for every request that progressed. The offline LLM and the AsyncEngine both sit on it.
+It fans a request with n samples out into n engine Requests, drives the EngineCore and reports, after
+each step, a RequestOutput for every request that progressed, shaped by its params' output_kind: all
+so far ("cumulative"), what the step added ("delta"), or only the finished output ("final_only").
+The offline LLM and the AsyncEngine both sit on it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
-from ownllm.config import SchedulerConfig
-from ownllm.engine.core import EngineCore, Runner
-from ownllm.engine.kv_cache import KVCacheManager
-from ownllm.engine.output_processor import OutputProcessor
+from ownllm.config import ModelConfig
+from ownllm.engine.core import EngineCore
 from ownllm.outputs import RequestOutput
 from ownllm.request import FinishReason, Request
 from ownllm.sampling_params import SamplingParams
@@ -25,15 +25,22 @@ class _Parent:
     prompt_token_ids: list[int]
     child_ids: list[str]
     forks: list[Request]  # samples not yet admitted
+    output_kind: str
 
 
 class Engine:
-    def __init__(self, runner: Runner, kv_cache: KVCacheManager, tokenizer: Tokenizer, max_model_len: int,
-                 scheduler_config: SchedulerConfig | None = None) -> None:
-        self.core = EngineCore(runner, kv_cache, tokenizer.eos_token_ids, max_model_len, scheduler_config)
+    """model_config, generation_config and model_path describe the loaded model (build_engine sets them)."""
+
+    def __init__(self, core: EngineCore, tokenizer: Tokenizer, model_config: ModelConfig | None = None,
+                 generation_config: dict | None = None, model_path: Path | None = None) -> None:
+        self.core = core
+        self.runner = core.runner
         self.tokenizer = tokenizer
-        self.max_model_len = max_model_len
-        self.output_processor = OutputProcessor(tokenizer)
+        self.model_config = model_config
+        self.generation_config = generation_config or {}
+        self.model_path = model_path
+        self.max_model_len = core.max_model_len
+        self.output_processor = core.output_processor
         self._parents: dict[str, _Parent] = {}
 
     def add_request(
@@ -47,9 +54,10 @@ class Engine:
             for i in range(params.n)
         ]
         self.core.add_request(children[0])  # validates; raises ValueError for a request it refuses
-        for i, child in enumerate(children):
-            self.output_processor.add(child, i)
-        self._parents[request_id] = _Parent(prompt, list(prompt_token_ids), [c.request_id for c in children], children[1:])
+        for index, child in enumerate(children):
+            self.output_processor.add(child, index)
+        self._parents[request_id] = _Parent(prompt, list(prompt_token_ids), [c.request_id for c in children],
+                                            children[1:], params.output_kind)
 
     def _add_forks(self) -> None:
         """Admits samples 2..n once sample 1 has computed the prompt, so they share its cached prompt blocks."""
@@ -71,19 +79,20 @@ class Engine:
         return self.core.stats()
 
     def step(self) -> list[RequestOutput]:
-        """Runs one engine step -> a cumulative output for each request that progressed (finished ones last time)."""
+        """Runs one engine step -> an output for each request that progressed (as its output_kind asks)."""
         self._add_forks()
-        progressed = set()
-        for request, result in self.core.step():
-            self.output_processor.process(request, result)
-            progressed.add(request.request_id.rpartition("#")[0])
-        self.core.release_finished()
-        return [self._output(rid) for rid in list(self._parents) if rid in progressed]
+        progressed = {request.request_id.rpartition("#")[0] for request in self.core.step()}
+        outputs = (self._output(rid) for rid in list(self._parents) if rid in progressed)
+        return [output for output in outputs if output is not None]
 
-    def _output(self, request_id: str) -> RequestOutput:
+    def _output(self, request_id: str) -> RequestOutput | None:
         parent = self._parents[request_id]
-        outputs = [self.output_processor.completion(cid) for cid in parent.child_ids]
-        finished = not parent.forks and all(o.finished for o in outputs)
+        states = [self.output_processor.states[cid] for cid in parent.child_ids]
+        finished = not parent.forks and all(s.request.is_finished for s in states)
+        if parent.output_kind == "final_only" and not finished:
+            return None
+        delta = parent.output_kind == "delta"
+        outputs = [self.output_processor.completion(cid, delta) for cid in parent.child_ids]
         if finished:
             for child_id in parent.child_ids:
                 self.output_processor.remove(child_id)

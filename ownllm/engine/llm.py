@@ -9,15 +9,14 @@ from __future__ import annotations
 import itertools
 from typing import Any, Iterator, Sequence
 
-from ownllm.config import CacheConfig, SchedulerConfig, resolve_device
-from ownllm.engine.engine import Engine
-from ownllm.engine.kv_cache import KVCacheManager
-from ownllm.loader import load_checkpoint
+from dataclasses import replace
+
+from ownllm.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
+from ownllm.engine.build import build_engine, default_sampling_params
 from ownllm.outputs import CompletionOutput, RequestOutput
 from ownllm.sampling_params import SamplingParams
 
 PromptType = str | Sequence[int] | dict[str, Any]
-_GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 class LLM:
@@ -25,38 +24,35 @@ class LLM:
     GGUF weights are dequantized to the compute dtype. Engine options: `kv_cache_memory` (bytes of KV cache;
     default min(2 GiB, a quarter of free memory)), `block_size`, `enable_prefix_caching`,
     `max_num_batched_tokens` (the per-step token budget, which is also the prefill chunk size),
-    `max_num_seqs`, `num_kv_blocks` (tests)."""
+    `max_num_seqs`, `num_kv_blocks` (tests), `speculative_config` (a dict with vLLM's keys, or its JSON:
+    {"method": "ngram", "num_speculative_tokens": 4}, {"method": "draft_model", "model": PATH, ...})."""
 
     def __init__(
         self, model: str | None = None, dtype: str | None = None, *, kv_cache_memory: int | None = None,
         block_size: int = 16, enable_prefix_caching: bool = True, max_num_batched_tokens: int = 512,
         max_num_seqs: int = 64, num_kv_blocks: int | None = None, device: str | None = None,
+        speculative_config: dict | str | None = None,
     ) -> None:
-        from ownllm.worker.model_runner import ModelRunner
-
-        device = resolve_device(device)  # before loading: a bad device fails fast
-
-        cache_config = CacheConfig(block_size, kv_cache_memory, enable_prefix_caching=enable_prefix_caching,
-                                   num_blocks=num_kv_blocks)
-        scheduler_config = SchedulerConfig(max_num_batched_tokens, max_num_seqs)
-        checkpoint = load_checkpoint(model, dtype, keep_quantized=device == "cpu")
-        self.config = checkpoint.config
-        self.tokenizer = checkpoint.tokenizer
-        self.generation_config = checkpoint.generation_config
-        self.model_path = checkpoint.path
-        self.runner = ModelRunner(checkpoint, cache_config, self.tokenizer.eos_token_ids, max_num_seqs, device)
-        self.kv_cache = KVCacheManager(self.runner.num_blocks, block_size, enable_prefix_caching)
-        self.max_model_len = min(self.config.max_model_len, self.runner.num_blocks * block_size)
-        self.engine = Engine(self.runner, self.kv_cache, self.tokenizer, self.max_model_len, scheduler_config)
+        self.engine = build_engine(EngineConfig(
+            model, dtype, device,
+            CacheConfig(block_size, kv_cache_memory, enable_prefix_caching=enable_prefix_caching,
+                        num_blocks=num_kv_blocks),
+            SchedulerConfig(max_num_batched_tokens, max_num_seqs),
+            SpeculativeConfig.parse(speculative_config),
+        ))
+        self.runner = self.engine.runner
+        self.config = self.engine.model_config
+        self.tokenizer = self.engine.tokenizer
+        self.generation_config = self.engine.generation_config
+        self.model_path = self.engine.model_path
+        self.kv_cache = self.engine.core.kv_cache
+        self.max_model_len = self.engine.max_model_len
         self.last_output: CompletionOutput | None = None
         self._ids = itertools.count()
 
     def default_sampling_params(self) -> SamplingParams:
         """The model's own sampling defaults from generation_config.json, as vLLM applies them."""
-        values = {k: self.generation_config[k] for k in _GENERATION_CONFIG_KEYS if k in self.generation_config}
-        if self.generation_config.get("do_sample") is False:
-            values["temperature"] = 0.0
-        return SamplingParams(**values)
+        return default_sampling_params(self.generation_config)
 
     def prompt_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """(prompt text if any, token ids) for a string, a list of token ids or {"prompt_token_ids": [...]}."""
@@ -77,8 +73,9 @@ class LLM:
             return [prompts]
         return list(prompts)
 
-    def _add(self, prompt: PromptType, params: SamplingParams) -> str:
+    def _add(self, prompt: PromptType, params: SamplingParams, output_kind: str) -> str:
         text, ids = self.prompt_ids(prompt)
+        params = replace(params, output_kind=output_kind)
         request_id = str(next(self._ids))
         self.engine.add_request(request_id, ids, params, prompt=text)
         return request_id
@@ -96,7 +93,7 @@ class LLM:
         finished: dict[str, RequestOutput] = {}
         try:
             for prompt, p in zip(prompts, params_list):
-                request_ids.append(self._add(prompt, p))
+                request_ids.append(self._add(prompt, p, "final_only"))
             while self.engine.has_unfinished():
                 finished.update((o.request_id, o) for o in self.engine.step() if o.finished)
         finally:
@@ -127,20 +124,22 @@ class LLM:
         params = sampling_params or self.default_sampling_params()
         if params.n != 1:
             raise ValueError("stream() takes one sample (n=1)")
-        request_id = self._add(prompt, params)
+        request_id = self._add(prompt, params, "delta")
         self.last_output = None
-        sent = 0
+        token_ids: list[int] = []
+        text = ""
         try:
             while self.engine.has_unfinished():
                 for output in self.engine.step():
                     if output.request_id != request_id:
                         continue
-                    completion = output.outputs[0]
-                    if len(completion.text) > sent:
-                        yield completion.text[sent:]
-                        sent = len(completion.text)
+                    delta = output.outputs[0]
+                    token_ids += delta.token_ids
+                    text += delta.text
+                    if delta.text:
+                        yield delta.text
                     if output.finished:
-                        self.last_output = completion
+                        self.last_output = replace(delta, text=text, token_ids=token_ids)
                         return
         finally:
             self.engine.abort(request_id)

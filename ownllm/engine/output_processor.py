@@ -1,15 +1,19 @@
-"""Turns sampled token ids into what users see: incremental text, stop strings, logprobs.
+"""Turns sampled tokens into what users see, and decides every stop: the one place where EOS, stop token ids,
+max_tokens, the context limit and stop strings end a request.
 
-One RequestState per request keeps its detokenizer and accumulated output. Text that might be the
-start of a stop string is held back from outputs until it is known not to be one, so a stop string
-spanning tokens is never half-shown.
+Tokens arrive a step at a time, one or several per request (accepted drafts), and are folded in one at a
+time, so a stop in the middle of an accepted run drops the tokens after it. One RequestState per request
+keeps its detokenizer and accumulated output. Text that might be the start of a stop string is held back
+from outputs until it is known not to be one, so a stop string spanning tokens is never half-shown.
+Outputs are cumulative or deltas (what was added since the last output of that request).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
-from ownllm.outputs import CompletionOutput, Logprob
+from ownllm.outputs import CompletionOutput, Logprob, SampleLogprobs
 from ownllm.request import FinishReason, Request
 from ownllm.tokenizer import IncrementalDetokenizer, Tokenizer, find_stop, held_back_len
 
@@ -22,11 +26,15 @@ class RequestState:
     text: str = ""  # all decoded text (may end in held-back characters)
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float = 0.0
+    num_sent_tokens: int = 0  # what earlier delta outputs carried
+    num_sent_chars: int = 0
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, eos_token_ids: Sequence[int], max_model_len: int) -> None:
         self.tokenizer = tokenizer
+        self.eos_token_ids = set(eos_token_ids)
+        self.max_model_len = max_model_len
         self.states: dict[str, RequestState] = {}
 
     def add(self, request: Request, index: int = 0) -> None:
@@ -39,20 +47,34 @@ class OutputProcessor:
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def process(self, request: Request, result) -> None:
-        """Folds in one sampled token: logprobs, text, and a stop string that may end the request."""
+    def append(self, request: Request, token_ids: Sequence[int], logprobs: Sequence[SampleLogprobs]) -> None:
+        """Folds in one step's tokens in order, up to the first that ends the request."""
         state = self.states[request.request_id]
-        params = request.sampling_params
-        state.cumulative_logprob += result.logprob
-        if state.logprobs is not None:
-            entry = {result.token_id: Logprob(result.logprob, result.rank, self._token_text(result.token_id))}
-            for rank, (token_id, logprob) in enumerate(result.top_logprobs or [], start=1):
-                entry.setdefault(token_id, Logprob(logprob, rank, self._token_text(token_id)))
-            state.logprobs.append(entry)
-        stopped_by_token = request.finish_reason is FinishReason.STOP  # a stop token is not part of the text
+        for token_id, sample in zip(token_ids, logprobs):
+            request.output_token_ids.append(token_id)
+            state.cumulative_logprob += sample.logprob
+            if state.logprobs is not None:
+                entry = {token_id: Logprob(sample.logprob, sample.rank, self._token_text(token_id))}
+                for rank, (top_id, logprob) in enumerate(sample.top or [], start=1):
+                    entry.setdefault(top_id, Logprob(logprob, rank, self._token_text(top_id)))
+                state.logprobs.append(entry)
+            self._check_stop(state, token_id)
+            if request.is_finished:
+                return
+
+    def _check_stop(self, state: RequestState, token_id: int) -> None:
+        request, params = state.request, state.request.sampling_params
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+        stopped_by_token = request.num_output_tokens >= params.min_tokens and token_id in stop_ids
+        if stopped_by_token:  # a stop token is not part of the text
+            request.finish(FinishReason.STOP, token_id if token_id in params.stop_token_ids else None)
+        elif params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
+            request.finish(FinishReason.LENGTH)
+        elif request.num_tokens >= self.max_model_len:
+            request.finish(FinishReason.LENGTH)
         start = len(state.text)
         if not stopped_by_token:
-            state.text += state.detokenizer.push(result.token_id)
+            state.text += state.detokenizer.push(token_id)
         if request.is_finished:
             state.text += state.detokenizer.flush()
         if params.stop and not stopped_by_token:
@@ -62,21 +84,24 @@ class OutputProcessor:
                 state.text = state.text[: at + (len(stop) if params.include_stop_str_in_output else 0)]
                 request.finish(FinishReason.STOP, stop)
 
-    def completion(self, request_id: str) -> CompletionOutput:
-        """The output so far. While running, text that may be the start of a stop string is held back,
-        so successive completions' texts only ever extend each other."""
+    def completion(self, request_id: str, delta: bool = False) -> CompletionOutput:
+        """The output so far, or (delta) what was added since the last delta. While running, text that may be
+        the start of a stop string is held back, so successive outputs' texts only ever extend each other."""
         state = self.states[request_id]
         request = state.request
         reason = request.finish_reason
-        text = state.text
+        text_end = len(state.text)
         if not request.is_finished and request.sampling_params.stop:
-            text = text[: len(text) - held_back_len(text, request.sampling_params.stop)]
+            text_end -= held_back_len(state.text, request.sampling_params.stop)
+        first_token, first_char = (state.num_sent_tokens, state.num_sent_chars) if delta else (0, 0)
+        if delta:
+            state.num_sent_tokens, state.num_sent_chars = request.num_output_tokens, text_end
         return CompletionOutput(
             index=state.index,
-            text=text,
-            token_ids=list(request.output_token_ids),
+            text=state.text[first_char:text_end],
+            token_ids=request.output_token_ids[first_token:],
             cumulative_logprob=state.cumulative_logprob,
-            logprobs=state.logprobs,
+            logprobs=state.logprobs[first_token:] if state.logprobs is not None else None,
             finish_reason=reason.value if reason else None,
             stop_reason=request.stop_reason,
         )

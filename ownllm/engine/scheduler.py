@@ -1,28 +1,40 @@
-"""Scheduler: continuous batching under a per-step token budget, with chunked prefill and preemption.
+"""Scheduler: continuous batching under a per-step token budget, with chunked prefill, preemption and
+draft tokens to verify.
 
 Prefill and decode are not modes: every request has tokens it has not computed yet (its whole
-prompt at first, one token once decoding), and each step gives running requests, then waiting ones,
-as many of those tokens as the budget allows. When the KV cache runs out of blocks, the most
-recently admitted running request is preempted: its blocks are freed and it waits to be recomputed
-(its prefix-cache blocks usually survive, so that is cheap). Waiting requests are admitted by
-(priority, arrival), lower priority values first. Plain Python: imports no torch.
+prompt at first, one token once decoding, plus the drafts it verifies), and each step gives running
+requests, then waiting ones, as many of those tokens as the budget allows. When the KV cache runs out
+of blocks, the most recently admitted running request is preempted: its blocks are freed and it waits
+to be recomputed (its prefix-cache blocks usually survive, so that is cheap). Waiting requests are
+admitted by (priority, arrival), lower priority values first.
+
+Speculation backs off under load: a step verifies drafts only while its decode rows (one per decoding
+request plus its drafts) stay within `max_num_spec_rows`, the batch size up to which decoding is bound
+by reading the weights, so extra rows are nearly free; beyond it they would cost compute.
+
+It emits the step as plain data (outputs.SchedulerOutput) and learns what happened from a RunnerOutput:
+counters advance, and blocks are hashed into the prefix cache, only over accepted tokens; the slots of
+rejected drafts are rolled back. Plain Python: imports no torch.
 """
 
 from __future__ import annotations
 
 from ownllm.config import SchedulerConfig
 from ownllm.engine.kv_cache import KVCacheManager
-from ownllm.outputs import SchedulerOutput
+from ownllm.outputs import CachedRequestData, NewRequestData, SchedulerOutput
 from ownllm.request import Request, RequestStatus
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager, num_lookahead_tokens: int = 0) -> None:
         self.config = config
         self.kv_cache = kv_cache
+        self.num_lookahead_tokens = num_lookahead_tokens  # slots a draft model writes past the verified tokens
         self.waiting: list[Request] = []
         self.running: list[Request] = []  # in admission order
         self.num_preemptions = 0
+        self._num_sent_blocks: dict[str, int] = {}  # block ids the runner holds, per request
+        self._finished_ids: set[str] = set()  # to tell the runner at the next step
 
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
@@ -30,31 +42,47 @@ class Scheduler:
         self.waiting.sort(key=lambda r: (r.priority, r.arrival_time))
 
     def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(finished_request_ids=self._finished_ids, num_lookahead_tokens=self.num_lookahead_tokens)
+        self._finished_ids = set()
         budget = self.config.max_num_batched_tokens
-        scheduled: list[tuple[Request, int]] = []
         preempted: list[Request] = []
+        spec_rows = self.config.max_num_spec_rows - sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if self._allocate_or_preempt(request, num_new, preempted):
-                scheduled.append((request, num_new))
-                budget -= num_new
-                index += 1
-            else:
+            is_decoding = request.num_tokens - request.num_computed_tokens == 1  # drafts follow the last token
+            num_drafts = min(len(request.spec_token_ids), budget - num_new, max(spec_rows, 0)) if is_decoding else 0
+            del request.spec_token_ids[num_drafts:]
+            if not self._allocate_or_preempt(request, num_new + num_drafts, preempted):
                 break  # the request preempted itself: nothing more fits
+            if num_drafts:
+                out.draft_token_ids[request.request_id] = list(request.spec_token_ids)
+                spec_rows -= num_drafts
+            self._schedule(request, num_new + num_drafts, out)
+            budget -= num_new + num_drafts
+            index += 1
+        out.finished_request_ids |= {r.request_id for r in preempted}
         if not preempted:
-            budget = self._admit_waiting(budget, scheduled)
-        return SchedulerOutput(
-            requests=[r for r, _ in scheduled],
-            num_tokens=[n for _, n in scheduled],
-            block_tables=[self.kv_cache.block_ids(r.request_id) for r, _ in scheduled],
-            samples=[r.num_computed_tokens + n >= r.num_tokens for r, n in scheduled],
-            preempted_ids=[r.request_id for r in preempted],
-        )
+            self._admit_waiting(budget, out)
+        return out
+
+    def _schedule(self, request: Request, num_new: int, out: SchedulerOutput, new: bool = False) -> None:
+        block_ids = self.kv_cache.block_ids(request.request_id)
+        request_id = request.request_id
+        if new:
+            out.new_requests.append(NewRequestData(
+                request_id, request.prompt_token_ids, list(request.output_token_ids), request.sampling_params,
+                block_ids, request.num_computed_tokens))
+        else:
+            sent = self._num_sent_blocks[request_id]
+            out.cached_requests.append(CachedRequestData(request_id, block_ids[sent:], request.num_computed_tokens))
+        self._num_sent_blocks[request_id] = len(block_ids)
+        out.num_scheduled_tokens[request_id] = num_new
 
     def _allocate_or_preempt(self, request: Request, num_new: int, preempted: list[Request]) -> bool:
-        while not self.kv_cache.allocate(request.request_id, request.num_computed_tokens + num_new):
+        num_slots = request.num_computed_tokens + num_new + self.num_lookahead_tokens
+        while not self.kv_cache.allocate(request.request_id, num_slots):
             victim = self.running.pop()
             self._preempt(victim)
             preempted.append(victim)
@@ -64,13 +92,15 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request.request_id)
+        self._num_sent_blocks.pop(request.request_id, None)
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         request.status = RequestStatus.PREEMPTED
         self.num_preemptions += 1
         self.waiting.append(request)
         self.waiting.sort(key=lambda r: (r.priority, r.arrival_time))
 
-    def _admit_waiting(self, budget: int, scheduled: list[tuple[Request, int]]) -> int:
+    def _admit_waiting(self, budget: int, out: SchedulerOutput) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             token_ids = request.all_token_ids
@@ -83,15 +113,20 @@ class Scheduler:
             request.num_computed_tokens = num_cached
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            scheduled.append((request, num_new))
+            self._schedule(request, num_new, out, new=True)
             budget -= num_new
-        return budget
 
-    def update(self, output: SchedulerOutput) -> None:
-        """Advances each scheduled request's computed tokens and registers newly full blocks."""
-        for request, num_new in zip(output.requests, output.num_tokens):
-            request.num_computed_tokens += num_new
-            self.kv_cache.cache_full_blocks(request.request_id, request.all_token_ids, request.num_computed_tokens)
+    def advance(self, request: Request, num_scheduled: int, num_drafts: int, num_accepted: int) -> None:
+        """After a step: the request's computed tokens move past what it computed, less its rejected drafts
+        (their slots are written over next step)."""
+        request.num_computed_tokens += num_scheduled - (num_drafts - num_accepted)
+        request.num_draft_tokens += num_drafts
+        request.num_accepted_tokens += num_accepted
+
+    def cache_blocks(self, request: Request) -> None:
+        """Registers the request's blocks now full of computed (so accepted) tokens in the prefix cache."""
+        num_computed = min(request.num_computed_tokens, request.num_tokens)
+        self.kv_cache.cache_full_blocks(request.request_id, request.all_token_ids, num_computed)
 
     def finish(self, request: Request) -> None:
         """Removes a finished or aborted request and frees its blocks."""
@@ -100,6 +135,8 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         self.kv_cache.free(request.request_id)
+        if self._num_sent_blocks.pop(request.request_id, None) is not None:
+            self._finished_ids.add(request.request_id)
 
     @property
     def num_waiting(self) -> int:

@@ -1,23 +1,29 @@
-"""ModelRunner: a SchedulerOutput in, sampled tokens out. Owns the model weights and the KV-cache pool.
+"""ModelRunner: a SchedulerOutput in, a RunnerOutput out. Owns the model weights, the KV-cache pool, its own
+per-request state (token ids, params, block ids, seeded generators) and the draft proposer.
 
-Each step it flattens the scheduled requests' new tokens into one batch (token ids, positions,
-cache slots, block tables), runs the model once, takes the logits of each request that finishes
-its scheduled tokens this step and samples them. Results are plain Python values, so the engine
-above it never touches a tensor.
+New requests arrive once with all their data; afterwards a step names only how many tokens each computes,
+its new blocks and the drafts it verifies. Each step flattens those tokens into one batch (drafts as decode
+rows: see input_batch), runs the model once, samples every row that needs a token in one batched call,
+accepts each request's drafts up to the first that differs from what the target sampled at that position
+(an exact rejection rule for drafts proposed as single tokens: it keeps the target distribution), and asks
+the proposer for the next drafts. Results are plain Python values: the engine above never touches a tensor.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import torch
 
-from ownllm.config import CacheConfig, ModelConfig
-from ownllm.layers.attention import AttentionMetadata, PagedKVCache
+from ownllm.config import CacheConfig, ModelConfig, SpeculativeConfig
+from ownllm.layers.attention import PagedKVCache
 from ownllm.loader import Checkpoint
 from ownllm.models.registry import model_class
-from ownllm.outputs import SchedulerOutput
-from ownllm.worker.sampler import SampleResult, Sampler
+from ownllm.outputs import RunnerOutput, SampleLogprobs, SchedulerOutput
+from ownllm.sampling_params import SamplingParams
+from ownllm.worker.input_batch import Span, build_inputs
+from ownllm.worker.sampler import Sampler, SamplingMetadata, SamplingRow
 
 logger = logging.getLogger(__name__)
 DEFAULT_KV_CACHE_BYTES = 2 * 2**30
@@ -34,12 +40,27 @@ def available_memory_bytes() -> int:
     return 8 * 2**30
 
 
+@dataclass
+class RequestState:
+    """What the runner keeps of a request between steps."""
+
+    request_id: str
+    token_ids: list[int]  # prompt, then every token sampled and accepted so far
+    num_prompt_tokens: int
+    params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+    generator: torch.Generator | None = None
+    drafts: list[int] = field(default_factory=list)  # verified this step
+
+
 class ModelRunner:
     """device: "cpu", or a CUDA device, where the weights, the KV pool and each step's tensors live; on a GPU
     only the plain-torch paths run (the kernels are CPU code)."""
 
     def __init__(self, checkpoint: Checkpoint, cache_config: CacheConfig | None = None,
-                 eos_token_ids: list[int] | None = None, max_num_seqs: int = 64, device: str = "cpu") -> None:
+                 eos_token_ids: list[int] | None = None, max_num_seqs: int = 64, device: str = "cpu",
+                 speculative_config: SpeculativeConfig | None = None) -> None:
         self.config: ModelConfig = checkpoint.config
         self.cache_config = cache_config or CacheConfig()
         self.dtype = getattr(torch, self.config.dtype)
@@ -48,11 +69,18 @@ class ModelRunner:
         self.model = cls.from_tensors(self.config, checkpoint.tensors)
         if torch.device(device).type != "cpu":
             self.model.to(device)
-        self.sampler = Sampler(eos_token_ids or [], device)
+        self.eos_token_ids = set(eos_token_ids or [])
+        self.sampler = Sampler()
         self.kv_spec = cls.kv_cache_spec(self.config)
         self.block_size = self.cache_config.block_size
         self.num_blocks = self._num_blocks(max_num_seqs)
         self.kv_cache = PagedKVCache(self.kv_spec, self.num_blocks, self.block_size, self.dtype, device)
+        self.requests: dict[str, RequestState] = {}
+        self.proposer = None
+        if speculative_config is not None:
+            from ownllm.spec_decode import build_proposer
+
+            self.proposer = build_proposer(speculative_config, self, checkpoint)
 
     def _num_blocks(self, max_num_seqs: int) -> int:
         """From the memory budget; without an explicit one, no more than max_num_seqs full contexts need."""
@@ -70,36 +98,71 @@ class ModelRunner:
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, cc.block_size, num_blocks * per_block / 2**30)
         return num_blocks
 
-    def _metadata(self, output: SchedulerOutput) -> tuple[torch.Tensor, AttentionMetadata, list[int]]:
-        token_ids, positions, slots, query_start_loc, seq_lens, last_index = [], [], [], [0], [], []
-        bs = self.block_size
-        for request, num_new, table in zip(output.requests, output.num_tokens, output.block_tables):
-            start = request.num_computed_tokens
-            token_ids += request.all_token_ids[start : start + num_new]
-            span = range(start, start + num_new)
-            positions += span
-            slots += [table[p // bs] * bs + p % bs for p in span]
-            query_start_loc.append(query_start_loc[-1] + num_new)
-            seq_lens.append(start + num_new)
-            last_index.append(query_start_loc[-1] - 1)
-        max_blocks = max(len(t) for t in output.block_tables)
-        def tensor(values: list) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long, device=self.device)
-
-        tables = tensor([t + [0] * (max_blocks - len(t)) for t in output.block_tables])
-        meta = AttentionMetadata(tensor(positions), tensor(slots), query_start_loc, seq_lens, tables, self.kv_cache)
-        return tensor(token_ids), meta, last_index
+    def _update_states(self, so: SchedulerOutput) -> None:
+        for request_id in so.finished_request_ids:
+            self.requests.pop(request_id, None)
+            if self.proposer is not None:
+                self.proposer.free(request_id)
+        for new in so.new_requests:
+            seed = new.sampling_params.seed
+            generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
+            self.requests[new.request_id] = RequestState(
+                new.request_id, new.prompt_token_ids + new.output_token_ids, len(new.prompt_token_ids),
+                new.sampling_params, list(new.block_ids), new.num_computed_tokens, generator)
+        for cached in so.cached_requests:
+            state = self.requests[cached.request_id]
+            state.block_ids += cached.new_block_ids
+            state.num_computed_tokens = cached.num_computed_tokens
 
     @torch.inference_mode()
-    def execute(self, output: SchedulerOutput) -> dict[str, SampleResult]:
-        input_ids, meta, last_index = self._metadata(output)
+    def execute(self, so: SchedulerOutput) -> RunnerOutput:
+        self._update_states(so)
+        spans, sampling = [], []  # sampling: (state, index of its first sampled row in the batch)
+        num_rows = 0
+        for request_id, num_new in so.num_scheduled_tokens.items():
+            state = self.requests[request_id]
+            state.drafts = so.draft_token_ids.get(request_id, [])
+            start = state.num_computed_tokens
+            tokens = (state.token_ids + state.drafts)[start : start + num_new] if state.drafts else \
+                state.token_ids[start : start + num_new]
+            spans.append(Span(tokens, start, state.block_ids, as_decode_rows=bool(state.drafts)))
+            num_rows += num_new
+            if start + num_new >= len(state.token_ids) + len(state.drafts):
+                sampling.append((state, num_rows - 1 - len(state.drafts)))
+        input_ids, meta = build_inputs(spans, self.kv_cache, self.device)
         hidden = self.model(input_ids, meta)  # [T, hidden]
-        rows = [i for i, s in enumerate(output.samples) if s]
-        if not rows:
-            return {}
-        logits = self.model.compute_logits(hidden[[last_index[i] for i in rows]]).float()  # [R, vocab]
-        requests = [output.requests[i] for i in rows]
-        return {r.request_id: result for r, result in zip(requests, self.sampler(logits, requests))}
+        output = RunnerOutput(request_ids=list(so.num_scheduled_tokens))
+        sampled = {}
+        if sampling:
+            rows = [first + j for state, first in sampling for j in range(len(state.drafts) + 1)]
+            logits = self.model.compute_logits(hidden[rows]).float()  # [R, vocab]
+            sampled = self._sample(logits, sampling, so.allowed_token_bitmask)
+        for request_id in output.request_ids:
+            tokens, logprobs, num_accepted = sampled.get(request_id, ([], [], 0))
+            output.sampled_token_ids.append(tokens)
+            output.logprobs.append(logprobs)
+            output.num_accepted_draft_tokens.append(num_accepted)
+        if self.proposer is not None and sampling:
+            output.draft_token_ids = self.proposer.propose([state for state, _ in sampling])
+        return output
 
-    def free(self, request_id: str) -> None:
-        self.sampler.free(request_id)
+    def _sample(self, logits: torch.Tensor, sampling: list[tuple[RequestState, int]],
+                bitmask) -> dict[str, tuple[list[int], list[SampleLogprobs], int]]:
+        """Samples every row, then accepts each request's drafts while they equal the target's own token at
+        that position -> {request id: (tokens, their logprobs, drafts accepted)}; the tokens join its state."""
+        rows = [SamplingRow(state.params, state.token_ids, state.num_prompt_tokens, state.drafts[:j], state.generator)
+                for state, _ in sampling for j in range(len(state.drafts) + 1)]
+        meta = SamplingMetadata.build(rows, logits.shape[-1], self.eos_token_ids, self.device, bitmask)
+        out = self.sampler(logits, meta)
+        results, row = {}, 0
+        for state, _ in sampling:
+            num_accepted = 0
+            while num_accepted < len(state.drafts) and out.token_ids[row + num_accepted] == state.drafts[num_accepted]:
+                num_accepted += 1
+            taken = range(row, row + num_accepted + 1)
+            tokens = [out.token_ids[i] for i in taken]
+            logprobs = [SampleLogprobs(out.logprobs[i], out.ranks[i], out.top_logprobs[i]) for i in taken]
+            state.token_ids += tokens
+            results[state.request_id] = (tokens, logprobs, num_accepted)
+            row += len(state.drafts) + 1
+        return results

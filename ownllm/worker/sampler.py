@@ -1,100 +1,217 @@
-"""Sampler: logits of a batch of requests -> one next token each, plus the logprobs asked for.
+"""Sampler: the logits rows of one step -> one token each, plus the logprobs asked for, as batched tensor code.
 
-Order of processing, as vLLM and transformers do it: penalties (repetition over prompt and output,
-presence and frequency over output), min_tokens EOS masking, then greedy argmax or temperature,
-top-k, top-p, min-p and a draw. Draws use the exponential-race trick (argmax of p / Exp(1)), which
-is an exact sample from p and, with a per-request torch.Generator, reproducible under a seed.
+Each sampled row (a request's next position, or each position it verifies drafts at) has its settings in one
+SamplingMetadata of tensors, built once per step. Order of processing, as vLLM and transformers do it:
+penalties (repetition over prompt and output, presence and frequency over output), min_tokens stop-id
+masking, the allowed-token bitmask (grammars), then greedy argmax or temperature, top-k, top-p, min-p and a
+draw. Draws use the exponential race (argmax of p / Exp(1)), an exact sample from p; a seeded request's rows
+draw from its own torch.Generator, so the same seed gives the same tokens whatever else is in the batch.
 Returned logprobs are those of the raw model distribution (before penalties and temperature).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from ownllm.request import Request
+from ownllm.sampling_params import SamplingParams
+
+NEG_INF = float("-inf")
 
 
 @dataclass
-class SampleResult:
-    token_id: int
-    logprob: float  # of the sampled token, raw distribution
-    rank: int  # 1 = most likely; 0 when logprobs were not asked for
-    top_logprobs: list[tuple[int, float]] | None  # (token id, logprob), most likely first
+class SamplingRow:
+    """What one logits row needs: its request's params and token history (the drafts before the row count as
+    output); the histories are sliced only when a penalty needs them."""
+
+    params: SamplingParams
+    token_ids: list[int]  # the request's prompt and output tokens
+    num_prompt_tokens: int
+    drafts_before: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :] + self.drafts_before
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens + len(self.drafts_before)
 
 
-def apply_penalties(logits: torch.Tensor, request: Request) -> torch.Tensor:
-    # logits: [vocab] float32
-    params = request.sampling_params
-    if params.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(request.all_token_ids)), dtype=torch.long, device=logits.device)
-        values = logits[seen]
-        logits[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
-    if (params.presence_penalty or params.frequency_penalty) and request.output_token_ids:
-        ids, counts = torch.tensor(request.output_token_ids, device=logits.device).unique(return_counts=True)
-        logits[ids] -= params.frequency_penalty * counts.float() + params.presence_penalty
-    return logits
+@dataclass
+class Penalties:
+    rows: torch.Tensor  # [P] rows with a penalty
+    repetition: torch.Tensor  # [P, 1]
+    presence: torch.Tensor  # [P, 1]
+    frequency: torch.Tensor  # [P, 1]
+    seen: torch.Tensor  # [P, vocab] bool: in the prompt or the output
+    output_counts: torch.Tensor  # [P, vocab] float32
+
+    def apply(self, logits: torch.Tensor) -> None:
+        # logits: [R, vocab] float32, changed in place
+        rows = logits[self.rows]
+        rows = torch.where(self.seen, torch.where(rows > 0, rows / self.repetition, rows * self.repetition), rows)
+        rows -= self.frequency * self.output_counts + self.presence * (self.output_counts > 0)
+        logits[self.rows] = rows
 
 
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
-    """Sets to -inf the tokens top-k, top-p and min-p exclude. logits: [vocab] (already temperature-scaled)."""
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
+def _counts(histories: list[list[int]], vocab: int, device) -> torch.Tensor:
+    """[len(histories), vocab] float32 occurrence counts."""
+    width = max(1, max(len(h) for h in histories))
+    ids = torch.tensor([h + [0] * (width - len(h)) for h in histories], dtype=torch.long, device=device)
+    ones = torch.tensor([[1.0] * len(h) + [0.0] * (width - len(h)) for h in histories], device=device)
+    return torch.zeros(len(histories), vocab, device=device).scatter_add_(1, ids, ones)
+
+
+@dataclass
+class SamplingMetadata:
+    """One step's sampling settings for R rows. Optional parts are None when no row uses them."""
+
+    temperature: torch.Tensor  # [R, 1] float32 (1 for greedy rows, which never divide)
+    greedy_rows: list[int]
+    random_rows: list[int]
+    top_k: torch.Tensor | None  # [random rows] long, 0 = off
+    top_p: torch.Tensor | None  # [random rows] float32, 1 = off
+    min_p: torch.Tensor | None  # [random rows] float32, 0 = off
+    generators: dict[int, torch.Generator]  # random row -> its request's seeded generator
+    penalties: Penalties | None
+    stop_masks: list[tuple[int, list[int]]]  # (row, token ids it may not sample yet: min_tokens)
+    allowed_token_bitmask: torch.Tensor | None  # [R, ceil(vocab / 32)] int32
+    num_logprobs: list[int | None]  # per row: top alternatives asked for (None: no logprobs)
+
+    @classmethod
+    def build(cls, rows: list[SamplingRow], vocab: int, eos_token_ids: set[int], device="cpu",
+              allowed_token_bitmask=None) -> "SamplingMetadata":
+        params = [r.params for r in rows]
+        random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
+        randoms = [params[i] for i in random_rows]
+
+        def column(values: list, dtype=torch.float32) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        def optional(values: list, off) -> torch.Tensor | None:
+            return column(values, torch.long if isinstance(off, int) else torch.float32) if any(
+                v != off for v in values) else None
+
+        penalized = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0 or p.presence_penalty
+                     or p.frequency_penalty]
+        penalties = None
+        if penalized:
+            counts = _counts([rows[i].output_token_ids for i in penalized], vocab, device)
+            prompts = _counts([rows[i].prompt_token_ids for i in penalized], vocab, device)
+            penalties = Penalties(
+                column(penalized, torch.long), column([[params[i].repetition_penalty] for i in penalized]),
+                column([[params[i].presence_penalty] for i in penalized]),
+                column([[params[i].frequency_penalty] for i in penalized]), (counts + prompts) > 0, counts)
+        stop_masks = []
+        for i, (row, p) in enumerate(zip(rows, params)):
+            if row.num_output_tokens < p.min_tokens:
+                stop_masks.append((i, sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else eos_token_ids))))
+        bitmask = allowed_token_bitmask
+        if bitmask is not None and not isinstance(bitmask, torch.Tensor):
+            bitmask = torch.as_tensor(bitmask, dtype=torch.int32, device=device)
+        return cls(
+            temperature=column([[p.temperature if not p.is_greedy else 1.0] for p in randoms]),
+            greedy_rows=[i for i, p in enumerate(params) if p.is_greedy], random_rows=random_rows,
+            top_k=optional([p.top_k for p in randoms], 0), top_p=optional([p.top_p for p in randoms], 1.0),
+            min_p=optional([p.min_p for p in randoms], 0.0),
+            generators={j: rows[i].generator for j, i in enumerate(random_rows) if rows[i].generator is not None},
+            penalties=penalties, stop_masks=stop_masks, allowed_token_bitmask=bitmask,
+            num_logprobs=[p.logprobs for p in params],
+        )
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """Sets to -inf, in place, every token whose bit is 0. logits: [R, vocab]; bitmask: [R, ceil(vocab / 32)] int32,
+    token t's bit is bit t % 32 of word t // 32 (xgrammar's and llguidance's layout)."""
+    bits = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((bitmask.unsqueeze(-1) >> bits) & 1).flatten(1)[:, : logits.shape[-1]]  # [R, vocab]
+    logits.masked_fill_(allowed == 0, NEG_INF)
+
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
+                  min_p: torch.Tensor | None) -> torch.Tensor:
+    """Sets to -inf the tokens top-k, top-p and min-p exclude, row by row. logits: [R, vocab] (temperature-scaled);
+    top_k: [R] (0 off), top_p: [R] (1 off), min_p: [R] (0 off), each None when off for every row."""
+    if top_k is not None:
+        k = torch.where(top_k > 0, top_k, logits.shape[-1]).clamp(max=logits.shape[-1])
+        values = logits.topk(int(k.max()), dim=-1).values  # [R, k_max], descending
+        kth = values.gather(1, (k - 1)[:, None])  # [R, 1]
+        logits = logits.masked_fill(logits < kth, NEG_INF)
+    if top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
         before = probs.cumsum(-1) - probs  # mass of strictly more likely tokens
-        drop = before >= top_p
-        drop[0] = False
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    if min_p > 0.0:
+        drop = before >= top_p[:, None]
+        drop[:, 0] = False
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), NEG_INF)
+    if min_p is not None:
         probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+        logits = logits.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), NEG_INF)
     return logits
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]  # [R]
+    logprobs: list[float]  # [R] of each sampled token, raw distribution
+    ranks: list[int]  # [R], 0 where logprobs were not asked for
+    top_logprobs: list[list[tuple[int, float]] | None]  # [R]
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: list[int] | None = None, device: str = "cpu") -> None:
-        self.eos_token_ids = set(eos_token_ids or [])
-        self.device = device  # the logits', so seeded generators live there
-        self._generators: dict[str, torch.Generator] = {}
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        # logits: [R, vocab] float32
+        raw = logits.log_softmax(-1)
+        x = logits.clone()
+        if meta.penalties is not None:
+            meta.penalties.apply(x)
+        for row, stop_ids in meta.stop_masks:  # hold back every token that would stop it
+            x[row, stop_ids] = NEG_INF
+        if meta.allowed_token_bitmask is not None:
+            apply_token_bitmask(x, meta.allowed_token_bitmask)
+        token_ids = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+        if meta.greedy_rows:
+            greedy = meta.greedy_rows
+            token_ids[greedy] = x[greedy].argmax(-1) if len(greedy) < x.shape[0] else x.argmax(-1)
+        if meta.random_rows:
+            token_ids[meta.random_rows] = self._draw(x[meta.random_rows], meta)
+        return self._logprobs(raw, token_ids, meta)
 
-    def _generator(self, request: Request) -> torch.Generator | None:
-        seed = request.sampling_params.seed
-        if seed is None:
-            return None
-        if request.request_id not in self._generators:
-            self._generators[request.request_id] = torch.Generator(device=self.device).manual_seed(seed)
-        return self._generators[request.request_id]
+    @staticmethod
+    def _draw(x: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        # x: [random rows, vocab]
+        probs = filter_logits(x / meta.temperature, meta.top_k, meta.top_p, meta.min_p).softmax(-1)
+        race = torch.empty_like(probs)
+        unseeded = [j for j in range(probs.shape[0]) if j not in meta.generators]
+        if len(unseeded) == probs.shape[0]:
+            race.exponential_()
+        elif unseeded:
+            race[unseeded] = torch.empty_like(probs[unseeded]).exponential_()
+        for j, generator in meta.generators.items():
+            race[j].exponential_(generator=generator)
+        return (probs / race).argmax(-1)
 
-    def free(self, request_id: str) -> None:
-        self._generators.pop(request_id, None)
-
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
-        # logits: [num_requests, vocab] float32
-        raw_logprobs = logits.log_softmax(-1)
-        return [self._sample_one(logits[i].clone(), raw_logprobs[i], r) for i, r in enumerate(requests)]
-
-    def _sample_one(self, logits: torch.Tensor, raw: torch.Tensor, request: Request) -> SampleResult:
-        params = request.sampling_params
-        logits = apply_penalties(logits, request)
-        if request.num_output_tokens < params.min_tokens:  # hold back every token that would stop it
-            stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
-            logits[list(stop_ids)] = float("-inf")
-        if params.is_greedy:
-            token_id = int(logits.argmax())
-        else:
-            logits = filter_logits(logits / params.temperature, params.top_k, params.top_p, params.min_p)
-            probs = logits.softmax(-1)
-            race = torch.empty_like(probs).exponential_(generator=self._generator(request))
-            token_id = int((probs / race).argmax())
-        logprob = float(raw[token_id])
-        rank, top = 0, None
-        if params.logprobs is not None:
-            rank = int((raw > raw[token_id]).sum()) + 1
-        if params.logprobs:
-            values, ids = raw.topk(params.logprobs)
-            top = list(zip(ids.tolist(), values.tolist()))
-        return SampleResult(token_id, logprob, rank, top)
+    @staticmethod
+    def _logprobs(raw: torch.Tensor, token_ids: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        chosen = raw.gather(1, token_ids[:, None])  # [R, 1]
+        asked = [i for i, k in enumerate(meta.num_logprobs) if k is not None]
+        ranks = [0] * raw.shape[0]
+        tops: list[list[tuple[int, float]] | None] = [None] * raw.shape[0]
+        if asked:
+            rank_values = ((raw[asked] > chosen[asked]).sum(-1) + 1).tolist()
+            for i, rank in zip(asked, rank_values):
+                ranks[i] = rank
+            max_top = max(meta.num_logprobs[i] for i in asked)
+            if max_top:
+                values, ids = raw[asked].topk(max_top, dim=-1)
+                for i, row_ids, row_values in zip(asked, ids.tolist(), values.tolist()):
+                    k = meta.num_logprobs[i]
+                    tops[i] = list(zip(row_ids[:k], row_values[:k])) if k else None
+        return SamplerOutput(token_ids.tolist(), chosen.squeeze(1).tolist(), ranks, tops)
