@@ -136,7 +136,8 @@ class ModelRunner:
         if sampling:
             rows = [first + j for state, first in sampling for j in range(len(state.drafts) + 1)]
             logits = self.model.compute_logits(hidden[rows]).float()  # [R, vocab]
-            sampled = self._sample(logits, sampling, so.allowed_token_bitmask)
+            states = [state for state, _ in sampling]
+            sampled = sample_and_verify(self.sampler, logits, states, self.eos_token_ids, so.allowed_token_bitmask)
         for request_id in output.request_ids:
             tokens, logprobs, num_accepted = sampled.get(request_id, ([], [], 0))
             output.sampled_token_ids.append(tokens)
@@ -146,23 +147,27 @@ class ModelRunner:
             output.draft_token_ids = self.proposer.propose([state for state, _ in sampling])
         return output
 
-    def _sample(self, logits: torch.Tensor, sampling: list[tuple[RequestState, int]],
-                bitmask) -> dict[str, tuple[list[int], list[SampleLogprobs], int]]:
-        """Samples every row, then accepts each request's drafts while they equal the target's own token at
-        that position -> {request id: (tokens, their logprobs, drafts accepted)}; the tokens join its state."""
-        rows = [SamplingRow(state.params, state.token_ids, state.num_prompt_tokens, state.drafts[:j], state.generator)
-                for state, _ in sampling for j in range(len(state.drafts) + 1)]
-        meta = SamplingMetadata.build(rows, logits.shape[-1], self.eos_token_ids, self.device, bitmask)
-        out = self.sampler(logits, meta)
-        results, row = {}, 0
-        for state, _ in sampling:
-            num_accepted = 0
-            while num_accepted < len(state.drafts) and out.token_ids[row + num_accepted] == state.drafts[num_accepted]:
-                num_accepted += 1
-            taken = range(row, row + num_accepted + 1)
-            tokens = [out.token_ids[i] for i in taken]
-            logprobs = [SampleLogprobs(out.logprobs[i], out.ranks[i], out.top_logprobs[i]) for i in taken]
-            state.token_ids += tokens
-            results[state.request_id] = (tokens, logprobs, num_accepted)
-            row += len(state.drafts) + 1
-        return results
+
+def sample_and_verify(sampler: Sampler, logits: torch.Tensor, states: list[RequestState], eos_token_ids: set[int],
+                      bitmask=None) -> dict[str, tuple[list[int], list[SampleLogprobs], int]]:
+    """Samples every row (logits: [R, vocab], each state's 1 + len(drafts) rows in order), then accepts each
+    request's drafts while they equal the token the target itself sampled at that position, and takes the
+    target's token at the first difference (or after the last draft). With single-token drafts this is the
+    exact rejection rule: a draft is kept with the target's probability of it, and a rejected position's token
+    is a sample of the target restricted to the other tokens. -> {request id: (tokens, their logprobs, drafts
+    accepted)}; the tokens join each state."""
+    rows = [SamplingRow(state.params, state.token_ids, state.num_prompt_tokens, state.drafts[:j], state.generator)
+            for state in states for j in range(len(state.drafts) + 1)]
+    out = sampler(logits, SamplingMetadata.build(rows, logits.shape[-1], eos_token_ids, logits.device, bitmask))
+    results, row = {}, 0
+    for state in states:
+        num_accepted = 0
+        while num_accepted < len(state.drafts) and out.token_ids[row + num_accepted] == state.drafts[num_accepted]:
+            num_accepted += 1
+        taken = range(row, row + num_accepted + 1)
+        tokens = [out.token_ids[i] for i in taken]
+        state.token_ids += tokens
+        results[state.request_id] = (tokens, [SampleLogprobs(out.logprobs[i], out.ranks[i], out.top_logprobs[i])
+                                              for i in taken], num_accepted)
+        row += len(state.drafts) + 1
+    return results
