@@ -27,8 +27,10 @@ def build_engine(config: EngineConfig) -> Engine:
     block_size = config.cache.block_size
     kv_cache = KVCacheManager(runner.num_blocks, block_size, config.cache.enable_prefix_caching)
     max_model_len = min(checkpoint.config.max_model_len, runner.num_blocks * block_size)
-    lookahead = config.speculative.num_lookahead_tokens if config.speculative else 0
-    core = EngineCore(runner, kv_cache, tokenizer, max_model_len, config.scheduler, lookahead)
+    speculative = config.speculative
+    core = EngineCore(runner, kv_cache, tokenizer, max_model_len, config.scheduler,
+                      speculative.num_lookahead_tokens if speculative else 0,
+                      spec_method=speculative.method if speculative else None)
     return Engine(core, tokenizer, checkpoint.config, checkpoint.generation_config, checkpoint.path)
 
 

@@ -27,7 +27,7 @@ class EngineCore:
     def __init__(
         self, runner: Runner, kv_cache: KVCacheManager, tokenizer: Tokenizer, max_model_len: int,
         scheduler_config: SchedulerConfig | None = None, num_lookahead_tokens: int = 0,
-        eos_token_ids: Sequence[int] | None = None,
+        eos_token_ids: Sequence[int] | None = None, spec_method: str | None = None,
     ) -> None:
         self.runner = runner
         self.kv_cache = kv_cache
@@ -35,6 +35,7 @@ class EngineCore:
         eos = tokenizer.eos_token_ids if eos_token_ids is None else eos_token_ids
         self.output_processor = OutputProcessor(tokenizer, eos, max_model_len)
         self.max_model_len = max_model_len
+        self.spec_method = spec_method  # the speculative decoding method, for the metrics' label
         self.requests: dict[str, Request] = {}
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
@@ -63,7 +64,7 @@ class EngineCore:
     def num_waiting(self) -> int:
         return self.scheduler.num_waiting
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, float | str | None]:
         kv = self.kv_cache
         return {
             "num_running": self.scheduler.num_running,
@@ -75,6 +76,7 @@ class EngineCore:
             "prefix_cache_hits": kv.num_hit_tokens,
             "prompt_tokens_total": self.num_prompt_tokens_total,
             "generation_tokens_total": self.num_generation_tokens_total,
+            "spec_decode_method": self.spec_method,
             "spec_decode_draft_tokens_total": self.num_draft_tokens_total,
             "spec_decode_accepted_tokens_total": self.num_accepted_tokens_total,
             "spec_decode_sampling_steps_total": self.num_sampling_steps_total,

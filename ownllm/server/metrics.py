@@ -36,6 +36,13 @@ _COUNTERS = [
     ("num_preemptions", "num_preemptions", "Requests preempted because the KV cache ran out."),
 ]
 
+_SPEC_COUNTERS = [
+    ("spec_decode_draft_tokens_total", "spec_decode_num_draft_tokens", "Draft tokens verified by speculative decoding."),
+    ("spec_decode_accepted_tokens_total", "spec_decode_num_accepted_tokens", "Draft tokens accepted."),
+    ("spec_decode_sampling_steps_total", "spec_decode_num_steps",
+     "Request-steps that sampled (mean accepted length = 1 + accepted / steps)."),
+]
+
 
 class _EngineCollector(Collector):
     def __init__(self, stats: Callable[[], dict]) -> None:
@@ -47,6 +54,11 @@ class _EngineCollector(Collector):
             yield GaugeMetricFamily(PREFIX + name, documentation, value=stats.get(key, 0))
         for key, name, documentation in _COUNTERS:
             yield CounterMetricFamily(PREFIX + name, documentation, value=stats.get(key, 0))
+        method = stats.get("spec_decode_method")
+        for key, name, documentation in _SPEC_COUNTERS if method else ():
+            counter = CounterMetricFamily(PREFIX + name, documentation, labels=["method"])
+            counter.add_metric([method], stats.get(key, 0))
+            yield counter
         queries, hits = stats.get("prefix_cache_queries", 0), stats.get("prefix_cache_hits", 0)
         yield GaugeMetricFamily(PREFIX + "prefix_cache_hit_rate", "Prefix-cache hits / queries, in prompt tokens, "
                                 "since the server started.", value=hits / queries if queries else 0.0)

