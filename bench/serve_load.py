@@ -85,6 +85,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 OWNLLM_ARGS: list[str] = []  # --ownllm-dtype
+SPECULATIVE_CONFIG: str | None = None  # --speculative-config: the "ownllm + spec" server's
 RAW = False  # --raw: /v1/completions on the joined message texts (for models without a chat template)
 
 
@@ -166,8 +167,9 @@ def free_port() -> int:
 
 
 def server_command(kind: str, model: Path, port: int, threads: int) -> list[str]:
-    if kind == "ownllm":
-        return [sys.executable, "-m", "ownllm", "serve", "--model", str(model), "--port", str(port), *OWNLLM_ARGS]
+    if kind.startswith("ownllm"):
+        spec = ["--speculative-config", SPECULATIVE_CONFIG] if kind == "ownllm + spec" else []
+        return [sys.executable, "-m", "ownllm", "serve", "--model", str(model), "--port", str(port), *OWNLLM_ARGS, *spec]
     return [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--port", str(port), "--n_ctx", "4096",
             "--n_threads", str(threads), "--n_threads_batch", str(threads), "--verbose", "False",
             "--interrupt_requests", "False"]  # queue concurrent requests instead of cutting the running one
@@ -263,7 +265,9 @@ def report(measured: dict[str, tuple[list[LevelResult], tuple[float, float]]], a
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="benchmark this running server instead of starting any")
-    parser.add_argument("--start", choices=["both", "ownllm", "llama.cpp"], default="both")
+    parser.add_argument("--start", choices=["both", "ownllm", "llama.cpp", "spec"], default="both",
+                        help="spec: ownllm without and with --speculative-config, one after the other")
+    parser.add_argument("--speculative-config", help="JSON for the 'ownllm + spec' server (with --start spec)")
     parser.add_argument("--model", type=Path, help="GGUF file both servers load (default: the bundled model)")
     parser.add_argument("--concurrency", default="1,4,16,64", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--requests-per-client", type=int, default=1)
@@ -278,8 +282,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prefix-rules", type=int, default=80, help="length of the prefix probe's system prompt: "
                         "80 rules are ~1,000 tokens for SmolLM2's tokenizer, 19 for the harness's byte-level one")
     args = parser.parse_args()
-    global RAW
+    global RAW, SPECULATIVE_CONFIG
     RAW = args.raw
+    SPECULATIVE_CONFIG = args.speculative_config
+    if args.start == "spec" and not SPECULATIVE_CONFIG:
+        parser.error("--start spec needs --speculative-config")
     if args.ownllm_dtype:
         OWNLLM_ARGS.extend(["--dtype", args.ownllm_dtype])
     if args.model is None:
@@ -296,9 +303,10 @@ def main() -> None:
         print(f"{args.url}:", flush=True)
         measured["server"] = measure(args.url, args)
     else:
-        for kind in (["ownllm", "llama.cpp"] if args.start == "both" else [args.start]):
+        kinds = {"both": ["ownllm", "llama.cpp"], "spec": ["ownllm", "ownllm + spec"]}.get(args.start, [args.start])
+        for kind in kinds:
             print(f"{kind}:", flush=True)
-            model = args.ownllm_model if kind == "ownllm" and args.ownllm_model else args.model
+            model = args.ownllm_model if kind.startswith("ownllm") and args.ownllm_model else args.model
             with launched(kind, model, args.threads) as url:
                 measured[kind] = measure(url, args)
     body = report(measured, args)

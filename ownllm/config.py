@@ -259,6 +259,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative: SpeculativeConfig | None = None
+    attention_backend: str | None = None  # a name in layers.attention.ATTENTION_BACKENDS; None: the fastest here
 
 
 def parse_memory_size(text: str) -> int:

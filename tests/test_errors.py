@@ -124,3 +124,21 @@ def test_unusable_device(tiny):
     with pytest.raises(ValueError, match="sees no CUDA GPU"):
         LLM(str(tiny), device="cuda")
     assert_one_line_error(run_cli("run", "--model", str(tiny), "--device", "cuda", "hi"), "cuda", "no CUDA GPU")
+
+
+@pytest.mark.parametrize("config, words", [
+    ('{"method": "medusa"}', "speculative method 'medusa' is not supported; choose one of ngram, draft_model, mtp"),
+    ('{"method": "ngram", "k": 3}', "the speculative config has unknown keys k; known:"),
+    ('{"num_speculative_tokens": 3}', "the speculative config needs a 'method'"),
+    ('{"method": "ngram", "num_speculative_tokens": 0}', "num_speculative_tokens must be in [1, 16], got 0"),
+    ('{"method": "draft_model"}', "names a draft 'model' exactly when its method is draft_model"),
+    ("ngram", "the speculative config is not valid JSON"),
+    ('{"method": "mtp"}', "speculative method 'mtp' is not available yet"),
+])
+def test_bad_speculative_config(tiny, config, words):
+    assert_one_line_error(run_cli("run", "--model", str(tiny), "--speculative-config", config, "hi"), words)
+
+
+def test_unknown_attention_backend(tiny):
+    with pytest.raises(ValueError, match="attention backend 'flash' is unknown; choose one of torch, cpu_kernels"):
+        LLM(str(tiny), attention_backend="flash")

@@ -104,8 +104,9 @@ class AsyncEngine:
         self, prompt_token_ids: list[int], sampling_params: SamplingParams, request_id: str | None = None,
         prompt: str | None = None, priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
-        """Streams RequestOutputs (cumulative or deltas, as sampling_params.output_kind asks); the last has finished=True. Raises ValueError for a request the
-        engine refuses (e.g. too long), EngineOverloaded when too many wait."""
+        """Streams RequestOutputs (cumulative or deltas, as sampling_params.output_kind asks); the last has
+        finished=True. Raises ValueError for a request the engine refuses (e.g. too long), EngineOverloaded when
+        too many wait."""
         request_id = request_id or f"req-{next(self._ids)}"
         loop = asyncio.get_running_loop()
         stream = _Stream(loop, asyncio.Queue())

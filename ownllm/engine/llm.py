@@ -1,15 +1,15 @@
 """LLM: the offline Python API, shaped like vLLM's (`LLM(model).generate(prompts, SamplingParams(...))`).
 
-It wires a checkpoint to a ModelRunner, an EngineCore and an OutputProcessor, and drives the
-engine until the requests it submitted are done. `stream` yields text as it is generated, for the CLI.
+It builds its engine with build_engine (like AsyncEngine and `ownllm serve`) and drives it until the
+requests it submitted are done: `generate` asks for final outputs only, `stream` for per-step deltas and
+yields text as it is generated, for the CLI.
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import Any, Iterator, Sequence
-
 from dataclasses import replace
+from typing import Any, Iterator, Sequence
 
 from ownllm.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from ownllm.engine.build import build_engine, default_sampling_params
@@ -25,20 +25,21 @@ class LLM:
     default min(2 GiB, a quarter of free memory)), `block_size`, `enable_prefix_caching`,
     `max_num_batched_tokens` (the per-step token budget, which is also the prefill chunk size),
     `max_num_seqs`, `num_kv_blocks` (tests), `speculative_config` (a dict with vLLM's keys, or its JSON:
-    {"method": "ngram", "num_speculative_tokens": 4}, {"method": "draft_model", "model": PATH, ...})."""
+    {"method": "ngram", "num_speculative_tokens": 4}, {"method": "draft_model", "model": PATH, ...}),
+    `attention_backend` ("torch" or "cpu_kernels"; default: the fastest that runs here)."""
 
     def __init__(
         self, model: str | None = None, dtype: str | None = None, *, kv_cache_memory: int | None = None,
         block_size: int = 16, enable_prefix_caching: bool = True, max_num_batched_tokens: int = 512,
         max_num_seqs: int = 64, num_kv_blocks: int | None = None, device: str | None = None,
-        speculative_config: dict | str | None = None,
+        speculative_config: dict | str | None = None, attention_backend: str | None = None,
     ) -> None:
         self.engine = build_engine(EngineConfig(
             model, dtype, device,
             CacheConfig(block_size, kv_cache_memory, enable_prefix_caching=enable_prefix_caching,
                         num_blocks=num_kv_blocks),
             SchedulerConfig(max_num_batched_tokens, max_num_seqs),
-            SpeculativeConfig.parse(speculative_config),
+            SpeculativeConfig.parse(speculative_config), attention_backend,
         ))
         self.runner = self.engine.runner
         self.config = self.engine.model_config

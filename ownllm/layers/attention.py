@@ -1,17 +1,18 @@
-"""Causal self-attention over the paged KV cache: the plain-torch reference backend.
+"""Causal self-attention over the paged KV cache, and its backends (an interface and a registry).
 
 The model runner builds one AttentionMetadata per forward (a flat batch of several sequences'
-new tokens) and passes it to every layer. Attention writes the new keys and values into their
-cache slots, then attends each query over its sequence's cached context (causal, optionally a
-sliding window). Decode-only batches run as two padded batched matmuls; mixed prefill / decode
-batches run one SDPA call per sequence. In bfloat16 on the CPU, kernels replace both, tested against
-them: decode-only batches run as one call of kernels/decode_ops.cpp, which reads the blocks in place, and
-each sequence of a mixed batch as one call of kernels/prefill_attention.cpp on its gathered keys (bf16 dot
-products for the scores, float32 softmax and sums: 8x SDPA on a 2048-token prompt).
+new tokens), carrying the attention backend it chose once, and passes it to every layer. Attention writes
+the new keys and values into their cache slots, then attends each query over its sequence's cached context
+(causal, optionally a sliding window or a local chunk). Backends, by name: "torch", the reference
+(decode-only batches as two padded batched matmuls, mixed prefill / decode batches as one SDPA call per
+sequence), and "cpu_kernels", tested against it: in bfloat16 on the CPU, decode-only batches run as one call
+of kernels/decode_ops.cpp, which reads the blocks in place, and each sequence of a mixed batch as one call of
+kernels/prefill_attention.cpp on its gathered keys (bf16 dot products for the scores, float32 softmax and
+sums: 8x SDPA on a 2048-token prompt).
 Attention math runs in float32 on the CPU (CPU SDPA is several times slower in bfloat16, and the cache
 reads are small next to the weights), in the model's dtype on a GPU, where only this path runs.
-Gathers use index_select: advanced indexing of a large bfloat16 pool takes a slow path in torch. Faster
-backends replace `Attention.forward`'s body, keeping this signature, and are tested against it.
+Gathers use index_select: advanced indexing of a large bfloat16 pool takes a slow path in torch. A new
+backend subclasses TorchAttention, registers in ATTENTION_BACKENDS, and is tested against the reference.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ownllm.kernels.build import decode_ops, prefill_attention_kernel
+from ownllm.kernels.build import cpu_has_bf16, decode_ops, prefill_attention_kernel
 from ownllm.layers.module import Module
 
 
@@ -81,6 +82,11 @@ class AttentionMetadata:
     seq_lens: list[int]  # [B] context length of each sequence after this forward
     block_tables: torch.Tensor  # [B, max_blocks] block ids, padded with 0
     kv_cache: PagedKVCache
+    backend: "TorchAttention" = None  # chosen once by the runner; None: the CPU kernels where they apply
+
+    def __post_init__(self) -> None:
+        if self.backend is None:
+            self.backend = ATTENTION_BACKENDS["cpu_kernels"]
 
     @functools.cached_property
     def is_decode_only(self) -> bool:  # asked by every layer
@@ -121,22 +127,9 @@ class Attention(Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # q: [T, num_heads, head_dim]; k, v: [T, num_kv_heads, head_dim] -> [T, num_heads * head_dim]
-        k_cache = meta.kv_cache.k_layers[self.layer_idx]  # [num_blocks, block_size, num_kv_heads, head_dim]
-        v_cache = meta.kv_cache.v_layers[self.layer_idx]
-        ops = decode_ops(q) if meta.is_decode_only and self.head_dim <= 512 else None
-        if ops is not None:  # writes k and v into their slots, then attends
-            return ops.paged_decode_attention(q, k, v, k_cache, v_cache, meta.slot_mapping, meta.positions,
-                                              meta.block_tables, self.scale, self.sliding_window or 0,
-                                              self.chunk_size or 0)
-        k_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = k
-        v_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = v
-        if meta.is_decode_only:
-            out = self._decode(q, k_cache, v_cache, meta)
-        else:
-            out = torch.cat([self._sequence(q, k_cache, v_cache, meta, i) for i in range(len(meta.seq_lens))])
-        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+        return meta.backend.forward(self, q, k, v, meta)
 
-    def _allowed(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    def allowed(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         """Bool mask broadcasting q_pos against k_pos: causal, and within the sliding window if any."""
         mask = k_pos <= q_pos
         if self.sliding_window is not None:
@@ -145,42 +138,99 @@ class Attention(Module):
             mask &= k_pos // self.chunk_size == q_pos // self.chunk_size
         return mask
 
-    def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+
+class TorchAttention:
+    """The plain-torch reference backend: decode-only batches as two padded batched matmuls, mixed batches as one
+    SDPA call per sequence."""
+
+    name = "torch"
+
+    def forward(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        k_cache = meta.kv_cache.k_layers[layer.layer_idx]  # [num_blocks, block_size, num_kv_heads, head_dim]
+        v_cache = meta.kv_cache.v_layers[layer.layer_idx]
+        k_cache.view(-1, layer.num_kv_heads, layer.head_dim)[meta.slot_mapping] = k
+        v_cache.view(-1, layer.num_kv_heads, layer.head_dim)[meta.slot_mapping] = v
+        if meta.is_decode_only:
+            out = self.decode(layer, q, k_cache, v_cache, meta)
+        else:
+            out = torch.cat([self.sequence(layer, q, k_cache, v_cache, meta, i) for i in range(len(meta.seq_lens))])
+        return out.reshape(q.shape[0], layer.num_heads * layer.head_dim)
+
+    def decode(self, layer: Attention, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         # one query per sequence: gather each sequence's blocks, pad to the longest, mask the padding
         num_seqs, max_blocks = meta.block_tables.shape
         flat_tables = meta.block_tables.flatten()
         keys = k_cache.index_select(0, flat_tables).view(
-            num_seqs, max_blocks * meta.kv_cache.block_size, self.num_kv_heads, self.head_dim)
+            num_seqs, max_blocks * meta.kv_cache.block_size, layer.num_kv_heads, layer.head_dim)
         values = v_cache.index_select(0, flat_tables).view_as(keys)  # [B, S, num_kv_heads, head_dim]
         k_pos = torch.arange(keys.shape[1], device=keys.device)[None, :]  # [1, S]
-        mask = self._allowed(meta.positions[:, None], k_pos)  # [B, S]
-        group = self.num_heads // self.num_kv_heads
+        mask = layer.allowed(meta.positions[:, None], k_pos)  # [B, S]
+        group = layer.num_heads // layer.num_kv_heads
         math = attention_dtype(q)
-        q = q.view(num_seqs, self.num_kv_heads, group, self.head_dim).to(math)  # [B, kv, g, D]
-        scores = q @ keys.permute(0, 2, 3, 1).to(math) * self.scale  # [B, kv, g, S]
+        q = q.view(num_seqs, layer.num_kv_heads, group, layer.head_dim).to(math)  # [B, kv, g, D]
+        scores = q @ keys.permute(0, 2, 3, 1).to(math) * layer.scale  # [B, kv, g, S]
         scores = scores.masked_fill(~mask[:, None, None, :], float("-inf")).softmax(-1)
         out = scores @ values.transpose(1, 2).to(math)  # [B, kv, g, D]
-        return out.view(num_seqs, self.num_heads, self.head_dim).to(values.dtype)
+        return out.view(num_seqs, layer.num_heads, layer.head_dim).to(values.dtype)
 
-    def _sequence(self, q, k_cache, v_cache, meta: AttentionMetadata, i: int) -> torch.Tensor:
+    def sequence(self, layer: Attention, q, k_cache, v_cache, meta: AttentionMetadata, i: int) -> torch.Tensor:
         start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
         seq_len = meta.seq_lens[i]
         block_size = meta.kv_cache.block_size
-        kv_start = 0 if self.sliding_window is None else max(0, seq_len - (end - start) - self.sliding_window + 1)
+        window = layer.sliding_window
+        kv_start = 0 if window is None else max(0, seq_len - (end - start) - window + 1)
         first_block, num_blocks = kv_start // block_size, -(-seq_len // block_size)
         blocks = meta.block_tables[i, first_block:num_blocks]
         offset = first_block * block_size
         keys = k_cache.index_select(0, blocks).flatten(0, 1)[: seq_len - offset]  # [S, num_kv_heads, head_dim]
         values = v_cache.index_select(0, blocks).flatten(0, 1)[: seq_len - offset]
-        out = prefill_kernel_attention(q[start:end], keys, values, meta.positions[start:end], offset, self.scale,
-                                       self.sliding_window, self.chunk_size)
+        out = self.sequence_kernel(q[start:end], keys, values, meta.positions[start:end], offset, layer.scale, window,
+                                   layer.chunk_size)
         if out is not None:
             return out
         k_pos = torch.arange(offset, seq_len, device=q.device)[None, :]  # [1, S]
-        mask = self._allowed(meta.positions[start:end, None], k_pos)  # [Q, S]
+        mask = layer.allowed(meta.positions[start:end, None], k_pos)  # [Q, S]
         math = attention_dtype(q)
         out = F.scaled_dot_product_attention(
             q[start:end].transpose(0, 1).to(math), keys.transpose(0, 1).to(math), values.transpose(0, 1).to(math),
-            attn_mask=mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads,
+            attn_mask=mask, scale=layer.scale, enable_gqa=layer.num_heads != layer.num_kv_heads,
         )  # [num_heads, Q, head_dim]
         return out.transpose(0, 1).to(q.dtype)
+
+    def sequence_kernel(self, q, keys, values, positions, key_start, scale, window=None, chunk=None):
+        """A faster attention of one sequence's queries over its gathered keys, or None (use SDPA)."""
+        return None
+
+
+class CpuKernelAttention(TorchAttention):
+    """bf16 on the CPU: decode-only batches as one call of kernels/decode_ops.cpp, which writes the new keys and
+    values and reads the blocks in place; each sequence of a mixed batch as one call of
+    kernels/prefill_attention.cpp. Tensors the kernels do not take fall back to the reference."""
+
+    name = "cpu_kernels"
+
+    def forward(self, layer: Attention, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
+        ops = decode_ops(q) if meta.is_decode_only and layer.head_dim <= 512 else None
+        if ops is None:
+            return super().forward(layer, q, k, v, meta)
+        return ops.paged_decode_attention(q, k, v, meta.kv_cache.k_layers[layer.layer_idx],
+                                          meta.kv_cache.v_layers[layer.layer_idx], meta.slot_mapping, meta.positions,
+                                          meta.block_tables, layer.scale, layer.sliding_window or 0,
+                                          layer.chunk_size or 0)
+
+    def sequence_kernel(self, q, keys, values, positions, key_start, scale, window=None, chunk=None):
+        return prefill_kernel_attention(q, keys, values, positions, key_start, scale, window, chunk)
+
+
+ATTENTION_BACKENDS: dict[str, TorchAttention] = {b.name: b for b in (TorchAttention(), CpuKernelAttention())}
+
+
+def attention_backend(name: str | None, dtype: torch.dtype, device: str) -> TorchAttention:
+    """The backend named, or (None) the fastest that runs here: the CPU kernels for bfloat16 on a CPU with
+    AVX-512 BF16, else the reference."""
+    if name is None:
+        name = "cpu_kernels" if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and cpu_has_bf16() else "torch"
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {name!r} is unknown; choose one of {', '.join(ATTENTION_BACKENDS)}")
+    return ATTENTION_BACKENDS[name]

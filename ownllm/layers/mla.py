@@ -25,7 +25,7 @@ from torch import nn
 
 from ownllm.config import ModelConfig
 from ownllm.kernels.build import on_bf16_cpu
-from ownllm.layers.attention import AttentionMetadata, KVCacheSpec, prefill_kernel_attention
+from ownllm.layers.attention import AttentionMetadata, KVCacheSpec
 from ownllm.layers.linear import GEMV_MAX_ROWS, Linear, fuse_linears, gemv_kernel
 from ownllm.layers.module import Module
 from ownllm.layers.norm import RMSNorm
@@ -138,7 +138,7 @@ class MultiLatentAttention(Module):
         values = torch.einsum("sr,hvr->shv", c_kv, self.w_uv_t)  # [S, heads, v_dim]
         keys = torch.cat((k_nope, k_rope[:, None, :].expand(-1, self.num_heads, -1)), dim=-1)
         queries = torch.cat((q_nope[start:end], q_rope[start:end]), dim=-1)  # [Q, heads, nope + rope]
-        out = prefill_kernel_attention(queries, keys, values, meta.positions[start:end], 0, self.scale)
+        out = meta.backend.sequence_kernel(queries, keys, values, meta.positions[start:end], 0, self.scale)
         if out is not None:
             return out
         mask = torch.arange(keys.shape[0], device=keys.device)[None, :] <= meta.positions[start:end, None]  # [Q, S]

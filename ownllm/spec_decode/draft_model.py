@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ownllm.config import SpeculativeConfig
-from ownllm.layers.attention import PagedKVCache
+from ownllm.layers.attention import PagedKVCache, attention_backend
 from ownllm.loader import Checkpoint, load_checkpoint
 from ownllm.models.registry import model_class
 from ownllm.tokenizer import Tokenizer
@@ -47,6 +47,7 @@ class DraftModelProposer:
             self.model.to(runner.device)
         self.kv_cache = PagedKVCache(cls.kv_cache_spec(draft.config), runner.num_blocks, runner.block_size,
                                      getattr(torch, draft.config.dtype), runner.device)
+        self.attention_backend = attention_backend(None, getattr(torch, draft.config.dtype), runner.device)
         self.vocab_size = runner.config.vocab_size  # draft logits past it (padding) are never proposed
         self.num_tokens = config.num_speculative_tokens
         self.device = runner.device
@@ -68,7 +69,7 @@ class DraftModelProposer:
         return min(num_computed, len(state.token_ids) - 1)
 
     def _forward(self, spans: list[Span], last_rows: list[int]) -> list[int]:
-        input_ids, meta = build_inputs(spans, self.kv_cache, self.device)
+        input_ids, meta = build_inputs(spans, self.kv_cache, self.attention_backend, self.device)
         hidden = self.model(input_ids, meta)  # [T, hidden]
         logits = self.model.compute_logits(hidden[last_rows])[:, : self.vocab_size]  # [B, vocab]
         return logits.argmax(-1).tolist()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ownllm.layers.attention import AttentionMetadata, PagedKVCache
+from ownllm.layers.attention import AttentionMetadata, PagedKVCache, TorchAttention
 
 
 @dataclass
@@ -23,7 +23,8 @@ class Span:
     as_decode_rows: bool = False
 
 
-def build_inputs(spans: list[Span], kv_cache: PagedKVCache, device) -> tuple[torch.Tensor, AttentionMetadata]:
+def build_inputs(spans: list[Span], kv_cache: PagedKVCache, backend: TorchAttention,
+                 device) -> tuple[torch.Tensor, AttentionMetadata]:
     """-> (input ids [T], metadata); span i's tokens are rows query_start_loc[i]... in order."""
     token_ids, positions, slots, query_start_loc, seq_lens, tables = [], [], [], [0], [], []
     bs = kv_cache.block_size
@@ -48,5 +49,6 @@ def build_inputs(spans: list[Span], kv_cache: PagedKVCache, device) -> tuple[tor
         return torch.tensor(values, dtype=torch.long, device=device)
 
     block_tables = tensor([t + [0] * (max_blocks - len(t)) for t in tables])
-    meta = AttentionMetadata(tensor(positions), tensor(slots), query_start_loc, seq_lens, block_tables, kv_cache)
+    meta = AttentionMetadata(tensor(positions), tensor(slots), query_start_loc, seq_lens, block_tables, kv_cache,
+                             backend)
     return tensor(token_ids), meta

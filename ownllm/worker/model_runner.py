@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ownllm.config import CacheConfig, ModelConfig, SpeculativeConfig
-from ownllm.layers.attention import PagedKVCache
+from ownllm.layers.attention import PagedKVCache, attention_backend
 from ownllm.loader import Checkpoint
 from ownllm.models.registry import model_class
 from ownllm.outputs import RunnerOutput, SampleLogprobs, SchedulerOutput
@@ -60,7 +60,7 @@ class ModelRunner:
 
     def __init__(self, checkpoint: Checkpoint, cache_config: CacheConfig | None = None,
                  eos_token_ids: list[int] | None = None, max_num_seqs: int = 64, device: str = "cpu",
-                 speculative_config: SpeculativeConfig | None = None) -> None:
+                 speculative_config: SpeculativeConfig | None = None, attention_backend_name: str | None = None) -> None:
         self.config: ModelConfig = checkpoint.config
         self.cache_config = cache_config or CacheConfig()
         self.dtype = getattr(torch, self.config.dtype)
@@ -75,6 +75,7 @@ class ModelRunner:
         self.block_size = self.cache_config.block_size
         self.num_blocks = self._num_blocks(max_num_seqs)
         self.kv_cache = PagedKVCache(self.kv_spec, self.num_blocks, self.block_size, self.dtype, device)
+        self.attention_backend = attention_backend(attention_backend_name, self.dtype, device)
         self.requests: dict[str, RequestState] = {}
         self.proposer = None
         if speculative_config is not None:
@@ -129,7 +130,7 @@ class ModelRunner:
             num_rows += num_new
             if start + num_new >= len(state.token_ids) + len(state.drafts):
                 sampling.append((state, num_rows - 1 - len(state.drafts)))
-        input_ids, meta = build_inputs(spans, self.kv_cache, self.device)
+        input_ids, meta = build_inputs(spans, self.kv_cache, self.attention_backend, self.device)
         hidden = self.model(input_ids, meta)  # [T, hidden]
         output = RunnerOutput(request_ids=list(so.num_scheduled_tokens))
         sampled = {}
