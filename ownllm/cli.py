@@ -54,6 +54,16 @@ def _load(model: str | None, dtype: str | None, device: str | None):
     return llm, time.perf_counter() - started
 
 
+def _check_options(dtype: str | None, max_tokens: int, temperature, top_p, top_k, seed) -> None:
+    """Fails fast, before the model loads, on option values no model could take."""
+    from ownllm.config import normalize_dtype
+    from ownllm.sampling_params import SamplingParams
+
+    normalize_dtype(dtype)
+    given = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    SamplingParams(**{name: value for name, value in given.items() if value is not None})
+
+
 def _params(llm, max_tokens: int, temperature, top_p, top_k, seed):
     from ownllm.sampling_params import SamplingParams
 
@@ -108,6 +118,7 @@ def run(
     verbose: VerboseOpt = False,
 ) -> None:
     """Answer one prompt and stream the answer to the terminal."""
+    _check_options(dtype, max_tokens, temperature, top_p, top_k, seed)
     if prompt == "-":
         prompt = sys.stdin.read()
     llm, load_seconds = _load(model, dtype, device)
@@ -129,6 +140,7 @@ def chat(
     system: SystemOpt = None, verbose: VerboseOpt = False,
 ) -> None:
     """Chat with a model in the terminal. /reset clears the history, /exit (or Ctrl-D) quits, Ctrl-C stops an answer."""
+    _check_options(dtype, max_tokens, temperature, top_p, top_k, seed)
     llm, load_seconds = _load(model, dtype, device)
     params = _params(llm, max_tokens, temperature, top_p, top_k, seed)
     system_messages = [{"role": "system", "content": system}] if system else []

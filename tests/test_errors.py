@@ -123,6 +123,11 @@ def test_invalid_sampling_values(tiny, option, value, field):
     assert_one_line_error(run_cli("run", "--model", str(tiny), option, value, "hi"), field)
 
 
+def test_options_checked_before_the_model_is_looked_for(tmp_path):
+    assert_one_line_error(run_cli("run", "--model", str(tmp_path / "no-such-model"), "--temperature", "-1", "hi"),
+                          "temperature must be >= 0, got -1.0")
+
+
 def test_unusable_device(tiny):
     import torch
 
