@@ -7,6 +7,7 @@ Every expected failure (bad path, bad option value, unsupported model...) is pri
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -49,9 +50,30 @@ def _load(model: str | None, dtype: str | None, device: str | None):
     from ownllm.engine.llm import LLM
 
     started = time.perf_counter()
-    with err.status(f"Loading {model or BUNDLED_MODEL_NAME}..."):
+    with _spinner(f"Loading {model or BUNDLED_MODEL_NAME}..."):
         llm = LLM(model, dtype=dtype, device=device)
     return llm, time.perf_counter() - started
+
+
+@contextlib.contextmanager
+def _spinner(label: str):
+    """err.status(label); on a terminal a kernel build shows its progress in it (elsewhere, as stderr lines)."""
+    from ownllm.kernels.progress import shown_by
+
+    with err.status(label) as status:
+        if not err.is_terminal:
+            yield
+            return
+
+        def show(text: str, is_final: bool) -> None:
+            if is_final:
+                status.update(label)
+                err.print(escape(text), highlight=False)
+            else:
+                status.update(f"{label} {escape(text.removeprefix('ownllm: '))}")
+
+        with shown_by(show):
+            yield
 
 
 def _check_options(dtype: str | None, max_tokens: int, temperature, top_p, top_k, seed) -> None:
@@ -223,7 +245,7 @@ def serve(
     _check_port_free(host, port)
     path = resolve_model(model)
     name = served_model_name or _served_name(model, path)
-    with err.status(f"Loading {model or BUNDLED_MODEL_NAME}..."):
+    with _spinner(f"Loading {model or BUNDLED_MODEL_NAME}..."):
         engine = AsyncEngine.from_model(
             str(path), dtype=dtype, device=device, max_waiting=max_waiting, model_name=name,
             kv_cache_memory=parse_memory_size(kv_cache_memory) if kv_cache_memory else None,
