@@ -125,3 +125,12 @@ def test_the_cache_key_names_the_binary_interface_not_the_environment():
     abi = cache.binary_abi()
     assert torch.__version__ in abi and "cxx11abi=" in abi and sys.implementation.cache_tag in abi
     assert str(Path(torch.__file__).parent) not in abi and sys.prefix not in abi
+
+
+def test_unwritable_cache_says_why_in_one_line_and_falls_back(tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("OWNLLM_CACHE", str(tmp_path / "file"))  # a file where the cache folder should be
+    assert load(KernelSpec("tiny_unwritable", TINY, ("-O1",))) is None
+    err = capsys.readouterr().err
+    assert err.startswith("ownllm: the CPU kernels could not be built, so they run on plain torch: ") and "file" in err
+    assert len(err.splitlines()) == 1

@@ -88,7 +88,11 @@ def _build_once(specs: tuple[KernelSpec, ...]) -> dict[str, str]:
     with _build_lock:
         untried = [spec for spec in specs if spec not in _tried]
         if untried:
-            _build_failures.update(build_missing(untried))
+            try:
+                _build_failures.update(build_missing(untried))
+            except OSError as error:  # the cache folder cannot be written, or locked
+                progress.say(f"ownllm: the CPU kernels could not be built, so they run on plain torch: {error}")
+                _build_failures.update((spec.name, str(error)) for spec in untried)
             _tried.update(untried)
         return _build_failures
 
