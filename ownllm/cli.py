@@ -7,6 +7,7 @@ Every expected failure (bad path, bad option value, unsupported model...) is pri
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import replace
@@ -58,9 +59,40 @@ def _load(model: str | None, dtype: str | None, device: str | None, speculative_
 
     speculative = SpeculativeConfig.parse(speculative_config)  # checked before the model loads
     started = time.perf_counter()
-    with err.status(f"Loading {model or BUNDLED_MODEL_NAME}..."):
+    with _spinner(f"Loading {model or BUNDLED_MODEL_NAME}..."):
         llm = LLM(model, dtype=dtype, device=device, speculative_config=speculative)
     return llm, time.perf_counter() - started
+
+
+@contextlib.contextmanager
+def _spinner(label: str):
+    """err.status(label); on a terminal a kernel build shows its progress in it (elsewhere, as stderr lines)."""
+    from ownllm.kernels.progress import shown_by
+
+    with err.status(label) as status:
+        if not err.is_terminal:
+            yield
+            return
+
+        def show(text: str, is_final: bool) -> None:
+            if is_final:
+                status.update(label)
+                err.print(escape(text), highlight=False)
+            else:
+                status.update(f"{label} {escape(text.removeprefix('ownllm: '))}")
+
+        with shown_by(show):
+            yield
+
+
+def _check_options(dtype: str | None, max_tokens: int, temperature, top_p, top_k, seed) -> None:
+    """Fails fast, before the model loads, on option values no model could take."""
+    from ownllm.config import normalize_dtype
+    from ownllm.sampling_params import SamplingParams
+
+    normalize_dtype(dtype)
+    given = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    SamplingParams(**{name: value for name, value in given.items() if value is not None})
 
 
 def _params(llm, max_tokens: int, temperature, top_p, top_k, seed):
@@ -123,6 +155,7 @@ def run(
     verbose: VerboseOpt = False, speculative_config: SpeculativeOpt = None,
 ) -> None:
     """Answer one prompt and stream the answer to the terminal."""
+    _check_options(dtype, max_tokens, temperature, top_p, top_k, seed)
     if prompt == "-":
         prompt = sys.stdin.read()
     llm, load_seconds = _load(model, dtype, device, speculative_config)
@@ -144,6 +177,7 @@ def chat(
     system: SystemOpt = None, verbose: VerboseOpt = False, speculative_config: SpeculativeOpt = None,
 ) -> None:
     """Chat with a model in the terminal. /reset clears the history, /exit (or Ctrl-D) quits, Ctrl-C stops an answer."""
+    _check_options(dtype, max_tokens, temperature, top_p, top_k, seed)
     llm, load_seconds = _load(model, dtype, device, speculative_config)
     params = _params(llm, max_tokens, temperature, top_p, top_k, seed)
     system_messages = [{"role": "system", "content": system}] if system else []
@@ -232,7 +266,7 @@ def serve(
     _check_port_free(host, port)
     path = resolve_model(model)
     name = served_model_name or _served_name(model, path)
-    with err.status(f"Loading {model or BUNDLED_MODEL_NAME}..."):
+    with _spinner(f"Loading {model or BUNDLED_MODEL_NAME}..."):
         engine = AsyncEngine.from_config(replace(config, model=str(path)), max_waiting, name)
     origins = tuple(o.strip() for value in cors_origins or [] for o in value.split(",") if o.strip())
     settings = ServerSettings(api_key=api_key or None, cors_origins=origins, model_path=path)

@@ -97,9 +97,12 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], dtype: str | None = None) -> "ModelConfig":
+        from ownllm.models.registry import check_supported  # a table of names: imports no model, no torch
+
         archs = hf.get("architectures") or []
         if not archs:
             raise ValueError("config.json has no 'architectures' entry; cannot tell which model this is")
+        check_supported(archs[0])  # before any field: other architectures name their fields differently
         text = hf.get("text_config")
         if text:  # multimodal wrappers keep the language model's shape in text_config
             hf = {**hf, **text}

@@ -102,6 +102,15 @@ def test_unsupported_architecture_lists_supported(tiny, tmp_path):
     assert_one_line_error(run_cli("run", "--model", str(broken), "hi"), "GPT2LMHeadModel", "LlamaForCausalLM", "Qwen3ForCausalLM")
 
 
+def test_unsupported_architecture_named_before_its_fields(tmp_path):
+    folder = tmp_path / "starcoder"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["GPTBigCodeForCausalLM"], "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 100}))
+    assert_one_line_error(run_cli("run", "--model", str(folder), "hi"),
+                          "'GPTBigCodeForCausalLM' is not supported; supported: ", "LlamaForCausalLM")
+
+
 def test_prompt_longer_than_context(tiny):
     assert_one_line_error(run_cli("run", "--raw", "--model", str(tiny), "word " * 100), "context is 32 tokens")
 
@@ -112,6 +121,11 @@ def test_prompt_longer_than_context(tiny):
 ])
 def test_invalid_sampling_values(tiny, option, value, field):
     assert_one_line_error(run_cli("run", "--model", str(tiny), option, value, "hi"), field)
+
+
+def test_options_checked_before_the_model_is_looked_for(tmp_path):
+    assert_one_line_error(run_cli("run", "--model", str(tmp_path / "no-such-model"), "--temperature", "-1", "hi"),
+                          "temperature must be >= 0, got -1.0")
 
 
 def test_unusable_device(tiny):

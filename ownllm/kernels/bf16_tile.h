@@ -13,7 +13,7 @@
 // horizontal sum, whatever the tile shape or M (up to the callers' limit: linear() sends it <= 32 rows).
 #pragma once
 #include <immintrin.h>
-#include <torch/extension.h>
+#include "torch_lite.h"
 
 #include <algorithm>
 
@@ -22,8 +22,8 @@ namespace bf16mm {
 using bf16 = at::BFloat16;
 
 // A matmul's optional bias as contiguous bf16 (the caller holds it while using its data), or undefined.
-inline torch::Tensor bf16_bias(const c10::optional<torch::Tensor>& bias) {
-  return bias.has_value() && bias->defined() ? bias->to(at::kBFloat16).contiguous() : torch::Tensor();
+inline at::Tensor bf16_bias(const c10::optional<at::Tensor>& bias) {
+  return bias.has_value() && bias->defined() ? bias->to(at::kBFloat16).contiguous() : at::Tensor();
 }
 
 inline __m512bh load32(const bf16* p) { return (__m512bh)_mm512_loadu_si512(p); }

@@ -15,9 +15,8 @@
 //   per weight, and decoding binds these kernels, not memory. Other batches are decoded as Q8_0 is.
 // block_dequantize decodes row ranges to bf16 (the first way, for every format), for prefill batches
 // that go to oneDNN a chunk at a time, and for embedding lookups.
-#include <ATen/Parallel.h>
 #include <immintrin.h>
-#include <torch/extension.h>
+#include "torch_lite.h"
 
 #include <cstring>
 #include <vector>
@@ -366,7 +365,7 @@ void dispatch(int64_t type, F f) {
 }
 
 // -> K, checking weights is [N, K / W * B] uint8 blocks of `type`
-int64_t check_weights(const torch::Tensor& weights, int64_t type) {
+int64_t check_weights(const at::Tensor& weights, int64_t type) {
   int64_t K = 0;
   dispatch(type, [&](auto kernel) {
     constexpr int64_t W = decltype(kernel)::kWeights, B = decltype(kernel)::kBytes;
@@ -380,13 +379,13 @@ int64_t check_weights(const torch::Tensor& weights, int64_t type) {
 }  // namespace
 
 // x: [M, K] bf16; weights: [N, K / W * B] uint8 blocks of GGUF type `type` -> [M, N] bf16.
-torch::Tensor block_matmul(torch::Tensor x, torch::Tensor weights, int64_t type, c10::optional<torch::Tensor> bias) {
+at::Tensor block_matmul(at::Tensor x, at::Tensor weights, int64_t type, c10::optional<at::Tensor> bias) {
   const int64_t K = check_weights(weights, type), N = weights.size(0);
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.size(1) == K, "x: [M, K] bf16, K = ", K);
   x = x.contiguous();
-  const torch::Tensor bias_c = bf16mm::bf16_bias(bias);
+  const at::Tensor bias_c = bf16mm::bf16_bias(bias);
   const bf16* b = bias_c.defined() ? bias_c.data_ptr<bf16>() : nullptr;
-  auto y = torch::empty({x.size(0), N}, x.options());
+  auto y = at::empty({x.size(0), N}, x.options());
   dispatch(type, [&](auto kernel) {
     kernel.matmul(x.data_ptr<bf16>(), x.size(0), weights.data_ptr<uint8_t>(), K, N, b, y.data_ptr<bf16>());
   });
@@ -395,7 +394,7 @@ torch::Tensor block_matmul(torch::Tensor x, torch::Tensor weights, int64_t type,
 
 // weights: [N, K / W * B] uint8 -> out [N, K] bf16 (given, so callers can reuse one buffer), rounded as
 // dequantizing to bf16 rounds.
-torch::Tensor block_dequantize(torch::Tensor weights, int64_t type, torch::Tensor out) {
+at::Tensor block_dequantize(at::Tensor weights, int64_t type, at::Tensor out) {
   const int64_t K = check_weights(weights, type), N = weights.size(0);
   TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.dim() == 2 && out.size(0) == N &&
                   out.size(1) == K, "out: [N, K] bf16, contiguous");

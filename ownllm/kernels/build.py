@@ -1,23 +1,32 @@
-"""Compiles the C++ kernels next to this file with torch's extension builder, once, into a cache folder.
+"""Which C++ kernels this machine can run, and each one's compiled module: built once per torch version into the
+cache (cache.py, compile.py), then loaded from it by name.
 
-A kernel that cannot be built (no compiler, a CPU without the instructions) is reported once and
-its callers fall back to plain torch. OWNLLM_NO_KERNELS=1 turns them all off. Every kernel function
-releases the GIL while it runs (py::call_guard<py::gil_scoped_release>: they touch no Python object), so
-the server's thread runs its Python meanwhile instead of waiting out the engine's kernel calls.
+All the kernels in this folder are AVX-512 BF16 code. The first time any of them is needed and the cache lacks
+it, every kernel the cache lacks is built, in parallel, so a model's first answer waits for one round of builds
+rather than one build per kernel. A kernel that cannot be built (no compiler, a compiler error) is reported in
+one line and its callers fall back to plain torch; so do CPUs without the instructions. OWNLLM_NO_KERNELS=1 turns
+them all off. Every kernel function releases the GIL while it runs (py::call_guard<py::gil_scoped_release>: they
+touch no Python object), so the server's thread runs its Python meanwhile instead of waiting out the engine's
+kernel calls.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
+import threading
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
+from ownllm.kernels import cache, progress
+from ownllm.kernels.compile import build_missing
+from ownllm.kernels.cache import KernelSpec
+
 logger = logging.getLogger(__name__)
-CACHE_DIR = Path(os.environ.get("OWNLLM_CACHE", Path.home() / ".cache" / "ownllm")) / "kernels"
+KERNEL_DIR = Path(__file__).parent
 # at::parallel_for is a header template: built without OpenMP it runs on one thread. libgomp's soname
 # matches the copy torch loads, so the kernels share torch's thread pool.
 OPENMP_FLAGS = ("-fopenmp",)
@@ -42,30 +51,50 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-@functools.cache
-def load(name: str, required_flags: tuple[str, ...], extra_cflags: tuple[str, ...]):
-    """The compiled module `name` (from name.cpp), or None when it cannot run here."""
-    if os.environ.get("OWNLLM_NO_KERNELS") == "1":
-        return None
-    missing = [f for f in required_flags if f not in cpu_flags()]
-    if missing:
-        logger.info("kernel %s disabled: the CPU lacks %s", name, ", ".join(missing))
-        return None
-    from torch.utils.cpp_extension import load as build
+def kernel_spec(name: str) -> KernelSpec:
+    """The kernel `name` (from name.cpp beside this file) and its flags."""
+    source = KERNEL_DIR / f"{name}.cpp"
+    if not source.is_file():
+        raise ValueError(f"no kernel named {name!r}; kernels: {', '.join(kernel_names())}")
+    cflags = ("-O3", *OPENMP_FLAGS, *BF16_FLAGS, *KERNEL_FLAGS.get(name, ()))
+    return KernelSpec(name, source, cflags, OPENMP_FLAGS)
 
-    source = Path(__file__).with_name(f"{name}.cpp")
-    cflags = ["-O3", *OPENMP_FLAGS, *extra_cflags]
-    # one build per source text and flags: checkouts or versions sharing the cache never load another's module
-    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
-    digest = hashlib.sha256(source.read_bytes() + headers + " ".join(cflags).encode()).hexdigest()[:12]
-    build_dir = CACHE_DIR / f"{name}-{digest}"
-    build_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        return build(name=f"ownllm_{name}_{digest}", sources=[str(source)], extra_cflags=cflags,
-                     extra_ldflags=list(OPENMP_FLAGS), build_directory=str(build_dir), verbose=False)
-    except Exception as error:  # no compiler, or it failed: run on plain torch instead
-        logger.warning("kernel %s could not be built, using plain torch: %s", name, error)
+
+def kernel_names() -> list[str]:
+    return sorted(source.stem for source in KERNEL_DIR.glob("*.cpp"))
+
+
+def load(spec: KernelSpec, batch: tuple[KernelSpec, ...] = ()) -> ModuleType | None:
+    """The compiled module of `spec`, built first (in parallel with whatever of `batch` the cache lacks too) when
+    the cache lacks it; None when it cannot be built or loaded (the reason is printed once)."""
+    if not cache.is_built(spec) and spec.name in _build_once((spec, *[s for s in batch if s != spec])):
         return None
+    if not cache.is_built(spec):  # interrupted, or another process's build of it failed
+        return None
+    try:
+        return cache.import_built(spec)
+    except ImportError as error:
+        progress.say(f"ownllm: kernel {spec.name} could not be loaded, so it runs on plain torch: {error}")
+        return None
+
+
+_build_lock = threading.Lock()
+_build_failures: dict[str, str] = {}  # name -> why, of the builds this process tried
+_tried: set[KernelSpec] = set()
+
+
+def _build_once(specs: tuple[KernelSpec, ...]) -> dict[str, str]:
+    """Builds those of `specs` this process has not tried to build yet -> the failures so far."""
+    with _build_lock:
+        untried = [spec for spec in specs if spec not in _tried]
+        if untried:
+            try:
+                _build_failures.update(build_missing(untried))
+            except OSError as error:  # the cache folder cannot be written, or locked
+                progress.say(f"ownllm: the CPU kernels could not be built, so they run on plain torch: {error}")
+                _build_failures.update((spec.name, str(error)) for spec in untried)
+            _tried.update(untried)
+        return _build_failures
 
 
 def cpu_has_bf16() -> bool:
@@ -76,8 +105,12 @@ def cpu_has_bf16() -> bool:
 @functools.cache
 def bf16_kernels(name: str):
     """A module of AVX-512 BF16 kernels (gemv_bf16, decode_ops, moe_experts...), or None on CPUs without those instructions."""
-    logger.info("building the %s kernels (once; cached afterwards)", name)
-    return load(name, BF16_CPU_FLAGS, BF16_FLAGS + KERNEL_FLAGS.get(name, ()))
+    if os.environ.get("OWNLLM_NO_KERNELS") == "1":
+        return None
+    if not cpu_has_bf16():
+        logger.info("kernel %s disabled: the CPU lacks %s", name, ", ".join(sorted(set(BF16_CPU_FLAGS) - cpu_flags())))
+        return None
+    return load(kernel_spec(name), tuple(kernel_spec(other) for other in kernel_names()))
 
 
 def on_bf16_cpu(x: torch.Tensor) -> bool:

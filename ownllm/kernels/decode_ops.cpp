@@ -5,9 +5,8 @@
 // At decode every tensor here is a few KB, so torch's per-op dispatch, not arithmetic, is the cost:
 // the plain-torch versions take 5-20 ops each. Rounding follows the torch reference step by step
 // (float32 math, bf16 wherever the reference rounds to bf16), so results match it to bf16 ulps.
-#include <ATen/Parallel.h>
 #include <immintrin.h>
-#include <torch/extension.h>
+#include "torch_lite.h"
 
 #include <algorithm>
 #include <cmath>
@@ -59,7 +58,7 @@ inline __m512 hsum16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(x0, x1, 0x88), _mm512_shuffle_f32x4(x0, x1, 0xDD));
 }
 
-void check_bf16(const torch::Tensor& t, const char* name) {
+void check_bf16(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kBFloat16, name, " must be bfloat16");
   TORCH_CHECK(t.stride(-1) == 1, name, " must be contiguous in its last dimension");
 }
@@ -67,13 +66,13 @@ void check_bf16(const torch::Tensor& t, const char* name) {
 }  // namespace
 
 // x: [..., D] -> weight * bf16(x * rsqrt(mean(x^2) + eps)), the Llama RMSNorm (per head for [T, heads, D]).
-torch::Tensor rms_norm(torch::Tensor input, torch::Tensor weight, double eps) {
+at::Tensor rms_norm(at::Tensor input, at::Tensor weight, double eps) {
   check_bf16(input, "x");
   check_bf16(weight, "weight");
   TORCH_CHECK(input.dim() >= 1 && weight.dim() == 1 && weight.size(0) == input.size(-1), "shapes: x [..., D], weight [D]");
-  const torch::Tensor x = input.dim() == 2 ? input : input.reshape({-1, input.size(-1)});
+  const at::Tensor x = input.dim() == 2 ? input : input.reshape({-1, input.size(-1)});
   const int64_t T = x.size(0), D = x.size(1), stride = x.stride(0);
-  auto out = torch::empty({T, D}, x.options());
+  auto out = at::empty({T, D}, x.options());
   const bf16* xp = x.data_ptr<bf16>();
   const bf16* wp = weight.data_ptr<bf16>();
   bf16* op = out.data_ptr<bf16>();
@@ -97,7 +96,7 @@ torch::Tensor rms_norm(torch::Tensor input, torch::Tensor weight, double eps) {
 
 // q: [T, heads, D] and k: [T, kv_heads, D] in place -> x * cos + rotate_half(x) * sin, each product
 // and the sum rounded to bf16 as the reference rounds them. cos, sin: [T, 1, D] (or [T, D]) bf16.
-void rope_rotate_half_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin) {
+void rope_rotate_half_(at::Tensor q, at::Tensor k, at::Tensor cos, at::Tensor sin) {
   check_bf16(q, "q");
   check_bf16(k, "k");
   const int64_t T = q.size(0), Hq = q.size(1), Hk = k.size(1), D = q.size(2), half = D / 2;
@@ -129,11 +128,11 @@ void rope_rotate_half_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torc
 }
 
 // gate_up: [T, 2I] (gate then up) -> bf16(silu(gate)) * up: [T, I].
-torch::Tensor silu_mul(torch::Tensor gate_up) {
+at::Tensor silu_mul(at::Tensor gate_up) {
   check_bf16(gate_up, "gate_up");
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "shape: gate_up [T, 2I]");
   const int64_t T = gate_up.size(0), I = gate_up.size(1) / 2, stride = gate_up.stride(0);
-  auto out = torch::empty({T, I}, gate_up.options());
+  auto out = at::empty({T, I}, gate_up.options());
   const bf16* gp = gate_up.data_ptr<bf16>();
   bf16* op = out.data_ptr<bf16>();
   const int64_t chunks = (I + 15) / 16;
@@ -165,9 +164,9 @@ constexpr int64_t kSplitTokens = 64;
 // kD: the head size the loops are compiled for (their trip counts known, accumulators in registers), or 0
 // for any (q.size(2)).
 template <int64_t kD>
-torch::Tensor paged_decode_attention_d(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor k_cache,
-                                       torch::Tensor v_cache, torch::Tensor slots, torch::Tensor positions,
-                                       torch::Tensor block_tables, double scale, int64_t window, int64_t chunk) {
+at::Tensor paged_decode_attention_d(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor k_cache,
+                                       at::Tensor v_cache, at::Tensor slots, at::Tensor positions,
+                                       at::Tensor block_tables, double scale, int64_t window, int64_t chunk) {
   const int64_t B = q.size(0), H = q.size(1), D = kD ? kD : q.size(2), KVH = k_cache.size(2), block_size = k_cache.size(1);
   TORCH_CHECK(k.size(0) == B && k.size(1) == KVH && k.size(2) == D && k_cache.size(3) == D && H % KVH == 0,
               "shapes: q [B, H, D], k and v [B, KVH, D], caches [blocks, block_size, KVH, D]");
@@ -273,7 +272,7 @@ torch::Tensor paged_decode_attention_d(torch::Tensor q, torch::Tensor k, torch::
       }
     }
   });
-  auto out = torch::empty({B, H * D}, q.options());
+  auto out = at::empty({B, H * D}, q.options());
   bf16* op = out.data_ptr<bf16>();
   at::parallel_for(0, B * H, 16, [&](int64_t h0, int64_t h1) {  // merge each head's splits
     __m512 acc[32];
@@ -301,9 +300,9 @@ torch::Tensor paged_decode_attention_d(torch::Tensor q, torch::Tensor k, torch::
   return out;
 }
 
-torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor k_cache,
-                                     torch::Tensor v_cache, torch::Tensor slots, torch::Tensor positions,
-                                     torch::Tensor block_tables, double scale, int64_t window, int64_t chunk) {
+at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor k_cache,
+                                     at::Tensor v_cache, at::Tensor slots, at::Tensor positions,
+                                     at::Tensor block_tables, double scale, int64_t window, int64_t chunk) {
   for (auto* t : {&q, &k, &v, &k_cache, &v_cache}) check_bf16(*t, "q, k, v and the caches");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "the caches must be contiguous");
   TORCH_CHECK(q.dim() == 3, "q: [B, H, D]");

@@ -1,8 +1,7 @@
 // Skinny bf16 matmul for decode: y[M, N] = x[M, K] @ w[N, K]^T with M <= 64, float32 accumulation.
 // Decode is memory bound: each weight row is streamed from memory once and multiplied against all
 // M activation rows (which stay in cache); the tiles are in bf16_tile.h.
-#include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include "torch_lite.h"
 
 #include "bf16_tile.h"
 
@@ -13,15 +12,15 @@ constexpr int64_t kGrain = 64;  // weight rows per task: 16 tiles
 
 }  // namespace
 
-torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+at::Tensor gemv_bf16(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bf16 inputs expected");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "shapes: x [M, K], w [N, K]");
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxM, "1 <= M <= 64");
   x = x.contiguous();
   TORCH_CHECK(w.is_contiguous(), "w must be contiguous");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  auto y = torch::empty({M, N}, x.options());
-  const torch::Tensor bias_c = bf16mm::bf16_bias(bias);
+  auto y = at::empty({M, N}, x.options());
+  const at::Tensor bias_c = bf16mm::bf16_bias(bias);
   const at::BFloat16* b = bias_c.defined() ? bias_c.data_ptr<at::BFloat16>() : nullptr;
   const at::BFloat16 *xp = x.data_ptr<at::BFloat16>(), *wp = w.data_ptr<at::BFloat16>();
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
@@ -31,7 +30,7 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::T
 
 // One skinny matmul per head: x [M, heads, K] (any strides but the last) times w [heads, N, K] -> [M, heads, N] (a transposed view).
 // MLA's absorbed decode multiplies each head's query and output by that head's slice of kv_b_proj.
-torch::Tensor gemv_bf16_heads(torch::Tensor x, torch::Tensor w) {
+at::Tensor gemv_bf16_heads(at::Tensor x, at::Tensor w) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bf16 inputs expected");
   TORCH_CHECK(x.dim() == 3 && w.dim() == 3 && x.size(1) == w.size(0) && x.size(2) == w.size(2),
               "shapes: x [M, heads, K], w [heads, N, K]");
@@ -39,7 +38,7 @@ torch::Tensor gemv_bf16_heads(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(w.is_contiguous(), "w must be contiguous");
   const int64_t M = x.size(0), H = w.size(0), N = w.size(1), K = w.size(2);
   auto xh = x.transpose(0, 1).contiguous();  // [heads, M, K]
-  auto yh = torch::empty({H, M, N}, x.options());
+  auto yh = at::empty({H, M, N}, x.options());
   const at::BFloat16 *xp = xh.data_ptr<at::BFloat16>(), *wp = w.data_ptr<at::BFloat16>();
   at::BFloat16* yp = yh.data_ptr<at::BFloat16>();
   at::parallel_for(0, H * N, kGrain, [&](int64_t r0, int64_t r1) {

@@ -11,9 +11,8 @@
 // the AVX-512 BF16 dot products (float32 accumulation, one scale multiply per group) compute
 // sum scale * (128 + v) * x; the mins (the file's minimum less 128 scales) contribute
 // sum_g min_g * sum(x over g), from per-group activation sums computed once per call.
-#include <ATen/Parallel.h>
 #include <immintrin.h>
-#include <torch/extension.h>
+#include "torch_lite.h"
 
 #include <vector>
 
@@ -95,7 +94,7 @@ using RowFn = void (*)(const bf16* const*, const float* const*, const uint8_t*, 
 constexpr int kRowsAtOnce = 4;  // activation rows per pass over a weight row (two accumulators each)
 constexpr RowFn kRow[kRowsAtOnce] = {&row<1>, &row<2>, &row<3>, &row<4>};
 
-void check(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& mins) {
+void check(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins) {
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 2 && codes.is_contiguous(), "codes: [N, K / 2] uint8");
   TORCH_CHECK(codes.size(1) % 16 == 0, "K must be a multiple of 32");
   for (const auto* t : {&scales, &mins})
@@ -106,14 +105,14 @@ void check(const torch::Tensor& codes, const torch::Tensor& scales, const torch:
 }  // namespace
 
 // x: [M, K] bf16 -> [M, N] bf16.
-torch::Tensor int4_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor mins,
-                          c10::optional<torch::Tensor> bias) {
+at::Tensor int4_matmul(at::Tensor x, at::Tensor codes, at::Tensor scales, at::Tensor mins,
+                          c10::optional<at::Tensor> bias) {
   check(codes, scales, mins);
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.size(1) == 2 * codes.size(1), "x: [M, K] bf16");
   x = x.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = codes.size(0), groups = K / 32;
-  auto arranged = torch::empty({M, K}, x.options());
-  auto sums = torch::empty({M, groups}, x.options().dtype(at::kFloat));
+  auto arranged = at::empty({M, K}, x.options());
+  auto sums = at::empty({M, groups}, x.options().dtype(at::kFloat));
   const bf16* xp = x.data_ptr<bf16>();
   bf16* ap = arranged.data_ptr<bf16>();
   float* sp = sums.data_ptr<float>();
@@ -130,9 +129,9 @@ torch::Tensor int4_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
   std::vector<const bf16*> xs(M);
   std::vector<const float*> xsums(M);
   for (int64_t m = 0; m < M; ++m) xs[m] = ap + m * K, xsums[m] = sp + m * groups;
-  const torch::Tensor bias_c = bf16mm::bf16_bias(bias);
+  const at::Tensor bias_c = bf16mm::bf16_bias(bias);
   const bf16* b = bias_c.defined() ? bias_c.data_ptr<bf16>() : nullptr;
-  auto y = torch::empty({M, N}, x.options());
+  auto y = at::empty({M, N}, x.options());
   const uint8_t* c = codes.data_ptr<uint8_t>();
   const float* s = scales.data_ptr<float>();
   const float* mn = mins.data_ptr<float>();

@@ -3,8 +3,7 @@
 // scaled the inputs instead, x_j = bf16(w_j x): Llama 4). Replaces ~6k + 4 torch ops, whose dispatch
 // cost more than their arithmetic. Rounding follows the torch path: every projection's output is
 // rounded to bf16, silu and the product too, and the weighted sum is taken in float32.
-#include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include "torch_lite.h"
 
 #include <cmath>
 #include <vector>
@@ -15,7 +14,7 @@ namespace {
 
 using bf16 = at::BFloat16;
 
-std::vector<const bf16*> pointers(const std::vector<torch::Tensor>& ws, int64_t rows, int64_t cols, const char* what) {
+std::vector<const bf16*> pointers(const std::vector<at::Tensor>& ws, int64_t rows, int64_t cols, const char* what) {
   std::vector<const bf16*> out;
   for (const auto& w : ws) {
     TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.dim() == 2 && w.size(0) == rows &&
@@ -29,8 +28,8 @@ std::vector<const bf16*> pointers(const std::vector<torch::Tensor>& ws, int64_t 
 }  // namespace
 
 // x [1, H] bf16; gate, up: k x [I, H]; down: k x [H, I]; weights [k] float32 -> [1, H] bf16
-torch::Tensor experts_one_token(torch::Tensor x, std::vector<torch::Tensor> gate, std::vector<torch::Tensor> up,
-                                std::vector<torch::Tensor> down, torch::Tensor weights, bool scale_input) {
+at::Tensor experts_one_token(at::Tensor x, std::vector<at::Tensor> gate, std::vector<at::Tensor> up,
+                                std::vector<at::Tensor> down, at::Tensor weights, bool scale_input) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.size(0) == 1, "x must be bf16 [1, H]");
   const int64_t k = gate.size(), H = x.size(1);
   TORCH_CHECK(k >= 1 && up.size() == gate.size() && down.size() == gate.size(), "one gate, up and down per expert");
@@ -65,7 +64,7 @@ torch::Tensor experts_one_token(torch::Tensor x, std::vector<torch::Tensor> gate
     });
   });
 
-  auto out = torch::empty({1, H}, x.options());
+  auto out = at::empty({1, H}, x.options());
   bf16* op = out.data_ptr<bf16>();
   std::vector<bf16> y(k * H);  // each expert's down projection, [k, H]
   at::parallel_for(0, H, 16, [&](int64_t h0, int64_t h1) {

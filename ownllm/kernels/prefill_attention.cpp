@@ -15,9 +15,8 @@
 // A query's numbers depend on it and its keys only, not on the rows it shares an item with: key blocks start at
 // multiples of 16 and keys outside its range add exact zeros. So a prompt gets the same numbers in one piece, in
 // chunks, or after a prefix-cache hit (torch's SDPA did not: tests/test_bundled_model.py).
-#include <ATen/Parallel.h>
 #include <immintrin.h>
-#include <torch/extension.h>
+#include "torch_lite.h"
 
 #include <algorithm>
 #include <cmath>
@@ -206,7 +205,7 @@ void attend(const Problem& pr) {
 // q: [T, H, Dk] bf16 (rows may be strided); keys: [S, KVH, Dk], values: [S, KVH, Dv] bf16, key j at position
 // key_start + j; positions: [T] the queries' positions. A query at p attends keys p' <= p, and p' > p - window
 // (window > 0) and p' >= p - p % chunk (chunk > 0); its own key must be among them. -> [T, H * Dv] bf16.
-torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor keys, torch::Tensor values, torch::Tensor positions,
+at::Tensor prefill_attention(at::Tensor q, at::Tensor keys, at::Tensor values, at::Tensor positions,
                                 int64_t key_start, double scale, int64_t window, int64_t chunk) {
   for (auto* t : {&q, &keys, &values})
     TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->device().is_cpu() && t->dim() == 3, "q, keys, values: 3-D bf16 on the CPU");
@@ -222,7 +221,7 @@ torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor keys, torch::Tens
   const int64_t* pos = positions.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t)
     TORCH_CHECK(pos[t] >= key_start && pos[t] < key_start + S, "query position ", pos[t], " has no key");
-  auto out = torch::empty({T, H * Dv}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  auto out = at::empty({T, H * Dv}, q.options().memory_format(at::MemoryFormat::Contiguous));
   const Problem problem{q.data_ptr<bf16>(), keys.data_ptr<bf16>(), values.data_ptr<bf16>(), pos, q.stride(0), S, KVH,
                         T, H, Dk, Dv, key_start, window, chunk, (float)scale, out.data_ptr<bf16>()};
   auto run = attend<0>;

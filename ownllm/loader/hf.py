@@ -78,10 +78,7 @@ def load_hf_folder(folder: Path, dtype: str | None = None) -> Checkpoint:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder} has no config.json; is it a Hugging Face checkpoint folder?")
-    config = ModelConfig.from_hf(read_json(config_file), dtype)
-    from ownllm.models.registry import model_class
-
-    model_class(config.architecture)  # refuse unsupported architectures before touching weights
+    config = ModelConfig.from_hf(read_json(config_file), dtype)  # refuses unsupported architectures first
     tensors = SafetensorsWeights(safetensors_files(folder))
     generation_file = folder / "generation_config.json"
     generation_config = read_json(generation_file) if generation_file.is_file() else {}

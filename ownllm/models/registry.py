@@ -1,4 +1,6 @@
-"""Maps a config.json "architectures" name to its model class, importing the model file lazily."""
+"""Maps a config.json "architectures" name to its model class, importing the model file lazily. The one list of
+supported architectures: ModelConfig.from_hf checks a config against it before reading any other field. Imports no
+model file (and so no torch) until a class is asked for."""
 
 from __future__ import annotations
 
@@ -21,10 +23,15 @@ def supported_architectures() -> list[str]:
     return sorted(_ARCHITECTURES)
 
 
-def model_class(architecture: str) -> type:
+def check_supported(architecture: str) -> None:
+    """Raises ValueError naming `architecture` and the supported ones unless it is one of them."""
     if architecture not in _ARCHITECTURES:
         raise ValueError(
             f"architecture {architecture!r} is not supported; supported: {', '.join(supported_architectures())}"
         )
+
+
+def model_class(architecture: str) -> type:
+    check_supported(architecture)
     module, name = _ARCHITECTURES[architecture]
     return getattr(importlib.import_module(f"ownllm.models.{module}"), name)
