@@ -164,3 +164,49 @@ def test_penalties():
 def test_filters_keep_at_least_one_token():
     kept = filter_logits(LOGITS[None].clone(), top_k=None, top_p=torch.tensor([1e-6]), min_p=None)[0]
     assert torch.isfinite(kept).sum() == 1 and torch.isfinite(kept[0])
+
+
+def _critical(dof: int) -> float:
+    """Chi-square critical value at p = 0.001 (Wilson-Hilferty)."""
+    return dof * (1 - 2 / (9 * dof) + 3.09 * (2 / (9 * dof)) ** 0.5) ** 3
+
+
+@pytest.mark.parametrize("params, path", [
+    (dict(top_p=0.9), "candidates"), (dict(top_k=40, top_p=0.8), "candidates"), (dict(min_p=0.05), "candidates"),
+    (dict(top_k=200), "full"), (dict(top_p=0.9999), "full"), (dict(min_p=1e-6), "full"),
+    (dict(top_k=300, top_p=0.995), "full"),
+])
+def test_candidate_sampling_follows_the_filtered_distribution(monkeypatch, params, path):
+    """Rows sampled among the 64 most likely of 500 tokens (or on the full path when what they keep may lie past
+    those) follow the distribution filter_logits defines over the whole vocabulary."""
+    import ownllm.worker.sampler as sampler_module
+
+    monkeypatch.setattr(sampler_module, "CANDIDATES", 64)
+    full_path_calls = []
+    reference = sampler_module.filter_logits
+    monkeypatch.setattr(sampler_module, "filter_logits", lambda *a: full_path_calls.append(1) or reference(*a))
+    torch.manual_seed(3)
+    logits = torch.randn(500) * 3.0
+    sp = SamplingParams(temperature=0.9, seed=1, **params)
+    one = row(sp)
+    counts = torch.zeros(500)
+    for _ in range(40):
+        for token_id in sample([one] * 100, logits.expand(100, -1).clone()).token_ids:
+            counts[token_id] += 1
+    assert bool(full_path_calls) == (path == "full")
+    k = torch.tensor([sp.top_k])
+    expected = filter_logits((logits / 0.9)[None], k, torch.tensor([sp.top_p]), torch.tensor([sp.min_p]))[0].softmax(-1)
+    assert counts[expected == 0].sum() == 0, "sampled a token the filters exclude"
+    order = expected.argsort(descending=True)
+    bins_e, bins_c, acc_e, acc_c = [], [], 0.0, 0.0
+    for t in order[expected[order] > 0].tolist():  # bins of at least 5 expected draws
+        acc_e, acc_c = acc_e + float(expected[t]) * counts.sum().item(), acc_c + float(counts[t])
+        if acc_e >= 5:
+            bins_e.append(acc_e), bins_c.append(acc_c)
+            acc_e = acc_c = 0.0
+    if acc_e and bins_e:
+        bins_e[-1] += acc_e
+        bins_c[-1] += acc_c
+    e, c = torch.tensor(bins_e), torch.tensor(bins_c)
+    statistic = float(((c - e) ** 2 / e).sum())
+    assert len(bins_e) > 1 and statistic < _critical(len(bins_e) - 1), f"chi-square {statistic:.1f}, {len(bins_e)} bins"

@@ -172,3 +172,23 @@ def test_accepted_tokens_follow_the_target_distribution(wrong):
     statistic = float(((counts.flatten() - expected) ** 2 / expected).sum())
     critical = 37.70  # chi-square, 15 degrees of freedom, p = 0.001
     assert (statistic > critical) == wrong, f"chi-square {statistic:.1f}; counts {counts.tolist()}"
+
+
+def test_draft_length_backs_off_where_drafts_miss_and_grows_where_they_hit():
+    from ownllm.spec_decode import DraftLength
+
+    length = DraftLength(8)
+    assert length.next == 8
+    length.update(8, 2)  # a miss after two right: one past them
+    assert length.next == 3
+    length.update(3, 3)  # all right: doubles, up to the maximum
+    length.update(6, 6)
+    assert length.next == 8
+    for _ in range(DraftLength.PATIENCE):  # nothing accepted, again and again: pauses
+        length.update(length.next, 0)
+    assert length.next == 0
+    for _ in range(DraftLength.PAUSE):
+        length.update(0, 0)
+    assert length.next == 1  # then tries one token
+    length.update(0, 0)  # a step without drafts (no match) changes nothing
+    assert length.next == 1

@@ -76,8 +76,11 @@ class DraftModelProposer:
 
     @torch.inference_mode()
     def propose(self, states) -> dict[str, list[int]]:
-        # the drafts must fit the request's blocks: the scheduler reserved num_speculative_tokens slots past its end
-        states = [s for s in states if len(s.block_ids) * self.kv_cache.block_size >= len(s.token_ids) + self.num_tokens - 1]
+        # each request drafts its draft_length.next tokens, which must fit its blocks: the scheduler reserved
+        # num_speculative_tokens slots past its end
+        slots = self.kv_cache.block_size
+        wanted = {s.request_id: s.draft_length.next for s in states}
+        states = [s for s in states if wanted[s.request_id] and len(s.block_ids) * slots >= len(s.token_ids) + self.num_tokens - 1]
         if not states:
             return {}
         spans, last_rows, num_rows = [], [], 0
@@ -86,11 +89,14 @@ class DraftModelProposer:
             spans.append(Span(state.token_ids[start:], start, state.block_ids))
             num_rows += len(state.token_ids) - start
             last_rows.append(num_rows - 1)
-        drafts = [[token] for token in self._forward(spans, last_rows)]
+        drafts = {s.request_id: [token] for s, token in zip(states, self._forward(spans, last_rows))}
         for step in range(1, self.num_tokens):
-            spans = [Span([d[-1]], len(s.token_ids) + step - 1, s.block_ids) for s, d in zip(states, drafts)]
-            for d, token in zip(drafts, self._forward(spans, list(range(len(spans))))):
-                d.append(token)
-        for state, d in zip(states, drafts):
-            self.computed[state.request_id] = (len(state.token_ids), d[:-1])
-        return {state.request_id: d for state, d in zip(states, drafts)}
+            going = [s for s in states if wanted[s.request_id] > step]
+            if not going:
+                break
+            spans = [Span([drafts[s.request_id][-1]], len(s.token_ids) + step - 1, s.block_ids) for s in going]
+            for state, token in zip(going, self._forward(spans, list(range(len(spans))))):
+                drafts[state.request_id].append(token)
+        for state in states:
+            self.computed[state.request_id] = (len(state.token_ids), drafts[state.request_id][:-1])
+        return drafts

@@ -32,14 +32,14 @@ def propose_ngram(token_ids: Sequence[int], num_tokens: int, min_n: int, max_n: 
 
 
 class NgramProposer:
-    def __init__(self, num_speculative_tokens: int, prompt_lookup_min: int, prompt_lookup_max: int) -> None:
-        self.num_tokens = num_speculative_tokens
+    def __init__(self, prompt_lookup_min: int, prompt_lookup_max: int) -> None:
         self.min_n, self.max_n = prompt_lookup_min, prompt_lookup_max
 
     def propose(self, states) -> dict[str, list[int]]:
         drafts = {}
         for state in states:
-            draft = propose_ngram(state.token_ids, self.num_tokens, self.min_n, self.max_n)
+            num_tokens = state.draft_length.next
+            draft = propose_ngram(state.token_ids, num_tokens, self.min_n, self.max_n) if num_tokens else []
             if draft:
                 drafts[state.request_id] = draft
         return drafts

@@ -22,6 +22,7 @@ from ownllm.loader import Checkpoint
 from ownllm.models.registry import model_class
 from ownllm.outputs import RunnerOutput, SampleLogprobs, SchedulerOutput
 from ownllm.sampling_params import SamplingParams
+from ownllm.spec_decode import DraftLength
 from ownllm.worker.input_batch import Span, build_inputs
 from ownllm.worker.sampler import Sampler, SamplingMetadata, SamplingRow
 
@@ -52,6 +53,7 @@ class RequestState:
     num_computed_tokens: int
     generator: torch.Generator | None = None
     drafts: list[int] = field(default_factory=list)  # verified this step
+    draft_length: DraftLength | None = None  # how many tokens to draft next (when speculating)
 
 
 class ModelRunner:
@@ -78,6 +80,7 @@ class ModelRunner:
         self.attention_backend = attention_backend(attention_backend_name, self.dtype, device)
         self.requests: dict[str, RequestState] = {}
         self.proposer = None
+        self.num_speculative_tokens = speculative_config.num_speculative_tokens if speculative_config else 0
         if speculative_config is not None:
             from ownllm.spec_decode import build_proposer
 
@@ -109,7 +112,8 @@ class ModelRunner:
             generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
             self.requests[new.request_id] = RequestState(
                 new.request_id, new.prompt_token_ids + new.output_token_ids, len(new.prompt_token_ids),
-                new.sampling_params, list(new.block_ids), new.num_computed_tokens, generator)
+                new.sampling_params, list(new.block_ids), new.num_computed_tokens, generator,
+                draft_length=DraftLength(self.num_speculative_tokens) if self.proposer is not None else None)
         for cached in so.cached_requests:
             state = self.requests[cached.request_id]
             state.block_ids += cached.new_block_ids
@@ -168,6 +172,8 @@ def sample_and_verify(sampler: Sampler, logits: torch.Tensor, states: list[Reque
         taken = range(row, row + num_accepted + 1)
         tokens = [out.token_ids[i] for i in taken]
         state.token_ids += tokens
+        if state.draft_length is not None:
+            state.draft_length.update(len(state.drafts), num_accepted)
         results[state.request_id] = (tokens, [SampleLogprobs(out.logprobs[i], out.ranks[i], out.top_logprobs[i])
                                               for i in taken], num_accepted)
         row += len(state.drafts) + 1

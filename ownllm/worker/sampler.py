@@ -18,6 +18,7 @@ import torch
 from ownllm.sampling_params import SamplingParams
 
 NEG_INF = float("-inf")
+CANDIDATES = 1024  # the most likely tokens a filtered row samples among, when what it keeps lies among them
 
 
 @dataclass
@@ -76,9 +77,10 @@ class SamplingMetadata:
     temperature: torch.Tensor  # [R, 1] float32 (1 for greedy rows, which never divide)
     greedy_rows: list[int]
     random_rows: list[int]
-    top_k: torch.Tensor | None  # [random rows] long, 0 = off
-    top_p: torch.Tensor | None  # [random rows] float32, 1 = off
-    min_p: torch.Tensor | None  # [random rows] float32, 0 = off
+    top_k: torch.Tensor  # [random rows] long, 0 = off
+    top_p: torch.Tensor  # [random rows] float32, 1 = off
+    min_p: torch.Tensor  # [random rows] float32, 0 = off
+    filtered: list[int]  # random rows with top-k, top-p or min-p
     generators: dict[int, torch.Generator]  # random row -> its request's seeded generator
     penalties: Penalties | None
     stop_masks: list[tuple[int, list[int]]]  # (row, token ids it may not sample yet: min_tokens)
@@ -94,10 +96,6 @@ class SamplingMetadata:
 
         def column(values: list, dtype=torch.float32) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=device)
-
-        def optional(values: list, off) -> torch.Tensor | None:
-            return column(values, torch.long if isinstance(off, int) else torch.float32) if any(
-                v != off for v in values) else None
 
         penalized = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0 or p.presence_penalty
                      or p.frequency_penalty]
@@ -119,8 +117,9 @@ class SamplingMetadata:
         return cls(
             temperature=column([[p.temperature if not p.is_greedy else 1.0] for p in randoms]),
             greedy_rows=[i for i, p in enumerate(params) if p.is_greedy], random_rows=random_rows,
-            top_k=optional([p.top_k for p in randoms], 0), top_p=optional([p.top_p for p in randoms], 1.0),
-            min_p=optional([p.min_p for p in randoms], 0.0),
+            top_k=column([p.top_k for p in randoms], torch.long), top_p=column([p.top_p for p in randoms]),
+            min_p=column([p.min_p for p in randoms]),
+            filtered=[j for j, p in enumerate(randoms) if p.top_k or p.top_p < 1 or p.min_p],
             generators={j: rows[i].generator for j, i in enumerate(random_rows) if rows[i].generator is not None},
             penalties=penalties, stop_masks=stop_masks, allowed_token_bitmask=bitmask,
             num_logprobs=[p.logprobs for p in params],
@@ -137,8 +136,15 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
                   min_p: torch.Tensor | None) -> torch.Tensor:
-    """Sets to -inf the tokens top-k, top-p and min-p exclude, row by row. logits: [R, vocab] (temperature-scaled);
-    top_k: [R] (0 off), top_p: [R] (1 off), min_p: [R] (0 off), each None when off for every row."""
+    """Sets to -inf the tokens top-k, top-p and min-p exclude, row by row, over the whole vocabulary (the reference
+    `draw` is checked against). logits: [R, vocab] (temperature-scaled); top_k: [R] (0 off), top_p: [R] (1 off),
+    min_p: [R] (0 off); each may be None."""
+    if top_p is not None and bool((top_p >= 1).all()):
+        top_p = None
+    if min_p is not None and not bool(min_p.any()):
+        min_p = None
+    if top_k is not None and not bool(top_k.any()):
+        top_k = None
     if top_k is not None:
         k = torch.where(top_k > 0, top_k, logits.shape[-1]).clamp(max=logits.shape[-1])
         values = logits.topk(int(k.max()), dim=-1).values  # [R, k_max], descending
@@ -168,8 +174,9 @@ class SamplerOutput:
 class Sampler:
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         # logits: [R, vocab] float32
-        raw = logits.log_softmax(-1)
-        x = logits.clone()
+        x = logits
+        if meta.penalties is not None or meta.stop_masks or meta.allowed_token_bitmask is not None:
+            x = logits.clone()
         if meta.penalties is not None:
             meta.penalties.apply(x)
         for row, stop_ids in meta.stop_masks:  # hold back every token that would stop it
@@ -181,37 +188,77 @@ class Sampler:
             greedy = meta.greedy_rows
             token_ids[greedy] = x[greedy].argmax(-1) if len(greedy) < x.shape[0] else x.argmax(-1)
         if meta.random_rows:
-            token_ids[meta.random_rows] = self._draw(x[meta.random_rows], meta)
-        return self._logprobs(raw, token_ids, meta)
+            token_ids[meta.random_rows] = draw(x[meta.random_rows] / meta.temperature, meta)
+        return _logprobs(logits, token_ids, meta)
 
-    @staticmethod
-    def _draw(x: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        # x: [random rows, vocab]
-        probs = filter_logits(x / meta.temperature, meta.top_k, meta.top_p, meta.min_p).softmax(-1)
-        race = torch.empty_like(probs)
-        unseeded = [j for j in range(probs.shape[0]) if j not in meta.generators]
-        if len(unseeded) == probs.shape[0]:
-            race.exponential_()
-        elif unseeded:
-            race[unseeded] = torch.empty_like(probs[unseeded]).exponential_()
-        for j, generator in meta.generators.items():
-            race[j].exponential_(generator=generator)
-        return (probs / race).argmax(-1)
 
-    @staticmethod
-    def _logprobs(raw: torch.Tensor, token_ids: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
-        chosen = raw.gather(1, token_ids[:, None])  # [R, 1]
-        asked = [i for i, k in enumerate(meta.num_logprobs) if k is not None]
-        ranks = [0] * raw.shape[0]
-        tops: list[list[tuple[int, float]] | None] = [None] * raw.shape[0]
-        if asked:
-            rank_values = ((raw[asked] > chosen[asked]).sum(-1) + 1).tolist()
-            for i, rank in zip(asked, rank_values):
-                ranks[i] = rank
-            max_top = max(meta.num_logprobs[i] for i in asked)
-            if max_top:
-                values, ids = raw[asked].topk(max_top, dim=-1)
-                for i, row_ids, row_values in zip(asked, ids.tolist(), values.tolist()):
-                    k = meta.num_logprobs[i]
-                    tops[i] = list(zip(row_ids[:k], row_values[:k])) if k else None
-        return SamplerOutput(token_ids.tolist(), chosen.squeeze(1).tolist(), ranks, tops)
+def _race(weights: torch.Tensor, rows: list[int], generators: dict[int, torch.Generator]) -> torch.Tensor:
+    """argmax of weights / Exp(1) noise per row: a sample from each row's (unnormalized) weights. weights: [N, n];
+    rows: each row's random-row index, whose seeded generator (if any) draws that row's noise alone."""
+    noise = torch.empty_like(weights)
+    seeded = [i for i, row in enumerate(rows) if row in generators]
+    if len(seeded) < len(rows):
+        unseeded = [i for i, row in enumerate(rows) if row not in generators]
+        noise[unseeded] = torch.empty(len(unseeded), weights.shape[1], device=weights.device).exponential_()
+    for i in seeded:
+        noise[i].exponential_(generator=generators[rows[i]])
+    return (weights / noise).argmax(-1)
+
+
+def draw(x: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """One token per random row from its temperature-scaled logits x [random rows, vocab], after top-k, top-p and
+    min-p. A filtered row samples among its CANDIDATES most likely tokens when what it keeps provably lies among
+    them (its top-k is that small, or the candidates' mass already passes its top-p and their last is under its
+    min-p), which spares sorting and drawing noise over the whole vocabulary; other rows take the full path
+    (filter_logits). Which path a row takes depends on that row alone, so seeded draws do not depend on the batch."""
+    num_rows, vocab = x.shape
+    token_ids = torch.empty(num_rows, dtype=torch.long, device=x.device)
+    filtered = set(meta.filtered)
+    full = [j for j in range(num_rows) if j not in filtered]
+    if meta.filtered:
+        rows = meta.filtered
+        k = meta.top_k[rows]
+        values, ids = x[rows].topk(min(CANDIDATES, vocab), dim=-1)  # [F, C], most likely first
+        probs = (values - x[rows].logsumexp(-1, keepdim=True)).exp()  # the full distribution's probabilities
+        position = torch.arange(values.shape[1], device=x.device)
+        has_top_k = (k > 0) & (k <= values.shape[1])
+        keep = ~has_top_k[:, None] | (position < k[:, None])
+        probs = probs * keep
+        probs = torch.where(has_top_k[:, None], probs / probs.sum(-1, keepdim=True), probs)  # renormalized by top-k
+        keep &= (probs.cumsum(-1) - probs < meta.top_p[rows, None]) | (position == 0)
+        keep &= probs >= meta.min_p[rows, None] * probs[:, :1]
+        # exact only if nothing past the candidates would be kept: ruled out by top-k, or by top-p's mass and min-p
+        past_kept = (probs.sum(-1) < meta.top_p[rows]) & (probs[:, -1] >= meta.min_p[rows] * probs[:, 0])
+        exact = has_top_k | ~past_kept | (values.shape[1] == vocab)
+        exact = exact.tolist()
+        inside = [j for j, ok in enumerate(exact) if ok]
+        full += [rows[j] for j, ok in enumerate(exact) if not ok]
+        if inside:
+            chosen = _race((probs * keep)[inside], [rows[j] for j in inside], meta.generators)
+            token_ids[[rows[j] for j in inside]] = ids[inside].gather(1, chosen[:, None]).squeeze(1)
+    if full:
+        full.sort()
+        probs = filter_logits(x[full], meta.top_k[full], meta.top_p[full], meta.min_p[full]).softmax(-1)
+        token_ids[full] = _race(probs, full, meta.generators)
+    return token_ids
+
+
+def _logprobs(logits: torch.Tensor, token_ids: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+    """Logprobs of the sampled tokens in the raw distribution, with ranks and top alternatives where asked."""
+    lse = logits.logsumexp(-1, keepdim=True)  # [R, 1]
+    chosen = logits.gather(1, token_ids[:, None])  # [R, 1]
+    asked = [i for i, k in enumerate(meta.num_logprobs) if k is not None]
+    ranks = [0] * logits.shape[0]
+    tops: list[list[tuple[int, float]] | None] = [None] * logits.shape[0]
+    if asked:
+        rank_values = ((logits[asked] > chosen[asked]).sum(-1) + 1).tolist()
+        for i, rank in zip(asked, rank_values):
+            ranks[i] = rank
+        max_top = max(meta.num_logprobs[i] for i in asked)
+        if max_top:
+            values, ids = logits[asked].topk(max_top, dim=-1)
+            values = values - lse[asked]
+            for i, row_ids, row_values in zip(asked, ids.tolist(), values.tolist()):
+                k = meta.num_logprobs[i]
+                tops[i] = list(zip(row_ids[:k], row_values[:k])) if k else None
+    return SamplerOutput(token_ids.tolist(), (chosen - lse).squeeze(1).tolist(), ranks, tops)
