@@ -174,21 +174,19 @@ def test_accepted_tokens_follow_the_target_distribution(wrong):
     assert (statistic > critical) == wrong, f"chi-square {statistic:.1f}; counts {counts.tolist()}"
 
 
-def test_draft_length_backs_off_where_drafts_miss_and_grows_where_they_hit():
+def test_draft_length_follows_acceptance_and_cost():
     from ownllm.spec_decode import DraftLength
 
-    length = DraftLength(8)
-    assert length.next == 8
-    length.update(8, 2)  # a miss after two right: one past them
-    assert length.next == 3
-    length.update(3, 3)  # all right: doubles, up to the maximum
-    length.update(6, 6)
-    assert length.next == 8
-    for _ in range(DraftLength.PATIENCE):  # nothing accepted, again and again: pauses
-        length.update(length.next, 0)
-    assert length.next == 0
+    assert DraftLength(8, cost_per_draft=0.0).next == 8  # drafts that cost nothing: as many as allowed
+    # right 9 times in 10: (1 - 0.9^(k+1)) / 0.1 tokens for 1 + k/2 of the time peaks at k = 3
+    assert DraftLength(8, cost_per_draft=0.5, accepted=9.0, rejected=1.0).next == 3
+    missing = DraftLength(8, cost_per_draft=0.3)
+    for _ in range(3):  # drafts that keep missing: fewer, then none for a while
+        assert missing.next > 0
+        missing.update(missing.next, 0)
+    assert missing.next == 0 and missing.paused == DraftLength.PAUSE
     for _ in range(DraftLength.PAUSE):
-        length.update(0, 0)
-    assert length.next == 1  # then tries one token
-    length.update(0, 0)  # a step without drafts (no match) changes nothing
-    assert length.next == 1
+        missing.update(0, 0)
+    assert missing.next >= 1  # then a probe
+    missing.update(1, 1)
+    assert not missing.probing

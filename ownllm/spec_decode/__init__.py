@@ -22,39 +22,47 @@ if TYPE_CHECKING:
 
 @dataclass
 class DraftLength:
-    """How many tokens to draft for one request next, adapted to how its drafts fare, so speculation backs off
-    where drafts miss (free text) and runs long where they hit (copied code). It doubles after a step that
-    accepted every draft, and falls to one past the accepted ones after a miss; after PATIENCE steps in a row
-    that accepted nothing, the request drafts nothing for PAUSE steps, then tries one token."""
+    """How many tokens to draft for one request next: the number that maximizes expected tokens per unit of
+    time, from the request's own acceptance rate so far and what a draft costs (cost_per_draft: a drafted
+    token's time over a target step's, about 0 for prompt lookup and the size ratio for a draft model). A
+    draft is accepted with rate a, so k drafts yield (1 - a^(k+1)) / (1 - a) tokens a step, for 1 + k * cost
+    of the time. Where no k pays (drafts that miss, or a draft model too slow for the acceptance), the request
+    stops drafting for PAUSE steps, then probes with at least one token so its rate keeps up to date."""
 
-    PATIENCE = 3
     PAUSE = 8
+    DECAY = 0.8  # weight of the past in the acceptance counts
     max_tokens: int
-    current: int = 0
-    misses: int = 0  # verified steps in a row that accepted nothing
+    cost_per_draft: float = 0.0
+    accepted: float = 2.0  # decayed counts of accepted and rejected drafts; the prior: a = 2/3
+    rejected: float = 1.0
     paused: int = 0  # steps left without drafting
+    probing: bool = False  # the step after a pause drafts at least one token
 
-    def __post_init__(self) -> None:
-        self.current = self.current or self.max_tokens
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / (self.accepted + self.rejected)
 
     @property
     def next(self) -> int:
-        return 0 if self.paused else self.current
+        if self.paused:
+            return 0
+        a, cost = min(self.acceptance_rate, 0.999), self.cost_per_draft
+        gains = [(1 - a ** (k + 1)) / (1 - a) / (1 + k * cost) for k in range(self.max_tokens + 1)]
+        best = max(range(len(gains)), key=lambda k: (gains[k], -k))
+        return max(best, 1) if self.probing else best
 
     def update(self, num_drafts: int, num_accepted: int) -> None:
         if self.paused:
             self.paused -= 1
-            self.current = 1
+            self.probing = self.paused == 0
             return
-        if not num_drafts:
-            return
-        if num_accepted == num_drafts:
-            self.current = min(self.max_tokens, 2 * self.current)
-        else:
-            self.current = num_accepted + 1
-        self.misses = self.misses + 1 if num_accepted == 0 else 0
-        if self.misses >= self.PATIENCE:
-            self.paused, self.misses = self.PAUSE, 0
+        if num_drafts:
+            self.probing = False
+            self.accepted = self.DECAY * self.accepted + num_accepted
+            self.rejected = self.DECAY * self.rejected + (num_accepted < num_drafts)
+        if self.next == 0:
+            self.paused = self.PAUSE
+            self.accepted, self.rejected = 1.0, 1.0  # the probe after the pause starts at a = 1/2
 
 
 class Proposer(Protocol):

@@ -10,6 +10,8 @@ reserves for it.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from ownllm.config import SpeculativeConfig
@@ -53,6 +55,11 @@ class DraftModelProposer:
         self.device = runner.device
         # per request: tokens whose KV the draft holds, then the drafts it wrote KV for after them
         self.computed: dict[str, tuple[int, list[int]]] = {}
+        self.forward_seconds = 0.0  # a decode forward of the draft model (decayed mean)
+
+    def cost_per_draft(self, step_seconds: float) -> float:
+        """A drafted token's time over the target step's: one decode forward of the draft model."""
+        return self.forward_seconds / step_seconds if self.forward_seconds and step_seconds else 0.3
 
     def free(self, request_id: str) -> None:
         self.computed.pop(request_id, None)
@@ -95,8 +102,11 @@ class DraftModelProposer:
             if not going:
                 break
             spans = [Span([drafts[s.request_id][-1]], len(s.token_ids) + step - 1, s.block_ids) for s in going]
+            started = time.perf_counter()
             for state, token in zip(going, self._forward(spans, list(range(len(spans))))):
                 drafts[state.request_id].append(token)
+            elapsed = time.perf_counter() - started
+            self.forward_seconds = 0.8 * self.forward_seconds + 0.2 * elapsed if self.forward_seconds else elapsed
         for state in states:
             self.computed[state.request_id] = (len(state.token_ids), drafts[state.request_id][:-1])
         return drafts

@@ -12,6 +12,7 @@ the proposer for the next drafts. Results are plain Python values: the engine ab
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -79,6 +80,7 @@ class ModelRunner:
         self.kv_cache = PagedKVCache(self.kv_spec, self.num_blocks, self.block_size, self.dtype, device)
         self.attention_backend = attention_backend(attention_backend_name, self.dtype, device)
         self.requests: dict[str, RequestState] = {}
+        self.step_seconds = 0.0  # a forward of the model (decayed mean)
         self.proposer = None
         self.num_speculative_tokens = speculative_config.num_speculative_tokens if speculative_config else 0
         if speculative_config is not None:
@@ -128,14 +130,16 @@ class ModelRunner:
             state = self.requests[request_id]
             state.drafts = so.draft_token_ids.get(request_id, [])
             start = state.num_computed_tokens
-            tokens = (state.token_ids + state.drafts)[start : start + num_new] if state.drafts else \
-                state.token_ids[start : start + num_new]
+            tokens = state.token_ids[start : start + num_new] + state.drafts  # drafts follow a decoding request's last token
             spans.append(Span(tokens, start, state.block_ids, as_decode_rows=bool(state.drafts)))
             num_rows += num_new
             if start + num_new >= len(state.token_ids) + len(state.drafts):
                 sampling.append((state, num_rows - 1 - len(state.drafts)))
         input_ids, meta = build_inputs(spans, self.kv_cache, self.attention_backend, self.device)
+        started = time.perf_counter()
         hidden = self.model(input_ids, meta)  # [T, hidden]
+        elapsed = time.perf_counter() - started  # a step's time, for the cost of a draft next to it
+        self.step_seconds = 0.8 * self.step_seconds + 0.2 * elapsed if self.step_seconds else elapsed
         output = RunnerOutput(request_ids=list(so.num_scheduled_tokens))
         sampled = {}
         if sampling:
@@ -149,6 +153,9 @@ class ModelRunner:
             output.logprobs.append(logprobs)
             output.num_accepted_draft_tokens.append(num_accepted)
         if self.proposer is not None and sampling:
+            cost = self.proposer.cost_per_draft(self.step_seconds)
+            for state, _ in sampling:
+                state.draft_length.cost_per_draft = cost
             output.draft_token_ids = self.proposer.propose([state for state, _ in sampling])
         return output
 
