@@ -11,6 +11,7 @@ Returned logprobs are those of the raw model distribution (before penalties and 
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -47,27 +48,45 @@ class SamplingRow:
 
 @dataclass
 class Penalties:
-    rows: torch.Tensor  # [P] rows with a penalty
+    """Penalties touch only the tokens a row has seen, so they are applied to those alone: each penalized row's
+    distinct prompt and output token ids, padded to one width by repeating its first (which then computes and
+    writes the same value again)."""
+
+    rows: torch.Tensor  # [P, 1] rows with a penalty
+    token_ids: torch.Tensor  # [P, W] the tokens each has seen, in the prompt or the output
+    output_counts: torch.Tensor  # [P, W] float32: how often each is in the output
     repetition: torch.Tensor  # [P, 1]
     presence: torch.Tensor  # [P, 1]
     frequency: torch.Tensor  # [P, 1]
-    seen: torch.Tensor  # [P, vocab] bool: in the prompt or the output
-    output_counts: torch.Tensor  # [P, vocab] float32
+
+    @classmethod
+    def build(cls, rows: list[int], histories: list[tuple[list[int], list[int]]], params: list[SamplingParams],
+              device) -> "Penalties":
+        """histories: each row's (prompt token ids, output token ids)."""
+        ids, counts = [], []
+        for prompt, output in histories:
+            seen = Counter(output)
+            row_ids = list(seen.keys() | set(prompt)) or [0]
+            ids.append(row_ids)
+            counts.append([float(seen[t]) for t in row_ids])
+        width = max(len(r) for r in ids)
+
+        def padded(values: list[list], dtype) -> torch.Tensor:
+            return torch.tensor([v + v[:1] * (width - len(v)) for v in values], dtype=dtype, device=device)
+
+        def column(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
+
+        return cls(torch.tensor(rows, dtype=torch.long, device=device)[:, None], padded(ids, torch.long),
+                   padded(counts, torch.float32), column([p.repetition_penalty for p in params]),
+                   column([p.presence_penalty for p in params]), column([p.frequency_penalty for p in params]))
 
     def apply(self, logits: torch.Tensor) -> None:
         # logits: [R, vocab] float32, changed in place
-        rows = logits[self.rows]
-        rows = torch.where(self.seen, torch.where(rows > 0, rows / self.repetition, rows * self.repetition), rows)
-        rows -= self.frequency * self.output_counts + self.presence * (self.output_counts > 0)
-        logits[self.rows] = rows
-
-
-def _counts(histories: list[list[int]], vocab: int, device) -> torch.Tensor:
-    """[len(histories), vocab] float32 occurrence counts."""
-    width = max(1, max(len(h) for h in histories))
-    ids = torch.tensor([h + [0] * (width - len(h)) for h in histories], dtype=torch.long, device=device)
-    ones = torch.tensor([[1.0] * len(h) + [0.0] * (width - len(h)) for h in histories], device=device)
-    return torch.zeros(len(histories), vocab, device=device).scatter_add_(1, ids, ones)
+        values = logits[self.rows, self.token_ids]  # [P, W]
+        values = torch.where(values > 0, values / self.repetition, values * self.repetition)
+        values -= self.frequency * self.output_counts + self.presence * (self.output_counts > 0)
+        logits[self.rows, self.token_ids] = values
 
 
 @dataclass
@@ -101,12 +120,8 @@ class SamplingMetadata:
                      or p.frequency_penalty]
         penalties = None
         if penalized:
-            counts = _counts([rows[i].output_token_ids for i in penalized], vocab, device)
-            prompts = _counts([rows[i].prompt_token_ids for i in penalized], vocab, device)
-            penalties = Penalties(
-                column(penalized, torch.long), column([[params[i].repetition_penalty] for i in penalized]),
-                column([[params[i].presence_penalty] for i in penalized]),
-                column([[params[i].frequency_penalty] for i in penalized]), (counts + prompts) > 0, counts)
+            penalties = Penalties.build(penalized, [(rows[i].prompt_token_ids, rows[i].output_token_ids) for i in penalized],
+                                        [params[i] for i in penalized], device)
         stop_masks = []
         for i, (row, p) in enumerate(zip(rows, params)):
             if row.num_output_tokens < p.min_tokens:
@@ -218,8 +233,9 @@ def draw(x: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     if meta.filtered:
         rows = meta.filtered
         k = meta.top_k[rows]
-        values, ids = x[rows].topk(min(CANDIDATES, vocab), dim=-1)  # [F, C], most likely first
-        probs = (values - x[rows].logsumexp(-1, keepdim=True)).exp()  # the full distribution's probabilities
+        x_rows = x if len(rows) == num_rows else x[rows]
+        values, ids = x_rows.topk(min(CANDIDATES, vocab), dim=-1)  # [F, C], most likely first
+        probs = (values - x_rows.logsumexp(-1, keepdim=True)).exp()  # the full distribution's probabilities
         position = torch.arange(values.shape[1], device=x.device)
         has_top_k = (k > 0) & (k <= values.shape[1])
         keep = ~has_top_k[:, None] | (position < k[:, None])
