@@ -185,9 +185,10 @@ class SchedulerConfig:
 
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64
-    # decode rows (decoding requests plus their drafts) up to which a step verifies drafts: the batch size up to
-    # which decode reads weights rather than computing (kernels.build.GEMV_MAX_ROWS, the skinny-matmul kernels')
-    max_num_spec_rows: int = 32
+    # decode rows (decoding requests plus their drafts) up to which a step verifies drafts: past a small batch,
+    # extra rows cost compute (the lm_head, sampling, attention) that speculation does not win back (bundled
+    # model, 16 streaming clients: 0.88x with 32 here, where 16 leaves them without drafts)
+    max_num_spec_rows: int = 16
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:

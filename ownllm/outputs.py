@@ -87,6 +87,7 @@ class SchedulerOutput:
     draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
     finished_request_ids: set[str] = field(default_factory=set)  # finished, aborted or preempted since last step
     num_lookahead_tokens: int = 0
+    propose_drafts: bool = False  # whether drafts proposed now could be verified next step (few enough requests)
     # [num sampled rows, ceil(vocab / 32)] int32 bits of the tokens each row may sample (None: all), rows in
     # batch order; filled by a grammar backend
     allowed_token_bitmask: Any = None

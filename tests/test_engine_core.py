@@ -170,8 +170,18 @@ def test_speculation_backs_off_when_decode_rows_exceed_the_budget(tokenizer):
     core.step()
     so = runner.outputs[-1]
     assert sum(len(d) for d in so.draft_token_ids.values()) == 8 - 6  # 6 decode rows leave room for 2 drafts
+    assert so.propose_drafts
     run(core)
     assert all(r.output_token_ids == expected_tokens(12, 10) for r in requests)
+
+
+def test_no_drafts_are_asked_for_when_the_batch_is_past_the_budget(tokenizer):
+    runner = FakeRunner(num_drafts=4)
+    core = make_core(tokenizer, runner, max_num_spec_rows=4)
+    for i in range(6):
+        add(core, f"r{i}", 3, max_tokens=5)
+    run(core)
+    assert not any(so.propose_drafts or so.draft_token_ids for so in runner.outputs)
 
 
 def test_finished_and_preempted_requests_are_named_to_the_runner(tokenizer):

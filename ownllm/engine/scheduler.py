@@ -65,6 +65,7 @@ class Scheduler:
         out.finished_request_ids |= {r.request_id for r in preempted}
         if not preempted:
             self._admit_waiting(budget, out)
+        out.propose_drafts = len(self.running) < self.config.max_num_spec_rows
         return out
 
     def _schedule(self, request: Request, num_new: int, out: SchedulerOutput, new: bool = False) -> None:

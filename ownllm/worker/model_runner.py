@@ -152,7 +152,7 @@ class ModelRunner:
             output.sampled_token_ids.append(tokens)
             output.logprobs.append(logprobs)
             output.num_accepted_draft_tokens.append(num_accepted)
-        if self.proposer is not None and sampling:
+        if self.proposer is not None and sampling and so.propose_drafts:
             cost = self.proposer.cost_per_draft(self.step_seconds)
             for state, _ in sampling:
                 state.draft_length.cost_per_draft = cost
