@@ -260,9 +260,12 @@ def draw(x: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
 
 
 def _logprobs(logits: torch.Tensor, token_ids: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
-    """Logprobs of the sampled tokens in the raw distribution, with ranks and top alternatives where asked."""
-    lse = logits.logsumexp(-1, keepdim=True)  # [R, 1]
+    """Logprobs of the sampled tokens in the raw distribution, with ranks and top alternatives where asked.
+    log_softmax, not logsumexp: its row reductions give a row the same numbers in a batch of any size (logsumexp
+    splits a row across threads when rows are few), so speculation and batching leave logprobs bit-identical."""
+    raw = logits.log_softmax(-1)  # [R, vocab]
     chosen = logits.gather(1, token_ids[:, None])  # [R, 1]
+    chosen_logprobs = raw.gather(1, token_ids[:, None])  # [R, 1]
     asked = [i for i, k in enumerate(meta.num_logprobs) if k is not None]
     ranks = [0] * logits.shape[0]
     tops: list[list[tuple[int, float]] | None] = [None] * logits.shape[0]
@@ -272,9 +275,8 @@ def _logprobs(logits: torch.Tensor, token_ids: torch.Tensor, meta: SamplingMetad
             ranks[i] = rank
         max_top = max(meta.num_logprobs[i] for i in asked)
         if max_top:
-            values, ids = logits[asked].topk(max_top, dim=-1)
-            values = values - lse[asked]
+            values, ids = raw[asked].topk(max_top, dim=-1)
             for i, row_ids, row_values in zip(asked, ids.tolist(), values.tolist()):
                 k = meta.num_logprobs[i]
                 tops[i] = list(zip(row_ids[:k], row_values[:k])) if k else None
-    return SamplerOutput(token_ids.tolist(), (chosen - lse).squeeze(1).tolist(), ranks, tops)
+    return SamplerOutput(token_ids.tolist(), chosen_logprobs.squeeze(1).tolist(), ranks, tops)
