@@ -78,15 +78,14 @@ class CachedRequestData:
 class SchedulerOutput:
     """What one engine step computes. num_scheduled_tokens gives, in batch order, each request's tokens computed
     this step from its num_computed_tokens on, draft tokens included. A request samples iff those tokens reach
-    the end of its known tokens; with k drafts it then samples k+1 rows. Blocks cover num_lookahead_tokens
-    more slots, which a draft model writes while it proposes."""
+    the end of its known tokens; with k drafts it then samples k+1 rows. Blocks cover the scheduler's lookahead
+    slots past those tokens too, which a draft model writes while it proposes."""
 
     new_requests: list[NewRequestData] = field(default_factory=list)
     cached_requests: list[CachedRequestData] = field(default_factory=list)
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
     draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
     finished_request_ids: set[str] = field(default_factory=set)  # finished, aborted or preempted since last step
-    num_lookahead_tokens: int = 0
     propose_drafts: bool = False  # whether drafts proposed now could be verified next step (few enough requests)
     # [num sampled rows, ceil(vocab / 32)] int32 bits of the tokens each row may sample (None: all), rows in
     # batch order; filled by a grammar backend

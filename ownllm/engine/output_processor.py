@@ -23,6 +23,7 @@ class RequestState:
     request: Request
     index: int  # which of the n samples
     detokenizer: IncrementalDetokenizer
+    stop_token_ids: frozenset[int]  # tokens that end it (once min_tokens are out): its stop ids and EOS
     text: str = ""  # all decoded text (may end in held-back characters)
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float = 0.0
@@ -39,9 +40,10 @@ class OutputProcessor:
 
     def add(self, request: Request, index: int = 0) -> None:
         params = request.sampling_params
+        eos = frozenset() if params.ignore_eos else self.eos_token_ids
         self.states[request.request_id] = RequestState(
             request, index, self.tokenizer.detokenizer(params.skip_special_tokens),
-            logprobs=[] if params.logprobs is not None else None,
+            frozenset(params.stop_token_ids) | eos, logprobs=[] if params.logprobs is not None else None,
         )
 
     def _token_text(self, token_id: int) -> str:
@@ -64,8 +66,7 @@ class OutputProcessor:
 
     def _check_stop(self, state: RequestState, token_id: int) -> None:
         request, params = state.request, state.request.sampling_params
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
-        stopped_by_token = request.num_output_tokens >= params.min_tokens and token_id in stop_ids
+        stopped_by_token = request.num_output_tokens >= params.min_tokens and token_id in state.stop_token_ids
         if stopped_by_token:  # a stop token is not part of the text
             request.finish(FinishReason.STOP, token_id if token_id in params.stop_token_ids else None)
         elif params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:

@@ -42,7 +42,7 @@ class Scheduler:
         self.waiting.sort(key=lambda r: (r.priority, r.arrival_time))
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput(finished_request_ids=self._finished_ids, num_lookahead_tokens=self.num_lookahead_tokens)
+        out = SchedulerOutput(finished_request_ids=self._finished_ids)
         self._finished_ids = set()
         budget = self.config.max_num_batched_tokens
         preempted: list[Request] = []
@@ -50,9 +50,10 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            is_decoding = request.num_tokens - request.num_computed_tokens == 1  # drafts follow the last token
-            num_drafts = min(len(request.spec_token_ids), budget - num_new, max(spec_rows, 0)) if is_decoding else 0
+            num_left = request.num_tokens - request.num_computed_tokens
+            num_new = min(num_left, budget)
+            # drafts follow the last token, so only a decoding request (one token left) verifies them
+            num_drafts = min(len(request.spec_token_ids), budget - num_new, max(spec_rows, 0)) if num_left == 1 else 0
             del request.spec_token_ids[num_drafts:]
             if not self._allocate_or_preempt(request, num_new + num_drafts, preempted):
                 break  # the request preempted itself: nothing more fits

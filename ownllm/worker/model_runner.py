@@ -142,21 +142,21 @@ class ModelRunner:
         self.step_seconds = 0.8 * self.step_seconds + 0.2 * elapsed if self.step_seconds else elapsed
         output = RunnerOutput(request_ids=list(so.num_scheduled_tokens))
         sampled = {}
+        states = [state for state, _ in sampling]
         if sampling:
             rows = [first + j for state, first in sampling for j in range(len(state.drafts) + 1)]
             logits = self.model.compute_logits(hidden[rows]).float()  # [R, vocab]
-            states = [state for state, _ in sampling]
             sampled = sample_and_verify(self.sampler, logits, states, self.eos_token_ids, so.allowed_token_bitmask)
         for request_id in output.request_ids:
             tokens, logprobs, num_accepted = sampled.get(request_id, ([], [], 0))
             output.sampled_token_ids.append(tokens)
             output.logprobs.append(logprobs)
             output.num_accepted_draft_tokens.append(num_accepted)
-        if self.proposer is not None and sampling and so.propose_drafts:
+        if self.proposer is not None and states and so.propose_drafts:
             cost = self.proposer.cost_per_draft(self.step_seconds)
-            for state, _ in sampling:
+            for state in states:
                 state.draft_length.cost_per_draft = cost
-            output.draft_token_ids = self.proposer.propose([state for state, _ in sampling])
+            output.draft_token_ids = self.proposer.propose(states)
         return output
 
 

@@ -93,7 +93,7 @@ class Penalties:
 class SamplingMetadata:
     """One step's sampling settings for R rows. Optional parts are None when no row uses them."""
 
-    temperature: torch.Tensor  # [R, 1] float32 (1 for greedy rows, which never divide)
+    temperature: torch.Tensor  # [random rows, 1] float32
     greedy_rows: list[int]
     random_rows: list[int]
     top_k: torch.Tensor  # [random rows] long, 0 = off
@@ -130,7 +130,7 @@ class SamplingMetadata:
         if bitmask is not None and not isinstance(bitmask, torch.Tensor):
             bitmask = torch.as_tensor(bitmask, dtype=torch.int32, device=device)
         return cls(
-            temperature=column([[p.temperature if not p.is_greedy else 1.0] for p in randoms]),
+            temperature=column([[p.temperature] for p in randoms]),
             greedy_rows=[i for i, p in enumerate(params) if p.is_greedy], random_rows=random_rows,
             top_k=column([p.top_k for p in randoms], torch.long), top_p=column([p.top_p for p in randoms]),
             min_p=column([p.min_p for p in randoms]),
