@@ -6,9 +6,9 @@
 """
 
 from ownllm.outputs import CompletionOutput, Logprob, RequestOutput
-from ownllm.sampling_params import SamplingParams
+from ownllm.sampling_params import SamplingParams, StructuredOutputsParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "Logprob"]
 __version__ = "0.1.0"
 
 

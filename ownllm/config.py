@@ -264,6 +264,11 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative: SpeculativeConfig | None = None
     attention_backend: str | None = None  # a name in layers.attention.ATTENTION_BACKENDS; None: the fastest here
+    structured_outputs_backend: str = "llguidance"  # a name in structured_output.GRAMMAR_BACKENDS
+    # names in parsers.reasoning.REASONING_PARSERS / parsers.tool_parsers.TOOL_PARSERS; None: from the chat
+    # template; "none": off
+    reasoning_parser: str | None = None
+    tool_call_parser: str | None = None
 
 
 def parse_memory_size(text: str) -> int:

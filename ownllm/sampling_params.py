@@ -11,6 +11,27 @@ OUTPUT_KINDS = ("cumulative", "delta", "final_only")
 
 
 @dataclass
+class StructuredOutputsParams:
+    """What the output must match (vLLM's shape): exactly one of a JSON schema, any JSON object, a regex, one of
+    several strings, or a Lark grammar."""
+
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        kinds = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        kinds += ["json_object"] * self.json_object
+        if len(kinds) != 1:
+            raise ValueError("structured_outputs needs exactly one of json, json_object, regex, choice, grammar; "
+                             f"got {', '.join(kinds) or 'none'}")
+        if self.choice is not None and not (self.choice and all(isinstance(c, str) for c in self.choice)):
+            raise ValueError("structured_outputs.choice must be a non-empty list of strings")
+
+
+@dataclass
 class SamplingParams:
     n: int = 1
     temperature: float = 1.0  # 0 means greedy
@@ -29,6 +50,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # number of top alternatives returned per token (the sampled one is always included)
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
+    thinking_budget: int | None = None  # reasoning tokens before the engine ends the thinking itself
     # what each engine output carries: "cumulative" (all so far), "delta" (what the step added) or
     # "final_only" (one output, when finished)
     output_kind: str = "cumulative"
@@ -54,6 +77,8 @@ class SamplingParams:
             (self.max_tokens is None or self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}"),
             (self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}"),
             (self.logprobs is None or self.logprobs >= 0, f"logprobs must be >= 0, got {self.logprobs}"),
+            (self.thinking_budget is None or self.thinking_budget >= 0,
+             f"thinking_budget must be >= 0, got {self.thinking_budget}"),
             (self.output_kind in OUTPUT_KINDS, f"output_kind must be one of {', '.join(OUTPUT_KINDS)}, "
              f"got {self.output_kind!r}"),
         ]

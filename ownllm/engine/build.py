@@ -9,8 +9,12 @@ from ownllm.config import EngineConfig, resolve_device
 from ownllm.engine.core import EngineCore
 from ownllm.engine.engine import Engine
 from ownllm.engine.kv_cache import KVCacheManager
+from ownllm.engine.structured_output import ReasoningTokens, StructuredOutputManager
 from ownllm.loader import load_checkpoint
+from ownllm.parsers.reasoning import ReasoningParser, detect_reasoning_parser, reasoning_parser
+from ownllm.parsers.tool_parsers import detect_tool_parser, tool_parser
 from ownllm.sampling_params import SamplingParams
+from ownllm.tokenizer import Tokenizer
 
 _GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
@@ -28,10 +32,56 @@ def build_engine(config: EngineConfig) -> Engine:
     kv_cache = KVCacheManager(runner.num_blocks, block_size, config.cache.enable_prefix_caching)
     max_model_len = min(checkpoint.config.max_model_len, runner.num_blocks * block_size)
     speculative = config.speculative
+    reasoning = _reasoning_parser(config, tokenizer)
+    structured_output = StructuredOutputManager(
+        checkpoint.config.vocab_size, _grammar_compiler(config, tokenizer, checkpoint.config.vocab_size),
+        _reasoning_tokens(reasoning, tokenizer))
     core = EngineCore(runner, kv_cache, tokenizer, max_model_len, config.scheduler,
                       speculative.num_lookahead_tokens if speculative else 0,
-                      spec_method=speculative.method if speculative else None)
-    return Engine(core, tokenizer, checkpoint.config, checkpoint.generation_config, checkpoint.path)
+                      spec_method=speculative.method if speculative else None, structured_output=structured_output)
+    return Engine(core, tokenizer, checkpoint.config, checkpoint.generation_config, checkpoint.path, reasoning,
+                  _tool_parser_name(config, tokenizer))
+
+
+def _template_text(tokenizer: Tokenizer) -> str | None:
+    template = tokenizer.chat_template
+    return "\n".join(template.values()) if isinstance(template, dict) else template
+
+
+def _reasoning_parser(config: EngineConfig, tokenizer: Tokenizer) -> ReasoningParser | None:
+    name = config.reasoning_parser or detect_reasoning_parser(_template_text(tokenizer))
+    return None if name in (None, "none") else reasoning_parser(name)
+
+
+def _tool_parser_name(config: EngineConfig, tokenizer: Tokenizer) -> str | None:
+    name = config.tool_call_parser or detect_tool_parser(_template_text(tokenizer))
+    if name in (None, "none"):
+        return None
+    tool_parser(name)  # an unknown name fails here, at start-up
+    return name
+
+
+def _reasoning_tokens(parser: ReasoningParser | None, tokenizer: Tokenizer) -> ReasoningTokens | None:
+    """The reasoning block's start and end as single tokens, or None (then budgets and delayed grammars are off)."""
+    if parser is None:
+        return None
+    start, end = (tokenizer.encode(tag, add_special_tokens=False) for tag in (parser.start, parser.end))
+    return ReasoningTokens(start[0], end[0]) if len(start) == len(end) == 1 else None
+
+
+def _grammar_compiler(config: EngineConfig, tokenizer: Tokenizer, vocab_size: int):
+    """The backend's compile, the backend (and its vocabulary index) made when the first grammar comes."""
+    backend = None
+
+    def compile_grammar(spec):
+        nonlocal backend
+        if backend is None:
+            from ownllm.structured_output import grammar_backend
+
+            backend = grammar_backend(config.structured_outputs_backend, tokenizer, vocab_size)
+        return backend.compile(spec)
+
+    return compile_grammar
 
 
 def default_sampling_params(generation_config: dict) -> SamplingParams:

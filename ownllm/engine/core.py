@@ -14,6 +14,7 @@ from ownllm.config import SchedulerConfig
 from ownllm.engine.kv_cache import KVCacheManager
 from ownllm.engine.output_processor import OutputProcessor
 from ownllm.engine.scheduler import Scheduler
+from ownllm.engine.structured_output import StructuredOutputManager
 from ownllm.outputs import RunnerOutput, SchedulerOutput
 from ownllm.request import FinishReason, Request
 from ownllm.tokenizer import Tokenizer
@@ -28,12 +29,14 @@ class EngineCore:
         self, runner: Runner, kv_cache: KVCacheManager, tokenizer: Tokenizer, max_model_len: int,
         scheduler_config: SchedulerConfig | None = None, num_lookahead_tokens: int = 0,
         eos_token_ids: Sequence[int] | None = None, spec_method: str | None = None,
+        structured_output: StructuredOutputManager | None = None,
     ) -> None:
         self.runner = runner
         self.kv_cache = kv_cache
         self.scheduler = Scheduler(scheduler_config or SchedulerConfig(), kv_cache, num_lookahead_tokens)
         eos = tokenizer.eos_token_ids if eos_token_ids is None else eos_token_ids
         self.output_processor = OutputProcessor(tokenizer, eos, max_model_len)
+        self.structured_output = structured_output or StructuredOutputManager(tokenizer.vocab_size)
         self.max_model_len = max_model_len
         self.spec_method = spec_method  # the speculative decoding method, for the metrics' label
         self.requests: dict[str, Request] = {}
@@ -54,6 +57,7 @@ class EngineCore:
             )
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.structured_output.add(request)  # refuses a grammar it cannot compile
         self.requests[request.request_id] = request
         self.scheduler.add(request)
 
@@ -87,6 +91,7 @@ class EngineCore:
         scheduler_output = self.scheduler.schedule()
         if not scheduler_output.num_scheduled_tokens:
             return []
+        scheduler_output.allowed_token_bitmask = self.structured_output.bitmask(scheduler_output, self.requests)
         runner_output = self.runner.execute(scheduler_output)
         progressed = []
         for i, request_id in enumerate(runner_output.request_ids):
@@ -101,6 +106,7 @@ class EngineCore:
             if token_ids:
                 num_before = request.num_output_tokens
                 self.output_processor.append(request, token_ids, runner_output.logprobs[i])
+                self.structured_output.advance(request_id, request.output_token_ids[num_before:])
                 self.num_generation_tokens_total += request.num_output_tokens - num_before
                 self.num_sampling_steps_total += 1
                 self.num_draft_tokens_total += num_drafts
@@ -113,7 +119,10 @@ class EngineCore:
         return progressed
 
     def _trim_drafts(self, request: Request, draft_token_ids: list[int]) -> list[int]:
-        """Drafts past what the request may still generate would be verified for nothing."""
+        """Drafts past what the request may still generate would be verified for nothing; a constrained request
+        takes none."""
+        if self.structured_output.is_constrained(request.request_id):
+            return []
         room = self.max_model_len - request.num_tokens
         max_tokens = request.sampling_params.max_tokens
         if max_tokens is not None:
@@ -130,3 +139,4 @@ class EngineCore:
     def release_finished(self) -> None:
         for request_id in [rid for rid, r in self.requests.items() if r.is_finished]:
             self.scheduler.finish(self.requests.pop(request_id))
+            self.structured_output.remove(request_id)

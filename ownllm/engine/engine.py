@@ -14,6 +14,7 @@ from pathlib import Path
 from ownllm.config import ModelConfig
 from ownllm.engine.core import EngineCore
 from ownllm.outputs import RequestOutput
+from ownllm.parsers.reasoning import ReasoningParser
 from ownllm.request import FinishReason, Request
 from ownllm.sampling_params import SamplingParams
 from ownllm.tokenizer import Tokenizer
@@ -29,16 +30,20 @@ class _Parent:
 
 
 class Engine:
-    """model_config, generation_config and model_path describe the loaded model (build_engine sets them)."""
+    """model_config, generation_config and model_path describe the loaded model (build_engine sets them), and
+    reasoning_parser and tool_parser_name how its answers are read (the output layer, parsers/events.py)."""
 
     def __init__(self, core: EngineCore, tokenizer: Tokenizer, model_config: ModelConfig | None = None,
-                 generation_config: dict | None = None, model_path: Path | None = None) -> None:
+                 generation_config: dict | None = None, model_path: Path | None = None,
+                 reasoning_parser: ReasoningParser | None = None, tool_parser_name: str | None = None) -> None:
         self.core = core
         self.runner = core.runner
         self.tokenizer = tokenizer
         self.model_config = model_config
         self.generation_config = generation_config or {}
         self.model_path = model_path
+        self.reasoning_parser = reasoning_parser
+        self.tool_parser_name = tool_parser_name
         self.max_model_len = core.max_model_len
         self.output_processor = core.output_processor
         self._parents: dict[str, _Parent] = {}

@@ -1,0 +1,39 @@
+"""Reasoning parsers: where a thinking model's reasoning text starts and ends, registered by name and chosen
+from the chat template (`--reasoning-parser NAME` overrides).
+
+Qwen3 and DeepSeek-R1 write `<think>...</think>`; templates that open the block in the prompt (DeepSeek-R1,
+Qwen3's thinking variants) make the answer start inside it, and a template that closes an empty block in the
+prompt (Qwen3 with enable_thinking false) makes the answer start after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ReasoningParser:
+    name: str
+    start: str = "<think>"
+    end: str = "</think>"
+
+    def starts_inside(self, prompt: str) -> bool:
+        """Whether the answer begins inside a reasoning block the prompt opened."""
+        return prompt.rfind(self.start) > prompt.rfind(self.end)
+
+
+REASONING_PARSERS: dict[str, ReasoningParser] = {
+    name: ReasoningParser(name) for name in ("qwen3", "deepseek_r1")
+}
+
+
+def reasoning_parser(name: str) -> ReasoningParser:
+    if name not in REASONING_PARSERS:
+        raise ValueError(f"unknown reasoning parser {name!r}; known: {', '.join(sorted(REASONING_PARSERS))}")
+    return REASONING_PARSERS[name]
+
+
+def detect_reasoning_parser(chat_template: str | None) -> str | None:
+    if not chat_template or "</think>" not in chat_template:
+        return None
+    return "deepseek_r1" if "｜Assistant｜" in chat_template else "qwen3"

@@ -1,0 +1,108 @@
+"""Tool-call parsers: the model-side text of a tool call -> ToolCall(name, arguments), one small file per format,
+registered by name and chosen from the model's chat template (`--tool-call-parser NAME` overrides).
+
+A parser says where calls start (`find_start`, a position in content text, or where a partial match might
+still start so the stream holds that text back) and parses the calls out of the text from there
+(`take_calls`): a format whose calls close themselves (Hermes' `</tool_call>`) hands each call over as it
+completes; one whose calls run to the end of the answer parses them when the answer is final. Arguments are
+kept as the model wrote them (a JSON text), so streamed fragments joined equal the non-streamed call.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import ClassVar
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+@dataclass
+class Taken:
+    """What take_calls found: complete calls, how many characters of the text they used, and whether the
+    tool-call section is over (then the rest of the text is plain content again)."""
+
+    calls: list[ToolCall]
+    consumed: int
+    done: bool
+
+
+class ToolParser:
+    name: ClassVar[str]
+    needs_special_tokens: ClassVar[bool] = False  # its markers are special tokens, so the text must keep them
+    template_hints: ClassVar[tuple[str, ...]] = ()  # strings in a chat template that name this format
+
+    def find_start(self, content: str, at_start: bool) -> tuple[int, bool]:
+        """Where tool calls start in `content` (text not yet shown). -> (position, certain): certain False means
+        the text from position on might still become a call (hold it back); position len(content): none."""
+        raise NotImplementedError
+
+    def take_calls(self, text: str, final: bool) -> Taken | None:
+        """Calls parsed from `text` (which starts at a tool-call start). None once the text is known not to be a
+        well-formed call: the caller then shows its first character as text and reads the rest again, so
+        nothing is dropped."""
+        raise NotImplementedError
+
+
+def find_marker(content: str, marker: str) -> tuple[int, bool]:
+    """find_start for a format whose calls begin with a fixed marker anywhere in the text."""
+    at = content.find(marker)
+    if at >= 0:
+        return at, True
+    for keep in range(min(len(marker) - 1, len(content)), 0, -1):  # a partial marker at the end
+        if marker.startswith(content[-keep:]):
+            return len(content) - keep, False
+    return len(content), True
+
+
+def arguments_text(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def read_json(text: str, start: int = 0):
+    """(value, end) of the JSON value at text[start:] (after whitespace), or None when there is none yet."""
+    match = re.compile(r"\s*").match(text, start)
+    try:
+        return json.JSONDecoder().raw_decode(text, match.end())
+    except json.JSONDecodeError:
+        return None
+
+
+def call_from_object(value, argument_keys: tuple[str, ...] = ("arguments", "parameters")) -> ToolCall | None:
+    """{"name": ..., "arguments" | "parameters": {...}} -> ToolCall, or None when it is not one."""
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return None
+    arguments = next((value[k] for k in argument_keys if k in value), {})
+    return ToolCall(value["name"], arguments_text(arguments))
+
+
+TOOL_PARSERS: dict[str, type[ToolParser]] = {}
+
+
+def register(cls: type[ToolParser]) -> type[ToolParser]:
+    TOOL_PARSERS[cls.name] = cls
+    return cls
+
+
+def tool_parser(name: str) -> ToolParser:
+    if name not in TOOL_PARSERS:
+        raise ValueError(f"unknown tool-call parser {name!r}; known: {', '.join(sorted(TOOL_PARSERS))}")
+    return TOOL_PARSERS[name]()
+
+
+def detect_tool_parser(chat_template: str | None) -> str | None:
+    """The parser whose format the chat template writes, or None (the template has no tool calls we know)."""
+    if not chat_template:
+        return None
+    for cls in TOOL_PARSERS.values():
+        if cls.template_hints and all(hint in chat_template for hint in cls.template_hints):
+            return cls.name
+    return None
+
+
+from ownllm.parsers.tool_parsers import deepseek_v3, hermes, llama3_json, mistral, pythonic  # noqa: E402,F401

@@ -1,0 +1,37 @@
+"""Hermes-style calls (Qwen2.5, Qwen3, SmolLM and NousResearch templates): each call is
+`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, several in a row for parallel calls."""
+
+from __future__ import annotations
+
+from ownllm.parsers.tool_parsers import Taken, ToolParser, call_from_object, find_marker, read_json, register
+
+START, END = "<tool_call>", "</tool_call>"
+
+
+@register
+class HermesToolParser(ToolParser):
+    name = "hermes"
+    template_hints = (START,)
+
+    def find_start(self, content: str, at_start: bool) -> tuple[int, bool]:
+        return find_marker(content, START)
+
+    def take_calls(self, text: str, final: bool) -> Taken | None:
+        calls, consumed = [], 0
+        while True:
+            start = text.find(START, consumed)
+            if start < 0 or text[consumed:start].strip():  # text that is not a call ends the section
+                return Taken(calls, consumed, done=final or bool(text[consumed:].strip()))
+            broken = Taken(calls, consumed, done=True) if calls else None  # the calls before a malformed one
+            opening = text[start + len(START):].lstrip()
+            if opening and opening[0] != "{":
+                return broken
+            end = text.find(END, start)
+            if end < 0:
+                return broken if final else Taken(calls, consumed, done=False)
+            parsed = read_json(text, start + len(START))
+            call = call_from_object(parsed[0]) if parsed and not text[parsed[1]:end].strip() else None
+            if call is None:
+                return broken
+            calls.append(call)
+            consumed = end + len(END)

@@ -1,0 +1,46 @@
+"""Llama 3.1 / 3.3 calls: a JSON object {"name": ..., "parameters": {...}} as the whole answer, often after
+`<|python_tag|>` (a special token); several calls are separated by `;`."""
+
+from __future__ import annotations
+
+from ownllm.parsers.tool_parsers import Taken, ToolParser, call_from_object, read_json, register
+
+PYTHON_TAG = "<|python_tag|>"
+
+
+@register
+class Llama3JsonToolParser(ToolParser):
+    name = "llama3_json"
+    needs_special_tokens = True
+    template_hints = ('"parameters": dictionary of argument name and its value',)
+
+    def find_start(self, content: str, at_start: bool) -> tuple[int, bool]:
+        at = content.find(PYTHON_TAG)
+        if at >= 0:
+            return at, True
+        if at_start:  # a bare JSON call: only as the whole answer
+            stripped = content.lstrip()
+            if not stripped:
+                return 0, False
+            if stripped[0] == "{" or PYTHON_TAG.startswith(stripped):
+                return 0, False  # maybe a call: decided when the answer is complete
+        return len(content), True
+
+    def take_calls(self, text: str, final: bool) -> Taken | None:
+        if not final:
+            return Taken([], 0, done=False)
+        body = text.lstrip()
+        body = body[len(PYTHON_TAG):] if body.startswith(PYTHON_TAG) else body
+        calls, at = [], 0
+        while True:
+            parsed = read_json(body, at)
+            call = call_from_object(parsed[0]) if parsed else None
+            if call is None:
+                return None
+            calls.append(call)
+            rest = body[parsed[1]:].lstrip()
+            if not rest:
+                return Taken(calls, len(text), done=True)
+            if not rest.startswith(";"):
+                return None
+            at = len(body) - len(rest) + 1
