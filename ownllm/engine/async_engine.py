@@ -54,6 +54,8 @@ class AsyncEngine:
         self.model_config = engine.model_config
         self.model_path = engine.model_path
         self.generation_config = engine.generation_config
+        self.reasoning_parser = engine.reasoning_parser  # how the server reads answers (server/answers.py)
+        self.tool_parser_name = engine.tool_parser_name
         self.max_waiting = max_waiting
         self.started_at = time.time()
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()

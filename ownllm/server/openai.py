@@ -1,8 +1,10 @@
 """The OpenAI-compatible API: /v1/chat/completions, /v1/completions and /v1/models, and how each request
 becomes engine requests and engine outputs become OpenAI responses (JSON or SSE chunks).
 
-Options OpenAI clients may send but ownllm cannot honour yet (structured output, logit_bias, forced
-tool calls, suffix, prompt logprobs) are refused with a 400 naming them, never silently ignored.
+Answers are read once, through server/answers.py (tool calls, reasoning text, structured outputs), from the
+engine's per-step deltas; this module only renders the events. Options OpenAI clients may send but ownllm
+cannot honour yet (logit_bias, suffix, prompt logprobs) are refused with a 400 naming them, never silently
+ignored.
 """
 
 from __future__ import annotations
@@ -15,16 +17,21 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ownllm.outputs import CompletionOutput, Logprob, RequestOutput
-from ownllm.sampling_params import SamplingParams
+from ownllm.outputs import Logprob, RequestOutput
+from ownllm.parsers.events import ContentDelta, Event, OutputStream, ReasoningDelta, ToolCallStart
+from ownllm.sampling_params import SamplingParams, StructuredOutputsParams
+from ownllm.server.answers import (
+    SampleReader, openai_structured_outputs, reader_factory, template_messages, thinking_budget, tool_plan,
+)
 from ownllm.server.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
-    ChatLogprobs, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, DeltaMessage,
-    ErrorInfo, ErrorResponse, ModelCard, ModelList, TokenLogprob, TopLogprob, Usage,
+    ChatLogprobs, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
+    CompletionTokensDetails, DeltaFunctionCall, DeltaMessage, DeltaToolCall, ErrorInfo, ErrorResponse, FunctionCall,
+    ModelCard, ModelList, TokenLogprob, ToolCall, TopLogprob, Usage,
 )
 from ownllm.server.serving import (
     ClosingStreamingResponse, ServerContext, ServerError, Timing, as_server_error, check_context, first_and_rest,
-    last_output, make_params, merge, new_id, parse_body, run, until_disconnect,
+    make_params, merge, new_id, parse_body, run, until_disconnect,
 )
 
 MIN_LOGPROB = -9999.0  # JSON has no -inf
@@ -83,12 +90,6 @@ def _check_common(body: ChatCompletionRequest | CompletionRequest) -> None:
 
 def _check_chat(body: ChatCompletionRequest) -> None:
     _check_common(body)
-    if body.response_format is not None and body.response_format.type != "text":
-        raise ServerError(400, f"response_format {body.response_format.type!r} (structured output) is not supported "
-                          "yet; only 'text'", param="response_format")
-    if body.tool_choice not in (None, "auto", "none"):
-        raise ServerError(400, "tool_choice can only be 'auto' or 'none': forcing a tool call is not supported yet",
-                          param="tool_choice")
     if body.top_logprobs and not body.logprobs:
         raise ServerError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
 
@@ -100,7 +101,7 @@ def _chat_messages(body: ChatCompletionRequest) -> list[dict]:
         if isinstance(message.content, list):
             values["content"] = _text_parts(message.content, f"messages.{i}.content")
         messages.append(values)
-    return messages
+    return template_messages(messages)
 
 
 def _text_parts(parts: list[dict], param: str) -> str:
@@ -153,7 +154,8 @@ def _check_completion(body: CompletionRequest) -> None:
 
 
 def _sampling_params(ctx: ServerContext, body: ChatCompletionRequest | CompletionRequest, max_tokens: int | None,
-                     logprobs: int | None) -> SamplingParams:
+                     logprobs: int | None, structured: StructuredOutputsParams | None = None,
+                     budget: int | None = None, keep_special_tokens: bool = False) -> SamplingParams:
     defaults = ctx.engine.default_sampling_params()
 
     def pick(name: str):
@@ -166,7 +168,8 @@ def _sampling_params(ctx: ServerContext, body: ChatCompletionRequest | Completio
         frequency_penalty=body.frequency_penalty, seed=body.seed, max_tokens=max_tokens, min_tokens=body.min_tokens,
         stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []), stop_token_ids=body.stop_token_ids,
         ignore_eos=body.ignore_eos, include_stop_str_in_output=body.include_stop_str_in_output, logprobs=logprobs,
-        skip_special_tokens=body.skip_special_tokens,
+        skip_special_tokens=body.skip_special_tokens and not keep_special_tokens, structured_outputs=structured,
+        thinking_budget=budget, output_kind="delta",
     ))
 
 
@@ -181,9 +184,9 @@ def _token_text(logprob: Logprob) -> str:
     return logprob.decoded_token or ""
 
 
-def _chat_logprobs(completion: CompletionOutput, start: int, end: int, k: int) -> ChatLogprobs:
+def _chat_logprobs(token_ids: list[int], entries: list[dict[int, Logprob]], k: int) -> ChatLogprobs:
     content = []
-    for token_id, entry in zip(completion.token_ids[start:end], completion.logprobs[start:end]):
+    for token_id, entry in zip(token_ids, entries):
         chosen = entry[token_id]
         content.append(TokenLogprob(
             token=_token_text(chosen), logprob=max(chosen.logprob, MIN_LOGPROB),
@@ -194,9 +197,10 @@ def _chat_logprobs(completion: CompletionOutput, start: int, end: int, k: int) -
     return ChatLogprobs(content=content)
 
 
-def _completion_logprobs(completion: CompletionOutput, start: int, end: int, k: int, offset: int) -> CompletionLogprobs:
+def _completion_logprobs(token_ids: list[int], entries: list[dict[int, Logprob]], k: int,
+                         offset: int) -> CompletionLogprobs:
     result = CompletionLogprobs()
-    for token_id, entry in zip(completion.token_ids[start:end], completion.logprobs[start:end]):
+    for token_id, entry in zip(token_ids, entries):
         chosen = entry[token_id]
         result.tokens.append(_token_text(chosen))
         result.token_logprobs.append(max(chosen.logprob, MIN_LOGPROB))
@@ -207,10 +211,13 @@ def _completion_logprobs(completion: CompletionOutput, start: int, end: int, k: 
     return result
 
 
-def _usage(num_prompt_tokens: int, outputs: list[RequestOutput]) -> Usage:
-    num_completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+def _usage(ctx: ServerContext, num_prompt_tokens: int, readers: list[SampleReader]) -> Usage:
+    num_completion = sum(len(r.token_ids) for r in readers)
+    details = None
+    if ctx.engine.reasoning_parser is not None:
+        details = CompletionTokensDetails(reasoning_tokens=sum(r.reasoning_tokens() for r in readers))
     return Usage(prompt_tokens=num_prompt_tokens, completion_tokens=num_completion,
-                 total_tokens=num_prompt_tokens + num_completion)
+                 total_tokens=num_prompt_tokens + num_completion, completion_tokens_details=details)
 
 
 def _sse(chunks: AsyncIterator[str]) -> ClosingStreamingResponse:
@@ -227,6 +234,18 @@ async def _sse_events(events: AsyncIterator[str]) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
+async def _read_all(outputs: AsyncIterator[tuple[int, RequestOutput]], readers: list[list[SampleReader]]) -> None:
+    """Feeds every delta of every prompt's samples to its reader."""
+    async for p, output in outputs:
+        for delta in output.outputs:
+            readers[p][delta.index].read(delta)
+
+
+async def _numbered(outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async for output in outputs:
+        yield 0, output
+
+
 # ---- /v1/chat/completions
 
 
@@ -235,29 +254,57 @@ async def serve_chat(ctx: ServerContext, request: Request) -> Response:
     body = parse_body(await request.body(), ChatCompletionRequest)
     check_model(ctx, body.model)
     _check_chat(body)
+    tools = tool_plan(ctx, body.tools, body.tool_choice, body.parallel_tool_calls)
+    structured = openai_structured_outputs(body.response_format, body.structured_outputs)
+    if structured is not None and tools.structured_outputs is not None:
+        raise ServerError(400, "a structured output (response_format or structured_outputs) cannot be combined with "
+                          "tool_choice required or a named function", param="tool_choice")
     prompt_ids = _chat_prompt_ids(ctx, body)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     tokens_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     check_context(len(prompt_ids), max_tokens, ctx.engine.max_model_len, "messages", tokens_param)
-    params = _sampling_params(ctx, body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
+    params = _sampling_params(
+        ctx, body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None,
+        structured or tools.structured_outputs, thinking_budget(body.thinking_budget, body.reasoning_effort),
+        tools.keep_special_tokens)
     request_id = new_id("chatcmpl")
     outputs = run(ctx, prompt_ids, params, request_id, timing)
+    readers = [reader_factory(ctx, prompt_ids, tools)() for _ in range(body.n)]
     if body.stream:
         outputs = await first_and_rest(request, outputs)
-        return _sse(_sse_events(_chat_chunks(ctx, body, request_id, len(prompt_ids), outputs)))
-    final = await until_disconnect(request, last_output(outputs))
-    choices = [
-        ChatChoice(index=c.index, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason,
-                   stop_reason=c.stop_reason,
-                   logprobs=_chat_logprobs(c, 0, len(c.token_ids), body.top_logprobs or 0) if body.logprobs else None)
-        for c in final.outputs
-    ]
+        return _sse(_sse_events(_chat_chunks(ctx, body, request_id, len(prompt_ids), outputs, readers)))
+    await until_disconnect(request, _read_all(_numbered(outputs), [readers]))
+    choices = [_chat_choice(i, reader, body) for i, reader in enumerate(readers)]
     return _json(ChatCompletionResponse(id=request_id, created=int(time.time()), model=ctx.model_name,
-                                        choices=choices, usage=_usage(len(prompt_ids), [final])))
+                                        choices=choices, usage=_usage(ctx, len(prompt_ids), readers)))
+
+
+def _chat_choice(index: int, reader: SampleReader, body: ChatCompletionRequest) -> ChatChoice:
+    message = reader.message()
+    calls = [ToolCall(id=id_, function=FunctionCall(name=name, arguments=arguments))
+             for id_, name, arguments in message.tool_calls or []]
+    logprobs = _chat_logprobs(reader.token_ids, reader.logprobs, body.top_logprobs or 0) if body.logprobs else None
+    return ChatChoice(
+        index=index, message=AssistantMessage(content=message.content or (None if calls else ""),
+                                              reasoning_content=message.reasoning or None, tool_calls=calls),
+        finish_reason=reader.finish_reason, stop_reason=reader.stop_reason, logprobs=logprobs)
+
+
+def _delta(event: Event) -> DeltaMessage:
+    if isinstance(event, ContentDelta):
+        return DeltaMessage(content=event.text)
+    if isinstance(event, ReasoningDelta):
+        return DeltaMessage(reasoning_content=event.text)
+    if isinstance(event, ToolCallStart):  # OpenAI's first delta of a call: index, id, type and name
+        call = DeltaToolCall(index=event.index, id=event.id, type="function",
+                             function=DeltaFunctionCall(name=event.name, arguments=""))
+    else:
+        call = DeltaToolCall(index=event.index, function=DeltaFunctionCall(arguments=event.fragment))
+    return DeltaMessage(tool_calls=[call])
 
 
 async def _chat_chunks(ctx: ServerContext, body: ChatCompletionRequest, request_id: str, num_prompt_tokens: int,
-                       outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
+                       outputs: AsyncIterator[RequestOutput], readers: list[SampleReader]) -> AsyncIterator[str]:
     created = int(time.time())
 
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
@@ -265,25 +312,26 @@ async def _chat_chunks(ctx: ServerContext, body: ChatCompletionRequest, request_
                                    usage=usage).model_dump_json()
 
     yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(body.n)])
-    sent_text, sent_tokens, done = [0] * body.n, [0] * body.n, [False] * body.n
-    last = None
-    async for last in outputs:
-        choices = []
-        for c in last.outputs:
-            if done[c.index]:
+    async for output in outputs:
+        for delta in output.outputs:
+            reader = readers[delta.index]
+            if reader.finished:
                 continue
-            start, end = sent_tokens[c.index], len(c.token_ids)
-            delta = c.text[sent_text[c.index]:]
-            if not delta and start == end and not c.finished:
-                continue
-            logprobs = _chat_logprobs(c, start, end, body.top_logprobs or 0) if body.logprobs else None
-            choices.append(ChatChunkChoice(index=c.index, delta=DeltaMessage(content=delta), logprobs=logprobs,
-                                           finish_reason=c.finish_reason, stop_reason=c.stop_reason))
-            sent_text[c.index], sent_tokens[c.index], done[c.index] = len(c.text), end, c.finished
-        if choices:
-            yield chunk(choices)
+            start = len(reader.token_ids)
+            deltas = [_delta(event) for event in reader.read(delta)]
+            logprobs = None
+            if body.logprobs and len(reader.token_ids) > start:
+                logprobs = _chat_logprobs(reader.token_ids[start:], reader.logprobs[start:], body.top_logprobs or 0)
+            if not deltas and (logprobs or reader.finished):
+                deltas = [DeltaMessage(content="")]
+            for j, message in enumerate(deltas):
+                last = j == len(deltas) - 1
+                yield chunk([ChatChunkChoice(
+                    index=delta.index, delta=message, logprobs=logprobs if j == 0 else None,
+                    finish_reason=reader.finish_reason if last else None,
+                    stop_reason=reader.stop_reason if last else None)])
     if body.stream_options and body.stream_options.include_usage:
-        yield chunk([], _usage(num_prompt_tokens, [last]))
+        yield chunk([], _usage(ctx, num_prompt_tokens, readers))
 
 
 # ---- /v1/completions
@@ -294,66 +342,63 @@ async def serve_completion(ctx: ServerContext, request: Request) -> Response:
     body = parse_body(await request.body(), CompletionRequest)
     check_model(ctx, body.model)
     _check_completion(body)
+    structured = openai_structured_outputs(body.response_format, body.structured_outputs)
     prompts = _completion_prompts(ctx, body)
     for _, ids in prompts:
         check_context(len(ids), body.max_tokens, ctx.engine.max_model_len, "prompt", "max_tokens")
-    params = _sampling_params(ctx, body, body.max_tokens, body.logprobs)
+    params = _sampling_params(ctx, body, body.max_tokens, body.logprobs, structured)
     request_id = new_id("cmpl")
     streams = [run(ctx, ids, params, f"{request_id}-{i}", Timing(timing.arrived)) for i, (_, ids) in enumerate(prompts)]
     num_prompt_tokens = sum(len(ids) for _, ids in prompts)
+    readers = [[SampleReader(OutputStream()) for _ in range(body.n)] for _ in prompts]
     merged = merge(streams)
     if body.stream:
         merged = await first_and_rest(request, merged)
-        return _sse(_sse_events(_completion_chunks(ctx, body, request_id, prompts, num_prompt_tokens, merged)))
-    finals = await until_disconnect(request, _finals(merged, len(prompts)))
+        return _sse(_sse_events(_completion_chunks(ctx, body, request_id, prompts, num_prompt_tokens, merged,
+                                                   readers)))
+    await until_disconnect(request, _read_all(merged, readers))
     choices = []
-    for p, final in enumerate(finals):
-        for c in final.outputs:
-            text = (prompts[p][0] if body.echo else "") + c.text
+    for p, prompt_readers in enumerate(readers):
+        for i, reader in enumerate(prompt_readers):
+            text = (prompts[p][0] if body.echo else "") + reader.message().content
             logprobs = None
             if body.logprobs is not None:
-                logprobs = _completion_logprobs(c, 0, len(c.token_ids), body.logprobs, 0)
-            choices.append(CompletionChoice(index=p * body.n + c.index, text=text, logprobs=logprobs,
-                                            finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+                logprobs = _completion_logprobs(reader.token_ids, reader.logprobs, body.logprobs, 0)
+            choices.append(CompletionChoice(index=p * body.n + i, text=text, logprobs=logprobs,
+                                            finish_reason=reader.finish_reason, stop_reason=reader.stop_reason))
     return _json(CompletionResponse(id=request_id, created=int(time.time()), model=ctx.model_name, choices=choices,
-                                    usage=_usage(num_prompt_tokens, finals)))
-
-
-async def _finals(merged: AsyncIterator[tuple[int, RequestOutput]], num_prompts: int) -> list[RequestOutput]:
-    finals: list[RequestOutput | None] = [None] * num_prompts
-    async for index, output in merged:
-        finals[index] = output
-    return finals
+                                    usage=_usage(ctx, num_prompt_tokens, [r for rs in readers for r in rs])))
 
 
 async def _completion_chunks(ctx: ServerContext, body: CompletionRequest, request_id: str,
                              prompts: list[tuple[str, list[int]]], num_prompt_tokens: int,
-                             merged: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
+                             merged: AsyncIterator[tuple[int, RequestOutput]],
+                             readers: list[list[SampleReader]]) -> AsyncIterator[str]:
     created = int(time.time())
     num_choices = len(prompts) * body.n
     echoes = [prompts[i // body.n][0] if body.echo else "" for i in range(num_choices)]
-    sent_text, sent_tokens, offsets = [0] * num_choices, [0] * num_choices, [0] * num_choices
-    done = [False] * num_choices
-    finals: list[RequestOutput | None] = [None] * len(prompts)
+    offsets = [0] * num_choices
     async for p, output in merged:
-        finals[p] = output
         choices = []
-        for c in output.outputs:
-            i = p * body.n + c.index
-            start, end = sent_tokens[i], len(c.token_ids)
-            text = echoes[i] + c.text[sent_text[i]:]
-            if done[i] or (not text and start == end and not c.finished):
+        for delta in output.outputs:
+            i, reader = p * body.n + delta.index, readers[p][delta.index]
+            if reader.finished:
+                continue
+            start = len(reader.token_ids)
+            text = echoes[i] + "".join(e.text for e in reader.read(delta))
+            if not text and len(reader.token_ids) == start and not reader.finished:
                 continue
             logprobs = None
             if body.logprobs is not None:
-                logprobs = _completion_logprobs(c, start, end, body.logprobs, offsets[i])
+                logprobs = _completion_logprobs(reader.token_ids[start:], reader.logprobs[start:], body.logprobs,
+                                                offsets[i])
                 offsets[i] += sum(len(t) for t in logprobs.tokens)
-            choices.append(CompletionChoice(index=i, text=text, logprobs=logprobs, finish_reason=c.finish_reason,
-                                            stop_reason=c.stop_reason))
-            echoes[i], sent_text[i], sent_tokens[i], done[i] = "", len(c.text), end, c.finished
+            choices.append(CompletionChoice(index=i, text=text, logprobs=logprobs, finish_reason=reader.finish_reason,
+                                            stop_reason=reader.stop_reason))
+            echoes[i] = ""
         if choices:
             yield CompletionResponse(id=request_id, created=created, model=ctx.model_name,
                                      choices=choices).model_dump_json()
     if body.stream_options and body.stream_options.include_usage:
         yield CompletionResponse(id=request_id, created=created, model=ctx.model_name, choices=[],
-                                 usage=_usage(num_prompt_tokens, finals)).model_dump_json()
+                                 usage=_usage(ctx, num_prompt_tokens, [r for rs in readers for r in rs])).model_dump_json()

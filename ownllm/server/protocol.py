@@ -29,8 +29,26 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Request):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Request):
     type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsField(_Request):
+    """vLLM's `structured_outputs` request field: exactly one of these."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
 
 
 class ChatMessage(_Request):
@@ -65,6 +83,8 @@ class _OpenAISampling(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
 
 
 class ChatCompletionRequest(_OpenAISampling):
@@ -74,9 +94,11 @@ class ChatCompletionRequest(_OpenAISampling):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    response_format: ResponseFormat | None = None
+    parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
+    thinking_budget: int | None = Field(None, ge=0)
 
 
 class CompletionRequest(_OpenAISampling):
@@ -101,10 +123,15 @@ class ErrorResponse(_Response):
     error: ErrorInfo
 
 
+class CompletionTokensDetails(_Response):
+    reasoning_tokens: int = 0
+
+
 class Usage(_Response):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    completion_tokens_details: CompletionTokensDetails | None = None
 
 
 class TopLogprob(_Response):
@@ -122,9 +149,22 @@ class ChatLogprobs(_Response):
     refusal: list[TokenLogprob] | None = None
 
 
+class FunctionCall(_Response):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCall(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCall] = []
 
 
 class ChatChoice(_Response):
@@ -145,9 +185,25 @@ class ChatCompletionResponse(_Response):
     system_fingerprint: str | None = None
 
 
+class DeltaFunctionCall(_Response):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_Response):
+    """A streamed tool call: its first delta has index, id, type and name; later ones add argument text."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(_Response):
@@ -293,9 +349,20 @@ class _OllamaChunk(_Response):
     logprobs: list[OllamaLogprob] | None = None
 
 
+class OllamaFunctionCall(_Response):
+    name: str
+    arguments: dict[str, Any]
+
+
+class OllamaToolCall(_Response):
+    function: OllamaFunctionCall
+
+
 class OllamaAssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
     content: str
+    thinking: str | None = None
+    tool_calls: list[OllamaToolCall] | None = None
 
 
 class OllamaChatChunk(_OllamaChunk):

@@ -25,12 +25,14 @@ from starlette.types import Receive, Scope, Send
 
 from ownllm.engine.async_engine import EngineDead, EngineOverloaded
 from ownllm.outputs import RequestOutput
+from ownllm.parsers.reasoning import ReasoningParser
 from ownllm.sampling_params import SamplingParams
 from ownllm.server.metrics import ServerMetrics
 from ownllm.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 RETRY_AFTER_SECONDS = 1
+REQUEST_FIELDS = ("structured_outputs", "response_format", "format", "tools", "thinking_budget")  # named in refusals
 ModelT = TypeVar("ModelT", bound=BaseModel)
 T = TypeVar("T")
 
@@ -42,6 +44,8 @@ class EngineClient(Protocol):
     max_model_len: int
     generation_config: dict
     tokenizer: Tokenizer
+    reasoning_parser: ReasoningParser | None
+    tool_parser_name: str | None
 
     def generate(self, prompt_token_ids: list[int], sampling_params: SamplingParams, request_id: str | None = None,
                  prompt: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]: ...
@@ -169,8 +173,9 @@ async def run(ctx: ServerContext, prompt_ids: list[int], params: SamplingParams,
                           headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
     except EngineDead as error:
         raise ServerError(500, str(error), code="engine_error") from None
-    except ValueError as error:
-        raise ServerError(400, str(error)) from None
+    except ValueError as error:  # a refusal at admission: a grammar that cannot compile, a bad budget...
+        field = str(error).split(" ", 1)[0]
+        raise ServerError(400, str(error), param=field if field in REQUEST_FIELDS else None) from None
     finally:
         if not finished:
             await ctx.engine.abort(request_id)

@@ -42,31 +42,30 @@ class LLGuidanceBackend:
                                       eos_token=self.tokenizer.eos_token_ids or None)
 
     def compile(self, spec: StructuredOutputsParams) -> LLGuidanceGrammar:
-        field, grammar = _grammar(spec)
+        grammar = _grammar(spec)
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.ll_tokenizer)
         if is_error:
-            raise ValueError(f"structured_outputs.{field} cannot be compiled: {messages[0]}")
+            raise ValueError(f"{spec.source} cannot be compiled: {messages[0]}")
         matcher = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0)
         if matcher.is_error():
-            raise ValueError(f"structured_outputs.{field} cannot be compiled: {matcher.get_error()}")
+            raise ValueError(f"{spec.source} cannot be compiled: {matcher.get_error()}")
         return LLGuidanceGrammar(matcher)
 
 
-def _grammar(spec: StructuredOutputsParams) -> tuple[str, str]:
-    """-> (the field it came from, the llguidance grammar)."""
+def _grammar(spec: StructuredOutputsParams) -> str:
     if spec.json is not None or spec.json_object:
         schema = {"type": "object"} if spec.json_object else spec.json
         try:
             schema = json.loads(schema) if isinstance(schema, str) else schema
-            return "json", llguidance.LLMatcher.grammar_from_json_schema(schema)
+            return llguidance.LLMatcher.grammar_from_json_schema(schema)
         except ValueError as error:
-            raise ValueError(f"structured_outputs.json is not a valid JSON schema: {error}") from None
+            raise ValueError(f"{spec.source} is not a valid JSON schema: {error}") from None
     if spec.regex is not None:
-        return "regex", llguidance.LLMatcher.grammar_from_regex(spec.regex)
+        return llguidance.LLMatcher.grammar_from_regex(spec.regex)
     if spec.choice is not None:
-        return "choice", llguidance.LLMatcher.grammar_from_lark(
+        return llguidance.LLMatcher.grammar_from_lark(
             "start: " + " | ".join(json.dumps(choice) for choice in spec.choice))
-    return "grammar", llguidance.LLMatcher.grammar_from_lark(spec.grammar)
+    return llguidance.LLMatcher.grammar_from_lark(spec.grammar)
 
 
 GRAMMAR_BACKENDS["llguidance"] = LLGuidanceBackend

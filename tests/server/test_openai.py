@@ -138,7 +138,9 @@ def test_max_completion_tokens_and_context_default(client):
     (dict(extra_body={"temperature": "hot"}), "temperature"),
     (dict(max_tokens=TINY_CONTEXT), "max_tokens"),
     (dict(top_logprobs=2), "top_logprobs"),
-    (dict(response_format={"type": "json_object"}), "response_format"),
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "string", "format": "no-such-format"}}}), "response_format"),
+    (dict(tool_choice="required"), "tool_choice"),
 ])
 def test_bad_requests_name_the_field(client, kwargs, param):
     with pytest.raises(openai.BadRequestError) as raised:
