@@ -253,6 +253,18 @@ class SpeculativeConfig:
 
 
 @dataclass(frozen=True)
+class BackendConfig:
+    """Which implementation of each pluggable layer piece the model runner builds with, by its name in the
+    piece's registry (None: the fastest that runs here): attention (layers.attention.ATTENTION_BACKENDS),
+    moe (layers.moe.MOE_BACKENDS), mla (layers.mla.MLA_BACKENDS), quant (layers.quant.QUANT_METHODS)."""
+
+    attention: str | None = None
+    moe: str | None = None
+    mla: str | None = None
+    quant: str | None = None
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything that makes one engine, built once and handed to `build_engine` by LLM, AsyncEngine and
     `ownllm serve` alike. model None: the bundled model; dtype None: the checkpoint's; device None: cpu."""
@@ -263,7 +275,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative: SpeculativeConfig | None = None
-    attention_backend: str | None = None  # a name in layers.attention.ATTENTION_BACKENDS; None: the fastest here
+    backends: BackendConfig = field(default_factory=BackendConfig)
 
 
 def parse_memory_size(text: str) -> int:

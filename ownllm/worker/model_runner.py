@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ownllm.config import CacheConfig, ModelConfig, SpeculativeConfig
-from ownllm.layers.attention import PagedKVCache, attention_backend
+from ownllm.config import BackendConfig, CacheConfig, ModelConfig, SpeculativeConfig
+from ownllm.layers.attention import PagedKVCache
+from ownllm.layers.backends import LayerBackends
 from ownllm.loader import Checkpoint
 from ownllm.models.registry import model_class
 from ownllm.outputs import RunnerOutput, SampleLogprobs, SchedulerOutput
@@ -59,17 +60,19 @@ class RequestState:
 
 class ModelRunner:
     """device: "cpu", or a CUDA device, where the weights, the KV pool and each step's tensors live; on a GPU
-    only the plain-torch paths run (the kernels are CPU code)."""
+    only the plain-torch paths run (the kernels are CPU code). backends: the layer pieces' names, resolved here
+    once (LayerBackends) for the model, its draft, and every forward's metadata."""
 
     def __init__(self, checkpoint: Checkpoint, cache_config: CacheConfig | None = None,
                  eos_token_ids: list[int] | None = None, max_num_seqs: int = 64, device: str = "cpu",
-                 speculative_config: SpeculativeConfig | None = None, attention_backend_name: str | None = None) -> None:
+                 speculative_config: SpeculativeConfig | None = None, backends: BackendConfig | None = None) -> None:
         self.config: ModelConfig = checkpoint.config
         self.cache_config = cache_config or CacheConfig()
         self.dtype = getattr(torch, self.config.dtype)
         self.device = device
+        self.backends = LayerBackends.resolve(backends or BackendConfig(), self.dtype, device)
         cls = model_class(self.config.architecture)
-        self.model = cls.from_tensors(self.config, checkpoint.tensors)
+        self.model = cls.from_tensors(self.config, checkpoint.tensors, self.backends)
         if torch.device(device).type != "cpu":
             self.model.to(device)
         self.eos_token_ids = set(eos_token_ids or [])
@@ -78,7 +81,6 @@ class ModelRunner:
         self.block_size = self.cache_config.block_size
         self.num_blocks = self._num_blocks(max_num_seqs)
         self.kv_cache = PagedKVCache(self.kv_spec, self.num_blocks, self.block_size, self.dtype, device)
-        self.attention_backend = attention_backend(attention_backend_name, self.dtype, device)
         self.requests: dict[str, RequestState] = {}
         self.step_seconds = 0.0  # a forward of the model (decayed mean)
         self.proposer = None
@@ -135,7 +137,7 @@ class ModelRunner:
             num_rows += num_new
             if start + num_new >= len(state.token_ids) + len(state.drafts):
                 sampling.append((state, num_rows - 1 - len(state.drafts)))
-        input_ids, meta = build_inputs(spans, self.kv_cache, self.attention_backend, self.device)
+        input_ids, meta = build_inputs(spans, self.kv_cache, self.backends.attention, self.device)
         started = time.perf_counter()
         hidden = self.model(input_ids, meta)  # [T, hidden]
         elapsed = time.perf_counter() - started  # a step's time, for the cost of a draft next to it
