@@ -248,8 +248,9 @@ class SpeculativeConfig:
 
     @property
     def num_lookahead_tokens(self) -> int:
-        """Slots past the verified tokens a proposer writes while it drafts (a draft model's own KV)."""
-        return self.num_speculative_tokens if self.method == "draft_model" else 0
+        """Slots past the verified tokens a proposer writes while it drafts (a draft model's or MTP layer's own
+        KV: the MTP layer's first draft comes from positions already verified)."""
+        return {"draft_model": self.num_speculative_tokens, "mtp": self.num_speculative_tokens - 1}.get(self.method, 0)
 
 
 @dataclass(frozen=True)

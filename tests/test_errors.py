@@ -148,7 +148,7 @@ def test_unusable_device(tiny):
     ('{"method": "ngram", "num_speculative_tokens": 0}', "num_speculative_tokens must be in [1, 16], got 0"),
     ('{"method": "draft_model"}', "names a draft 'model' exactly when its method is draft_model"),
     ("ngram", "the speculative config is not valid JSON"),
-    ('{"method": "mtp"}', "speculative method 'mtp' is not available yet"),
+    ('{"method": "mtp"}', "speculative method 'mtp' needs a model with multi-token-prediction layers;"),
 ])
 def test_bad_speculative_config(tiny, config, words):
     assert_one_line_error(run_cli("run", "--model", str(tiny), "--speculative-config", config, "hi"), words)

@@ -115,12 +115,17 @@ class CausalLM(Module):
         module._parameters[attr] = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids: [T] -> hidden states [T, hidden_size] (final norm applied). The decoder-only default:
-        `self.model` has embed_tokens, layers (each called as layer(x, meta, rope)) and norm; `self.rope`."""
+        """input_ids: [T] -> hidden states [T, hidden_size] (final norm applied)."""
+        return self.model.norm(self.hidden_states(input_ids, meta))
+
+    def hidden_states(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids: [T] -> the last layer's outputs [T, hidden_size], before the final norm (what DeepSeek-V3's
+        multi-token-prediction layer reads). The decoder-only default: `self.model` has embed_tokens, layers
+        (each called as layer(x, meta, rope)) and norm; `self.rope`."""
         x = self.model.embed_tokens(input_ids)  # [T, hidden]
         for layer in self.model.layers:
             x = layer(x, meta, self.rope)
-        return self.model.norm(x)
+        return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden_size] -> logits [N, vocab_size]."""

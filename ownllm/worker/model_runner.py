@@ -89,6 +89,7 @@ class ModelRunner:
             from ownllm.spec_decode import build_proposer
 
             self.proposer = build_proposer(speculative_config, self, checkpoint)
+        self.proposer_reads_hidden = getattr(self.proposer, "reads_hidden_states", False)
 
     def _num_blocks(self, max_num_seqs: int) -> int:
         """From the memory budget; without an explicit one, no more than max_num_seqs full contexts need."""
@@ -127,6 +128,7 @@ class ModelRunner:
     def execute(self, so: SchedulerOutput) -> RunnerOutput:
         self._update_states(so)
         spans, sampling = [], []  # sampling: (state, index of its first sampled row in the batch)
+        scheduled = []  # (state, span, index of its first row in the batch)
         num_rows = 0
         for request_id, num_new in so.num_scheduled_tokens.items():
             state = self.requests[request_id]
@@ -134,12 +136,17 @@ class ModelRunner:
             start = state.num_computed_tokens
             tokens = state.token_ids[start : start + num_new] + state.drafts  # drafts follow a decoding request's last token
             spans.append(Span(tokens, start, state.block_ids, as_decode_rows=bool(state.drafts)))
+            scheduled.append((state, spans[-1], num_rows))
             num_rows += num_new
             if start + num_new >= len(state.token_ids) + len(state.drafts):
                 sampling.append((state, num_rows - 1 - len(state.drafts)))
         input_ids, meta = build_inputs(spans, self.kv_cache, self.backends.attention, self.device)
         started = time.perf_counter()
-        hidden = self.model(input_ids, meta)  # [T, hidden]
+        if self.proposer_reads_hidden:
+            pre_norm = self.model.hidden_states(input_ids, meta)  # [T, hidden] before the final norm
+            hidden = self.model.model.norm(pre_norm)
+        else:
+            hidden = self.model(input_ids, meta)  # [T, hidden]
         elapsed = time.perf_counter() - started  # a step's time, for the cost of a draft next to it
         self.step_seconds = 0.8 * self.step_seconds + 0.2 * elapsed if self.step_seconds else elapsed
         output = RunnerOutput(request_ids=list(so.num_scheduled_tokens))
@@ -154,6 +161,8 @@ class ModelRunner:
             output.sampled_token_ids.append(tokens)
             output.logprobs.append(logprobs)
             output.num_accepted_draft_tokens.append(num_accepted)
+        if self.proposer_reads_hidden:
+            self.proposer.observe(scheduled, pre_norm)
         if self.proposer is not None and states and so.propose_drafts:
             cost = self.proposer.cost_per_draft(self.step_seconds)
             for state in states:
