@@ -25,7 +25,7 @@ class LLM:
     default min(2 GiB, a quarter of free memory)), `block_size`, `enable_prefix_caching`,
     `max_num_batched_tokens` (the per-step token budget, which is also the prefill chunk size),
     `max_num_seqs`, `num_kv_blocks` (tests), `speculative_config` (a dict with vLLM's keys, or its JSON:
-    {"method": "ngram", "num_speculative_tokens": 4}, {"method": "draft_model", "model": PATH, ...}),
+    {"method": "ngram", "num_speculative_tokens": 4}, {"method": "draft_model", "model": PATH, ...}, {"method": "mtp"}),
     `attention_backend` ("torch" or "cpu_kernels"), `moe_backend` ("fast" or "reference"), `mla_backend`
     ("auto", "expanded" or "absorbed"), `quant_method` ("kernels" or "dequantized") (each by default the fastest
     that runs here; the others are the plain-torch references tests compare against)."""
