@@ -92,7 +92,7 @@ def model_logits(num_rows: int) -> torch.Tensor:
     ids = llm.tokenizer.encode(CODE)[:num_rows]
     blocks = list(range(-(-len(ids) // runner.block_size)))
     with torch.inference_mode():
-        input_ids, meta = build_inputs([Span(ids, 0, blocks)], runner.kv_cache, runner.attention_backend, "cpu")
+        input_ids, meta = build_inputs([Span(ids, 0, blocks)], runner.kv_cache, runner.backends.attention, "cpu")
         return runner.model.compute_logits(runner.model(input_ids, meta)).float()
 
 

@@ -48,9 +48,10 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Print load ti
                                            "speculation's acceptance) after each answer.")]
 SpeculativeOpt = Annotated[Optional[str], typer.Option(
     "--speculative-config", help="Speculative decoding, as JSON with vLLM's keys: '{\"method\": \"ngram\", "
-    "\"num_speculative_tokens\": 4}' (drafts copied from earlier text; also prompt_lookup_min/max) or "
+    "\"num_speculative_tokens\": 4}' (drafts copied from earlier text; also prompt_lookup_min/max), "
     "'{\"method\": \"draft_model\", \"model\": PATH, \"num_speculative_tokens\": 4}' (a small model with the "
-    "same tokenizer). Greedy output is unchanged; sampled output keeps its distribution.")]
+    "same tokenizer) or '{\"method\": \"mtp\"}' (DeepSeek-V3's multi-token-prediction layer). "
+    "Greedy output is unchanged; sampled output keeps its distribution.")]
 
 
 def _load(model: str | None, dtype: str | None, device: str | None, speculative_config: str | None):

@@ -248,8 +248,21 @@ class SpeculativeConfig:
 
     @property
     def num_lookahead_tokens(self) -> int:
-        """Slots past the verified tokens a proposer writes while it drafts (a draft model's own KV)."""
-        return self.num_speculative_tokens if self.method == "draft_model" else 0
+        """Slots past the verified tokens a proposer writes while it drafts (a draft model's or MTP layer's own
+        KV: the MTP layer's first draft comes from positions already verified)."""
+        return {"draft_model": self.num_speculative_tokens, "mtp": self.num_speculative_tokens - 1}.get(self.method, 0)
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """Which implementation of each pluggable layer piece the model runner builds with, by its name in the
+    piece's registry (None: the fastest that runs here): attention (layers.attention.ATTENTION_BACKENDS),
+    moe (layers.moe.MOE_BACKENDS), mla (layers.mla.MLA_BACKENDS), quant (layers.quant.QUANT_METHODS)."""
+
+    attention: str | None = None
+    moe: str | None = None
+    mla: str | None = None
+    quant: str | None = None
 
 
 @dataclass(frozen=True)
@@ -263,7 +276,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative: SpeculativeConfig | None = None
-    attention_backend: str | None = None  # a name in layers.attention.ATTENTION_BACKENDS; None: the fastest here
+    backends: BackendConfig = field(default_factory=BackendConfig)
     structured_outputs_backend: str = "llguidance"  # a name in structured_output.GRAMMAR_BACKENDS
     # names in parsers.reasoning.REASONING_PARSERS / parsers.tool_parsers.TOOL_PARSERS; None: from the chat
     # template; "none": off

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -147,12 +148,18 @@ def test_unusable_device(tiny):
     ('{"method": "ngram", "num_speculative_tokens": 0}', "num_speculative_tokens must be in [1, 16], got 0"),
     ('{"method": "draft_model"}', "names a draft 'model' exactly when its method is draft_model"),
     ("ngram", "the speculative config is not valid JSON"),
-    ('{"method": "mtp"}', "speculative method 'mtp' is not available yet"),
+    ('{"method": "mtp"}', "speculative method 'mtp' needs a model with multi-token-prediction layers;"),
 ])
 def test_bad_speculative_config(tiny, config, words):
     assert_one_line_error(run_cli("run", "--model", str(tiny), "--speculative-config", config, "hi"), words)
 
 
-def test_unknown_attention_backend(tiny):
-    with pytest.raises(ValueError, match="attention backend 'flash' is unknown; choose one of torch, cpu_kernels"):
-        LLM(str(tiny), attention_backend="flash")
+@pytest.mark.parametrize("option, words", [
+    ("attention_backend", "attention backend 'flash' is unknown; choose one of torch, cpu_kernels"),
+    ("moe_backend", "MoE backend 'flash' is unknown; choose one of reference, fast"),
+    ("mla_backend", "MLA backend 'flash' is unknown; choose one of auto, expanded, absorbed"),
+    ("quant_method", "quant method 'flash' is unknown; choose one of kernels, dequantized"),
+])
+def test_unknown_layer_backend(tiny, option, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        LLM(str(tiny), **{option: "flash"})

@@ -46,12 +46,13 @@ def test_gguf_greedy_matches_transformers_on_same_file(arch, qtype, tmp_path):
 
 @pytest.mark.parametrize("arch, qtype, tied", [("LlamaForCausalLM", "Q8_0", True), ("Qwen2ForCausalLM", "Q8_0", False),
                                                ("LlamaForCausalLM", "Q4_K_M", False), ("Qwen2ForCausalLM", "Q4_K_M", True)])
-def test_block_quantized_kept_in_bfloat16(arch, qtype, tied, tmp_path, monkeypatch):
+def test_block_quantized_kept_in_bfloat16(arch, qtype, tied, tmp_path):
     """In bfloat16 a Q8_0 or K-quant file's matrices and embedding stay the file's blocks
     (layers.quant.BlockWeight), multiplied by the block kernel. Q8_0: the same tokens and logprobs as the
     weights dequantized to bf16 at load (the kernel is bit-equal to that). K-quants, multiplied by their exact
     weights: teacher-forced along the float32 load's greedy run, within what bf16 activations move it.
-    Q4_K_M mixes Q4_K and Q6_K, so some projections cannot be fused."""
+    Q4_K_M mixes Q4_K and Q6_K, so some projections cannot be fused. The dequantized reference is the same file
+    loaded with quant_method="dequantized"."""
     from gguf import GGMLQuantizationType as QType
 
     from ownllm.kernels.build import cpu_has_bf16
@@ -80,12 +81,10 @@ def test_block_quantized_kept_in_bfloat16(arch, qtype, tied, tmp_path, monkeypat
         assert sum(differences) / len(differences) < 0.05
         return
     ours = run(kept)
-    with monkeypatch.context() as m:
-        m.setattr(BlockWeight, "runs_here", staticmethod(lambda dtype: False))
-        dequantized = LLM(str(path), dtype="bfloat16")
-        assert dequantized.runner.model.lm_head.weight.dtype == torch.bfloat16
-        expected = run(dequantized)
-    assert_same_generations(ours, expected, atol=2e-2)
+    dequantized = LLM(str(path), dtype="bfloat16", quant_method="dequantized")
+    assert dequantized.runner.model.lm_head.weight.dtype == torch.bfloat16
+    assert not any(getattr(m, "packed", None) is not None for m in dequantized.runner.model.modules())
+    assert_same_generations(ours, run(dequantized), atol=2e-2)
 
 
 def test_k_quant_mix_with_fallback_types(tmp_path):

@@ -9,7 +9,7 @@ import torch
 from ownllm.config import ModelConfig
 from ownllm.layers.attention import KVCacheSpec
 from ownllm.layers.mla import mla_kv_cache_spec
-from ownllm.layers.moe import ExpertTensors, Experts, grouped_sigmoid_topk, sigmoid_topk, softmax_topk
+from ownllm.layers.moe import MOE_BACKENDS, ExpertTensors, Experts, grouped_sigmoid_topk, sigmoid_topk, softmax_topk
 from ownllm.layers.rotary import InterleavedRotaryEmbedding, rope_attention_factor, rope_inv_freq
 
 HIDDEN, NUM_EXPERTS = 32, 8
@@ -96,9 +96,8 @@ def random_experts(scale_input: bool = False, dtype=torch.float32, width: int = 
     return experts
 
 
-def run(experts: Experts, impl: str, x, weights, ids) -> torch.Tensor:
-    experts.impl = impl
-    return experts(x, weights, ids)
+def run(experts: Experts, backend: str, x, weights, ids) -> torch.Tensor:
+    return MOE_BACKENDS[backend].forward(experts, x, weights, ids)
 
 
 @pytest.mark.parametrize("num_tokens", [1, 3, 40])

@@ -21,8 +21,7 @@ import pytest
 import torch
 
 from ownllm import LLM, SamplingParams
-from ownllm.layers.mla import set_mla_mode
-from ownllm.layers.moe import Experts, set_moe_impl
+from ownllm.layers.moe import Experts
 from ownllm.models.llama4 import Llama4Attention
 from tests.checkpoints import (BASE, assert_same_generations, build_checkpoint, hf_greedy, random_prompts,
                                save_tiny_tokenizer, teacher_forced)
@@ -150,7 +149,7 @@ def generate(llm: LLM, logprobs: int = 5):
 
 
 def test_matches_transformers_and_reference_paths(variant):
-    name, _, hf_model, llm = variant
+    name, folder, hf_model, llm = variant
     model = llm.runner.model
     outputs, chosen = generate_recording_experts(llm)
     for prompt, ours in zip(random_prompts(), outputs):
@@ -164,14 +163,12 @@ def test_matches_transformers_and_reference_paths(variant):
     assert chosen, "no sparse layer"
     for layer, ids in chosen.items():
         assert torch.cat(ids).unique().numel() > 1, f"{layer}: every token chose the same expert"
-    set_moe_impl(model, "reference")
-    try:
-        assert [o.token_ids for o in generate(llm, logprobs=1)] == [o.token_ids for o in outputs]
-    finally:
-        set_moe_impl(model, "fast")
+    assert {type(m.backend).__name__ for m in model.modules() if isinstance(m, Experts)} == {"FastMoE"}
+    reference = LLM(str(folder), dtype="float32", enable_prefix_caching=False, moe_backend="reference")
+    assert [o.token_ids for o in generate(reference, logprobs=1)] == [o.token_ids for o in outputs]
     if name.startswith("deepseek"):
         check_groups(chosen)
-        check_mla_forms(llm, outputs)
+        check_mla_forms(folder, outputs)
     if name.startswith("llama4"):
         check_llama4_features_matter(llm, outputs)
 
@@ -185,14 +182,11 @@ def check_groups(chosen: dict[str, list[torch.Tensor]]) -> None:
         assert groups.unique().numel() > DEEPSEEK["topk_group"], f"{layer}: every token used the same groups"
 
 
-def check_mla_forms(llm: LLM, absorbed_decode) -> None:
-    """The default (absorbed decode) matched transformers above; expanded and all-absorbed give its tokens."""
-    try:
-        for mode in ("expanded", "absorbed"):
-            set_mla_mode(llm.runner.model, mode)
-            assert [o.token_ids for o in generate(llm, logprobs=1)] == [o.token_ids for o in absorbed_decode], mode
-    finally:
-        set_mla_mode(llm.runner.model, "auto")
+def check_mla_forms(folder: Path, absorbed_decode) -> None:
+    """The default ("auto": absorbed decode) matched transformers above; expanded and all-absorbed give its tokens."""
+    for backend in ("expanded", "absorbed"):
+        llm = LLM(str(folder), dtype="float32", enable_prefix_caching=False, mla_backend=backend)
+        assert [o.token_ids for o in generate(llm, logprobs=1)] == [o.token_ids for o in absorbed_decode], backend
 
 
 def check_llama4_features_matter(llm: LLM, outputs) -> None:

@@ -10,7 +10,6 @@ import ownllm.layers.attention as attention_module
 from ownllm import LLM, SamplingParams
 from ownllm.kernels.build import prefill_attention_kernel
 from ownllm.layers.attention import Attention, AttentionMetadata, KVCacheSpec, PagedKVCache
-from ownllm.layers.mla import set_mla_mode
 from tests.checkpoints import assert_same_generations, build_checkpoint, random_prompts
 from tests.kernel_modules import built_kernel
 from tests.test_decode_ops import assert_rounded_alike
@@ -97,8 +96,7 @@ def test_mla_prompts_through_the_kernel(kernel, monkeypatch, tmp_path):
                      n_routed_experts=4, n_group=2, topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1,
                      q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
                      moe_intermediate_size=32)
-    llm = LLM(str(tmp_path), dtype="bfloat16", enable_prefix_caching=False)
-    set_mla_mode(llm.runner.model, "expanded")
+    llm = LLM(str(tmp_path), dtype="bfloat16", enable_prefix_caching=False, mla_backend="expanded")
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=3)
     calls = []
     monkeypatch.setattr(attention_module, "prefill_attention_kernel", lambda x: calls.append(x) or kernel)

@@ -27,7 +27,7 @@ def build_engine(config: EngineConfig) -> Engine:
     checkpoint = load_checkpoint(config.model, config.dtype, keep_quantized=device == "cpu")
     tokenizer = checkpoint.tokenizer
     runner = ModelRunner(checkpoint, config.cache, tokenizer.eos_token_ids, config.scheduler.max_num_seqs, device,
-                         config.speculative, config.attention_backend)
+                         config.speculative, config.backends)
     block_size = config.cache.block_size
     kv_cache = KVCacheManager(runner.num_blocks, block_size, config.cache.enable_prefix_caching)
     max_model_len = min(checkpoint.config.max_model_len, runner.num_blocks * block_size)

@@ -11,7 +11,7 @@ import itertools
 from dataclasses import replace
 from typing import Any, Iterator, Sequence
 
-from ownllm.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
+from ownllm.config import BackendConfig, CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from ownllm.engine.build import build_engine, default_sampling_params
 from ownllm.outputs import CompletionOutput, RequestOutput
 from ownllm.sampling_params import SamplingParams
@@ -25,21 +25,25 @@ class LLM:
     default min(2 GiB, a quarter of free memory)), `block_size`, `enable_prefix_caching`,
     `max_num_batched_tokens` (the per-step token budget, which is also the prefill chunk size),
     `max_num_seqs`, `num_kv_blocks` (tests), `speculative_config` (a dict with vLLM's keys, or its JSON:
-    {"method": "ngram", "num_speculative_tokens": 4}, {"method": "draft_model", "model": PATH, ...}),
-    `attention_backend` ("torch" or "cpu_kernels"; default: the fastest that runs here)."""
+    {"method": "ngram", "num_speculative_tokens": 4}, {"method": "draft_model", "model": PATH, ...}, {"method": "mtp"}),
+    `attention_backend` ("torch" or "cpu_kernels"), `moe_backend` ("fast" or "reference"), `mla_backend`
+    ("auto", "expanded" or "absorbed"), `quant_method` ("kernels" or "dequantized") (each by default the fastest
+    that runs here; the others are the plain-torch references tests compare against)."""
 
     def __init__(
         self, model: str | None = None, dtype: str | None = None, *, kv_cache_memory: int | None = None,
         block_size: int = 16, enable_prefix_caching: bool = True, max_num_batched_tokens: int = 512,
         max_num_seqs: int = 64, num_kv_blocks: int | None = None, device: str | None = None,
         speculative_config: dict | str | None = None, attention_backend: str | None = None,
+        moe_backend: str | None = None, mla_backend: str | None = None, quant_method: str | None = None,
     ) -> None:
         self.engine = build_engine(EngineConfig(
             model, dtype, device,
             CacheConfig(block_size, kv_cache_memory, enable_prefix_caching=enable_prefix_caching,
                         num_blocks=num_kv_blocks),
             SchedulerConfig(max_num_batched_tokens, max_num_seqs),
-            SpeculativeConfig.parse(speculative_config), attention_backend,
+            SpeculativeConfig.parse(speculative_config),
+            BackendConfig(attention_backend, moe_backend, mla_backend, quant_method),
         ))
         self.runner = self.engine.runner
         self.config = self.engine.model_config

@@ -2,13 +2,16 @@
 
 Per token and layer the cache holds [c_kv (kv_lora_rank) | k_rope (qk_rope_head_dim)] (576 values for
 DeepSeek-V3) as "keys" of one head with no values (KVCacheSpec(num_layers, 1, 576, 0)). Two ways to
-attend over it, chosen by the module's `mode`:
+attend over it:
 - expanded: up-project every cached latent with kv_b_proj to per-head keys (nope | shared rope part)
-  and values, then ordinary attention; cheapest when many queries share the context (prefill).
+  and values, then ordinary attention (transformers' form); cheapest when many queries share the context
+  (prefill).
 - absorbed: fold kv_b_proj's key half into the query (q_nope @ W_uk -> a query in latent space) and its
   value half into the output (latent-space attention output @ W_uv), so attention reads the latents as
   they are; cheapest for decode, where each step would otherwise re-expand the whole context.
-"auto" (the default) runs decode-only batches absorbed and everything else expanded. Both use kv_b_proj
+MLA backends (an interface and a registry, MLA_BACKENDS; the runner picks one by name when it builds the
+model) choose between them per forward: "expanded" (the reference), "absorbed", and "auto" (the default),
+which runs decode-only batches absorbed and everything else expanded. Both use kv_b_proj
 split per head by `split_kv_b()`, which the model calls once after loading. Attention math
 runs in float32, as in layers/attention.py, whose paging pattern (slot writes, block-table gathers,
 per-sequence causal masks) this copies; expanded attention in bf16 on the CPU runs its prompt kernel.
@@ -21,7 +24,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ownllm.config import ModelConfig
 from ownllm.kernels.build import on_bf16_cpu
@@ -31,7 +33,6 @@ from ownllm.layers.module import Module
 from ownllm.layers.norm import RMSNorm
 from ownllm.layers.rotary import RotaryEmbedding
 
-MLA_MODES = ("auto", "expanded", "absorbed")
 LORA_NORM_EPS = 1e-6  # transformers builds q_a_layernorm / kv_a_layernorm with the default eps, not rms_norm_eps
 
 
@@ -81,7 +82,7 @@ class MultiLatentAttention(Module):
         self.o_proj = Linear(self.num_heads * self.v_dim, hidden, bias=bias)
         self.scale = scale
         self.layer_idx = layer_idx
-        self.mode = "auto"
+        self.backend: ExpandedMLA = MLA_BACKENDS[DEFAULT_MLA_BACKEND]  # the runner's choice, bound at load
 
     def fuse(self) -> None:
         """After loading: q_a_proj and kv_a_proj_with_mqa (both read x) as one matmul."""
@@ -117,12 +118,7 @@ class MultiLatentAttention(Module):
         latent_cache = meta.kv_cache.k_layers[self.layer_idx]  # [num_blocks, block_size, 1, rank + rope]
         latent_cache.view(-1, self.kv_lora_rank + self.rope_dim)[meta.slot_mapping] = torch.cat(
             (self.kv_a_layernorm(c_kv), k_rope[:, 0]), dim=-1)
-        absorbed = self.mode == "absorbed" or (self.mode == "auto" and meta.is_decode_only)
-        if absorbed and meta.is_decode_only:
-            out = self._absorbed_decode(q_nope, q_rope, latent_cache, meta)
-        else:
-            attend = self._absorbed_sequence if absorbed else self._expanded_sequence
-            out = torch.cat([attend(q_nope, q_rope, latent_cache, meta, i) for i in range(len(meta.seq_lens))])
+        out = self.backend.attend(self, q_nope, q_rope, latent_cache, meta)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.v_dim))  # out: [T, heads, v_dim]
 
     def _latents(self, latent_cache: torch.Tensor, meta: AttentionMetadata, i: int) -> torch.Tensor:
@@ -130,7 +126,7 @@ class MultiLatentAttention(Module):
         blocks = meta.block_tables[i, : -(-meta.seq_lens[i] // meta.kv_cache.block_size)]
         return latent_cache.index_select(0, blocks).flatten(0, 2)[: meta.seq_lens[i]]
 
-    def _expanded_sequence(self, q_nope, q_rope, latent_cache, meta: AttentionMetadata, i: int) -> torch.Tensor:
+    def expanded_sequence(self, q_nope, q_rope, latent_cache, meta: AttentionMetadata, i: int) -> torch.Tensor:
         start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
         latents = self._latents(latent_cache, meta, i)
         c_kv, k_rope = latents.split([self.kv_lora_rank, self.rope_dim], dim=-1)  # [S, rank], [S, rope]
@@ -157,7 +153,7 @@ class MultiLatentAttention(Module):
         # out_latent: [N, heads, rank] float32 -> [N, heads, v_dim]
         return per_head_matmul(out_latent.to(dtype), self.w_uv_t)
 
-    def _absorbed_sequence(self, q_nope, q_rope, latent_cache, meta: AttentionMetadata, i: int) -> torch.Tensor:
+    def absorbed_sequence(self, q_nope, q_rope, latent_cache, meta: AttentionMetadata, i: int) -> torch.Tensor:
         start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
         latents = self._latents(latent_cache, meta, i).float()  # [S, rank + rope]
         query = self._latent_query(q_nope[start:end], q_rope[start:end])  # [Q, heads, rank + rope]
@@ -167,7 +163,7 @@ class MultiLatentAttention(Module):
         out_latent = torch.einsum("hqs,sr->qhr", probs, latents[:, : self.kv_lora_rank])
         return self._latent_output(out_latent, q_nope.dtype)
 
-    def _absorbed_decode(self, q_nope, q_rope, latent_cache, meta: AttentionMetadata) -> torch.Tensor:
+    def absorbed_decode(self, q_nope, q_rope, latent_cache, meta: AttentionMetadata) -> torch.Tensor:
         # one query per sequence: gather each sequence's blocks, pad to the longest, mask the padding
         # (one sequence: cut at its length instead, since its query attends its whole context)
         num_seqs, max_blocks = meta.block_tables.shape
@@ -183,10 +179,48 @@ class MultiLatentAttention(Module):
         return self._latent_output(out_latent, q_nope.dtype)
 
 
-def set_mla_mode(model: nn.Module, mode: str) -> None:
-    """Sets every MultiLatentAttention in `model` to "auto", "expanded" or "absorbed"."""
-    if mode not in MLA_MODES:
-        raise ValueError(f"MLA mode {mode!r} is unknown; choose one of {', '.join(MLA_MODES)}")
-    for module in model.modules():
-        if isinstance(module, MultiLatentAttention):
-            module.mode = mode
+class ExpandedMLA:
+    """The reference: every sequence's latents up-projected to per-head keys and values."""
+
+    name = "expanded"
+
+    def attend(self, layer: MultiLatentAttention, q_nope: torch.Tensor, q_rope: torch.Tensor,
+               latent_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        # q_nope: [T, heads, nope]; q_rope: [T, heads, rope] -> [T, heads, v_dim]
+        return torch.cat([layer.expanded_sequence(q_nope, q_rope, latent_cache, meta, i)
+                          for i in range(len(meta.seq_lens))])
+
+
+class AbsorbedMLA(ExpandedMLA):
+    """kv_b_proj folded into the query and the output: attention over the latents as cached."""
+
+    name = "absorbed"
+
+    def attend(self, layer, q_nope, q_rope, latent_cache, meta) -> torch.Tensor:
+        if meta.is_decode_only:
+            return layer.absorbed_decode(q_nope, q_rope, latent_cache, meta)
+        return torch.cat([layer.absorbed_sequence(q_nope, q_rope, latent_cache, meta, i)
+                          for i in range(len(meta.seq_lens))])
+
+
+class AutoMLA(ExpandedMLA):
+    """Decode-only batches absorbed, everything else expanded."""
+
+    name = "auto"
+
+    def attend(self, layer, q_nope, q_rope, latent_cache, meta) -> torch.Tensor:
+        if meta.is_decode_only:
+            return layer.absorbed_decode(q_nope, q_rope, latent_cache, meta)
+        return super().attend(layer, q_nope, q_rope, latent_cache, meta)
+
+
+MLA_BACKENDS: dict[str, ExpandedMLA] = {b.name: b for b in (AutoMLA(), ExpandedMLA(), AbsorbedMLA())}
+DEFAULT_MLA_BACKEND = "auto"
+
+
+def mla_backend(name: str | None) -> ExpandedMLA:
+    """The MLA backend named, or (None) "auto"."""
+    name = name or DEFAULT_MLA_BACKEND
+    if name not in MLA_BACKENDS:
+        raise ValueError(f"MLA backend {name!r} is unknown; choose one of {', '.join(MLA_BACKENDS)}")
+    return MLA_BACKENDS[name]

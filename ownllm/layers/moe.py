@@ -3,7 +3,8 @@
 Routers are plain functions from router logits [T, E] to (weights [T, k] float32, expert ids [T, k]):
 softmax -> top-k (Mixtral, Qwen3-MoE), top-k -> sigmoid (Llama 4) and sigmoid + bias + group-limited
 top-k (DeepSeek-V3). `Experts` holds E SwiGLU experts, each its own gate/up/down weights as loaded
-(memory-mapped views when no conversion is needed), and runs them one of two ways, chosen by `impl`:
+(memory-mapped views when no conversion is needed), and runs them through one of two MoE backends (an
+interface and a registry, MOE_BACKENDS; the runner picks one by name when it builds the model):
 - "reference": every expert on every token, then a dense [T, E] weighting; obviously right, slow.
 - "fast": token-expert pairs sorted by expert, one call per active expert over its tokens, so a decode
   step reads only the weights of the experts its tokens chose; one token in bfloat16 runs all its k
@@ -20,15 +21,11 @@ from typing import Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ownllm.config import ModelConfig
 from ownllm.kernels.build import bf16_kernels_for
 from ownllm.layers.linear import Linear
 from ownllm.layers.module import Module
-
-MOE_IMPLS = ("fast", "reference")
-
 
 def check_moe_config(config: ModelConfig) -> None:
     """Refuses what these models cannot run: another activation than SwiGLU's silu, or quantized weights
@@ -109,7 +106,7 @@ class Experts(Module):
             self.add_module(str(e), SwiGLUExpert(hidden_size, intermediate_size))
         self.experts = [self._modules[str(e)] for e in range(num_experts)]
         self.scale_input = scale_input
-        self.impl = "fast"
+        self.backend: ReferenceMoE = MOE_BACKENDS[DEFAULT_MOE_BACKEND]  # the runner's choice, bound at load
         self._weights: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None = None
 
     def per_expert(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None:
@@ -126,66 +123,79 @@ class Experts(Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         # x: [T, H]; weights: [T, k] float32; ids: [T, k] -> [T, H]
-        if self.impl == "reference":
-            return self._reference(x, weights, ids)
-        return self._fast(x, weights, ids)
+        return self.backend.forward(self, x, weights, ids)
 
-    def _reference(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        dense = torch.zeros(x.shape[0], self.num_experts, dtype=torch.float32, device=x.device).scatter_add_(1, ids, weights)  # [T, E]
+
+class ReferenceMoE:
+    """The plain-torch reference: every expert on every token, then a dense [T, E] weighting."""
+
+    name = "reference"
+
+    def forward(self, experts: Experts, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        dense = torch.zeros(x.shape[0], experts.num_experts, dtype=torch.float32, device=x.device).scatter_add_(1, ids, weights)  # [T, E]
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        for e, expert in enumerate(self.experts):
+        for e, expert in enumerate(experts.experts):
             w = dense[:, e : e + 1]  # [T, 1]
-            if self.scale_input:
+            if experts.scale_input:
                 out += expert((x.float() * w).to(x.dtype)).float()
             else:
                 out += expert(x).float() * w
         return out.to(x.dtype)
 
-    def _fast(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+
+class FastMoE(ReferenceMoE):
+    """Only the chosen experts, each once over its tokens; one bf16 token through kernels/moe_experts.cpp."""
+
+    name = "fast"
+
+    def forward(self, experts: Experts, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         # one gather in, one expert call per active expert over a contiguous slice, one gather out; no
         # per-expert scatter (index_add_ on a few rows costs far more than the rows, once threads are involved)
         num_tokens, top_k = ids.shape
         if num_tokens == 1:
-            return self._one_token(x, weights[0], ids[0])
+            return self.one_token(experts, x, weights[0], ids[0])
         flat_ids = ids.flatten()  # [T * k]
         order = flat_ids.argsort(stable=True)  # token-expert pairs grouped by expert
         pair_weights = weights.flatten()[order][:, None]  # [T * k, 1]
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        counts = torch.bincount(flat_ids, minlength=experts.num_experts).tolist()
         x_pairs = x.index_select(0, order // top_k)  # [T * k, H]
-        if self.scale_input:
+        if experts.scale_input:
             x_pairs = (x_pairs.float() * pair_weights).to(x.dtype)
         outputs, start = [], 0
         for e in (e for e, n in enumerate(counts) if n):
-            outputs.append(self.experts[e](x_pairs[start : start + counts[e]]))
+            outputs.append(experts.experts[e](x_pairs[start : start + counts[e]]))
             start += counts[e]
         y = torch.cat(outputs).float()  # [T * k, H], sorted by expert
-        if not self.scale_input:
+        if not experts.scale_input:
             y = y * pair_weights
         y = y.index_select(0, order.argsort())  # back to token-major order
         return y.view(num_tokens, top_k, -1).sum(dim=1).to(x.dtype)
 
-    def _one_token(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def one_token(self, experts: Experts, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         # x: [1, H]; weights, ids: [k] -> [1, H]. Reads only the k chosen experts' weights.
-        experts = ids.tolist()
+        chosen = ids.tolist()
         kernel = bf16_kernels_for("moe_experts", x)
-        if kernel is not None and (lists := self.per_expert()) is not None:
-            gate, up, down = ([ws[e] for e in experts] for ws in lists)
-            return kernel.experts_one_token(x, gate, up, down, weights, self.scale_input)
-        if self.scale_input:
+        if kernel is not None and (lists := experts.per_expert()) is not None:
+            gate, up, down = ([ws[e] for e in chosen] for ws in lists)
+            return kernel.experts_one_token(x, gate, up, down, weights, experts.scale_input)
+        if experts.scale_input:
             rows = (x.float() * weights[:, None]).to(x.dtype).split(1)  # k x [1, H]
-            return torch.cat([self.experts[e](row) for row, e in zip(rows, experts)]).float().sum(
+            return torch.cat([experts.experts[e](row) for row, e in zip(rows, chosen)]).float().sum(
                 dim=0, keepdim=True).to(x.dtype)
-        y = torch.cat([self.experts[e](x) for e in experts]).float()  # [k, H]
+        y = torch.cat([experts.experts[e](x) for e in chosen]).float()  # [k, H]
         return (weights[None, :] @ y).to(x.dtype)
 
 
-def set_moe_impl(model: nn.Module, impl: str) -> None:
-    """Switches every Experts in `model` to "fast" or "reference"."""
-    if impl not in MOE_IMPLS:
-        raise ValueError(f"MoE implementation {impl!r} is unknown; choose one of {', '.join(MOE_IMPLS)}")
-    for module in model.modules():
-        if isinstance(module, Experts):
-            module.impl = impl
+MOE_BACKENDS: dict[str, ReferenceMoE] = {b.name: b for b in (ReferenceMoE(), FastMoE())}
+DEFAULT_MOE_BACKEND = "fast"
+
+
+def moe_backend(name: str | None) -> ReferenceMoE:
+    """The MoE backend named, or (None) the fast one."""
+    name = name or DEFAULT_MOE_BACKEND
+    if name not in MOE_BACKENDS:
+        raise ValueError(f"MoE backend {name!r} is unknown; choose one of {', '.join(MOE_BACKENDS)}")
+    return MOE_BACKENDS[name]
 
 
 class ExpertTensors(Mapping[str, torch.Tensor]):

@@ -16,6 +16,10 @@ weight instead of 2. kernels/block_matmul.cpp multiplies them: the 32-weight for
 numbers as the bf16 kernel on the weights dequantized to bf16, the K-quants (at batch 1-4) by their exact
 weights in a factored form (faster). Embeddings stored so are dequantized row by row as tokens look
 them up. Without that kernel (CPUs lacking AVX-512 BF16) these tensors are dequantized at load.
+
+Quant methods (an interface and a registry, QUANT_METHODS; the runner picks one by name when it builds the
+model) decide what a layer does with a quantized weight at load: "kernels" (the default) keeps it as above
+wherever its kernel runs; "dequantized", the plain-torch reference, dequantizes every one to the compute dtype.
 """
 
 from __future__ import annotations
@@ -192,3 +196,33 @@ def _dequantize_buffer(rows: int, cols: int) -> torch.Tensor:
 
 
 QuantizedWeight = Int4Weight | BlockWeight
+
+
+class DequantizedMethod:
+    """The reference: every quantized weight dequantized to the compute dtype at load, multiplied as dense."""
+
+    name = "dequantized"
+
+    def keeps(self, weight: QuantizedWeight, dtype: torch.dtype) -> bool:
+        return False
+
+
+class KernelMethod(DequantizedMethod):
+    """Quantized weights kept as loaded wherever their kernel runs (bfloat16 compute), multiplied by it."""
+
+    name = "kernels"
+
+    def keeps(self, weight: QuantizedWeight, dtype: torch.dtype) -> bool:
+        return weight.runs_here(dtype)
+
+
+QUANT_METHODS: dict[str, DequantizedMethod] = {m.name: m for m in (KernelMethod(), DequantizedMethod())}
+DEFAULT_QUANT_METHOD = "kernels"
+
+
+def quant_method(name: str | None) -> DequantizedMethod:
+    """The quant method named, or (None) the kernels."""
+    name = name or DEFAULT_QUANT_METHOD
+    if name not in QUANT_METHODS:
+        raise ValueError(f"quant method {name!r} is unknown; choose one of {', '.join(QUANT_METHODS)}")
+    return QUANT_METHODS[name]

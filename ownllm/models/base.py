@@ -2,7 +2,9 @@
 
 Weights are taken from the loader's tensors by their Hugging Face names. A tensor already in the
 compute dtype is adopted as is (a memory-mapped safetensors tensor stays mapped, no second copy);
-otherwise it is converted once, tensor by tensor.
+otherwise it is converted once, tensor by tensor. The pluggable pieces the runner chose (LayerBackends) are
+bound as the model loads: the quant method decides which quantized weights stay so, and every MoE and MLA
+layer gets its backend; they do not change afterwards.
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ from torch import nn
 
 from ownllm.config import ModelConfig
 from ownllm.layers.attention import AttentionMetadata, KVCacheSpec
-from ownllm.layers.linear import Linear
-from ownllm.layers.module import Module
+from ownllm.layers.backends import LayerBackends
 from ownllm.layers.embedding import Embedding
+from ownllm.layers.linear import Linear
+from ownllm.layers.mla import MultiLatentAttention
+from ownllm.layers.module import Module
+from ownllm.layers.moe import Experts
 from ownllm.layers.quant import BlockWeight, QuantizedWeight
 
 
@@ -29,9 +34,11 @@ class CausalLM(Module):
         self.config = config
 
     @classmethod
-    def from_tensors(cls, config: ModelConfig, tensors: Mapping[str, torch.Tensor]) -> "CausalLM":
+    def from_tensors(cls, config: ModelConfig, tensors: Mapping[str, torch.Tensor],
+                     backends: LayerBackends) -> "CausalLM":
         with torch.device("meta"):
             model = cls(config)
+        model.backends = backends
         model.load_weights(tensors, getattr(torch, config.dtype))
         model.post_load()
         model.eval().requires_grad_(False)
@@ -49,11 +56,16 @@ class CausalLM(Module):
 
     def post_load(self) -> None:
         """Rearranges loaded weights for speed (e.g. fusing projections); parity tests cover the result.
-        Subclasses fuse first, then call this, which packs 4-bit weights into the kernel's layout."""
+        Subclasses fuse first, then call this, which packs 4-bit weights into the kernel's layout and binds the
+        MoE and MLA backends."""
         dtype = getattr(torch, self.config.dtype)
         for module in self.modules():
             if isinstance(module, Linear):
                 module.finalize(dtype)
+            elif isinstance(module, Experts):
+                module.backend = self.backends.moe
+            elif isinstance(module, MultiLatentAttention):
+                module.backend = self.backends.mla
 
     @classmethod
     def kv_cache_spec(cls, config: ModelConfig) -> KVCacheSpec:
@@ -92,7 +104,7 @@ class CausalLM(Module):
         module_name, _, attr = name.rpartition(".")
         module = self.get_submodule(module_name)
         kept = isinstance(module, Linear) or (isinstance(module, Embedding) and isinstance(weight, BlockWeight))
-        if attr == "weight" and kept and weight.runs_here(dtype):
+        if attr == "weight" and kept and self.backends.quant.keeps(weight, dtype):
             module.set_quantized(weight)
         else:  # the kernels multiply bfloat16 activations by Linear weights (and look up block-quantized embeddings) only
             self._set_parameter(name, weight.dequantize(dtype))
@@ -103,12 +115,17 @@ class CausalLM(Module):
         module._parameters[attr] = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids: [T] -> hidden states [T, hidden_size] (final norm applied). The decoder-only default:
-        `self.model` has embed_tokens, layers (each called as layer(x, meta, rope)) and norm; `self.rope`."""
+        """input_ids: [T] -> hidden states [T, hidden_size] (final norm applied)."""
+        return self.model.norm(self.hidden_states(input_ids, meta))
+
+    def hidden_states(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids: [T] -> the last layer's outputs [T, hidden_size], before the final norm (what DeepSeek-V3's
+        multi-token-prediction layer reads). The decoder-only default: `self.model` has embed_tokens, layers
+        (each called as layer(x, meta, rope)) and norm; `self.rope`."""
         x = self.model.embed_tokens(input_ids)  # [T, hidden]
         for layer in self.model.layers:
             x = layer(x, meta, self.rope)
-        return self.model.norm(x)
+        return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden_size] -> logits [N, vocab_size]."""

@@ -10,7 +10,8 @@
   experts (one SwiGLU of n_shared * moe_intermediate_size). The router runs in float32 with a float32
   bias, as transformers keeps it.
 Checkpoints store experts per expert (`mlp.experts.<e>.gate_proj.weight`...), adopted as they are. The
-multi-token-prediction layer (`model.layers.<num_hidden_layers>.*`) is not read.
+multi-token-prediction layer (`model.layers.<num_hidden_layers>.*`) is not read here: models/deepseek_v3_mtp.py
+builds it, as a draft for speculative decoding.
 """
 
 from __future__ import annotations
@@ -79,11 +80,13 @@ class DeepseekV3MoE(Module):
 
 
 class DeepseekV3DecoderLayer(Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, softmax_scale: float) -> None:
+    """cache_index: the layer's index in its KV cache (default layer_idx; the MTP layer has a cache of its own)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, softmax_scale: float, cache_index: int | None = None) -> None:
         super().__init__()
         hf = config.hf_config
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = MultiLatentAttention(config, layer_idx, softmax_scale)
+        self.self_attn = MultiLatentAttention(config, layer_idx if cache_index is None else cache_index, softmax_scale)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         is_sparse = layer_idx >= int(hf.get("first_k_dense_replace") or 0) and int(hf.get("n_routed_experts") or 0)
         self.mlp = DeepseekV3MoE(config) if is_sparse else GatedMLP(config.hidden_size, config.intermediate_size)
@@ -91,6 +94,17 @@ class DeepseekV3DecoderLayer(Module):
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, rope: RotaryEmbedding) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), meta, rope)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def post_load(self) -> None:
+        """kv_b_proj split per head, projections fused, the router's weight in float32 (it runs so)."""
+        self.self_attn.split_kv_b()
+        self.self_attn.fuse()
+        mlp = self.mlp
+        if isinstance(mlp, DeepseekV3MoE):
+            mlp.gate.weight = nn.Parameter(mlp.gate.weight.float(), requires_grad=False)
+            mlp = mlp.shared_experts
+        if mlp is not None:
+            mlp.fuse()
 
 
 class DeepseekV3Model(Module):
@@ -103,18 +117,33 @@ class DeepseekV3Model(Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
+def softmax_scale(config: ModelConfig) -> float:
+    hf = config.hf_config
+    return yarn_softmax_scale(int(hf["qk_nope_head_dim"]) + int(hf["qk_rope_head_dim"]), rope_scaling(config))
+
+
+def rotary_embedding(config: ModelConfig) -> RotaryEmbedding:
+    """RoPE on the rope part of queries and keys: interleaved pairs unless `rope_interleave` is false."""
+    hf = config.hf_config
+    rope_cls = InterleavedRotaryEmbedding if hf.get("rope_interleave", True) else RotaryEmbedding
+    return rope_cls(int(hf["qk_rope_head_dim"]), config.rope_theta, rope_scaling(config))
+
+
+def load_deepseek_weights(model: CausalLM, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """CausalLM.load_weights, with each router's selection bias in float32 (selection needs it so)."""
+    CausalLM.load_weights(model, tensors, dtype)
+    for name, _ in list(model.named_parameters()):
+        if name.endswith("gate.e_score_correction_bias"):
+            model._set_parameter(name, tensors[name].float())
+
+
 class DeepseekV3ForCausalLM(CausalLM):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
         check_moe_config(config)
-        hf = config.hf_config
-        scaling = rope_scaling(config)
-        rope_dim = int(hf["qk_rope_head_dim"])
-        softmax_scale = yarn_softmax_scale(int(hf["qk_nope_head_dim"]) + rope_dim, scaling)
-        self.model = DeepseekV3Model(config, softmax_scale)
+        self.model = DeepseekV3Model(config, softmax_scale(config))
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
-        rope_cls = InterleavedRotaryEmbedding if hf.get("rope_interleave", True) else RotaryEmbedding
-        self.rope = rope_cls(rope_dim, config.rope_theta, scaling)
+        self.rope = rotary_embedding(config)
 
     @classmethod
     def kv_cache_spec(cls, config: ModelConfig) -> KVCacheSpec:
@@ -124,19 +153,9 @@ class DeepseekV3ForCausalLM(CausalLM):
         return {"lm_head.weight": "model.embed_tokens.weight"} if self.config.tie_word_embeddings else {}
 
     def load_weights(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:
-        super().load_weights(ExpertTensors(tensors), dtype)
-        for name, _ in list(self.named_parameters()):
-            if name.endswith("gate.e_score_correction_bias"):  # selection needs the bias in float32
-                self._set_parameter(name, tensors[name].float())
+        load_deepseek_weights(self, ExpertTensors(tensors), dtype)
 
     def post_load(self) -> None:
         for layer in self.model.layers:
-            layer.self_attn.split_kv_b()
-            layer.self_attn.fuse()
-            mlp = layer.mlp
-            if isinstance(mlp, DeepseekV3MoE):
-                mlp.gate.weight = nn.Parameter(mlp.gate.weight.float(), requires_grad=False)  # it runs in float32
-                mlp = mlp.shared_experts
-            if mlp is not None:
-                mlp.fuse()
+            layer.post_load()
         super().post_load()

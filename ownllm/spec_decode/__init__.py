@@ -4,8 +4,10 @@ A proposer is anything with `propose(states) -> {request id: draft token ids}` (
 the requests that just sampled, their tokens already extended; each state's draft_length.next says how many
 it wants) and `free(request_id)`. The runner verifies
 the drafts next step; the scheduler decides how many it may verify. Methods are chosen by name from
-SpeculativeConfig: ngram (prompt lookup, plain Python) and draft_model (a small model with the same
-vocabulary and its own paged KV cache).
+SpeculativeConfig: ngram (prompt lookup, plain Python), draft_model (a small model with the same
+vocabulary and its own paged KV cache) and mtp (DeepSeek-V3's multi-token-prediction layer). A proposer whose
+`reads_hidden_states` is true also has `observe(scheduled, hidden)`, which the runner calls after every step with
+the target's hidden states before its final norm.
 """
 
 from __future__ import annotations
@@ -80,5 +82,6 @@ def build_proposer(config: SpeculativeConfig, runner: "ModelRunner", checkpoint:
         from ownllm.spec_decode.draft_model import DraftModelProposer
 
         return DraftModelProposer(config, runner, checkpoint)
-    raise ValueError(f"speculative method {config.method!r} is not available yet: use ngram or draft_model "
-                     "(DeepSeek-V3's MTP layers are still skipped at load)")
+    from ownllm.spec_decode.mtp import MTPProposer
+
+    return MTPProposer(config, runner, checkpoint)

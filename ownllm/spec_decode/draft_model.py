@@ -15,7 +15,7 @@ import time
 import torch
 
 from ownllm.config import SpeculativeConfig
-from ownllm.layers.attention import PagedKVCache, attention_backend
+from ownllm.layers.attention import PagedKVCache
 from ownllm.loader import Checkpoint, load_checkpoint
 from ownllm.models.registry import model_class
 from ownllm.tokenizer import Tokenizer
@@ -44,12 +44,12 @@ class DraftModelProposer:
         if difference:
             raise ValueError(f"the draft model {config.model} cannot draft for this model: {difference}")
         cls = model_class(draft.config.architecture)
-        self.model = cls.from_tensors(draft.config, draft.tensors)
+        self.model = cls.from_tensors(draft.config, draft.tensors, runner.backends)  # the target's dtype
         if torch.device(runner.device).type != "cpu":
             self.model.to(runner.device)
         self.kv_cache = PagedKVCache(cls.kv_cache_spec(draft.config), runner.num_blocks, runner.block_size,
                                      getattr(torch, draft.config.dtype), runner.device)
-        self.attention_backend = attention_backend(None, getattr(torch, draft.config.dtype), runner.device)
+        self.attention_backend = runner.backends.attention
         self.vocab_size = runner.config.vocab_size  # draft logits past it (padding) are never proposed
         self.num_tokens = config.num_speculative_tokens
         self.device = runner.device

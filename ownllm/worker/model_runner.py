@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ownllm.config import CacheConfig, ModelConfig, SpeculativeConfig
-from ownllm.layers.attention import PagedKVCache, attention_backend
+from ownllm.config import BackendConfig, CacheConfig, ModelConfig, SpeculativeConfig
+from ownllm.layers.attention import PagedKVCache
+from ownllm.layers.backends import LayerBackends
 from ownllm.loader import Checkpoint
 from ownllm.models.registry import model_class
 from ownllm.outputs import RunnerOutput, SampleLogprobs, SchedulerOutput
@@ -59,17 +60,19 @@ class RequestState:
 
 class ModelRunner:
     """device: "cpu", or a CUDA device, where the weights, the KV pool and each step's tensors live; on a GPU
-    only the plain-torch paths run (the kernels are CPU code)."""
+    only the plain-torch paths run (the kernels are CPU code). backends: the layer pieces' names, resolved here
+    once (LayerBackends) for the model, its draft, and every forward's metadata."""
 
     def __init__(self, checkpoint: Checkpoint, cache_config: CacheConfig | None = None,
                  eos_token_ids: list[int] | None = None, max_num_seqs: int = 64, device: str = "cpu",
-                 speculative_config: SpeculativeConfig | None = None, attention_backend_name: str | None = None) -> None:
+                 speculative_config: SpeculativeConfig | None = None, backends: BackendConfig | None = None) -> None:
         self.config: ModelConfig = checkpoint.config
         self.cache_config = cache_config or CacheConfig()
         self.dtype = getattr(torch, self.config.dtype)
         self.device = device
+        self.backends = LayerBackends.resolve(backends or BackendConfig(), self.dtype, device)
         cls = model_class(self.config.architecture)
-        self.model = cls.from_tensors(self.config, checkpoint.tensors)
+        self.model = cls.from_tensors(self.config, checkpoint.tensors, self.backends)
         if torch.device(device).type != "cpu":
             self.model.to(device)
         self.eos_token_ids = set(eos_token_ids or [])
@@ -78,7 +81,6 @@ class ModelRunner:
         self.block_size = self.cache_config.block_size
         self.num_blocks = self._num_blocks(max_num_seqs)
         self.kv_cache = PagedKVCache(self.kv_spec, self.num_blocks, self.block_size, self.dtype, device)
-        self.attention_backend = attention_backend(attention_backend_name, self.dtype, device)
         self.requests: dict[str, RequestState] = {}
         self.step_seconds = 0.0  # a forward of the model (decayed mean)
         self.proposer = None
@@ -87,6 +89,7 @@ class ModelRunner:
             from ownllm.spec_decode import build_proposer
 
             self.proposer = build_proposer(speculative_config, self, checkpoint)
+        self.proposer_reads_hidden = getattr(self.proposer, "reads_hidden_states", False)
 
     def _num_blocks(self, max_num_seqs: int) -> int:
         """From the memory budget; without an explicit one, no more than max_num_seqs full contexts need."""
@@ -125,6 +128,7 @@ class ModelRunner:
     def execute(self, so: SchedulerOutput) -> RunnerOutput:
         self._update_states(so)
         spans, sampling = [], []  # sampling: (state, index of its first sampled row in the batch)
+        scheduled = []  # (state, span, index of its first row in the batch)
         num_rows = 0
         for request_id, num_new in so.num_scheduled_tokens.items():
             state = self.requests[request_id]
@@ -132,12 +136,17 @@ class ModelRunner:
             start = state.num_computed_tokens
             tokens = state.token_ids[start : start + num_new] + state.drafts  # drafts follow a decoding request's last token
             spans.append(Span(tokens, start, state.block_ids, as_decode_rows=bool(state.drafts)))
+            scheduled.append((state, spans[-1], num_rows))
             num_rows += num_new
             if start + num_new >= len(state.token_ids) + len(state.drafts):
                 sampling.append((state, num_rows - 1 - len(state.drafts)))
-        input_ids, meta = build_inputs(spans, self.kv_cache, self.attention_backend, self.device)
+        input_ids, meta = build_inputs(spans, self.kv_cache, self.backends.attention, self.device)
         started = time.perf_counter()
-        hidden = self.model(input_ids, meta)  # [T, hidden]
+        if self.proposer_reads_hidden:
+            pre_norm = self.model.hidden_states(input_ids, meta)  # [T, hidden] before the final norm
+            hidden = self.model.model.norm(pre_norm)
+        else:
+            hidden = self.model(input_ids, meta)  # [T, hidden]
         elapsed = time.perf_counter() - started  # a step's time, for the cost of a draft next to it
         self.step_seconds = 0.8 * self.step_seconds + 0.2 * elapsed if self.step_seconds else elapsed
         output = RunnerOutput(request_ids=list(so.num_scheduled_tokens))
@@ -152,6 +161,8 @@ class ModelRunner:
             output.sampled_token_ids.append(tokens)
             output.logprobs.append(logprobs)
             output.num_accepted_draft_tokens.append(num_accepted)
+        if self.proposer_reads_hidden:
+            self.proposer.observe(scheduled, pre_norm)
         if self.proposer is not None and states and so.propose_drafts:
             cost = self.proposer.cost_per_draft(self.step_seconds)
             for state in states:
