@@ -96,12 +96,14 @@ def generation_guard(embedder: AsyncEmbedder, serves_generation: bool):
     async def refuse_embedding_model(request: Request) -> None:
         if request.method != "POST" or request.url.path not in GENERATION_PATHS:
             return
-        try:
-            model = json.loads(await request.body() or b"{}").get("model")
-        except (ValueError, AttributeError):
-            return  # the route itself names what is wrong with the body
-        if not serves_generation or (isinstance(model, str) and _untagged(model) == _untagged(embedder.model_name)):
-            raise embedding_model_error(model if isinstance(model, str) and model else embedder.model_name)
+        if serves_generation:
+            try:
+                model = json.loads(await request.body() or b"{}").get("model")
+            except (ValueError, AttributeError):
+                return  # the route itself names what is wrong with the body
+            if not isinstance(model, str) or _untagged(model) != _untagged(embedder.model_name):
+                return
+        raise embedding_model_error(embedder.model_name)
 
     return refuse_embedding_model
 
