@@ -1,10 +1,13 @@
 """BertModel (BERT, MiniLM, the all-MiniLM / bge / e5 family of sentence encoders): a post-norm bidirectional
-encoder over a padded batch of texts -> one hidden vector per token. No KV cache, no logits; pooling those vectors
-into one embedding per text is layers/pooler.py's job. HF parameter names; the pooler head (pooler.dense), which
-sentence-transformers never uses, is not loaded.
+encoder over a batch of texts -> one hidden vector per token. Padding costs only attention: the other layers see
+the real tokens alone, packed. No KV cache, no logits; pooling the vectors into one embedding per text is
+layers/pooler.py's job. HF parameter names; the pooler head (pooler.dense), which sentence-transformers never
+uses, is not loaded.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +28,33 @@ ACTIVATIONS = {
 }
 
 
+@dataclass(frozen=True)
+class PaddedBatch:
+    """Where a right-padded batch's real tokens are: the model keeps them packed ([T, ...], T real tokens) and pads
+    them only for attention."""
+
+    indices: torch.Tensor  # [T]: each real token's place in the flattened [B * L] batch
+    key_mask: torch.Tensor  # [B, 1, 1, L], True for real tokens
+    positions: torch.Tensor  # [T]: each token's position in its text
+
+    @classmethod
+    def from_mask(cls, attention_mask: torch.Tensor) -> "PaddedBatch":
+        batch, length = attention_mask.shape
+        indices = attention_mask.flatten().nonzero().squeeze(1)
+        return cls(indices, attention_mask.bool()[:, None, None, :], indices % length)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, D] -> [B, L, D], zeros at padding
+        batch, length = self.key_mask.shape[0], self.key_mask.shape[-1]
+        padded = x.new_zeros(batch * length, x.shape[-1])
+        padded[self.indices] = x
+        return padded.view(batch, length, -1)
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [B, L, D] -> [T, D]
+        return x.flatten(0, 1)[self.indices]
+
+
 class BertEmbeddings(Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -34,9 +64,8 @@ class BertEmbeddings(Module):
         self.token_type_embeddings = Embedding(config.type_vocab_size, hidden)
         self.LayerNorm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # input_ids: [B, L] -> [B, L, hidden]; every text is one segment (token type 0), positions from 0
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # input_ids, positions: [T] -> [T, hidden]; every text is one segment (token type 0)
         x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings.weight[0]
         return self.LayerNorm(x)
 
@@ -54,13 +83,13 @@ class BertSelfAttention(Module):
         self.qkv = fuse_linears([self.query, self.key, self.value])
         del self.query, self.key, self.value
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        # x: [B, L, hidden], key_mask: [B, 1, 1, L] (True: a real token) -> [B, L, hidden]
-        batch, length, hidden = x.shape
-        qkv = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, heads, L, head_dim]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
-        return out.transpose(1, 2).reshape(batch, length, hidden)
+    def forward(self, x: torch.Tensor, batch: PaddedBatch) -> torch.Tensor:
+        # x: [T, hidden] -> [T, hidden]
+        qkv = batch.pad(self.qkv(x))  # [B, L, 3 * hidden]
+        num_texts, length, _ = qkv.shape
+        q, k, v = qkv.view(num_texts, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.key_mask)  # [B, heads, L, head_dim]
+        return batch.unpad(out.transpose(1, 2).reshape(num_texts, length, -1))
 
 
 class BertSelfOutput(Module):
@@ -81,8 +110,8 @@ class BertAttention(Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config, config.hidden_size)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        return self.output(self.self(x, key_mask), x)
+    def forward(self, x: torch.Tensor, batch: PaddedBatch) -> torch.Tensor:
+        return self.output(self.self(x, batch), x)
 
 
 class BertIntermediate(Module):
@@ -105,8 +134,8 @@ class BertLayer(Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertSelfOutput(config, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        x = self.attention(x, key_mask)
+    def forward(self, x: torch.Tensor, batch: PaddedBatch) -> torch.Tensor:
+        x = self.attention(x, batch)
         return self.output(self.intermediate(x), x)
 
 
@@ -133,9 +162,10 @@ class BertModel(CausalLM):
         super().post_load()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """input_ids, attention_mask: [B, L] (mask 1 for real tokens, 0 for padding) -> hidden states [B, L, hidden]."""
-        key_mask = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, L]
-        x = self.embeddings(input_ids)
+        """input_ids, attention_mask: [B, L], right-padded (mask 1 for real tokens) -> hidden states [B, L, hidden],
+        zeros at padding. Only real tokens go through the projections and feed-forward."""
+        batch = PaddedBatch.from_mask(attention_mask)
+        x = self.embeddings(input_ids.flatten()[batch.indices], batch.positions)  # [T, hidden]
         for layer in self.encoder.layer:
-            x = layer(x, key_mask)
-        return x
+            x = layer(x, batch)
+        return batch.pad(x)
