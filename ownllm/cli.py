@@ -1,4 +1,4 @@
-"""The `ownllm` command: run, chat, models, serve. Wires the offline engine to a terminal, and the
+"""The `ownllm` command: run, chat, models, pull, rm, show, serve. Wires the offline engine to a terminal, and the
 async engine to the HTTP server.
 
 Every expected failure (bad path, bad option value, unsupported model...) is printed as one
@@ -222,6 +222,48 @@ def models(
     for entry in list_local_models(paths or []):
         table.add_row(entry.name, entry.source, entry.architecture, entry.size, entry.path)
     out.print(table)
+
+
+@app.command()
+def pull(
+    model: Annotated[str, typer.Argument(help="A hub model: ORG/REPO (a checkpoint: weights, configs, tokenizer) or "
+                                         "ORG/REPO:QUANT (one GGUF file of the repo; Q4_K_M when a GGUF repo "
+                                         "is named alone).")],
+) -> None:
+    """Download a model from the Hugging Face hub into its cache (resumable), with a progress bar."""
+    from ownllm.hub import pull as pull_model
+
+    path = pull_model(model)
+    out.print(f"{escape(model)}: {escape(str(path))}")
+
+
+@app.command()
+def rm(model: Annotated[str, typer.Argument(help="A hub model (ORG/REPO) in the Hugging Face cache.")]) -> None:
+    """Remove a model from the Hugging Face cache."""
+    from ownllm.hub import remove
+    from ownllm.model_list import human_size
+
+    freed = remove(model)
+    out.print(f"removed {escape(model)} ({human_size(freed)} freed)")
+
+
+@app.command()
+def show(
+    model: ModelOpt = None,
+    template: Annotated[bool, typer.Option("--template", help="Print the chat template itself.")] = False,
+) -> None:
+    """Describe a model: architecture, parameters, context, quantization, chat template and capabilities."""
+    from ownllm.loader.resolve import resolve_model
+    from ownllm.model_info import model_info
+
+    info = model_info(resolve_model(model))
+    chat_template = f"{len(info.chat_template)} characters" if info.chat_template else "none"
+    for label, value in (("architecture", info.architecture), ("parameters", info.parameters),
+                         ("context length", info.context_length or "unknown"), ("quantization", info.quantization),
+                         ("chat template", chat_template), ("capabilities", ", ".join(info.capabilities))):
+        out.print(f"{label:<16}{escape(str(value))}")
+    if template and info.chat_template:
+        out.print(escape(info.chat_template))
 
 
 @app.command()
