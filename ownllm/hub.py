@@ -32,7 +32,8 @@ def pick_gguf_files(repo_id: str, files: list[str], quant: str | None) -> list[s
     matches = [f for f in ggufs if wanted in Path(f).name.lower()]
     if not matches:
         available = ", ".join(Path(f).name for f in ggufs) or "none"
-        raise FileNotFoundError(f"{repo_id} has no .gguf file for {quant or DEFAULT_QUANT}; its .gguf files: {available}")
+        raise FileNotFoundError(f"{repo_id} has no .gguf file for {quant or DEFAULT_QUANT}; "
+                                f"its .gguf files: {available}")
     first = _SHARD.sub("", matches[0])
     return [f for f in matches if _SHARD.sub("", f) == first]  # one model: the first match and its other shards
 

@@ -4,6 +4,8 @@ texts of different lengths; pooling modes, matryoshka sizes, truncation, token-i
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -180,3 +182,8 @@ def test_unsupported_sentence_transformers_module_is_named(tmp_path):
     (tmp_path / "modules.json").write_text(modules)
     with pytest.raises(ValueError, match=r"module 'sentence_transformers.models.Dense' \(2_Dense\) is not supported"):
         LLM(str(tmp_path))
+
+
+def test_the_embedding_engine_imports_no_torch():
+    code = "import sys, ownllm.engine.embedder, ownllm.engine.async_embedder; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

@@ -117,7 +117,7 @@ def router(embedder: AsyncEmbedder | None, chat_model_name: str | None) -> APIRo
         if name is not None and name == chat_model_name:
             served = f"its embedding model is {embedder.model_name}" if embedder else "it serves no embedding model"
             raise ServerError(400, f"model {name} is not an embedding model; {served}", param="model")
-        served = f"this server embeds with {embedder.model_name}" if embedder else "this server serves no embedding model"
+        served = f"this server embeds with {embedder.model_name}" if embedder else "it serves no embedding model"
         raise ServerError(404, f"model {name} not found; {served}", param="model", code="model_not_found")
 
     @api.post("/v1/embeddings")

@@ -119,7 +119,8 @@ def test_requests_are_routed_by_model(server, client):
     assert error.value.body["message"] == f"model {EMBEDDING_NAME} {NOT_GENERATION}"
     with pytest.raises(openai.BadRequestError) as error:
         client.embeddings.create(model=TINY_NAME, input="hi")
-    assert error.value.body["message"] == f"model {TINY_NAME} is not an embedding model; its embedding model is {EMBEDDING_NAME}"
+    assert error.value.body["message"] == (f"model {TINY_NAME} is not an embedding model; "
+                                           f"its embedding model is {EMBEDDING_NAME}")
     with pytest.raises(openai.NotFoundError):
         client.embeddings.create(model="text-embedding-3-small", input="hi")
     answer = client.chat.completions.create(model=TINY_NAME, messages=[{"role": "user", "content": "hi"}],
