@@ -94,7 +94,7 @@ def main() -> None:
         print(rows[-1], flush=True)
     command = f"python bench/embeddings.py --sentences {args.sentences} --rounds {args.rounds} --threads {args.threads}"
     body = (f"Command: `{command}`: all-MiniLM-L6-v2 (float32), {args.sentences} sentences of 5 to 60 words, "
-            f"{args.threads} threads, the two tools taking turns in one process (median of {args.rounds} rounds).\n\n"
+            f"threads: {args.threads}, the two tools taking turns in one process (median of {args.rounds} rounds).\n\n"
             "| batch size | ownllm sentences/s | transformers sentences/s | ownllm / transformers | max abs diff |\n"
             "|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
     write_section("Embeddings (all-MiniLM-L6-v2)", body)
