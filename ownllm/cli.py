@@ -1,4 +1,4 @@
-"""The `ownllm` command: run, chat, models, serve. Wires the offline engine to a terminal, and the
+"""The `ownllm` command: run, chat, models, pull, rm, show, serve. Wires the offline engine to a terminal, and the
 async engine to the HTTP server.
 
 Every expected failure (bad path, bad option value, unsupported model...) is printed as one
@@ -226,6 +226,48 @@ def models(
 
 
 @app.command()
+def pull(
+    model: Annotated[str, typer.Argument(help="A hub model: ORG/REPO (a checkpoint: weights, configs, tokenizer) or "
+                                         "ORG/REPO:QUANT (one GGUF file of the repo; Q4_K_M when a GGUF repo "
+                                         "is named alone).")],
+) -> None:
+    """Download a model from the Hugging Face hub into its cache (resumable), with a progress bar."""
+    from ownllm.hub import pull as pull_model
+
+    path = pull_model(model)
+    out.print(f"{escape(model)}: {escape(str(path))}")
+
+
+@app.command()
+def rm(model: Annotated[str, typer.Argument(help="A hub model (ORG/REPO) in the Hugging Face cache.")]) -> None:
+    """Remove a model from the Hugging Face cache."""
+    from ownllm.hub import remove
+    from ownllm.model_list import human_size
+
+    freed = remove(model)
+    out.print(f"removed {escape(model)} ({human_size(freed)} freed)")
+
+
+@app.command()
+def show(
+    model: ModelOpt = None,
+    template: Annotated[bool, typer.Option("--template", help="Print the chat template itself.")] = False,
+) -> None:
+    """Describe a model: architecture, parameters, context, quantization, chat template and capabilities."""
+    from ownllm.loader.resolve import resolve_model
+    from ownllm.model_info import model_info
+
+    info = model_info(resolve_model(model))
+    chat_template = f"{len(info.chat_template)} characters" if info.chat_template else "none"
+    for label, value in (("architecture", info.architecture), ("parameters", info.parameters),
+                         ("context length", info.context_length or "unknown"), ("quantization", info.quantization),
+                         ("chat template", chat_template), ("capabilities", ", ".join(info.capabilities))):
+        out.print(f"{label:<16}{escape(str(value))}")
+    if template and info.chat_template:
+        out.print(escape(info.chat_template))
+
+
+@app.command()
 def serve(
     model: ModelOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = None,
     host: Annotated[str, typer.Option(help="Address to listen on. The default keeps the server private to this "
@@ -250,12 +292,18 @@ def serve(
     no_prefix_caching: Annotated[bool, typer.Option(
         "--no-prefix-caching", help="Do not reuse the KV cache of earlier requests' shared prompt prefixes.")] = False,
     speculative_config: SpeculativeOpt = None,
+    embedding_model: Annotated[Optional[str], typer.Option(
+        help="An embedding model (a sentence-transformers BertModel folder or hub id) to serve beside the chat "
+        "model at /v1/embeddings, /api/embed and /api/embeddings; a request's `model` field picks the model. "
+        "An embedding model given as --model is served alone.")] = None,
 ) -> None:
     """Serve a model over HTTP: the OpenAI API under /v1, the Ollama API under /api, /health and /metrics."""
     import uvicorn
 
     from ownllm.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig, parse_memory_size
+    from ownllm.engine.async_embedder import AsyncEmbedder
     from ownllm.engine.async_engine import AsyncEngine
+    from ownllm.engine.embedder import Embedder, is_embedding_model
     from ownllm.loader.resolve import resolve_model
     from ownllm.server import ServerSettings, build_app
 
@@ -267,18 +315,35 @@ def serve(
     _check_port_free(host, port)
     path = resolve_model(model)
     name = served_model_name or _served_name(model, path)
+    embedder = None
     with _spinner(f"Loading {model or BUNDLED_MODEL_NAME}..."):
-        engine = AsyncEngine.from_config(replace(config, model=str(path)), max_waiting, name)
+        if is_embedding_model(str(path)):
+            if embedding_model:
+                raise ValueError(f"--model {model} is an embedding model; --embedding-model goes beside a chat model")
+            engine, embedder = None, AsyncEmbedder(Embedder.from_model(str(path), dtype, device, name))
+        else:
+            engine = AsyncEngine.from_config(replace(config, model=str(path)), max_waiting, name)
+    if embedding_model:
+        embedding_path = resolve_model(embedding_model)
+        embedding_name = _served_name(embedding_model, embedding_path)
+        if embedding_name == name:
+            raise ValueError(f"the chat model and the embedding model are both named {name}; rename one "
+                             "(--served-model-name)")
+        with _spinner(f"Loading {embedding_model}..."):
+            embedder = AsyncEmbedder(Embedder.from_model(str(embedding_path), None, device, embedding_name))
     origins = tuple(o.strip() for value in cors_origins or [] for o in value.split(",") if o.strip())
     settings = ServerSettings(api_key=api_key or None, cors_origins=origins, model_path=path)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         err.print(f"[yellow]warning:[/yellow] listening on {escape(host)} without --api-key: anyone who can reach "
                   "this port can use the model")
-    err.print(f"Serving {escape(name)} at http://{escape(host)}:{port} (OpenAI API: /v1, Ollama API: /api)")
+    served = escape(name) + (f" and {escape(embedder.model_name)}" if engine is not None and embedder else "")
+    err.print(f"Serving {served} at http://{escape(host)}:{port} (OpenAI API: /v1, Ollama API: /api)")
     try:
-        uvicorn.run(build_app(engine, settings), host=host, port=port, timeout_graceful_shutdown=5)
+        uvicorn.run(build_app(engine, settings, embedder), host=host, port=port, timeout_graceful_shutdown=5)
     finally:
-        engine.shutdown()
+        for running in (engine, embedder):
+            if running is not None:
+                running.shutdown()
 
 
 def _served_name(model: str | None, path: Path) -> str:

@@ -94,6 +94,10 @@ class ModelConfig:
     layer_types: tuple[str, ...]
     dtype: str
     hf_config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # encoders (BERT): post-norm LayerNorm, the feed-forward activation and token-type (segment) embeddings
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "silu"
+    type_vocab_size: int = 0
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], dtype: str | None = None) -> "ModelConfig":
@@ -139,6 +143,9 @@ class ModelConfig:
             layer_types=_layer_types(hf, num_layers, sliding_window),
             dtype=normalize_dtype(dtype) or normalize_dtype(config_dtype) or "float32",
             hf_config=dict(hf),
+            layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
+            hidden_act=str(hf.get("hidden_act", "silu")),
+            type_vocab_size=int(hf.get("type_vocab_size", 0)),
         )
         config.validate()
         return config
@@ -282,6 +289,30 @@ class EngineConfig:
     # template; "none": off
     reasoning_parser: str | None = None
     tool_call_parser: str | None = None
+
+
+# sentence-transformers' pooling modes, in the order it concatenates them when several are on
+POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len", "lasttoken")
+
+
+@dataclass(frozen=True)
+class PoolingConfig:
+    """How an embedding model turns its tokens' hidden states into one vector (a sentence-transformers folder's
+    modules.json, 1_Pooling/config.json and sentence_bert_config.json), and which output sizes it allows."""
+
+    modes: tuple[str, ...] = ("mean",)
+    normalize: bool = False
+    max_seq_length: int = 512  # longest input in tokens, special tokens included
+    is_matryoshka: bool = False  # trained so that a prefix of the vector is an embedding too
+    matryoshka_dimensions: tuple[int, ...] = ()  # the prefix sizes it was trained for; empty: any
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.modes if m not in POOLING_MODES]
+        if unknown or not self.modes:
+            raise ValueError(f"pooling mode {unknown[0] if unknown else 'none'!r} is not supported; "
+                             f"supported: {', '.join(POOLING_MODES)}")
+        if self.max_seq_length < 1:
+            raise ValueError(f"max_seq_length must be >= 1, got {self.max_seq_length}")
 
 
 def parse_memory_size(text: str) -> int:

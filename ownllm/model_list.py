@@ -21,7 +21,7 @@ class ModelEntry:
     path: str
 
 
-def _human(num_bytes: int) -> str:
+def human_size(num_bytes: int) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if num_bytes < 1024 or unit == "TB":
             return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
@@ -42,13 +42,13 @@ def describe(path: Path, name: str | None = None, source: str = "path") -> Model
             arch = str(fields["general.architecture"].contents())
         except Exception as error:  # a broken file is listed, not fatal to the listing
             arch = f"unreadable ({type(error).__name__})"
-        return ModelEntry(name or path.stem, source, f"gguf:{arch}", _human(path.stat().st_size), str(path))
+        return ModelEntry(name or path.stem, source, f"gguf:{arch}", human_size(path.stat().st_size), str(path))
     config = path / "config.json"
     if config.is_file():
         arch = ",".join(json.loads(config.read_text()).get("architectures") or ["?"])
     else:
         arch = "no config.json"
-    return ModelEntry(name or path.name, source, arch, _human(_folder_size(path)), str(path))
+    return ModelEntry(name or path.name, source, arch, human_size(_folder_size(path)), str(path))
 
 
 def _hf_cache_entries() -> list[ModelEntry]:
@@ -66,6 +66,10 @@ def _hf_cache_entries() -> list[ModelEntry]:
         for revision in repo.revisions:
             if (revision.snapshot_path / "config.json").is_file():
                 entries.append(describe(revision.snapshot_path, repo.repo_id, "hf-cache"))
+                break
+            ggufs = sorted(revision.snapshot_path.rglob("*.gguf"))  # pulled as ORG/REPO:QUANT
+            entries += [describe(gguf, f"{repo.repo_id}:{gguf.stem}", "hf-cache") for gguf in ggufs]
+            if ggufs:
                 break
     return entries
 

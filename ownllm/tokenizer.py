@@ -78,6 +78,8 @@ class Tokenizer:
         # As in transformers 5, tokenizer.json's post-processor alone decides what encode(add_special_tokens=True)
         # adds; tokenizer_config.json's add_bos_token/add_eos_token are ignored.
         backend = _Backend.from_file(str(tokenizer_file))
+        backend.no_padding()  # as in transformers, the file's padding and truncation settings are not applied
+        backend.no_truncation()
         config = _read_json(path / "tokenizer_config.json")
         tokens = {name: _token_content(config.get(name)) for name in SPECIAL_TOKEN_NAMES}
         extra = config.get("extra_special_tokens")

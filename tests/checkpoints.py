@@ -58,6 +58,60 @@ def build_checkpoint(folder: Path, arch: str, seed: int = 0, max_shard_size: str
     return model
 
 
+BERT_BASE = dict(
+    vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=512, type_vocab_size=2, initializer_range=0.1,
+)
+BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def save_tiny_wordpiece_tokenizer(folder: Path) -> None:
+    """A BERT-style WordPiece tokenizer (lower-casing, [CLS] text [SEP]) trained on a few lines."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=TINY_VOCAB, special_tokens=BERT_SPECIAL_TOKENS)
+    tok.train_from_iterator(_CORPUS, trainer)
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    tok.save(str(folder / "tokenizer.json"))
+    names = dict(zip(("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"), BERT_SPECIAL_TOKENS))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", **names}))
+
+
+def build_bert_checkpoint(folder: Path, pooling: tuple[str, ...] | None = ("mean",), normalize: bool = True,
+                          max_seq_length: int = 256, seed: int = 0, **overrides):
+    """Saves a random transformers BertModel as a sentence-transformers folder (modules.json, 1_Pooling, and
+    sentence_bert_config.json; pooling None: a plain transformers folder without them) -> the HF model, in float32."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.BertModel(transformers.BertConfig(**{**BERT_BASE, **overrides})).eval().to(torch.float32)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    save_tiny_wordpiece_tokenizer(folder)
+    if pooling is None:
+        return model
+    kind = "sentence_transformers.models."
+    modules = [{"idx": 0, "name": "0", "path": "", "type": kind + "Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": kind + "Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": kind + "Normalize"})
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "1_Pooling").mkdir()
+    switches = {"cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens", "mean": "pooling_mode_mean_tokens",
+                "mean_sqrt_len": "pooling_mode_mean_sqrt_len_tokens", "lasttoken": "pooling_mode_lasttoken"}
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": model.config.hidden_size, **{v: k in pooling for k, v in switches.items()}}))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length}))
+    return model
+
+
 def random_prompts(lengths=(5, 17, 40), seed: int = 1) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, TINY_VOCAB, (n,), generator=g).tolist() for n in lengths]

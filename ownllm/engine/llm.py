@@ -13,6 +13,7 @@ from typing import Any, Iterator, Sequence
 
 from ownllm.config import BackendConfig, CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from ownllm.engine.build import build_engine, default_sampling_params
+from ownllm.engine.embedder import EmbedInput, Embedder, EmbeddingOutput, is_embedding_model
 from ownllm.outputs import CompletionOutput, RequestOutput
 from ownllm.sampling_params import SamplingParams
 
@@ -37,6 +38,12 @@ class LLM:
         speculative_config: dict | str | None = None, attention_backend: str | None = None,
         moe_backend: str | None = None, mla_backend: str | None = None, quant_method: str | None = None,
     ) -> None:
+        self.embedder = Embedder.from_model(model, dtype, device) if is_embedding_model(model) else None
+        if self.embedder is not None:  # an encoder: embed() only, no generation engine
+            self.engine = None
+            self.config, self.tokenizer, self.generation_config = self.embedder.config, self.embedder.tokenizer, {}
+            self.model_path, self.max_model_len = self.embedder.model_path, self.embedder.max_model_len
+            return
         self.engine = build_engine(EngineConfig(
             model, dtype, device,
             CacheConfig(block_size, kv_cache_memory, enable_prefix_caching=enable_prefix_caching,
@@ -54,6 +61,20 @@ class LLM:
         self.max_model_len = self.engine.max_model_len
         self.last_output: CompletionOutput | None = None
         self._ids = itertools.count()
+
+    def embed(self, inputs: EmbedInput | Sequence[EmbedInput], *, truncate: bool = False,
+              dimensions: int | None = None) -> list[EmbeddingOutput]:
+        """Embeddings of one text (or token-id list) or several, pooled and normalized as the model's
+        sentence-transformers settings say. `truncate` cuts inputs longer than the model takes (else refused);
+        `dimensions` shortens the vectors of matryoshka models."""
+        if self.embedder is None:
+            raise ValueError(f"model {self.model_path} is not an embedding model; embed() needs one, e.g. a "
+                             "sentence-transformers BertModel folder")
+        return self.embedder.embed(inputs, truncate, dimensions)
+
+    def _check_generates(self) -> None:
+        if self.embedder is not None:
+            raise ValueError(f"model {self.model_path} is an embedding model: use embed(), it cannot generate text")
 
     def default_sampling_params(self) -> SamplingParams:
         """The model's own sampling defaults from generation_config.json, as vLLM applies them."""
@@ -79,6 +100,7 @@ class LLM:
         return list(prompts)
 
     def _add(self, prompt: PromptType, params: SamplingParams, output_kind: str) -> str:
+        self._check_generates()
         text, ids = self.prompt_ids(prompt)
         params = replace(params, output_kind=output_kind)
         request_id = str(next(self._ids))
@@ -118,6 +140,7 @@ class LLM:
         self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
         chat_template_kwargs: dict | None = None,
     ) -> dict[str, Any]:
+        self._check_generates()
         ids = self.tokenizer.encode_chat(
             messages, tools=tools, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {})
         )

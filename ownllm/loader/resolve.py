@@ -31,7 +31,7 @@ def bundled_model_path() -> Path:
     )
 
 
-def _looks_like_hub_id(model: str) -> bool:
+def looks_like_hub_id(model: str) -> bool:
     parts = model.split("/")
     return len(parts) == 2 and all(parts) and not model.startswith((".", "/", "~"))
 
@@ -44,7 +44,7 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
         if path.is_dir() or path.suffix == ".gguf":
             return path
         raise ValueError(f"{path} is neither a checkpoint folder nor a .gguf file")
-    if _looks_like_hub_id(str(model)):
+    if looks_like_hub_id(str(model)):
         return _from_hub(str(model))
     raise FileNotFoundError(f"model {str(model)!r} not found: no such file or folder, and not a hub id (org/name)")
 

@@ -16,7 +16,10 @@ _ARCHITECTURES = {
     "Llama4ForCausalLM": ("llama4", "Llama4ForCausalLM"),
     "Llama4ForConditionalGeneration": ("llama4", "Llama4ForConditionalGeneration"),
     "DeepseekV3ForCausalLM": ("deepseek_v3", "DeepseekV3ForCausalLM"),
+    "BertModel": ("bert", "BertModel"),
 }
+# encoders that embed text (ownllm.engine.embedder) rather than generate it
+_EMBEDDING_ARCHITECTURES = {"BertModel"}
 
 
 def supported_architectures() -> list[str]:
@@ -29,6 +32,10 @@ def check_supported(architecture: str) -> None:
         raise ValueError(
             f"architecture {architecture!r} is not supported; supported: {', '.join(supported_architectures())}"
         )
+
+
+def is_embedding_architecture(architecture: str) -> bool:
+    return architecture in _EMBEDDING_ARCHITECTURES
 
 
 def model_class(architecture: str) -> type:

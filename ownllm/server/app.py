@@ -4,7 +4,8 @@ It mounts the OpenAI (/v1) and Ollama (/api) routers, requires `Authorization: B
 when an API key is set, adds CORS only for the origins the settings allow, serves /health and
 /metrics (open, like vLLM's, so probes and scrapers need no key), and turns every error into the
 JSON shape of the API that was called: never a traceback, never a hung request. Request semantics
-live in openai.py and ollama.py; this module only wires.
+live in openai.py and ollama.py; this module only wires. An embedding model's routes (embeddings.py)
+sit beside them, behind the same key.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 import ownllm
-from ownllm.server import ollama, openai
+from ownllm.engine.async_embedder import AsyncEmbedder
+from ownllm.server import embeddings, ollama, openai
 from ownllm.server.metrics import ServerMetrics
 from ownllm.server.serving import ClientDisconnected, EngineClient, ServerContext, ServerError, ServerSettings
 
@@ -28,15 +30,22 @@ logger = logging.getLogger(__name__)
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left; nobody receives it
 
 
-def build_app(engine: EngineClient, settings: ServerSettings | None = None) -> FastAPI:
+def build_app(engine: EngineClient | None, settings: ServerSettings | None = None,
+              embedder: AsyncEmbedder | None = None) -> FastAPI:
+    """engine None: the embedder's model alone (its generation routes answer 400)."""
     settings = settings or ServerSettings()
+    chat_model_name = engine.model_name if engine is not None else None
+    engine = engine if engine is not None else embeddings.EmbeddingOnlyEngine(embedder)
     ctx = ServerContext(engine, settings, ServerMetrics(engine.stats))
     app = FastAPI(title="ownllm", version=ownllm.__version__,
                   description="OpenAI-compatible (/v1) and Ollama-compatible (/api) APIs over one model.")
     app.state.ctx = ctx
     auth = [Depends(_require_key(settings.api_key))] if settings.api_key else []
-    app.include_router(openai.router(ctx), dependencies=auth)
-    app.include_router(ollama.router(ctx), dependencies=auth)
+    generation = auth + ([Depends(embeddings.generation_guard(embedder, chat_model_name is not None))]
+                         if embedder is not None else [])
+    app.include_router(embeddings.router(embedder, chat_model_name), dependencies=auth)
+    app.include_router(openai.router(ctx), dependencies=generation)
+    app.include_router(ollama.router(ctx), dependencies=generation)
     _add_probes(app, ctx)
     _add_error_handlers(app)
     if settings.cors_origins:
