@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from ownllm.config import PoolingConfig
+from ownllm.config import BackendConfig, PoolingConfig
+from ownllm.layers.backends import LayerBackends
 from ownllm.layers.pooler import pool
 from ownllm.loader import Checkpoint
 from ownllm.models.registry import model_class
@@ -18,7 +19,8 @@ class EmbeddingRunner:
         self.config = checkpoint.config
         self.pooling = pooling
         self.device = device
-        self.model = model_class(self.config.architecture).from_tensors(self.config, checkpoint.tensors)
+        backends = LayerBackends.resolve(BackendConfig(), getattr(torch, self.config.dtype), device)
+        self.model = model_class(self.config.architecture).from_tensors(self.config, checkpoint.tensors, backends)
         if torch.device(device).type != "cpu":
             self.model.to(device)
 
