@@ -3,8 +3,9 @@
 
 Durations are nanoseconds as Ollama sends them: prompt_eval_duration runs from the request's arrival
 to its first token, eval_duration from the first token to the last; load_duration is 0 because the
-model stays loaded. What ownllm cannot honour (format, images, suffix, Go `template`s) is refused with
-a 400; keep_alive and num_ctx are accepted and have no effect (the model is always loaded, and its
+model stays loaded. Answers are read through server/answers.py like every API's: `format` (JSON or a
+schema) is a structured output, `tools` are parsed into `message.tool_calls`, reasoning goes to
+`message.thinking`. What ownllm cannot honour (images, suffix, Go `template`s) is refused with a 400; keep_alive and num_ctx are accepted and have no effect (the model is always loaded, and its
 context is fixed when the server starts).
 """
 
@@ -24,16 +25,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 import ownllm
-from ownllm.outputs import CompletionOutput, RequestOutput
-from ownllm.sampling_params import SamplingParams
+from ownllm.outputs import Logprob, RequestOutput
+from ownllm.parsers.events import Event, Message
+from ownllm.sampling_params import SamplingParams, StructuredOutputsParams
+from ownllm.server.answers import SampleReader, ToolPlan, ollama_structured_outputs, reader_factory, tool_plan
 from ownllm.server.protocol import (
-    OllamaAssistantMessage, OllamaChatChunk, OllamaChatRequest, OllamaGenerateChunk, OllamaGenerateRequest,
-    OllamaLogprob, OllamaModel, OllamaModelDetails, OllamaOptions, OllamaProcesses, OllamaRunningModel,
-    OllamaShowRequest, OllamaShowResponse, OllamaTags, OllamaTopLogprob,
+    OllamaAssistantMessage, OllamaChatChunk, OllamaChatRequest, OllamaFunctionCall, OllamaGenerateChunk,
+    OllamaGenerateRequest, OllamaLogprob, OllamaModel, OllamaModelDetails, OllamaOptions, OllamaProcesses,
+    OllamaRunningModel, OllamaShowRequest, OllamaShowResponse, OllamaTags, OllamaToolCall, OllamaTopLogprob,
 )
 from ownllm.server.serving import (
     ClosingStreamingResponse, ServerContext, ServerError, Timing, as_server_error, check_context, first_and_rest,
-    last_output, make_params, new_id, parse_body, run, until_disconnect,
+    make_params, new_id, parse_body, run, until_disconnect,
 )
 
 DEFAULT_TEMPERATURE = 0.8  # Ollama's, used when the model's generation_config sets none
@@ -199,11 +202,6 @@ def _show(ctx: ServerContext, facts: ModelFacts) -> OllamaShowResponse:
 # ---- requests -> engine inputs
 
 
-def _check_common(body: OllamaChatRequest | OllamaGenerateRequest) -> None:
-    if body.format not in (None, ""):
-        raise ServerError(400, "format (structured output) is not supported yet", param="format")
-
-
 def _think_kwargs(ctx: ServerContext, think: bool | str | None) -> dict:
     if think is None:
         return {}
@@ -259,8 +257,8 @@ def _max_tokens(options: OllamaOptions) -> int | None:
     return num_predict
 
 
-def _sampling_params(ctx: ServerContext, body: OllamaChatRequest | OllamaGenerateRequest,
-                     max_tokens: int | None) -> SamplingParams:
+def _sampling_params(ctx: ServerContext, body: OllamaChatRequest | OllamaGenerateRequest, max_tokens: int | None,
+                     structured: StructuredOutputsParams | None, keep_special_tokens: bool = False) -> SamplingParams:
     options = body.options or OllamaOptions()
     defaults = ctx.engine.default_sampling_params()
     config = ctx.engine.generation_config
@@ -277,16 +275,17 @@ def _sampling_params(ctx: ServerContext, body: OllamaChatRequest | OllamaGenerat
         presence_penalty=pick(options.presence_penalty, 0.0), frequency_penalty=pick(options.frequency_penalty, 0.0),
         seed=options.seed, max_tokens=max_tokens,
         stop=[options.stop] if isinstance(options.stop, str) else list(options.stop or []),
-        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None, structured_outputs=structured,
+        skip_special_tokens=not keep_special_tokens, output_kind="delta",
     ), _OPTION_NAMES)
 
 
 # ---- engine outputs -> Ollama chunks
 
 
-def _logprobs(completion: CompletionOutput, start: int, end: int, k: int) -> list[OllamaLogprob]:
+def _logprobs(token_ids: list[int], entries: list[dict[int, Logprob]], k: int) -> list[OllamaLogprob]:
     result = []
-    for token_id, entry in zip(completion.token_ids[start:end], completion.logprobs[start:end]):
+    for token_id, entry in zip(token_ids, entries):
         chosen = entry[token_id]
         top = sorted((lp for lp in entry.values() if lp.rank <= k), key=lambda lp: lp.rank)[:k]
         result.append(OllamaLogprob(
@@ -297,14 +296,13 @@ def _logprobs(completion: CompletionOutput, start: int, end: int, k: int) -> lis
     return result
 
 
-def _final_stats(output: RequestOutput, timing: Timing) -> dict:
+def _final_stats(num_prompt_tokens: int, reader: SampleReader, timing: Timing) -> dict:
     end = timing.last_token or time.perf_counter()
     first = timing.first_token or end
-    completion = output.outputs[0]
     return dict(
-        done_reason=completion.finish_reason, total_duration=_ns(end - timing.arrived), load_duration=0,
-        prompt_eval_count=len(output.prompt_token_ids), prompt_eval_duration=_ns(first - timing.arrived),
-        eval_count=len(completion.token_ids), eval_duration=_ns(end - first),
+        done_reason=reader.finish_reason, total_duration=_ns(end - timing.arrived), load_duration=0,
+        prompt_eval_count=num_prompt_tokens, prompt_eval_duration=_ns(first - timing.arrived),
+        eval_count=len(reader.token_ids), eval_duration=_ns(end - first),
     )
 
 
@@ -312,43 +310,61 @@ def _ns(seconds: float) -> int:
     return int(seconds * 1e9)
 
 
-class _Deltas:
-    """Turns cumulative outputs of one sample into (new text, new logprobs) pieces."""
+@dataclass
+class Piece:
+    """What one chunk carries: the events of one step (or of the whole answer) and the tokens' logprobs."""
 
-    def __init__(self, top_logprobs: int | None) -> None:
-        self.top_logprobs = top_logprobs
-        self.num_chars = 0
-        self.num_tokens = 0
+    message: Message
+    logprobs: list[OllamaLogprob] | None
+    final: bool
 
-    def next(self, completion: CompletionOutput) -> tuple[str, list[OllamaLogprob] | None]:
-        text = completion.text[self.num_chars:]
-        logprobs = None
-        if self.top_logprobs is not None:
-            logprobs = _logprobs(completion, self.num_tokens, len(completion.token_ids), self.top_logprobs)
-        self.num_chars, self.num_tokens = len(completion.text), len(completion.token_ids)
-        return text, logprobs
+
+def _tool_calls(message: Message) -> list[OllamaToolCall] | None:
+    """Ollama sends arguments as an object; a call whose arguments are not one keeps them under "arguments"."""
+    calls = []
+    for _, name, arguments in message.tool_calls or []:
+        try:
+            value = json.loads(arguments)
+        except json.JSONDecodeError:
+            value = None
+        calls.append(OllamaToolCall(function=OllamaFunctionCall(
+            name=name, arguments=value if isinstance(value, dict) else {"arguments": arguments})))
+    return calls or None
 
 
 async def _respond(request: Request, body: OllamaChatRequest | OllamaGenerateRequest,
-                   outputs: AsyncIterator[RequestOutput], chunk) -> Response:
-    """Streams `chunk(output, text, logprobs, final)` as NDJSON lines, or returns the final one as JSON."""
+                   outputs: AsyncIterator[RequestOutput], reader: SampleReader, chunk) -> Response:
+    """Streams `chunk(piece)` as NDJSON lines, or returns the whole answer as one JSON chunk."""
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+
+    def piece(events: list[Event], start: int, final: bool) -> Piece:
+        logprobs = None
+        if top_logprobs is not None:
+            logprobs = _logprobs(reader.token_ids[start:], reader.logprobs[start:], top_logprobs)
+        return Piece(Message.of(events), logprobs, final)
+
     if not body.stream:
-        final = await until_disconnect(request, last_output(outputs))
-        text, logprobs = _Deltas(top_logprobs).next(final.outputs[0])
-        return _json(chunk(final, text, logprobs, True))
+        await until_disconnect(request, _read_all(outputs, reader))
+        return _json(chunk(piece(reader.events, 0, True)))
     outputs = await first_and_rest(request, outputs)
-    return ClosingStreamingResponse(_ndjson(outputs, _Deltas(top_logprobs), chunk), media_type="application/x-ndjson")
+    return ClosingStreamingResponse(_ndjson(outputs, reader, piece, chunk), media_type="application/x-ndjson")
 
 
-async def _ndjson(outputs: AsyncIterator[RequestOutput], deltas: _Deltas, chunk) -> AsyncIterator[str]:
+async def _read_all(outputs: AsyncIterator[RequestOutput], reader: SampleReader) -> None:
+    async for output in outputs:
+        reader.read(output.outputs[0])
+
+
+async def _ndjson(outputs: AsyncIterator[RequestOutput], reader: SampleReader, piece, chunk) -> AsyncIterator[str]:
     try:
         async for output in outputs:
-            text, logprobs = deltas.next(output.outputs[0])
-            if text or logprobs:
-                yield chunk(output, text, logprobs, False).model_dump_json(exclude_none=True) + "\n"
-            if output.finished:
-                yield chunk(output, "", None, True).model_dump_json(exclude_none=True) + "\n"
+            start = len(reader.token_ids)
+            events = reader.read(output.outputs[0])
+            step = piece(events, start, False)
+            if events or step.logprobs:
+                yield chunk(step).model_dump_json(exclude_none=True) + "\n"
+            if reader.finished:
+                yield chunk(Piece(Message(), None, True)).model_dump_json(exclude_none=True) + "\n"
     except Exception as error:
         yield json.dumps(error_body(as_server_error(error))) + "\n"
 
@@ -366,40 +382,46 @@ async def serve_chat(ctx: ServerContext, request: Request) -> Response:
     timing = Timing()
     body = parse_body(await request.body(), OllamaChatRequest)
     check_model(ctx, body.model)
-    _check_common(body)
+    structured = ollama_structured_outputs(body.format)
     if not body.messages:
         return _loaded(ctx, OllamaChatChunk)
+    tools = tool_plan(ctx, body.tools, None) if body.tools else ToolPlan()
     prompt_ids = _encode_chat(ctx, _chat_messages(body), body.tools, body.think)
     max_tokens = _max_tokens(body.options or OllamaOptions())
     check_context(len(prompt_ids), max_tokens, ctx.engine.max_model_len, "messages", "options.num_predict")
-    params = _sampling_params(ctx, body, max_tokens)
+    params = _sampling_params(ctx, body, max_tokens, structured, tools.keep_special_tokens)
     outputs = run(ctx, prompt_ids, params, new_id("chat"), timing)
+    reader = reader_factory(ctx, prompt_ids, tools)()
 
-    def chunk(output: RequestOutput, text: str, logprobs, final: bool) -> OllamaChatChunk:
-        stats = _final_stats(output, timing) if final else {}
-        return OllamaChatChunk(model=_tagged(ctx.model_name), created_at=_now(), done=final,
-                               message=OllamaAssistantMessage(content=text), logprobs=logprobs, **stats)
+    def chunk(piece: Piece) -> OllamaChatChunk:
+        stats = _final_stats(len(prompt_ids), reader, timing) if piece.final else {}
+        message = OllamaAssistantMessage(content=piece.message.content, thinking=piece.message.reasoning or None,
+                                         tool_calls=_tool_calls(piece.message))
+        return OllamaChatChunk(model=_tagged(ctx.model_name), created_at=_now(), done=piece.final, message=message,
+                               logprobs=piece.logprobs, **stats)
 
-    return await _respond(request, body, outputs, chunk)
+    return await _respond(request, body, outputs, reader, chunk)
 
 
 async def serve_generate(ctx: ServerContext, request: Request) -> Response:
     timing = Timing()
     body = parse_body(await request.body(), OllamaGenerateRequest)
     check_model(ctx, body.model)
-    _check_common(body)
+    structured = ollama_structured_outputs(body.format)
     if not body.prompt and not body.context:
         return _loaded(ctx, OllamaGenerateChunk)
     prompt_ids = _generate_prompt_ids(ctx, body)
     max_tokens = _max_tokens(body.options or OllamaOptions())
     check_context(len(prompt_ids), max_tokens, ctx.engine.max_model_len, "prompt", "options.num_predict")
-    params = _sampling_params(ctx, body, max_tokens)
+    params = _sampling_params(ctx, body, max_tokens, structured)
     outputs = run(ctx, prompt_ids, params, new_id("generate"), timing)
+    reader = reader_factory(ctx, prompt_ids, None)()
 
-    def chunk(output: RequestOutput, text: str, logprobs, final: bool) -> OllamaGenerateChunk:
-        stats = _final_stats(output, timing) if final else {}
-        context = prompt_ids + output.outputs[0].token_ids if final and not body.raw else None
-        return OllamaGenerateChunk(model=_tagged(ctx.model_name), created_at=_now(), done=final, response=text,
-                                   context=context, logprobs=logprobs, **stats)
+    def chunk(piece: Piece) -> OllamaGenerateChunk:
+        stats = _final_stats(len(prompt_ids), reader, timing) if piece.final else {}
+        context = prompt_ids + reader.token_ids if piece.final and not body.raw else None
+        return OllamaGenerateChunk(model=_tagged(ctx.model_name), created_at=_now(), done=piece.final,
+                                   response=piece.message.content, thinking=piece.message.reasoning or None,
+                                   context=context, logprobs=piece.logprobs, **stats)
 
-    return await _respond(request, body, outputs, chunk)
+    return await _respond(request, body, outputs, reader, chunk)

@@ -371,6 +371,7 @@ class OllamaChatChunk(_OllamaChunk):
 
 class OllamaGenerateChunk(_OllamaChunk):
     response: str
+    thinking: str | None = None
     context: list[int] | None = None
 
 

@@ -103,7 +103,7 @@ def test_listings(client, tiny_server):
     (dict(options={"repeat_penalty": 0}), 400, "options.repeat_penalty"),
     (dict(options={"num_predict": TINY_CONTEXT}), 400, "options.num_predict"),
     (dict(options={"temperature": "hot"}), 400, "options.temperature"),
-    (dict(format="json"), 400, "format"),
+    (dict(format={"type": "string", "format": "no-such-format"}), 400, "format cannot be compiled"),
     (dict(think=True), 400, "thinking"),
 ])
 def test_errors(client, kwargs, status, needle):
