@@ -23,6 +23,9 @@ from ownllm.outputs import SchedulerOutput
 from ownllm.request import Request
 
 
+PROMPT_TAIL = 3  # a reasoning tag this close to the prompt's end opens or closes the answer's block
+
+
 class Phase(enum.Enum):
     UNDECIDED = enum.auto()  # the answer may open a reasoning block
     REASONING = enum.auto()
@@ -68,13 +71,15 @@ class StructuredOutputManager:
                                                           params.thinking_budget)
 
     def _first_phase(self, prompt: list[int]) -> Phase:
+        """As parsers.reasoning's first_phase, on token ids: a prompt ending (but for a few tokens of white space)
+        by opening a block starts inside it, one ending by closing a block starts at the answer."""
         if self.reasoning is None:
             return Phase.ANSWER
-        last_start = max((i for i, t in enumerate(prompt) if t == self.reasoning.start), default=-1)
-        last_end = max((i for i, t in enumerate(prompt) if t == self.reasoning.end), default=-1)
-        if last_start > last_end:
-            return Phase.REASONING  # the template opened the block
-        return Phase.ANSWER if last_end >= 0 else Phase.UNDECIDED
+        tail = prompt[-PROMPT_TAIL:]
+        if self.reasoning.start in tail or self.reasoning.end in tail:
+            last = next(t for t in reversed(tail) if t in (self.reasoning.start, self.reasoning.end))
+            return Phase.REASONING if last == self.reasoning.start else Phase.ANSWER
+        return Phase.UNDECIDED
 
     def is_constrained(self, request_id: str) -> bool:
         return request_id in self.constraints

@@ -71,11 +71,11 @@ class OutputStream:
         self.reasoning = reasoning
         self.mode = Mode.CONTENT
         if reasoning is not None:
-            self.mode = Mode.REASONING if reasoning.starts_inside(prompt) else Mode.UNDECIDED
+            self.mode = Mode(reasoning.first_phase(prompt))
+        self.trim = self.mode is Mode.REASONING  # text starts at its first non-space character
         self.pending = ""  # received text not yet turned into events
         self.content_started = False  # whether content (or a call) came: calls of whole-answer formats start first
         self.after_tools = Mode.CONTENT
-        self.trim = False  # content resuming after reasoning or calls starts at its first non-space character
         self.num_calls = 0
 
     def feed(self, text: str, final: bool = False) -> list[Event]:
@@ -91,7 +91,7 @@ class OutputStream:
             head = self.pending.lstrip()
             if head.startswith(self.reasoning.start):
                 self.pending = head[len(self.reasoning.start):]
-                self.mode = Mode.REASONING
+                self.mode, self.trim = Mode.REASONING, True
                 return True
             if self.reasoning.start.startswith(head) and not final:
                 return False
@@ -104,6 +104,8 @@ class OutputStream:
         return self._tools(events, final)
 
     def _reasoning(self, events: list[Event], final: bool) -> bool:
+        if not self._trimmed():
+            return False
         end = self.pending.find(self.reasoning.end)
         call = self.tool_parser.find_start(self.pending, False) if self.tool_parser else (len(self.pending), True)
         if call[1] and call[0] < (end if end >= 0 else len(self.pending)):  # a call written while thinking
@@ -121,12 +123,18 @@ class OutputStream:
         self.pending = self.pending[len(self.pending) - keep:]
         return False
 
-    def _content(self, events: list[Event], final: bool) -> bool:
+    def _trimmed(self) -> bool:
+        """Drops white space where text (re)starts: after `<think>`, `</think>` or calls. -> whether text is left."""
         if self.trim:
             self.pending = self.pending.lstrip()
             if not self.pending:
                 return False
             self.trim = False
+        return True
+
+    def _content(self, events: list[Event], final: bool) -> bool:
+        if not self._trimmed():
+            return False
         if self.tool_parser is None:
             self._show(events, len(self.pending))
             return False

@@ -17,9 +17,13 @@ class ReasoningParser:
     start: str = "<think>"
     end: str = "</think>"
 
-    def starts_inside(self, prompt: str) -> bool:
-        """Whether the answer begins inside a reasoning block the prompt opened."""
-        return prompt.rfind(self.start) > prompt.rfind(self.end)
+    def first_phase(self, prompt: str) -> str:
+        """Where the answer begins: "reasoning" when the prompt ends by opening a block, "content" when it ends
+        by closing one (thinking switched off), else "undecided" (the answer may open one itself)."""
+        tail = prompt.rstrip()
+        if tail.endswith(self.start):
+            return "reasoning"
+        return "content" if tail.endswith(self.end) else "undecided"
 
 
 REASONING_PARSERS: dict[str, ReasoningParser] = {

@@ -285,7 +285,7 @@ def _chat_choice(index: int, reader: SampleReader, body: ChatCompletionRequest) 
              for id_, name, arguments in message.tool_calls or []]
     logprobs = _chat_logprobs(reader.token_ids, reader.logprobs, body.top_logprobs or 0) if body.logprobs else None
     return ChatChoice(
-        index=index, message=AssistantMessage(content=message.content or (None if calls else ""),
+        index=index, message=AssistantMessage(content=None if calls and not message.content.strip() else message.content,
                                               reasoning_content=message.reasoning or None, tool_calls=calls),
         finish_reason=reader.finish_reason, stop_reason=reader.stop_reason, logprobs=logprobs)
 
