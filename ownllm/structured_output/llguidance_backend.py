@@ -17,6 +17,11 @@ from ownllm.structured_output import GRAMMAR_BACKENDS
 from ownllm.tokenizer import Tokenizer
 
 
+# JSON may be laid out freely, but a run of white space is bounded: a small model that prefers spaces to the
+# next value would otherwise write them until max_tokens (a known failure of unbounded JSON white space)
+JSON_OPTIONS = {"whitespace_pattern": r"[\n ]{0,16}"}
+
+
 class LLGuidanceGrammar:
     def __init__(self, matcher: llguidance.LLMatcher) -> None:
         self.matcher = matcher
@@ -57,7 +62,7 @@ def _grammar(spec: StructuredOutputsParams) -> str:
         schema = {"type": "object"} if spec.json_object else spec.json
         try:
             schema = json.loads(schema) if isinstance(schema, str) else schema
-            return llguidance.LLMatcher.grammar_from_json_schema(schema)
+            return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
         except ValueError as error:
             raise ValueError(f"{spec.source} is not a valid JSON schema: {error}") from None
     if spec.regex is not None:
