@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 import ownllm
 from ownllm.server import ollama, openai
 from ownllm.server.metrics import ServerMetrics
+from ownllm.server.schema import describe_request_bodies
 from ownllm.server.serving import ClientDisconnected, EngineClient, ServerContext, ServerError, ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ def build_app(engine: EngineClient, settings: ServerSettings | None = None) -> F
     app.include_router(ollama.router(ctx), dependencies=auth)
     _add_probes(app, ctx)
     _add_error_handlers(app)
+    describe_request_bodies(app)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
                            allow_headers=["*"])

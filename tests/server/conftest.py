@@ -101,6 +101,14 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny64_model(tmp_path_factory) -> Path:
+    """The same shape with a 64-token context: any generation ends within 64 tokens."""
+    folder = tmp_path_factory.mktemp("tiny64-model")
+    build_checkpoint(folder, "LlamaForCausalLM", max_position_embeddings=64)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_server(tiny_model, tmp_path_factory) -> Iterator[Server]:
     with start_server(tmp_path_factory.mktemp("logs"), str(tiny_model), "--served-model-name", TINY_NAME) as server:
         yield server
