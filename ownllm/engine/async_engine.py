@@ -35,6 +35,10 @@ class EngineDead(RuntimeError):
     """The engine loop failed; the request could not be completed."""
 
 
+class RequestFailed(RuntimeError):
+    """The engine failed on this request alone (a fault in its model forward or sampling); others go on."""
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
@@ -182,7 +186,8 @@ class AsyncEngine:
             for output in outputs:
                 stream = self._streams.get(output.request_id)
                 if stream is not None:
-                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, output)
+                    item = RequestFailed(output.error) if output.error is not None else output
+                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
                     if output.finished:
                         del self._streams[output.request_id]
 

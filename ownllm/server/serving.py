@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from ownllm.engine.async_engine import EngineDead, EngineOverloaded
+from ownllm.engine.async_engine import EngineDead, EngineOverloaded, RequestFailed
 from ownllm.outputs import RequestOutput
 from ownllm.sampling_params import SamplingParams
 from ownllm.server.metrics import ServerMetrics
@@ -169,6 +169,9 @@ async def run(ctx: ServerContext, prompt_ids: list[int], params: SamplingParams,
                           headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
     except EngineDead as error:
         raise ServerError(500, str(error), code="engine_error") from None
+    except RequestFailed as error:
+        raise ServerError(500, f"internal server error: the engine failed on this request ({error}); other requests "
+                          "are unaffected", code="internal_error") from None
     except ValueError as error:
         raise ServerError(400, str(error)) from None
     finally:

@@ -3,6 +3,7 @@ httpx's ASGI transport, for tests that need to reach inside (inject faults, read
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -22,3 +23,12 @@ def inprocess_engine(model: Path, **options) -> Iterator[AsyncEngine]:
         yield engine
     finally:
         engine.shutdown()
+
+
+def wait_idle(engine: AsyncEngine, timeout: float = 10.0) -> None:
+    """Waits until the engine holds no request and no KV block (its thread may still be tidying up a request that
+    just answered); fails after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while (stats := engine.stats())["num_unfinished"] or stats["kv_blocks_used"] or stats["num_waiting"]:
+        assert time.monotonic() < deadline, f"the engine still holds requests or blocks: {stats}"
+        time.sleep(0.02)

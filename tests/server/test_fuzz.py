@@ -6,7 +6,6 @@ afterwards the engine holds no request and no KV block."""
 from __future__ import annotations
 
 import concurrent.futures
-import time
 
 import pytest
 import schemathesis
@@ -15,7 +14,7 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
 from ownllm.server import ServerSettings, build_app
-from tests.server.inprocess import TINY_NAME, inprocess_engine
+from tests.server.inprocess import TINY_NAME, inprocess_engine, wait_idle
 
 MAX_EXAMPLES = 60  # per route: valid and invalid requests
 HUNG_SECONDS = 120  # a generation here takes well under a second; a call this long is stuck
@@ -71,7 +70,4 @@ def test_no_server_errors_and_no_hangs(api_schema, label):
 
 def test_nothing_left_behind(engine, api_schema):
     """Runs after the fuzzing (file order): every request fuzzed above has ended and freed its blocks."""
-    deadline = time.monotonic() + 10
-    while (stats := engine.stats())["num_unfinished"] or stats["kv_blocks_used"]:
-        assert time.monotonic() < deadline, f"the engine still holds requests or blocks: {stats}"
-        time.sleep(0.05)
+    wait_idle(engine)
