@@ -249,35 +249,68 @@ def serve(
     no_prefix_caching: Annotated[bool, typer.Option(
         "--no-prefix-caching", help="Do not reuse the KV cache of earlier requests' shared prompt prefixes.")] = False,
     speculative_config: SpeculativeOpt = None,
+    max_body_size: Annotated[str, typer.Option(help="Largest request body, e.g. 16MiB; a larger one gets 413.")] = "16MiB",
+    max_messages: Annotated[int, typer.Option(min=1, help="Most messages in one chat request.")] = 1024,
+    max_completion_tokens: Annotated[Optional[int], typer.Option(
+        min=1, help="Most tokens one answer may ask for (max_tokens, num_predict); also the cap of a request that "
+        "names none. Default: the model's context.")] = None,
+    max_n: Annotated[int, typer.Option(min=1, help="Most samples (n) one request may ask for.")] = 16,
+    max_stop: Annotated[int, typer.Option(min=0, help="Most stop strings (and, apart, stop token ids) in one "
+                                          "request.")] = 32,
+    max_logprobs: Annotated[int, typer.Option(min=0, help="Most alternatives per token a request may ask logprobs "
+                                              "for.")] = 20,
+    request_timeout: Annotated[Optional[float], typer.Option(
+        min=0.001, help="Stop a request that runs longer than this many seconds (answered 408) and free its memory. "
+        "Default: none (max_tokens and the context already bound every request).")] = None,
+    shutdown_timeout: Annotated[float, typer.Option(
+        min=0, help="On SIGTERM or Ctrl-C: seconds to let running requests finish (new ones get 503) before "
+        "stopping them and exiting.")] = 30.0,
 ) -> None:
     """Serve a model over HTTP: the OpenAI API under /v1, the Ollama API under /api, /health and /metrics."""
-    import uvicorn
-
-    from ownllm.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig, parse_memory_size
+    from ownllm.config import (
+        CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig, normalize_dtype, parse_memory_size, resolve_device,
+    )
     from ownllm.engine.async_engine import AsyncEngine
     from ownllm.loader.resolve import resolve_model
     from ownllm.server import ServerSettings, build_app
+    from ownllm.server.limits import RequestLimits
+    from ownllm.server.shutdown import serve as serve_app
 
+    normalize_dtype(dtype)  # every option is checked before the model loads
+    resolve_device(device)
     config = EngineConfig(
         None, dtype, device,
         CacheConfig(memory_bytes=parse_memory_size(kv_cache_memory) if kv_cache_memory else None,
                     enable_prefix_caching=not no_prefix_caching),
         SchedulerConfig(max_num_batched_tokens, max_num_seqs), SpeculativeConfig.parse(speculative_config))
+    limits = RequestLimits(parse_memory_size(max_body_size), max_messages, max_completion_tokens, max_n, max_stop,
+                           max_logprobs)
+    origins = tuple(o.strip() for value in cors_origins or [] for o in value.split(",") if o.strip())
     _check_port_free(host, port)
+    if not _is_loopback(host) and not api_key:
+        err.print(f"[yellow]warning:[/yellow] listening on {escape(host)} without --api-key: anyone who can reach "
+                  "this port can use the model (set --api-key or OWNLLM_API_KEY)")
     path = resolve_model(model)
     name = served_model_name or _served_name(model, path)
     with _spinner(f"Loading {model or BUNDLED_MODEL_NAME}..."):
         engine = AsyncEngine.from_config(replace(config, model=str(path)), max_waiting, name)
-    origins = tuple(o.strip() for value in cors_origins or [] for o in value.split(",") if o.strip())
-    settings = ServerSettings(api_key=api_key or None, cors_origins=origins, model_path=path)
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        err.print(f"[yellow]warning:[/yellow] listening on {escape(host)} without --api-key: anyone who can reach "
-                  "this port can use the model")
+    settings = ServerSettings(api_key=api_key or None, cors_origins=origins, model_path=path, limits=limits,
+                              request_timeout=request_timeout)
+    app = build_app(engine, settings)
     err.print(f"Serving {escape(name)} at http://{escape(host)}:{port} (OpenAI API: /v1, Ollama API: /api)")
     try:
-        uvicorn.run(build_app(engine, settings), host=host, port=port, timeout_graceful_shutdown=5)
+        serve_app(app, app.state.ctx.drain, host, port, shutdown_timeout)
     finally:
         engine.shutdown()
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 def _served_name(model: str | None, path: Path) -> str:

@@ -35,11 +35,12 @@ from ownllm.server.serving import (
     ClosingStreamingResponse, ServerContext, ServerError, Timing, as_server_error, check_context, first_and_rest,
     last_output, make_params, new_id, parse_body, run, until_disconnect,
 )
+from ownllm.server.limits import check_messages
 
 DEFAULT_TEMPERATURE = 0.8  # Ollama's, used when the model's generation_config sets none
 NEVER_EXPIRES = "2318-01-01T00:00:00Z"  # what Ollama reports for a model kept loaded forever
 _OPTION_NAMES = {"max_tokens": "options.num_predict", "repetition_penalty": "options.repeat_penalty",
-                 **{name: f"options.{name}" for name in OllamaOptions.model_fields}}
+                 "logprobs": "top_logprobs", **{name: f"options.{name}" for name in OllamaOptions.model_fields}}
 
 
 @dataclass(frozen=True)
@@ -278,7 +279,7 @@ def _sampling_params(ctx: ServerContext, body: OllamaChatRequest | OllamaGenerat
         seed=options.seed, max_tokens=max_tokens,
         stop=[options.stop] if isinstance(options.stop, str) else list(options.stop or []),
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
-    ), _OPTION_NAMES)
+    ), ctx.settings.limits, _OPTION_NAMES)
 
 
 # ---- engine outputs -> Ollama chunks
@@ -369,6 +370,7 @@ async def serve_chat(ctx: ServerContext, request: Request) -> Response:
     _check_common(body)
     if not body.messages:
         return _loaded(ctx, OllamaChatChunk)
+    check_messages(ctx.settings.limits, len(body.messages))
     prompt_ids = _encode_chat(ctx, _chat_messages(body), body.tools, body.think)
     max_tokens = _max_tokens(body.options or OllamaOptions())
     check_context(len(prompt_ids), max_tokens, ctx.engine.max_model_len, "messages", "options.num_predict")

@@ -26,6 +26,7 @@ from ownllm.server.serving import (
     ClosingStreamingResponse, ServerContext, ServerError, Timing, as_server_error, check_context, first_and_rest,
     last_output, make_params, merge, new_id, parse_body, run, until_disconnect,
 )
+from ownllm.server.limits import check_messages
 
 MIN_LOGPROB = -9999.0  # JSON has no -inf
 
@@ -153,7 +154,7 @@ def _check_completion(body: CompletionRequest) -> None:
 
 
 def _sampling_params(ctx: ServerContext, body: ChatCompletionRequest | CompletionRequest, max_tokens: int | None,
-                     logprobs: int | None) -> SamplingParams:
+                     logprobs: int | None, renames: dict[str, str] | None = None) -> SamplingParams:
     defaults = ctx.engine.default_sampling_params()
 
     def pick(name: str):
@@ -167,7 +168,7 @@ def _sampling_params(ctx: ServerContext, body: ChatCompletionRequest | Completio
         stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []), stop_token_ids=body.stop_token_ids,
         ignore_eos=body.ignore_eos, include_stop_str_in_output=body.include_stop_str_in_output, logprobs=logprobs,
         skip_special_tokens=body.skip_special_tokens,
-    ))
+    ), ctx.settings.limits, renames)
 
 
 # ---- logprobs
@@ -234,12 +235,14 @@ async def serve_chat(ctx: ServerContext, request: Request) -> Response:
     timing = Timing()
     body = parse_body(await request.body(), ChatCompletionRequest)
     check_model(ctx, body.model)
+    check_messages(ctx.settings.limits, len(body.messages))
     _check_chat(body)
     prompt_ids = _chat_prompt_ids(ctx, body)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     tokens_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     check_context(len(prompt_ids), max_tokens, ctx.engine.max_model_len, "messages", tokens_param)
-    params = _sampling_params(ctx, body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
+    params = _sampling_params(ctx, body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None,
+                              {"max_tokens": tokens_param, "logprobs": "top_logprobs"})
     request_id = new_id("chatcmpl")
     outputs = run(ctx, prompt_ids, params, request_id, timing)
     if body.stream:

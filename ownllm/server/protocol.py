@@ -53,7 +53,7 @@ class _OpenAISampling(_Request):
     """The decoding options both OpenAI endpoints share, with vLLM's extensions."""
 
     model: str | None = None
-    n: Int = Field(1, le=128)
+    n: Int = 1
     max_tokens: Int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -79,7 +79,7 @@ class ChatCompletionRequest(_OpenAISampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: Int | None = Field(None, ge=0, le=20)
+    top_logprobs: Int | None = Field(None, ge=0)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: ResponseFormat | None = None
@@ -89,7 +89,7 @@ class ChatCompletionRequest(_OpenAISampling):
 
 class CompletionRequest(_OpenAISampling):
     prompt: str | list[str] | list[Int] | list[list[Int]]
-    logprobs: Int | None = Field(None, le=20)
+    logprobs: Int | None = None
     echo: bool = False
     suffix: str | None = None
     best_of: Int | None = Field(None, ge=1)
@@ -250,7 +250,7 @@ class _OllamaBase(_Request):
     keep_alive: str | int | float | None = None
     think: bool | str | None = None
     logprobs: bool = False
-    top_logprobs: Int | None = Field(None, ge=0, le=20)
+    top_logprobs: Int | None = Field(None, ge=0)
 
 
 class OllamaChatRequest(_OllamaBase):

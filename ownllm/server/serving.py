@@ -26,7 +26,10 @@ from starlette.types import Receive, Scope, Send
 from ownllm.engine.async_engine import EngineDead, EngineOverloaded, RequestFailed
 from ownllm.outputs import RequestOutput
 from ownllm.sampling_params import SamplingParams
+from ownllm.server.errors import ServerError
+from ownllm.server.limits import RequestLimits, check_params
 from ownllm.server.metrics import ServerMetrics
+from ownllm.server.shutdown import Drain
 from ownllm.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -58,6 +61,8 @@ class ServerSettings:
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
     model_path: Path | None = None  # for Ollama's model listings (size, format, modification time)
+    limits: RequestLimits = RequestLimits()
+    request_timeout: float | None = None  # seconds from arrival after which a request is stopped (None: never)
 
 
 @dataclass
@@ -66,23 +71,11 @@ class ServerContext:
     settings: ServerSettings
     metrics: ServerMetrics
     started_at: float = field(default_factory=time.time)
+    drain: Drain = field(default_factory=Drain)
 
     @property
     def model_name(self) -> str:
         return self.engine.model_name
-
-
-class ServerError(Exception):
-    """An error the client caused or must hear about; each API renders it in its own shape."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
 
 
 def as_server_error(error: Exception) -> ServerError:
@@ -114,15 +107,20 @@ def parse_body(body: bytes, model: type[ModelT]) -> ModelT:
         raise ServerError(400, "; ".join(messages), param=param) from None
 
 
-def make_params(values: dict, renames: dict[str, str] | None = None) -> SamplingParams:
-    """SamplingParams from request values; its validation errors become a 400 naming the API's field."""
+def make_params(values: dict, limits: RequestLimits, renames: dict[str, str] | None = None) -> SamplingParams:
+    """SamplingParams from request values, within the server's limits (a request that names no max_tokens gets
+    the server's cap, if it has one); invalid values and values over a limit become a 400 naming the API's field."""
+    if values.get("max_tokens") is None and limits.max_tokens is not None:
+        values = {**values, "max_tokens": limits.max_tokens}
     try:
-        return SamplingParams(**values)
+        params = SamplingParams(**values)
     except ValueError as error:
         message = str(error)
         name = message.split(" ", 1)[0]
         param = (renames or {}).get(name, name)
         raise ServerError(400, message.replace(name, param, 1), param=param) from None
+    check_params(limits, params, renames or {})
+    return params
 
 
 def check_context(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int, prompt_param: str,
@@ -150,13 +148,19 @@ class Timing:
 
 async def run(ctx: ServerContext, prompt_ids: list[int], params: SamplingParams, request_id: str,
               timing: Timing) -> AsyncIterator[RequestOutput]:
-    """The engine's outputs for one request, with timings recorded; engine refusals become ServerErrors.
-    The request is aborted whenever the caller stops early (the engine cannot see a cancellation that
-    lands while it is still adding the request, so this abort is what frees it then)."""
+    """The engine's outputs for one request, with timings recorded; engine refusals become ServerErrors, and so
+    does running past the request timeout. The request is aborted whenever the caller stops early (the engine
+    cannot see a cancellation that lands while it is still adding the request, so this abort is what frees it
+    then), which frees its KV blocks at once."""
     finished = False
+    timeout = ctx.settings.request_timeout
     try:
         async with aclosing(ctx.engine.generate(prompt_ids, params, request_id=request_id)) as outputs:
-            async for output in outputs:
+            while not finished:
+                try:
+                    output = await _next_before(outputs, None if timeout is None else timing.arrived + timeout)
+                except StopAsyncIteration:
+                    break
                 now = time.perf_counter()
                 if any(o.token_ids for o in output.outputs):
                     _observe_token(ctx.metrics, timing, now)
@@ -164,6 +168,9 @@ async def run(ctx: ServerContext, prompt_ids: list[int], params: SamplingParams,
                 if finished:
                     ctx.metrics.observe_finished(output, now - timing.arrived)
                 yield output
+    except TimeoutError:
+        raise ServerError(408, f"the request ran longer than this server allows ({timeout:g} s, ownllm serve "
+                          "--request-timeout) and was stopped", code="request_timeout") from None
     except EngineOverloaded as error:
         raise ServerError(503, f"the server is busy ({error}); retry later", code="overloaded",
                           headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
@@ -177,6 +184,13 @@ async def run(ctx: ServerContext, prompt_ids: list[int], params: SamplingParams,
     finally:
         if not finished:
             await ctx.engine.abort(request_id)
+
+
+async def _next_before(outputs: AsyncIterator[T], deadline: float | None) -> T:
+    """The next item, or TimeoutError at `deadline` (perf_counter seconds; None: no deadline)."""
+    if deadline is None:
+        return await anext(outputs)
+    return await asyncio.wait_for(anext(outputs), max(deadline - time.perf_counter(), 0))
 
 
 def _observe_token(metrics: ServerMetrics, timing: Timing, now: float) -> None:
