@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse, Response
 import ownllm
 from ownllm.outputs import CompletionOutput, RequestOutput
 from ownllm.sampling_params import SamplingParams
+from ownllm.server.limits import check_messages
 from ownllm.server.protocol import (
     OllamaAssistantMessage, OllamaChatChunk, OllamaChatRequest, OllamaGenerateChunk, OllamaGenerateRequest,
     OllamaLogprob, OllamaModel, OllamaModelDetails, OllamaOptions, OllamaProcesses, OllamaRunningModel,
@@ -35,7 +36,6 @@ from ownllm.server.serving import (
     ClosingStreamingResponse, ServerContext, ServerError, Timing, as_server_error, check_context, first_and_rest,
     last_output, make_params, new_id, parse_body, run, until_disconnect,
 )
-from ownllm.server.limits import check_messages
 
 DEFAULT_TEMPERATURE = 0.8  # Ollama's, used when the model's generation_config sets none
 NEVER_EXPIRES = "2318-01-01T00:00:00Z"  # what Ollama reports for a model kept loaded forever

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 
 from ownllm.outputs import CompletionOutput, Logprob, RequestOutput
 from ownllm.sampling_params import SamplingParams
+from ownllm.server.limits import check_messages
 from ownllm.server.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
     ChatLogprobs, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, DeltaMessage,
@@ -26,7 +27,6 @@ from ownllm.server.serving import (
     ClosingStreamingResponse, ServerContext, ServerError, Timing, as_server_error, check_context, first_and_rest,
     last_output, make_params, merge, new_id, parse_body, run, until_disconnect,
 )
-from ownllm.server.limits import check_messages
 
 MIN_LOGPROB = -9999.0  # JSON has no -inf
 

@@ -1,10 +1,11 @@
-"""What the OpenAI and Ollama serving modules share: the server context, errors, body parsing, the
-context-length check, and running engine requests with their timings observed.
+"""What the OpenAI and Ollama serving modules share: the server context and settings, body parsing,
+sampling params within the limits, the context-length check, and running engine requests with their
+timings observed.
 
 `run()` is the only place the server drives the engine: it maps engine refusals to HTTP errors,
-records time to first token and inter-token latency, and aborts the engine request whenever the
-caller stops early (client disconnect, error, cancellation). It never renders a response: the API
-modules shape what the client sees.
+records time to first token and inter-token latency, stops a request at the server's request timeout,
+and aborts the engine request whenever the caller stops early (client disconnect, error, cancellation,
+timeout). It never renders a response: the API modules shape what the client sees.
 """
 
 from __future__ import annotations
