@@ -296,23 +296,60 @@ def serve(
         help="An embedding model (a sentence-transformers BertModel folder or hub id) to serve beside the chat "
         "model at /v1/embeddings, /api/embed and /api/embeddings; a request's `model` field picks the model. "
         "An embedding model given as --model is served alone.")] = None,
+    max_body_size: Annotated[str, typer.Option(help="Largest request body, e.g. 16MiB; a larger one gets 413.")] = "16MiB",
+    max_messages: Annotated[int, typer.Option(min=1, help="Most messages in one chat request.")] = 1024,
+    max_completion_tokens: Annotated[Optional[int], typer.Option(
+        min=1, help="Most tokens one answer may ask for (max_tokens, num_predict); also the cap of a request that "
+        "names none. Default: the model's context.")] = None,
+    max_n: Annotated[int, typer.Option(min=1, help="Most samples (n) one request may ask for.")] = 16,
+    max_stop: Annotated[int, typer.Option(min=0, help="Most stop strings (and, apart, stop token ids) in one "
+                                          "request.")] = 32,
+    max_logprobs: Annotated[int, typer.Option(min=0, help="Most alternatives per token a request may ask logprobs "
+                                              "for.")] = 20,
+    request_timeout: Annotated[Optional[float], typer.Option(
+        min=0.001, help="Stop a request that runs longer than this many seconds (answered 408) and free its memory. "
+        "Default: none (max_tokens and the context already bound every request).")] = None,
+    shutdown_timeout: Annotated[float, typer.Option(
+        min=0, help="On SIGTERM or Ctrl-C: seconds to let running requests finish (new ones get 503) before "
+        "stopping them and exiting.")] = 30.0,
+    tool_call_parser: Annotated[Optional[str], typer.Option(
+        help="How to read tool calls out of answers: hermes, llama3_json, pythonic, mistral, deepseek_v3 or none. "
+        "Default: the format the model's chat template writes.")] = None,
+    reasoning_parser: Annotated[Optional[str], typer.Option(
+        help="How to split reasoning from answers: qwen3, deepseek_r1 or none. Default: from the chat "
+        "template.")] = None,
+    reasoning_budget: Annotated[Optional[int], typer.Option(
+        min=0, help="Most reasoning tokens of a thinking model's answer before the server ends the thinking "
+        "itself (a request's thinking_budget or reasoning_effort overrides it). Default: no limit.")] = None,
 ) -> None:
     """Serve a model over HTTP: the OpenAI API under /v1, the Ollama API under /api, /health and /metrics."""
-    import uvicorn
-
-    from ownllm.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig, parse_memory_size
+    from ownllm.config import (
+        CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig, normalize_dtype, parse_memory_size, resolve_device,
+    )
     from ownllm.engine.async_embedder import AsyncEmbedder
     from ownllm.engine.async_engine import AsyncEngine
     from ownllm.engine.embedder import Embedder, is_embedding_model
     from ownllm.loader.resolve import resolve_model
     from ownllm.server import ServerSettings, build_app
+    from ownllm.server.limits import RequestLimits
+    from ownllm.server.shutdown import serve as serve_app
 
+    normalize_dtype(dtype)  # every option is checked before the model loads
+    resolve_device(device)
+    _check_parsers(tool_call_parser, reasoning_parser)
     config = EngineConfig(
         None, dtype, device,
         CacheConfig(memory_bytes=parse_memory_size(kv_cache_memory) if kv_cache_memory else None,
                     enable_prefix_caching=not no_prefix_caching),
-        SchedulerConfig(max_num_batched_tokens, max_num_seqs), SpeculativeConfig.parse(speculative_config))
+        SchedulerConfig(max_num_batched_tokens, max_num_seqs), SpeculativeConfig.parse(speculative_config),
+        reasoning_parser=reasoning_parser, tool_call_parser=tool_call_parser)
+    limits = RequestLimits(parse_memory_size(max_body_size), max_messages, max_completion_tokens, max_n, max_stop,
+                           max_logprobs)
+    origins = tuple(o.strip() for value in cors_origins or [] for o in value.split(",") if o.strip())
     _check_port_free(host, port)
+    if not _is_loopback(host) and not api_key:
+        err.print(f"[yellow]warning:[/yellow] listening on {escape(host)} without --api-key: anyone who can reach "
+                  "this port can use the model (set --api-key or OWNLLM_API_KEY)")
     path = resolve_model(model)
     name = served_model_name or _served_name(model, path)
     embedder = None
@@ -331,19 +368,36 @@ def serve(
                              "(--served-model-name)")
         with _spinner(f"Loading {embedding_model}..."):
             embedder = AsyncEmbedder(Embedder.from_model(str(embedding_path), None, device, embedding_name))
-    origins = tuple(o.strip() for value in cors_origins or [] for o in value.split(",") if o.strip())
-    settings = ServerSettings(api_key=api_key or None, cors_origins=origins, model_path=path)
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        err.print(f"[yellow]warning:[/yellow] listening on {escape(host)} without --api-key: anyone who can reach "
-                  "this port can use the model")
+    settings = ServerSettings(api_key=api_key or None, cors_origins=origins, model_path=path, limits=limits,
+                              request_timeout=request_timeout, reasoning_budget=reasoning_budget)
+    app = build_app(engine, settings, embedder)
     served = escape(name) + (f" and {escape(embedder.model_name)}" if engine is not None and embedder else "")
     err.print(f"Serving {served} at http://{escape(host)}:{port} (OpenAI API: /v1, Ollama API: /api)")
     try:
-        uvicorn.run(build_app(engine, settings, embedder), host=host, port=port, timeout_graceful_shutdown=5)
+        serve_app(app, app.state.ctx.drain, host, port, shutdown_timeout)
     finally:
         for running in (engine, embedder):
             if running is not None:
                 running.shutdown()
+
+
+def _check_parsers(tool_call_parser: str | None, reasoning_parser: str | None) -> None:
+    from ownllm.parsers.reasoning import reasoning_parser as reasoning_parser_named
+    from ownllm.parsers.tool_parsers import tool_parser as tool_parser_named
+
+    if tool_call_parser not in (None, "none"):
+        tool_parser_named(tool_call_parser)
+    if reasoning_parser not in (None, "none"):
+        reasoning_parser_named(reasoning_parser)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 def _served_name(model: str | None, path: Path) -> str:

@@ -17,6 +17,7 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or the model's context reached
     ABORT = "abort"  # cancelled by the client
+    ERROR = "error"  # the engine failed on this request (its error in Request.error)
 
 
 class RequestStatus(enum.Enum):
@@ -42,6 +43,7 @@ class Request:
     spec_token_ids: list[int] = field(default_factory=list)  # draft tokens to verify in its next step
     num_draft_tokens: int = 0  # drafts verified so far
     num_accepted_tokens: int = 0  # of which accepted
+    error: str | None = None  # the name of the exception that failed it, when finish_reason is ERROR (its trace is logged)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -62,6 +64,10 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
+
+    def fail(self, error: Exception) -> None:
+        self.finish(FinishReason.ERROR)
+        self.error = type(error).__name__
 
     def finish(self, reason: FinishReason, stop_reason: int | str | None = None) -> None:
         self.status = RequestStatus.FINISHED

@@ -129,6 +129,17 @@ def test_options_checked_before_the_model_is_looked_for(tmp_path):
                           "temperature must be >= 0, got -1.0")
 
 
+@pytest.mark.parametrize("option, value, words", [
+    ("--dtype", "int3", "dtype 'int3' is not supported"),
+    ("--device", "tpu", "device 'tpu' is not supported"),
+    ("--max-body-size", "lots", "memory size 'lots' is not understood"),
+    ("--kv-cache-memory", "lots", "memory size 'lots' is not understood"),
+    ("--speculative-config", "ngram", "the speculative config is not valid JSON"),
+])
+def test_serve_options_checked_before_the_model_is_looked_for(tmp_path, option, value, words):
+    assert_one_line_error(run_cli("serve", "--model", str(tmp_path / "no-such-model"), option, value), words)
+
+
 def test_unusable_device(tiny):
     import torch
 

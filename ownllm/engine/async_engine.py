@@ -35,6 +35,10 @@ class EngineDead(RuntimeError):
     """The engine loop failed; the request could not be completed."""
 
 
+class RequestFailed(RuntimeError):
+    """The engine failed on this request alone (a fault in its model forward or sampling); others go on."""
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
@@ -171,10 +175,14 @@ class AsyncEngine:
             block = not self.engine.has_unfinished()
             try:
                 command = self._commands.get(block=block)
-                command()
-                continue  # drain every pending command before the next step
             except queue.Empty:
                 pass
+            else:
+                try:
+                    command()
+                except Exception:  # e.g. its caller's event loop closed: the engine goes on
+                    logger.exception("engine command failed")
+                continue  # drain every pending command before the next step
             try:
                 outputs = self.engine.step()
             except Exception as error:  # a bug or resource failure: fail what is running, keep serving
@@ -184,15 +192,23 @@ class AsyncEngine:
             for output in outputs:
                 stream = self._streams.get(output.request_id)
                 if stream is not None:
-                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, output)
+                    item = RequestFailed(output.error) if output.error is not None else output
                     if output.finished:
                         del self._streams[output.request_id]
+                    self._deliver(output.request_id, stream, item)
+
+    def _deliver(self, request_id: str, stream: _Stream, item: RequestOutput | BaseException) -> None:
+        try:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        except RuntimeError:  # its event loop has closed: nobody listens any more
+            self._abort_now(request_id)
 
     def _fail_all(self, error: BaseException) -> None:
-        for request_id, stream in list(self._streams.items()):
-            self.engine.abort(request_id)
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+        streams = list(self._streams.items())
         self._streams.clear()
+        for request_id, stream in streams:
+            self.engine.abort(request_id)
+            self._deliver(request_id, stream, error)
 
 
 def _resolve(future: asyncio.Future, error: BaseException | None) -> None:

@@ -4,13 +4,17 @@ The runner is anything with `execute(SchedulerOutput) -> RunnerOutput` (worker.m
 fake in tests): plain data in and out, so the core never touches a tensor. After each step the scheduler
 advances counters over accepted tokens only, the output processor appends the tokens and decides every stop,
 and the drafts the runner proposed wait, trimmed to what the request may still generate, for the next step.
+A step that raises is rerun one request at a time (engine/fault_isolation.py): only the request whose own work
+raises ends, with FinishReason.ERROR; the others carry on.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol, Sequence
 
 from ownllm.config import SchedulerConfig
+from ownllm.engine.fault_isolation import execute_one_by_one
 from ownllm.engine.kv_cache import KVCacheManager
 from ownllm.engine.output_processor import OutputProcessor
 from ownllm.engine.scheduler import Scheduler
@@ -18,6 +22,8 @@ from ownllm.engine.structured_output import StructuredOutputManager
 from ownllm.outputs import RunnerOutput, SchedulerOutput
 from ownllm.request import FinishReason, Request
 from ownllm.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
 
 
 class Runner(Protocol):
@@ -87,36 +93,60 @@ class EngineCore:
         }
 
     def step(self) -> list[Request]:
-        """Runs one scheduled batch -> the requests that got new tokens (finished ones included)."""
+        """Runs one scheduled batch -> the requests that got new tokens or failed (finished ones included).
+        A fault fails only the requests it belongs to (see fault_isolation); the others go on."""
         scheduler_output = self.scheduler.schedule()
         if not scheduler_output.num_scheduled_tokens:
             return []
         scheduler_output.allowed_token_bitmask = self.structured_output.bitmask(scheduler_output, self.requests)
-        runner_output = self.runner.execute(scheduler_output)
+        runner_output, failed = self._execute(scheduler_output)
         progressed = []
+        for request_id, error in failed.items():
+            self.requests[request_id].fail(error)
+            progressed.append(self.requests[request_id])
         for i, request_id in enumerate(runner_output.request_ids):
             request = self.requests[request_id]
-            num_scheduled = scheduler_output.num_scheduled_tokens[request_id]
-            num_drafts = len(scheduler_output.draft_token_ids.get(request_id, ()))
-            num_accepted = runner_output.num_accepted_draft_tokens[i]
-            num_prompt_left = request.num_prompt_tokens - request.num_computed_tokens
-            self.num_prompt_tokens_total += max(0, min(num_scheduled, num_prompt_left))
-            self.scheduler.advance(request, num_scheduled, num_drafts, num_accepted)
-            token_ids = runner_output.sampled_token_ids[i]
-            if token_ids:
-                num_before = request.num_output_tokens
-                self.output_processor.append(request, token_ids, runner_output.logprobs[i])
-                self.structured_output.advance(request_id, request.output_token_ids[num_before:])
-                self.num_generation_tokens_total += request.num_output_tokens - num_before
-                self.num_sampling_steps_total += 1
-                self.num_draft_tokens_total += num_drafts
-                self.num_accepted_tokens_total += num_accepted
+            try:
+                if self._update(request, scheduler_output, runner_output, i):
+                    progressed.append(request)
+            except Exception as error:  # a bug in folding in one request's tokens ends that request alone
+                logger.error("request %s failed after its step", request_id, exc_info=error)
+                request.fail(error)
                 progressed.append(request)
-            self.scheduler.cache_blocks(request)
-            if not request.is_finished:
-                request.spec_token_ids = self._trim_drafts(request, runner_output.draft_token_ids.get(request_id, []))
         self.release_finished()
         return progressed
+
+    def _execute(self, so: SchedulerOutput) -> tuple[RunnerOutput, dict[str, Exception]]:
+        try:
+            return self.runner.execute(so), {}
+        except Exception as error:
+            logger.warning("a step of %d requests failed (%s: %s); running them one at a time",
+                           len(so.num_scheduled_tokens), type(error).__name__, error)
+            return execute_one_by_one(self.runner, so, self.requests, self.kv_cache,
+                                      lambda alone: self.structured_output.bitmask(alone, self.requests))
+
+    def _update(self, request: Request, so: SchedulerOutput, runner_output: RunnerOutput, i: int) -> bool:
+        """Folds one request's step results in -> whether it got tokens."""
+        request_id = request.request_id
+        num_scheduled = so.num_scheduled_tokens[request_id]
+        num_drafts = len(so.draft_token_ids.get(request_id, ()))
+        num_accepted = runner_output.num_accepted_draft_tokens[i]
+        num_prompt_left = request.num_prompt_tokens - request.num_computed_tokens
+        self.num_prompt_tokens_total += max(0, min(num_scheduled, num_prompt_left))
+        self.scheduler.advance(request, num_scheduled, num_drafts, num_accepted)
+        token_ids = runner_output.sampled_token_ids[i]
+        if token_ids:
+            num_before = request.num_output_tokens
+            self.output_processor.append(request, token_ids, runner_output.logprobs[i])
+            self.structured_output.advance(request_id, request.output_token_ids[num_before:])
+            self.num_generation_tokens_total += request.num_output_tokens - num_before
+            self.num_sampling_steps_total += 1
+            self.num_draft_tokens_total += num_drafts
+            self.num_accepted_tokens_total += num_accepted
+        self.scheduler.cache_blocks(request)
+        if not request.is_finished:
+            request.spec_token_ids = self._trim_drafts(request, runner_output.draft_token_ids.get(request_id, []))
+        return bool(token_ids)
 
     def _trim_drafts(self, request: Request, draft_token_ids: list[int]) -> list[int]:
         """Drafts past what the request may still generate would be verified for nothing; a constrained request

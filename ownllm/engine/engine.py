@@ -93,6 +93,11 @@ class Engine:
     def _output(self, request_id: str) -> RequestOutput | None:
         parent = self._parents[request_id]
         states = [self.output_processor.states[cid] for cid in parent.child_ids]
+        error = next((s.request.error for s in states if s.request.error), None)
+        if error is not None:  # one failed sample fails the request: the others stop too
+            parent.forks = []
+            for state in states:
+                self.core.finish(state.request.request_id, FinishReason.ABORT)
         finished = not parent.forks and all(s.request.is_finished for s in states)
         if parent.output_kind == "final_only" and not finished:
             return None
@@ -102,7 +107,7 @@ class Engine:
             for child_id in parent.child_ids:
                 self.output_processor.remove(child_id)
             del self._parents[request_id]
-        return RequestOutput(request_id, parent.prompt, parent.prompt_token_ids, outputs, finished)
+        return RequestOutput(request_id, parent.prompt, parent.prompt_token_ids, outputs, finished, error)
 
     def abort(self, request_id: str) -> None:
         """Stops a request at once and frees everything it holds; unknown or finished ids are ignored."""

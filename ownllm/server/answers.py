@@ -59,11 +59,12 @@ def ollama_structured_outputs(format_value: str | dict | None) -> StructuredOutp
     raise ServerError(400, f'format must be "json" or a JSON schema, got {format_value!r}', param="format")
 
 
-def thinking_budget(budget: int | None, effort: str | None, server_budget: int | None = None) -> int | None:
-    """The request's budget, else its reasoning effort's, else the server's (--reasoning-budget)."""
-    if budget is not None:
+def thinking_budget(ctx: ServerContext, budget: int | None = None, effort: str | None = None) -> int | None:
+    """The request's budget (refused by the engine on a model that does not reason), else, on a model that
+    reasons, its reasoning effort's, else the server's (--reasoning-budget)."""
+    if budget is not None or ctx.engine.reasoning_parser is None:
         return budget
-    return REASONING_EFFORT_BUDGETS[effort] if effort is not None else server_budget
+    return REASONING_EFFORT_BUDGETS[effort] if effort is not None else ctx.settings.reasoning_budget
 
 
 @dataclass

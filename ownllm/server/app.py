@@ -1,7 +1,8 @@
 """build_app(engine, settings): the FastAPI application around one EngineClient.
 
 It mounts the OpenAI (/v1) and Ollama (/api) routers, requires `Authorization: Bearer KEY` on both
-when an API key is set, adds CORS only for the origins the settings allow, serves /health and
+when an API key is set (compared in constant time, never logged), refuses bodies over the size limit, adds
+CORS only for the origins the settings allow, answers 503 while it drains for shutdown, serves /health and
 /metrics (open, like vLLM's, so probes and scrapers need no key), and turns every error into the
 JSON shape of the API that was called: never a traceback, never a hung request. Request semantics
 live in openai.py and ollama.py; this module only wires. An embedding model's routes (embeddings.py)
@@ -23,7 +24,10 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 import ownllm
 from ownllm.engine.async_embedder import AsyncEmbedder
 from ownllm.server import embeddings, ollama, openai
+from ownllm.server.limits import BodySizeLimit
 from ownllm.server.metrics import ServerMetrics
+from ownllm.server.schema import describe_request_bodies
+from ownllm.server.shutdown import DrainMiddleware
 from ownllm.server.serving import ClientDisconnected, EngineClient, ServerContext, ServerError, ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -48,9 +52,12 @@ def build_app(engine: EngineClient | None, settings: ServerSettings | None = Non
     app.include_router(ollama.router(ctx), dependencies=generation)
     _add_probes(app, ctx)
     _add_error_handlers(app)
+    describe_request_bodies(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
                            allow_headers=["*"])
+    app.add_middleware(DrainMiddleware, drain=ctx.drain, error_response=error_response)
     return app
 
 

@@ -28,7 +28,10 @@ import ownllm
 from ownllm.outputs import Logprob, RequestOutput
 from ownllm.parsers.events import Event, Message
 from ownllm.sampling_params import SamplingParams, StructuredOutputsParams
-from ownllm.server.answers import SampleReader, ToolPlan, ollama_structured_outputs, reader_factory, tool_plan
+from ownllm.server.answers import (
+    SampleReader, ToolPlan, ollama_structured_outputs, reader_factory, thinking_budget, tool_plan,
+)
+from ownllm.server.limits import check_messages
 from ownllm.server.protocol import (
     OllamaAssistantMessage, OllamaChatChunk, OllamaChatRequest, OllamaFunctionCall, OllamaGenerateChunk,
     OllamaGenerateRequest, OllamaLogprob, OllamaModel, OllamaModelDetails, OllamaOptions, OllamaProcesses,
@@ -42,7 +45,7 @@ from ownllm.server.serving import (
 DEFAULT_TEMPERATURE = 0.8  # Ollama's, used when the model's generation_config sets none
 NEVER_EXPIRES = "2318-01-01T00:00:00Z"  # what Ollama reports for a model kept loaded forever
 _OPTION_NAMES = {"max_tokens": "options.num_predict", "repetition_penalty": "options.repeat_penalty",
-                 **{name: f"options.{name}" for name in OllamaOptions.model_fields}}
+                 "logprobs": "top_logprobs", **{name: f"options.{name}" for name in OllamaOptions.model_fields}}
 
 
 @dataclass(frozen=True)
@@ -276,8 +279,8 @@ def _sampling_params(ctx: ServerContext, body: OllamaChatRequest | OllamaGenerat
         seed=options.seed, max_tokens=max_tokens,
         stop=[options.stop] if isinstance(options.stop, str) else list(options.stop or []),
         logprobs=(body.top_logprobs or 0) if body.logprobs else None, structured_outputs=structured,
-        skip_special_tokens=not keep_special_tokens, output_kind="delta",
-    ), _OPTION_NAMES)
+        thinking_budget=thinking_budget(ctx), skip_special_tokens=not keep_special_tokens, output_kind="delta",
+    ), ctx.settings.limits, _OPTION_NAMES)
 
 
 # ---- engine outputs -> Ollama chunks
@@ -385,6 +388,7 @@ async def serve_chat(ctx: ServerContext, request: Request) -> Response:
     structured = ollama_structured_outputs(body.format)
     if not body.messages:
         return _loaded(ctx, OllamaChatChunk)
+    check_messages(ctx.settings.limits, len(body.messages))
     tools = tool_plan(ctx, body.tools, None) if body.tools else ToolPlan()
     prompt_ids = _encode_chat(ctx, _chat_messages(body), body.tools, body.think)
     max_tokens = _max_tokens(body.options or OllamaOptions())

@@ -23,6 +23,7 @@ from ownllm.sampling_params import SamplingParams, StructuredOutputsParams
 from ownllm.server.answers import (
     SampleReader, openai_structured_outputs, reader_factory, template_messages, thinking_budget, tool_plan,
 )
+from ownllm.server.limits import check_messages
 from ownllm.server.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
     ChatLogprobs, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
@@ -155,7 +156,8 @@ def _check_completion(body: CompletionRequest) -> None:
 
 def _sampling_params(ctx: ServerContext, body: ChatCompletionRequest | CompletionRequest, max_tokens: int | None,
                      logprobs: int | None, structured: StructuredOutputsParams | None = None,
-                     budget: int | None = None, keep_special_tokens: bool = False) -> SamplingParams:
+                     budget: int | None = None, keep_special_tokens: bool = False,
+                     renames: dict[str, str] | None = None) -> SamplingParams:
     defaults = ctx.engine.default_sampling_params()
 
     def pick(name: str):
@@ -170,7 +172,7 @@ def _sampling_params(ctx: ServerContext, body: ChatCompletionRequest | Completio
         ignore_eos=body.ignore_eos, include_stop_str_in_output=body.include_stop_str_in_output, logprobs=logprobs,
         skip_special_tokens=body.skip_special_tokens and not keep_special_tokens, structured_outputs=structured,
         thinking_budget=budget, output_kind="delta",
-    ))
+    ), ctx.settings.limits, renames)
 
 
 # ---- logprobs
@@ -253,6 +255,7 @@ async def serve_chat(ctx: ServerContext, request: Request) -> Response:
     timing = Timing()
     body = parse_body(await request.body(), ChatCompletionRequest)
     check_model(ctx, body.model)
+    check_messages(ctx.settings.limits, len(body.messages))
     _check_chat(body)
     tools = tool_plan(ctx, body.tools, body.tool_choice, body.parallel_tool_calls)
     structured = openai_structured_outputs(body.response_format, body.structured_outputs)
@@ -265,8 +268,8 @@ async def serve_chat(ctx: ServerContext, request: Request) -> Response:
     check_context(len(prompt_ids), max_tokens, ctx.engine.max_model_len, "messages", tokens_param)
     params = _sampling_params(
         ctx, body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None,
-        structured or tools.structured_outputs, thinking_budget(body.thinking_budget, body.reasoning_effort),
-        tools.keep_special_tokens)
+        structured or tools.structured_outputs, thinking_budget(ctx, body.thinking_budget, body.reasoning_effort),
+        tools.keep_special_tokens, {"max_tokens": tokens_param, "logprobs": "top_logprobs"})
     request_id = new_id("chatcmpl")
     outputs = run(ctx, prompt_ids, params, request_id, timing)
     readers = [reader_factory(ctx, prompt_ids, tools)() for _ in range(body.n)]

@@ -1,7 +1,7 @@
 """The wire shapes of the OpenAI and Ollama APIs as pydantic models: what requests may hold and what
 responses carry.
 
-Request models are strict (a string is not a number) and ignore unknown fields, as vLLM and Ollama
+Request models are strict (a string is not a number; an integer may be written 2.0) and ignore unknown fields, as vLLM and Ollama
 do, so newer clients keep working. Ranges are checked here only where SamplingParams does not check
 them under the same name; the rest is left to it, so a limit is written once. This module only
 describes data: it never touches the engine.
@@ -9,9 +9,17 @@ describes data: it never touches the engine.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+
+def _whole_number(value: Any) -> Any:
+    """2.0 -> 2: JSON has one number type, so an integer may come written as 2.0 (never as "2" or 2.5)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Int = Annotated[int, BeforeValidator(_whole_number)]
 
 
 class _Request(BaseModel):
@@ -63,20 +71,20 @@ class _OpenAISampling(_Request):
     """The decoding options both OpenAI endpoints share, with vLLM's extensions."""
 
     model: str | None = None
-    n: int = Field(1, le=128)
-    max_tokens: int | None = None
+    n: Int = 1
+    max_tokens: Int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: Int | None = None
     min_p: float | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float | None = None
-    seed: int | None = None
+    seed: Int | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] = []
+    stop_token_ids: list[Int] = []
     ignore_eos: bool = False
-    min_tokens: int = 0
+    min_tokens: Int = 0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logit_bias: dict[str, float] | None = None
@@ -89,9 +97,9 @@ class _OpenAISampling(_Request):
 
 class ChatCompletionRequest(_OpenAISampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: Int | None = Field(None, ge=0)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool = True
@@ -102,11 +110,11 @@ class ChatCompletionRequest(_OpenAISampling):
 
 
 class CompletionRequest(_OpenAISampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = Field(None, le=20)
+    prompt: str | list[str] | list[Int] | list[list[Int]]
+    logprobs: Int | None = None
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = Field(None, ge=1)
+    best_of: Int | None = Field(None, ge=1)
 
 
 # ---- OpenAI responses
@@ -272,15 +280,15 @@ class OllamaOptions(_Request):
 
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: Int | None = None
     min_p: float | None = None
-    num_predict: int | None = None
+    num_predict: Int | None = None
     stop: list[str] | str | None = None
-    seed: int | None = None
+    seed: Int | None = None
     repeat_penalty: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    num_ctx: int | None = Field(None, ge=1)
+    num_ctx: Int | None = Field(None, ge=1)
 
 
 class OllamaMessage(_Request):
@@ -298,7 +306,7 @@ class _OllamaBase(_Request):
     keep_alive: str | int | float | None = None
     think: bool | str | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: Int | None = Field(None, ge=0)
 
 
 class OllamaChatRequest(_OllamaBase):
@@ -311,7 +319,7 @@ class OllamaGenerateRequest(_OllamaBase):
     system: str | None = None
     template: str | None = None
     raw: bool = False
-    context: list[int] | None = None
+    context: list[Int] | None = None
     suffix: str | None = None
     images: list[str] | None = None
 

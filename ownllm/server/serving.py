@@ -1,10 +1,11 @@
-"""What the OpenAI and Ollama serving modules share: the server context, errors, body parsing, the
-context-length check, and running engine requests with their timings observed.
+"""What the OpenAI and Ollama serving modules share: the server context and settings, body parsing,
+sampling params within the limits, the context-length check, and running engine requests with their
+timings observed.
 
 `run()` is the only place the server drives the engine: it maps engine refusals to HTTP errors,
-records time to first token and inter-token latency, and aborts the engine request whenever the
-caller stops early (client disconnect, error, cancellation). It never renders a response: the API
-modules shape what the client sees.
+records time to first token and inter-token latency, stops a request at the server's request timeout,
+and aborts the engine request whenever the caller stops early (client disconnect, error, cancellation,
+timeout). It never renders a response: the API modules shape what the client sees.
 """
 
 from __future__ import annotations
@@ -23,11 +24,14 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from ownllm.engine.async_engine import EngineDead, EngineOverloaded
+from ownllm.engine.async_engine import EngineDead, EngineOverloaded, RequestFailed
 from ownllm.outputs import RequestOutput
 from ownllm.parsers.reasoning import ReasoningParser
 from ownllm.sampling_params import SamplingParams
+from ownllm.server.errors import ServerError
+from ownllm.server.limits import RequestLimits, check_params
 from ownllm.server.metrics import ServerMetrics
+from ownllm.server.shutdown import Drain
 from ownllm.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -62,6 +66,9 @@ class ServerSettings:
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
     model_path: Path | None = None  # for Ollama's model listings (size, format, modification time)
+    limits: RequestLimits = RequestLimits()
+    request_timeout: float | None = None  # seconds from arrival after which a request is stopped (None: never)
+    reasoning_budget: int | None = None  # thinking tokens of a reasoning model's answer (None: no limit)
 
 
 @dataclass
@@ -70,23 +77,11 @@ class ServerContext:
     settings: ServerSettings
     metrics: ServerMetrics
     started_at: float = field(default_factory=time.time)
+    drain: Drain = field(default_factory=Drain)
 
     @property
     def model_name(self) -> str:
         return self.engine.model_name
-
-
-class ServerError(Exception):
-    """An error the client caused or must hear about; each API renders it in its own shape."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
 
 
 def as_server_error(error: Exception) -> ServerError:
@@ -118,15 +113,20 @@ def parse_body(body: bytes, model: type[ModelT]) -> ModelT:
         raise ServerError(400, "; ".join(messages), param=param) from None
 
 
-def make_params(values: dict, renames: dict[str, str] | None = None) -> SamplingParams:
-    """SamplingParams from request values; its validation errors become a 400 naming the API's field."""
+def make_params(values: dict, limits: RequestLimits, renames: dict[str, str] | None = None) -> SamplingParams:
+    """SamplingParams from request values, within the server's limits (a request that names no max_tokens gets
+    the server's cap, if it has one); invalid values and values over a limit become a 400 naming the API's field."""
+    if values.get("max_tokens") is None and limits.max_tokens is not None:
+        values = {**values, "max_tokens": limits.max_tokens}
     try:
-        return SamplingParams(**values)
+        params = SamplingParams(**values)
     except ValueError as error:
         message = str(error)
         name = message.split(" ", 1)[0]
         param = (renames or {}).get(name, name)
         raise ServerError(400, message.replace(name, param, 1), param=param) from None
+    check_params(limits, params, renames or {})
+    return params
 
 
 def check_context(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int, prompt_param: str,
@@ -154,13 +154,19 @@ class Timing:
 
 async def run(ctx: ServerContext, prompt_ids: list[int], params: SamplingParams, request_id: str,
               timing: Timing) -> AsyncIterator[RequestOutput]:
-    """The engine's outputs for one request, with timings recorded; engine refusals become ServerErrors.
-    The request is aborted whenever the caller stops early (the engine cannot see a cancellation that
-    lands while it is still adding the request, so this abort is what frees it then)."""
+    """The engine's outputs for one request, with timings recorded; engine refusals become ServerErrors, and so
+    does running past the request timeout. The request is aborted whenever the caller stops early (the engine
+    cannot see a cancellation that lands while it is still adding the request, so this abort is what frees it
+    then), which frees its KV blocks at once."""
     finished = False
+    timeout = ctx.settings.request_timeout
     try:
         async with aclosing(ctx.engine.generate(prompt_ids, params, request_id=request_id)) as outputs:
-            async for output in outputs:
+            while not finished:
+                try:
+                    output = await _next_before(outputs, None if timeout is None else timing.arrived + timeout)
+                except StopAsyncIteration:
+                    break
                 now = time.perf_counter()
                 if any(o.token_ids for o in output.outputs):
                     _observe_token(ctx.metrics, timing, now)
@@ -168,17 +174,30 @@ async def run(ctx: ServerContext, prompt_ids: list[int], params: SamplingParams,
                 if finished:
                     ctx.metrics.observe_finished(output, now - timing.arrived)
                 yield output
+    except TimeoutError:
+        raise ServerError(408, f"the request ran longer than this server allows ({timeout:g} s, ownllm serve "
+                          "--request-timeout) and was stopped", code="request_timeout") from None
     except EngineOverloaded as error:
         raise ServerError(503, f"the server is busy ({error}); retry later", code="overloaded",
                           headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
     except EngineDead as error:
         raise ServerError(500, str(error), code="engine_error") from None
+    except RequestFailed as error:
+        raise ServerError(500, f"internal server error: the engine failed on this request ({error}); other requests "
+                          "are unaffected", code="internal_error") from None
     except ValueError as error:  # a refusal at admission: a grammar that cannot compile, a bad budget...
         field = str(error).split(" ", 1)[0]
         raise ServerError(400, str(error), param=field if field in REQUEST_FIELDS else None) from None
     finally:
         if not finished:
             await ctx.engine.abort(request_id)
+
+
+async def _next_before(outputs: AsyncIterator[T], deadline: float | None) -> T:
+    """The next item, or TimeoutError at `deadline` (perf_counter seconds; None: no deadline)."""
+    if deadline is None:
+        return await anext(outputs)
+    return await asyncio.wait_for(anext(outputs), max(deadline - time.perf_counter(), 0))
 
 
 def _observe_token(metrics: ServerMetrics, timing: Timing, now: float) -> None:

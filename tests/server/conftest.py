@@ -3,6 +3,7 @@ started on a free loopback port and stopped at the end; `start_server` starts ot
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import subprocess
@@ -21,6 +22,7 @@ from tests.checkpoints import build_checkpoint
 TINY_NAME = "tiny"
 TINY_CONTEXT = 4096  # long enough that a request left to run to the context takes seconds
 STARTUP_SECONDS = 240
+_num_started = itertools.count()
 
 
 @dataclass
@@ -59,9 +61,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def start_server(log_dir: Path, model: str | None, *args: str, env: dict[str, str] | None = None) -> Iterator[Server]:
-    port = free_port()
-    log = log_dir / f"serve-{port}.log"
+def start_server(log_dir: Path, model: str | None, *args: str, env: dict[str, str] | None = None,
+                 port: int | None = None) -> Iterator[Server]:
+    port = port or free_port()
+    log = log_dir / f"serve-{port}-{next(_num_started)}.log"
     model_args = ["--model", model] if model else []
     command = [sys.executable, "-m", "ownllm", "serve", "--port", str(port), *model_args, *args]
     with open(log, "w") as out:
@@ -97,6 +100,14 @@ def _wait_healthy(server: Server) -> None:
 def tiny_model(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-model")
     build_checkpoint(folder, "LlamaForCausalLM", max_position_embeddings=TINY_CONTEXT)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny64_model(tmp_path_factory) -> Path:
+    """The same shape with a 64-token context: any generation ends within 64 tokens."""
+    folder = tmp_path_factory.mktemp("tiny64-model")
+    build_checkpoint(folder, "LlamaForCausalLM", max_position_embeddings=64)
     return folder
 
 

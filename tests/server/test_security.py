@@ -1,15 +1,24 @@
 """A server started with an API key (from OWNLLM_API_KEY), CORS for one origin and --max-waiting 0:
 every /v1 and /api route needs the key, /health and /metrics stay open, only the allowed origin gets
-CORS headers, and generation is refused with 503 + Retry-After while other routes keep working."""
+CORS headers, and generation is refused with 503 + Retry-After while other routes keep working. The key is
+compared in constant time and never logged, and listening beyond this machine without one is warned about."""
 
 from __future__ import annotations
+
+import secrets
+import subprocess
+import sys
 
 import httpx
 import ollama
 import openai
 import pytest
+from starlette.testclient import TestClient
 
-from tests.server.conftest import TINY_NAME, start_server
+import ownllm.server.app as app_module
+from ownllm.server import ServerSettings, build_app
+from tests.server.conftest import TINY_NAME, free_port, start_server
+from tests.server.inprocess import inprocess_engine
 
 KEY = "s3cret-key"
 ORIGIN = "http://app.example"
@@ -79,3 +88,34 @@ def test_overload_is_503_with_retry_after(server):
                 model=TINY_NAME, messages=MESSAGES)
         assert raised.value.status_code == 503 and "busy" in raised.value.error
     assert client.models.list().data and httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_the_key_is_never_logged(server):
+    httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+    httpx.get(f"{server.url}/v1/models?api_key={KEY}x", headers={"Authorization": f"Bearer {KEY}x"})
+    assert "GET /v1/models" in server.log.read_text()  # requests are logged, keys are not
+    assert KEY not in server.log.read_text().replace(f"api_key={KEY}x", "")
+
+
+def test_the_key_is_compared_in_constant_time(tiny64_model, monkeypatch):
+    compared, constant_time = [], secrets.compare_digest
+
+    def compare_digest(given: bytes, expected: bytes) -> bool:
+        compared.append((given, expected))
+        return constant_time(given, expected)
+
+    monkeypatch.setattr(app_module.secrets, "compare_digest", compare_digest)
+    with inprocess_engine(tiny64_model) as engine, TestClient(build_app(engine, ServerSettings(api_key=KEY))) as client:
+        assert client.get("/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert client.get("/api/tags", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert compared == [(b"nope", KEY.encode()), (KEY.encode(), KEY.encode())]
+
+
+@pytest.mark.parametrize("host, warns", [("0.0.0.0", True), ("127.0.0.1", False), ("127.0.0.2", False),
+                                         ("localhost", False), ("::1", False)])
+def test_warns_when_listening_beyond_this_machine_without_a_key(tmp_path, host, warns):
+    result = subprocess.run([sys.executable, "-m", "ownllm", "serve", "--host", host, "--port", str(free_port()),
+                             "--model", str(tmp_path / "no-such-model")], capture_output=True, text=True, timeout=120)
+    warning = f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model"
+    assert (warning in result.stderr) is warns, result.stderr
+    assert "no-such-model" in result.stderr  # the warning comes first, then the model is looked for
