@@ -162,3 +162,21 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> tuple[list[int],
     )
     tokens = out.sequences[0, len(prompt):].tolist()
     return tokens, [step[0].float().log_softmax(-1) for step in out.logits]
+
+
+def build_thinking_checkpoint(folder: Path) -> None:
+    """A tiny random Qwen3 with Qwen3's chat template, its generation prompt opening the think block as
+    Qwen3-Thinking-2507's does, and <think>, </think>, <|im_start|>, <|im_end|> as single tokens."""
+    from tokenizers import AddedToken, Tokenizer
+
+    build_checkpoint(folder, "Qwen3ForCausalLM", vocab_size=TINY_VOCAB + 8)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tok.add_tokens([AddedToken("<think>", special=False), AddedToken("</think>", special=False)])
+    tok.save(str(folder / "tokenizer.json"))
+    template = (Path(__file__).parent / "data" / "chat_templates" / "qwen3.jinja").read_text(encoding="utf-8")
+    opening = "{{- '<|im_start|>assistant\\n' }}"
+    assert template.count(opening) == 1
+    template = template.replace(opening, "{{- '<|im_start|>assistant\\n<think>\\n' }}")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": "<|im_end|>", "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template}))

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
+from ownllm.server.embeddings import EmbeddingRequest, OllamaEmbeddingsRequest, OllamaEmbedRequest
 from ownllm.server.protocol import (
     ChatCompletionRequest, CompletionRequest, OllamaChatRequest, OllamaGenerateRequest, OllamaShowRequest,
 )
@@ -20,6 +21,9 @@ REQUEST_BODIES: dict[str, type[BaseModel]] = {
     "/api/chat": OllamaChatRequest,
     "/api/generate": OllamaGenerateRequest,
     "/api/show": OllamaShowRequest,
+    "/v1/embeddings": EmbeddingRequest,
+    "/api/embed": OllamaEmbedRequest,
+    "/api/embeddings": OllamaEmbeddingsRequest,
 }
 _REF = "#/components/schemas/{model}"
 

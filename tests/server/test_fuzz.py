@@ -13,7 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
+from ownllm.engine.async_embedder import AsyncEmbedder
+from ownllm.engine.embedder import Embedder
 from ownllm.server import ServerSettings, build_app
+from tests.checkpoints import build_bert_checkpoint
 from tests.server.inprocess import TINY_NAME, inprocess_engine, wait_idle
 
 MAX_EXAMPLES = 60  # per route: valid and invalid requests
@@ -29,14 +32,25 @@ def engine(tiny64_model):
 
 
 @pytest.fixture(scope="module")
-def api_schema(engine, tiny64_model):
-    return schemathesis.openapi.from_asgi("/openapi.json", build_app(engine, ServerSettings(model_path=tiny64_model)))
+def embedder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    build_bert_checkpoint(folder, max_seq_length=64)
+    embedder = AsyncEmbedder(Embedder.from_model(str(folder), name="tiny-bert"))
+    yield embedder
+    embedder.shutdown()
+
+
+@pytest.fixture(scope="module")
+def api_schema(engine, embedder, tiny64_model):
+    app = build_app(engine, ServerSettings(model_path=tiny64_model), embedder)
+    return schemathesis.openapi.from_asgi("/openapi.json", app)
 
 
 OPERATIONS = [
     "GET /v1/models", "GET /v1/models/{model_id}", "POST /v1/chat/completions", "POST /v1/completions",
     "POST /api/chat", "POST /api/generate", "POST /api/show", "GET /api/tags", "GET /api/ps", "GET /api/version",
-    "GET /health", "GET /metrics", "GET /", "HEAD /",
+    "GET /health", "GET /metrics", "GET /", "HEAD /", "POST /v1/embeddings", "POST /api/embed",
+    "POST /api/embeddings",
 ]
 _calls = concurrent.futures.ThreadPoolExecutor(max_workers=1)
 
@@ -44,7 +58,8 @@ _calls = concurrent.futures.ThreadPoolExecutor(max_workers=1)
 def test_every_route_is_fuzzed(api_schema):
     assert sorted(result.ok().label for result in api_schema.get_all_operations()) == sorted(OPERATIONS)
     paths = api_schema.raw_schema["paths"]
-    for path in ("/v1/chat/completions", "/v1/completions", "/api/chat", "/api/generate", "/api/show"):
+    for path in ("/v1/chat/completions", "/v1/completions", "/api/chat", "/api/generate", "/api/show",
+                 "/v1/embeddings", "/api/embed", "/api/embeddings"):
         assert "requestBody" in paths[path]["post"], path
 
 
