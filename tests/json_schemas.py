@@ -35,8 +35,7 @@ SCHEMAS: list[tuple[str, str, dict]] = [
     ("int_array", "Three small numbers.", obj({"numbers": {"type": "array", "items": {"type": "integer", "minimum": 0,
                                                                                        "maximum": 9},
                                                            "minItems": 3, "maxItems": 3}})),
-    ("unique_items", "Distinct letters.", obj({"letters": {"type": "array", "items": {"enum": ["a", "b", "c"]},
-                                                           "maxItems": 3, "uniqueItems": True}})),
+    ("enum_of_numbers", "A dice roll.", obj({"roll": {"enum": [1, 2, 3, 4, 5, 6]}})),
     ("nested", "A book with an author.", obj({"title": NAME, "author": obj({"first": NAME, "last": NAME})})),
     ("deep_nested", "A company's address.", obj({"company": obj({"name": NAME, "address": obj({
         "street": NAME, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}})})})),

@@ -97,6 +97,9 @@ SAMPLES = [  # parser, reasoning parser, prompt, answer, expected (content, reas
      'done</think>It is noon.', ("It is noon.", "let me check done", [("get_time", {})])),
     ("hermes", None, "", "No tools needed: <tool_ nothing", ("No tools needed: <tool_ nothing", "", [])),
     ("hermes", None, "", "<tool_call>not json</tool_call>", ("<tool_call>not json</tool_call>", "", [])),
+    ("hermes", None, "", '{"name": "get_time", "arguments": {"city": "Oslo"}}\n{"name": "f", "arguments": {}}',
+     ("", "", [("get_time", {"city": "Oslo"}), ("f", {})])),  # the tags left out, as small models do
+    ("hermes", None, "", '{"name": "x"} is how a call looks', ('{"name": "x"} is how a call looks', "", [])),
     ("llama3_json", None, "", '{"a": 1} is JSON, not a call', ('{"a": 1} is JSON, not a call', "", [])),
     ("llama3_json", None, "", '<|python_tag|>{"name": "f", "parameters": {"x": 1}}; {"name": "g", "parameters": {}}',
      ("", "", [("f", {"x": 1}), ("g", {})])),

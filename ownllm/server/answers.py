@@ -134,12 +134,15 @@ def _calls_schema(functions: dict[str, dict], parallel: bool) -> dict:
 
 
 def template_messages(messages: list[dict]) -> list[dict]:
-    """Assistant tool calls as templates read them: OpenAI sends arguments as JSON text, templates expect objects."""
+    """Assistant tool calls as templates read them: OpenAI sends arguments as JSON text, templates expect objects;
+    and a calling message's content null (which templates concatenate) as empty text."""
     result = []
     for message in messages:
         calls = message.get("tool_calls")
         if isinstance(calls, list):
             message = {**message, "tool_calls": [_with_object_arguments(call) for call in calls]}
+            if message.get("content") is None:
+                message["content"] = ""
         result.append(message)
     return result
 

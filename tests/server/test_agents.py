@@ -115,6 +115,7 @@ def test_json_schema_outputs_all_validate(client):
     ({"type": "string", "pattern": "(?=a)b"}, "response_format cannot be compiled"),
     ({"type": "string", "format": "no-such-format"}, "response_format cannot be compiled"),
     ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "response_format cannot be compiled"),
+    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, 'Unimplemented keys: ["uniqueItems"]'),
 ])
 def test_unsupported_schemas_are_refused(client, schema, words):
     for stream in (False, True):
@@ -158,9 +159,9 @@ def test_ollama_format_and_tools(server):
     answer = client.chat(model=BUNDLED_MODEL_NAME, messages=[{"role": "user", "content": "A person, as JSON."}],
                          format=schema, options={"temperature": 0, "num_predict": 200})
     jsonschema.validate(json.loads(answer.message.content), schema)
-    answer = client.generate(model=BUNDLED_MODEL_NAME, prompt="Any JSON object.", format="json",
-                             options={"temperature": 0, "num_predict": 300})
-    assert isinstance(json.loads(answer.response), dict)
+    answer = client.generate(model=BUNDLED_MODEL_NAME, prompt='Reply with the JSON object {"ok": true}.',
+                             format="json", options={"temperature": 0, "num_predict": 100})
+    assert answer.done_reason == "stop" and isinstance(json.loads(answer.response), dict)
     answer = client.chat(model=BUNDLED_MODEL_NAME, messages=ASK, tools=TOOLS, options={"num_predict": 16})
     assert answer.message.content and not answer.message.tool_calls  # no tool-call format in this template
     response = httpx.post(f"{server.url}/api/chat", json={"model": BUNDLED_MODEL_NAME, "messages": ASK,

@@ -38,7 +38,9 @@ def _completion_tokens(lines) -> tuple[int, str | None]:
 
 
 def test_sigterm_drains_then_exits_0(tiny_model, tmp_path):
-    with start_server(tmp_path, str(tiny_model), "--served-model-name", TINY_NAME) as server, \
+    # a shutdown timeout far past the answer's time, however loaded the machine: this test is about draining
+    with start_server(tmp_path, str(tiny_model), "--served-model-name", TINY_NAME, "--shutdown-timeout", "600") \
+            as server, \
             httpx.Client(base_url=server.url, timeout=60) as client:
         stream, lines = _stream_until_first_token(client, LONG)
         server.process.send_signal(signal.SIGTERM)

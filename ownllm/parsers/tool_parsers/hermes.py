@@ -1,9 +1,12 @@
 """Hermes-style calls (Qwen2.5, Qwen3, SmolLM and NousResearch templates): each call is
-`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, several in a row for parallel calls."""
+`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, several in a row for parallel calls. Small models
+(Qwen2.5-Coder-0.5B) often drop the tags: a whole answer that is such a JSON object, or several on their own
+lines, is read as calls too."""
 
 from __future__ import annotations
 
 from ownllm.parsers.tool_parsers import Taken, ToolParser, call_from_object, find_marker, read_json, register
+from ownllm.parsers.tool_parsers.llama3_json import maybe_bare_call
 
 START, END = "<tool_call>", "</tool_call>"
 
@@ -14,9 +17,13 @@ class HermesToolParser(ToolParser):
     template_hints = (START,)
 
     def find_start(self, content: str, at_start: bool) -> tuple[int, bool]:
+        if at_start and maybe_bare_call(content):
+            return 0, False  # decided when the answer is complete
         return find_marker(content, START)
 
     def take_calls(self, text: str, final: bool) -> Taken | None:
+        if text.lstrip().startswith("{"):  # a bare JSON answer
+            return _bare_calls(text) if final else Taken([], 0, done=False)
         calls, consumed = [], 0
         while True:
             start = text.find(START, consumed)
@@ -35,3 +42,15 @@ class HermesToolParser(ToolParser):
                 return broken
             calls.append(call)
             consumed = end + len(END)
+
+
+def _bare_calls(text: str) -> Taken | None:
+    calls, at = [], 0
+    while text[at:].strip():
+        parsed = read_json(text, at)
+        call = call_from_object(parsed[0], ("arguments",)) if parsed else None
+        if call is None:
+            return None
+        calls.append(call)
+        at = parsed[1]
+    return Taken(calls, len(text), done=True) if calls else None

@@ -18,12 +18,8 @@ class Llama3JsonToolParser(ToolParser):
         at = content.find(PYTHON_TAG)
         if at >= 0:
             return at, True
-        if at_start:  # a bare JSON call: only as the whole answer
-            stripped = content.lstrip()
-            if not stripped:
-                return 0, False
-            if stripped[0] == "{" or PYTHON_TAG.startswith(stripped):
-                return 0, False  # maybe a call: decided when the answer is complete
+        if at_start and (maybe_bare_call(content) or PYTHON_TAG.startswith(content.lstrip())):
+            return 0, False  # maybe a call: decided when the answer is complete
         return len(content), True
 
     def take_calls(self, text: str, final: bool) -> Taken | None:
@@ -44,3 +40,9 @@ class Llama3JsonToolParser(ToolParser):
             if not rest.startswith(";"):
                 return None
             at = len(body) - len(rest) + 1
+
+
+def maybe_bare_call(content: str) -> bool:
+    """Whether a whole answer so far may be a call written as bare JSON (nothing yet, or an object opening)."""
+    stripped = content.lstrip()
+    return not stripped or stripped[0] == "{"
