@@ -292,12 +292,16 @@ def serve(
     no_prefix_caching: Annotated[bool, typer.Option(
         "--no-prefix-caching", help="Do not reuse the KV cache of earlier requests' shared prompt prefixes.")] = False,
     speculative_config: SpeculativeOpt = None,
+    responses_store_size: Annotated[int, typer.Option(
+        min=0, help="Responses the Responses API (/v1/responses) keeps in memory for GET and previous_response_id; "
+        "the least recently used are forgotten first.")] = 1000,
     embedding_model: Annotated[Optional[str], typer.Option(
         help="An embedding model (a sentence-transformers BertModel folder or hub id) to serve beside the chat "
         "model at /v1/embeddings, /api/embed and /api/embeddings; a request's `model` field picks the model. "
         "An embedding model given as --model is served alone.")] = None,
 ) -> None:
-    """Serve a model over HTTP: the OpenAI API under /v1, the Ollama API under /api, /health and /metrics."""
+    """Serve a model over HTTP: the OpenAI API (with Responses) and Anthropic's Messages API under /v1, the Ollama API
+    under /api, /health and /metrics."""
     import uvicorn
 
     from ownllm.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig, parse_memory_size
@@ -332,12 +336,13 @@ def serve(
         with _spinner(f"Loading {embedding_model}..."):
             embedder = AsyncEmbedder(Embedder.from_model(str(embedding_path), None, device, embedding_name))
     origins = tuple(o.strip() for value in cors_origins or [] for o in value.split(",") if o.strip())
-    settings = ServerSettings(api_key=api_key or None, cors_origins=origins, model_path=path)
+    settings = ServerSettings(api_key=api_key or None, cors_origins=origins, model_path=path,
+                              responses_store_size=responses_store_size)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         err.print(f"[yellow]warning:[/yellow] listening on {escape(host)} without --api-key: anyone who can reach "
                   "this port can use the model")
     served = escape(name) + (f" and {escape(embedder.model_name)}" if engine is not None and embedder else "")
-    err.print(f"Serving {served} at http://{escape(host)}:{port} (OpenAI API: /v1, Ollama API: /api)")
+    err.print(f"Serving {served} at http://{escape(host)}:{port} (OpenAI and Anthropic APIs: /v1, Ollama API: /api)")
     try:
         uvicorn.run(build_app(engine, settings, embedder), host=host, port=port, timeout_graceful_shutdown=5)
     finally:

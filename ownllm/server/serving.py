@@ -62,6 +62,7 @@ class ServerSettings:
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
     model_path: Path | None = None  # for Ollama's model listings (size, format, modification time)
+    responses_store_size: int = 1000  # responses kept for the Responses API's GET and previous_response_id
 
 
 @dataclass
