@@ -14,7 +14,6 @@ import json
 from typing import AsyncIterator
 
 from fastapi import APIRouter
-from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -31,7 +30,7 @@ from ownllm.server.blocks import Block, BlockChange, BlockSplitter, answer_block
 from ownllm.server.openai import check_model
 from ownllm.server.serving import (
     ClosingStreamingResponse, ServerContext, ServerError, Timing, as_server_error, check_context, first_and_rest,
-    make_params, new_id, parse_body, run, until_disconnect,
+    make_params, new_id, parse_body, parse_part, run, until_disconnect,
 )
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -122,12 +121,7 @@ def _block(values: dict, param: str):
     if model is None:
         raise ServerError(400, f"{param}.type: content blocks of type {kind!r} are not supported (text, tool_use, "
                           "tool_result, thinking)", param=f"{param}.type")
-    try:
-        return model.model_validate(values)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join([param, *(str(p) for p in first["loc"])])
-        raise ServerError(400, f"{where}: {first['msg']}", param=where) from None
+    return parse_part(model, values, param)
 
 
 def _result_text(block: ToolResultBlockParam) -> str:
@@ -143,7 +137,8 @@ def _sampling_params(ctx: ServerContext, body: MessagesRequest, plan: ToolPlan) 
 
     budget = body.thinking.budget_tokens if body.thinking and body.thinking.type == "enabled" else None
     return make_params(dict(
-        temperature=pick("temperature"), top_p=pick("top_p"), top_k=pick("top_k"), max_tokens=body.max_tokens,
+        temperature=pick("temperature"), top_p=pick("top_p"), top_k=pick("top_k"), min_p=defaults.min_p,
+        repetition_penalty=defaults.repetition_penalty, max_tokens=body.max_tokens,
         stop=list(body.stop_sequences or []), structured_outputs=plan.structured_outputs,
         thinking_budget=thinking_budget(budget, None), skip_special_tokens=not plan.keep_special_tokens,
         output_kind="delta",

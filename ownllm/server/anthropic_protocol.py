@@ -87,7 +87,6 @@ class MessagesRequest(CountTokensRequest):
     top_p: float | None = None
     top_k: int | None = None
     stream: bool = False
-    metadata: dict[str, Any] | None = None
 
 
 # ---- responses

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 from fastapi import APIRouter
-from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -25,14 +25,14 @@ from ownllm.server.openai import check_model
 from ownllm.server.response_store import ResponseStore, StoredResponse
 from ownllm.server.responses_protocol import (
     ITEM_TYPES, ArgumentsDeltaEvent, ArgumentsDoneEvent, ContentPartEvent, DeletedResponse, ErrorEvent,
-    FunctionCallItem, FunctionCallOutputItem, IncompleteDetails, InputItem, MessageItem, OutputFunctionCall,
-    OutputItem, OutputItemEvent, OutputMessage, OutputReasoning, OutputText, OutputTokensDetails, ReasoningText,
-    ResponseEvent, ResponseObject, ResponsesRequest, ResponseUsage, Status, StreamEvent, TextDeltaEvent,
-    TextDoneEvent, TextPart,
+    FunctionCallItem, FunctionCallOutputItem, FunctionToolChoice, IncompleteDetails, InputItem, MessageItem,
+    OutputFunctionCall, OutputItem, OutputItemEvent, OutputMessage, OutputReasoning, OutputText, OutputTokensDetails,
+    ReasoningText, ResponseEvent, ResponseObject, ResponsesRequest, ResponseUsage, Status, StreamEvent,
+    TextDeltaEvent, TextDoneEvent, TextPart,
 )
 from ownllm.server.serving import (
     ClosingStreamingResponse, ServerContext, ServerError, Timing, as_server_error, check_context, first_and_rest,
-    make_params, new_id, parse_body, run, until_disconnect,
+    make_params, new_id, parse_body, parse_part, run, until_disconnect,
 )
 
 ITEM_ID_PREFIXES = {"reasoning": "rs", "text": "msg", "tool_call": "fc"}
@@ -99,16 +99,7 @@ def _item(values: dict, param: str) -> InputItem:
     if model is None:
         raise ServerError(400, f"{param}.type: input items of type {kind!r} are not supported (message, "
                           "function_call, function_call_output, reasoning)", param=f"{param}.type")
-    return _validated(model, values, param)
-
-
-def _validated(model, values: dict, param: str):
-    try:
-        return model.model_validate(values)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join([param, *(str(p) for p in first["loc"])])
-        raise ServerError(400, f"{where}: {first['msg']}", param=where) from None
+    return parse_part(model, values, param)
 
 
 def _text(content: str | list[dict], param: str) -> str:
@@ -119,7 +110,7 @@ def _text(content: str | list[dict], param: str) -> str:
         if values.get("type") not in ("input_text", "output_text"):
             raise ServerError(400, f"{param}.{j}: only text parts are supported, got a part of type "
                               f"{values.get('type')!r}", param=f"{param}.{j}")
-        parts.append(_validated(TextPart, values, f"{param}.{j}").text)
+        parts.append(parse_part(TextPart, values, f"{param}.{j}").text)
     return "\n".join(parts)
 
 
@@ -150,7 +141,8 @@ def _sampling_params(ctx: ServerContext, body: ResponsesRequest, plan: ToolPlan)
     defaults = ctx.engine.default_sampling_params()
     return make_params(dict(
         temperature=defaults.temperature if body.temperature is None else body.temperature,
-        top_p=defaults.top_p if body.top_p is None else body.top_p, top_k=defaults.top_k,
+        top_p=defaults.top_p if body.top_p is None else body.top_p, top_k=defaults.top_k, min_p=defaults.min_p,
+        repetition_penalty=defaults.repetition_penalty,
         max_tokens=body.max_output_tokens, structured_outputs=_structured_outputs(body, plan),
         thinking_budget=thinking_budget(None, body.reasoning.effort if body.reasoning else None),
         skip_special_tokens=not plan.keep_special_tokens, output_kind="delta",
@@ -164,9 +156,9 @@ async def serve_response(ctx: ServerContext, store: ResponseStore, request: Requ
     timing = Timing()
     body = parse_body(await request.body(), ResponsesRequest)
     check_model(ctx, body.model)
-    earlier = _stored(store, body.previous_response_id, "previous_response_id").conversation \
-        if body.previous_response_id else []
-    conversation = earlier + _input_messages(body.input)
+    conversation = _input_messages(body.input)
+    if body.previous_response_id:
+        conversation = _stored(store, body.previous_response_id, "previous_response_id").conversation + conversation
     if not conversation:
         raise ServerError(400, "input is empty", param="input")
     tools, plan = _tool_plan(ctx, body)
@@ -193,13 +185,17 @@ async def serve_response(ctx: ServerContext, store: ResponseStore, request: Requ
     return JSONResponse(answer.finish(reader).model_dump())
 
 
+@dataclass
 class _Answer:
     """One response being made: its output items (the same ids streamed and stored), and its storing."""
 
-    def __init__(self, ctx: ServerContext, body: ResponsesRequest, response_id: str, created_at: int,
-                 num_prompt_tokens: int, conversation: list[dict], store: ResponseStore) -> None:
-        self.ctx, self.body, self.response_id, self.created_at = ctx, body, response_id, created_at
-        self.num_prompt_tokens, self.conversation, self.store = num_prompt_tokens, conversation, store
+    ctx: ServerContext
+    body: ResponsesRequest
+    response_id: str
+    created_at: int
+    num_prompt_tokens: int
+    conversation: list[dict]  # the template's messages before the answer, instructions left out
+    store: ResponseStore
 
     def response(self, status: Status, output: list[OutputItem], reader: SampleReader | None = None) -> ResponseObject:
         body = self.body
@@ -207,8 +203,7 @@ class _Answer:
             input_tokens=self.num_prompt_tokens, output_tokens=len(reader.token_ids),
             output_tokens_details=OutputTokensDetails(reasoning_tokens=reader.reasoning_tokens()),
             total_tokens=self.num_prompt_tokens + len(reader.token_ids))
-        choice = body.tool_choice if isinstance(body.tool_choice, str) or body.tool_choice is None \
-            else body.tool_choice.model_dump()
+        choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, FunctionToolChoice) else body.tool_choice
         return ResponseObject(
             id=self.response_id, created_at=self.created_at, status=status, model=self.ctx.model_name, output=output,
             usage=usage, incomplete_details=IncompleteDetails(reason="max_output_tokens") if status == "incomplete"

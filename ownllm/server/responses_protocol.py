@@ -61,7 +61,6 @@ class ResponsesRequest(_Request):
     metadata: dict[str, str] | None = None
     text: TextConfig | None = None
     reasoning: ReasoningConfig | None = None
-    user: str | None = None
 
 
 class TextPart(_Request):

@@ -119,6 +119,16 @@ def parse_body(body: bytes, model: type[ModelT]) -> ModelT:
         raise ServerError(400, "; ".join(messages), param=param) from None
 
 
+def parse_part(model: type[ModelT], values: dict, param: str) -> ModelT:
+    """One part of a request read on its own (a content block, an input item) -> a 400 naming `param.field`."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join([param, *(str(p) for p in first["loc"])])
+        raise ServerError(400, f"{where}: {first['msg']}", param=where) from None
+
+
 def make_params(values: dict, renames: dict[str, str] | None = None) -> SamplingParams:
     """SamplingParams from request values; its validation errors become a 400 naming the API's field."""
     try:
