@@ -292,6 +292,9 @@ def serve(
     no_prefix_caching: Annotated[bool, typer.Option(
         "--no-prefix-caching", help="Do not reuse the KV cache of earlier requests' shared prompt prefixes.")] = False,
     speculative_config: SpeculativeOpt = None,
+    responses_store_size: Annotated[int, typer.Option(
+        min=0, help="Responses the Responses API (/v1/responses) keeps in memory for GET and previous_response_id; "
+        "the least recently used are forgotten first.")] = 1000,
     embedding_model: Annotated[Optional[str], typer.Option(
         help="An embedding model (a sentence-transformers BertModel folder or hub id) to serve beside the chat "
         "model at /v1/embeddings, /api/embed and /api/embeddings; a request's `model` field picks the model. "
@@ -322,7 +325,8 @@ def serve(
         min=0, help="Most reasoning tokens of a thinking model's answer before the server ends the thinking "
         "itself (a request's thinking_budget or reasoning_effort overrides it). Default: no limit.")] = None,
 ) -> None:
-    """Serve a model over HTTP: the OpenAI API under /v1, the Ollama API under /api, /health and /metrics."""
+    """Serve a model over HTTP: the OpenAI API (with Responses) and Anthropic's Messages API under /v1, the Ollama API
+    under /api, /health and /metrics."""
     from ownllm.config import (
         CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig, normalize_dtype, parse_memory_size, resolve_device,
     )
@@ -369,10 +373,11 @@ def serve(
         with _spinner(f"Loading {embedding_model}..."):
             embedder = AsyncEmbedder(Embedder.from_model(str(embedding_path), None, device, embedding_name))
     settings = ServerSettings(api_key=api_key or None, cors_origins=origins, model_path=path, limits=limits,
-                              request_timeout=request_timeout, reasoning_budget=reasoning_budget)
+                              request_timeout=request_timeout, reasoning_budget=reasoning_budget,
+                              responses_store_size=responses_store_size)
     app = build_app(engine, settings, embedder)
     served = escape(name) + (f" and {escape(embedder.model_name)}" if engine is not None and embedder else "")
-    err.print(f"Serving {served} at http://{escape(host)}:{port} (OpenAI API: /v1, Ollama API: /api)")
+    err.print(f"Serving {served} at http://{escape(host)}:{port} (OpenAI and Anthropic APIs: /v1, Ollama API: /api)")
     try:
         serve_app(app, app.state.ctx.drain, host, port, shutdown_timeout)
     finally:

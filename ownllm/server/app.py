@@ -1,12 +1,13 @@
 """build_app(engine, settings): the FastAPI application around one EngineClient.
 
-It mounts the OpenAI (/v1) and Ollama (/api) routers, requires `Authorization: Bearer KEY` on both
-when an API key is set (compared in constant time, never logged), refuses bodies over the size limit, adds
+It mounts the OpenAI (/v1, with the Responses API at /v1/responses), Anthropic (/v1/messages) and Ollama
+(/api) routers, requires the API key on all of them when one is set (`Authorization: Bearer KEY`, or
+Anthropic's `x-api-key: KEY`; compared in constant time, never logged), refuses bodies over the size limit, adds
 CORS only for the origins the settings allow, answers 503 while it drains for shutdown, serves /health and
 /metrics (open, like vLLM's, so probes and scrapers need no key), and turns every error into the
 JSON shape of the API that was called: never a traceback, never a hung request. Request semantics
-live in openai.py and ollama.py; this module only wires. An embedding model's routes (embeddings.py)
-sit beside them, behind the same key.
+live in openai.py, responses.py, anthropic.py and ollama.py; this module only wires. An embedding
+model's routes (embeddings.py) sit beside them, behind the same key.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 import ownllm
 from ownllm.engine.async_embedder import AsyncEmbedder
-from ownllm.server import embeddings, ollama, openai
+from ownllm.server import anthropic, embeddings, ollama, openai, responses
 from ownllm.server.limits import BodySizeLimit
 from ownllm.server.metrics import ServerMetrics
 from ownllm.server.schema import describe_request_bodies
@@ -49,6 +50,8 @@ def build_app(engine: EngineClient | None, settings: ServerSettings | None = Non
                          if embedder is not None else [])
     app.include_router(embeddings.router(embedder, chat_model_name), dependencies=auth)
     app.include_router(openai.router(ctx), dependencies=generation)
+    app.include_router(responses.router(ctx), dependencies=generation)
+    app.include_router(anthropic.router(ctx), dependencies=generation)
     app.include_router(ollama.router(ctx), dependencies=generation)
     _add_probes(app, ctx)
     _add_error_handlers(app)
@@ -66,8 +69,11 @@ def _require_key(api_key: str):
 
     async def require_key(request: Request) -> None:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), expected):
-            raise ServerError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+        if scheme.lower() != "bearer":
+            token = request.headers.get("x-api-key", "")
+        if not secrets.compare_digest(token.strip().encode(), expected):
+            raise ServerError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' or "
+                              "'x-api-key: <key>'",
                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     return require_key
@@ -90,7 +96,9 @@ def _add_probes(app: FastAPI, ctx: ServerContext) -> None:
 
 
 def error_response(request: Request, error: ServerError) -> Response:
-    body = openai.error_body(error) if request.url.path.startswith("/v1") else ollama.error_body(error)
+    path = request.url.path
+    body = (anthropic.error_body(error) if path.startswith("/v1/messages") else
+            openai.error_body(error) if path.startswith("/v1") else ollama.error_body(error))
     return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 

@@ -22,7 +22,8 @@ from ownllm.engine.embedder import EmbeddingOutput
 from ownllm.sampling_params import SamplingParams
 from ownllm.server.serving import ServerError, parse_body, until_disconnect
 
-GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/api/chat", "/api/generate")
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages",
+                    "/v1/messages/count_tokens", "/api/chat", "/api/generate")
 EMBEDDING_ROUTES = "/v1/embeddings, /api/embed and /api/embeddings"
 
 

@@ -10,10 +10,12 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
+from ownllm.server.anthropic_protocol import CountTokensRequest, MessagesRequest
 from ownllm.server.embeddings import EmbeddingRequest, OllamaEmbeddingsRequest, OllamaEmbedRequest
 from ownllm.server.protocol import (
     ChatCompletionRequest, CompletionRequest, OllamaChatRequest, OllamaGenerateRequest, OllamaShowRequest,
 )
+from ownllm.server.responses_protocol import ResponsesRequest
 
 REQUEST_BODIES: dict[str, type[BaseModel]] = {
     "/v1/chat/completions": ChatCompletionRequest,
@@ -24,6 +26,9 @@ REQUEST_BODIES: dict[str, type[BaseModel]] = {
     "/v1/embeddings": EmbeddingRequest,
     "/api/embed": OllamaEmbedRequest,
     "/api/embeddings": OllamaEmbeddingsRequest,
+    "/v1/messages": MessagesRequest,
+    "/v1/messages/count_tokens": CountTokensRequest,
+    "/v1/responses": ResponsesRequest,
 }
 _REF = "#/components/schemas/{model}"
 

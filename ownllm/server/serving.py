@@ -69,6 +69,7 @@ class ServerSettings:
     limits: RequestLimits = RequestLimits()
     request_timeout: float | None = None  # seconds from arrival after which a request is stopped (None: never)
     reasoning_budget: int | None = None  # thinking tokens of a reasoning model's answer (None: no limit)
+    responses_store_size: int = 1000  # responses kept for the Responses API's GET and previous_response_id
 
 
 @dataclass
@@ -111,6 +112,16 @@ def parse_body(body: bytes, model: type[ModelT]) -> ModelT:
         param = ".".join(str(part) for part in first["loc"]) or None
         messages = [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in error.errors()]
         raise ServerError(400, "; ".join(messages), param=param) from None
+
+
+def parse_part(model: type[ModelT], values: dict, param: str) -> ModelT:
+    """One part of a request read on its own (a content block, an input item) -> a 400 naming `param.field`."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join([param, *(str(p) for p in first["loc"])])
+        raise ServerError(400, f"{where}: {first['msg']}", param=where) from None
 
 
 def make_params(values: dict, limits: RequestLimits, renames: dict[str, str] | None = None) -> SamplingParams:

@@ -1,5 +1,6 @@
-"""Real `ownllm serve` processes for the server tests: a tiny random checkpoint served once per session,
-started on a free loopback port and stopped at the end; `start_server` starts others (auth, limits...)."""
+"""Real `ownllm serve` processes for the server tests: a tiny random checkpoint, and the bundled model behind an
+API key, each served once per session on a free loopback port and stopped at the end; `start_server` starts
+others (auth, limits...)."""
 
 from __future__ import annotations
 
@@ -123,3 +124,13 @@ def tiny_llm(tiny_model):
     from ownllm import LLM
 
     return LLM(str(tiny_model), kv_cache_memory=64 * 2**20)
+
+
+BUNDLED_KEY = "bundled-key"
+
+
+@pytest.fixture(scope="session")
+def bundled_server(tmp_path_factory) -> Iterator[Server]:
+    """`ownllm serve` on the bundled SmolLM2-135M-Instruct, behind the API key BUNDLED_KEY."""
+    with start_server(tmp_path_factory.mktemp("logs"), None, env={"OWNLLM_API_KEY": BUNDLED_KEY}) as server:
+        yield server

@@ -6,8 +6,10 @@ with the exact words."""
 from __future__ import annotations
 
 import base64
+from functools import partial
 from pathlib import Path
 
+import anthropic
 import httpx
 import numpy as np
 import ollama
@@ -117,6 +119,14 @@ def test_requests_are_routed_by_model(server, client):
     with pytest.raises(openai.BadRequestError) as error:
         client.chat.completions.create(model=EMBEDDING_NAME, messages=[{"role": "user", "content": "hi"}])
     assert error.value.body["message"] == f"model {EMBEDDING_NAME} {NOT_GENERATION}"
+    with pytest.raises(openai.BadRequestError) as error:
+        client.responses.create(model=EMBEDDING_NAME, input="hi")
+    assert error.value.body["message"] == f"model {EMBEDDING_NAME} {NOT_GENERATION}"
+    claude = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0, timeout=60)
+    for call in (claude.messages.count_tokens, partial(claude.messages.create, max_tokens=2)):
+        with pytest.raises(anthropic.BadRequestError) as error:
+            call(model=EMBEDDING_NAME, messages=[{"role": "user", "content": "hi"}])
+        assert error.value.body["error"]["message"] == f"model {EMBEDDING_NAME} {NOT_GENERATION}"
     with pytest.raises(openai.BadRequestError) as error:
         client.embeddings.create(model=TINY_NAME, input="hi")
     assert error.value.body["message"] == (f"model {TINY_NAME} is not an embedding model; "

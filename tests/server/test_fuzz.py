@@ -50,7 +50,8 @@ OPERATIONS = [
     "GET /v1/models", "GET /v1/models/{model_id}", "POST /v1/chat/completions", "POST /v1/completions",
     "POST /api/chat", "POST /api/generate", "POST /api/show", "GET /api/tags", "GET /api/ps", "GET /api/version",
     "GET /health", "GET /metrics", "GET /", "HEAD /", "POST /v1/embeddings", "POST /api/embed",
-    "POST /api/embeddings",
+    "POST /api/embeddings", "POST /v1/messages", "POST /v1/messages/count_tokens", "POST /v1/responses",
+    "GET /v1/responses/{response_id}", "DELETE /v1/responses/{response_id}",
 ]
 _calls = concurrent.futures.ThreadPoolExecutor(max_workers=1)
 
@@ -59,7 +60,8 @@ def test_every_route_is_fuzzed(api_schema):
     assert sorted(result.ok().label for result in api_schema.get_all_operations()) == sorted(OPERATIONS)
     paths = api_schema.raw_schema["paths"]
     for path in ("/v1/chat/completions", "/v1/completions", "/api/chat", "/api/generate", "/api/show",
-                 "/v1/embeddings", "/api/embed", "/api/embeddings"):
+                 "/v1/embeddings", "/api/embed", "/api/embeddings", "/v1/messages", "/v1/messages/count_tokens",
+                 "/v1/responses"):
         assert "requestBody" in paths[path]["post"], path
 
 

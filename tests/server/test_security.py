@@ -34,16 +34,21 @@ def server(tiny_model, tmp_path_factory):
 
 
 @pytest.mark.parametrize("method, path", [
-    ("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/api/tags"),
+    ("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/responses"),
+    ("GET", "/v1/responses/resp-1"), ("POST", "/v1/messages"), ("POST", "/v1/messages/count_tokens"),
+    ("GET", "/api/tags"),
     ("POST", "/api/chat"), ("POST", "/api/generate"), ("POST", "/api/show"), ("GET", "/api/ps"),
     ("GET", "/api/version"),
 ])
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}])
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
+                                     {"x-api-key": "wrong"}])
 def test_routes_need_the_key(server, method, path, headers):
     response = httpx.request(method, f"{server.url}{path}", headers=headers, json={})
     assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
     error = response.json()["error"]
-    if path.startswith("/v1"):
+    if path.startswith("/v1/messages"):  # Anthropic's shape
+        assert error["type"] == "authentication_error" and "API key" in error["message"]
+    elif path.startswith("/v1"):
         assert error["code"] == "invalid_api_key" and "API key" in error["message"]
     else:
         assert "API key" in error
@@ -53,6 +58,7 @@ def test_the_right_key_works(server):
     headers = {"Authorization": f"Bearer {KEY}"}
     assert httpx.get(f"{server.url}/v1/models", headers=headers).status_code == 200
     assert httpx.get(f"{server.url}/api/tags", headers=headers).status_code == 200
+    assert httpx.get(f"{server.url}/v1/models", headers={"x-api-key": KEY}).status_code == 200
     assert openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY).models.list().data[0].id == TINY_NAME
     assert ollama.Client(host=server.url, headers=headers).list().models
     with pytest.raises(openai.AuthenticationError):
