@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ownllm.compute.strategies import ComputeSummary
 from ownllm.sampling_params import SamplingParams
 
 
@@ -48,6 +49,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = False
+    compute: ComputeSummary | None = None  # a request with `compute`: how its one output was chosen
 
 
 # ---- the step protocol

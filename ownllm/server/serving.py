@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from ownllm.compute.params import DEFAULT_MAX_SAMPLES
 from ownllm.engine.async_engine import EngineDead, EngineOverloaded
 from ownllm.outputs import RequestOutput
 from ownllm.parsers.reasoning import ReasoningParser
@@ -52,6 +53,8 @@ class EngineClient(Protocol):
 
     async def abort(self, request_id: str) -> None: ...
 
+    async def stop_samples(self, request_id: str, indices: list[int]) -> None: ...
+
     def stats(self) -> dict: ...
 
     def default_sampling_params(self) -> SamplingParams: ...
@@ -62,6 +65,7 @@ class ServerSettings:
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
     model_path: Path | None = None  # for Ollama's model listings (size, format, modification time)
+    max_compute_samples: int = DEFAULT_MAX_SAMPLES  # the most samples one request's `compute` may ask for
 
 
 @dataclass
