@@ -41,7 +41,7 @@ def test_vote_without_any_answer_returns_the_most_likely_sample():
 
 def test_best_of_logprob_picks_the_highest_mean_and_breaks_ties_by_index():
     session = ComputeSession(ComputeParams("best_of", 3, "text"))
-    finish_all(session, [("a", 2, -2.0), ("b", 4, -2.0), ("c", 1, -0.9)])
+    finish_all(session, [("a", 2, -2.0), ("b", 4, -8.0), ("c", 1, -0.9)])
     summary = session.result()
     assert (summary.answer, summary.chosen_index, summary.score) == ("c", 2, -0.9)
     session = ComputeSession(ComputeParams("best_of", 3, "text"))
