@@ -296,6 +296,8 @@ def serve(
         help="An embedding model (a sentence-transformers BertModel folder or hub id) to serve beside the chat "
         "model at /v1/embeddings, /api/embed and /api/embeddings; a request's `model` field picks the model. "
         "An embedding model given as --model is served alone.")] = None,
+    max_compute_samples: Annotated[int, typer.Option(
+        min=1, help="The most samples one request's `compute` field may ask for.")] = 64,
 ) -> None:
     """Serve a model over HTTP: the OpenAI API under /v1, the Ollama API under /api, /health and /metrics."""
     import uvicorn
@@ -332,7 +334,8 @@ def serve(
         with _spinner(f"Loading {embedding_model}..."):
             embedder = AsyncEmbedder(Embedder.from_model(str(embedding_path), None, device, embedding_name))
     origins = tuple(o.strip() for value in cors_origins or [] for o in value.split(",") if o.strip())
-    settings = ServerSettings(api_key=api_key or None, cors_origins=origins, model_path=path)
+    settings = ServerSettings(api_key=api_key or None, cors_origins=origins, model_path=path,
+                              max_compute_samples=max_compute_samples)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         err.print(f"[yellow]warning:[/yellow] listening on {escape(host)} without --api-key: anyone who can reach "
                   "this port can use the model")

@@ -32,7 +32,8 @@ class SampleEngine(Protocol):
 
 
 def generate_with_compute(engine: SampleEngine, prompts: list[tuple[str | None, list[int]]], params: SamplingParams,
-                          compute: ComputeParams, verifier_prompt: VerifierPrompt, id_prefix: str) -> list[RequestOutput]:
+                          compute: ComputeParams, verifier_prompt: VerifierPrompt,
+                          id_prefix: str) -> list[RequestOutput]:
     """One RequestOutput per prompt with the chosen sample as its one output and the summary as `compute`."""
     sample_params = replace(params, n=compute.samples, output_kind="delta")
     sessions = {f"{id_prefix}-{p}": ComputeSession(compute) for p in range(len(prompts))}
@@ -57,20 +58,21 @@ def generate_with_compute(engine: SampleEngine, prompts: list[tuple[str | None, 
     return results
 
 
-def _read(engine: SampleEngine, session: ComputeSession, samples: list[CompletionOutput], output: RequestOutput) -> None:
+def _read(engine: SampleEngine, session: ComputeSession, samples: list[CompletionOutput],
+          output: RequestOutput) -> None:
     for delta in output.outputs:
         sample = samples[delta.index]
         sample.text += delta.text
         sample.token_ids += delta.token_ids
         sample.cumulative_logprob = delta.cumulative_logprob
         sample.finish_reason, sample.stop_reason = delta.finish_reason, delta.stop_reason
-        progress = (delta.index, sample.text, len(sample.token_ids), sample.cumulative_logprob or 0.0)
-        if delta.finished:
-            to_stop = session.finish(*progress, delta.finish_reason)
-            if to_stop:
-                engine.stop_samples(output.request_id, to_stop)
-        else:
-            session.update(*progress)
+        if not delta.finished:
+            session.update(delta.index, len(sample.token_ids), sample.cumulative_logprob or 0.0)
+            continue
+        to_stop = session.finish(delta.index, sample.text, len(sample.token_ids), sample.cumulative_logprob or 0.0,
+                                 delta.finish_reason)
+        if to_stop:
+            engine.stop_samples(output.request_id, to_stop)
 
 
 def _verify(engine: SampleEngine, sessions: list[ComputeSession], verifier_prompt: VerifierPrompt,

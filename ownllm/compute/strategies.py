@@ -95,16 +95,17 @@ class ComputeSession:
     def complete(self) -> list[Sample]:
         return [s for s in self.samples if s.is_complete]
 
-    def update(self, index: int, text: str, num_tokens: int, cumulative_logprob: float) -> None:
-        """Records a running sample's output so far (what a stopped sample spent stays counted)."""
+    def update(self, index: int, num_tokens: int, cumulative_logprob: float) -> None:
+        """Records how far a running sample got (what a stopped sample spent stays counted)."""
         sample = self.samples[index]
-        sample.text, sample.num_tokens, sample.cumulative_logprob = text, num_tokens, cumulative_logprob
+        sample.num_tokens, sample.cumulative_logprob = num_tokens, cumulative_logprob
 
     def finish(self, index: int, text: str, num_tokens: int, cumulative_logprob: float,
                finish_reason: str) -> list[int]:
         """Records a finished sample -> the running samples to stop now (early_stop, once the vote is decided)."""
-        self.update(index, text, num_tokens, cumulative_logprob)
+        self.update(index, num_tokens, cumulative_logprob)
         sample = self.samples[index]
+        sample.text = text
         if sample.finish_reason is not None:  # already stopped: its final output only brings its tokens
             return []
         sample.finish_reason = finish_reason

@@ -64,7 +64,7 @@ def test_early_stop_exactly_when_the_leader_cannot_be_overtaken():
             session.finish(2, "6", 3, -1.0, "stop"), session.finish(3, "5", 3, -1.0, "stop")]
     assert said == [[], [], [], []]  # 3 vs 1 with 3 running: 1 + 3 = 4 could still overtake
     assert session.progress().leader == "5" and session.progress().leader_count == 3
-    session.update(5, "partial", 2, -0.5)
+    session.update(5, 2, -0.5)
     assert session.finish(4, "5", 3, -1.0, "stop") == [5, 6]  # 4 vs 1 with 2 running: decided
     assert session.finish(5, "partial 9", 4, -1.0, "abort") == []  # the stopped sample's last output
     summary = session.result()
