@@ -60,6 +60,13 @@ def generate_with_compute(engine: SampleEngine, prompts: list[tuple[str | None, 
 
 def _read(engine: SampleEngine, session: ComputeSession, samples: list[CompletionOutput],
           output: RequestOutput) -> None:
+    _fold(session, samples, output)
+    to_stop = session.samples_to_stop()
+    if to_stop:
+        engine.stop_samples(output.request_id, to_stop)
+
+
+def _fold(session: ComputeSession, samples: list[CompletionOutput], output: RequestOutput) -> None:
     for delta in output.outputs:
         sample = samples[delta.index]
         sample.text += delta.text
@@ -69,10 +76,8 @@ def _read(engine: SampleEngine, session: ComputeSession, samples: list[Completio
         if not delta.finished:
             session.update(delta.index, len(sample.token_ids), sample.cumulative_logprob or 0.0)
             continue
-        to_stop = session.finish(delta.index, sample.text, len(sample.token_ids), sample.cumulative_logprob or 0.0,
-                                 delta.finish_reason)
-        if to_stop:
-            engine.stop_samples(output.request_id, to_stop)
+        session.finish(delta.index, sample.text, len(sample.token_ids), sample.cumulative_logprob or 0.0,
+                       delta.finish_reason)
 
 
 def _verify(engine: SampleEngine, sessions: list[ComputeSession], verifier_prompt: VerifierPrompt,

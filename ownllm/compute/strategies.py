@@ -100,17 +100,17 @@ class ComputeSession:
         sample = self.samples[index]
         sample.num_tokens, sample.cumulative_logprob = num_tokens, cumulative_logprob
 
-    def finish(self, index: int, text: str, num_tokens: int, cumulative_logprob: float,
-               finish_reason: str) -> list[int]:
-        """Records a finished sample -> the running samples to stop now (early_stop, once the vote is decided)."""
+    def finish(self, index: int, text: str, num_tokens: int, cumulative_logprob: float, finish_reason: str) -> None:
+        """Records a finished sample (a stopped one's final output only brings its tokens)."""
         self.update(index, num_tokens, cumulative_logprob)
         sample = self.samples[index]
-        sample.text = text
-        if sample.finish_reason is not None:  # already stopped: its final output only brings its tokens
-            return []
-        sample.finish_reason = finish_reason
-        if sample.is_complete:
-            sample.answer = self.extract(text)
+        if sample.finish_reason is None:
+            sample.text, sample.finish_reason = text, finish_reason
+            sample.answer = self.extract(text) if sample.is_complete else None
+
+    def samples_to_stop(self) -> list[int]:
+        """With early_stop, once the vote is decided: the running samples, now marked stopped (the driver stops them
+        in the engine). Asked after each batch of finished samples, so samples finishing together all count."""
         if not (self.params.early_stop and self.is_decided()):
             return []
         to_stop = [s.index for s in self.running]

@@ -92,10 +92,10 @@ async def drive(ctx: ServerContext, state: ComputeRun, prompt_ids: list[int], pa
             if not delta.finished:
                 session.update(delta.index, len(reader.token_ids), logprob)
                 continue
-            to_stop = session.finish(delta.index, reader.message().content, len(reader.token_ids), logprob,
-                                     delta.finish_reason)
-            if to_stop:
-                await ctx.engine.stop_samples(request_id, to_stop)
+            session.finish(delta.index, reader.message().content, len(reader.token_ids), logprob, delta.finish_reason)
+        to_stop = session.samples_to_stop()
+        if to_stop:
+            await ctx.engine.stop_samples(request_id, to_stop)
         if not started or len(session.complete) > num_finished:
             started = True
             yield session.progress()

@@ -8,10 +8,15 @@ import pytest
 from ownllm.compute import ComputeParams, ComputeSession
 
 
+def finish(session: ComputeSession, index: int, text: str, num_tokens: int = 3, logprob: float = -1.0) -> list[int]:
+    """Finishes one sample -> the samples the session then says to stop."""
+    session.finish(index, text, num_tokens, logprob, "stop")
+    return session.samples_to_stop()
+
+
 def finish_all(session: ComputeSession, scripts: list[tuple[str, int, float]]) -> list[list[int]]:
-    """Finishes samples in order with (text, num_tokens, cumulative_logprob) -> what each finish said to stop."""
-    return [session.finish(i, text, n, logprob, "stop") for i, (text, n, logprob) in enumerate(scripts)
-            if session.samples[i].finish_reason is None]
+    """Finishes samples one at a time with (text, num_tokens, cumulative_logprob) -> what each said to stop."""
+    return [finish(session, i, *script) for i, script in enumerate(scripts) if session.samples[i].finish_reason is None]
 
 
 def test_vote_picks_the_majority_answer_and_its_most_likely_sample():
@@ -60,13 +65,13 @@ def test_best_of_verifier_uses_the_scores_set_on_samples():
 
 def test_early_stop_exactly_when_the_leader_cannot_be_overtaken():
     session = ComputeSession(ComputeParams("vote", 7, "number", early_stop=True))
-    said = [session.finish(0, "5", 3, -1.0, "stop"), session.finish(1, "5", 3, -1.0, "stop"),
-            session.finish(2, "6", 3, -1.0, "stop"), session.finish(3, "5", 3, -1.0, "stop")]
+    said = [finish(session, 0, "5"), finish(session, 1, "5"), finish(session, 2, "6"), finish(session, 3, "5")]
     assert said == [[], [], [], []]  # 3 vs 1 with 3 running: 1 + 3 = 4 could still overtake
     assert session.progress().leader == "5" and session.progress().leader_count == 3
     session.update(5, 2, -0.5)
-    assert session.finish(4, "5", 3, -1.0, "stop") == [5, 6]  # 4 vs 1 with 2 running: decided
-    assert session.finish(5, "partial 9", 4, -1.0, "abort") == []  # the stopped sample's last output
+    assert finish(session, 4, "5") == [5, 6]  # 4 vs 1 with 2 running: decided
+    session.finish(5, "partial 9", 4, -1.0, "abort")  # the stopped sample's last output brings its tokens
+    assert session.samples_to_stop() == [] and session.samples[5].answer is None
     summary = session.result()
     assert (summary.answer, summary.samples_run, summary.samples_saved) == ("5", 5, 2)
     assert summary.agreement == 0.8 and summary.completion_tokens == 19  # 5 x 3 + the stopped one's 4
@@ -74,11 +79,19 @@ def test_early_stop_exactly_when_the_leader_cannot_be_overtaken():
 
 def test_early_stop_waits_while_a_tie_is_still_possible():
     session = ComputeSession(ComputeParams("vote", 3, "text", early_stop=True))
-    assert session.finish(0, "yes", 1, 0.0, "stop") == []  # 1 vs 0 with 2 running
-    assert session.finish(1, "yes", 1, 0.0, "stop") == [2]  # 2 vs 0 with 1 running: a tie is out of reach
+    assert finish(session, 0, "yes") == []  # 1 vs 0 with 2 running
+    assert finish(session, 1, "yes") == [2]  # 2 vs 0 with 1 running: a tie is out of reach
     session = ComputeSession(ComputeParams("vote", 4, "text", early_stop=True))
     finish_all(session, [("yes", 1, 0.0), ("no", 1, 0.0), ("yes", 1, 0.0)])
     assert session.samples[3].finish_reason is None  # 2 vs 1 with 1 running: "no" could tie
+
+
+def test_samples_finishing_together_all_count_before_the_stop():
+    session = ComputeSession(ComputeParams("vote", 4, "number", early_stop=True))
+    for i in range(3):
+        session.finish(i, "9", 2, -1.0, "stop")
+    assert session.samples_to_stop() == [3]
+    assert (session.result().samples_run, session.result().samples_saved) == (3, 1)
 
 
 def test_unanswered_samples_do_not_vote():
