@@ -1,6 +1,6 @@
 """Generated arithmetic word problems in several families, each with its exact answer: no network, fixed seeds, and
-two splits drawn from different seeds, "dev" (for tuning prompts and parameters) and "heldout" (for reporting,
-never tuned on). The same (family, split, index) is always the same problem."""
+two splits drawn from different seeds, "dev" (for tuning prompts and parameters; never a held-out question) and
+"heldout" (for reporting, never tuned on). The same (family, split, index) is always the same problem."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def _chain(rng: random.Random) -> tuple[str, Fraction]:
 
 
 def _percent(rng: random.Random) -> tuple[str, Fraction]:
-    price, rate = 20 * rng.randint(2, 49), 5 * rng.randint(1, 18)
+    price, rate = 20 * rng.randint(2, 99), 5 * rng.randint(1, 18)
     if rng.random() < 0.5:
         return (f"A jacket costs ${price}. It is sold at {rate}% off. What is the sale price in dollars?",
                 Fraction(price * (100 - rate), 100))
@@ -91,8 +91,10 @@ def problems(family: str, split: str = "heldout", count: int = HELDOUT_SIZE) -> 
     if split not in SPLITS:
         raise ValueError(f"split must be dev or heldout, got {split!r}")
     rng = random.Random(f"ownllm-tasks/{family}/{split}")
-    result = []
-    for index in range(count):
+    held_out = {p.question for p in problems(family, "heldout")} if split == "dev" else set()
+    result: list[Problem] = []
+    while len(result) < count:
         question, value = FAMILIES[family](rng)
-        result.append(Problem(family, split, index, question, normalize_number(str(value))))
+        if question not in held_out:  # dev never repeats a held-out problem
+            result.append(Problem(family, split, len(result), question, normalize_number(str(value))))
     return result
