@@ -123,3 +123,16 @@ def test_bad_compute_on_completions(client):
         client.completions.create(model=TINY_NAME, prompt=["a", "b"], max_tokens=2,
                                   extra_body={"compute": {"samples": 2}})
     assert (error.value.body["param"], error.value.body["message"]) == ("prompt", "compute takes one prompt, got 2")
+
+
+def test_best_of_verifier_scores_with_the_served_model(client):
+    plain = client.chat.completions.create(model=TINY_NAME, messages=MESSAGES, max_tokens=3,
+                                           extra_body={"ignore_eos": True})
+    answer = client.chat.completions.create(
+        model=TINY_NAME, messages=MESSAGES, max_tokens=3,
+        extra_body={"ignore_eos": True, "compute": {"strategy": "best_of", "samples": 2, "scorer": "verifier"}})
+    compute = answer.model_extra["compute"]
+    check_summary(compute, 2)
+    assert 0 <= compute["score"] <= 1  # a probability of "yes"
+    assert answer.usage.prompt_tokens > 3 * plain.usage.prompt_tokens  # the prompt, then two verifier prompts
+    assert answer.usage.completion_tokens == 2 * 3 + 2  # the samples, then one verifier token each
