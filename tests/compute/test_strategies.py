@@ -3,9 +3,17 @@ and early stop exactly when the leader is safe, not a sample before. Plus Comput
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from ownllm.compute import ComputeParams, ComputeSession
+
+
+def test_imports_no_torch():
+    code = "import sys, ownllm.compute.offline, ownllm.evals.run, ownllm.evals.tasks; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 
 def finish(session: ComputeSession, index: int, text: str, num_tokens: int = 3, logprob: float = -1.0) -> list[int]:
