@@ -7,6 +7,7 @@ frames the streamed chunks (SSE) itself."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from typing import AsyncIterator, Callable
@@ -26,8 +27,7 @@ from ownllm.server.protocol import (
     DeltaFunctionCall, DeltaMessage, DeltaToolCall, FunctionCall, ToolCall, Usage,
 )
 from ownllm.server.serving import (
-    ServerContext, ServerError, Timing, first_and_rest, last_output, merge, new_id, run,
-    until_disconnect,
+    ServerContext, ServerError, Timing, first_and_rest, last_output, new_id, run, until_disconnect,
 )
 
 VerifierPrompt = Callable[[str], list[int]]  # a sample's answer -> the verifier's prompt ids
@@ -106,26 +106,14 @@ async def drive(ctx: ServerContext, state: ComputeRun, prompt_ids: list[int], pa
 async def _verify(ctx: ServerContext, state: ComputeRun, request_id: str, verifier_prompt: VerifierPrompt) -> None:
     samples = state.session.complete
     prompts = [verifier_prompt(sample.text) for sample in samples]
-    streams = [last_output(run(ctx, ids, verifier_params(), f"{request_id}-verify-{s.index}", Timing()))
-               for s, ids in zip(samples, prompts)]
-    outputs = [output async for output in _gather(streams)]
+    outputs = await asyncio.gather(*(  # together: one engine batch
+        last_output(run(ctx, ids, verifier_params(), f"{request_id}-verify-{s.index}", Timing()))
+        for s, ids in zip(samples, prompts)))
     for sample, output in zip(samples, outputs):
         entries = output.outputs[0].logprobs or [{}]
         sample.score = yes_probability((lp.decoded_token or "", lp.logprob) for lp in entries[0].values())
         state.num_verifier_tokens += len(output.outputs[0].token_ids)
     state.num_verifier_prompt_tokens = sum(len(ids) for ids in prompts)
-
-
-async def _gather(awaitables) -> AsyncIterator:
-    """The verifier requests run together (one engine batch) -> their results in order."""
-    async def one(awaitable):
-        yield await awaitable
-
-    results = {}
-    async for index, item in merge([one(a) for a in awaitables]):
-        results[index] = item
-    for index in range(len(awaitables)):
-        yield results[index]
 
 
 def _progress_info(progress: ComputeProgress) -> ComputeProgressInfo:
