@@ -136,3 +136,13 @@ def test_best_of_verifier_scores_with_the_served_model(client):
     assert 0 <= compute["score"] <= 1  # a probability of "yes"
     assert answer.usage.prompt_tokens > 3 * plain.usage.prompt_tokens  # the prompt, then two verifier prompts
     assert answer.usage.completion_tokens == 2 * 3 + 2  # the samples, then one verifier token each
+
+
+def test_eval_runs_against_a_server(tiny_server):
+    from ownllm.evals.run import evaluate, server_solver
+    from ownllm.evals.tasks import problems
+
+    solve = server_solver(tiny_server.url, None, 4, 0.7)
+    result = evaluate(solve, problems("algebra", count=2), "vote_early_stop", 3)
+    assert (result.num_problems, result.samples) == (2, 3)
+    assert 2 <= result.tokens_per_problem <= 12  # 3 samples of 1-4 tokens each (an early stop can end some at 0+)
