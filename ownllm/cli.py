@@ -1,5 +1,5 @@
-"""The `ownllm` command: run, chat, models, pull, rm, show, serve, eval. Wires the offline engine to a terminal, and the
-async engine to the HTTP server.
+"""The `ownllm` command: run, chat, models, pull, rm, show, serve, eval. Wires the offline engine to a terminal, and
+the async engine to the HTTP server.
 
 Every expected failure (bad path, bad option value, unsupported model...) is printed as one
 `error: ...` line with a non-zero exit, never a traceback.
