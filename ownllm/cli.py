@@ -1,5 +1,5 @@
-"""The `ownllm` command: run, chat, models, pull, rm, show, serve. Wires the offline engine to a terminal, and the
-async engine to the HTTP server.
+"""The `ownllm` command: run, chat, models, pull, rm, show, serve, eval. Wires the offline engine to a terminal, and
+the async engine to the HTTP server.
 
 Every expected failure (bad path, bad option value, unsupported model...) is printed as one
 `error: ...` line with a non-zero exit, never a traceback.
@@ -324,6 +324,8 @@ def serve(
     reasoning_budget: Annotated[Optional[int], typer.Option(
         min=0, help="Most reasoning tokens of a thinking model's answer before the server ends the thinking "
         "itself (a request's thinking_budget or reasoning_effort overrides it). Default: no limit.")] = None,
+    max_compute_samples: Annotated[int, typer.Option(
+        min=1, help="The most samples one request's `compute` field may ask for.")] = 64,
 ) -> None:
     """Serve a model over HTTP: the OpenAI API (with Responses) and Anthropic's Messages API under /v1, the Ollama API
     under /api, /health and /metrics."""
@@ -374,7 +376,8 @@ def serve(
             embedder = AsyncEmbedder(Embedder.from_model(str(embedding_path), None, device, embedding_name))
     settings = ServerSettings(api_key=api_key or None, cors_origins=origins, model_path=path, limits=limits,
                               request_timeout=request_timeout, reasoning_budget=reasoning_budget,
-                              responses_store_size=responses_store_size)
+                              responses_store_size=responses_store_size,
+                              max_compute_samples=max_compute_samples)
     app = build_app(engine, settings, embedder)
     served = escape(name) + (f" and {escape(embedder.model_name)}" if engine is not None and embedder else "")
     err.print(f"Serving {served} at http://{escape(host)}:{port} (OpenAI and Anthropic APIs: /v1, Ollama API: /api)")
@@ -403,6 +406,60 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:  # a host name: it may resolve to anything
         return False
+
+
+@app.command(name="eval")
+def eval_(
+    family: Annotated[str, typer.Option(help="Task family: chain, percent, units or algebra.")] = "chain",
+    model: ModelOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = None,
+    server: Annotated[Optional[str], typer.Option(help="A running ownllm server's URL (instead of --model), e.g. "
+                                                  "http://127.0.0.1:8000.")] = None,
+    split: Annotated[str, typer.Option(help="heldout (report) or dev (tune).")] = "heldout",
+    limit: Annotated[int, typer.Option(min=1, help="Problems to run (the split's first).")] = 100,
+    strategies: Annotated[str, typer.Option(help="Comma-separated: vote, vote_early_stop, best_of, "
+                                            "best_of_verifier.")] = "vote,best_of",
+    samples: Annotated[str, typer.Option(help="Comma-separated sample counts.")] = "1,2,4,8,16",
+    max_tokens: Annotated[int, typer.Option(help="Most tokens per sample.")] = 256,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature of the samples.")] = 0.7,
+    output: Annotated[Path, typer.Option("--out", help="Where to write the JSON results.")] = Path("eval.json"),
+    plot: Annotated[Optional[Path], typer.Option(help="Also draw a PNG plot here (needs ownllm[plot]).")] = None,
+) -> None:
+    """Accuracy vs samples for each strategy, beside greedy, on generated problems with exact checkers."""
+    import json
+
+    from rich.progress import Progress
+
+    from ownllm.evals import run as evals
+    from ownllm.evals.tasks import problems
+
+    chosen = problems(family, split, limit)
+    names = [s.strip() for s in strategies.split(",") if s.strip()]
+    unknown = [n for n in names if n not in evals.STRATEGIES]
+    if unknown:
+        raise ValueError(f"--strategies: unknown {unknown[0]!r}; choose from {', '.join(evals.STRATEGIES)}")
+    counts = [int(c) for c in samples.split(",")]
+    if server:
+        solve = evals.server_solver(server, None, max_tokens, temperature)
+    else:
+        solve = evals.offline_solver(_load(model, dtype, device, None)[0], max_tokens, temperature)
+    runs = [("greedy", 1)] + [(name, count) for name in names for count in counts]
+    results = []
+    with Progress(console=err) as progress:
+        task = progress.add_task("eval", total=len(runs) * len(chosen))
+        for name, count in runs:
+            progress.update(task, description=f"{name} x{count}")
+            results.append(evals.evaluate(solve, chosen, name, count, lambda: progress.advance(task)))
+    report = evals.as_json(results, {"model": server or model or BUNDLED_MODEL_NAME, "family": family,
+                                     "split": split, "num_problems": len(chosen), "max_tokens": max_tokens,
+                                     "temperature": temperature})
+    output.write_text(json.dumps(report, indent=2))
+    for r in results:
+        out.print(f"{r.strategy:<18}x{r.samples:<3} accuracy {r.accuracy:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]  "
+                  f"{r.tokens_per_problem:.0f} tokens  {r.seconds_per_problem:.2f} s/problem")
+    if plot is not None:
+        from ownllm.evals.plot import plot as draw
+
+        draw(report, plot)
 
 
 def _served_name(model: str | None, path: Path) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ownllm.compute.strategies import ComputeSummary
 from ownllm.sampling_params import SamplingParams
 
 
@@ -49,6 +50,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     error: str | None = None  # set when the engine failed on this request (a sample's finish_reason is "error")
+    compute: ComputeSummary | None = None  # a request with `compute`: how its one output was chosen
 
 
 # ---- the step protocol

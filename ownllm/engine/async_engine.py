@@ -150,6 +150,10 @@ class AsyncEngine:
     async def abort(self, request_id: str) -> None:
         self._send(lambda: self._abort_now(request_id))
 
+    async def stop_samples(self, request_id: str, indices: list[int]) -> None:
+        """Ends some of a request's samples at once (Engine.stop_samples); its stream reports them finished."""
+        self._send(lambda: self.engine.stop_samples(request_id, indices))
+
     def stats(self) -> dict:
         return {**self.engine.stats(), "num_unfinished": len(self._streams)}
 

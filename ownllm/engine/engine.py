@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 from ownllm.config import ModelConfig
 from ownllm.engine.core import EngineCore
@@ -47,6 +48,7 @@ class Engine:
         self.max_model_len = core.max_model_len
         self.output_processor = core.output_processor
         self._parents: dict[str, _Parent] = {}
+        self._stopped_parents: set[str] = set()  # with samples stopped since the last step, which reports them
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None,
@@ -73,6 +75,22 @@ class Engine:
                     self.core.add_request(fork)
                 parent.forks = []
 
+    def stop_samples(self, request_id: str, indices: Iterable[int]) -> None:
+        """Ends some of a request's samples at once (finish reason "abort"), freeing their blocks, while the others
+        go on; the next step reports them. Unknown or finished requests and samples are ignored."""
+        parent = self._parents.get(request_id)
+        if parent is None:
+            return
+        for index in indices:
+            child_id = parent.child_ids[index]
+            fork = next((f for f in parent.forks if f.request_id == child_id), None)
+            if fork is not None:  # not admitted yet: it never holds a block
+                parent.forks.remove(fork)
+                fork.finish(FinishReason.ABORT)
+            else:
+                self.core.finish(child_id, FinishReason.ABORT)
+        self._stopped_parents.add(request_id)
+
     def has_unfinished(self) -> bool:
         return bool(self._parents)
 
@@ -86,7 +104,8 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Runs one engine step -> an output for each request that progressed (as its output_kind asks)."""
         self._add_forks()
-        progressed = {request.request_id.rpartition("#")[0] for request in self.core.step()}
+        progressed = {request.request_id.rpartition("#")[0] for request in self.core.step()} | self._stopped_parents
+        self._stopped_parents = set()
         outputs = (self._output(rid) for rid in list(self._parents) if rid in progressed)
         return [output for output in outputs if output is not None]
 

@@ -11,6 +11,9 @@ import itertools
 from dataclasses import replace
 from typing import Any, Iterator, Sequence
 
+from ownllm.compute.offline import generate_with_compute
+from ownllm.compute.params import DEFAULT_TEMPERATURE, ComputeParams
+from ownllm.compute.verifier import verifier_messages, verifier_text
 from ownllm.config import BackendConfig, CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from ownllm.engine.build import build_engine, default_sampling_params
 from ownllm.engine.embedder import EmbedInput, Embedder, EmbeddingOutput, is_embedding_model
@@ -109,9 +112,15 @@ class LLM:
 
     def generate(
         self, prompts: PromptType | Sequence[PromptType],
-        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+        compute: ComputeParams | dict | None = None,
     ) -> list[RequestOutput]:
+        """`compute` ({"strategy": "vote", "samples": 8, "answer": "number", ...}, see ComputeParams): each prompt
+        samples that many answers from one shared prefill and returns the chosen one, with the summary in
+        `RequestOutput.compute`."""
         prompts = self._as_list(prompts)
+        if compute is not None:
+            return self._generate_with_compute(prompts, sampling_params, compute)
         params = sampling_params or self.default_sampling_params()
         params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(params_list) != len(prompts):
@@ -128,12 +137,35 @@ class LLM:
                 self.engine.abort(request_id)  # a no-op for finished requests
         return [finished[rid] for rid in request_ids]
 
+    def _generate_with_compute(self, prompts: list[PromptType], sampling_params: SamplingParams | None,
+                               compute: ComputeParams | dict,
+                               conversations: list[list[dict]] | None = None) -> list[RequestOutput]:
+        self._check_generates()
+        compute = ComputeParams.of(compute)
+        if isinstance(sampling_params, Sequence):
+            raise ValueError("compute takes one SamplingParams for all prompts")
+        params = sampling_params or replace(self.default_sampling_params(), temperature=DEFAULT_TEMPERATURE)
+        if params.n != 1:
+            raise ValueError("compute cannot be combined with n > 1: compute.samples sets the number of samples")
+        items = [self.prompt_ids(p) for p in prompts]
+
+        def verifier_prompt(p: int, answer: str) -> list[int]:
+            if conversations is not None:
+                return self.tokenizer.encode_chat(verifier_messages(conversations[p], answer))
+            text = items[p][0] if items[p][0] is not None else self.tokenizer.decode(items[p][1])
+            return self.tokenizer.encode(verifier_text(text, answer))
+
+        return generate_with_compute(self.engine, items, params, compute, verifier_prompt, str(next(self._ids)))
+
     def chat(
         self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None, *,
         tools: list[dict] | None = None, add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None,
+        compute: ComputeParams | dict | None = None,
     ) -> list[RequestOutput]:
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         prompts = [self.chat_prompt(c, tools, add_generation_prompt, chat_template_kwargs) for c in conversations]
+        if compute is not None:
+            return self._generate_with_compute(prompts, sampling_params, compute, conversations)
         return self.generate(prompts, sampling_params)
 
     def chat_prompt(

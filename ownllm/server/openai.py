@@ -4,7 +4,7 @@ becomes engine requests and engine outputs become OpenAI responses (JSON or SSE 
 Answers are read once, through server/answers.py (tool calls, reasoning text, structured outputs), from the
 engine's per-step deltas; this module only renders the events. Options OpenAI clients may send but ownllm
 cannot honour yet (logit_bias, suffix, prompt logprobs) are refused with a 400 naming them, never silently
-ignored.
+ignored. A request with `compute` (several samples, one chosen answer) is served by server/compute.py.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from ownllm.outputs import Logprob, RequestOutput
 from ownllm.parsers.events import ContentDelta, Event, OutputStream, ReasoningDelta, ToolCallStart
 from ownllm.sampling_params import SamplingParams, StructuredOutputsParams
+from ownllm.server import compute
 from ownllm.server.answers import (
     SampleReader, openai_structured_outputs, reader_factory, template_messages, thinking_budget, tool_plan,
 )
@@ -270,6 +271,10 @@ async def serve_chat(ctx: ServerContext, request: Request) -> Response:
         ctx, body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None,
         structured or tools.structured_outputs, thinking_budget(ctx, body.thinking_budget, body.reasoning_effort),
         tools.keep_special_tokens, {"max_tokens": tokens_param, "logprobs": "top_logprobs"})
+    if body.compute is not None:
+        answer = await compute.serve_chat(ctx, request, body, prompt_ids, params,
+                                          reader_factory(ctx, prompt_ids, tools), _chat_messages(body))
+        return _sse(_sse_events(answer)) if body.stream else answer
     request_id = new_id("chatcmpl")
     outputs = run(ctx, prompt_ids, params, request_id, timing)
     readers = [reader_factory(ctx, prompt_ids, tools)() for _ in range(body.n)]
@@ -350,6 +355,10 @@ async def serve_completion(ctx: ServerContext, request: Request) -> Response:
     for _, ids in prompts:
         check_context(len(ids), body.max_tokens, ctx.engine.max_model_len, "prompt", "max_tokens")
     params = _sampling_params(ctx, body, body.max_tokens, body.logprobs, structured)
+    if body.compute is not None:
+        answer = await compute.serve_completion(ctx, request, body, prompts, params,
+                                                lambda: SampleReader(OutputStream()))
+        return _sse(_sse_events(answer)) if body.stream else answer
     request_id = new_id("cmpl")
     streams = [run(ctx, ids, params, f"{request_id}-{i}", Timing(timing.arrived)) for i, (_, ids) in enumerate(prompts)]
     num_prompt_tokens = sum(len(ids) for _, ids in prompts)

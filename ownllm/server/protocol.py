@@ -59,6 +59,17 @@ class StructuredOutputsField(_Request):
     grammar: str | None = None
 
 
+class ComputeField(_Request):
+    """The `compute` request field (ownllm.compute.ComputeParams checks the values); unknown keys are refused."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    strategy: str = "vote"
+    samples: int = 8
+    answer: str = "text"
+    scorer: str = "logprob"
+    early_stop: bool = False
+
+
 class ChatMessage(_Request):
     """One message; fields beyond role and content (name, tool_calls, tool_call_id...) go to the template."""
 
@@ -93,6 +104,7 @@ class _OpenAISampling(_Request):
     user: str | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsField | None = None
+    compute: ComputeField | None = None
 
 
 class ChatCompletionRequest(_OpenAISampling):
@@ -257,6 +269,51 @@ class CompletionResponse(_Response):
     choices: list[CompletionChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+
+
+class ComputeAnswerCount(_Response):
+    answer: str | None
+    count: int
+
+
+class ComputeInfo(_Response):
+    """How a `compute` request chose its one answer (ownllm.compute.ComputeSummary)."""
+
+    strategy: str
+    answer: str | None
+    answers: list[ComputeAnswerCount]
+    samples: int
+    samples_run: int
+    samples_saved: int
+    agreement: float
+    completion_tokens: int
+    chosen_index: int
+    score: float | None = None
+
+
+class ComputeProgressInfo(_Response):
+    """A streamed `compute` request's progress: samples finished so far and the current leader."""
+
+    samples_done: int
+    samples: int
+    leader: str | None
+    leader_count: int
+
+
+class ComputeChatResponse(ChatCompletionResponse):
+    compute: ComputeInfo
+
+
+class ComputeChatChunk(ChatCompletionChunk):
+    compute: ComputeInfo | None = None
+    compute_progress: ComputeProgressInfo | None = None
+
+
+class ComputeCompletionResponse(CompletionResponse):
+    """The response, and each streamed chunk, of a `compute` completion."""
+
+    compute: ComputeInfo | None = None
+    compute_progress: ComputeProgressInfo | None = None
 
 
 class ModelCard(_Response):

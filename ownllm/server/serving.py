@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from ownllm.compute.params import DEFAULT_MAX_SAMPLES
 from ownllm.engine.async_engine import EngineDead, EngineOverloaded, RequestFailed
 from ownllm.outputs import RequestOutput
 from ownllm.parsers.reasoning import ReasoningParser
@@ -56,6 +57,8 @@ class EngineClient(Protocol):
 
     async def abort(self, request_id: str) -> None: ...
 
+    async def stop_samples(self, request_id: str, indices: list[int]) -> None: ...
+
     def stats(self) -> dict: ...
 
     def default_sampling_params(self) -> SamplingParams: ...
@@ -70,6 +73,7 @@ class ServerSettings:
     request_timeout: float | None = None  # seconds from arrival after which a request is stopped (None: never)
     reasoning_budget: int | None = None  # thinking tokens of a reasoning model's answer (None: no limit)
     responses_store_size: int = 1000  # responses kept for the Responses API's GET and previous_response_id
+    max_compute_samples: int = DEFAULT_MAX_SAMPLES  # the most samples one request's `compute` may ask for
 
 
 @dataclass

@@ -1,0 +1,163 @@
+"""How N samples become one answer: a self-consistency vote (ties broken by mean token logprob) or best-of-N by a
+score, and adaptive early stopping (stop once the leader cannot be overtaken by the samples still running).
+
+A ComputeSession is fed each sample as it finishes and says which running samples to stop; at the end it picks the
+chosen sample and summarizes the run. It never drives an engine: the offline LLM and the server do, and act on what
+it decides.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+from ownllm.compute.extractors import make_extractor
+from ownllm.compute.params import ComputeParams
+
+STOPPED = "abort"  # the finish reason of a sample stopped early
+
+
+@dataclass
+class Sample:
+    index: int
+    text: str = ""
+    num_tokens: int = 0
+    cumulative_logprob: float = 0.0  # of the sampled tokens, in the raw model distribution
+    finish_reason: str | None = None  # None while running
+    answer: str | None = None  # extracted once finished (never from a stopped sample)
+    score: float | None = None  # best_of: the scorer's score
+
+    @property
+    def mean_logprob(self) -> float:
+        return self.cumulative_logprob / self.num_tokens if self.num_tokens else float("-inf")
+
+    @property
+    def is_complete(self) -> bool:
+        """Finished on its own (not stopped early), so it has a say."""
+        return self.finish_reason is not None and self.finish_reason != STOPPED
+
+
+@dataclass
+class ComputeProgress:
+    samples_done: int
+    samples: int
+    leader: str | None
+    leader_count: int
+
+
+@dataclass
+class AnswerCount:
+    answer: str | None  # None: the samples no answer could be extracted from
+    count: int
+
+
+@dataclass
+class ComputeSummary:
+    """What a request's compute did: the `compute` object of a response."""
+
+    strategy: str
+    answer: str | None  # the chosen sample's answer
+    answers: list[AnswerCount]  # most votes first
+    samples: int  # asked for
+    samples_run: int  # finished on their own
+    samples_saved: int  # stopped early because the vote was decided
+    agreement: float  # the chosen answer's share of the samples run
+    completion_tokens: int  # of every sample, the stopped ones' partial tokens included
+    chosen_index: int
+    score: float | None = None  # best_of: the chosen sample's score
+
+    def as_dict(self) -> dict:
+        return {
+            "strategy": self.strategy, "answer": self.answer,
+            "answers": [{"answer": a.answer, "count": a.count} for a in self.answers],
+            "samples": self.samples, "samples_run": self.samples_run, "samples_saved": self.samples_saved,
+            "agreement": self.agreement, "completion_tokens": self.completion_tokens,
+            "chosen_index": self.chosen_index,
+            "score": self.score if self.score is not None and math.isfinite(self.score) else None,
+        }
+
+
+@dataclass
+class ComputeSession:
+    params: ComputeParams
+    samples: list[Sample] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.extract = make_extractor(self.params.answer)
+        self.samples = [Sample(i) for i in range(self.params.samples)]
+
+    @property
+    def running(self) -> list[Sample]:
+        return [s for s in self.samples if s.finish_reason is None]
+
+    @property
+    def complete(self) -> list[Sample]:
+        return [s for s in self.samples if s.is_complete]
+
+    def update(self, index: int, num_tokens: int, cumulative_logprob: float) -> None:
+        """Records how far a running sample got (what a stopped sample spent stays counted)."""
+        sample = self.samples[index]
+        sample.num_tokens, sample.cumulative_logprob = num_tokens, cumulative_logprob
+
+    def finish(self, index: int, text: str, num_tokens: int, cumulative_logprob: float, finish_reason: str) -> None:
+        """Records a finished sample (a stopped one's final output only brings its tokens)."""
+        self.update(index, num_tokens, cumulative_logprob)
+        sample = self.samples[index]
+        if sample.finish_reason is None:
+            sample.text, sample.finish_reason = text, finish_reason
+            sample.answer = self.extract(text) if sample.is_complete else None
+
+    def samples_to_stop(self) -> list[int]:
+        """With early_stop, once the vote is decided: the running samples, now marked stopped (the driver stops them
+        in the engine). Asked after each batch of finished samples, so samples finishing together all count."""
+        if not (self.params.early_stop and self.is_decided()):
+            return []
+        to_stop = [s.index for s in self.running]
+        for i in to_stop:
+            self.samples[i].finish_reason = STOPPED
+        return to_stop
+
+    def votes(self) -> Counter[str]:
+        return Counter(s.answer for s in self.complete if s.answer is not None)
+
+    def is_decided(self) -> bool:
+        """True once the leader stays the leader whatever the running samples answer: it has more votes than
+        the runner-up could reach (a tie would be broken by logprob, so it could still lose one)."""
+        counts = self.votes().most_common(2) + [(None, 0), (None, 0)]
+        return counts[0][1] > counts[1][1] + len(self.running)
+
+    def progress(self) -> ComputeProgress:
+        leader = self._vote_winner()
+        return ComputeProgress(len(self.complete), self.params.samples, leader, self.votes().get(leader, 0))
+
+    def _vote_winner(self) -> str | None:
+        """Most votes; among tied answers, the one whose best sample has the highest mean token logprob."""
+        votes = self.votes()
+        if not votes:
+            return None
+        best = {a: max(s.mean_logprob for s in self.complete if s.answer == a) for a in votes}
+        return max(votes, key=lambda a: (votes[a], best[a]))
+
+    def result(self) -> ComputeSummary:
+        """The chosen sample and the summary; best_of with the verifier needs every complete sample's score set."""
+        complete = self.complete or self.samples  # nothing complete: only a client's abort can leave that
+        if self.params.strategy == "vote":
+            winner = self._vote_winner()
+            pool = [s for s in complete if s.answer == winner] or complete
+            chosen = max(pool, key=lambda s: (s.mean_logprob, -s.index))
+        else:
+            for s in complete:
+                if self.params.scorer == "logprob":
+                    s.score = s.mean_logprob
+            chosen = max(complete, key=lambda s: (s.score if s.score is not None else float("-inf"), -s.index))
+        counts = Counter(s.answer for s in self.complete)
+        answers = sorted((AnswerCount(a, c) for a, c in counts.items()),
+                         key=lambda a: (-a.count, a.answer is None, a.answer or ""))
+        num_run = len(self.complete)
+        return ComputeSummary(
+            strategy=self.params.strategy, answer=chosen.answer, answers=answers, samples=self.params.samples,
+            samples_run=num_run, samples_saved=self.params.samples - num_run,
+            agreement=round(counts[chosen.answer] / num_run, 4) if num_run and chosen.answer is not None else 0.0,
+            completion_tokens=sum(s.num_tokens for s in self.samples), chosen_index=chosen.index,
+            score=chosen.score)

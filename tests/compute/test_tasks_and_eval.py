@@ -1,0 +1,93 @@
+"""The task generator (fixed seeds, disjoint splits, exact answers that the checkers accept), the eval loop's
+accuracy and Wilson interval on a scripted solver, the plot, and LLM.generate(compute=...) on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from ownllm.evals.run import evaluate, wilson_interval
+from ownllm.evals.tasks import FAMILIES, HELDOUT_SIZE, problems
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_problems_are_fixed_distinct_per_split_and_checked_exactly(family):
+    heldout = problems(family)
+    assert len(heldout) == HELDOUT_SIZE and heldout[:5] == problems(family, count=5)
+    dev = problems(family, "dev", 50)
+    assert not {p.question for p in dev} & {p.question for p in heldout}
+    assert len({p.question for p in heldout}) > 0.9 * HELDOUT_SIZE
+    for p in heldout[:50]:
+        assert p.is_correct(p.answer) and p.is_correct(f"{p.answer}.0") and not p.is_correct(None)
+
+
+def test_answers_are_right():
+    algebra = problems("algebra", count=20)
+    for p in algebra:
+        a, sign, b, c = re.match(r"Find x if (\d+)x ([+-]) (\d+) = (-?\d+)\.", p.question).groups()
+        x = int(p.answer)
+        assert int(a) * x + (int(b) if sign == "+" else -int(b)) == int(c)
+    jacket = next(p for p in problems("percent", count=40) if "jacket" in p.question)
+    price, rate = map(int, re.match(r"A jacket costs \$(\d+)\. It is sold at (\d+)% off", jacket.question).groups())
+    assert float(jacket.answer) == price * (100 - rate) / 100
+
+
+def test_unknown_family_and_split_are_refused():
+    with pytest.raises(ValueError, match="^family must be one of chain, percent, units, algebra, got 'geometry'$"):
+        problems("geometry")
+    with pytest.raises(ValueError, match="^split must be dev or heldout, got 'test'$"):
+        problems("chain", "test")
+
+
+def test_evaluate_counts_correct_answers_and_reports_an_interval():
+    chosen = problems("units", count=10)
+    answers = {p.prompt: (p.answer if i % 2 else "0") for i, p in enumerate(chosen)}
+    asked = []
+
+    def solve(prompt, field):
+        asked.append(field)
+        return answers[prompt], 7
+
+    result = evaluate(solve, chosen, "vote", 4)
+    assert (result.num_correct, result.accuracy, result.tokens_per_problem) == (5, 0.5, 7)
+    assert asked[0] == {"strategy": "vote", "answer": "number", "samples": 4}
+    assert (result.ci_low, result.ci_high) == wilson_interval(5, 10)
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from ownllm.evals.plot import plot
+
+    rows = [{"strategy": s, "samples": n, "accuracy": a, "ci_low": a - 0.1, "ci_high": a + 0.1}
+            for s, n, a in [("greedy", 1, 0.3), ("vote", 1, 0.25), ("vote", 4, 0.4)]]
+    plot({"model": "m", "family": "chain", "split": "heldout", "num_problems": 10, "results": rows},
+         tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory):
+    from ownllm import LLM
+    from tests.checkpoints import build_checkpoint
+
+    folder = tmp_path_factory.mktemp("tiny")
+    build_checkpoint(folder, "LlamaForCausalLM", max_position_embeddings=128)
+    return LLM(str(folder), dtype="float32", num_kv_blocks=64)
+
+
+def test_llm_generate_with_compute_returns_the_chosen_sample(tiny_llm):
+    from ownllm import SamplingParams
+
+    params = SamplingParams(temperature=0.9, seed=3, max_tokens=6, ignore_eos=True)
+    [out] = tiny_llm.generate("Numbers 0123", params, compute={"samples": 5, "answer": "text"})
+    samples = tiny_llm.generate("Numbers 0123", SamplingParams(**{**params.__dict__, "n": 5}))[0].outputs
+    summary = out.compute
+    assert summary.samples_run == 5 and len(out.outputs) == 1
+    assert out.outputs[0].text == samples[summary.chosen_index].text  # seeded: the same five samples
+    assert json.dumps(summary.as_dict())  # plain JSON
+    assert tiny_llm.kv_cache.num_free_blocks == tiny_llm.kv_cache.num_blocks
+    with pytest.raises(ValueError, match=r"^compute cannot be combined with n > 1"):
+        tiny_llm.generate("x", SamplingParams(n=2), compute={"samples": 2})
