@@ -100,16 +100,15 @@ def vocabularies(answers) -> list[tuple[str, float, float, int]]:
                                                           answers)))
     try:
         import llguidance.tiktoken
-        import tiktoken
         from llama_models.llama3.tokenizer import Tokenizer as Llama3Tokenizer
     except ImportError as error:
         print(f"Llama 3 vocabulary skipped: {error} (pip install tiktoken llama-models)")
         return rows
     llama = Llama3Tokenizer.get_instance()
     encoding = llama.model
-    ll = llguidance.tiktoken.lltokenizer_from_encoding(encoding, n_vocab=encoding.n_vocab)
+    ll = llguidance.tiktoken.lltokenizer_from_encoding(encoding, n_vocab=encoding.n_vocab,
+                                                       eos_token=encoding.encode_single_token("<|eot_id|>"))
     rows.append(("Llama 3 (tiktoken vocabulary)", *mask_times(ll, lambda t: encoding.encode(t), answers)))
-    del tiktoken
     return rows
 
 
@@ -135,7 +134,7 @@ def schema_validity(model: str | None) -> tuple[str, int, int, int]:
                 constrained += 1
             else:
                 prompted += 1
-    return model or "bundled SmolLM2-135M-Instruct", len(SCHEMAS), constrained, prompted
+    return Path(model).name if model else "bundled SmolLM2-135M-Instruct", len(SCHEMAS), constrained, prompted
 
 
 def main() -> None:
