@@ -63,10 +63,8 @@ def _tool_parser_name(config: EngineConfig, tokenizer: Tokenizer) -> str | None:
 
 def _reasoning_tokens(parser: ReasoningParser | None, tokenizer: Tokenizer) -> ReasoningTokens | None:
     """The reasoning block's start and end as single tokens, or None (then budgets and delayed grammars are off)."""
-    if parser is None:
-        return None
-    start, end = (tokenizer.encode(tag, add_special_tokens=False) for tag in (parser.start, parser.end))
-    return ReasoningTokens(start[0], end[0]) if len(start) == len(end) == 1 else None
+    ids = parser.tag_token_ids(tokenizer) if parser is not None else None
+    return ReasoningTokens(*ids) if ids else None
 
 
 def _grammar_compiler(config: EngineConfig, tokenizer: Tokenizer, vocab_size: int):

@@ -87,6 +87,8 @@ class StructuredOutputManager:
     def bitmask(self, scheduler_output: SchedulerOutput, requests: dict[str, Request]) -> np.ndarray | None:
         """[sampled rows of the step, ceil(vocab / 32)] int32, rows in batch order (a request with k drafts
         samples k + 1 rows), or None when no sampled row is constrained."""
+        if not self.constraints:  # the common step: no pass over the batch
+            return None
         rows: list[tuple[int, Constraint]] = []
         num_rows = 0
         for request_id, num_scheduled in scheduler_output.num_scheduled_tokens.items():

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ownllm.kernels.build import cpu_has_bf16, decode_ops, prefill_attention_kernel
 from ownllm.layers.module import Module
+from ownllm.layers.registry import named
 
 
 @dataclass(frozen=True)
@@ -231,6 +232,4 @@ def attention_backend(name: str | None, dtype: torch.dtype, device: str) -> Torc
     AVX-512 BF16, else the reference."""
     if name is None:
         name = "cpu_kernels" if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and cpu_has_bf16() else "torch"
-    if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention backend {name!r} is unknown; choose one of {', '.join(ATTENTION_BACKENDS)}")
-    return ATTENTION_BACKENDS[name]
+    return named(ATTENTION_BACKENDS, name, "attention backend")

@@ -31,6 +31,7 @@ from ownllm.layers.attention import AttentionMetadata, KVCacheSpec
 from ownllm.layers.linear import GEMV_MAX_ROWS, Linear, fuse_linears, gemv_kernel
 from ownllm.layers.module import Module
 from ownllm.layers.norm import RMSNorm
+from ownllm.layers.registry import named
 from ownllm.layers.rotary import RotaryEmbedding
 
 LORA_NORM_EPS = 1e-6  # transformers builds q_a_layernorm / kv_a_layernorm with the default eps, not rms_norm_eps
@@ -220,7 +221,4 @@ DEFAULT_MLA_BACKEND = "auto"
 
 def mla_backend(name: str | None) -> ExpandedMLA:
     """The MLA backend named, or (None) "auto"."""
-    name = name or DEFAULT_MLA_BACKEND
-    if name not in MLA_BACKENDS:
-        raise ValueError(f"MLA backend {name!r} is unknown; choose one of {', '.join(MLA_BACKENDS)}")
-    return MLA_BACKENDS[name]
+    return named(MLA_BACKENDS, name or DEFAULT_MLA_BACKEND, "MLA backend")

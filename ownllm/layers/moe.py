@@ -26,6 +26,7 @@ from ownllm.config import ModelConfig
 from ownllm.kernels.build import bf16_kernels_for
 from ownllm.layers.linear import Linear
 from ownllm.layers.module import Module
+from ownllm.layers.registry import named
 
 def check_moe_config(config: ModelConfig) -> None:
     """Refuses what these models cannot run: another activation than SwiGLU's silu, or quantized weights
@@ -192,10 +193,7 @@ DEFAULT_MOE_BACKEND = "fast"
 
 def moe_backend(name: str | None) -> ReferenceMoE:
     """The MoE backend named, or (None) the fast one."""
-    name = name or DEFAULT_MOE_BACKEND
-    if name not in MOE_BACKENDS:
-        raise ValueError(f"MoE backend {name!r} is unknown; choose one of {', '.join(MOE_BACKENDS)}")
-    return MOE_BACKENDS[name]
+    return named(MOE_BACKENDS, name or DEFAULT_MOE_BACKEND, "MoE backend")
 
 
 class ExpertTensors(Mapping[str, torch.Tensor]):

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ownllm.kernels.build import GEMV_MAX_ROWS, bf16_kernels
+from ownllm.layers.registry import named
 
 GROUP_SIZE = 32
 PREFILL_CHUNK_ROWS = 1024  # block-quantized weight rows dequantized at a time for batches too large for the kernel
@@ -222,7 +223,4 @@ DEFAULT_QUANT_METHOD = "kernels"
 
 def quant_method(name: str | None) -> DequantizedMethod:
     """The quant method named, or (None) the kernels."""
-    name = name or DEFAULT_QUANT_METHOD
-    if name not in QUANT_METHODS:
-        raise ValueError(f"quant method {name!r} is unknown; choose one of {', '.join(QUANT_METHODS)}")
-    return QUANT_METHODS[name]
+    return named(QUANT_METHODS, name or DEFAULT_QUANT_METHOD, "quant method")

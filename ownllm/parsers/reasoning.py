@@ -25,6 +25,11 @@ class ReasoningParser:
             return "reasoning"
         return "content" if tail.endswith(self.end) else "undecided"
 
+    def tag_token_ids(self, tokenizer) -> tuple[int, int] | None:
+        """(start, end) as single tokens of the tokenizer's vocabulary, or None when either takes several."""
+        start, end = (tokenizer.encode(tag, add_special_tokens=False) for tag in (self.start, self.end))
+        return (start[0], end[0]) if len(start) == len(end) == 1 else None
+
 
 REASONING_PARSERS: dict[str, ReasoningParser] = {
     name: ReasoningParser(name) for name in ("qwen3", "deepseek_r1")

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
-from ownllm.outputs import CompletionOutput
+from ownllm.outputs import CompletionOutput, RequestOutput
 from ownllm.parsers.events import Event, Message, OutputStream, ReasoningDelta
 from ownllm.parsers.reasoning import ReasoningParser
 from ownllm.parsers.tool_parsers import ToolParser, tool_parser
@@ -198,13 +198,18 @@ class SampleReader:
         return len(self.token_ids)
 
 
+async def read_all(outputs: AsyncIterator[RequestOutput], readers: list[SampleReader]) -> None:
+    """Feeds every delta of a request's samples to its sample's reader."""
+    async for output in outputs:
+        for delta in output.outputs:
+            readers[delta.index].read(delta)
+
+
 def reader_factory(ctx: ServerContext, prompt_ids: list[int], tools: ToolPlan | None) -> Callable[[], SampleReader]:
     """Readers for a request's samples: its tool parser, and the model's reasoning parser (None: no reasoning)."""
     reasoning: ReasoningParser | None = ctx.engine.reasoning_parser
     prompt = ctx.engine.tokenizer.decode(prompt_ids[-64:], skip_special_tokens=False) if reasoning else ""
-    end_id = None
-    if reasoning is not None:
-        end = ctx.engine.tokenizer.encode(reasoning.end, add_special_tokens=False)
-        end_id = end[0] if len(end) == 1 else None
+    ids = reasoning.tag_token_ids(ctx.engine.tokenizer) if reasoning else None
+    end_id = ids[1] if ids else None
     parser = tools.parser if tools else None
     return lambda: SampleReader(OutputStream(parser() if parser else None, reasoning, prompt), end_id)

@@ -25,13 +25,13 @@ from ownllm.server.anthropic_protocol import (
     TextBlockParam, TextDelta, ThinkingBlock, ThinkingDelta, TokenCount, ToolChoiceParam, ToolResultBlockParam,
     ToolUseBlock, ToolUseBlockParam, Usage,
 )
-from ownllm.server.answers import SampleReader, ToolPlan, reader_factory, thinking_budget, tool_plan
+from ownllm.server.answers import SampleReader, ToolPlan, read_all, reader_factory, thinking_budget, tool_plan
 from ownllm.server.blocks import Block, BlockChange, BlockSplitter, answer_blocks
 from ownllm.server.limits import check_messages
 from ownllm.server.openai import check_model
 from ownllm.server.serving import (
-    ClosingStreamingResponse, ServerContext, ServerError, Timing, as_server_error, check_context, first_and_rest,
-    make_params, new_id, parse_body, parse_part, run, until_disconnect,
+    ServerContext, ServerError, Timing, as_server_error, check_context, first_and_rest,
+    make_params, new_id, parse_body, parse_part, run, sse_response, until_disconnect,
 )
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -162,15 +162,9 @@ async def serve_messages(ctx: ServerContext, request: Request) -> Response:
     if body.stream:
         outputs = await first_and_rest(request, outputs)
         events = _stream_events(ctx, message_id, len(prompt_ids), outputs, reader)
-        return ClosingStreamingResponse(_sse(events), media_type="text/event-stream",
-                                        headers={"Cache-Control": "no-cache"})
+        return sse_response(_sse(events))
 
-    async def read_all() -> None:
-        async for output in outputs:
-            for delta in output.outputs:
-                reader.read(delta)
-
-    await until_disconnect(request, read_all())
+    await until_disconnect(request, read_all(outputs, [reader]))
     stop_reason, stop_sequence = _stop_reason(reader)
     response = MessageResponse(
         id=message_id, model=ctx.model_name, content=[_content_block(b) for b in answer_blocks(reader.events)],

@@ -24,7 +24,7 @@ from ownllm.server.answers import SampleReader
 from ownllm.server.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionRequest, CompletionChoice, CompletionRequest,
     ComputeChatChunk, ComputeChatResponse, ComputeCompletionResponse, ComputeInfo, ComputeProgressInfo,
-    DeltaFunctionCall, DeltaMessage, DeltaToolCall, FunctionCall, ToolCall, Usage,
+    DeltaFunctionCall, DeltaMessage, DeltaToolCall, Usage,
 )
 from ownllm.server.serving import (
     ServerContext, ServerError, Timing, first_and_rest, last_output, new_id, run, until_disconnect,
@@ -139,7 +139,7 @@ async def serve_chat(ctx: ServerContext, request: Request, body: ChatCompletionR
         return _chat_chunks(ctx, body, request_id, state, progress)
     await until_disconnect(request, _drain(progress))
     reader = state.chosen()
-    choice = ChatChoice(index=0, message=_assistant_message(reader), finish_reason=reader.finish_reason,
+    choice = ChatChoice(index=0, message=AssistantMessage.of(reader.message()), finish_reason=reader.finish_reason,
                         stop_reason=reader.stop_reason)
     return JSONResponse(ComputeChatResponse(
         id=request_id, created=int(time.time()), model=ctx.model_name, choices=[choice], usage=state.usage(),
@@ -149,14 +149,6 @@ async def serve_chat(ctx: ServerContext, request: Request, body: ChatCompletionR
 async def _drain(progress: AsyncIterator[ComputeProgress]) -> None:
     async for _ in progress:
         pass
-
-
-def _assistant_message(reader: SampleReader) -> AssistantMessage:
-    message = reader.message()
-    calls = [ToolCall(id=id_, function=FunctionCall(name=name, arguments=arguments))
-             for id_, name, arguments in message.tool_calls or []]
-    return AssistantMessage(content=message.content or (None if calls else ""),
-                            reasoning_content=message.reasoning or None, tool_calls=calls)
 
 
 async def _chat_chunks(ctx: ServerContext, body: ChatCompletionRequest, request_id: str, state: ComputeRun,
@@ -171,7 +163,7 @@ async def _chat_chunks(ctx: ServerContext, body: ChatCompletionRequest, request_
     async for step in progress:
         yield chunk([], compute_progress=_progress_info(step))
     reader = state.chosen()
-    message = _assistant_message(reader)
+    message = AssistantMessage.of(reader.message())
     calls = [DeltaToolCall(index=i, id=call.id, type="function",
                            function=DeltaFunctionCall(name=call.function.name, arguments=call.function.arguments))
              for i, call in enumerate(message.tool_calls)] or None

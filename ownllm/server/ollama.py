@@ -29,7 +29,7 @@ from ownllm.outputs import Logprob, RequestOutput
 from ownllm.parsers.events import Event, Message
 from ownllm.sampling_params import SamplingParams, StructuredOutputsParams
 from ownllm.server.answers import (
-    SampleReader, ToolPlan, ollama_structured_outputs, reader_factory, thinking_budget, tool_plan,
+    SampleReader, ToolPlan, ollama_structured_outputs, read_all, reader_factory, thinking_budget, tool_plan,
 )
 from ownllm.server.limits import check_messages
 from ownllm.server.protocol import (
@@ -347,15 +347,10 @@ async def _respond(request: Request, body: OllamaChatRequest | OllamaGenerateReq
         return Piece(Message.of(events), logprobs, final)
 
     if not body.stream:
-        await until_disconnect(request, _read_all(outputs, reader))
+        await until_disconnect(request, read_all(outputs, [reader]))
         return _json(chunk(piece(reader.events, 0, True)))
     outputs = await first_and_rest(request, outputs)
     return ClosingStreamingResponse(_ndjson(outputs, reader, piece, chunk), media_type="application/x-ndjson")
-
-
-async def _read_all(outputs: AsyncIterator[RequestOutput], reader: SampleReader) -> None:
-    async for output in outputs:
-        reader.read(output.outputs[0])
 
 
 async def _ndjson(outputs: AsyncIterator[RequestOutput], reader: SampleReader, piece, chunk) -> AsyncIterator[str]:

@@ -22,18 +22,18 @@ from ownllm.parsers.events import ContentDelta, Event, OutputStream, ReasoningDe
 from ownllm.sampling_params import SamplingParams, StructuredOutputsParams
 from ownllm.server import compute
 from ownllm.server.answers import (
-    SampleReader, openai_structured_outputs, reader_factory, template_messages, thinking_budget, tool_plan,
+    SampleReader, openai_structured_outputs, read_all, reader_factory, template_messages, thinking_budget, tool_plan,
 )
 from ownllm.server.limits import check_messages
 from ownllm.server.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
     ChatLogprobs, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
-    CompletionTokensDetails, DeltaFunctionCall, DeltaMessage, DeltaToolCall, ErrorInfo, ErrorResponse, FunctionCall,
-    ModelCard, ModelList, TokenLogprob, ToolCall, TopLogprob, Usage,
+    CompletionTokensDetails, DeltaFunctionCall, DeltaMessage, DeltaToolCall, ErrorInfo, ErrorResponse,
+    ModelCard, ModelList, TokenLogprob, TopLogprob, Usage,
 )
 from ownllm.server.serving import (
-    ClosingStreamingResponse, ServerContext, ServerError, Timing, as_server_error, check_context, first_and_rest,
-    make_params, merge, new_id, parse_body, run, until_disconnect,
+    ServerContext, ServerError, Timing, as_server_error, check_context, first_and_rest,
+    make_params, merge, new_id, parse_body, run, sse_response, until_disconnect,
 )
 
 MIN_LOGPROB = -9999.0  # JSON has no -inf
@@ -223,10 +223,6 @@ def _usage(ctx: ServerContext, num_prompt_tokens: int, readers: list[SampleReade
                  total_tokens=num_prompt_tokens + num_completion, completion_tokens_details=details)
 
 
-def _sse(chunks: AsyncIterator[str]) -> ClosingStreamingResponse:
-    return ClosingStreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-
 async def _sse_events(events: AsyncIterator[str]) -> AsyncIterator[str]:
     """`data: ...` events ending with `data: [DONE]`; an error mid-stream is sent as an error event."""
     try:
@@ -237,16 +233,11 @@ async def _sse_events(events: AsyncIterator[str]) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
-async def _read_all(outputs: AsyncIterator[tuple[int, RequestOutput]], readers: list[list[SampleReader]]) -> None:
+async def _read_prompts(merged: AsyncIterator[tuple[int, RequestOutput]], readers: list[list[SampleReader]]) -> None:
     """Feeds every delta of every prompt's samples to its reader."""
-    async for p, output in outputs:
+    async for p, output in merged:
         for delta in output.outputs:
             readers[p][delta.index].read(delta)
-
-
-async def _numbered(outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    async for output in outputs:
-        yield 0, output
 
 
 # ---- /v1/chat/completions
@@ -274,28 +265,23 @@ async def serve_chat(ctx: ServerContext, request: Request) -> Response:
     if body.compute is not None:
         answer = await compute.serve_chat(ctx, request, body, prompt_ids, params,
                                           reader_factory(ctx, prompt_ids, tools), _chat_messages(body))
-        return _sse(_sse_events(answer)) if body.stream else answer
+        return sse_response(_sse_events(answer)) if body.stream else answer
     request_id = new_id("chatcmpl")
     outputs = run(ctx, prompt_ids, params, request_id, timing)
     readers = [reader_factory(ctx, prompt_ids, tools)() for _ in range(body.n)]
     if body.stream:
         outputs = await first_and_rest(request, outputs)
-        return _sse(_sse_events(_chat_chunks(ctx, body, request_id, len(prompt_ids), outputs, readers)))
-    await until_disconnect(request, _read_all(_numbered(outputs), [readers]))
+        return sse_response(_sse_events(_chat_chunks(ctx, body, request_id, len(prompt_ids), outputs, readers)))
+    await until_disconnect(request, read_all(outputs, readers))
     choices = [_chat_choice(i, reader, body) for i, reader in enumerate(readers)]
     return _json(ChatCompletionResponse(id=request_id, created=int(time.time()), model=ctx.model_name,
                                         choices=choices, usage=_usage(ctx, len(prompt_ids), readers)))
 
 
 def _chat_choice(index: int, reader: SampleReader, body: ChatCompletionRequest) -> ChatChoice:
-    message = reader.message()
-    calls = [ToolCall(id=id_, function=FunctionCall(name=name, arguments=arguments))
-             for id_, name, arguments in message.tool_calls or []]
     logprobs = _chat_logprobs(reader.token_ids, reader.logprobs, body.top_logprobs or 0) if body.logprobs else None
-    return ChatChoice(
-        index=index, message=AssistantMessage(content=None if calls and not message.content.strip() else message.content,
-                                              reasoning_content=message.reasoning or None, tool_calls=calls),
-        finish_reason=reader.finish_reason, stop_reason=reader.stop_reason, logprobs=logprobs)
+    return ChatChoice(index=index, message=AssistantMessage.of(reader.message()), finish_reason=reader.finish_reason,
+                      stop_reason=reader.stop_reason, logprobs=logprobs)
 
 
 def _delta(event: Event) -> DeltaMessage:
@@ -358,7 +344,7 @@ async def serve_completion(ctx: ServerContext, request: Request) -> Response:
     if body.compute is not None:
         answer = await compute.serve_completion(ctx, request, body, prompts, params,
                                                 lambda: SampleReader(OutputStream()))
-        return _sse(_sse_events(answer)) if body.stream else answer
+        return sse_response(_sse_events(answer)) if body.stream else answer
     request_id = new_id("cmpl")
     streams = [run(ctx, ids, params, f"{request_id}-{i}", Timing(timing.arrived)) for i, (_, ids) in enumerate(prompts)]
     num_prompt_tokens = sum(len(ids) for _, ids in prompts)
@@ -366,9 +352,9 @@ async def serve_completion(ctx: ServerContext, request: Request) -> Response:
     merged = merge(streams)
     if body.stream:
         merged = await first_and_rest(request, merged)
-        return _sse(_sse_events(_completion_chunks(ctx, body, request_id, prompts, num_prompt_tokens, merged,
+        return sse_response(_sse_events(_completion_chunks(ctx, body, request_id, prompts, num_prompt_tokens, merged,
                                                    readers)))
-    await until_disconnect(request, _read_all(merged, readers))
+    await until_disconnect(request, _read_prompts(merged, readers))
     choices = []
     for p, prompt_readers in enumerate(readers):
         for i, reader in enumerate(prompt_readers):
@@ -412,5 +398,6 @@ async def _completion_chunks(ctx: ServerContext, body: CompletionRequest, reques
             yield CompletionResponse(id=request_id, created=created, model=ctx.model_name,
                                      choices=choices).model_dump_json()
     if body.stream_options and body.stream_options.include_usage:
+        usage = _usage(ctx, num_prompt_tokens, [r for rs in readers for r in rs])
         yield CompletionResponse(id=request_id, created=created, model=ctx.model_name, choices=[],
-                                 usage=_usage(ctx, num_prompt_tokens, [r for rs in readers for r in rs])).model_dump_json()
+                                 usage=usage).model_dump_json()

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from ownllm.parsers.events import Message
+
 
 def _whole_number(value: Any) -> Any:
     """2.0 -> 2: JSON has one number type, so an integer may come written as 2.0 (never as "2" or 2.5)."""
@@ -185,6 +187,14 @@ class AssistantMessage(_Response):
     content: str | None = None
     reasoning_content: str | None = None
     tool_calls: list[ToolCall] = []
+
+    @classmethod
+    def of(cls, answer: Message) -> "AssistantMessage":
+        """A whole answer read by the output layer; content is null when calls are all it holds."""
+        calls = [ToolCall(id=id_, function=FunctionCall(name=name, arguments=arguments))
+                 for id_, name, arguments in answer.tool_calls or []]
+        content = None if calls and not answer.content.strip() else answer.content
+        return cls(content=content, reasoning_content=answer.reasoning or None, tool_calls=calls)
 
 
 class ChatChoice(_Response):

@@ -19,7 +19,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ownllm.sampling_params import SamplingParams, StructuredOutputsParams
-from ownllm.server.answers import SampleReader, ToolPlan, reader_factory, template_messages, thinking_budget, tool_plan
+from ownllm.server.answers import (
+    SampleReader, ToolPlan, read_all, reader_factory, template_messages, thinking_budget, tool_plan,
+)
 from ownllm.server.blocks import Block, BlockChange, BlockSplitter, answer_blocks
 from ownllm.server.limits import check_messages
 from ownllm.server.openai import check_model
@@ -32,8 +34,8 @@ from ownllm.server.responses_protocol import (
     TextDeltaEvent, TextDoneEvent, TextPart,
 )
 from ownllm.server.serving import (
-    ClosingStreamingResponse, ServerContext, ServerError, Timing, as_server_error, check_context, first_and_rest,
-    make_params, new_id, parse_body, parse_part, run, until_disconnect,
+    ServerContext, ServerError, Timing, as_server_error, check_context, first_and_rest,
+    make_params, new_id, parse_body, parse_part, run, sse_response, until_disconnect,
 )
 
 ITEM_ID_PREFIXES = {"reasoning": "rs", "text": "msg", "tool_call": "fc"}
@@ -176,15 +178,9 @@ async def serve_response(ctx: ServerContext, store: ResponseStore, request: Requ
     reader = reader_factory(ctx, prompt_ids, plan)()
     if body.stream:
         outputs = await first_and_rest(request, outputs)
-        return ClosingStreamingResponse(_sse(answer.stream(outputs, reader)), media_type="text/event-stream",
-                                        headers={"Cache-Control": "no-cache"})
+        return sse_response(_sse(answer.stream(outputs, reader)))
 
-    async def read_all() -> None:
-        async for output in outputs:
-            for delta in output.outputs:
-                reader.read(delta)
-
-    await until_disconnect(request, read_all())
+    await until_disconnect(request, read_all(outputs, [reader]))
     return JSONResponse(answer.finish(reader).model_dump())
 
 

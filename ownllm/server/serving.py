@@ -299,6 +299,11 @@ class ClosingStreamingResponse(StreamingResponse):
             await self.body_iterator.aclose()
 
 
+def sse_response(chunks: AsyncIterator[str]) -> ClosingStreamingResponse:
+    """A text/event-stream response over already framed chunks, closed with its body (see above)."""
+    return ClosingStreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
 async def first_and_rest(request: Request, stream: AsyncIterator[T]) -> AsyncIterator[T]:
     """Waits for the stream's first item before a response starts (so refusals are still HTTP errors),
     then -> an iterator over all items. A client leaving during that wait closes the stream."""

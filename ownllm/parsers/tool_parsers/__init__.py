@@ -60,6 +60,12 @@ def find_marker(content: str, marker: str) -> tuple[int, bool]:
     return len(content), True
 
 
+def maybe_bare_call(content: str) -> bool:
+    """Whether a whole answer so far may be a call written as bare JSON (nothing yet, or an object opening)."""
+    stripped = content.lstrip()
+    return not stripped or stripped[0] == "{"
+
+
 def arguments_text(value) -> str:
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 

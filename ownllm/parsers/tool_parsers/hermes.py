@@ -5,8 +5,9 @@ lines, is read as calls too."""
 
 from __future__ import annotations
 
-from ownllm.parsers.tool_parsers import Taken, ToolParser, call_from_object, find_marker, read_json, register
-from ownllm.parsers.tool_parsers.llama3_json import maybe_bare_call
+from ownllm.parsers.tool_parsers import (
+    Taken, ToolParser, call_from_object, find_marker, maybe_bare_call, read_json, register,
+)
 
 START, END = "<tool_call>", "</tool_call>"
 

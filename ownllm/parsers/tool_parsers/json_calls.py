@@ -25,5 +25,6 @@ class JsonCallsParser(ToolParser):
         value = parsed[0]
         if self.function_name is not None:
             return Taken([ToolCall(self.function_name, arguments_text(value))], len(text), done=True)
-        calls = [call_from_object(item, ("parameters", "arguments")) for item in value] if isinstance(value, list) else []
+        items = value if isinstance(value, list) else []
+        calls = [call_from_object(item, ("parameters", "arguments")) for item in items]
         return Taken(calls, len(text), done=True) if calls and None not in calls else None

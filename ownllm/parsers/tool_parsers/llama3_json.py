@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from ownllm.parsers.tool_parsers import Taken, ToolParser, call_from_object, read_json, register
+from ownllm.parsers.tool_parsers import Taken, ToolParser, call_from_object, maybe_bare_call, read_json, register
 
 PYTHON_TAG = "<|python_tag|>"
 
@@ -41,8 +41,3 @@ class Llama3JsonToolParser(ToolParser):
                 return None
             at = len(body) - len(rest) + 1
 
-
-def maybe_bare_call(content: str) -> bool:
-    """Whether a whole answer so far may be a call written as bare JSON (nothing yet, or an object opening)."""
-    stripped = content.lstrip()
-    return not stripped or stripped[0] == "{"
