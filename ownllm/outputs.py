@@ -91,7 +91,8 @@ class SchedulerOutput:
     finished_request_ids: set[str] = field(default_factory=set)  # finished, aborted or preempted since last step
     propose_drafts: bool = False  # whether drafts proposed now could be verified next step (few enough requests)
     # [num sampled rows, ceil(vocab / 32)] int32 bits of the tokens each row may sample (None: all), rows in
-    # batch order; filled by a grammar backend
+    # batch order; filled by a grammar backend, in the engine process as a Future that completes during the
+    # forward (a runner in another process gets the array)
     allowed_token_bitmask: Any = None
 
     @property

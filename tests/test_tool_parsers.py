@@ -159,3 +159,67 @@ def test_unknown_parser_names_are_refused_with_the_known_ones():
         tool_parser("qwen")
     with pytest.raises(ValueError, match="unknown reasoning parser 'o1'; known: deepseek_r1, qwen3"):
         reasoning_parser("o1")
+
+
+# ---- strict tools under tool_choice auto: each format's grammar takes its template's calls and nothing invalid
+
+MARKERS = ["<tool_call>", "</tool_call>", "<|python_tag|>", "[TOOL_CALLS]", "<｜tool▁calls▁begin｜>",
+           "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>"]
+STRICT_FORMATS = ["qwen3", "llama3_1", "mistral_nemo", "deepseek_v3_tools"]
+
+
+def byte_tokenizer(markers: list[str]):
+    """A byte-level vocabulary (every text encodes) with the call markers as single special tokens, or not."""
+    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers
+
+    from ownllm.tokenizer import Tokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Backend(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(["<eos>", *markers])
+    eos = backend.token_to_id("<eos>")
+    return Tokenizer(backend, chat_template=None, bos_token=None, eos_token="<eos>", eos_token_ids=[eos],
+                     special_tokens={})
+
+
+def strict_matcher(template_name: str, tokenizer, schemas: dict[str, dict]):
+    from ownllm.sampling_params import StructuredOutputsParams
+    from ownllm.server.answers import _token_literal
+    from ownllm.structured_output.llguidance_backend import LLGuidanceBackend
+
+    parser = tool_parser(CASES[template_name][1])
+    grammar = parser.strict_grammar(schemas, _token_literal(tokenizer))
+    backend = LLGuidanceBackend(tokenizer, tokenizer.backend.get_vocab_size())
+    return lambda: backend.compile(StructuredOutputsParams(grammar=grammar)).matcher
+
+
+def accepts(new_matcher, tokenizer, text: str) -> bool:
+    matcher = new_matcher()
+    return matcher.consume_tokens(tokenizer.encode(text, add_special_tokens=False)) and matcher.is_accepting()
+
+
+@pytest.mark.parametrize("markers_are_tokens", [True, False], ids=["marker-tokens", "marker-text"])
+@pytest.mark.parametrize("template_name", STRICT_FORMATS)
+def test_strict_grammar_takes_valid_calls_and_content_and_refuses_invalid_calls(template_name, markers_are_tokens):
+    tokenizer = byte_tokenizer(MARKERS if markers_are_tokens else [])
+    text = assistant_text(template_name)[2].split("</think>")[-1]  # the grammar starts after the reasoning
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    valid = strict_matcher(template_name, tokenizer, schemas)
+    assert accepts(valid, tokenizer, text)
+    assert accepts(valid, tokenizer, "It is sunny in Paris today.")
+    days_as_text = {**schemas, "get_weather": {**schemas["get_weather"], "properties": {
+        "city": {"type": "string"}, "days": {"type": "string"}}}}
+    assert not accepts(strict_matcher(template_name, tokenizer, days_as_text), tokenizer, text)
+    assert not accepts(valid, tokenizer, text.replace('"city": "Paris", ', ""))  # a required argument left out
+
+
+@pytest.mark.parametrize("template_name", ["qwen3", "llama3_1"])
+def test_strict_grammar_takes_bare_json_calls_only_when_they_validate(template_name):
+    tokenizer = byte_tokenizer(MARKERS)
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    key = "arguments" if template_name == "qwen3" else "parameters"
+    matcher = strict_matcher(template_name, tokenizer, schemas)
+    assert accepts(matcher, tokenizer, json.dumps({"name": "get_weather", key: {"city": "Paris"}}))
+    assert not accepts(matcher, tokenizer, json.dumps({"name": "get_weather", key: {"town": "Paris"}}))

@@ -11,6 +11,7 @@ raises ends, with FinishReason.ERROR; the others carry on.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future
 from typing import Protocol, Sequence
 
 from ownllm.config import SchedulerConfig
@@ -98,7 +99,7 @@ class EngineCore:
         scheduler_output = self.scheduler.schedule()
         if not scheduler_output.num_scheduled_tokens:
             return []
-        scheduler_output.allowed_token_bitmask = self.structured_output.bitmask(scheduler_output, self.requests)
+        scheduler_output.allowed_token_bitmask = self.structured_output.bitmask_async(scheduler_output, self.requests)
         runner_output, failed = self._execute(scheduler_output)
         progressed = []
         for request_id, error in failed.items():
@@ -120,6 +121,8 @@ class EngineCore:
         try:
             return self.runner.execute(so), {}
         except Exception as error:
+            if isinstance(so.allowed_token_bitmask, Future):
+                so.allowed_token_bitmask.exception()  # the retries fill masks of their own: let this one finish
             logger.warning("a step of %d requests failed (%s: %s); running them one at a time",
                            len(so.num_scheduled_tokens), type(error).__name__, error)
             return execute_one_by_one(self.runner, so, self.requests, self.kv_cache,

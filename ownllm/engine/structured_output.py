@@ -9,11 +9,15 @@ Two kinds of constraint share the step's bitmask slot (SchedulerOutput.allowed_t
 
 Requests with neither have no state here and cost nothing; a step without constrained rows has no bitmask.
 Constrained requests are not speculated on (their drafts would need masks per draft position).
+
+A step's masks are filled on a background thread while the step's forward runs (`bitmask_async`: llguidance
+fills with the GIL released); the runner waits for them just before it samples.
 """
 
 from __future__ import annotations
 
 import enum
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -56,6 +60,7 @@ class StructuredOutputManager:
         self.compile_grammar = compile_grammar
         self.reasoning = reasoning
         self.constraints: dict[str, Constraint] = {}
+        self._filler: ThreadPoolExecutor | None = None  # the thread that fills masks during the forward
 
     def add(self, request: Request) -> None:
         """Compiles the request's grammar (ValueError when it cannot be) and sets its starting phase."""
@@ -87,6 +92,22 @@ class StructuredOutputManager:
     def bitmask(self, scheduler_output: SchedulerOutput, requests: dict[str, Request]) -> np.ndarray | None:
         """[sampled rows of the step, ceil(vocab / 32)] int32, rows in batch order (a request with k drafts
         samples k + 1 rows), or None when no sampled row is constrained."""
+        rows = self._rows(scheduler_output, requests)
+        return self._filled(*rows) if rows else None
+
+    def bitmask_async(self, scheduler_output: SchedulerOutput, requests: dict[str, Request]) -> Future | None:
+        """The step's bitmask, filled on a background thread (None when no sampled row is constrained). The
+        constraints must not advance before it is done: the runner takes its result before sampling."""
+        rows = self._rows(scheduler_output, requests)
+        if not rows:
+            return None
+        if self._filler is None:
+            self._filler = ThreadPoolExecutor(1, thread_name_prefix="ownllm-masks")
+        return self._filler.submit(self._filled, *rows)
+
+    def _rows(self, scheduler_output: SchedulerOutput,
+              requests: dict[str, Request]) -> tuple[int, list[tuple[int, Constraint]]] | None:
+        """(number of sampled rows, [(row, constraint) of the constrained ones]), or None when there are none."""
         if not self.constraints:  # the common step: no pass over the batch
             return None
         rows: list[tuple[int, Constraint]] = []
@@ -100,8 +121,9 @@ class StructuredOutputManager:
             if constraint is not None:
                 rows.append((num_rows, constraint))
             num_rows += 1 + num_drafts
-        if not rows:
-            return None
+        return (num_rows, rows) if rows else None
+
+    def _filled(self, num_rows: int, rows: list[tuple[int, Constraint]]) -> np.ndarray:
         bitmask = np.full((num_rows, (self.vocab_size + 31) // 32), -1, dtype=np.int32)
         for row, constraint in rows:
             self._fill(bitmask, row, constraint)

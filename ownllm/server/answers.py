@@ -74,11 +74,15 @@ class ToolPlan:
     parser: Callable[[], ToolParser] | None = None
     structured_outputs: StructuredOutputsParams | None = None
     keep_special_tokens: bool = False
+    grammar_reason: str = "tool_choice required or a named function"  # what asked for the grammar, for errors
 
 
 def tool_plan(ctx: ServerContext, tools: list[dict] | None, tool_choice: str | dict | None,
               parallel_tool_calls: bool = True) -> ToolPlan:
-    """OpenAI's tools and tool_choice (auto | none | required | {"type": "function", "function": {"name"}})."""
+    """OpenAI's tools and tool_choice (auto | none | required | {"type": "function", "function": {"name"}}).
+    Under auto, tools with "strict": true make the answer follow the model's own call format through a grammar
+    in which every call's arguments are valid against its function's schema (the other functions' arguments
+    are any JSON object)."""
     functions = _functions(tools or [])
     choice = tool_choice if tool_choice is not None else ("auto" if tools else "none")
     if isinstance(choice, dict):
@@ -103,7 +107,24 @@ def tool_plan(ctx: ServerContext, tools: list[dict] | None, tool_choice: str | d
     if name is None:
         return ToolPlan()
     parser = tool_parser(name)
-    return ToolPlan(lambda: tool_parser(name), keep_special_tokens=parser.needs_special_tokens)
+    strict = {n: _parameters(f) if f.get("strict") else {"type": "object"} for n, f in functions.items()}
+    grammar = parser.strict_grammar(strict, _token_literal(ctx.engine.tokenizer)) \
+        if any(f.get("strict") for f in functions.values()) else None
+    if grammar is None and any(f.get("strict") for f in functions.values()):
+        raise ServerError(400, f'tools with "strict": true cannot be enforced in the {name} tool-call format of this model '
+                          'under tool_choice "auto"; use tool_choice "required" or a named function',
+                          param="tools")
+    return ToolPlan(lambda: tool_parser(name),
+                    StructuredOutputsParams(grammar=grammar, source="tools (strict)") if grammar else None,
+                    parser.needs_special_tokens, 'tools with "strict": true')
+
+
+def _token_literal(tokenizer) -> Callable[[str], str]:
+    """A call marker as a grammar terminal: the one token it is in this vocabulary, else its quoted text."""
+    def literal(text: str) -> str:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        return f"<[{ids[0]}]>" if len(ids) == 1 else json.dumps(text, ensure_ascii=False)
+    return literal
 
 
 def _functions(tools: list[dict]) -> dict[str, dict]:

@@ -385,6 +385,9 @@ async def serve_chat(ctx: ServerContext, request: Request) -> Response:
         return _loaded(ctx, OllamaChatChunk)
     check_messages(ctx.settings.limits, len(body.messages))
     tools = tool_plan(ctx, body.tools, None) if body.tools else ToolPlan()
+    if structured is not None and tools.structured_outputs is not None:
+        raise ServerError(400, f"format cannot be combined with {tools.grammar_reason}", param="format")
+    structured = structured or tools.structured_outputs
     prompt_ids = _encode_chat(ctx, _chat_messages(body), body.tools, body.think)
     max_tokens = _max_tokens(body.options or OllamaOptions())
     check_context(len(prompt_ids), max_tokens, ctx.engine.max_model_len, "messages", "options.num_predict")

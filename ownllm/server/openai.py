@@ -253,7 +253,7 @@ async def serve_chat(ctx: ServerContext, request: Request) -> Response:
     structured = openai_structured_outputs(body.response_format, body.structured_outputs)
     if structured is not None and tools.structured_outputs is not None:
         raise ServerError(400, "a structured output (response_format or structured_outputs) cannot be combined with "
-                          "tool_choice required or a named function", param="tool_choice")
+                          f"{tools.grammar_reason}", param="tool_choice")
     prompt_ids = _chat_prompt_ids(ctx, body)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     tokens_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"

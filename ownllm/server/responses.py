@@ -119,7 +119,8 @@ def _text(content: str | list[dict], param: str) -> str:
 
 def _tool_plan(ctx: ServerContext, body: ResponsesRequest) -> tuple[list[dict], ToolPlan]:
     tools = [{"type": "function", "function": {"name": t.name, "description": t.description or "",
-                                               "parameters": t.parameters}} for t in body.tools or []]
+                                               "parameters": t.parameters, "strict": t.strict}}
+             for t in body.tools or []]
     choice = body.tool_choice
     if choice is not None and not isinstance(choice, str):
         choice = {"type": "function", "function": {"name": choice.name}}
@@ -131,8 +132,7 @@ def _structured_outputs(body: ResponsesRequest, plan: ToolPlan) -> StructuredOut
     if text_format is None or text_format.type == "text":
         return plan.structured_outputs
     if plan.structured_outputs is not None:
-        raise ServerError(400, "text.format cannot be combined with tool_choice required or a named function",
-                          param="tool_choice")
+        raise ServerError(400, f"text.format cannot be combined with {plan.grammar_reason}", param="tool_choice")
     if text_format.type == "json_object":
         return StructuredOutputsParams(json_object=True, source="text.format")
     if text_format.schema_ is None:

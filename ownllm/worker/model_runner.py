@@ -12,6 +12,7 @@ the proposer for the next drafts. Results are plain Python values: the engine ab
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future
 import time
 from dataclasses import dataclass, field
 
@@ -155,7 +156,9 @@ class ModelRunner:
         if sampling:
             rows = [first + j for state, first in sampling for j in range(len(state.drafts) + 1)]
             logits = self.model.compute_logits(hidden[rows]).float()  # [R, vocab]
-            sampled = sample_and_verify(self.sampler, logits, states, self.eos_token_ids, so.allowed_token_bitmask)
+            bitmask = so.allowed_token_bitmask  # grammar masks, filled during the forward: waited for here
+            bitmask = bitmask.result() if isinstance(bitmask, Future) else bitmask
+            sampled = sample_and_verify(self.sampler, logits, states, self.eos_token_ids, bitmask)
         for request_id in output.request_ids:
             tokens, logprobs, num_accepted = sampled.get(request_id, ([], [], 0))
             output.sampled_token_ids.append(tokens)

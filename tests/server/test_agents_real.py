@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import jsonschema
 import ollama
 import openai
 import pytest
@@ -60,3 +61,37 @@ def test_ollama_tools(server):
                                                 options={"temperature": 0, "num_predict": 60})
     [call] = reply.message.tool_calls
     assert call.function.name == "get_weather" and call.function.arguments == {"city": "Paris"}
+
+
+FORECAST = {"type": "object", "properties": {
+    "city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["celsius", "fahrenheit"]},
+    "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+    "required": ["city", "unit", "days"], "additionalProperties": False}
+QUESTIONS = ["What is the weather in Paris?", "Give me the forecast for Tokyo for the next three days.",
+             "Will it rain in Oslo tomorrow?", "How warm will it be in Lima this week, in fahrenheit?"]
+
+
+def forecast_calls(client, question: str, strict: bool) -> list:
+    tools = [{"type": "function", "function": {"name": "get_forecast", "description": "Weather forecast for a city",
+                                               "parameters": FORECAST, "strict": strict}}]
+    message = client.chat.completions.create(model="qwen", messages=[{"role": "user", "content": question}],
+                                             tools=tools, temperature=0, max_tokens=80).choices[0].message
+    return [json.loads(call.function.arguments) for call in message.tool_calls or []]
+
+
+def test_strict_tools_under_auto_give_calls_that_validate(client):
+    """With "strict": true the model still chooses between calling and answering (tool_choice auto), and every
+    call it makes validates against the schema; the same questions without strict show what the grammar adds."""
+    strict = [forecast_calls(client, q, strict=True) for q in QUESTIONS]
+    assert sum(map(bool, strict)) >= 3, strict  # the weather questions still get calls
+    for calls in strict:
+        for arguments in calls:
+            jsonschema.validate(arguments, FORECAST)
+    prompted = [forecast_calls(client, q, strict=False) for q in QUESTIONS]
+    invalid = [a for calls in prompted for a in calls if not jsonschema.Draft202012Validator(FORECAST).is_valid(a)]
+    print(f"without strict: {len(invalid)} of {sum(map(len, prompted))} calls invalid: {invalid}")
+    answer = client.chat.completions.create(
+        model="qwen", messages=[{"role": "user", "content": "Explain what a linked list is in one sentence."}],
+        tools=[{"type": "function", "function": {"name": "get_forecast", "parameters": FORECAST, "strict": True}}],
+        temperature=0, max_tokens=60)
+    assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls

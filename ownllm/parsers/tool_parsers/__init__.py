@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 
 @dataclass
@@ -47,6 +47,13 @@ class ToolParser:
         well-formed call: the caller then shows its first character as text and reads the rest again, so
         nothing is dropped."""
         raise NotImplementedError
+
+    def strict_grammar(self, schemas: dict[str, dict], literal: Callable[[str], str]) -> str | None:
+        """A Lark grammar (llguidance's dialect) for an answer in this format that is either plain content or
+        calls whose arguments are valid against their function's schema in `schemas` ({name: JSON schema}).
+        `literal(text)` is the Lark terminal for a marker: the one token it is in the model's vocabulary, else
+        the quoted text. None: this format cannot be constrained that way."""
+        return None
 
 
 def find_marker(content: str, marker: str) -> tuple[int, bool]:
@@ -85,6 +92,38 @@ def call_from_object(value, argument_keys: tuple[str, ...] = ("arguments", "para
         return None
     arguments = next((value[k] for k in argument_keys if k in value), {})
     return ToolCall(value["name"], arguments_text(arguments))
+
+
+# Strict calls' grammars: a run of JSON white space is bounded, as in structured_output's JSON (a small model may
+# otherwise write spaces until max_tokens), and so is the white space between a call's markers.
+STRICT_JSON_OPTIONS = {"whitespace_pattern": r"[\n ]{0,16}"}
+GAP = r"/[ \n]{0,24}/"
+
+
+def calls_schema(schemas: dict[str, dict], arguments_key: str = "arguments", optional: dict | None = None) -> dict:
+    """The JSON schema of one {"name", arguments_key} call object to any of the functions (`optional`: more
+    properties a format's calls may carry, such as Mistral's call ids)."""
+    return {"anyOf": [{"type": "object",
+                       "properties": {"name": {"const": name}, arguments_key: schema, **(optional or {})},
+                       "required": ["name", arguments_key], "additionalProperties": False}
+                      for name, schema in schemas.items()]}
+
+
+def json_rule(schema: dict) -> str:
+    return "%json " + json.dumps({**schema, "x-guidance": STRICT_JSON_OPTIONS}, ensure_ascii=False)
+
+
+def content_and_opening(start: str, literal: Callable[[str], str], bare_json: bool) -> list[str]:
+    """Lark lines for TEXT, content that holds no call marker (and, for formats whose calls may be bare JSON,
+    does not open with `{`), so that every call of a strict answer goes through the call rules; and `opening`,
+    content then the marker `start` that opens the calls. A marker that is text joins the content in one
+    terminal, as llguidance's lexer does not step back out of a greedy TEXT; a marker that is one token
+    follows it."""
+    text = r"[ \n]+|[ \n]*[^{ \n](.|\n)*" if bare_json else r"(.|\n)+"
+    marker = literal(start)
+    opening = [f"opening: TEXT? {marker}"] if marker.startswith("<[") else ["opening: OPENING",
+                                                                           f"OPENING: TEXT? {marker}"]
+    return [f"TEXT: /{text}/ & ~/(.|\n)*{re.escape(start)}(.|\n)*/", *opening]
 
 
 TOOL_PARSERS: dict[str, type[ToolParser]] = {}

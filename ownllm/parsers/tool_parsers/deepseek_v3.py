@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+import json
 import re
 
-from ownllm.parsers.tool_parsers import Taken, ToolCall, ToolParser, arguments_text, find_marker, read_json, register
+from ownllm.parsers.tool_parsers import (
+    GAP, Taken, ToolCall, ToolParser, arguments_text, content_and_opening, find_marker, json_rule, read_json, register,
+)
 
 START, END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+CALL_START, SEP, CALL_END = "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>"
 CALL = re.compile(r"<｜tool▁call▁begin｜>\s*\w*\s*<｜tool▁sep｜>\s*([^\n<]+?)\s*\n\s*```(?:json)?\s*(.*?)\s*```\s*"
                   r"<｜tool▁call▁end｜>", re.S)
 
@@ -35,3 +39,13 @@ class DeepSeekV3ToolParser(ToolParser):
         if not calls:
             return None
         return Taken(calls, end + len(END) if end >= 0 else len(text), done=True)
+
+    def strict_grammar(self, schemas, literal) -> str:
+        names = list(schemas)
+        rules = [f"start: TEXT? | opening ({GAP} call)+ {GAP} {literal(END)}",
+                 "call: " + " | ".join(f"call_{i}" for i in range(len(names)))]
+        for i, name in enumerate(names):
+            rules += [f'call_{i}: {literal(CALL_START)} "function" {literal(SEP)} {json.dumps(name, ensure_ascii=False)}'
+                      f' "\\n```json\\n" args_{i} "\\n```" {literal(CALL_END)}',
+                      f"args_{i}: {json_rule(schemas[name])}"]
+        return "\n".join(rules + content_and_opening(START, literal, bare_json=False))

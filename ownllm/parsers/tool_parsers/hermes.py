@@ -6,7 +6,8 @@ lines, is read as calls too."""
 from __future__ import annotations
 
 from ownllm.parsers.tool_parsers import (
-    Taken, ToolParser, call_from_object, find_marker, maybe_bare_call, read_json, register,
+    GAP, Taken, ToolParser, call_from_object, calls_schema, content_and_opening, find_marker, json_rule,
+    maybe_bare_call, read_json, register,
 )
 
 START, END = "<tool_call>", "</tool_call>"
@@ -44,14 +45,11 @@ class HermesToolParser(ToolParser):
             calls.append(call)
             consumed = end + len(END)
 
-
-def _bare_calls(text: str) -> Taken | None:
-    calls, at = [], 0
-    while text[at:].strip():
-        parsed = read_json(text, at)
-        call = call_from_object(parsed[0], ("arguments",)) if parsed else None
-        if call is None:
-            return None
-        calls.append(call)
-        at = parsed[1]
-    return Taken(calls, len(text), done=True) if calls else None
+    def strict_grammar(self, schemas, literal) -> str:
+        call = f"body {GAP} {literal(END)}"
+        return "\n".join([
+            f"start: TEXT? | opening {GAP} {call} ({GAP} {literal(START)} {GAP} {call})* {GAP}"
+            f" | {GAP} body ({GAP} body)* {GAP}",  # calls written as bare JSON, which small models do
+            f"body: {json_rule(calls_schema(schemas))}",
+            *content_and_opening(START, literal, bare_json=True),
+        ])

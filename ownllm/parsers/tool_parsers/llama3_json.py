@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
-from ownllm.parsers.tool_parsers import Taken, ToolParser, call_from_object, maybe_bare_call, read_json, register
+from ownllm.parsers.tool_parsers import (
+    GAP, Taken, ToolParser, call_from_object, calls_schema, content_and_opening, json_rule, maybe_bare_call, read_json,
+    register,
+)
 
 PYTHON_TAG = "<|python_tag|>"
 
@@ -40,4 +43,11 @@ class Llama3JsonToolParser(ToolParser):
             if not rest.startswith(";"):
                 return None
             at = len(body) - len(rest) + 1
+
+    def strict_grammar(self, schemas, literal) -> str:
+        return "\n".join([
+            f'start: TEXT? | {literal(PYTHON_TAG)}? body ({GAP} ";" {GAP} body)*',
+            f"body: {json_rule(calls_schema(schemas, 'parameters'))}",
+            *content_and_opening(PYTHON_TAG, literal, bare_json=True)[:1],  # its calls open the answer
+        ])
 

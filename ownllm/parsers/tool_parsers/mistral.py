@@ -6,7 +6,8 @@ from __future__ import annotations
 import re
 
 from ownllm.parsers.tool_parsers import (
-    Taken, ToolCall, ToolParser, arguments_text, call_from_object, find_marker, read_json, register,
+    GAP, Taken, ToolCall, ToolParser, arguments_text, call_from_object, calls_schema, content_and_opening, find_marker,
+    json_rule, read_json, register,
 )
 
 START = "[TOOL_CALLS]"
@@ -40,3 +41,11 @@ class MistralToolParser(ToolParser):
                 return None
             calls.append(ToolCall(named.group(1), arguments_text(parsed[0])))
         return Taken(calls, len(text), done=True) if calls else None
+
+    def strict_grammar(self, schemas, literal) -> str:
+        calls = {"type": "array", "minItems": 1, "items": calls_schema(schemas, optional={"id": {"type": "string"}})}
+        return "\n".join([
+            f"start: TEXT? | opening {GAP} calls",
+            f"calls: {json_rule(calls)}",
+            *content_and_opening(START, literal, bare_json=False),
+        ])
