@@ -326,6 +326,9 @@ def serve(
         "itself (a request's thinking_budget or reasoning_effort overrides it). Default: no limit.")] = None,
     max_compute_samples: Annotated[int, typer.Option(
         min=1, help="The most samples one request's `compute` field may ask for.")] = 64,
+    structured_outputs_backend: Annotated[str, typer.Option(
+        help="What compiles JSON schemas, regexes and grammars into token masks: llguidance, or xgrammar "
+        "(pip install 'ownllm[xgrammar]').")] = "llguidance",
 ) -> None:
     """Serve a model over HTTP: the OpenAI API (with Responses) and Anthropic's Messages API under /v1, the Ollama API
     under /api, /health and /metrics."""
@@ -339,16 +342,19 @@ def serve(
     from ownllm.server import ServerSettings, build_app
     from ownllm.server.limits import RequestLimits
     from ownllm.server.shutdown import serve as serve_app
+    from ownllm.structured_output import check_backend
 
     normalize_dtype(dtype)  # every option is checked before the model loads
     resolve_device(device)
     _check_parsers(tool_call_parser, reasoning_parser)
+    check_backend(structured_outputs_backend)
     config = EngineConfig(
         None, dtype, device,
         CacheConfig(memory_bytes=parse_memory_size(kv_cache_memory) if kv_cache_memory else None,
                     enable_prefix_caching=not no_prefix_caching),
         SchedulerConfig(max_num_batched_tokens, max_num_seqs), SpeculativeConfig.parse(speculative_config),
-        reasoning_parser=reasoning_parser, tool_call_parser=tool_call_parser)
+        reasoning_parser=reasoning_parser, tool_call_parser=tool_call_parser,
+        structured_outputs_backend=structured_outputs_backend)
     limits = RequestLimits(parse_memory_size(max_body_size), max_messages, max_completion_tokens, max_n, max_stop,
                            max_logprobs)
     origins = tuple(o.strip() for value in cors_origins or [] for o in value.split(",") if o.strip())

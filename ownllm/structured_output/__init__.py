@@ -5,6 +5,7 @@ name; llguidance is the default, and another (xgrammar) plugs in behind the same
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable, Protocol
 
 import numpy as np
@@ -30,11 +31,23 @@ class GrammarBackend(Protocol):
 
 
 GRAMMAR_BACKENDS: dict[str, Callable[[Tokenizer, int], GrammarBackend]] = {}
+BUILTIN_BACKENDS = {"llguidance": "ownllm.structured_output.llguidance_backend",
+                    "xgrammar": "ownllm.structured_output.xgrammar_backend"}  # name -> module, imported on use
+
+
+def check_backend(name: str) -> None:
+    """Raises ValueError when the backend is unknown or its package is missing (before anything loads)."""
+    if name in GRAMMAR_BACKENDS:
+        return
+    if name not in BUILTIN_BACKENDS:
+        raise ValueError(f"unknown structured-output backend {name!r}; known: {', '.join(BUILTIN_BACKENDS)}")
+    try:
+        importlib.import_module(BUILTIN_BACKENDS[name])  # registers itself
+    except ImportError as error:
+        raise ValueError(f"the {name} structured-output backend needs `pip install 'ownllm[{name}]'` "
+                         f"({error})") from None
 
 
 def grammar_backend(name: str, tokenizer: Tokenizer, vocab_size: int) -> GrammarBackend:
-    if name == "llguidance" and name not in GRAMMAR_BACKENDS:
-        from ownllm.structured_output import llguidance_backend  # noqa: F401  (registers itself)
-    if name not in GRAMMAR_BACKENDS:
-        raise ValueError(f"unknown structured-output backend {name!r}; known: llguidance")
+    check_backend(name)
     return GRAMMAR_BACKENDS[name](tokenizer, vocab_size)

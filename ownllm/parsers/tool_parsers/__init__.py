@@ -123,7 +123,8 @@ def content_and_opening(start: str, literal: Callable[[str], str], bare_json: bo
     marker = literal(start)
     opening = [f"opening: TEXT? {marker}"] if marker.startswith("<[") else ["opening: OPENING",
                                                                            f"OPENING: TEXT? {marker}"]
-    return [f"TEXT: /{text}/ & ~/(.|\n)*{re.escape(start)}(.|\n)*/", *opening]
+    anything = r"(.|\n)*"
+    return [f"TEXT: /{text}/ & ~/{anything}{re.escape(start)}{anything}/", *opening]
 
 
 TOOL_PARSERS: dict[str, type[ToolParser]] = {}

@@ -53,3 +53,15 @@ class HermesToolParser(ToolParser):
             f"body: {json_rule(calls_schema(schemas))}",
             *content_and_opening(START, literal, bare_json=True),
         ])
+
+
+def _bare_calls(text: str) -> Taken | None:
+    calls, at = [], 0
+    while text[at:].strip():
+        parsed = read_json(text, at)
+        call = call_from_object(parsed[0], ("arguments",)) if parsed else None
+        if call is None:
+            return None
+        calls.append(call)
+        at = parsed[1]
+    return Taken(calls, len(text), done=True) if calls else None
