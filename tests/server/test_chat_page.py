@@ -72,6 +72,10 @@ def ask(page, text: str) -> None:
     page.wait_for_selector("#send", state="visible")
 
 
+def wait_for_model(page, name: str) -> None:
+    page.wait_for_function(f"() => document.getElementById('model').textContent === {json.dumps(name)}")
+
+
 def stored_chats(page) -> list[dict]:
     return json.loads(page.evaluate("localStorage.getItem('ownllm.chats')"))
 
@@ -101,7 +105,7 @@ def test_page_is_open_and_the_api_is_not(server):
 
 
 def test_shows_the_model(page):
-    page.wait_for_function(f"() => document.getElementById('model').textContent === {json.dumps(TINY_NAME)}")
+    wait_for_model(page, TINY_NAME)
     assert page.is_hidden("#error")
 
 
@@ -211,7 +215,7 @@ def test_markdown_renders_code_and_lets_no_html_through(page):
 def test_bundled_model_answers_in_the_page(browser, bundled_server):
     page = open_page(browser, bundled_server.url, BUNDLED_KEY)
     try:
-        page.wait_for_function(f"() => document.getElementById('model').textContent === {json.dumps(BUNDLED_MODEL_NAME)}")
+        wait_for_model(page, BUNDLED_MODEL_NAME)
         page.fill("#temperature", "0")
         page.fill("#max-tokens", "24")
         ask(page, "What is the capital of France?")
