@@ -5,9 +5,9 @@ It mounts the OpenAI (/v1, with the Responses API at /v1/responses), Anthropic (
 Anthropic's `x-api-key: KEY`; compared in constant time, never logged), refuses bodies over the size limit, adds
 CORS only for the origins the settings allow, answers 503 while it drains for shutdown, serves /health and
 /metrics (open, like vLLM's, so probes and scrapers need no key) and the chat page at / (page.py, open too), and
-turns every error into the JSON shape of the API that was called: never a traceback, never a hung request. Request semantics
-live in openai.py, responses.py, anthropic.py and ollama.py; this module only wires. An embedding
-model's routes (embeddings.py) sit beside them, behind the same key.
+turns every error into the JSON shape of the API that was called: never a traceback, never a hung request.
+Request semantics live in openai.py, responses.py, anthropic.py and ollama.py; this module only wires. An
+embedding model's routes (embeddings.py) sit beside them, behind the same key.
 """
 
 from __future__ import annotations
