@@ -4,10 +4,10 @@ It mounts the OpenAI (/v1, with the Responses API at /v1/responses), Anthropic (
 (/api) routers, requires the API key on all of them when one is set (`Authorization: Bearer KEY`, or
 Anthropic's `x-api-key: KEY`; compared in constant time, never logged), refuses bodies over the size limit, adds
 CORS only for the origins the settings allow, answers 503 while it drains for shutdown, serves /health and
-/metrics (open, like vLLM's, so probes and scrapers need no key), and turns every error into the
-JSON shape of the API that was called: never a traceback, never a hung request. Request semantics
-live in openai.py, responses.py, anthropic.py and ollama.py; this module only wires. An embedding
-model's routes (embeddings.py) sit beside them, behind the same key.
+/metrics (open, like vLLM's, so probes and scrapers need no key) and the chat page at / (page.py, open too), and
+turns every error into the JSON shape of the API that was called: never a traceback, never a hung request.
+Request semantics live in openai.py, responses.py, anthropic.py and ollama.py; this module only wires. An
+embedding model's routes (embeddings.py) sit beside them, behind the same key.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 
 import ownllm
 from ownllm.engine.async_embedder import AsyncEmbedder
-from ownllm.server import anthropic, embeddings, ollama, openai, responses
+from ownllm.server import anthropic, embeddings, ollama, openai, page, responses
 from ownllm.server.limits import BodySizeLimit
 from ownllm.server.metrics import ServerMetrics
 from ownllm.server.schema import describe_request_bodies
@@ -53,6 +53,7 @@ def build_app(engine: EngineClient | None, settings: ServerSettings | None = Non
     app.include_router(responses.router(ctx), dependencies=generation)
     app.include_router(anthropic.router(ctx), dependencies=generation)
     app.include_router(ollama.router(ctx), dependencies=generation)
+    app.include_router(page.router())  # open, like the probes: the page holds no secrets, its API calls need the key
     _add_probes(app, ctx)
     _add_error_handlers(app)
     describe_request_bodies(app)
@@ -89,10 +90,6 @@ def _add_probes(app: FastAPI, ctx: ServerContext) -> None:
     async def metrics() -> Response:
         content, content_type = ctx.metrics.render()
         return Response(content, media_type=content_type)
-
-    @app.api_route("/", methods=["GET", "HEAD"])
-    async def root() -> Response:
-        return PlainTextResponse("ownllm is running")
 
 
 def error_response(request: Request, error: ServerError) -> Response:

@@ -81,7 +81,9 @@ def test_token_ids_out_of_vocab(http):
 
 def test_health_and_root(http):
     assert http.get("/health").json() == {"status": "ok", "model": TINY_NAME}
-    assert http.get("/").text == "ownllm is running"
+    page = http.get("/")  # the chat page, open without the key like /health
+    assert page.headers["content-type"].startswith("text/html") and "<title>ownllm chat</title>" in page.text
+    assert "default-src 'none'" in page.headers["content-security-policy"]
 
 
 def test_metrics(http, tiny_server):
