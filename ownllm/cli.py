@@ -326,6 +326,9 @@ def serve(
         "itself (a request's thinking_budget or reasoning_effort overrides it). Default: no limit.")] = None,
     max_compute_samples: Annotated[int, typer.Option(
         min=1, help="The most samples one request's `compute` field may ask for.")] = 64,
+    verifier_model: Annotated[Optional[str], typer.Option(
+        help="The model that scores samples of `compute` requests with scorer \"verifier\" (a folder, hub id or "
+        "GGUF file, loaded beside the served model). Default: the served model itself.")] = None,
     structured_outputs_backend: Annotated[str, typer.Option(
         help="What compiles JSON schemas, regexes and grammars into token masks: llguidance, or xgrammar "
         "(pip install 'ownllm[xgrammar]').")] = "llguidance",
@@ -380,17 +383,25 @@ def serve(
                              "(--served-model-name)")
         with _spinner(f"Loading {embedding_model}..."):
             embedder = AsyncEmbedder(Embedder.from_model(str(embedding_path), None, device, embedding_name))
+    verifier = None
+    if verifier_model:
+        if engine is None:
+            raise ValueError("--verifier-model needs a chat model to verify (--model is an embedding model)")
+        verifier_path = resolve_model(verifier_model)
+        with _spinner(f"Loading the verifier {verifier_model}..."):
+            verifier = AsyncEngine.from_config(replace(config, model=str(verifier_path), speculative=None),
+                                               max_waiting, _served_name(verifier_model, verifier_path))
     settings = ServerSettings(api_key=api_key or None, cors_origins=origins, model_path=path, limits=limits,
                               request_timeout=request_timeout, reasoning_budget=reasoning_budget,
                               responses_store_size=responses_store_size,
                               max_compute_samples=max_compute_samples)
-    app = build_app(engine, settings, embedder)
+    app = build_app(engine, settings, embedder, verifier)
     served = escape(name) + (f" and {escape(embedder.model_name)}" if engine is not None and embedder else "")
     err.print(f"Serving {served} at http://{escape(host)}:{port} (OpenAI and Anthropic APIs: /v1, Ollama API: /api)")
     try:
         serve_app(app, app.state.ctx.drain, host, port, shutdown_timeout)
     finally:
-        for running in (engine, embedder):
+        for running in (engine, embedder, verifier):
             if running is not None:
                 running.shutdown()
 

@@ -36,12 +36,13 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left; nobody rec
 
 
 def build_app(engine: EngineClient | None, settings: ServerSettings | None = None,
-              embedder: AsyncEmbedder | None = None) -> FastAPI:
-    """engine None: the embedder's model alone (its generation routes answer 400)."""
+              embedder: AsyncEmbedder | None = None, verifier: EngineClient | None = None) -> FastAPI:
+    """engine None: the embedder's model alone (its generation routes answer 400). verifier: the model that scores
+    `compute` samples (None: the engine itself)."""
     settings = settings or ServerSettings()
     chat_model_name = engine.model_name if engine is not None else None
     engine = engine if engine is not None else embeddings.EmbeddingOnlyEngine(embedder)
-    ctx = ServerContext(engine, settings, ServerMetrics(engine.stats))
+    ctx = ServerContext(engine, settings, ServerMetrics(engine.stats), verifier=verifier)
     app = FastAPI(title="ownllm", version=ownllm.__version__,
                   description="OpenAI-compatible (/v1) and Ollama-compatible (/api) APIs over one model.")
     app.state.ctx = ctx

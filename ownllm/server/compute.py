@@ -1,6 +1,7 @@
 """The `compute` request field on /v1/chat/completions and /v1/completions: one request of N samples (one shared
 prefill, decoded as one batch) read through the output layer, fed to a ComputeSession as samples finish, running
-samples stopped in the engine the moment early stopping says so, the verifier run on the served model when asked,
+samples stopped in the engine the moment early stopping says so, the verifier (the served model, or the one given
+with --verifier-model) run when asked,
 and one choice returned with a `compute` object. Streaming sends progress chunks (`compute_progress`), then the
 chosen answer in one chunk with the `compute` object. openai.py calls in here once it has parsed a request, and
 frames the streamed chunks (SSE) itself."""
@@ -30,7 +31,16 @@ from ownllm.server.serving import (
     ServerContext, ServerError, Timing, first_and_rest, last_output, new_id, run, until_disconnect,
 )
 
-VerifierPrompt = Callable[[str], list[int]]  # a sample's answer -> the verifier's prompt ids
+@dataclasses.dataclass
+class Verifier:
+    """The model that scores samples (a context whose engine is the verifier) and how it is asked about one."""
+
+    ctx: ServerContext
+    prompt: Callable[[str], list[int]]  # a sample's answer -> the verifier's prompt ids, in its vocabulary
+
+
+def verifier_context(ctx: ServerContext) -> ServerContext:
+    return dataclasses.replace(ctx, engine=ctx.verifier) if ctx.verifier is not None else ctx
 
 
 @dataclasses.dataclass
@@ -78,7 +88,7 @@ def sample_params(body: ChatCompletionRequest | CompletionRequest, params: Sampl
 
 
 async def drive(ctx: ServerContext, state: ComputeRun, prompt_ids: list[int], params: SamplingParams,
-                request_id: str, verifier_prompt: VerifierPrompt) -> AsyncIterator[ComputeProgress]:
+                request_id: str, verifier: Verifier) -> AsyncIterator[ComputeProgress]:
     """Runs the samples -> progress when the first output arrives and whenever a sample finishes; stops the running
     samples once the vote is decided; then scores samples with the verifier if asked."""
     session, readers = state.session, state.readers
@@ -100,14 +110,14 @@ async def drive(ctx: ServerContext, state: ComputeRun, prompt_ids: list[int], pa
             started = True
             yield session.progress()
     if session.params.scorer == "verifier":
-        await _verify(ctx, state, request_id, verifier_prompt)
+        await _verify(verifier, state, request_id)
 
 
-async def _verify(ctx: ServerContext, state: ComputeRun, request_id: str, verifier_prompt: VerifierPrompt) -> None:
+async def _verify(verifier: Verifier, state: ComputeRun, request_id: str) -> None:
     samples = state.session.complete
-    prompts = [verifier_prompt(sample.text) for sample in samples]
+    prompts = [verifier.prompt(sample.text) for sample in samples]
     outputs = await asyncio.gather(*(  # together: one engine batch
-        last_output(run(ctx, ids, verifier_params(), f"{request_id}-verify-{s.index}", Timing()))
+        last_output(run(verifier.ctx, ids, verifier_params(), f"{request_id}-verify-{s.index}", Timing()))
         for s, ids in zip(samples, prompts)))
     for sample, output in zip(samples, outputs):
         entries = output.outputs[0].logprobs or [{}]
@@ -129,11 +139,11 @@ async def serve_chat(ctx: ServerContext, request: Request, body: ChatCompletionR
     compute = compute_params(ctx, body, body.logprobs)
     state = ComputeRun(ComputeSession(compute), [new_reader() for _ in range(compute.samples)], len(prompt_ids))
 
-    def verifier_prompt(answer: str) -> list[int]:
-        return ctx.engine.tokenizer.encode_chat(verifier_messages(messages, answer))
-
+    verifier_ctx = verifier_context(ctx)
+    verifier = Verifier(verifier_ctx,
+                        lambda answer: verifier_ctx.engine.tokenizer.encode_chat(verifier_messages(messages, answer)))
     request_id = new_id("chatcmpl")
-    progress = drive(ctx, state, prompt_ids, sample_params(body, params, compute), request_id, verifier_prompt)
+    progress = drive(ctx, state, prompt_ids, sample_params(body, params, compute), request_id, verifier)
     if body.stream:
         progress = await first_and_rest(request, progress)
         return _chat_chunks(ctx, body, request_id, state, progress)
@@ -186,11 +196,10 @@ async def serve_completion(ctx: ServerContext, request: Request, body: Completio
     [(prompt, prompt_ids)] = prompts
     state = ComputeRun(ComputeSession(compute), [new_reader() for _ in range(compute.samples)], len(prompt_ids))
 
-    def verifier_prompt(answer: str) -> list[int]:
-        return ctx.engine.tokenizer.encode(verifier_text(prompt, answer))
-
+    verifier_ctx = verifier_context(ctx)
+    verifier = Verifier(verifier_ctx, lambda answer: verifier_ctx.engine.tokenizer.encode(verifier_text(prompt, answer)))
     request_id = new_id("cmpl")
-    progress = drive(ctx, state, prompt_ids, sample_params(body, params, compute), request_id, verifier_prompt)
+    progress = drive(ctx, state, prompt_ids, sample_params(body, params, compute), request_id, verifier)
     if body.stream:
         progress = await first_and_rest(request, progress)
         return _completion_chunks(ctx, body, request_id, prompt, state, progress)

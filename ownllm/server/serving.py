@@ -83,6 +83,7 @@ class ServerContext:
     metrics: ServerMetrics
     started_at: float = field(default_factory=time.time)
     drain: Drain = field(default_factory=Drain)
+    verifier: EngineClient | None = None  # --verifier-model: what scores `compute` samples (None: the engine)
 
     @property
     def model_name(self) -> str:

@@ -138,6 +138,29 @@ def test_best_of_verifier_scores_with_the_served_model(client):
     assert answer.usage.completion_tokens == 2 * 3 + 2  # the samples, then one verifier token each
 
 
+def test_best_of_verifier_scores_with_the_verifier_model(tiny_model, tmp_path_factory):
+    """--verifier-model: the samples are asked about in the verifier's own vocabulary (the bundled SmolLM2's, not
+    the tiny model's), and usage counts the verifier's prompt in it."""
+    from ownllm.compute.verifier import verifier_messages
+    from ownllm.loader.gguf import open_gguf, read_fields
+    from ownllm.loader.gguf_tokenizer import tokenizer_from_metadata
+    from ownllm.loader.resolve import resolve_model
+
+    bundled = resolve_model(None)
+    with start_server(tmp_path_factory.mktemp("logs"), str(tiny_model), "--served-model-name", TINY_NAME,
+                      "--verifier-model", str(bundled)) as server:
+        client = narrow_client(server)
+        plain = client.chat.completions.create(model=TINY_NAME, messages=MESSAGES, max_tokens=3,
+                                               extra_body={"ignore_eos": True})
+        answer = client.chat.completions.create(
+            model=TINY_NAME, messages=MESSAGES, max_tokens=3,
+            extra_body={"ignore_eos": True, "compute": {"strategy": "best_of", "samples": 1, "scorer": "verifier"}})
+    verifier_tokenizer = tokenizer_from_metadata(read_fields(open_gguf(bundled)))
+    verifier_prompt = verifier_tokenizer.encode_chat(verifier_messages(MESSAGES, answer.choices[0].message.content))
+    assert answer.usage.prompt_tokens == plain.usage.prompt_tokens + len(verifier_prompt)
+    assert 0 <= answer.model_extra["compute"]["score"] <= 1
+
+
 def test_eval_runs_against_a_server(tiny_server):
     from ownllm.evals.run import evaluate, server_solver
     from ownllm.evals.tasks import problems
