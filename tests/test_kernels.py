@@ -117,7 +117,8 @@ def test_int4_fusion_equals_separate():
     from ownllm.layers.quant import Int4Weight
 
     torch.manual_seed(0)
-    parts = [Int4Weight(torch.randint(0, 16, (n, 64), dtype=torch.uint8), torch.rand(n, 2), torch.randn(n, 2))
+    parts = [Int4Weight.from_codes(torch.randint(0, 16, (n, 64), dtype=torch.uint8), torch.rand(n, 2),
+                                   torch.randn(n, 2))
              for n in (64, 32, 32)]
     layers = []
     for part in parts:
@@ -140,8 +141,8 @@ def test_packed_int4_matches_dequantized_weights(rows, out_features, in_features
 
     torch.manual_seed(rows + out_features)
     groups = in_features // 32
-    weight = Int4Weight(torch.randint(0, 16, (out_features, in_features), dtype=torch.uint8),
-                        torch.rand(out_features, groups) / 8, torch.randn(out_features, groups) / 4)
+    weight = Int4Weight.from_codes(torch.randint(0, 16, (out_features, in_features), dtype=torch.uint8),
+                                   torch.rand(out_features, groups) / 8, torch.randn(out_features, groups) / 4)
     packed = PackedInt4(weight, torch.bfloat16)
     if not cpu_has_bf16():
         pytest.skip("the 4-bit kernel cannot run on this CPU")

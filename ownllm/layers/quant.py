@@ -41,41 +41,55 @@ PREFILL_CHUNK_ROWS = 1024  # block-quantized weight rows dequantized at a time f
 
 @dataclass
 class Int4Weight:
-    """w[n, k] = (q[n, k] - 8) * scale[n, k // 32] + zero[n, k // 32]."""
+    """w[n, k] = (q[n, k] - 8) * scale[n, k // 32] + zero[n, k // 32], the 4-bit codes q packed two to a byte as
+    GGUF's Q4_0 / Q4_1 blocks hold them and our kernel reads them: in each group of 32, byte j holds q[j] in its
+    low nibble and q[j + 16] in its high one. So loading copies the file's code bytes as they are."""
 
-    q: torch.Tensor  # [N, K] uint8, values 0..15
+    codes: torch.Tensor  # [N, K // 2] uint8
     scale: torch.Tensor  # [N, K // 32] float32
     zero: torch.Tensor  # [N, K // 32] float32
 
     @property
     def shape(self) -> torch.Size:
-        return self.q.shape
+        return torch.Size((self.codes.shape[0], self.codes.shape[1] * 2))
+
+    @classmethod
+    def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> "Int4Weight":
+        """q: [N, K] uint8 codes 0..15, one a byte."""
+        rows, cols = q.shape
+        groups = q.view(rows, cols // GROUP_SIZE, 2, GROUP_SIZE // 2)  # element j and j + 16 share a byte
+        return cls((groups[:, :, 0] | (groups[:, :, 1] << 4)).reshape(rows, cols // 2).contiguous(), scale, zero)
 
     @classmethod
     def from_gguf_blocks(cls, blocks: np.ndarray, shape: tuple[int, int], has_min: bool) -> "Int4Weight":
         """blocks: [N, K // 32 * block_bytes] raw Q4_0 (d, qs[16]) or Q4_1 (d, m, qs[16]) blocks."""
         rows, cols = shape
         header = 4 if has_min else 2
-        raw = np.asarray(blocks, dtype=np.uint8).reshape(rows, cols // GROUP_SIZE, header + 16)
+        raw = np.asarray(blocks, dtype=np.uint8).reshape(rows, cols // GROUP_SIZE, header + GROUP_SIZE // 2)
         d = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # [N, K // 32]
         m = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if has_min else np.zeros_like(d)
-        packed = raw[..., header:]  # [N, K // 32, 16]: value j in the low nibble of byte j, j + 16 in the high
-        codes = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).reshape(rows, cols)
+        codes = np.ascontiguousarray(raw[..., header:]).reshape(rows, cols // 2)  # [N, K // 2]
         zero = m + 8 * d if has_min else np.zeros_like(d)
         return cls(torch.from_numpy(codes), torch.from_numpy(d), torch.from_numpy(zero))
+
+    def unpacked_codes(self) -> torch.Tensor:
+        """-> [N, K] uint8, one code a byte."""
+        rows, cols = self.shape
+        bytes_ = self.codes.view(rows, cols // GROUP_SIZE, GROUP_SIZE // 2)
+        return torch.cat([bytes_ & 0x0F, bytes_ >> 4], dim=-1).reshape(rows, cols)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         scale = self.scale.repeat_interleave(GROUP_SIZE, dim=1)  # [N, K]
         zero = self.zero.repeat_interleave(GROUP_SIZE, dim=1)
-        return ((self.q.float() - 8) * scale + zero).to(dtype)
+        return ((self.unpacked_codes().float() - 8) * scale + zero).to(dtype)
 
     def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Int4Weight":
         """The same row reordering (e.g. undoing llama.cpp's Q/K permutation) applied to codes and scales."""
-        return Int4Weight(fn(self.q), fn(self.scale), fn(self.zero))
+        return Int4Weight(fn(self.codes), fn(self.scale), fn(self.zero))
 
     @staticmethod
     def cat(weights: list["Int4Weight"]) -> "Int4Weight":
-        return Int4Weight(*(torch.cat([getattr(w, name) for w in weights]) for name in ("q", "scale", "zero")))
+        return Int4Weight(*(torch.cat([getattr(w, name) for w in weights]) for name in ("codes", "scale", "zero")))
 
     @staticmethod
     def runs_here(dtype: torch.dtype) -> bool:
@@ -86,8 +100,8 @@ class Int4Weight:
         return PackedInt4(self, dtype)
 
     def pack(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (codes in the kernel's layout, scales_and_zeros [K // 32, N, 2] in the activations' dtype)."""
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.q.to(torch.int32).contiguous(), 1)
+        """-> (codes in torch's int4 kernel layout, scales_and_zeros [K // 32, N, 2] in the activations' dtype)."""
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.unpacked_codes().to(torch.int32), 1)
         scales_and_zeros = torch.stack([self.scale.T, self.zero.T], dim=-1).to(dtype).contiguous()
         return packed, scales_and_zeros
 
@@ -105,9 +119,7 @@ class PackedInt4:
         if self.kernel is None:
             self.packed, self.scales_and_zeros = weight.pack(dtype)
             return
-        rows, cols = weight.shape
-        groups = weight.q.view(rows, cols // GROUP_SIZE, 2, GROUP_SIZE // 2)  # element j and j + 16 share a byte
-        self.codes = (groups[:, :, 0] | (groups[:, :, 1] << 4)).reshape(rows, cols // 2).contiguous()  # [N, K / 2]
+        self.codes = weight.codes.contiguous()  # [N, K / 2], already the kernel's layout
         self.scales = weight.scale.float().contiguous()  # [N, K / 32]
         self.mins = (weight.zero - 136 * weight.scale).float().contiguous()  # w = scale * (128 + code) + min
 
