@@ -83,6 +83,18 @@ class LLM:
         """The model's own sampling defaults from generation_config.json, as vLLM applies them."""
         return default_sampling_params(self.generation_config)
 
+    @staticmethod
+    def prompt_images(prompt: PromptType) -> list[Any]:
+        """The images of {"prompt" or "prompt_token_ids": ..., "multi_modal_data": {"image": img or [imgs]}}."""
+        data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
+        if not data:
+            return []
+        unknown = sorted(set(data) - {"image"})
+        if unknown:
+            raise ValueError(f"multi_modal_data takes only 'image', got {', '.join(map(repr, unknown))}")
+        images = data.get("image")
+        return list(images) if isinstance(images, (list, tuple)) else [images]
+
     def prompt_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """(prompt text if any, token ids) for a string, a list of token ids or {"prompt_token_ids": [...]}."""
         if isinstance(prompt, str):
@@ -107,7 +119,7 @@ class LLM:
         text, ids = self.prompt_ids(prompt)
         params = replace(params, output_kind=output_kind)
         request_id = str(next(self._ids))
-        self.engine.add_request(request_id, ids, params, prompt=text)
+        self.engine.add_request(request_id, ids, params, prompt=text, images=self.prompt_images(prompt))
         return request_id
 
     def generate(
