@@ -360,6 +360,8 @@ def serve(
     allowed_media_domains: Annotated[Optional[list[str]], typer.Option(
         help="Hosts whose http(s) image URLs requests may send (repeat or comma-separate; exact host names). The "
         "fetch refuses private, loopback and link-local addresses. Default: none (images as data: URLs only).")] = None,
+    max_image_size: Annotated[str, typer.Option(help="Largest encoded image a request may send or have fetched, "
+                                                "e.g. 20MiB.")] = "20MiB",
 ) -> None:
     """Serve a model over HTTP: the OpenAI API (with Responses) and Anthropic's Messages API under /v1, the Ollama API
     under /api, /health and /metrics."""
@@ -413,7 +415,8 @@ def serve(
     settings = ServerSettings(api_key=api_key or None, cors_origins=origins, model_path=path, limits=limits,
                               request_timeout=request_timeout, reasoning_budget=reasoning_budget,
                               responses_store_size=responses_store_size,
-                              max_compute_samples=max_compute_samples, allowed_media_domains=media_domains)
+                              max_compute_samples=max_compute_samples, allowed_media_domains=media_domains,
+                              max_image_bytes=parse_memory_size(max_image_size))
     app = build_app(engine, settings, embedder)
     served = escape(name) + (f" and {escape(embedder.model_name)}" if engine is not None and embedder else "")
     err.print(f"Serving {served} at http://{escape(host)}:{port} (OpenAI and Anthropic APIs: /v1, Ollama API: /api)")

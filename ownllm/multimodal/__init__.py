@@ -41,6 +41,9 @@ if TYPE_CHECKING:
     from ownllm.config import ModelConfig
 
 
+MAX_IMAGE_BYTES = 20 * 2**20  # an encoded image over this is refused before decoding
+
+
 @dataclass(frozen=True)
 class ImageInput:
     """One image of a request as the engine carries it."""

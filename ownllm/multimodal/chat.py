@@ -34,8 +34,7 @@ def split_images(messages: list[dict]) -> tuple[list[dict], list[tuple[str, Any]
             else:
                 raise ValueError(f"{param}: only text and image_url parts are supported, got a part of type {kind!r}")
         has_image = any(p["type"] == "image" for p in parts)
-        text = "\n".join(p["text"] for p in parts)
-        rendered.append({**message, "content": parts if has_image else text})
+        rendered.append({**message, "content": parts if has_image else "\n".join(p["text"] for p in parts)})
     return rendered, images
 
 

@@ -9,7 +9,8 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-MAX_IMAGE_BYTES = 20 * 2**20  # an encoded image over this is refused before decoding
+from ownllm.multimodal import MAX_IMAGE_BYTES
+
 MAX_IMAGE_PIXELS = 64 * 2**20  # and a decoded one over this (a decompression bomb)
 
 

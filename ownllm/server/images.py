@@ -1,16 +1,12 @@
 """Images in API requests -> PIL images for the engine, every refusal a 400 naming the field: a model without a
 vision tower, bytes that are not an image, one over the size limit, a URL whose domain is not allowed or that
-resolves to a private address (ownllm.multimodal.fetch guards the fetch). URL fetches run off the event loop."""
+resolves to a private address (ownllm.multimodal.fetch guards the fetch). URL fetches run off the event loop. Pillow is imported only when an image comes."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
-from PIL import Image
-
-from ownllm.multimodal.fetch import decode_base64, load_image_url
-from ownllm.multimodal.image_io import as_image
 from ownllm.multimodal.registry import takes_images
 from ownllm.server.errors import ServerError
 from ownllm.server.serving import ServerContext
@@ -22,18 +18,22 @@ def check_takes_images(ctx: ServerContext, param: str) -> None:
         raise ServerError(400, f"{param}: model {ctx.model_name} does not accept images", param=param)
 
 
-async def load_images(ctx: ServerContext, sources: list[tuple[str, Any]]) -> list[Image.Image]:
-    """[(field path, a data: or http(s) URL, or encoded bytes)] -> the images, in order."""
+async def load_images(ctx: ServerContext, sources: list[tuple[str, Any]]) -> list:
+    """[(field path, a data: or http(s) URL, or encoded bytes)] -> the images (PIL), in order."""
     if not sources:
         return []
     check_takes_images(ctx, sources[0][0])
+    from ownllm.multimodal.fetch import load_image_url
+    from ownllm.multimodal.image_io import decode_image
+
     images = []
     for param, source in sources:
         try:
             if isinstance(source, str):
-                images.append(await asyncio.to_thread(load_image_url, source, ctx.settings.allowed_media_domains))
+                images.append(await asyncio.to_thread(load_image_url, source, ctx.settings.allowed_media_domains,
+                                                      ctx.settings.max_image_bytes))
             else:
-                images.append(as_image(source))
+                images.append(decode_image(source, ctx.settings.max_image_bytes))
         except ValueError as error:
             raise ServerError(400, f"{param}: {error}", param=param) from None
     return images
@@ -41,6 +41,8 @@ async def load_images(ctx: ServerContext, sources: list[tuple[str, Any]]) -> lis
 
 def base64_sources(param: str, images: list[str] | None) -> list[tuple[str, Any]]:
     """Ollama's `images` (base64 strings) -> [(field path, bytes)]."""
+    from ownllm.multimodal.fetch import decode_base64
+
     sources = []
     for i, data in enumerate(images or []):
         try:

@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from ownllm.multimodal import MAX_IMAGE_BYTES
 from ownllm.compute.params import DEFAULT_MAX_SAMPLES
 from ownllm.engine.async_engine import EngineDead, EngineOverloaded, RequestFailed
 from ownllm.outputs import RequestOutput
@@ -75,6 +76,7 @@ class ServerSettings:
     responses_store_size: int = 1000  # responses kept for the Responses API's GET and previous_response_id
     max_compute_samples: int = DEFAULT_MAX_SAMPLES  # the most samples one request's `compute` may ask for
     allowed_media_domains: tuple[str, ...] = ()  # hosts image URLs may be fetched from (data: URLs always work)
+    max_image_bytes: int = MAX_IMAGE_BYTES  # the largest encoded image a request may send or have fetched
 
 
 @dataclass

@@ -148,11 +148,12 @@ class ModelRunner:
         started = time.perf_counter()
         self._run_encoder(so)
         inputs_embeds = self._inputs_embeds(input_ids, scheduled)
+        images = {} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}  # text-only: the plain call
         if self.proposer_reads_hidden:
-            pre_norm = self.model.hidden_states(input_ids, meta, inputs_embeds)  # [T, hidden] before the final norm
+            pre_norm = self.model.hidden_states(input_ids, meta, **images)  # [T, hidden] before the final norm
             hidden = self.model.model.norm(pre_norm)
         else:
-            hidden = self.model(input_ids, meta, inputs_embeds)  # [T, hidden]
+            hidden = self.model(input_ids, meta, **images)  # [T, hidden]
         elapsed = time.perf_counter() - started  # a step's time, for the cost of a draft next to it
         self.step_seconds = 0.8 * self.step_seconds + 0.2 * elapsed if self.step_seconds else elapsed
         output = RunnerOutput(request_ids=list(so.num_scheduled_tokens))
