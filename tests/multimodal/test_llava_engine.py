@@ -93,3 +93,23 @@ def test_checkpoints_with_other_tensor_names_load_the_same(folder, tmp_path, lay
     img = synthetic(40, 30, seed=1)
     expected = LLM(str(folder), dtype="float32").generate(with_image(img), PARAMS)[0].outputs[0].token_ids
     assert LLM(str(tmp_path), dtype="float32").generate(with_image(img), PARAMS)[0].outputs[0].token_ids == expected
+
+
+def test_a_step_whose_encoder_fails_once_is_retried_to_the_same_answer(folder):
+    """The engine reruns a failed step one request at a time, each with its own images to encode (fault_isolation)."""
+    llm, counts = counting_llm(folder)
+    img = synthetic(40, 30, seed=4)
+    prompts = [with_image(img), [1, 5, 9, 17]]
+    expected = [o.outputs[0].token_ids for o in LLM(str(folder), dtype="float32").generate(prompts, PARAMS)]
+    encode, failures = llm.runner.model.embed_images, []
+
+    def fails_once(pixel_values):
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("injected encoder fault")
+        return encode(pixel_values)
+
+    llm.runner.model.embed_images = fails_once
+    outputs = llm.generate(prompts, PARAMS)
+    assert failures and [o.outputs[0].token_ids for o in outputs] == expected
+    assert all(o.outputs[0].finish_reason != "error" for o in outputs)
