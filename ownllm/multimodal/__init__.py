@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 MAX_IMAGE_BYTES = 20 * 2**20  # an encoded image over this is refused before decoding
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity: pixel arrays do not compare as booleans
 class ImageInput:
     """One image of a request as the engine carries it."""
 
