@@ -390,6 +390,7 @@ def serve(
     origins = tuple(o.strip() for value in cors_origins or [] for o in value.split(",") if o.strip())
     media_domains = tuple(d.strip().lower() for value in allowed_media_domains or [] for d in value.split(",")
                           if d.strip())
+    max_image_bytes = parse_memory_size(max_image_size)
     _check_port_free(host, port)
     if not _is_loopback(host) and not api_key:
         err.print(f"[yellow]warning:[/yellow] listening on {escape(host)} without --api-key: anyone who can reach "
@@ -416,7 +417,7 @@ def serve(
                               request_timeout=request_timeout, reasoning_budget=reasoning_budget,
                               responses_store_size=responses_store_size,
                               max_compute_samples=max_compute_samples, allowed_media_domains=media_domains,
-                              max_image_bytes=parse_memory_size(max_image_size))
+                              max_image_bytes=max_image_bytes)
     app = build_app(engine, settings, embedder)
     served = escape(name) + (f" and {escape(embedder.model_name)}" if engine is not None and embedder else "")
     err.print(f"Serving {served} at http://{escape(host)}:{port} (OpenAI and Anthropic APIs: /v1, Ollama API: /api)")
