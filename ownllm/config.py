@@ -42,6 +42,17 @@ def normalize_dtype(dtype: str | None) -> str | None:
     return name
 
 
+# transformers' config defaults for the language models of multimodal checkpoints, whose text_config holds only
+# what differs from them (llava-hf/llava-1.5-7b-hf's names no hidden_size)
+_TEXT_CONFIG_DEFAULTS = {
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6),
+    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096 * 32,
+                    rms_norm_eps=1e-6, sliding_window=4096),
+}
+
+
 def _rope_settings(hf: Mapping[str, Any]) -> tuple[float, dict | None]:
     """(rope_theta, rope_scaling) from either transformers v5 `rope_parameters` or v4 `rope_theta` + `rope_scaling`."""
     params = dict(hf.get("rope_parameters") or {})
@@ -109,7 +120,7 @@ class ModelConfig:
         check_supported(archs[0])  # before any field: other architectures name their fields differently
         text = hf.get("text_config")
         if text:  # multimodal wrappers keep the language model's shape in text_config
-            hf = {**hf, **text}
+            hf = {**_TEXT_CONFIG_DEFAULTS.get(text.get("model_type"), {}), **hf, **text}
         required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
         missing = [k for k in required if k not in hf]
         if missing:
@@ -196,8 +207,15 @@ class SchedulerConfig:
     # extra rows cost compute (the lm_head, sampling, attention) that speculation does not win back (bundled
     # model, 16 streaming clients: 0.88x with 32 here, where 16 leaves them without drafts)
     max_num_spec_rows: int = 16
+    # images: the vision encoder's output rows one step may compute, and how many rows of encoder outputs the
+    # runner keeps (those of running requests, then the most recently used, so a resent image is not re-encoded)
+    max_num_encoder_tokens: int = 4096
+    encoder_cache_tokens: int = 16384
 
     def __post_init__(self) -> None:
+        if not 1 <= self.max_num_encoder_tokens <= self.encoder_cache_tokens:
+            raise ValueError(f"max_num_encoder_tokens must be in [1, encoder_cache_tokens ({self.encoder_cache_tokens})], "
+                             f"got {self.max_num_encoder_tokens}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.max_num_seqs < 1:
