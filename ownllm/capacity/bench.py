@@ -161,7 +161,7 @@ async def level(engine, concurrency: int, prompts: Prompts, new_tokens: int, pro
 
     started = time.perf_counter()
     timings = await asyncio.gather(*(stream(prompts.next()) for _ in range(concurrency)))
-    wall = max(started + t.latency_s for t in timings) - started
+    wall = time.perf_counter() - started
     output_tokens = sum(t.output_tokens for t in timings)
     ttfts = [t.ttft_s for t in timings]
     return {
