@@ -1,5 +1,5 @@
-"""The `ownllm` command: run, chat, models, pull, rm, show, serve, eval. Wires the offline engine to a terminal, and
-the async engine to the HTTP server.
+"""The `ownllm` command: run, chat, models, pull, rm, show, serve, eval, bench, plan. Wires the offline engine to a
+terminal, and the async engine to the HTTP server (and to `bench`, which measures what that server would serve).
 
 Every expected failure (bad path, bad option value, unsupported model...) is printed as one
 `error: ...` line with a non-zero exit, never a traceback.
@@ -517,6 +517,92 @@ def eval_(
         from ownllm.evals.plot import plot as draw
 
         draw(report, plot)
+
+
+@app.command()
+def bench(
+    model: ModelOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = None,
+    concurrency: Annotated[str, typer.Option(help="Concurrent streams to measure, comma-separated; each stream sends "
+                                             "one request.")] = "1,4,16,64",
+    prompt_tokens: Annotated[int, typer.Option(help="Tokens in each request's prompt (every prompt distinct, so "
+                                               "none reuses another's KV cache).")] = 128,
+    new_tokens: Annotated[int, typer.Option(help="Tokens each request generates (greedy, EOS ignored).")] = 64,
+    output: Annotated[Path, typer.Option("--json", help="Where to write the report (what `ownllm plan --from` "
+                                         "reads).")] = Path("bench.json"),
+    plot: Annotated[Optional[Path], typer.Option(help="Also draw throughput and latency against concurrency in this "
+                                                 "PNG (needs ownllm[plot]).")] = None,
+) -> None:
+    """Measure what this machine serves with a model: load time, prefill and decode tokens/s at batch 1, then
+    aggregate tokens/s, TTFT and ITL (p50, p99) at each concurrency, through the engine `ownllm serve` runs."""
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ownllm.capacity import bench as capacity
+    from ownllm.capacity.render import bench_summary, bench_table
+    from ownllm.config import normalize_dtype, resolve_device
+
+    normalize_dtype(dtype)  # every option is checked before the model loads
+    resolve_device(device)
+    settings = capacity.BenchSettings(capacity.parse_concurrency(concurrency), prompt_tokens, new_tokens)
+    for option, path in (("--json", output), ("--plot", plot)):
+        if path is not None and not path.parent.is_dir():
+            raise ValueError(f"{option} {path}: the folder {path.parent} does not exist")
+    if plot is not None:
+        from ownllm.plotting import pyplot
+
+        pyplot()
+    columns = (TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(), TextColumn("requests"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=err) as bar:
+        task = bar.add_task("", total=settings.num_requests)
+        report = capacity.run_bench(model, dtype, device, settings, capacity.Progress(
+            lambda text: bar.update(task, description=text), lambda: bar.advance(task)))
+    output.write_text(json.dumps(report, indent=2))
+    out.print(escape(bench_summary(report)))
+    out.print(bench_table(report))
+    out.print(f"report: {escape(str(output))}")
+    if plot is not None:
+        from ownllm.capacity.plot import plot as draw
+
+        draw(report, plot)
+        out.print(f"plot: {escape(str(plot))}")
+
+
+@app.command()
+def plan(
+    source: Annotated[Path, typer.Option("--from", help="A report written by `ownllm bench`.")] = Path("bench.json"),
+    ttft: Annotated[str, typer.Option(help="Target time to first token: 2s, 500ms, or seconds (0.5).")] = "2s",
+    itl: Annotated[str, typer.Option(help="Target inter-token latency: 100ms, 0.1s, or seconds (0.1).")] = "100ms",
+    percentile: Annotated[str, typer.Option(help="Which percentile of TTFT and ITL must meet the targets: p50 or "
+                                            "p99.")] = "p99",
+    price_per_hour: Annotated[Optional[float], typer.Option(help="What the machine costs per hour, for the cost "
+                                                            "per million tokens.")] = None,
+    users: Annotated[Optional[int], typer.Option(help="Concurrent users to serve: how many such machines they "
+                                                 "need.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--json", help="Also write the plan as JSON here ('-': print it "
+                                                   "instead of the tables).")] = None,
+) -> None:
+    """How many concurrent users this machine serves within latency targets (the largest measured concurrency whose
+    TTFT and ITL meet them), its tokens per day, the cost per million tokens, and the machines N users need."""
+    import json
+
+    from ownllm.capacity.plan import load_report, make_plan, parse_duration
+    from ownllm.capacity.render import cannot_meet, levels_table, plan_table
+
+    ttft_s, itl_s = parse_duration(ttft, "--ttft"), parse_duration(itl, "--itl")
+    the_plan = make_plan(load_report(source), ttft_s, itl_s, percentile, price_per_hour, users, f"--from {source}")
+    if output is not None:
+        text = json.dumps(the_plan.as_json(), indent=2)
+        if str(output) == "-":
+            out.print(text, markup=False)
+        else:
+            output.write_text(text)
+    if output is None or str(output) != "-":
+        out.print(levels_table(the_plan))
+        out.print(plan_table(the_plan) if the_plan.chosen else escape(cannot_meet(the_plan)))
+    if the_plan.chosen is None:
+        raise typer.Exit(1)
 
 
 def _served_name(model: str | None, path: Path) -> str:

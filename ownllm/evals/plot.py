@@ -5,15 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ownllm.plotting import pyplot
+
 
 def plot(report: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ValueError("the plot needs matplotlib: pip install 'ownllm[plot]'") from None
+    plt = pyplot()
     results = report["results"]
     figure, axes = plt.subplots(figsize=(6, 4))
     for strategy in dict.fromkeys(r["strategy"] for r in results if r["strategy"] != "greedy"):
