@@ -154,21 +154,35 @@ def run(
     system: SystemOpt = None,
     raw: Annotated[bool, typer.Option(help="Send the prompt as is, without the model's chat template.")] = False,
     verbose: VerboseOpt = False, speculative_config: SpeculativeOpt = None,
+    image: Annotated[Optional[list[Path]], typer.Option(
+        help="An image file to ask about (repeat for several); needs a vision model such as LLaVA.")] = None,
 ) -> None:
     """Answer one prompt and stream the answer to the terminal."""
     _check_options(dtype, max_tokens, temperature, top_p, top_k, seed)
+    if image and raw:
+        raise ValueError("--image goes through the chat template; drop --raw")
     if prompt == "-":
         prompt = sys.stdin.read()
+    content = _with_images(image or [], prompt)
     llm, load_seconds = _load(model, dtype, device, speculative_config)
     if verbose:
         err.print(f"load: {load_seconds:.2f}s")
     params = _params(llm, max_tokens, temperature, top_p, top_k, seed)
-    if raw or llm.tokenizer.chat_template is None:
+    if raw or (llm.tokenizer.chat_template is None and not image):
         request = prompt
     else:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
         request = llm.chat_prompt(messages)
     _stream_answer(llm, request, params, verbose)
+
+
+def _with_images(paths: list[Path], text: str) -> str | list[dict]:
+    """A user message's content: the images (read now, so a bad file fails before the model loads), then the text."""
+    if not paths:
+        return text
+    from ownllm.multimodal.image_io import load_image_file
+
+    return [{"type": "image", "image": load_image_file(path)} for path in paths] + [{"type": "text", "text": text}]
 
 
 @app.command()
@@ -177,14 +191,16 @@ def chat(
     temperature: TemperatureOpt = None, top_p: TopPOpt = None, top_k: TopKOpt = None, seed: SeedOpt = None,
     system: SystemOpt = None, verbose: VerboseOpt = False, speculative_config: SpeculativeOpt = None,
 ) -> None:
-    """Chat with a model in the terminal. /reset clears the history, /exit (or Ctrl-D) quits, Ctrl-C stops an answer."""
+    """Chat with a model in the terminal. /image PATH attaches an image to the next message (vision models), /reset
+    clears the history, /exit (or Ctrl-D) quits, Ctrl-C stops an answer."""
     _check_options(dtype, max_tokens, temperature, top_p, top_k, seed)
     llm, load_seconds = _load(model, dtype, device, speculative_config)
     params = _params(llm, max_tokens, temperature, top_p, top_k, seed)
     system_messages = [{"role": "system", "content": system}] if system else []
     history = list(system_messages)
+    images: list[Path] = []  # attached with /image, sent with the next message
     err.print(f"[dim]{BUNDLED_MODEL_NAME if model is None else model} loaded in {load_seconds:.1f}s. "
-              "/reset clears the history, /exit quits, Ctrl-C stops an answer.[/dim]")
+              "/image PATH attaches an image, /reset clears the history, /exit quits, Ctrl-C stops an answer.[/dim]")
     while True:
         try:
             line = input(">>> ")
@@ -199,10 +215,25 @@ def chat(
             history = list(system_messages)
             err.print("[dim](history cleared)[/dim]")
             continue
-        history.append({"role": "user", "content": line})
+        if line.strip().startswith("/image"):
+            path = Path(line.strip()[len("/image"):].strip())
+            if not path.is_file():
+                err.print(f"[red]error:[/red] image file {escape(str(path))} does not exist")
+                continue
+            images.append(path)
+            err.print(f"[dim](image {escape(path.name)} attached to your next message)[/dim]")
+            continue
+        try:
+            content = _with_images(images, line)
+        except ValueError as error:  # a file that is not an image
+            err.print(f"[red]error:[/red] {escape(str(error))}")
+            continue
+        finally:
+            images = []
+        history.append({"role": "user", "content": content})
         try:
             prompt = llm.chat_prompt(history)
-        except ValueError as error:  # e.g. the conversation outgrew the context
+        except ValueError as error:  # e.g. the conversation outgrew the context, or images to a text-only model
             history.pop()
             err.print(f"[red]error:[/red] {escape(str(error))}")
             continue
@@ -326,6 +357,11 @@ def serve(
         "itself (a request's thinking_budget or reasoning_effort overrides it). Default: no limit.")] = None,
     max_compute_samples: Annotated[int, typer.Option(
         min=1, help="The most samples one request's `compute` field may ask for.")] = 64,
+    allowed_media_domains: Annotated[Optional[list[str]], typer.Option(
+        help="Hosts whose http(s) image URLs requests may send (repeat or comma-separate; exact host names). The "
+        "fetch refuses private, loopback and link-local addresses. Default: none (images as data: URLs only).")] = None,
+    max_image_size: Annotated[str, typer.Option(help="Largest encoded image a request may send or have fetched, "
+                                                "e.g. 20MiB.")] = "20MiB",
 ) -> None:
     """Serve a model over HTTP: the OpenAI API (with Responses) and Anthropic's Messages API under /v1, the Ollama API
     under /api, /health and /metrics."""
@@ -352,6 +388,8 @@ def serve(
     limits = RequestLimits(parse_memory_size(max_body_size), max_messages, max_completion_tokens, max_n, max_stop,
                            max_logprobs)
     origins = tuple(o.strip() for value in cors_origins or [] for o in value.split(",") if o.strip())
+    media_domains = tuple(d.strip().lower() for value in allowed_media_domains or [] for d in value.split(",")
+                          if d.strip())
     _check_port_free(host, port)
     if not _is_loopback(host) and not api_key:
         err.print(f"[yellow]warning:[/yellow] listening on {escape(host)} without --api-key: anyone who can reach "
@@ -377,7 +415,8 @@ def serve(
     settings = ServerSettings(api_key=api_key or None, cors_origins=origins, model_path=path, limits=limits,
                               request_timeout=request_timeout, reasoning_budget=reasoning_budget,
                               responses_store_size=responses_store_size,
-                              max_compute_samples=max_compute_samples)
+                              max_compute_samples=max_compute_samples, allowed_media_domains=media_domains,
+                              max_image_bytes=parse_memory_size(max_image_size))
     app = build_app(engine, settings, embedder)
     served = escape(name) + (f" and {escape(embedder.model_name)}" if engine is not None and embedder else "")
     err.print(f"Serving {served} at http://{escape(host)}:{port} (OpenAI and Anthropic APIs: /v1, Ollama API: /api)")

@@ -225,8 +225,15 @@ class SchedulerConfig:
     # extra rows cost compute (the lm_head, sampling, attention) that speculation does not win back (bundled
     # model, 16 streaming clients: 0.88x with 32 here, where 16 leaves them without drafts)
     max_num_spec_rows: int = 16
+    # images: the vision encoder's output rows one step may compute, and how many rows of encoder outputs the
+    # runner keeps (those of running requests, then the most recently used, so a resent image is not re-encoded)
+    max_num_encoder_tokens: int = 4096
+    encoder_cache_tokens: int = 16384
 
     def __post_init__(self) -> None:
+        if not 1 <= self.max_num_encoder_tokens <= self.encoder_cache_tokens:
+            raise ValueError(f"max_num_encoder_tokens must be in [1, encoder_cache_tokens ({self.encoder_cache_tokens})], "
+                             f"got {self.max_num_encoder_tokens}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.max_num_seqs < 1:

@@ -2,7 +2,8 @@
 results handed back to users (shaped like vLLM's so its users know them).
 
 The step protocol carries no live object and no tensor: a SchedulerOutput says what one step computes
-(new requests' data once, then per step only tokens to compute, new block ids and draft tokens), a
+(new requests' data once, images' pixel values as numpy arrays among it; then per step only tokens to compute,
+new block ids, draft tokens and the images to encode), a
 RunnerOutput what it produced (0..k+1 sampled tokens per request, their logprobs, accepted drafts and
 the drafts proposed for the next step). RequestOutput holds one CompletionOutput per sample (n);
 logprobs, when asked for, are one {token_id: Logprob} dict per generated token holding the sampled
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ownllm.compute.strategies import ComputeSummary
+from ownllm.multimodal import ImageInput
 from ownllm.sampling_params import SamplingParams
 
 
@@ -66,6 +68,7 @@ class NewRequestData:
     sampling_params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int  # a prefix-cache hit starts past 0
+    images: list[ImageInput] = field(default_factory=list)  # pixel values and placeholder positions
 
 
 @dataclass
@@ -93,6 +96,9 @@ class SchedulerOutput:
     # [num sampled rows, ceil(vocab / 32)] int32 bits of the tokens each row may sample (None: all), rows in
     # batch order; filled by a grammar backend
     allowed_token_bitmask: Any = None
+    # images to run the vision encoder on this step: request id -> indices into its images, before the forward
+    encoder_inputs: dict[str, list[int]] = field(default_factory=dict)
+    freed_encoder_hashes: list[str] = field(default_factory=list)  # encoder outputs the runner may drop now
 
     @property
     def request_ids(self) -> list[str]:

@@ -10,6 +10,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from ownllm.multimodal import ImageInput
 from ownllm.sampling_params import SamplingParams
 
 
@@ -44,6 +45,7 @@ class Request:
     num_draft_tokens: int = 0  # drafts verified so far
     num_accepted_tokens: int = 0  # of which accepted
     error: str | None = None  # the name of the exception that failed it, when finish_reason is ERROR (its trace is logged)
+    images: list[ImageInput] = field(default_factory=list)  # in prompt order, their placeholders never overlapping
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -60,6 +62,10 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def image_spans(self) -> list[tuple[int, int, str]]:
+        return [image.span for image in self.images]
 
     @property
     def is_finished(self) -> bool:

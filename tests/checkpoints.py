@@ -164,11 +164,12 @@ def assert_tracks_reference(llm, prompt: list[int], reference, atol: float) -> l
 
 
 @torch.inference_mode()
-def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
-    """transformers' greedy continuation -> (new token ids, per step logprobs [vocab])."""
+def hf_greedy(model, prompt: list[int], max_new_tokens: int, **inputs) -> tuple[list[int], list[torch.Tensor]]:
+    """transformers' greedy continuation -> (new token ids, per step logprobs [vocab]). inputs: more model inputs
+    (e.g. pixel_values)."""
     out = model.generate(
         torch.tensor([prompt]), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
-        output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+        output_logits=True, return_dict_in_generate=True, pad_token_id=0, **inputs,
     )
     tokens = out.sequences[0, len(prompt):].tolist()
     return tokens, [step[0].float().log_softmax(-1) for step in out.logits]

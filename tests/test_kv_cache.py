@@ -12,7 +12,8 @@ from ownllm.engine.kv_cache import KVCacheManager, hash_block
 def test_imports_no_torch():
     import subprocess
 
-    code = "import sys, ownllm.engine.kv_cache, ownllm.engine.scheduler; print('torch' in sys.modules)"
+    code = ("import sys, ownllm.engine.kv_cache, ownllm.engine.scheduler, ownllm.engine.encoder_cache, "
+            "ownllm.multimodal.registry, ownllm.multimodal.llava; print('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 

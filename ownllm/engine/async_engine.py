@@ -108,7 +108,7 @@ class AsyncEngine:
 
     async def generate(
         self, prompt_token_ids: list[int], sampling_params: SamplingParams, request_id: str | None = None,
-        prompt: str | None = None, priority: int = 0,
+        prompt: str | None = None, priority: int = 0, images: list = (),
     ) -> AsyncIterator[RequestOutput]:
         """Streams RequestOutputs (cumulative or deltas, as sampling_params.output_kind asks); the last has
         finished=True. Raises ValueError for a request the engine refuses (e.g. too long), EngineOverloaded when
@@ -122,7 +122,7 @@ class AsyncEngine:
             try:
                 if self.max_waiting is not None and self.engine.num_waiting >= self.max_waiting:
                     raise EngineOverloaded(f"{self.engine.num_waiting} requests are already waiting")
-                self.engine.add_request(request_id, prompt_token_ids, sampling_params, prompt, priority)
+                self.engine.add_request(request_id, prompt_token_ids, sampling_params, prompt, priority, images)
                 self._streams[request_id] = stream
                 loop.call_soon_threadsafe(_resolve, added, None)
             except Exception as error:  # handed to the caller, not the loop

@@ -11,6 +11,7 @@ from ownllm.engine.engine import Engine
 from ownllm.engine.kv_cache import KVCacheManager
 from ownllm.engine.structured_output import ReasoningTokens, StructuredOutputManager
 from ownllm.loader import load_checkpoint
+from ownllm.multimodal.registry import image_processor
 from ownllm.parsers.reasoning import ReasoningParser, detect_reasoning_parser, reasoning_parser
 from ownllm.parsers.tool_parsers import detect_tool_parser, tool_parser
 from ownllm.sampling_params import SamplingParams
@@ -40,7 +41,7 @@ def build_engine(config: EngineConfig) -> Engine:
                       speculative.num_lookahead_tokens if speculative else 0,
                       spec_method=speculative.method if speculative else None, structured_output=structured_output)
     return Engine(core, tokenizer, checkpoint.config, checkpoint.generation_config, checkpoint.path, reasoning,
-                  _tool_parser_name(config, tokenizer))
+                  _tool_parser_name(config, tokenizer), image_processor(checkpoint.config, checkpoint.path))
 
 
 def _template_text(tokenizer: Tokenizer) -> str | None:

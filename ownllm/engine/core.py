@@ -63,6 +63,11 @@ class EngineCore:
             )
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
+        max_rows = self.scheduler.config.max_num_encoder_tokens
+        for image in request.images:
+            if image.length > max_rows:
+                raise ValueError(f"an image takes {image.length} tokens, more than the encoder budget of a step "
+                                 f"(max_num_encoder_tokens {max_rows})")
         self.structured_output.add(request)  # refuses a grammar it cannot compile
         self.requests[request.request_id] = request
         self.scheduler.add(request)

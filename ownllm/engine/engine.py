@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Sequence
 
 from ownllm.config import ModelConfig
 from ownllm.engine.core import EngineCore
+from ownllm.multimodal import ImagePromptProcessor
 from ownllm.outputs import RequestOutput
 from ownllm.parsers.reasoning import ReasoningParser
 from ownllm.request import FinishReason, Request
@@ -32,11 +33,13 @@ class _Parent:
 
 class Engine:
     """model_config, generation_config and model_path describe the loaded model (build_engine sets them), and
-    reasoning_parser and tool_parser_name how its answers are read (the output layer, parsers/events.py)."""
+    reasoning_parser and tool_parser_name how its answers are read (the output layer, parsers/events.py);
+    image_processor turns a request's images into placeholder tokens and pixel values (None: a text-only model)."""
 
     def __init__(self, core: EngineCore, tokenizer: Tokenizer, model_config: ModelConfig | None = None,
                  generation_config: dict | None = None, model_path: Path | None = None,
-                 reasoning_parser: ReasoningParser | None = None, tool_parser_name: str | None = None) -> None:
+                 reasoning_parser: ReasoningParser | None = None, tool_parser_name: str | None = None,
+                 image_processor: ImagePromptProcessor | None = None) -> None:
         self.core = core
         self.runner = core.runner
         self.tokenizer = tokenizer
@@ -45,6 +48,7 @@ class Engine:
         self.model_path = model_path
         self.reasoning_parser = reasoning_parser
         self.tool_parser_name = tool_parser_name
+        self.image_processor = image_processor
         self.max_model_len = core.max_model_len
         self.output_processor = core.output_processor
         self._parents: dict[str, _Parent] = {}
@@ -52,12 +56,20 @@ class Engine:
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None,
-        priority: int = 0,
+        priority: int = 0, images: Sequence[Any] = (),
     ) -> None:
+        """images: PIL images (or encoded image bytes), one per image marker token in the prompt, in order."""
         if request_id in self._parents:
             raise ValueError(f"request id {request_id!r} is already in use")
+        image_inputs = []
+        if images:
+            if self.image_processor is None:
+                name = self.model_path.name if self.model_path is not None else "this model"
+                raise ValueError(f"model {name} does not accept images")
+            prompt_token_ids, image_inputs = self.image_processor.process(prompt_token_ids, images)
         children = [
-            Request(f"{request_id}#{i}", list(prompt_token_ids), params.for_sample(i), prompt=prompt, priority=priority)
+            Request(f"{request_id}#{i}", list(prompt_token_ids), params.for_sample(i), prompt=prompt, priority=priority,
+                    images=image_inputs)
             for i in range(params.n)
         ]
         self.core.add_request(children[0])  # validates; raises ValueError for a request it refuses

@@ -37,8 +37,10 @@ def execute_one_by_one(runner: Runner, so: SchedulerOutput, requests: dict[str, 
         alone = SchedulerOutput(
             new_requests=[NewRequestData(request_id, request.prompt_token_ids, list(request.output_token_ids),
                                          request.sampling_params, kv_cache.block_ids(request_id),
-                                         request.num_computed_tokens)],
+                                         request.num_computed_tokens, request.images)],
             num_scheduled_tokens={request_id: num_scheduled},
+            encoder_inputs={request_id: so.encoder_inputs[request_id]} if request_id in so.encoder_inputs else {},
+            freed_encoder_hashes=so.freed_encoder_hashes,  # freeing twice is harmless
             draft_token_ids={request_id: so.draft_token_ids[request_id]} if request_id in so.draft_token_ids else {},
             finished_request_ids=finished_ids | {request_id}, propose_drafts=so.propose_drafts)
         finished_ids = set()

@@ -1,8 +1,9 @@
 """KV-cache bookkeeping: fixed-size blocks with reference counts, and automatic prefix caching.
 
 Pure Python, no torch: the data plane owns the tensors, this owns which block holds what.
-A full block is identified by a hash of (its parent block's hash, its token ids), so equal
-prefixes map to equal hash chains. Freed blocks go to the tail of the free queue but keep their
+A full block is identified by a hash of (its parent block's hash, its token ids, and the content hashes of
+the images whose placeholder tokens it covers), so equal prefixes map to equal hash chains, and equal text
+with different images does not. Freed blocks go to the tail of the free queue but keep their
 hash until reallocated, so the free queue is the LRU eviction order: allocation takes from the
 head, evicting the least recently used cached block first. Never imports torch or the model.
 """
@@ -21,8 +22,18 @@ class Block:
     block_hash: int | None = None  # set once the block is full and registered in the prefix cache
 
 
-def hash_block(parent_hash: int | None, token_ids: Sequence[int]) -> int:
+ImageSpan = tuple[int, int, str]  # (offset, length, content hash) of an image's placeholder tokens
+
+
+def hash_block(parent_hash: int | None, token_ids: Sequence[int], image_hashes: tuple[str, ...] = ()) -> int:
+    if image_hashes:
+        return hash((parent_hash, tuple(token_ids), image_hashes))
     return hash((parent_hash, tuple(token_ids)))
+
+
+def images_in(image_spans: Sequence[ImageSpan], start: int, end: int) -> tuple[str, ...]:
+    """The hashes of the images with placeholder tokens in [start, end)."""
+    return tuple(h for offset, length, h in image_spans if offset < end and offset + length > start)
 
 
 class BlockPool:
@@ -95,21 +106,26 @@ class KVCacheManager:
     def block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.req_blocks.get(request_id, [])]
 
-    def _hashes(self, token_ids: Sequence[int], num_full_blocks: int) -> list[int]:
+    def _hash(self, parent: int | None, token_ids: Sequence[int], i: int, image_spans: Sequence[ImageSpan]) -> int:
+        start, end = i * self.block_size, (i + 1) * self.block_size
+        return hash_block(parent, token_ids[start:end], images_in(image_spans, start, end))
+
+    def _hashes(self, token_ids: Sequence[int], num_full_blocks: int, image_spans: Sequence[ImageSpan]) -> list[int]:
         hashes, parent = [], None
         for i in range(num_full_blocks):
-            parent = hash_block(parent, token_ids[i * self.block_size : (i + 1) * self.block_size])
+            parent = self._hash(parent, token_ids, i, image_spans)
             hashes.append(parent)
         return hashes
 
-    def find_cached_prefix(self, token_ids: Sequence[int]) -> tuple[list[Block], int]:
+    def find_cached_prefix(self, token_ids: Sequence[int],
+                           image_spans: Sequence[ImageSpan] = ()) -> tuple[list[Block], int]:
         """Cached blocks for the longest cached prefix of token_ids -> (blocks, tokens they hold).
         At least the last token is always left to compute, since its logits are needed."""
         if not self.enable_prefix_caching:
             return [], 0
         max_blocks = (len(token_ids) - 1) // self.block_size
         blocks = []
-        for block_hash in self._hashes(token_ids, max_blocks):
+        for block_hash in self._hashes(token_ids, max_blocks, image_spans):
             block = self.pool.cached.get(block_hash)
             if block is None:
                 break
@@ -129,7 +145,8 @@ class KVCacheManager:
         self.req_blocks[request_id] = blocks + list(cached_blocks) + self.pool.allocate(need)
         return True
 
-    def cache_full_blocks(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int) -> None:
+    def cache_full_blocks(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int,
+                          image_spans: Sequence[ImageSpan] = ()) -> None:
         """Registers the request's blocks that are now full of computed tokens in the prefix cache."""
         if not self.enable_prefix_caching:
             return
@@ -138,7 +155,7 @@ class KVCacheManager:
         blocks = self.req_blocks[request_id]
         parent = hashes[-1] if hashes else None
         for i in range(len(hashes), num_full):
-            parent = hash_block(parent, token_ids[i * self.block_size : (i + 1) * self.block_size])
+            parent = self._hash(parent, token_ids, i, image_spans)
             hashes.append(parent)
             if blocks[i].block_hash is None:
                 self.pool.register(blocks[i], parent)

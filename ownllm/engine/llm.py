@@ -17,6 +17,7 @@ from ownllm.compute.verifier import verifier_messages, verifier_text
 from ownllm.config import BackendConfig, CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from ownllm.engine.build import build_engine, default_sampling_params
 from ownllm.engine.embedder import EmbedInput, Embedder, EmbeddingOutput, is_embedding_model
+from ownllm.multimodal.chat import split_images
 from ownllm.outputs import CompletionOutput, RequestOutput
 from ownllm.sampling_params import SamplingParams
 
@@ -83,6 +84,18 @@ class LLM:
         """The model's own sampling defaults from generation_config.json, as vLLM applies them."""
         return default_sampling_params(self.generation_config)
 
+    @staticmethod
+    def prompt_images(prompt: PromptType) -> list[Any]:
+        """The images of {"prompt" or "prompt_token_ids": ..., "multi_modal_data": {"image": img or [imgs]}}."""
+        data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
+        if not data:
+            return []
+        unknown = sorted(set(data) - {"image"})
+        if unknown:
+            raise ValueError(f"multi_modal_data takes only 'image', got {', '.join(map(repr, unknown))}")
+        images = data.get("image")
+        return list(images) if isinstance(images, (list, tuple)) else [images]
+
     def prompt_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """(prompt text if any, token ids) for a string, a list of token ids or {"prompt_token_ids": [...]}."""
         if isinstance(prompt, str):
@@ -107,7 +120,7 @@ class LLM:
         text, ids = self.prompt_ids(prompt)
         params = replace(params, output_kind=output_kind)
         request_id = str(next(self._ids))
-        self.engine.add_request(request_id, ids, params, prompt=text)
+        self.engine.add_request(request_id, ids, params, prompt=text, images=self.prompt_images(prompt))
         return request_id
 
     def generate(
@@ -172,11 +185,19 @@ class LLM:
         self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
         chat_template_kwargs: dict | None = None,
     ) -> dict[str, Any]:
+        """The prompt of a conversation; image content parts (image_url with a data: or http(s) URL, or image /
+        image_pil with a PIL image) go to multi_modal_data."""
         self._check_generates()
+        messages, sources = split_images(messages)
         ids = self.tokenizer.encode_chat(
             messages, tools=tools, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {})
         )
-        return {"prompt_token_ids": ids}
+        if not sources:
+            return {"prompt_token_ids": ids}
+        from ownllm.multimodal.fetch import load_image_url  # Pillow: only when images come
+
+        images = [load_image_url(image, None) if isinstance(image, str) else image for _, image in sources]
+        return {"prompt_token_ids": ids, "multi_modal_data": {"image": images}}
 
     def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yields the text of one request as it is generated; closing the iterator aborts the request.

@@ -12,6 +12,11 @@ Speculation backs off under load: a step verifies drafts only while its decode r
 request plus its drafts) stay within `max_num_spec_rows`, the batch size up to which decoding is bound
 by reading the weights, so extra rows are nearly free; beyond it they would cost compute.
 
+Images: a step that reaches an image's placeholder tokens needs its encoder output. An image not yet held
+(engine/encoder_cache.py) is encoded that step if the step's encoder budget (max_num_encoder_tokens rows) and
+the encoder cache have room; otherwise the request's chunk stops before the image, and the image waits for a
+later step. Chunks may end inside an image: the runner writes the slice of its rows each step covers.
+
 It emits the step as plain data (outputs.SchedulerOutput) and learns what happened from a RunnerOutput:
 counters advance, and blocks are hashed into the prefix cache, only over accepted tokens; the slots of
 rejected drafts are rolled back. Plain Python: imports no torch.
@@ -20,6 +25,7 @@ rejected drafts are rolled back. Plain Python: imports no torch.
 from __future__ import annotations
 
 from ownllm.config import SchedulerConfig
+from ownllm.engine.encoder_cache import EncoderCacheManager
 from ownllm.engine.kv_cache import KVCacheManager
 from ownllm.outputs import CachedRequestData, NewRequestData, SchedulerOutput
 from ownllm.request import Request, RequestStatus
@@ -35,6 +41,8 @@ class Scheduler:
         self.num_preemptions = 0
         self._num_sent_blocks: dict[str, int] = {}  # block ids the runner holds, per request
         self._finished_ids: set[str] = set()  # to tell the runner at the next step
+        self.encoder_cache = EncoderCacheManager(config.encoder_cache_tokens)
+        self._encoder_budget = 0  # rows the vision encoder may still compute this step
 
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
@@ -45,18 +53,23 @@ class Scheduler:
         out = SchedulerOutput(finished_request_ids=self._finished_ids)
         self._finished_ids = set()
         budget = self.config.max_num_batched_tokens
+        self._encoder_budget = self.config.max_num_encoder_tokens
         preempted: list[Request] = []
         spec_rows = self.config.max_num_spec_rows - sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_left = request.num_tokens - request.num_computed_tokens
-            num_new = min(num_left, budget)
+            num_new, to_encode = self._plan_images(request, min(num_left, budget))
+            if num_new == 0:  # stops before an image the encoder cannot take this step
+                index += 1
+                continue
             # drafts follow the last token, so only a decoding request (one token left) verifies them
             num_drafts = min(len(request.spec_token_ids), budget - num_new, max(spec_rows, 0)) if num_left == 1 else 0
             del request.spec_token_ids[num_drafts:]
             if not self._allocate_or_preempt(request, num_new + num_drafts, preempted):
                 break  # the request preempted itself: nothing more fits
+            self._encode(request, num_new, to_encode, out)
             if num_drafts:
                 out.draft_token_ids[request.request_id] = list(request.spec_token_ids)
                 spec_rows -= num_drafts
@@ -67,6 +80,7 @@ class Scheduler:
         if not preempted:
             self._admit_waiting(budget, out)
         out.propose_drafts = len(self.running) < self.config.max_num_spec_rows
+        out.freed_encoder_hashes = self.encoder_cache.take_freed()
         return out
 
     def _schedule(self, request: Request, num_new: int, out: SchedulerOutput, new: bool = False) -> None:
@@ -75,7 +89,7 @@ class Scheduler:
         if new:
             out.new_requests.append(NewRequestData(
                 request_id, request.prompt_token_ids, list(request.output_token_ids), request.sampling_params,
-                block_ids, request.num_computed_tokens))
+                block_ids, request.num_computed_tokens, request.images))
         else:
             sent = self._num_sent_blocks[request_id]
             out.cached_requests.append(CachedRequestData(request_id, block_ids[sent:], request.num_computed_tokens))
@@ -92,7 +106,46 @@ class Scheduler:
                 return False
         return True
 
+    def _plan_images(self, request: Request, num_new: int) -> tuple[int, list[int]]:
+        """-> (tokens to compute, possibly fewer, so that every image they reach is held or encoded this step;
+        indices of the images to encode). Changes nothing."""
+        start, end = request.num_computed_tokens, request.num_computed_tokens + num_new
+        to_encode, num_rows = [], 0
+        for index, image in enumerate(request.images):
+            if image.offset >= end:
+                break
+            if image.end <= start or self.encoder_cache.has(image.image_hash):
+                continue
+            if any(request.images[i].image_hash == image.image_hash for i in to_encode):
+                continue
+            if num_rows + image.length > self._encoder_budget or not self.encoder_cache.can_add(num_rows + image.length):
+                return max(image.offset - start, 0), to_encode
+            to_encode.append(index)
+            num_rows += image.length
+        return num_new, to_encode
+
+    def _encode(self, request: Request, num_new: int, to_encode: list[int], out: SchedulerOutput) -> None:
+        """Commits a plan: references the held images the step reaches, records the ones to encode."""
+        if not request.images:
+            return
+        start, end = request.num_computed_tokens, request.num_computed_tokens + num_new
+        for image in request.images:
+            if image.offset < end and image.end > start and self.encoder_cache.has(image.image_hash):
+                self.encoder_cache.use(request.request_id, image.image_hash)
+        for index in to_encode:
+            image = request.images[index]
+            self.encoder_cache.add(request.request_id, image.image_hash, image.length)
+            self._encoder_budget -= image.length
+        if to_encode:
+            out.encoder_inputs[request.request_id] = to_encode
+
+    def _release_images(self, request: Request, computed_only: bool = False) -> None:
+        images = [i for i in request.images if not computed_only or i.end <= request.num_computed_tokens]
+        if images:
+            self.encoder_cache.release(request.request_id, [i.image_hash for i in images])
+
     def _preempt(self, request: Request) -> None:
+        self._release_images(request)
         self.kv_cache.free(request.request_id)
         self._num_sent_blocks.pop(request.request_id, None)
         request.num_computed_tokens = 0
@@ -106,16 +159,18 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             token_ids = request.all_token_ids
-            cached_blocks, num_cached = self.kv_cache.find_cached_prefix(token_ids)
-            num_new = min(len(token_ids) - num_cached, budget)
-            if not self.kv_cache.allocate(request.request_id, num_cached + num_new, cached_blocks):
+            cached_blocks, num_cached = self.kv_cache.find_cached_prefix(token_ids, request.image_spans)
+            request.num_computed_tokens = num_cached
+            num_new, to_encode = self._plan_images(request, min(len(token_ids) - num_cached, budget))
+            if num_new == 0 or not self.kv_cache.allocate(request.request_id, num_cached + num_new, cached_blocks):
+                request.num_computed_tokens = 0
                 break
             self.kv_cache.record_prefix_query(len(token_ids), num_cached)
             self.waiting.pop(0)
-            request.num_computed_tokens = num_cached
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             self._schedule(request, num_new, out, new=True)
+            self._encode(request, num_new, to_encode, out)
             budget -= num_new
 
     def advance(self, request: Request, num_scheduled: int, num_drafts: int, num_accepted: int) -> None:
@@ -124,11 +179,12 @@ class Scheduler:
         request.num_computed_tokens += num_scheduled - (num_drafts - num_accepted)
         request.num_draft_tokens += num_drafts
         request.num_accepted_tokens += num_accepted
+        self._release_images(request, computed_only=True)
 
     def cache_blocks(self, request: Request) -> None:
         """Registers the request's blocks now full of computed (so accepted) tokens in the prefix cache."""
         num_computed = min(request.num_computed_tokens, request.num_tokens)
-        self.kv_cache.cache_full_blocks(request.request_id, request.all_token_ids, num_computed)
+        self.kv_cache.cache_full_blocks(request.request_id, request.all_token_ids, num_computed, request.image_spans)
 
     def finish(self, request: Request) -> None:
         """Removes a finished or aborted request and frees its blocks."""
@@ -136,6 +192,7 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+        self._release_images(request)
         self.kv_cache.free(request.request_id)
         if self._num_sent_blocks.pop(request.request_id, None) is not None:
             self._finished_ids.add(request.request_id)

@@ -114,15 +114,22 @@ class CausalLM(Module):
         module = self.get_submodule(module_name)
         module._parameters[attr] = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
 
-    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids: [T] -> hidden states [T, hidden_size] (final norm applied)."""
-        return self.model.norm(self.hidden_states(input_ids, meta))
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids: [T] -> hidden states [T, hidden_size] (final norm applied). inputs_embeds [T, hidden]: the
+        input embeddings to use instead of the tokens' (images' rows written over placeholders')."""
+        return self.model.norm(self.hidden_states(input_ids, meta, inputs_embeds))
 
-    def hidden_states(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids: [T] -> the decoder's input embeddings [T, hidden_size]."""
+        return self.model.embed_tokens(input_ids)
+
+    def hidden_states(self, input_ids: torch.Tensor, meta: AttentionMetadata,
+                      inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: [T] -> the last layer's outputs [T, hidden_size], before the final norm (what DeepSeek-V3's
         multi-token-prediction layer reads). The decoder-only default: `self.model` has embed_tokens, layers
         (each called as layer(x, meta, rope)) and norm; `self.rope`."""
-        x = self.model.embed_tokens(input_ids)  # [T, hidden]
+        x = self.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds  # [T, hidden]
         for layer in self.model.layers:
             x = layer(x, meta, self.rope)
         return x
@@ -130,3 +137,30 @@ class CausalLM(Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden_size] -> logits [N, vocab_size]."""
         return self.lm_head(hidden)
+
+
+class RenamedTensors(Mapping[str, torch.Tensor]):
+    """A checkpoint's tensors seen under the model's parameter names: `candidates(name)` lists where a checkpoint
+    may keep a parameter (e.g. `language_model.model.X` in older multimodal checkpoints, `model.language_model.X` in
+    newer ones); the first one present is read. Nothing is copied."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], candidates) -> None:
+        self.tensors, self.candidates = tensors, candidates
+
+    def _stored(self, name: str) -> str | None:
+        return next((c for c in self.candidates(name) if c in self.tensors), None)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        stored = self._stored(name)
+        if stored is None:
+            raise KeyError(name)
+        return self.tensors[stored]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self._stored(name) is not None
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)

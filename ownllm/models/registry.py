@@ -17,6 +17,7 @@ _ARCHITECTURES = {
     "Llama4ForConditionalGeneration": ("llama4", "Llama4ForConditionalGeneration"),
     "DeepseekV3ForCausalLM": ("deepseek_v3", "DeepseekV3ForCausalLM"),
     "Gemma3ForCausalLM": ("gemma3", "Gemma3ForCausalLM"),
+    "LlavaForConditionalGeneration": ("llava", "LlavaForConditionalGeneration"),
     "BertModel": ("bert", "BertModel"),
 }
 # encoders that embed text (ownllm.engine.embedder) rather than generate it

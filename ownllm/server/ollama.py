@@ -5,8 +5,10 @@ Durations are nanoseconds as Ollama sends them: prompt_eval_duration runs from t
 to its first token, eval_duration from the first token to the last; load_duration is 0 because the
 model stays loaded. Answers are read through server/answers.py like every API's: `format` (JSON or a
 schema) is a structured output, `tools` are parsed into `message.tool_calls`, reasoning goes to
-`message.thinking`. What ownllm cannot honour (images, suffix, Go `template`s) is refused with a 400; keep_alive and num_ctx are accepted and have no effect (the model is always loaded, and its
-context is fixed when the server starts).
+`message.thinking`. `images` (base64) go to a vision model (server/images.py), placed before the message's text
+as Ollama places them. What ownllm cannot honour (suffix, Go `template`s) is refused with a 400; keep_alive and
+num_ctx are accepted and have no effect (the model is always loaded, and its context is fixed when the server
+starts).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from fastapi import APIRouter
 from starlette.requests import Request
@@ -31,6 +33,7 @@ from ownllm.sampling_params import SamplingParams, StructuredOutputsParams
 from ownllm.server.answers import (
     SampleReader, ToolPlan, ollama_structured_outputs, read_all, reader_factory, thinking_budget, tool_plan,
 )
+from ownllm.server.images import base64_sources, load_images
 from ownllm.server.limits import check_messages
 from ownllm.server.protocol import (
     OllamaAssistantMessage, OllamaChatChunk, OllamaChatRequest, OllamaFunctionCall, OllamaGenerateChunk,
@@ -223,19 +226,26 @@ def _encode_chat(ctx: ServerContext, messages: list[dict], tools: list[dict] | N
         raise ServerError(400, str(error), param="messages") from None
 
 
-def _chat_messages(body: OllamaChatRequest) -> list[dict]:
-    messages = []
+def _chat_messages(body: OllamaChatRequest) -> tuple[list[dict], list[tuple[str, Any]]]:
+    """-> (messages for the template, a message's images as {"type": "image"} items before its text; [(field path,
+    image bytes)] in order)."""
+    messages, images = [], []
     for i, message in enumerate(body.messages):
+        values = {k: v for k, v in message.model_dump().items() if k != "images"}
         if message.images:
-            param = f"messages.{i}.images"
-            raise ServerError(400, f"{param}: this model does not accept images", param=param)
-        messages.append({k: v for k, v in message.model_dump().items() if k != "images"})
-    return messages
+            images += base64_sources(f"messages.{i}.images", message.images)
+            values["content"] = _with_images(len(message.images), message.content or "")
+        messages.append(values)
+    return messages, images
+
+
+def _with_images(num_images: int, text: str) -> list[dict]:
+    """Ollama puts a message's images before its text."""
+    return [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
 
 
 def _generate_prompt_ids(ctx: ServerContext, body: OllamaGenerateRequest) -> list[int]:
-    for field, why in (("images", "this model does not accept images"),
-                       ("suffix", "fill in the middle is not supported"),
+    for field, why in (("suffix", "fill in the middle is not supported"),
                        ("template", "Go templates are not supported; format the prompt yourself and set raw to true")):
         if getattr(body, field):
             raise ServerError(400, f"{field}: {why}", param=field)
@@ -244,7 +254,8 @@ def _generate_prompt_ids(ctx: ServerContext, body: OllamaGenerateRequest) -> lis
         ids = tokenizer.encode(body.prompt)
     else:
         system = [{"role": "system", "content": body.system}] if body.system else []
-        ids = _encode_chat(ctx, system + [{"role": "user", "content": body.prompt}], None, body.think)
+        content = _with_images(len(body.images), body.prompt) if body.images else body.prompt
+        ids = _encode_chat(ctx, system + [{"role": "user", "content": content}], None, body.think)
     if body.context and not all(0 <= t < tokenizer.vocab_size for t in body.context):
         raise ServerError(400, f"context token ids must be in [0, {tokenizer.vocab_size})", param="context")
     return list(body.context or []) + ids
@@ -385,11 +396,13 @@ async def serve_chat(ctx: ServerContext, request: Request) -> Response:
         return _loaded(ctx, OllamaChatChunk)
     check_messages(ctx.settings.limits, len(body.messages))
     tools = tool_plan(ctx, body.tools, None) if body.tools else ToolPlan()
-    prompt_ids = _encode_chat(ctx, _chat_messages(body), body.tools, body.think)
+    messages, image_sources = _chat_messages(body)
+    images = await load_images(ctx, image_sources)
+    prompt_ids = _encode_chat(ctx, messages, body.tools, body.think)
     max_tokens = _max_tokens(body.options or OllamaOptions())
     check_context(len(prompt_ids), max_tokens, ctx.engine.max_model_len, "messages", "options.num_predict")
     params = _sampling_params(ctx, body, max_tokens, structured, tools.keep_special_tokens)
-    outputs = run(ctx, prompt_ids, params, new_id("chat"), timing)
+    outputs = run(ctx, prompt_ids, params, new_id("chat"), timing, images)
     reader = reader_factory(ctx, prompt_ids, tools)()
 
     def chunk(piece: Piece) -> OllamaChatChunk:
@@ -409,11 +422,12 @@ async def serve_generate(ctx: ServerContext, request: Request) -> Response:
     structured = ollama_structured_outputs(body.format)
     if not body.prompt and not body.context:
         return _loaded(ctx, OllamaGenerateChunk)
+    images = await load_images(ctx, base64_sources("images", body.images))
     prompt_ids = _generate_prompt_ids(ctx, body)
     max_tokens = _max_tokens(body.options or OllamaOptions())
     check_context(len(prompt_ids), max_tokens, ctx.engine.max_model_len, "prompt", "options.num_predict")
     params = _sampling_params(ctx, body, max_tokens, structured)
-    outputs = run(ctx, prompt_ids, params, new_id("generate"), timing)
+    outputs = run(ctx, prompt_ids, params, new_id("generate"), timing, images)
     reader = reader_factory(ctx, prompt_ids, None)()
 
     def chunk(piece: Piece) -> OllamaGenerateChunk:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import time
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from ownllm.multimodal.chat import split_images
 from ownllm.outputs import Logprob, RequestOutput
 from ownllm.parsers.events import ContentDelta, Event, OutputStream, ReasoningDelta, ToolCallStart
 from ownllm.sampling_params import SamplingParams, StructuredOutputsParams
@@ -24,6 +25,7 @@ from ownllm.server import compute
 from ownllm.server.answers import (
     SampleReader, openai_structured_outputs, read_all, reader_factory, template_messages, thinking_budget, tool_plan,
 )
+from ownllm.server.images import load_images
 from ownllm.server.limits import check_messages
 from ownllm.server.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
@@ -96,30 +98,20 @@ def _check_chat(body: ChatCompletionRequest) -> None:
         raise ServerError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
 
 
-def _chat_messages(body: ChatCompletionRequest) -> list[dict]:
-    messages = []
-    for i, message in enumerate(body.messages):
-        values = message.model_dump()
-        if isinstance(message.content, list):
-            values["content"] = _text_parts(message.content, f"messages.{i}.content")
-        messages.append(values)
-    return template_messages(messages)
+def _chat_messages(body: ChatCompletionRequest) -> tuple[list[dict], list[tuple[str, Any]]]:
+    """-> (messages for the template, [(field path, image URL)] in order)."""
+    try:
+        messages, images = split_images([message.model_dump() for message in body.messages])
+    except ValueError as error:
+        param = str(error).split(":", 1)[0]
+        raise ServerError(400, str(error), param=param) from None
+    return template_messages(messages), images
 
 
-def _text_parts(parts: list[dict], param: str) -> str:
-    texts = []
-    for part in parts:
-        if part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise ServerError(400, f"{param}: only text parts are supported, got a part of type {part.get('type')!r}",
-                              param=param)
-        texts.append(part["text"])
-    return "\n".join(texts)
-
-
-def _chat_prompt_ids(ctx: ServerContext, body: ChatCompletionRequest) -> list[int]:
+def _chat_prompt_ids(ctx: ServerContext, body: ChatCompletionRequest, messages: list[dict]) -> list[int]:
     try:
         return ctx.engine.tokenizer.encode_chat(
-            _chat_messages(body), tools=body.tools, add_generation_prompt=body.add_generation_prompt,
+            messages, tools=body.tools, add_generation_prompt=body.add_generation_prompt,
             **(body.chat_template_kwargs or {}))
     except (ValueError, TypeError) as error:
         raise ServerError(400, str(error), param="messages") from None
@@ -254,7 +246,9 @@ async def serve_chat(ctx: ServerContext, request: Request) -> Response:
     if structured is not None and tools.structured_outputs is not None:
         raise ServerError(400, "a structured output (response_format or structured_outputs) cannot be combined with "
                           "tool_choice required or a named function", param="tool_choice")
-    prompt_ids = _chat_prompt_ids(ctx, body)
+    messages, image_sources = _chat_messages(body)
+    images = await load_images(ctx, image_sources)
+    prompt_ids = _chat_prompt_ids(ctx, body, messages)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     tokens_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     check_context(len(prompt_ids), max_tokens, ctx.engine.max_model_len, "messages", tokens_param)
@@ -264,10 +258,10 @@ async def serve_chat(ctx: ServerContext, request: Request) -> Response:
         tools.keep_special_tokens, {"max_tokens": tokens_param, "logprobs": "top_logprobs"})
     if body.compute is not None:
         answer = await compute.serve_chat(ctx, request, body, prompt_ids, params,
-                                          reader_factory(ctx, prompt_ids, tools), _chat_messages(body))
+                                          reader_factory(ctx, prompt_ids, tools), messages)
         return sse_response(_sse_events(answer)) if body.stream else answer
     request_id = new_id("chatcmpl")
-    outputs = run(ctx, prompt_ids, params, request_id, timing)
+    outputs = run(ctx, prompt_ids, params, request_id, timing, images)
     readers = [reader_factory(ctx, prompt_ids, tools)() for _ in range(body.n)]
     if body.stream:
         outputs = await first_and_rest(request, outputs)

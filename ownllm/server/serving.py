@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from ownllm.multimodal import MAX_IMAGE_BYTES
 from ownllm.compute.params import DEFAULT_MAX_SAMPLES
 from ownllm.engine.async_engine import EngineDead, EngineOverloaded, RequestFailed
 from ownllm.outputs import RequestOutput
@@ -53,7 +54,7 @@ class EngineClient(Protocol):
     tool_parser_name: str | None
 
     def generate(self, prompt_token_ids: list[int], sampling_params: SamplingParams, request_id: str | None = None,
-                 prompt: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]: ...
+                 prompt: str | None = None, priority: int = 0, images: list = ()) -> AsyncIterator[RequestOutput]: ...
 
     async def abort(self, request_id: str) -> None: ...
 
@@ -74,6 +75,8 @@ class ServerSettings:
     reasoning_budget: int | None = None  # thinking tokens of a reasoning model's answer (None: no limit)
     responses_store_size: int = 1000  # responses kept for the Responses API's GET and previous_response_id
     max_compute_samples: int = DEFAULT_MAX_SAMPLES  # the most samples one request's `compute` may ask for
+    allowed_media_domains: tuple[str, ...] = ()  # hosts image URLs may be fetched from (data: URLs always work)
+    max_image_bytes: int = MAX_IMAGE_BYTES  # the largest encoded image a request may send or have fetched
 
 
 @dataclass
@@ -168,7 +171,7 @@ class Timing:
 
 
 async def run(ctx: ServerContext, prompt_ids: list[int], params: SamplingParams, request_id: str,
-              timing: Timing) -> AsyncIterator[RequestOutput]:
+              timing: Timing, images: list = ()) -> AsyncIterator[RequestOutput]:
     """The engine's outputs for one request, with timings recorded; engine refusals become ServerErrors, and so
     does running past the request timeout. The request is aborted whenever the caller stops early (the engine
     cannot see a cancellation that lands while it is still adding the request, so this abort is what frees it
@@ -176,7 +179,7 @@ async def run(ctx: ServerContext, prompt_ids: list[int], params: SamplingParams,
     finished = False
     timeout = ctx.settings.request_timeout
     try:
-        async with aclosing(ctx.engine.generate(prompt_ids, params, request_id=request_id)) as outputs:
+        async with aclosing(ctx.engine.generate(prompt_ids, params, request_id=request_id, images=images)) as outputs:
             while not finished:
                 try:
                     output = await _next_before(outputs, None if timeout is None else timing.arrived + timeout)

@@ -22,6 +22,7 @@ from ownllm.layers.attention import PagedKVCache
 from ownllm.layers.backends import LayerBackends
 from ownllm.loader import Checkpoint
 from ownllm.models.registry import model_class
+from ownllm.multimodal import ImageInput
 from ownllm.outputs import RunnerOutput, SampleLogprobs, SchedulerOutput
 from ownllm.sampling_params import SamplingParams
 from ownllm.spec_decode import DraftLength
@@ -56,6 +57,7 @@ class RequestState:
     generator: torch.Generator | None = None
     drafts: list[int] = field(default_factory=list)  # verified this step
     draft_length: DraftLength | None = None  # how many tokens to draft next (when speculating)
+    images: list[ImageInput] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -82,6 +84,7 @@ class ModelRunner:
         self.num_blocks = self._num_blocks(max_num_seqs)
         self.kv_cache = PagedKVCache(self.kv_spec, self.num_blocks, self.block_size, self.dtype, device)
         self.requests: dict[str, RequestState] = {}
+        self.encoder_outputs: dict[str, torch.Tensor] = {}  # image hash -> [its placeholder tokens, hidden]
         self.step_seconds = 0.0  # a forward of the model (decayed mean)
         self.proposer = None
         self.num_speculative_tokens = speculative_config.num_speculative_tokens if speculative_config else 0
@@ -118,7 +121,8 @@ class ModelRunner:
             self.requests[new.request_id] = RequestState(
                 new.request_id, new.prompt_token_ids + new.output_token_ids, len(new.prompt_token_ids),
                 new.sampling_params, list(new.block_ids), new.num_computed_tokens, generator,
-                draft_length=DraftLength(self.num_speculative_tokens) if self.proposer is not None else None)
+                draft_length=DraftLength(self.num_speculative_tokens) if self.proposer is not None else None,
+                images=list(new.images))
         for cached in so.cached_requests:
             state = self.requests[cached.request_id]
             state.block_ids += cached.new_block_ids
@@ -142,11 +146,14 @@ class ModelRunner:
                 sampling.append((state, num_rows - 1 - len(state.drafts)))
         input_ids, meta = build_inputs(spans, self.kv_cache, self.backends.attention, self.device)
         started = time.perf_counter()
+        self._run_encoder(so)
+        inputs_embeds = self._inputs_embeds(input_ids, scheduled)
+        images = {} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}  # text-only: the plain call
         if self.proposer_reads_hidden:
-            pre_norm = self.model.hidden_states(input_ids, meta)  # [T, hidden] before the final norm
+            pre_norm = self.model.hidden_states(input_ids, meta, **images)  # [T, hidden] before the final norm
             hidden = self.model.model.norm(pre_norm)
         else:
-            hidden = self.model(input_ids, meta)  # [T, hidden]
+            hidden = self.model(input_ids, meta, **images)  # [T, hidden]
         elapsed = time.perf_counter() - started  # a step's time, for the cost of a draft next to it
         self.step_seconds = 0.8 * self.step_seconds + 0.2 * elapsed if self.step_seconds else elapsed
         output = RunnerOutput(request_ids=list(so.num_scheduled_tokens))
@@ -169,6 +176,41 @@ class ModelRunner:
                 state.draft_length.cost_per_draft = cost
             output.draft_token_ids = self.proposer.propose(states)
         return output
+
+
+    def _run_encoder(self, so: SchedulerOutput) -> None:
+        """Drops the encoder outputs the scheduler evicted, then encodes the images it scheduled."""
+        for image_hash in so.freed_encoder_hashes:
+            self.encoder_outputs.pop(image_hash, None)
+        self._encode([self.requests[rid].images[i] for rid, indices in so.encoder_inputs.items() for i in indices])
+
+    def _encode(self, images: list[ImageInput]) -> None:
+        todo = list({i.image_hash: i for i in images if i.image_hash not in self.encoder_outputs}.values())
+        if not todo:
+            return
+        pixels = [torch.from_numpy(image.pixel_values).to(self.device, self.dtype) for image in todo]  # [3, H, W] each
+        for image, rows in zip(todo, self.model.embed_images(pixels), strict=True):
+            if rows.shape[0] != image.length:
+                raise ValueError(f"an image encoded to {rows.shape[0]} rows for {image.length} placeholder tokens")
+            self.encoder_outputs[image.image_hash] = rows  # [length, hidden]
+
+    def _inputs_embeds(self, input_ids: torch.Tensor, scheduled: list) -> torch.Tensor | None:
+        """The step's input embeddings with the rows of the images its tokens reach written over their
+        placeholders (a chunk may hold any slice of an image), or None when it reaches no image."""
+        writes = []  # (first batch row, image, first image row, rows)
+        for state, span, first_row in scheduled:
+            start, end = span.start, span.start + len(span.token_ids)
+            for image in state.images:
+                low, high = max(start, image.offset), min(end, image.end)
+                if low < high:
+                    writes.append((first_row + low - start, image, low - image.offset, high - low))
+        if not writes:
+            return None
+        self._encode([image for _, image, _, _ in writes])  # only after a failed step's retry is one missing
+        embeds = self.model.embed_input_ids(input_ids).clone()  # [T, hidden]
+        for row, image, image_row, num in writes:
+            embeds[row:row + num] = self.encoder_outputs[image.image_hash][image_row:image_row + num]
+        return embeds
 
 
 def sample_and_verify(sampler: Sampler, logits: torch.Tensor, states: list[RequestState], eos_token_ids: set[int],

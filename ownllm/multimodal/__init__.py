@@ -1,0 +1,120 @@
+"""Images in: what a request carries beside its token ids, and how an architecture plugs into it.
+
+Plain data, no torch: the engine, the scheduler and the KV-cache manager read it; tensors exist only in the
+model runner. An image travels as an ImageInput: its preprocessed pixel values (a numpy array), a content
+hash (the encoder cache's key, mixed into the prefix cache's block hashes) and the prompt positions of its
+placeholder tokens [offset, offset + length), whose input embeddings the image's embeddings replace.
+
+The path of an image: a PIL image -> `ImagePromptProcessor.process(token_ids, images)` (the engine, when the
+request is added) expands each image marker in the prompt into the model's placeholder tokens and preprocesses
+the image -> ImageInputs on the Request -> the scheduler budgets encoder work per step and names the images to
+encode (SchedulerOutput.encoder_inputs) -> the runner calls `model.embed_images` once per image hash, keeps the
+result in its encoder cache and writes the slice a step's positions need over `model.embed_input_ids(...)`.
+
+To add an architecture that takes images:
+1. A processor: a subclass of ImagePromptProcessor in ownllm/multimodal/<arch>.py, built by
+   `from_checkpoint(config, folder)` (config.hf_config and the folder's preprocessor_config.json), setting
+   - `image_token_id`: the placeholder token whose embeddings an image replaces;
+   - `prompt_token_id`: the token the chat template writes per image (default: image_token_id);
+   - `max_images_per_prompt`;
+   and implementing `preprocess(image: PIL.Image) -> np.ndarray` (float32 pixel values, equal to the Hugging
+   Face image processor's) and `num_image_tokens(pixel_values) -> int`; `replacement(num_tokens)` when the
+   marker expands to more than the placeholders (e.g. begin/end-of-image tokens around them).
+2. Its line in ownllm/multimodal/registry.py: architecture name -> (module, class).
+3. On the model class (ownllm/models/<arch>.py): `embed_images(pixel_values: list[Tensor]) -> list[Tensor]`,
+   each [3, H, W] in -> [num_image_tokens, hidden_size] out, in order; `embed_input_ids(input_ids [T]) -> [T,
+   hidden]` when its token embeddings are not plain `model.embed_tokens` (e.g. scaled); and a forward that takes
+   `inputs_embeds` (CausalLM's does).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
+
+    from ownllm.config import ModelConfig
+
+
+MAX_IMAGE_BYTES = 20 * 2**20  # an encoded image over this is refused before decoding
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One image of a request as the engine carries it."""
+
+    image_hash: str  # of its pixel values: the encoder cache's key and the prefix cache's salt
+    offset: int  # prompt position of its first placeholder token
+    length: int  # placeholder tokens, one per embedding row
+    pixel_values: "np.ndarray"  # float32, what the model's embed_images takes
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+    @property
+    def span(self) -> tuple[int, int, str]:
+        """(offset, length, hash): what the prefix cache mixes into the blocks it covers."""
+        return self.offset, self.length, self.image_hash
+
+
+def hash_pixels(pixel_values: "np.ndarray") -> str:
+    digest = hashlib.sha256(str(pixel_values.shape).encode())
+    digest.update(pixel_values.tobytes())
+    return digest.hexdigest()
+
+
+class ImagePromptProcessor:
+    """An architecture's image side: preprocessing, and the placeholder tokens an image becomes in the prompt."""
+
+    image_token_id: int
+    prompt_token_id: int | None = None  # None: image_token_id
+    max_images_per_prompt: int = 8
+
+    @classmethod
+    def from_checkpoint(cls, config: "ModelConfig", folder: Path | None) -> "ImagePromptProcessor":
+        raise NotImplementedError
+
+    def preprocess(self, image: "Image.Image") -> "np.ndarray":
+        raise NotImplementedError
+
+    def num_image_tokens(self, pixel_values: "np.ndarray") -> int:
+        raise NotImplementedError
+
+    def replacement(self, num_tokens: int) -> list[int]:
+        """The tokens one image marker becomes; the image_token_id ones among them get its embeddings."""
+        return [self.image_token_id] * num_tokens
+
+    @property
+    def marker_token_id(self) -> int:
+        return self.image_token_id if self.prompt_token_id is None else self.prompt_token_id
+
+    def process(self, token_ids: Sequence[int], images: Sequence[Any]) -> tuple[list[int], list[ImageInput]]:
+        """A prompt with one marker token per image, and the images (PIL) -> (the expanded prompt, its images)."""
+        from ownllm.multimodal.image_io import as_image
+
+        if len(images) > self.max_images_per_prompt:
+            raise ValueError(f"the model accepts at most {self.max_images_per_prompt} images per prompt, "
+                             f"got {len(images)}")
+        num_markers = sum(1 for t in token_ids if t == self.marker_token_id)
+        if num_markers != len(images):
+            raise ValueError(f"the prompt has {num_markers} image placeholders but {len(images)} images were given")
+        out: list[int] = []
+        inputs: list[ImageInput] = []
+        pending = iter(images)
+        for token in token_ids:
+            if token != self.marker_token_id:
+                out.append(token)
+                continue
+            pixel_values = self.preprocess(as_image(next(pending)))
+            tokens = self.replacement(self.num_image_tokens(pixel_values))
+            first = tokens.index(self.image_token_id)
+            length = sum(1 for t in tokens if t == self.image_token_id)
+            inputs.append(ImageInput(hash_pixels(pixel_values), len(out) + first, length, pixel_values))
+            out += tokens
+        return out, inputs
