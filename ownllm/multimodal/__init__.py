@@ -52,6 +52,9 @@ class ImageInput:
     offset: int  # prompt position of its first placeholder token
     length: int  # placeholder tokens, one per embedding row
     pixel_values: "np.ndarray"  # float32, what the model's embed_images takes
+    # its placeholders attend each other both ways (Gemma 3), so one forward computes them all: no chunk ends
+    # inside them
+    indivisible: bool = False
 
     @property
     def end(self) -> int:
@@ -75,6 +78,7 @@ class ImagePromptProcessor:
     image_token_id: int
     prompt_token_id: int | None = None  # None: image_token_id
     max_images_per_prompt: int = 8
+    bidirectional: bool = False  # an image's placeholder tokens attend each other both ways (ImageInput.indivisible)
 
     @classmethod
     def from_checkpoint(cls, config: "ModelConfig", folder: Path | None) -> "ImagePromptProcessor":
@@ -115,6 +119,7 @@ class ImagePromptProcessor:
             tokens = self.replacement(self.num_image_tokens(pixel_values))
             first = tokens.index(self.image_token_id)
             length = sum(1 for t in tokens if t == self.image_token_id)
-            inputs.append(ImageInput(hash_pixels(pixel_values), len(out) + first, length, pixel_values))
+            inputs.append(ImageInput(hash_pixels(pixel_values), len(out) + first, length, pixel_values,
+                                     self.bidirectional))
             out += tokens
         return out, inputs

@@ -33,6 +33,7 @@ def gemma3_preprocessing(config: dict[str, Any]) -> ClipImageProcessor:
 
 
 class Gemma3ImageProcessor(ImagePromptProcessor):
+    bidirectional = True  # transformers' token_type_ids mask: an image's tokens see each other both ways
     def __init__(self, preprocessing: ClipImageProcessor, image_token_id: int, boi_token_id: int, eoi_token_id: int,
                  tokens_per_image: int, newlines: list[int]) -> None:
         self.preprocessing = preprocessing
