@@ -14,10 +14,8 @@ from tests.test_bundled_model import assert_tracks, common_prefix
 
 pytestmark = pytest.mark.slow
 NEW_TOKENS = 32
-PROMPTS = [
-    "The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village,",
-    "The three primary colors are", "Water boils at a temperature of", "import numpy as np\n\nx = np.",
-]
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village,",
+           "Water boils at a temperature of"]
 
 
 @pytest.fixture(scope="module")

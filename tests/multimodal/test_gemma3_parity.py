@@ -1,7 +1,8 @@
 """Gemma3ForConditionalGeneration, ownllm vs transformers in float32 on a tiny random checkpoint: 1 to 3 images in
 one prompt and a request without images, in one batch: identical greedy tokens for 32 new tokens and top-5 logprobs
 within 1e-3. transformers gets token_type_ids, so an image's 16 tokens attend each other both ways, as Gemma3Processor's
-inputs make them; chunked prefill (chunks of 12 tokens, shorter than an image's run) keeps each image whole."""
+inputs make them; chunked prefill (chunks of 12 tokens, shorter than an image's run) keeps each image whole, and a
+prefix-cache hit that ends inside an image resumes it right."""
 
 from __future__ import annotations
 
@@ -44,8 +45,19 @@ def ours(checkpoint):
                         PARAMS)
 
 
+_REFERENCES: dict = {}
+
+
 def reference(hf_model, expanded: list[int], images):
-    """transformers' greedy run of our expanded prompt (its image tokens typed 1, as Gemma3Processor types them)."""
+    """transformers' greedy run of our expanded prompt (its image tokens typed 1, as Gemma3Processor types them),
+    computed once per prompt."""
+    key = tuple(expanded)
+    if key not in _REFERENCES:
+        _REFERENCES[key] = hf_reference(hf_model, expanded, images)
+    return _REFERENCES[key]
+
+
+def hf_reference(hf_model, expanded: list[int], images):
     inputs = {}
     if images:
         inputs = {"pixel_values": hf_pixel_values(images),
@@ -72,13 +84,17 @@ def test_images_and_text_in_one_batch_match_transformers(checkpoint, ours):
         assert_matches(output, reference(hf_model, expanded, images))
 
 
-def test_chunked_prefill_keeps_images_whole(checkpoint, ours):
+def test_chunked_prefill_and_prefix_cache_hits_keep_parity(checkpoint):
+    """Chunks of 12 tokens; then a prompt that parts from the first after its image, so that its prefix-cache hit
+    (one block of 16) ends inside the image, whose cached keys were computed with the whole image."""
     hf_model, folder = checkpoint
-    llm = LLM(str(folder), dtype="float32", max_num_batched_tokens=12, enable_prefix_caching=False)
-    ids, images = cases()[2]
-    output = llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": images}}, PARAMS)[0]
-    assert output.outputs[0].token_ids == ours[2].outputs[0].token_ids
-    assert_matches(output, reference(hf_model, output.prompt_token_ids, images))
+    llm = LLM(str(folder), dtype="float32", max_num_batched_tokens=12, block_size=16)
+    ids, images = cases()[0]
+    for prompt in (ids, ids[:-2] + [90, 91, 92]):
+        output = llm.generate({"prompt_token_ids": prompt, "multi_modal_data": {"image": images}}, PARAMS)[0]
+        assert_matches(output, reference(hf_model, output.prompt_token_ids, images))
+    assert llm.kv_cache.num_hit_tokens == 16
+    assert output.prompt_token_ids[15] == output.prompt_token_ids[16] == IMAGE_TOKEN_ID
 
 
 def test_bidirectional_image_attention_matters(checkpoint, ours):
