@@ -42,6 +42,17 @@ def normalize_dtype(dtype: str | None) -> str | None:
     return name
 
 
+# transformers' config defaults for the language models of multimodal checkpoints, whose text_config holds only
+# what differs from them (llava-hf/llava-1.5-7b-hf's names no hidden_size)
+_TEXT_CONFIG_DEFAULTS = {
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6),
+    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096 * 32,
+                    rms_norm_eps=1e-6, sliding_window=4096),
+}
+
+
 def _rope_settings(hf: Mapping[str, Any], layer_type: str = "full_attention") -> tuple[float, dict | None]:
     """(rope_theta, rope_scaling) from either transformers v5 `rope_parameters` or v4 `rope_theta` + `rope_scaling`.
     v5 may key them by layer type (Gemma 3: {"full_attention": {...}, "sliding_attention": {...}})."""
@@ -135,7 +146,7 @@ class ModelConfig:
         check_supported(archs[0])  # before any field: other architectures name their fields differently
         text = hf.get("text_config")
         if text:  # multimodal wrappers keep the language model's shape in text_config
-            hf = {**hf, **text}
+            hf = {**_TEXT_CONFIG_DEFAULTS.get(text.get("model_type"), {}), **hf, **text}
         required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
         missing = [k for k in required if k not in hf]
         if missing:

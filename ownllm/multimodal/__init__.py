@@ -23,8 +23,13 @@ To add an architecture that takes images:
 2. Its line in ownllm/multimodal/registry.py: architecture name -> (module, class).
 3. On the model class (ownllm/models/<arch>.py): `embed_images(pixel_values: list[Tensor]) -> list[Tensor]`,
    each [3, H, W] in -> [num_image_tokens, hidden_size] out, in order; `embed_input_ids(input_ids [T]) -> [T,
-   hidden]` when its token embeddings are not plain `model.embed_tokens` (e.g. scaled); and a forward that takes
-   `inputs_embeds` (CausalLM's does).
+   hidden]` when its token embeddings are not plain `model.embed_tokens` (e.g. Gemma's, scaled by sqrt(hidden):
+   the image rows replace the scaled embeddings, as in transformers); and `forward` / `hidden_states` taking
+   `inputs_embeds` and using them as they are (CausalLM's do: a model overriding them must not re-scale them).
+4. Tests: tests/multimodal/llava_checkpoint.py and test_llava_parity.py are the pattern (a tiny checkpoint saved
+   by transformers, its image processor's pixel values as the reference, greedy tokens and top-5 logprobs).
+The engine needs nothing else: encoder budgeting (SchedulerConfig.max_num_encoder_tokens, encoder_cache_tokens),
+the encoder cache, prefix-cache salting and chunked prefill through images work from ImageInput alone.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ if TYPE_CHECKING:
 MAX_IMAGE_BYTES = 20 * 2**20  # an encoded image over this is refused before decoding
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity: pixel arrays do not compare as booleans
 class ImageInput:
     """One image of a request as the engine carries it."""
 

@@ -33,7 +33,7 @@ async def load_images(ctx: ServerContext, sources: list[tuple[str, Any]]) -> lis
                 images.append(await asyncio.to_thread(load_image_url, source, ctx.settings.allowed_media_domains,
                                                       ctx.settings.max_image_bytes))
             else:
-                images.append(decode_image(source, ctx.settings.max_image_bytes))
+                images.append(await asyncio.to_thread(decode_image, source, ctx.settings.max_image_bytes))
         except ValueError as error:
             raise ServerError(400, f"{param}: {error}", param=param) from None
     return images

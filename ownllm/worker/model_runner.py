@@ -7,6 +7,11 @@ rows: see input_batch), runs the model once, samples every row that needs a toke
 accepts each request's drafts up to the first that differs from what the target sampled at that position
 (an exact rejection rule for drafts proposed as single tokens: it keeps the target distribution), and asks
 the proposer for the next drafts. Results are plain Python values: the engine above never touches a tensor.
+
+Images: the runner keeps the vision encoder's outputs by image hash (encoder_outputs), encodes what the scheduler
+names and drops what it evicts; a step whose tokens reach an image's placeholders runs the model on input
+embeddings with the slice of the image's rows those positions cover written over them. A step without images
+makes the plain text call.
 """
 
 from __future__ import annotations
@@ -179,7 +184,6 @@ class ModelRunner:
             output.draft_token_ids = self.proposer.propose(states)
         return output
 
-
     def _run_encoder(self, so: SchedulerOutput) -> None:
         """Drops the encoder outputs the scheduler evicted, then encodes the images it scheduled."""
         for image_hash in so.freed_encoder_hashes:
@@ -191,7 +195,7 @@ class ModelRunner:
         if not todo:
             return
         pixels = [torch.from_numpy(image.pixel_values).to(self.device, self.dtype) for image in todo]  # [3, H, W] each
-        for image, rows in zip(todo, self.model.embed_images(pixels), strict=True):
+        for image, rows in zip(todo, self.model.embed_images(pixels), strict=True):  # rows: [tokens, hidden]
             if rows.shape[0] != image.length:
                 raise ValueError(f"an image encoded to {rows.shape[0]} rows for {image.length} placeholder tokens")
             self.encoder_outputs[image.image_hash] = rows  # [length, hidden]
@@ -209,7 +213,7 @@ class ModelRunner:
         if not writes:
             return None
         self._encode([image for _, image, _, _ in writes])  # only after a failed step's retry is one missing
-        embeds = self.model.embed_input_ids(input_ids).clone()  # [T, hidden]
+        embeds = self.model.embed_input_ids(input_ids)  # [T, hidden], a new tensor
         for row, image, image_row, num in writes:
             embeds[row:row + num] = self.encoder_outputs[image.image_hash][image_row:image_row + num]
         return embeds

@@ -20,17 +20,20 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_llava(folder: Path, text_arch: str = "LlamaForCausalLM", seed: int = 0, **llava_overrides):
-    """-> the transformers LlavaForConditionalGeneration, float32, eval mode."""
+def build_llava(folder: Path, text_arch: str = "LlamaForCausalLM", seed: int = 0, vision: dict | None = None,
+                text: dict | None = None, **llava_overrides):
+    """-> the transformers LlavaForConditionalGeneration, float32, eval mode. vision, text: config overrides (the
+    benchmark's larger shapes)."""
     import transformers
     from tokenizers import Tokenizer
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     text_config = getattr(transformers, text_arch.replace("ForCausalLM", "Config"))(
-        **{**BASE, "vocab_size": TINY_VOCAB + 8})
-    vision_config = transformers.CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE, projection_dim=16, initializer_range=0.1)
+        **{**BASE, "vocab_size": TINY_VOCAB + 8, **(text or {})})
+    vision_config = transformers.CLIPVisionConfig(**{
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE, "projection_dim": 16, "initializer_range": 0.1,
+        **(vision or {})})
     config = transformers.LlavaConfig(vision_config=vision_config.to_dict(), text_config=text_config.to_dict(),
                                       image_token_index=IMAGE_TOKEN_ID, **llava_overrides)
     torch.manual_seed(seed)
@@ -45,7 +48,8 @@ def build_llava(folder: Path, text_arch: str = "LlamaForCausalLM", seed: int = 0
     tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
     tokenizer_config["chat_template"] = CHAT_TEMPLATE
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
-    CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size=IMAGE_SIZE).save_pretrained(folder)
+    size = vision_config.image_size
+    CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size=size).save_pretrained(folder)
     return model
 
 

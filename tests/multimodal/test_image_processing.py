@@ -10,7 +10,6 @@ from ownllm.multimodal.image_processing import ClipImageProcessor
 from tests.multimodal.images import real_images, synthetic
 
 CONFIGS = {
-    "clip-224": {"size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224}},
     "llava-336": {"size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 336}},
     "tiny-crop-larger-than-resize": {"size": {"shortest_edge": 24}, "crop_size": {"height": 32, "width": 30}},
     "fixed-size-no-crop": {"size": {"height": 40, "width": 48}, "do_center_crop": False,

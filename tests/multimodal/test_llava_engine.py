@@ -66,3 +66,50 @@ def test_same_text_with_another_image_shares_no_placeholder_block(folder):
     assert counts == [1, 1]
     assert out_b.token_ids == uncached.generate(with_image(b), PARAMS)[0].outputs[0].token_ids
     assert (out_a.token_ids, out_a.logprobs) != (out_b.token_ids, out_b.logprobs)  # the image matters
+
+
+@pytest.mark.parametrize("layout", ["hub", "transformers-v5-modeling"])
+def test_checkpoints_with_other_tensor_names_load_the_same(folder, tmp_path, layout):
+    """llava-hf's hub files keep the tower under vision_tower.vision_model.*; transformers' modeling names are
+    model.language_model.*, model.vision_tower.*, model.multi_modal_projector.* and lm_head.weight."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    def rename(name: str) -> str:
+        if layout == "hub":
+            return name.replace("vision_tower.", "vision_tower.vision_model.", 1)
+        for old, new in (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+                         ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector.")):
+            if name.startswith(old):
+                return new + name[len(old):]
+        return name
+
+    for file in folder.iterdir():
+        if file.suffix != ".safetensors":
+            shutil.copy(file, tmp_path / file.name)
+    tensors = load_file(str(folder / "model.safetensors"))
+    save_file({rename(k): v for k, v in tensors.items()}, str(tmp_path / "model.safetensors"))
+    img = synthetic(40, 30, seed=1)
+    expected = LLM(str(folder), dtype="float32").generate(with_image(img), PARAMS)[0].outputs[0].token_ids
+    assert LLM(str(tmp_path), dtype="float32").generate(with_image(img), PARAMS)[0].outputs[0].token_ids == expected
+
+
+def test_a_step_whose_encoder_fails_once_is_retried_to_the_same_answer(folder):
+    """The engine reruns a failed step one request at a time, each with its own images to encode (fault_isolation)."""
+    llm, counts = counting_llm(folder)
+    img = synthetic(40, 30, seed=4)
+    prompts = [with_image(img), [1, 5, 9, 17]]
+    expected = [o.outputs[0].token_ids for o in LLM(str(folder), dtype="float32").generate(prompts, PARAMS)]
+    encode, failures = llm.runner.model.embed_images, []
+
+    def fails_once(pixel_values):
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("injected encoder fault")
+        return encode(pixel_values)
+
+    llm.runner.model.embed_images = fails_once
+    outputs = llm.generate(prompts, PARAMS)
+    assert failures and [o.outputs[0].token_ids for o in outputs] == expected
+    assert all(o.outputs[0].finish_reason != "error" for o in outputs)
