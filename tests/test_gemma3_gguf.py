@@ -2,7 +2,10 @@
 bench/fetch_models.py) against llama.cpp: the same prompt tokens from our rebuilt SentencePiece vocabulary, and
 greedy agreement, teacher-forced along llama.cpp's own continuation and free-running. ownllm runs the file's weights
 dequantized to float32; llama.cpp its quantized kernels (Q8 activations), so near-ties may part. Figures are printed
-for the record (-s shows them)."""
+for the record (-s shows them). Measured (llama-cpp-python 0.3.36, this CPU build): teacher-forced 125/128 (97.7%), every
+miss a near-tie (within 0.3 nats of our best); free-running common prefixes [15, 32, 10, 32] of 32. Asserted:
+>= 95% teacher-forced (the bundled SmolLM2 Q4_1 test asks 90%), and free-running, at least one prompt identical
+throughout and none parting before 8 tokens."""
 
 from __future__ import annotations
 
@@ -49,4 +52,4 @@ def test_greedy_agrees_with_llama_cpp(path, llama_cpp_model):
     print(f"\nGemma 3 270M Q4_K_M vs llama.cpp: teacher-forced greedy agreement {matches}/{total}; "
           f"free-running common prefix per prompt {prefixes} of {NEW_TOKENS}")
     assert matches >= 0.95 * total
-    assert sum(p == NEW_TOKENS for p in prefixes) >= len(PROMPTS) // 2
+    assert NEW_TOKENS in prefixes and min(prefixes) >= 8
