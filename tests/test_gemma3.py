@@ -91,3 +91,17 @@ def test_v4_style_config_normalizes_layer_types_and_local_rope():
     assert (config.rope_theta, config.rope_scaling) == (1e6, {"rope_type": "linear", "factor": 8.0})
     assert config.sliding_rope == (1e4, None)
     assert (config.query_pre_attn_scalar, config.final_logit_softcapping) == (16.0, None)
+
+
+def test_gguf_matches_transformers(tmp_path):
+    """A tiny Gemma 3 written as llama.cpp's converter writes it (F32; norm weights plus 1, Gemma's norm names, no
+    local rope theta or layer pattern in the metadata): ownllm loads it as transformers runs the original, given the
+    settings llama.cpp hard-codes (local theta 10000, every 6th layer global, scale head_dim**-0.5)."""
+    from tests.gguf_writer import write_gguf
+
+    hf_model = build_checkpoint(tmp_path / "hf", "Gemma3ForCausalLM", head_dim=32, num_hidden_layers=6,
+                                sliding_window=8, rope_local_base_freq=10000.0, query_pre_attn_scalar=32,
+                                tie_word_embeddings=True)
+    llm = LLM(str(write_gguf(tmp_path / "hf", tmp_path / "tiny-gemma3.gguf")), dtype="float32")
+    assert llm.config.layer_types == ("sliding_attention",) * 5 + ("full_attention",)
+    assert_matches(llm, random_prompts(), [hf_greedy(hf_model, p, NEW_TOKENS) for p in random_prompts()])
