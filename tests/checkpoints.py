@@ -42,15 +42,25 @@ def save_tiny_tokenizer(folder: Path) -> None:
     }))
 
 
+# architectures whose config class is not named after them (Gemma3Config is the multimodal one)
+_CONFIG_CLASSES = {"Gemma3ForCausalLM": "Gemma3TextConfig"}
+
+
 def build_checkpoint(folder: Path, arch: str, seed: int = 0, max_shard_size: str | None = None, **overrides):
-    """Saves a random transformers model of `arch` (e.g. "LlamaForCausalLM") -> the HF model, in float32."""
+    """Saves a random transformers model of `arch` (e.g. "LlamaForCausalLM") -> the HF model, in float32.
+    Norm weights that transformers initializes to zeros (Gemma's, which scale by 1 + weight) get random values, so
+    a test sees whether the +1 is applied."""
     import transformers
 
-    config_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+    config_cls = getattr(transformers, _CONFIG_CLASSES.get(arch) or arch.replace("ForCausalLM", "Config"))
     model_cls = getattr(transformers, arch)
     config = config_cls(**{**BASE, **overrides})
     torch.manual_seed(seed)
     model = model_cls(config).eval().to(torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name and not param.any():
+                param.normal_(0.0, 0.2)
     folder.mkdir(parents=True, exist_ok=True)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, safe_serialization=True, **kwargs)

@@ -2,8 +2,9 @@
 
 `write_gguf(source, path, qtype)` converts a transformers Llama/Mistral/Qwen2/Qwen3 model (or a folder
 saved with save_pretrained + a tokenizer.json) into a GGUF: the `{arch}.*` metadata of
-`TextModel.set_gguf_parameters` (+ LlamaModel's vocab_size / rope.dimension_count), the Q/K row
-permutation of `LlamaModel.modify_tensors` for llama-architecture models, 1-D tensors and norms in F32,
+`TextModel.set_gguf_parameters` (+ LlamaModel's vocab_size / rope.dimension_count; Gemma3Model's sliding
+window), the Q/K row permutation of `LlamaModel.modify_tensors` for llama-architecture models, Gemma 3's norm
+names and the 1 Gemma3Model.modify_tensors adds to its norm weights, 1-D tensors and norms in F32,
 the other weights as F32/F16/BF16/Q8_0 via `gguf.quants.quantize`, the llama3 `rope_freqs` tensor of
 `generate_extra_tensors`, and a byte-level BPE (`gpt2`) tokenizer section like `_set_vocab_gpt2`.
 
@@ -31,6 +32,7 @@ ARCH_OF = {
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Gemma3ForCausalLM": "gemma3",
 }
 FILE_TYPE_OF = {
     QType.F32: gguf.LlamaFileType.ALL_F32,
@@ -53,6 +55,11 @@ HF_TO_GGUF_LAYER = {
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+}
+GEMMA3_LAYER_NAMES = {  # where gemma3 differs from HF_TO_GGUF_LAYER
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
 }
 HF_TO_GGUF_GLOBAL = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -250,6 +257,7 @@ def permute(weights: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarr
 
 def _rope(config: Mapping[str, Any]) -> tuple[float, dict]:
     params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    params = dict(params.get("full_attention", params))  # Gemma 3 keys them by layer type
     theta = params.pop("rope_theta", config.get("rope_theta", 10000.0))
     return float(theta), params
 
@@ -299,16 +307,19 @@ def add_model_metadata(writer: gguf.GGUFWriter, config: Mapping[str, Any], arch:
         writer.add_key_length(config["head_dim"])
         writer.add_value_length(config["head_dim"])
     writer.add_file_type(FILE_TYPE_OF[qtype])
+    if arch == "gemma3":
+        writer.add_sliding_window(config["sliding_window"])
     if arch == "llama":
         writer.add_vocab_size(config["vocab_size"])
         writer.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // heads)
 
 
-def gguf_tensor_name(hf_name: str) -> str:
+def gguf_tensor_name(hf_name: str, arch: str = "llama") -> str:
     if hf_name in HF_TO_GGUF_GLOBAL:
         return HF_TO_GGUF_GLOBAL[hf_name]
     _, _, layer, rest = hf_name.split(".", 3)
-    return f"blk.{layer}.{HF_TO_GGUF_LAYER[rest]}"
+    names = {**HF_TO_GGUF_LAYER, **GEMMA3_LAYER_NAMES} if arch == "gemma3" else HF_TO_GGUF_LAYER
+    return f"blk.{layer}.{names[rest]}"
 
 
 def convert_tensor(name: str, data: np.ndarray, qtype: QType) -> tuple[np.ndarray, QType]:
@@ -339,7 +350,9 @@ def add_model_tensors(
             data = permute(data, heads, heads)
         if arch == "llama" and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             data = permute(data, heads, kv_heads)
-        name = gguf_tensor_name(hf_name)
+        name = gguf_tensor_name(hf_name, arch)
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            data = data + 1.0
         data, kind = convert_tensor(name, data, qtype)
         writer.add_tensor(name, data, raw_dtype=kind)
 

@@ -15,7 +15,10 @@ by reading the weights, so extra rows are nearly free; beyond it they would cost
 Images: a step that reaches an image's placeholder tokens needs its encoder output. An image not yet held
 (engine/encoder_cache.py) is encoded that step if the step's encoder budget (max_num_encoder_tokens rows) and
 the encoder cache have room; otherwise the request's chunk stops before the image, and the image waits for a
-later step. Chunks may end inside an image: the runner writes the slice of its rows each step covers.
+later step. Chunks may end inside an image: the runner writes the slice of its rows each step covers; except
+an indivisible one (Gemma 3's, whose tokens attend each other both ways): a chunk stops before it, or takes it
+whole, past the step's token budget if need be (a chunk that starts inside it, after a prefix-cache hit, is right
+too: the cached part was computed with the whole image).
 
 It emits the step as plain data (outputs.SchedulerOutput) and learns what happened from a RunnerOutput:
 counters advance, and blocks are hashed into the prefix cache, only over accepted tokens; the slots of
@@ -109,6 +112,7 @@ class Scheduler:
     def _plan_images(self, request: Request, num_new: int) -> tuple[int, list[int]]:
         """-> (tokens to compute, possibly fewer, so that every image they reach is held or encoded this step;
         indices of the images to encode). Changes nothing."""
+        num_new = self._keep_whole(request, num_new)
         start, end = request.num_computed_tokens, request.num_computed_tokens + num_new
         to_encode, num_rows = [], 0
         for index, image in enumerate(request.images):
@@ -123,6 +127,16 @@ class Scheduler:
             to_encode.append(index)
             num_rows += image.length
         return num_new, to_encode
+
+    @staticmethod
+    def _keep_whole(request: Request, num_new: int) -> int:
+        """num_new, changed so that the chunk does not end inside an indivisible image: it stops before the image,
+        or, where the image starts the chunk, runs to its end."""
+        start, end = request.num_computed_tokens, request.num_computed_tokens + num_new
+        for image in request.images:
+            if image.indivisible and image.offset < end < image.end:
+                return image.offset - start if image.offset > start else image.end - start
+        return num_new
 
     def _encode(self, request: Request, num_new: int, to_encode: list[int], out: SchedulerOutput) -> None:
         """Commits a plan: references the held images the step reaches, records the ones to encode."""

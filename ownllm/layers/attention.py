@@ -3,7 +3,8 @@
 The model runner builds one AttentionMetadata per forward (a flat batch of several sequences'
 new tokens), carrying the attention backend it chose once, and passes it to every layer. Attention writes
 the new keys and values into their cache slots, then attends each query over its sequence's cached context
-(causal, optionally a sliding window or a local chunk). Backends, by name: "torch", the reference
+(causal, optionally a sliding window or a local chunk; runs of tokens the metadata marks bidirectional, as
+Gemma 3's image tokens, also see each other's later keys). Backends, by name: "torch", the reference
 (decode-only batches as two padded batched matmuls, mixed prefill / decode batches as one SDPA call per
 sequence), and "cpu_kernels", tested against it: in bfloat16 on the CPU, decode-only batches run as one call
 of kernels/decode_ops.cpp, which reads the blocks in place, and each sequence of a mixed batch as one call of
@@ -84,6 +85,9 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] block ids, padded with 0
     kv_cache: PagedKVCache
     backend: "TorchAttention" = None  # chosen once by the runner; None: the CPU kernels where they apply
+    # sequence index -> position ranges [start, end) whose tokens attend each other both ways (Gemma 3's images);
+    # a range always lies within one forward's tokens of its sequence, so only the per-sequence path sees them
+    bidirectional: dict[int, list[tuple[int, int]]] | None = None
 
     def __post_init__(self) -> None:
         if self.backend is None:
@@ -130,9 +134,12 @@ class Attention(Module):
         # q: [T, num_heads, head_dim]; k, v: [T, num_kv_heads, head_dim] -> [T, num_heads * head_dim]
         return meta.backend.forward(self, q, k, v, meta)
 
-    def allowed(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        """Bool mask broadcasting q_pos against k_pos: causal, and within the sliding window if any."""
+    def allowed(self, q_pos: torch.Tensor, k_pos: torch.Tensor, bidirectional=()) -> torch.Tensor:
+        """Bool mask broadcasting q_pos against k_pos: causal (or both within one of the `bidirectional` ranges
+        [start, end)), and within the sliding window if any."""
         mask = k_pos <= q_pos
+        for start, end in bidirectional:
+            mask = mask | ((q_pos >= start) & (q_pos < end) & (k_pos >= start) & (k_pos < end))
         if self.sliding_window is not None:
             mask &= (q_pos - k_pos) < self.sliding_window
         if self.chunk_size is not None:
@@ -186,12 +193,14 @@ class TorchAttention:
         offset = first_block * block_size
         keys = k_cache.index_select(0, blocks).flatten(0, 1)[: seq_len - offset]  # [S, num_kv_heads, head_dim]
         values = v_cache.index_select(0, blocks).flatten(0, 1)[: seq_len - offset]
-        out = self.sequence_kernel(q[start:end], keys, values, meta.positions[start:end], offset, layer.scale, window,
-                                   layer.chunk_size)
-        if out is not None:
-            return out
+        bidirectional = (meta.bidirectional or {}).get(i, ())
+        if not bidirectional:
+            out = self.sequence_kernel(q[start:end], keys, values, meta.positions[start:end], offset, layer.scale,
+                                       window, layer.chunk_size)
+            if out is not None:
+                return out
         k_pos = torch.arange(offset, seq_len, device=q.device)[None, :]  # [1, S]
-        mask = layer.allowed(meta.positions[start:end, None], k_pos)  # [Q, S]
+        mask = layer.allowed(meta.positions[start:end, None], k_pos, bidirectional)  # [Q, S]
         math = attention_dtype(q)
         out = F.scaled_dot_product_attention(
             q[start:end].transpose(0, 1).to(math), keys.transpose(0, 1).to(math), values.transpose(0, 1).to(math),

@@ -1,4 +1,5 @@
-"""The gated SwiGLU MLP of Llama-family models (gate_proj, up_proj, down_proj; HF names)."""
+"""The gated MLP of Llama-family models (gate_proj, up_proj, down_proj; HF names): SwiGLU, or GeGLU (Gemma's
+gelu_pytorch_tanh), and the activations configs name by their transformers names."""
 
 from __future__ import annotations
 
@@ -10,9 +11,27 @@ from ownllm.layers.linear import Linear, fuse_linears
 from ownllm.layers.module import Module
 
 
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def activation(name: str, architecture: str):
+    """The activation function a config names, or ValueError naming it and the supported ones."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"config.json: hidden_act {name!r} is not supported for {architecture}; "
+                         f"supported: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
 class GatedMLP(Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, act: str = "silu") -> None:
         super().__init__()
+        self.act_name, self.act = act, ACTIVATIONS[act]
         self.gate_proj = Linear(hidden_size, intermediate_size, bias=bias)
         self.up_proj = Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
@@ -28,10 +47,10 @@ class GatedMLP(Module):
         # x: [T, hidden] -> [T, hidden]
         if hasattr(self, "gate_up_proj"):
             gate_up = self.gate_up_proj(x)  # [T, 2 * intermediate]
-            ops = decode_ops(gate_up)
+            ops = decode_ops(gate_up) if self.act_name == "silu" else None
             if ops is not None:
                 return self.down_proj(ops.silu_mul(gate_up))
             gate, up = gate_up.chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(gate) * up)

@@ -1,5 +1,6 @@
 """RMSNorm as Llama-family models define it: normalize in float32, scale in the input dtype.
-bfloat16 runs as one fused kernel call (kernels/decode_ops.cpp) where the CPU has one."""
+bfloat16 runs as one fused kernel call (kernels/decode_ops.cpp) where the CPU has one.
+GemmaRMSNorm: Gemma's, which scales by (1 + weight) in float32 and casts last."""
 
 from __future__ import annotations
 
@@ -23,3 +24,10 @@ class RMSNorm(Module):
         if ops is not None and self.weight.dtype == x.dtype:
             return ops.rms_norm(x, self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+class GemmaRMSNorm(RMSNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., dim]; the checkpoint's weight is centred on 0 (transformers' Gemma3RMSNorm)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return (normed * (1.0 + self.weight.float())).to(x.dtype)

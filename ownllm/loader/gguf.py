@@ -3,16 +3,18 @@
 This module owns the GGUF side of loading: reading the file (memory-mapped by `gguf.GGUFReader`),
 turning `{arch}.*` metadata into a config.json-style dict that `ModelConfig.from_hf` accepts,
 dequantizing every tensor to the compute dtype, renaming it to the transformers name with the
-transformers shape, and undoing the one layout change llama.cpp's converter makes (the Q/K row
-permutation of `llama`-architecture models). The tokenizer is rebuilt by `gguf_tokenizer`.
+transformers shape, and undoing the changes llama.cpp's converter makes (the Q/K row permutation of
+`llama`-architecture models; the 1 it adds to Gemma 3's norm weights, which transformers' Gemma3RMSNorm adds
+at run time). The tokenizer is rebuilt by `gguf_tokenizer`.
 
 Supported: `general.architecture` llama (also Mistral, whose GGUFs say "llama", and Mixtral: "llama" with
-`llama.expert_count`), qwen2, qwen3, qwen3moe and llama4 (text); tensor types F32, F16, BF16, Q8_0, Q4_0, Q4_1,
+`llama.expert_count`), qwen2, qwen3, qwen3moe, llama4 (text) and gemma3 (text); tensor types F32, F16, BF16, Q8_0, Q4_0, Q4_1,
 Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K (the K-quant mixes, as Q4_K_M, fall back to Q5_0 / Q8_0 where rows
 are not multiples of 256). Q2_K and Q3_K are always dequantized at load; the others may stay quantized.
 MoE files store each layer's experts as 3-D tensors (`blk.N.ffn_gate_exps` ...); each expert's slice
 becomes its HF per-expert tensor (a view, not a copy), and settings llama.cpp hard-codes for Llama 4 are
-written into the config.
+written into the config; so are those it hard-codes for Gemma 3 (local layers' rope theta and pattern, the
+attention scale).
 
 Default compute dtype (`dtype=None`): a file whose weight matrices are all F16 (or all BF16) loads
 in that dtype; every other file (F32 or any quantized type) loads in float32 -- dequantized values
@@ -48,6 +50,7 @@ ARCHITECTURES = {
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
     "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
     "llama4": ("Llama4ForCausalLM", "llama4_text"),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
 }
 # Architectures whose q/k rows llama.cpp's converter permutes (LlamaModel.modify_tensors, undo_permute=True).
 PERMUTED_ARCHITECTURES = frozenset({"llama"})
@@ -84,6 +87,16 @@ _LAYER_NAMES = {
     "ffn_down.weight": "mlp.down_proj.weight",
     "ffn_down.bias": "mlp.down_proj.bias",
 }
+# Where an architecture names a layer tensor otherwise: Gemma 3's four norms per layer.
+_ARCH_LAYER_NAMES = {
+    "Gemma3ForCausalLM": {
+        "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+        "post_attention_norm.weight": "post_attention_layernorm.weight",
+        "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+    },
+}
+# Architectures whose norm weights llama.cpp's converter stores plus 1 (Gemma3Model.modify_tensors, norm_shift).
+SHIFTED_NORM_ARCHITECTURES = frozenset({"gemma3"})
 _REQUIRED_LAYER_TENSORS = (
     "attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
     "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight",
@@ -145,6 +158,9 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None, keep_qu
         hf_name = hf_tensor_name(tensor.name, architecture)
         if keep_quantized and (weight := _kept_quantized(tensor)) is not None:
             tensors[hf_name] = weight.map_rows(lambda rows: unpermute_qk(rows, tensor.name, arch, hf_config))
+            continue
+        if arch in SHIFTED_NORM_ARCHITECTURES and tensor.name.endswith("norm.weight"):
+            tensors[hf_name] = (dequantize_tensor(tensor, torch.float32) - 1.0).to(compute_dtype)
             continue
         value = dequantize_tensor(tensor, compute_dtype)
         tensors[hf_name] = unpermute_qk(value, tensor.name, arch, hf_config)
@@ -348,7 +364,28 @@ def hf_config_from_metadata(fields: dict[str, Any], reader: gguf.GGUFReader, dty
         if name in fields:
             config[key] = int(fields[name])
     config.update(_moe_config(fields, arch, config))
+    if arch == "gemma3":
+        config.update(_gemma3_config(fields, config))
     return config
+
+
+def _gemma3_config(fields: dict[str, Any], config: dict) -> dict:
+    """What llama.cpp hard-codes for gemma3 (llama-model.cpp) as HF config keys: local layers rotate with theta
+    10000 and every 6th layer is global (unless the file lists the pattern); the attention scale is head_dim**-0.5,
+    except for the 27B (62 layers), where it is (hidden_size / heads)**-0.5; the final logits soft-capped if the
+    file says so."""
+    gemma: dict[str, Any] = {"rope_local_base_freq": 10000.0, "hidden_activation": "gelu_pytorch_tanh",
+                             "query_pre_attn_scalar": config["head_dim"]}
+    if config["num_hidden_layers"] == 62:
+        gemma["query_pre_attn_scalar"] = config["hidden_size"] // config["num_attention_heads"]
+    pattern = fields.get("gemma3.attention.sliding_window_pattern")
+    if isinstance(pattern, list):  # per layer: true for a sliding-window layer
+        gemma["layer_types"] = ["sliding_attention" if is_local else "full_attention" for is_local in pattern]
+    else:
+        gemma["sliding_window_pattern"] = int(pattern or 6)
+    if (cap := fields.get("gemma3.final_logit_softcapping")) is not None:
+        gemma["final_logit_softcapping"] = _f32(cap)
+    return gemma
 
 
 def _moe_config(fields: dict[str, Any], arch: str, config: dict) -> dict:
@@ -463,13 +500,13 @@ def hf_tensor_name(name: str, architecture: str = "LlamaForCausalLM") -> str:
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
     match = _LAYER_RE.fullmatch(name)
-    if match and match.group(2) in _LAYER_NAMES:
-        hf_name = _LAYER_NAMES[match.group(2)]
+    if match and (match.group(2) in _LAYER_NAMES or match.group(2) in _ARCH_LAYER_NAMES.get(architecture, {})):
+        hf_name = _ARCH_LAYER_NAMES.get(architecture, {}).get(match.group(2)) or _LAYER_NAMES[match.group(2)]
         if architecture == "Llama4ForCausalLM":
             hf_name = hf_name.replace("mlp.", "feed_forward.")
         return f"model.layers.{match.group(1)}.{hf_name}"
     raise ValueError(
-        f"GGUF tensor {name!r} is not one this loader knows (supported: llama/qwen2/qwen3/qwen3moe/llama4 decoder tensors)"
+        f"GGUF tensor {name!r} is not one this loader knows (supported: llama/qwen2/qwen3/qwen3moe/llama4/gemma3 decoder tensors)"
     )
 
 

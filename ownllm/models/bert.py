@@ -16,17 +16,9 @@ from torch import nn
 from ownllm.config import ModelConfig
 from ownllm.layers.embedding import Embedding
 from ownllm.layers.linear import Linear, fuse_linears
+from ownllm.layers.mlp import activation
 from ownllm.layers.module import Module
 from ownllm.models.base import CausalLM
-
-ACTIVATIONS = {
-    "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-}
-
 
 @dataclass(frozen=True)
 class PaddedBatch:
@@ -117,11 +109,8 @@ class BertAttention(Module):
 class BertIntermediate(Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        if config.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"config.json: hidden_act {config.hidden_act!r} is not supported for BertModel; "
-                             f"supported: {', '.join(ACTIVATIONS)}")
+        self.act = activation(config.hidden_act, "BertModel")
         self.dense = Linear(config.hidden_size, config.intermediate_size)
-        self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.dense(x))

@@ -22,7 +22,8 @@ from ownllm.models.base import CausalLM
 
 
 class LlamaAttention(Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int, qkv_bias: bool, o_bias: bool, qk_norm: bool,
+                 norm: type[RMSNorm] = RMSNorm) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
             config.num_attention_heads, config.num_key_value_heads, config.head_dim,
@@ -33,13 +34,12 @@ class LlamaAttention(Module):
         self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=o_bias)
         if qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.q_norm = norm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = norm(self.head_dim, config.rms_norm_eps)
         self.qk_norm = qk_norm
         window = config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None
-        self.attn = Attention(
-            self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, layer_idx, window
-        )
+        scale = (config.query_pre_attn_scalar or self.head_dim) ** -0.5
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale, layer_idx, window)
 
     def fuse(self) -> None:
         """After loading: one qkv matmul instead of three."""

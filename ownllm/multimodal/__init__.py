@@ -17,6 +17,9 @@ To add an architecture that takes images:
    - `image_token_id`: the placeholder token whose embeddings an image replaces;
    - `prompt_token_id`: the token the chat template writes per image (default: image_token_id);
    - `max_images_per_prompt`;
+   - `bidirectional = True` when an image's placeholders attend each other both ways (Gemma 3: transformers'
+     token_type_ids mask); each image then becomes ImageInput.indivisible: computed in one chunk, with
+     AttentionMetadata.bidirectional marking its positions;
    and implementing `preprocess(image: PIL.Image) -> np.ndarray` (float32 pixel values, equal to the Hugging
    Face image processor's) and `num_image_tokens(pixel_values) -> int`; `replacement(num_tokens)` when the
    marker expands to more than the placeholders (e.g. begin/end-of-image tokens around them).
@@ -29,7 +32,8 @@ To add an architecture that takes images:
 4. Tests: tests/multimodal/llava_checkpoint.py and test_llava_parity.py are the pattern (a tiny checkpoint saved
    by transformers, its image processor's pixel values as the reference, greedy tokens and top-5 logprobs).
 The engine needs nothing else: encoder budgeting (SchedulerConfig.max_num_encoder_tokens, encoder_cache_tokens),
-the encoder cache, prefix-cache salting and chunked prefill through images work from ImageInput alone.
+the encoder cache, prefix-cache salting and chunked prefill through images (or up to an indivisible one) work from
+ImageInput alone.
 """
 
 from __future__ import annotations
@@ -57,6 +61,9 @@ class ImageInput:
     offset: int  # prompt position of its first placeholder token
     length: int  # placeholder tokens, one per embedding row
     pixel_values: "np.ndarray"  # float32, what the model's embed_images takes
+    # its placeholders attend each other both ways (Gemma 3), so one forward computes them all: no chunk ends
+    # inside them
+    indivisible: bool = False
 
     @property
     def end(self) -> int:
@@ -80,6 +87,7 @@ class ImagePromptProcessor:
     image_token_id: int
     prompt_token_id: int | None = None  # None: image_token_id
     max_images_per_prompt: int = 8
+    bidirectional: bool = False  # an image's placeholder tokens attend each other both ways (ImageInput.indivisible)
 
     @classmethod
     def from_checkpoint(cls, config: "ModelConfig", folder: Path | None) -> "ImagePromptProcessor":
@@ -120,6 +128,7 @@ class ImagePromptProcessor:
             tokens = self.replacement(self.num_image_tokens(pixel_values))
             first = tokens.index(self.image_token_id)
             length = sum(1 for t in tokens if t == self.image_token_id)
-            inputs.append(ImageInput(hash_pixels(pixel_values), len(out) + first, length, pixel_values))
+            inputs.append(ImageInput(hash_pixels(pixel_values), len(out) + first, length, pixel_values,
+                                     self.bidirectional))
             out += tokens
         return out, inputs

@@ -21,12 +21,14 @@ class Span:
     start: int
     block_ids: list[int]
     as_decode_rows: bool = False
+    bidirectional: list[tuple[int, int]] | None = None  # position ranges attended both ways (AttentionMetadata)
 
 
 def build_inputs(spans: list[Span], kv_cache: PagedKVCache, backend: TorchAttention,
                  device) -> tuple[torch.Tensor, AttentionMetadata]:
     """-> (input ids [T], metadata); span i's tokens are rows query_start_loc[i]... in order."""
     token_ids, positions, slots, query_start_loc, seq_lens, tables = [], [], [], [0], [], []
+    bidirectional = {}
     bs = kv_cache.block_size
     for span in spans:
         num = len(span.token_ids)
@@ -40,6 +42,8 @@ def build_inputs(spans: list[Span], kv_cache: PagedKVCache, backend: TorchAttent
                 seq_lens.append(p + 1)
                 tables.append(span.block_ids)
         else:
+            if span.bidirectional:
+                bidirectional[len(seq_lens)] = span.bidirectional
             query_start_loc.append(query_start_loc[-1] + num)
             seq_lens.append(span.start + num)
             tables.append(span.block_ids)
@@ -50,5 +54,5 @@ def build_inputs(spans: list[Span], kv_cache: PagedKVCache, backend: TorchAttent
 
     block_tables = tensor([t + [0] * (max_blocks - len(t)) for t in tables])
     meta = AttentionMetadata(tensor(positions), tensor(slots), query_start_loc, seq_lens, block_tables, kv_cache,
-                             backend)
+                             backend, bidirectional or None)
     return tensor(token_ids), meta

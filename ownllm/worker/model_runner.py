@@ -145,7 +145,9 @@ class ModelRunner:
             state.drafts = so.draft_token_ids.get(request_id, [])
             start = state.num_computed_tokens
             tokens = state.token_ids[start : start + num_new] + state.drafts  # drafts follow a decoding request's last token
-            spans.append(Span(tokens, start, state.block_ids, as_decode_rows=bool(state.drafts)))
+            spans.append(Span(tokens, start, state.block_ids, as_decode_rows=bool(state.drafts),
+                              bidirectional=[(i.offset, i.end) for i in state.images
+                                             if i.indivisible and i.offset < start + num_new and i.end > start]))
             scheduled.append((state, spans[-1], num_rows))
             num_rows += num_new
             if start + num_new >= len(state.token_ids) + len(state.drafts):

@@ -90,3 +90,21 @@ def test_same_text_different_images_share_only_the_blocks_before_the_image():
     assert kv.find_cached_prefix(tokens + [99], [(6, 8, "y")])[1] == 4  # block [4, 8) holds image tokens
     assert kv.find_cached_prefix(tokens + [99], [(6, 8, "x")])[1] == 20
     assert kv.find_cached_prefix(tokens + [99])[1] == 4  # text alone is not the text with an image either
+
+
+def whole(offset: int, length: int, name: str) -> ImageInput:
+    return ImageInput(name, offset, length, None, indivisible=True)
+
+
+def test_a_chunk_stops_before_an_indivisible_image_or_takes_it_whole():
+    """Gemma 3's images (tokens attending each other both ways): chunks of 10 never end inside one; the one that
+    starts at an image runs to its end, 6 tokens past the budget."""
+    s = make(budget=10)
+    s.add(request("a", 40, [whole(4, 16, "x")]))
+    assert [step(s).num_scheduled_tokens["a"] for _ in range(4)] == [4, 16, 10, 10]
+
+
+def test_a_divisible_image_is_cut_where_the_budget_ends():
+    s = make(budget=10)
+    s.add(request("a", 40, [image(4, 16, "x")]))
+    assert [step(s).num_scheduled_tokens["a"] for _ in range(4)] == [10, 10, 10, 10]
