@@ -32,7 +32,8 @@ class LLM:
     {"method": "ngram", "num_speculative_tokens": 4}, {"method": "draft_model", "model": PATH, ...}, {"method": "mtp"}),
     `attention_backend` ("torch" or "cpu_kernels"), `moe_backend` ("fast" or "reference"), `mla_backend`
     ("auto", "expanded" or "absorbed"), `quant_method` ("kernels" or "dequantized") (each by default the fastest
-    that runs here; the others are the plain-torch references tests compare against)."""
+    that runs here; the others are the plain-torch references tests compare against), `tensor_parallel_size`
+    (worker processes the model is split across, torch.distributed between them)."""
 
     def __init__(
         self, model: str | None = None, dtype: str | None = None, *, kv_cache_memory: int | None = None,
@@ -40,6 +41,7 @@ class LLM:
         max_num_seqs: int = 64, num_kv_blocks: int | None = None, device: str | None = None,
         speculative_config: dict | str | None = None, attention_backend: str | None = None,
         moe_backend: str | None = None, mla_backend: str | None = None, quant_method: str | None = None,
+        tensor_parallel_size: int = 1,
     ) -> None:
         self.embedder = Embedder.from_model(model, dtype, device) if is_embedding_model(model) else None
         if self.embedder is not None:  # an encoder: embed() only, no generation engine
@@ -54,6 +56,7 @@ class LLM:
             SchedulerConfig(max_num_batched_tokens, max_num_seqs),
             SpeculativeConfig.parse(speculative_config),
             BackendConfig(attention_backend, moe_backend, mla_backend, quant_method),
+            tensor_parallel_size=tensor_parallel_size,
         ))
         self.runner = self.engine.runner
         self.config = self.engine.model_config
