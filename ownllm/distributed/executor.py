@@ -1,13 +1,17 @@
 """Executors: what the engine core calls each step, execute_model(SchedulerOutput) -> RunnerOutput.
 
 UniprocExecutor holds one ModelRunner in this process (tensor parallel size 1, the default: a plain call).
-MultiprocExecutor starts T worker processes (worker.py; torch.multiprocessing spawn), one per tensor-parallel
-rank, which hold the model's shards and join one torch.distributed group (gloo on the CPU, NCCL on CUDA).
+MultiprocExecutor starts T worker processes (worker.py), one per tensor-parallel rank, which hold the model's shards and join one torch.distributed group (gloo on the CPU, NCCL on CUDA).
 Each step it sends every worker the same SchedulerOutput (plain data) over its pipe; the workers run the same
 step, joined by their collectives, and every rank samples the same tokens (see worker.py for why); rank 0's
 RunnerOutput is the step's. The driver never joins a collective: it waits on the workers' pipes and on their
 process sentinels together, so a worker that dies (or a step that outlasts the timeout) stops the engine at
 once with ExecutorDeadError naming the rank, never a hang; the workers' collectives have a timeout too.
+
+Workers start by torch.multiprocessing's "forkserver" method: like "spawn", each is a fresh process that never
+shares the engine's threads (fork would copy the engine's OpenMP pool and locks mid-use), but the fork server
+imports torch and the worker module once, so each later engine's workers start without paying that import
+(~5 s a process on a busy 2-core machine).
 """
 
 from __future__ import annotations
@@ -77,7 +81,8 @@ class MultiprocExecutor:
         from ownllm.distributed.worker import worker_main
 
         size = config.tensor_parallel_size
-        context = mp.get_context("spawn")
+        context = mp.get_context("forkserver")
+        context.set_forkserver_preload(["ownllm.distributed.worker"])
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         backend = "nccl" if device.startswith("cuda") else "gloo"
         seed = random.randrange(2**62)  # the same on every rank, so unseeded sampling draws the same noise

@@ -1,0 +1,82 @@
+"""Tensor parallel (2 and 4 worker processes on this machine) gives what one process gives: the same greedy
+tokens and top-5 logprobs within 1e-4 in float32, for every architecture's tiny checkpoint; seeded sampling
+draws the same tokens; a lost worker stops the engine with a clear error; sizes that do not divide the model
+are refused in one line."""
+
+from __future__ import annotations
+
+import pytest
+
+from ownllm import LLM, SamplingParams
+from ownllm.distributed.executor import ExecutorDeadError
+from tests.checkpoints import assert_same_generations, build_checkpoint, random_prompts
+
+NEW_TOKENS = 12
+DENSE = {  # name: (architecture, config overrides, tensor parallel size)
+    "llama": ("LlamaForCausalLM", {}, 2),
+    "llama-mha-tied-odd-vocab-tp4": ("LlamaForCausalLM", dict(num_key_value_heads=4, tie_word_embeddings=True,
+                                                              vocab_size=391, attention_bias=True, mlp_bias=True), 4),
+    "qwen2": ("Qwen2ForCausalLM", dict(tie_word_embeddings=True), 2),
+    "qwen3": ("Qwen3ForCausalLM", dict(head_dim=32), 2),
+    "mistral": ("MistralForCausalLM", dict(sliding_window=8), 2),
+}
+
+
+def compare(folder, tp_size: int, **options) -> None:
+    greedy = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, logprobs=5)
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=NEW_TOKENS, logprobs=2)
+    prompts = random_prompts()
+    params = [greedy] * len(prompts) + [seeded]
+    prompts = prompts + prompts[:1]
+
+    def run(size: int):
+        llm = LLM(str(folder), dtype="float32", tensor_parallel_size=size, num_kv_blocks=64, **options)
+        outputs = [output.outputs[0] for output in llm.generate(prompts, params)]
+        llm.engine.core.executor.shutdown()
+        return outputs
+
+    expected = run(1)
+    assert_same_generations(run(tp_size), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(DENSE))
+def test_dense_matches_one_process(name, tmp_path):
+    arch, overrides, tp_size = DENSE[name]
+    build_checkpoint(tmp_path, arch, **overrides)
+    compare(tmp_path, tp_size, max_num_batched_tokens=16)  # prompts in chunks: prefill and decode mixed
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llama")
+    build_checkpoint(folder, "LlamaForCausalLM")
+    return folder
+
+
+def test_a_killed_worker_stops_the_engine_with_a_clear_error(llama):
+    llm = LLM(str(llama), dtype="float32", tensor_parallel_size=2, num_kv_blocks=64)
+    executor = llm.engine.core.executor
+    params = SamplingParams(temperature=0, max_tokens=4)
+    assert len(llm.generate([[5, 6, 7]], params)[0].outputs[0].token_ids) == 4
+    executor.processes[1].kill()
+    with pytest.raises(ExecutorDeadError, match=r"tensor-parallel worker rank 1 died during its step \(pid \d+, "
+                                                r"exit code -9\); the engine has stopped"):
+        llm.generate([[5, 6, 7]], params)
+    assert not any(process.is_alive() for process in executor.processes)
+    with pytest.raises(ExecutorDeadError, match="the engine has stopped"):  # and stays stopped
+        llm.generate([[5, 6, 7]], params)
+
+
+def test_sizes_that_do_not_divide_the_model_are_refused(llama):
+    with pytest.raises(ValueError, match=r"^tensor parallel size 4 does not divide the model's 2 KV heads$"):
+        LLM(str(llama), dtype="float32", tensor_parallel_size=4, num_kv_blocks=64)
+    with pytest.raises(ValueError, match=r"^tensor parallel size 3 does not divide the model's 4 attention heads$"):
+        LLM(str(llama), dtype="float32", tensor_parallel_size=3, num_kv_blocks=64)
+
+
+def test_options_not_supported_together_are_refused(llama):
+    with pytest.raises(ValueError, match=r"^tensor parallel \(tensor_parallel_size > 1\) does not support "
+                                         r"speculative decoding$"):
+        LLM(str(llama), dtype="float32", tensor_parallel_size=2, speculative_config={"method": "ngram"})
+    with pytest.raises(ValueError, match=r"^tensor_parallel_size must be >= 1, got 0$"):
+        LLM(str(llama), dtype="float32", tensor_parallel_size=0)
