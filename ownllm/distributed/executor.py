@@ -139,7 +139,7 @@ class MultiprocExecutor:
         errors = [reply for reply in replies.values() if isinstance(reply, WorkerError)]
         if errors:
             for rank, reply in replies.items():
-                if isinstance(reply, WorkerError):
+                if isinstance(reply, WorkerError) and not reply.is_value_error:  # a bad input speaks for itself
                     logger.error("tensor-parallel worker rank %d failed:\n%s", rank, reply.traceback)
             if what == "start":
                 self.shutdown()
