@@ -10,6 +10,8 @@ import pytest
 from ownllm import LLM, SamplingParams
 from ownllm.distributed.executor import ExecutorDeadError
 from tests.checkpoints import assert_same_generations, build_checkpoint, random_prompts
+from tests.test_moe_parity import VARIANTS as MOE_VARIANTS
+from tests.test_moe_parity import build as build_moe_checkpoint
 
 NEW_TOKENS = 12
 DENSE = {  # name: (architecture, config overrides, tensor parallel size)
@@ -44,6 +46,16 @@ def test_dense_matches_one_process(name, tmp_path):
     arch, overrides, tp_size = DENSE[name]
     build_checkpoint(tmp_path, arch, **overrides)
     compare(tmp_path, tp_size, max_num_batched_tokens=16)  # prompts in chunks: prefill and decode mixed
+
+
+MOE = ("mixtral", "qwen3moe-renormalized", "llama4-scout-like", "deepseek-v3")  # experts split, attention as dense
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_moe_matches_one_process(name, tmp_path):
+    arch, overrides = MOE_VARIANTS[name]
+    build_moe_checkpoint(tmp_path, arch, overrides)
+    compare(tmp_path, 2)
 
 
 @pytest.fixture(scope="module")

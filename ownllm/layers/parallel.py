@@ -81,6 +81,19 @@ def row_linear(in_features: int, out_features: int, bias: bool = False, what: st
     return layer
 
 
+def attention_projections(hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, qkv_bias: bool,
+                          o_bias: bool) -> tuple[int, int, Linear, Linear, Linear, Linear]:
+    """Grouped-query attention's q, k, v (column-parallel) and o (row-parallel) projections, each rank holding
+    its share of the q heads and of the kv heads -> (the rank's q heads, kv heads, q_proj, k_proj, v_proj, o_proj)."""
+    tp_size = tp_group().size
+    local_heads = divide(num_heads, tp_size, "attention heads")
+    local_kv_heads = divide(num_kv_heads, tp_size, "KV heads")
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    return (local_heads, local_kv_heads, column_linear(hidden_size, q_size, qkv_bias),
+            column_linear(hidden_size, kv_size, qkv_bias), column_linear(hidden_size, kv_size, qkv_bias),
+            row_linear(q_size, hidden_size, o_bias))
+
+
 class VocabParallelEmbedding(Embedding):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         # input_ids: [T] -> [T, embedding_dim]

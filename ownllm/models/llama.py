@@ -12,12 +12,11 @@ from torch import nn
 
 from ownllm.config import ModelConfig
 from ownllm.layers.attention import Attention, AttentionMetadata
-from ownllm.distributed.parallel_state import divide, tp_group
 from ownllm.layers.linear import fuse_linears
 from ownllm.layers.mlp import GatedMLP
 from ownllm.layers.module import Module
 from ownllm.layers.norm import RMSNorm
-from ownllm.layers.parallel import column_linear, lm_head, row_linear, vocab_embedding
+from ownllm.layers.parallel import attention_projections, lm_head, vocab_embedding
 from ownllm.layers.rotary import RotaryEmbedding
 from ownllm.models.base import CausalLM
 
@@ -25,15 +24,9 @@ from ownllm.models.base import CausalLM
 class LlamaAttention(Module):
     def __init__(self, config: ModelConfig, layer_idx: int, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
         super().__init__()
-        tp_size = tp_group().size  # each rank computes its share of the q heads and of the kv heads
-        self.num_heads = divide(config.num_attention_heads, tp_size, "attention heads")
-        self.num_kv_heads = divide(config.num_key_value_heads, tp_size, "KV heads")
         self.head_dim = config.head_dim
-        hidden, q_size, kv_size = config.hidden_size, config.num_attention_heads * self.head_dim, config.num_key_value_heads * self.head_dim
-        self.q_proj = column_linear(hidden, q_size, qkv_bias)
-        self.k_proj = column_linear(hidden, kv_size, qkv_bias)
-        self.v_proj = column_linear(hidden, kv_size, qkv_bias)
-        self.o_proj = row_linear(q_size, hidden, o_bias)
+        self.num_heads, self.num_kv_heads, self.q_proj, self.k_proj, self.v_proj, self.o_proj = attention_projections(
+            config.hidden_size, config.num_attention_heads, config.num_key_value_heads, self.head_dim, qkv_bias, o_bias)
         if qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
