@@ -5,10 +5,14 @@ are refused in one line."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
 
 from ownllm import LLM, SamplingParams
 from ownllm.distributed.executor import ExecutorDeadError
+from ownllm.layers.parallel import Shard, load_shard
+from ownllm.layers.quant import BlockWeight, Int4Weight
 from tests.checkpoints import assert_same_generations, build_checkpoint, random_prompts
 from tests.test_moe_parity import VARIANTS as MOE_VARIANTS
 from tests.test_moe_parity import build as build_moe_checkpoint
@@ -92,3 +96,39 @@ def test_options_not_supported_together_are_refused(llama):
         LLM(str(llama), dtype="float32", tensor_parallel_size=2, speculative_config={"method": "ngram"})
     with pytest.raises(ValueError, match=r"^tensor_parallel_size must be >= 1, got 0$"):
         LLM(str(llama), dtype="float32", tensor_parallel_size=0)
+
+
+def quantized(values: np.ndarray, qtype: "gguf.GGMLQuantizationType"):
+    import gguf
+
+    blocks = gguf.quants.quantize(values, qtype)
+    if qtype == gguf.GGMLQuantizationType.Q4_0:
+        return Int4Weight.from_gguf_blocks(blocks, values.shape, has_min=False)
+    return BlockWeight.from_gguf_blocks(blocks, values.shape, int(qtype))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
+def test_quantized_gguf_weights_split_on_block_boundaries(qtype):
+    import gguf
+
+    values = np.random.default_rng(0).standard_normal((6, 128)).astype(np.float32)
+    weight = quantized(values, getattr(gguf.GGMLQuantizationType, qtype))
+    whole = weight.dequantize(torch.float32)
+    columns = load_shard({"w": weight}, "w", Shard(1, 64, 128, 64, 2))  # rank 1 of 2: two blocks of 32 each
+    assert torch.equal(columns.dequantize(torch.float32), whole[:, 64:])
+    rows = load_shard({"w": weight}, "w", Shard(0, 3, 6, 3, 2))
+    assert torch.equal(rows.dequantize(torch.float32), whole[3:])
+    with pytest.raises(ValueError, match=r"^tensor 'w' is quantized in blocks of 32 weights, and its 128 columns "
+                                         r"do not split into 8 parts on block boundaries$"):
+        load_shard({"w": weight}, "w", Shard(1, 16, 32, 16, 8))
+
+
+def test_a_rank_reads_only_its_slice_of_a_safetensors_file(llama):
+    from ownllm.loader.hf import SafetensorsWeights, safetensors_files
+
+    tensors = SafetensorsWeights(safetensors_files(llama))
+    name = "model.layers.0.mlp.down_proj.weight"  # [hidden, intermediate]: a row-parallel weight splits columns
+    shard = load_shard(tensors, name, Shard(1, 64, 128, 64, 2))
+    assert torch.equal(shard, tensors[name][:, 64:])
+    padded = load_shard(tensors, "lm_head.weight", Shard(0, 380, 384, 6, 64))  # the last, short vocabulary slice
+    assert torch.equal(padded[:4], tensors["lm_head.weight"][380:]) and not padded[4:].any()

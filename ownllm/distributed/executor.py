@@ -17,7 +17,6 @@ imports torch and the worker module once, so each later engine's workers start w
 from __future__ import annotations
 
 import logging
-import os
 import random
 import socket
 import traceback
@@ -75,7 +74,8 @@ class WorkerError:
 
 
 class MultiprocExecutor:
-    def __init__(self, config: EngineConfig, device: str, num_threads: int | None = None) -> None:
+    def __init__(self, config: EngineConfig, device: str) -> None:
+        import torch
         import torch.multiprocessing as mp
 
         from ownllm.distributed.worker import worker_main
@@ -86,7 +86,7 @@ class MultiprocExecutor:
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         backend = "nccl" if device.startswith("cuda") else "gloo"
         seed = random.randrange(2**62)  # the same on every rank, so unseeded sampling draws the same noise
-        threads = num_threads or max(1, (os.cpu_count() or 1) // size)
+        threads = max(1, torch.get_num_threads() // size)  # the ranks share this process's cores
         self.size = size
         self.processes, self.pipes = [], []
         self.error: ExecutorDeadError | None = None

@@ -32,25 +32,27 @@ from ownllm.layers.quant import BLOCK_FORMATS, GROUP_SIZE, BlockWeight, Int4Weig
 
 @dataclass(frozen=True)
 class Shard:
-    """Rows start:stop of dimension `dim` of the checkpoint tensor, zero-padded to `size` along it."""
+    """Rows start:stop of dimension `dim` of the checkpoint tensor, zero-padded to `size` along it: one of
+    num_shards."""
 
     dim: int
     start: int
     stop: int
     size: int
+    num_shards: int
 
 
 def _even_shard(dim: int, total: int, what: str) -> Shard:
     tp = tp_group()
     part = divide(total, tp.size, what)
-    return Shard(dim, tp.rank * part, (tp.rank + 1) * part, part)
+    return Shard(dim, tp.rank * part, (tp.rank + 1) * part, part, tp.size)
 
 
 def _vocab_shard(vocab_size: int) -> Shard:
     tp = tp_group()
     part = -(-vocab_size // tp.size)
     start = min(tp.rank * part, vocab_size)
-    return Shard(0, start, min(start + part, vocab_size), part)
+    return Shard(0, start, min(start + part, vocab_size), part, tp.size)
 
 
 def column_linear(in_features: int, out_features: int, bias: bool = False, what: str = "output features") -> Linear:
@@ -157,13 +159,13 @@ def _quantized_shard(weight: Int4Weight | BlockWeight, name: str, shard: Shard) 
     """Rows (dim 0) split anywhere; columns (dim 1) only where each slice holds whole quantization blocks."""
     if shard.stop - shard.start != shard.size:
         raise ValueError(f"tensor {name!r} is quantized and its {weight.shape[0]} rows do not split into "
-                         f"{tp_group().size} equal parts")
+                         f"{shard.num_shards} equal parts")
     if shard.dim == 0:
         return weight.map_rows(lambda rows: rows[shard.start : shard.stop])
     block = GROUP_SIZE if isinstance(weight, Int4Weight) else BLOCK_FORMATS[weight.qtype][0]
     if shard.start % block or shard.size % block:
         raise ValueError(f"tensor {name!r} is quantized in blocks of {block} weights, and its {weight.shape[1]} "
-                         f"columns do not split into {tp_group().size} parts on block boundaries")
+                         f"columns do not split into {shard.num_shards} parts on block boundaries")
     if isinstance(weight, Int4Weight):
         groups = slice(shard.start // block, shard.stop // block)
         return Int4Weight(*(part.contiguous() for part in (
