@@ -69,6 +69,12 @@ def llama(tmp_path_factory):
     return folder
 
 
+def test_gguf_matches_one_process(llama, tmp_path):
+    from tests.gguf_writer import write_gguf
+
+    compare(write_gguf(llama, tmp_path / "tiny-F32.gguf"), 2)
+
+
 def test_a_killed_worker_stops_the_engine_with_a_clear_error(llama):
     llm = LLM(str(llama), dtype="float32", tensor_parallel_size=2, num_kv_blocks=64)
     executor = llm.engine.core.executor
