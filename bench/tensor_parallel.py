@@ -92,8 +92,9 @@ def main() -> None:
             for row in measure(path, size, batches, args.new_tokens, args.repeats, args.threads)]
     base = {row["batch"]: row["tokens_per_s"] for row in rows if row["size"] == 1}
     lines = [f"`python bench/tensor_parallel.py --sizes {args.sizes} --new-tokens {args.new_tokens} --batches "
-             f"{args.batches} --repeats {args.repeats} --threads {args.threads}` on {platform.processor() or platform.machine()}, "
-             f"{args.threads} threads in all, {SHAPE} bf16 (random weights).", "", NOTE, "",
+             f"{args.batches} --repeats {args.repeats} --threads {args.threads}` on "
+             f"{platform.processor() or platform.machine()}, {args.threads} threads in all, {SHAPE} bf16 (random "
+             "weights).", "", NOTE, "",
              "| T | batch | decode tok/s | vs T=1 | collectives ms/step (rank 0) | collectives/step |",
              "|---|---|---|---|---|---|"]
     for row in rows:

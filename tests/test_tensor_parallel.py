@@ -5,6 +5,7 @@ are refused in one line."""
 
 from __future__ import annotations
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -20,8 +21,9 @@ from tests.test_moe_parity import build as build_moe_checkpoint
 NEW_TOKENS = 12
 DENSE = {  # name: (architecture, config overrides, tensor parallel size)
     "llama": ("LlamaForCausalLM", {}, 2),
-    "llama-mha-tied-odd-vocab-tp4": ("LlamaForCausalLM", dict(num_key_value_heads=4, tie_word_embeddings=True,
-                                                              vocab_size=391, attention_bias=True, mlp_bias=True), 4),
+    "llama-mha-tied-odd-vocab-tp4": pytest.param(
+        "LlamaForCausalLM", dict(num_key_value_heads=4, tie_word_embeddings=True, vocab_size=391, attention_bias=True,
+                                 mlp_bias=True), 4, marks=pytest.mark.slow),
     "qwen2": ("Qwen2ForCausalLM", dict(tie_word_embeddings=True), 2),
     "qwen3": ("Qwen3ForCausalLM", dict(head_dim=32), 2),
     "mistral": ("MistralForCausalLM", dict(sliding_window=8), 2),
@@ -45,9 +47,8 @@ def compare(folder, tp_size: int, **options) -> None:
     assert_same_generations(run(tp_size), expected, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", sorted(DENSE))
-def test_dense_matches_one_process(name, tmp_path):
-    arch, overrides, tp_size = DENSE[name]
+@pytest.mark.parametrize(("arch", "overrides", "tp_size"), DENSE.values(), ids=DENSE.keys())
+def test_dense_matches_one_process(arch, overrides, tp_size, tmp_path):
     build_checkpoint(tmp_path, arch, **overrides)
     compare(tmp_path, tp_size, max_num_batched_tokens=16)  # prompts in chunks: prefill and decode mixed
 
@@ -55,6 +56,7 @@ def test_dense_matches_one_process(name, tmp_path):
 MOE = ("mixtral", "qwen3moe-renormalized", "llama4-scout-like", "deepseek-v3")  # experts split, attention as dense
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MOE)
 def test_moe_matches_one_process(name, tmp_path):
     arch, overrides = MOE_VARIANTS[name]
@@ -69,6 +71,7 @@ def llama(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_gguf_matches_one_process(llama, tmp_path):
     from tests.gguf_writer import write_gguf
 
@@ -104,9 +107,7 @@ def test_options_not_supported_together_are_refused(llama):
         LLM(str(llama), dtype="float32", tensor_parallel_size=0)
 
 
-def quantized(values: np.ndarray, qtype: "gguf.GGMLQuantizationType"):
-    import gguf
-
+def quantized(values: np.ndarray, qtype: gguf.GGMLQuantizationType):
     blocks = gguf.quants.quantize(values, qtype)
     if qtype == gguf.GGMLQuantizationType.Q4_0:
         return Int4Weight.from_gguf_blocks(blocks, values.shape, has_min=False)
@@ -115,8 +116,6 @@ def quantized(values: np.ndarray, qtype: "gguf.GGMLQuantizationType"):
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
 def test_quantized_gguf_weights_split_on_block_boundaries(qtype):
-    import gguf
-
     values = np.random.default_rng(0).standard_normal((6, 128)).astype(np.float32)
     weight = quantized(values, getattr(gguf.GGMLQuantizationType, qtype))
     whole = weight.dequantize(torch.float32)

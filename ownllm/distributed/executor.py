@@ -1,9 +1,10 @@
 """Executors: what the engine core calls each step, execute_model(SchedulerOutput) -> RunnerOutput.
 
 UniprocExecutor holds one ModelRunner in this process (tensor parallel size 1, the default: a plain call).
-MultiprocExecutor starts T worker processes (worker.py), one per tensor-parallel rank, which hold the model's shards and join one torch.distributed group (gloo on the CPU, NCCL on CUDA).
-Each step it sends every worker the same SchedulerOutput (plain data) over its pipe; the workers run the same
-step, joined by their collectives, and every rank samples the same tokens (see worker.py for why); rank 0's
+MultiprocExecutor starts T worker processes (worker.py), one per tensor-parallel rank, which hold the model's
+shards and join one torch.distributed group (gloo on the CPU, NCCL on CUDA). Each step it sends every worker
+the same SchedulerOutput (plain data) over its pipe; the workers run the same step, joined by their
+collectives, and every rank samples the same tokens (see worker.py for why); rank 0's
 RunnerOutput is the step's. The driver never joins a collective: it waits on the workers' pipes and on their
 process sentinels together, so a worker that dies (or a step that outlasts the timeout) stops the engine at
 once with ExecutorDeadError naming the rank, never a hang; the workers' collectives have a timeout too.
@@ -21,7 +22,7 @@ import random
 import socket
 import traceback
 import weakref
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import wait
 from typing import Protocol
 
 from ownllm.config import EngineConfig
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 STARTUP_TIMEOUT_S = 600.0  # loading a model's shards
 STEP_TIMEOUT_S = 300.0  # one step, all ranks; the workers' collectives time out sooner (COLLECTIVE_TIMEOUT_S)
 COLLECTIVE_TIMEOUT_S = 120.0
+ERROR_GRACE_S = 10.0  # after one rank's error, how long the others may take to report theirs
 COLLECTIVE_STATS = "collective_stats"  # a message asking the workers for their collectives' time
 
 
@@ -110,32 +112,33 @@ class MultiprocExecutor:
             try:
                 pipe.send(scheduler_output)
             except (BrokenPipeError, ConnectionError, EOFError):
-                self._die(f"tensor-parallel worker rank {rank} is gone ({self._exit_text(rank)})")
+                self._died(rank, "step")
         return self._gather(STEP_TIMEOUT_S, "step")[0]
 
     def _gather(self, timeout_s: float, what: str) -> list:
         """Every rank's reply, in rank order. A worker's error raised alike on every rank (e.g. a request's bad
         data) is re-raised as it is, for the engine's fault isolation; a dead, silent or lone failing rank is
-        fatal."""
+        fatal. Once one rank has failed, the others get ERROR_GRACE_S to answer (a rank left waiting in a
+        collective would only answer at its timeout)."""
         replies: dict[int, object] = {}
-        sentinels = {process.sentinel: rank for rank, process in enumerate(self.processes)}
         while len(replies) < self.size:
-            waiting = [pipe for rank, pipe in enumerate(self.pipes) if rank not in replies]
-            ready = wait(waiting + list(sentinels), timeout=timeout_s)
+            pending = [rank for rank in range(self.size) if rank not in replies]
+            has_error = any(isinstance(reply, WorkerError) for reply in replies.values())
+            ready = wait([self.pipes[rank] for rank in pending] + [self.processes[rank].sentinel for rank in pending],
+                         timeout=ERROR_GRACE_S if has_error else timeout_s)
+            if not ready and has_error:
+                break
             if not ready:
-                missing = [rank for rank in range(self.size) if rank not in replies]
-                self._die(f"tensor-parallel worker rank {missing[0]} did not answer its {what} within {timeout_s:.0f} s")
-            for item in ready:
-                if isinstance(item, Connection):
-                    rank = self.pipes.index(item)
+                self._die(f"tensor-parallel worker rank {pending[0]} did not answer its {what} within "
+                          f"{timeout_s:.0f} s")
+            for rank in pending:
+                if self.pipes[rank] in ready:
                     try:
-                        replies[rank] = item.recv()
+                        replies[rank] = self.pipes[rank].recv()
                     except (EOFError, ConnectionError):
-                        self._die(f"tensor-parallel worker rank {rank} died during its {what} ({self._exit_text(rank)})")
-            for item in ready:
-                if not isinstance(item, Connection) and sentinels[item] not in replies:
-                    rank = sentinels[item]
-                    self._die(f"tensor-parallel worker rank {rank} died during its {what} ({self._exit_text(rank)})")
+                        self._died(rank, what)
+                elif self.processes[rank].sentinel in ready:
+                    self._died(rank, what)
         errors = [reply for reply in replies.values() if isinstance(reply, WorkerError)]
         if errors:
             for rank, reply in replies.items():
@@ -149,10 +152,11 @@ class MultiprocExecutor:
             raise errors[0].exception()
         return [replies[rank] for rank in range(self.size)]
 
-    def _exit_text(self, rank: int) -> str:
+    def _died(self, rank: int, what: str) -> None:
         process = self.processes[rank]
         process.join(timeout=1.0)
-        return f"pid {process.pid}, exit code {process.exitcode}"
+        self._die(f"tensor-parallel worker rank {rank} died during its {what} (pid {process.pid}, exit code "
+                  f"{process.exitcode})")
 
     def _die(self, message: str) -> None:
         self.error = ExecutorDeadError(f"{message}; the engine has stopped")

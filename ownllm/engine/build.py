@@ -1,6 +1,7 @@
 """build_engine: the one function that turns an EngineConfig into a running Engine, for the offline LLM, the
 AsyncEngine and `ownllm serve` alike: it loads the checkpoint, builds the executor (the model runner, with its
-draft proposer when speculating, or tensor-parallel workers), the KV-cache manager and the engine core, and knows the model's sampling defaults.
+draft proposer when speculating, or tensor-parallel workers), the KV-cache manager and the engine core, and
+knows the model's sampling defaults.
 """
 
 from __future__ import annotations

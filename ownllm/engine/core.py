@@ -1,11 +1,11 @@
 """EngineCore: one step = schedule -> run the model -> fold in the sampled tokens -> release finished requests.
 
-The executor is anything with `execute_model(SchedulerOutput) -> RunnerOutput` (distributed/executor.py: the model
-runner in this process, or tensor-parallel worker processes): plain data in and out, so the core never touches a
-tensor. After each step the scheduler
-advances counters over accepted tokens only, the output processor appends the tokens and decides every stop,
-and the drafts the runner proposed wait, trimmed to what the request may still generate, for the next step.
-A step that raises is rerun one request at a time (engine/fault_isolation.py): only the request whose own work
+The executor is anything with `execute_model(SchedulerOutput) -> RunnerOutput` (distributed/executor.py: the
+model runner in this process, or tensor-parallel worker processes): plain data in and out, so the core never
+touches a tensor. After each step the scheduler advances counters over accepted tokens only, the output
+processor appends the tokens and decides every stop, and the drafts the runner proposed wait, trimmed to what
+the request may still generate, for the next step. A lost tensor-parallel worker (ExecutorDeadError) ends the
+step with that error. A step that raises is rerun one request at a time (engine/fault_isolation.py): only the request whose own work
 raises ends, with FinishReason.ERROR; the others carry on.
 """
 

@@ -38,7 +38,7 @@ class Engine:
                  generation_config: dict | None = None, model_path: Path | None = None,
                  reasoning_parser: ReasoningParser | None = None, tool_parser_name: str | None = None) -> None:
         self.core = core
-        self.runner = getattr(core.executor, "runner", None)  # the in-process model runner (none with tensor parallel)
+        self.runner = getattr(core.executor, "runner", None)  # in this process (None: tensor-parallel workers)
         self.tokenizer = tokenizer
         self.model_config = model_config
         self.generation_config = generation_config or {}

@@ -94,8 +94,9 @@ class SwiGLUExpert(Module):
 
 
 class Experts(Module):
-    """E SwiGLU experts (children "0".."E-1"; with tensor parallel, each rank's E / T of them: see _own_experts). forward(x, weights, ids) -> Σ_k weights[t, k] * expert_ids[t, k](x[t]),
-    or with `scale_input` (Llama 4) Σ_k expert(weights[t, k] * x[t]).
+    """E SwiGLU experts (children "0".."E-1"; with tensor parallel, each rank's E / T of them: see _own_experts).
+    forward(x, weights, ids) -> Σ_k weights[t, k] * expert_ids[t, k](x[t]), or with `scale_input` (Llama 4)
+    Σ_k expert(weights[t, k] * x[t]).
 
     Each expert keeps the tensors the loader gave it: views of the memory-mapped checkpoint when no dtype
     conversion is needed, so a model larger than RAM loads, and a decode step pages in only the experts it

@@ -22,8 +22,8 @@ from ownllm.layers.embedding import Embedding
 from ownllm.layers.linear import Linear
 from ownllm.layers.mla import MultiLatentAttention
 from ownllm.layers.module import Module
-from ownllm.layers.parallel import load_shard
 from ownllm.layers.moe import Experts
+from ownllm.layers.parallel import load_shard
 from ownllm.layers.quant import BlockWeight, QuantizedWeight
 
 
