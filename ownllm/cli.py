@@ -373,6 +373,8 @@ def serve(
         if is_embedding_model(str(path)):
             if embedding_model:
                 raise ValueError(f"--model {model} is an embedding model; --embedding-model goes beside a chat model")
+            if tensor_parallel_size > 1:
+                raise ValueError("--tensor-parallel-size does not apply to embedding models")
             engine, embedder = None, AsyncEmbedder(Embedder.from_model(str(path), dtype, device, name))
         else:
             engine = AsyncEngine.from_config(replace(config, model=str(path)), max_waiting, name)

@@ -43,6 +43,8 @@ class LLM:
         moe_backend: str | None = None, mla_backend: str | None = None, quant_method: str | None = None,
         tensor_parallel_size: int = 1,
     ) -> None:
+        if tensor_parallel_size > 1 and is_embedding_model(model):
+            raise ValueError("tensor parallel (tensor_parallel_size > 1) does not support embedding models")
         self.embedder = Embedder.from_model(model, dtype, device) if is_embedding_model(model) else None
         if self.embedder is not None:  # an encoder: embed() only, no generation engine
             self.engine = None
