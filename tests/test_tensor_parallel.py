@@ -5,6 +5,9 @@ are refused in one line."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import gguf
 import numpy as np
 import pytest
@@ -90,6 +93,11 @@ def test_a_killed_worker_stops_the_engine_with_a_clear_error(llama):
     assert not any(process.is_alive() for process in executor.processes)
     with pytest.raises(ExecutorDeadError, match="the engine has stopped"):  # and stays stopped
         llm.generate([[5, 6, 7]], params)
+
+
+def test_the_engine_side_imports_no_torch():
+    code = "import sys, ownllm.engine.core, ownllm.distributed.executor; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 
 def test_sizes_that_do_not_divide_the_model_are_refused(llama):

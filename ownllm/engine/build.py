@@ -24,7 +24,9 @@ _GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition
 def build_engine(config: EngineConfig) -> Engine:
     """-> an Engine on the configured model, ready to take requests."""
     device = resolve_device(config.device)  # before loading: a bad device fails fast
-    checkpoint = load_checkpoint(config.model, config.dtype, keep_quantized=device == "cpu")
+    # with tensor-parallel workers, which load their own shards, this process needs no weights
+    checkpoint = load_checkpoint(config.model, config.dtype, keep_quantized=device == "cpu",
+                                 with_tensors=config.tensor_parallel_size == 1)
     tokenizer = checkpoint.tokenizer
     executor = _executor(config, checkpoint, device)
     block_size = config.cache.block_size
