@@ -107,6 +107,14 @@ def test_sizes_that_do_not_divide_the_model_are_refused(llama):
         LLM(str(llama), dtype="float32", tensor_parallel_size=3, num_kv_blocks=64)
 
 
+@pytest.mark.slow
+def test_cli_refuses_a_size_that_does_not_divide_the_model_in_one_line(llama):
+    from tests.test_errors import assert_one_line_error, run_cli
+
+    assert_one_line_error(run_cli("run", "--model", str(llama), "--tensor-parallel-size", "3", "hi"),
+                          "error: tensor parallel size 3 does not divide the model's 4 attention heads")
+
+
 def test_options_not_supported_together_are_refused(llama):
     with pytest.raises(ValueError, match=r"^tensor parallel \(tensor_parallel_size > 1\) does not support "
                                          r"speculative decoding$"):
