@@ -43,7 +43,8 @@ class TensorParallelGroup:
         """The smallest of an integer over the ranks (e.g. the KV blocks every rank has room for)."""
         if self.size == 1:
             return value
-        tensor = torch.tensor([value], dtype=torch.int64)
+        device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"  # NCCL: CUDA only
+        tensor = torch.tensor([value], dtype=torch.int64, device=device)
         dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
         return int(tensor.item())
 
