@@ -12,10 +12,10 @@ raises ends, with FinishReason.ERROR; the others carry on.
 from __future__ import annotations
 
 import logging
-from typing import Protocol, Sequence
+from typing import Sequence
 
 from ownllm.config import SchedulerConfig
-from ownllm.distributed.executor import ExecutorDeadError
+from ownllm.distributed.executor import Executor, ExecutorDeadError
 from ownllm.engine.fault_isolation import execute_one_by_one
 from ownllm.engine.kv_cache import KVCacheManager
 from ownllm.engine.output_processor import OutputProcessor
@@ -26,10 +26,6 @@ from ownllm.request import FinishReason, Request
 from ownllm.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
-
-
-class Executor(Protocol):
-    def execute_model(self, scheduler_output: SchedulerOutput) -> RunnerOutput: ...
 
 
 class EngineCore:

@@ -20,7 +20,7 @@ from ownllm.outputs import NewRequestData, RunnerOutput, SchedulerOutput
 from ownllm.request import Request
 
 if TYPE_CHECKING:
-    from ownllm.engine.core import Executor
+    from ownllm.distributed.executor import Executor
 
 logger = logging.getLogger(__name__)
 
