@@ -53,15 +53,21 @@ SpeculativeOpt = Annotated[Optional[str], typer.Option(
     "same tokenizer) or '{\"method\": \"mtp\"}' (DeepSeek-V3's multi-token-prediction layer). "
     "Greedy output is unchanged; sampled output keeps its distribution.")]
 
+TensorParallelOpt = Annotated[int, typer.Option(
+    "--tensor-parallel-size", min=1, help="Split the model across this many worker processes (torch.distributed: "
+    "gloo on the CPU, NCCL on CUDA), each holding its share of the heads, MLP rows, vocabulary and KV cache.")]
 
-def _load(model: str | None, dtype: str | None, device: str | None, speculative_config: str | None):
+
+def _load(model: str | None, dtype: str | None, device: str | None, speculative_config: str | None,
+          tensor_parallel_size: int = 1):
     from ownllm.config import SpeculativeConfig
     from ownllm.engine.llm import LLM
 
     speculative = SpeculativeConfig.parse(speculative_config)  # checked before the model loads
     started = time.perf_counter()
     with _spinner(f"Loading {model or BUNDLED_MODEL_NAME}..."):
-        llm = LLM(model, dtype=dtype, device=device, speculative_config=speculative)
+        llm = LLM(model, dtype=dtype, device=device, speculative_config=speculative,
+                  tensor_parallel_size=tensor_parallel_size)
     return llm, time.perf_counter() - started
 
 
@@ -156,6 +162,7 @@ def run(
     verbose: VerboseOpt = False, speculative_config: SpeculativeOpt = None,
     image: Annotated[Optional[list[Path]], typer.Option(
         help="An image file to ask about (repeat for several); needs a vision model such as LLaVA.")] = None,
+    tensor_parallel_size: TensorParallelOpt = 1,
 ) -> None:
     """Answer one prompt and stream the answer to the terminal."""
     _check_options(dtype, max_tokens, temperature, top_p, top_k, seed)
@@ -164,7 +171,7 @@ def run(
     if prompt == "-":
         prompt = sys.stdin.read()
     content = _with_images(image or [], prompt)
-    llm, load_seconds = _load(model, dtype, device, speculative_config)
+    llm, load_seconds = _load(model, dtype, device, speculative_config, tensor_parallel_size)
     if verbose:
         err.print(f"load: {load_seconds:.2f}s")
     params = _params(llm, max_tokens, temperature, top_p, top_k, seed)
@@ -190,11 +197,12 @@ def chat(
     model: ModelOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = None, max_tokens: MaxTokensOpt = 1024,
     temperature: TemperatureOpt = None, top_p: TopPOpt = None, top_k: TopKOpt = None, seed: SeedOpt = None,
     system: SystemOpt = None, verbose: VerboseOpt = False, speculative_config: SpeculativeOpt = None,
+    tensor_parallel_size: TensorParallelOpt = 1,
 ) -> None:
     """Chat with a model in the terminal. /image PATH attaches an image to the next message (vision models), /reset
     clears the history, /exit (or Ctrl-D) quits, Ctrl-C stops an answer."""
     _check_options(dtype, max_tokens, temperature, top_p, top_k, seed)
-    llm, load_seconds = _load(model, dtype, device, speculative_config)
+    llm, load_seconds = _load(model, dtype, device, speculative_config, tensor_parallel_size)
     params = _params(llm, max_tokens, temperature, top_p, top_k, seed)
     system_messages = [{"role": "system", "content": system}] if system else []
     history = list(system_messages)
@@ -323,6 +331,7 @@ def serve(
     no_prefix_caching: Annotated[bool, typer.Option(
         "--no-prefix-caching", help="Do not reuse the KV cache of earlier requests' shared prompt prefixes.")] = False,
     speculative_config: SpeculativeOpt = None,
+    tensor_parallel_size: TensorParallelOpt = 1,
     responses_store_size: Annotated[int, typer.Option(
         min=0, help="Responses the Responses API (/v1/responses) keeps in memory for GET and previous_response_id; "
         "the least recently used are forgotten first.")] = 1000,
@@ -393,7 +402,7 @@ def serve(
                     enable_prefix_caching=not no_prefix_caching),
         SchedulerConfig(max_num_batched_tokens, max_num_seqs), SpeculativeConfig.parse(speculative_config),
         reasoning_parser=reasoning_parser, tool_call_parser=tool_call_parser,
-        structured_outputs_backend=structured_outputs_backend)
+        structured_outputs_backend=structured_outputs_backend, tensor_parallel_size=tensor_parallel_size)
     limits = RequestLimits(parse_memory_size(max_body_size), max_messages, max_completion_tokens, max_n, max_stop,
                            max_logprobs)
     origins = tuple(o.strip() for value in cors_origins or [] for o in value.split(",") if o.strip())
@@ -411,6 +420,8 @@ def serve(
         if is_embedding_model(str(path)):
             if embedding_model:
                 raise ValueError(f"--model {model} is an embedding model; --embedding-model goes beside a chat model")
+            if tensor_parallel_size > 1:
+                raise ValueError("--tensor-parallel-size does not apply to embedding models")
             engine, embedder = None, AsyncEmbedder(Embedder.from_model(str(path), dtype, device, name))
         else:
             engine = AsyncEngine.from_config(replace(config, model=str(path)), max_waiting, name)

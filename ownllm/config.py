@@ -336,6 +336,13 @@ class EngineConfig:
     # template; "none": off
     reasoning_parser: str | None = None
     tool_call_parser: str | None = None
+    tensor_parallel_size: int = 1  # worker processes the model is split across (distributed/executor.py)
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.speculative is not None:
+            raise ValueError("tensor parallel (tensor_parallel_size > 1) does not support speculative decoding")
 
 
 # sentence-transformers' pooling modes, in the order it concatenates them when several are on

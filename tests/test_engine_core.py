@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from ownllm.config import SchedulerConfig
+from ownllm.distributed.executor import UniprocExecutor
 from ownllm.engine.core import EngineCore
 from ownllm.engine.kv_cache import KVCacheManager, hash_block
 from ownllm.outputs import RunnerOutput, SampleLogprobs, SchedulerOutput
@@ -75,7 +76,7 @@ def tokenizer(tmp_path_factory):
 
 def make_core(tokenizer, runner, num_blocks=64, block_size=4, max_num_spec_rows=32) -> EngineCore:
     config = SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=16, max_num_spec_rows=max_num_spec_rows)
-    return EngineCore(runner, KVCacheManager(num_blocks, block_size), tokenizer, 200, config, eos_token_ids=[2])
+    return EngineCore(UniprocExecutor(runner), KVCacheManager(num_blocks, block_size), tokenizer, 200, config, eos_token_ids=[2])
 
 
 def add(core: EngineCore, request_id: str, prompt_len: int, **params) -> Request:

@@ -1,16 +1,18 @@
 """build_engine: the one function that turns an EngineConfig into a running Engine, for the offline LLM, the
-AsyncEngine and `ownllm serve` alike: it loads the checkpoint, builds the model runner (with its draft
-proposer when speculating), the KV-cache manager and the engine core, and knows the model's sampling defaults.
+AsyncEngine and `ownllm serve` alike: it loads the checkpoint, builds the executor (the model runner, with its
+draft proposer when speculating, or tensor-parallel workers), the KV-cache manager and the engine core, and
+knows the model's sampling defaults.
 """
 
 from __future__ import annotations
 
 from ownllm.config import EngineConfig, resolve_device
+from ownllm.distributed.executor import Executor, MultiprocExecutor, UniprocExecutor
 from ownllm.engine.core import EngineCore
 from ownllm.engine.engine import Engine
 from ownllm.engine.kv_cache import KVCacheManager
 from ownllm.engine.structured_output import ReasoningTokens, StructuredOutputManager
-from ownllm.loader import load_checkpoint
+from ownllm.loader import Checkpoint, load_checkpoint
 from ownllm.multimodal.registry import image_processor
 from ownllm.parsers.reasoning import ReasoningParser, detect_reasoning_parser, reasoning_parser
 from ownllm.parsers.tool_parsers import detect_tool_parser, tool_parser
@@ -22,26 +24,36 @@ _GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition
 
 def build_engine(config: EngineConfig) -> Engine:
     """-> an Engine on the configured model, ready to take requests."""
-    from ownllm.worker.model_runner import ModelRunner
-
     device = resolve_device(config.device)  # before loading: a bad device fails fast
-    checkpoint = load_checkpoint(config.model, config.dtype, keep_quantized=device == "cpu")
+    # with tensor-parallel workers, which load their own shards, this process needs no weights
+    checkpoint = load_checkpoint(config.model, config.dtype, keep_quantized=device == "cpu",
+                                 with_tensors=config.tensor_parallel_size == 1)
     tokenizer = checkpoint.tokenizer
-    runner = ModelRunner(checkpoint, config.cache, tokenizer.eos_token_ids, config.scheduler.max_num_seqs, device,
-                         config.speculative, config.backends)
+    executor = _executor(config, checkpoint, device)
     block_size = config.cache.block_size
-    kv_cache = KVCacheManager(runner.num_blocks, block_size, config.cache.enable_prefix_caching)
-    max_model_len = min(checkpoint.config.max_model_len, runner.num_blocks * block_size)
+    kv_cache = KVCacheManager(executor.num_blocks, block_size, config.cache.enable_prefix_caching)
+    max_model_len = min(checkpoint.config.max_model_len, executor.num_blocks * block_size)
     speculative = config.speculative
     reasoning = _reasoning_parser(config, tokenizer)
     structured_output = StructuredOutputManager(
         checkpoint.config.vocab_size, _grammar_compiler(config, tokenizer, checkpoint.config.vocab_size),
         _reasoning_tokens(reasoning, tokenizer))
-    core = EngineCore(runner, kv_cache, tokenizer, max_model_len, config.scheduler,
+    core = EngineCore(executor, kv_cache, tokenizer, max_model_len, config.scheduler,
                       speculative.num_lookahead_tokens if speculative else 0,
                       spec_method=speculative.method if speculative else None, structured_output=structured_output)
     return Engine(core, tokenizer, checkpoint.config, checkpoint.generation_config, checkpoint.path, reasoning,
                   _tool_parser_name(config, tokenizer), image_processor(checkpoint.config, checkpoint.path))
+
+
+def _executor(config: EngineConfig, checkpoint: Checkpoint, device: str) -> Executor:
+    """The model runner in this process, or (tensor_parallel_size > 1) worker processes that each load their
+    shard of the checkpoint themselves; this process then keeps only its config and tokenizer."""
+    if config.tensor_parallel_size > 1:
+        return MultiprocExecutor(config, device)
+    from ownllm.worker.model_runner import ModelRunner
+
+    return UniprocExecutor(ModelRunner(checkpoint, config.cache, checkpoint.tokenizer.eos_token_ids,
+                                       config.scheduler.max_num_seqs, device, config.speculative, config.backends))
 
 
 def _template_text(tokenizer: Tokenizer) -> str | None:

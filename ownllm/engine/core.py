@@ -1,10 +1,11 @@
 """EngineCore: one step = schedule -> run the model -> fold in the sampled tokens -> release finished requests.
 
-The runner is anything with `execute(SchedulerOutput) -> RunnerOutput` (worker.model_runner.ModelRunner, or a
-fake in tests): plain data in and out, so the core never touches a tensor. After each step the scheduler
-advances counters over accepted tokens only, the output processor appends the tokens and decides every stop,
-and the drafts the runner proposed wait, trimmed to what the request may still generate, for the next step.
-A step that raises is rerun one request at a time (engine/fault_isolation.py): only the request whose own work
+The executor is anything with `execute_model(SchedulerOutput) -> RunnerOutput` (distributed/executor.py: the
+model runner in this process, or tensor-parallel worker processes): plain data in and out, so the core never
+touches a tensor. After each step the scheduler advances counters over accepted tokens only, the output
+processor appends the tokens and decides every stop, and the drafts the runner proposed wait, trimmed to what
+the request may still generate, for the next step. A lost tensor-parallel worker (ExecutorDeadError) ends the
+step with that error. A step that raises is rerun one request at a time (engine/fault_isolation.py): only the request whose own work
 raises ends, with FinishReason.ERROR; the others carry on.
 """
 
@@ -12,9 +13,10 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import Future
-from typing import Protocol, Sequence
+from typing import Sequence
 
 from ownllm.config import SchedulerConfig
+from ownllm.distributed.executor import Executor, ExecutorDeadError
 from ownllm.engine.fault_isolation import execute_one_by_one
 from ownllm.engine.kv_cache import KVCacheManager
 from ownllm.engine.output_processor import OutputProcessor
@@ -27,18 +29,14 @@ from ownllm.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 
-class Runner(Protocol):
-    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput: ...
-
-
 class EngineCore:
     def __init__(
-        self, runner: Runner, kv_cache: KVCacheManager, tokenizer: Tokenizer, max_model_len: int,
+        self, executor: Executor, kv_cache: KVCacheManager, tokenizer: Tokenizer, max_model_len: int,
         scheduler_config: SchedulerConfig | None = None, num_lookahead_tokens: int = 0,
         eos_token_ids: Sequence[int] | None = None, spec_method: str | None = None,
         structured_output: StructuredOutputManager | None = None,
     ) -> None:
-        self.runner = runner
+        self.executor = executor
         self.kv_cache = kv_cache
         self.scheduler = Scheduler(scheduler_config or SchedulerConfig(), kv_cache, num_lookahead_tokens)
         eos = tokenizer.eos_token_ids if eos_token_ids is None else eos_token_ids
@@ -124,13 +122,15 @@ class EngineCore:
 
     def _execute(self, so: SchedulerOutput) -> tuple[RunnerOutput, dict[str, Exception]]:
         try:
-            return self.runner.execute(so), {}
+            return self.executor.execute_model(so), {}
+        except ExecutorDeadError:  # a lost tensor-parallel worker: nothing can run any more
+            raise
         except Exception as error:
             if isinstance(so.allowed_token_bitmask, Future):
                 so.allowed_token_bitmask.exception()  # the retries fill masks of their own: let this one finish
             logger.warning("a step of %d requests failed (%s: %s); running them one at a time",
                            len(so.num_scheduled_tokens), type(error).__name__, error)
-            return execute_one_by_one(self.runner, so, self.requests, self.kv_cache,
+            return execute_one_by_one(self.executor, so, self.requests, self.kv_cache,
                                       lambda alone: self.structured_output.bitmask(alone, self.requests))
 
     def _update(self, request: Request, so: SchedulerOutput, runner_output: RunnerOutput, i: int) -> bool:

@@ -41,7 +41,7 @@ class Engine:
                  reasoning_parser: ReasoningParser | None = None, tool_parser_name: str | None = None,
                  image_processor: ImagePromptProcessor | None = None) -> None:
         self.core = core
-        self.runner = core.runner
+        self.runner = getattr(core.executor, "runner", None)  # in this process (None: tensor-parallel workers)
         self.tokenizer = tokenizer
         self.model_config = model_config
         self.generation_config = generation_config or {}

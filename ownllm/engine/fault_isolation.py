@@ -20,12 +20,12 @@ from ownllm.outputs import NewRequestData, RunnerOutput, SchedulerOutput
 from ownllm.request import Request
 
 if TYPE_CHECKING:
-    from ownllm.engine.core import Runner
+    from ownllm.distributed.executor import Executor
 
 logger = logging.getLogger(__name__)
 
 
-def execute_one_by_one(runner: Runner, so: SchedulerOutput, requests: dict[str, Request], kv_cache: KVCacheManager,
+def execute_one_by_one(executor: Executor, so: SchedulerOutput, requests: dict[str, Request], kv_cache: KVCacheManager,
                        bitmask: Callable[[SchedulerOutput], Any]) -> tuple[RunnerOutput, dict[str, Exception]]:
     """Runs each request of the failed step `so` alone -> (the merged output of those that ran, in batch order;
     {request id: the error its own run raised}). `bitmask` gives a step its grammar masks (each retry its own)."""
@@ -46,7 +46,7 @@ def execute_one_by_one(runner: Runner, so: SchedulerOutput, requests: dict[str, 
         finished_ids = set()
         alone.allowed_token_bitmask = bitmask(alone)
         try:
-            output = runner.execute(alone)
+            output = executor.execute_model(alone)
         except Exception as error:
             logger.error("request %s failed on its own", request_id, exc_info=error)
             failed[request_id] = error

@@ -34,7 +34,8 @@ class LLM:
     `attention_backend` ("torch" or "cpu_kernels"), `moe_backend` ("fast" or "reference"), `mla_backend`
     ("auto", "expanded" or "absorbed"), `quant_method` ("kernels" or "dequantized") (each by default the fastest
     that runs here; the others are the plain-torch references tests compare against), `structured_outputs_backend`
-    ("llguidance" or "xgrammar")."""
+    ("llguidance" or "xgrammar"), `tensor_parallel_size` (worker processes the model is split across,
+    torch.distributed between them)."""
 
     def __init__(
         self, model: str | None = None, dtype: str | None = None, *, kv_cache_memory: int | None = None,
@@ -43,7 +44,10 @@ class LLM:
         speculative_config: dict | str | None = None, attention_backend: str | None = None,
         moe_backend: str | None = None, mla_backend: str | None = None, quant_method: str | None = None,
         structured_outputs_backend: str = "llguidance",
+        tensor_parallel_size: int = 1,
     ) -> None:
+        if tensor_parallel_size > 1 and is_embedding_model(model):
+            raise ValueError("tensor parallel (tensor_parallel_size > 1) does not support embedding models")
         self.embedder = Embedder.from_model(model, dtype, device) if is_embedding_model(model) else None
         if self.embedder is not None:  # an encoder: embed() only, no generation engine
             self.engine = None
@@ -58,6 +62,7 @@ class LLM:
             SpeculativeConfig.parse(speculative_config),
             BackendConfig(attention_backend, moe_backend, mla_backend, quant_method),
             structured_outputs_backend=structured_outputs_backend,
+            tensor_parallel_size=tensor_parallel_size,
         ))
         self.runner = self.engine.runner
         self.config = self.engine.model_config

@@ -26,11 +26,13 @@ import torch
 import torch.nn.functional as F
 
 from ownllm.config import ModelConfig
+from ownllm.distributed.parallel_state import divide, tp_group
 from ownllm.kernels.build import on_bf16_cpu
 from ownllm.layers.attention import AttentionMetadata, KVCacheSpec
 from ownllm.layers.linear import GEMV_MAX_ROWS, Linear, fuse_linears, gemv_kernel
 from ownllm.layers.module import Module
 from ownllm.layers.norm import RMSNorm
+from ownllm.layers.parallel import column_linear, row_linear
 from ownllm.layers.registry import named
 from ownllm.layers.rotary import RotaryEmbedding
 
@@ -65,7 +67,8 @@ class MultiLatentAttention(Module):
         super().__init__()
         hf = config.hf_config
         hidden, bias = config.hidden_size, config.attention_bias
-        self.num_heads = config.num_attention_heads
+        self.num_heads = divide(config.num_attention_heads, tp_group().size, "attention heads")  # this rank's
+        num_heads = config.num_attention_heads  # the latent (q_a, kv_a and the cache) is whole on every rank
         self.q_lora_rank = hf.get("q_lora_rank")
         self.kv_lora_rank = int(hf["kv_lora_rank"])
         self.nope_dim, self.rope_dim = int(hf["qk_nope_head_dim"]), int(hf["qk_rope_head_dim"])
@@ -74,13 +77,13 @@ class MultiLatentAttention(Module):
         if self.q_lora_rank:
             self.q_a_proj = Linear(hidden, self.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, LORA_NORM_EPS)
-            self.q_b_proj = Linear(self.q_lora_rank, self.num_heads * qk_dim, bias=False)
+            self.q_b_proj = column_linear(self.q_lora_rank, num_heads * qk_dim)
         else:
-            self.q_proj = Linear(hidden, self.num_heads * qk_dim, bias=False)
+            self.q_proj = column_linear(hidden, num_heads * qk_dim)
         self.kv_a_proj_with_mqa = Linear(hidden, self.kv_lora_rank + self.rope_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LORA_NORM_EPS)
-        self.kv_b_proj = Linear(self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = Linear(self.num_heads * self.v_dim, hidden, bias=bias)
+        self.kv_b_proj = column_linear(self.kv_lora_rank, num_heads * (self.nope_dim + self.v_dim))
+        self.o_proj = row_linear(num_heads * self.v_dim, hidden, bias)
         self.scale = scale
         self.layer_idx = layer_idx
         self.backend: ExpandedMLA = MLA_BACKENDS[DEFAULT_MLA_BACKEND]  # the runner's choice, bound at load

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from ownllm.kernels.build import decode_ops
-from ownllm.layers.linear import Linear, fuse_linears
+from ownllm.layers.linear import fuse_linears
 from ownllm.layers.module import Module
+from ownllm.layers.parallel import column_linear, row_linear
 
 
 ACTIVATIONS = {
@@ -32,9 +33,11 @@ class GatedMLP(Module):
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, act: str = "silu") -> None:
         super().__init__()
         self.act_name, self.act = act, ACTIVATIONS[act]
-        self.gate_proj = Linear(hidden_size, intermediate_size, bias=bias)
-        self.up_proj = Linear(hidden_size, intermediate_size, bias=bias)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
+        # tensor parallel: gate and up split by rows (so the fused gate_up holds both halves of the rank's rows),
+        # down by columns
+        self.gate_proj = column_linear(hidden_size, intermediate_size, bias, "MLP intermediate size")
+        self.up_proj = column_linear(hidden_size, intermediate_size, bias, "MLP intermediate size")
+        self.down_proj = row_linear(intermediate_size, hidden_size, bias, "MLP intermediate size")
 
     def fuse(self) -> None:
         """After loading: one gate_up matmul instead of two."""

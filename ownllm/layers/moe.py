@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ownllm.config import ModelConfig
+from ownllm.distributed.parallel_state import divide, tp_group
 from ownllm.kernels.build import bf16_kernels_for
 from ownllm.layers.linear import Linear
 from ownllm.layers.module import Module
@@ -93,8 +94,9 @@ class SwiGLUExpert(Module):
 
 
 class Experts(Module):
-    """E SwiGLU experts (children "0".."E-1"). forward(x, weights, ids) -> Σ_k weights[t, k] * expert_ids[t, k](x[t]),
-    or with `scale_input` (Llama 4) Σ_k expert(weights[t, k] * x[t]).
+    """E SwiGLU experts (children "0".."E-1"; with tensor parallel, each rank's E / T of them: see _own_experts).
+    forward(x, weights, ids) -> Σ_k weights[t, k] * expert_ids[t, k](x[t]), or with `scale_input` (Llama 4)
+    Σ_k expert(weights[t, k] * x[t]).
 
     Each expert keeps the tensors the loader gave it: views of the memory-mapped checkpoint when no dtype
     conversion is needed, so a model larger than RAM loads, and a decode step pages in only the experts it
@@ -102,10 +104,14 @@ class Experts(Module):
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, scale_input: bool = False) -> None:
         super().__init__()
-        self.num_experts, self.intermediate_size = num_experts, intermediate_size
-        for e in range(num_experts):
+        tp = tp_group()  # expert parallel: each rank holds experts first_expert .. first_expert + num_experts - 1
+        self.num_experts = divide(num_experts, tp.size, "experts")
+        self.first_expert = tp.rank * self.num_experts
+        self.intermediate_size = intermediate_size
+        own = range(self.first_expert, self.first_expert + self.num_experts)
+        for e in own:
             self.add_module(str(e), SwiGLUExpert(hidden_size, intermediate_size))
-        self.experts = [self._modules[str(e)] for e in range(num_experts)]
+        self.experts = [self._modules[str(e)] for e in own]
         self.scale_input = scale_input
         self.backend: ReferenceMoE = MOE_BACKENDS[DEFAULT_MOE_BACKEND]  # the runner's choice, bound at load
         self._weights: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None = None
@@ -124,7 +130,17 @@ class Experts(Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         # x: [T, H]; weights: [T, k] float32; ids: [T, k] -> [T, H]
-        return self.backend.forward(self, x, weights, ids)
+        tp = tp_group()
+        if tp.size == 1:
+            return self.backend.forward(self, x, weights, ids)
+        return tp.all_reduce(self._own_experts(x, weights, ids))
+
+    def _own_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Expert parallel: the contribution of this rank's experts; the others' pairs go to its first expert with
+        weight 0, which adds exact zeros (with scale_input too: a SwiGLU expert maps 0 to 0)."""
+        is_own = (ids >= self.first_expert) & (ids < self.first_expert + self.num_experts)  # [T, k]
+        local_ids = torch.where(is_own, ids - self.first_expert, 0)
+        return self.backend.forward(self, x, torch.where(is_own, weights, 0.0), local_ids)
 
 
 class ReferenceMoE:
@@ -243,6 +259,12 @@ class ExpertTensors(Mapping[str, torch.Tensor]):
         except ValueError:
             return False
         return True
+
+    @property
+    def get_slice(self):
+        """The checkpoint's lazy slices (safetensors), for tensor-parallel shards of non-expert tensors; or None."""
+        inner = getattr(self.tensors, "get_slice", None)
+        return None if inner is None else (lambda name: inner(self.rename(name)))
 
     def __iter__(self) -> Iterator[str]:  # the checkpoint's own names
         return iter(self.tensors)

@@ -28,9 +28,11 @@ class Checkpoint:
     path: Path | None = None
 
 
-def load_checkpoint(model: str | None, dtype: str | None = None, keep_quantized: bool = True) -> Checkpoint:
+def load_checkpoint(model: str | None, dtype: str | None = None, keep_quantized: bool = True,
+                    with_tensors: bool = True) -> Checkpoint:
     """keep_quantized: a GGUF's quantized weights may stay so for our CPU kernels (in bfloat16); False
-    dequantizes them all (for a GPU)."""
+    dequantizes them all (for a GPU). with_tensors False: a GGUF's weights are not read (a safetensors folder's
+    are read only on access anyway)."""
     path = resolve_model(model)
     if path.suffix == ".gguf":
         from ownllm.loader.gguf import load_gguf, open_gguf
@@ -38,7 +40,8 @@ def load_checkpoint(model: str | None, dtype: str | None = None, keep_quantized:
         reader = open_gguf(str(path))  # parsed once: the vocabulary makes it the slow part of start-up
         dtype = dtype or (_quantized_gguf_dtype(reader) if keep_quantized else None)
         gguf = load_gguf(path, dtype=_torch_dtype(dtype), reader=reader,
-                         keep_quantized=keep_quantized and normalize_dtype(dtype) == "bfloat16")
+                         keep_quantized=keep_quantized and normalize_dtype(dtype) == "bfloat16",
+                         with_tensors=with_tensors)
         config = ModelConfig.from_hf(gguf.hf_config, dtype)
         return Checkpoint(config, gguf.tensors, gguf.tokenizer, {}, path)
     from ownllm.loader.hf import load_hf_folder

@@ -128,12 +128,13 @@ class GGUFCheckpoint:
 
 
 def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None, keep_quantized: bool = False,
-              reader: gguf.GGUFReader | None = None) -> GGUFCheckpoint:
+              reader: gguf.GGUFReader | None = None, with_tensors: bool = True) -> GGUFCheckpoint:
     """Read a GGUF file into HF-named tensors of `dtype` (None: see the module docstring's rule).
     keep_quantized: Q4_0 / Q4_1 matrices (other than the embedding) stay 4-bit, as layers.quant.Int4Weight,
     and Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K ones (the embedding too) stay the file's blocks, as
     layers.quant.BlockWeight; so do MoE experts, one such weight per expert.
-    reader: the file's open_gguf() reader, when the caller has parsed it already."""
+    reader: the file's open_gguf() reader, when the caller has parsed it already. with_tensors False: the config
+    and tokenizer only (e.g. for an engine whose tensor-parallel workers load the weights)."""
     path = os.fspath(path)
     reader = reader or open_gguf(path)
     fields = read_fields(reader)
@@ -146,7 +147,7 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None, keep_qu
     _check_tensor_names(names, hf_config["num_hidden_layers"], architecture)
     tokenizer = tokenizer_from_metadata(fields)  # before the slow part, so a bad vocabulary fails fast
     tensors, moe = {}, {}
-    for tensor in reader.tensors:
+    for tensor in reader.tensors if with_tensors else ():
         if tensor.name == _ROPE_FREQS:
             continue  # folded into hf_config["rope_scaling"]
         if _is_moe_tensor(tensor.name):

@@ -64,6 +64,10 @@ class SafetensorsWeights(Mapping[str, torch.Tensor]):
         except (SafetensorError, OSError, RuntimeError) as error:
             raise ValueError(f"tensor {name!r} in {file} cannot be read (truncated file?): {error}") from None
 
+    def get_slice(self, name: str):
+        """A lazy view of tensor `name` that reads only the part it is indexed with (a tensor-parallel shard)."""
+        return self._handles[self._file_of[name]].get_slice(name)
+
     def __contains__(self, name: object) -> bool:  # Mapping's default would read the tensor to find out
         return name in self._file_of
 

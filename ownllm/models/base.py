@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ownllm.config import ModelConfig
+from ownllm.distributed.parallel_state import tp_group
 from ownllm.layers.attention import AttentionMetadata, KVCacheSpec
 from ownllm.layers.backends import LayerBackends
 from ownllm.layers.embedding import Embedding
@@ -22,6 +23,7 @@ from ownllm.layers.linear import Linear
 from ownllm.layers.mla import MultiLatentAttention
 from ownllm.layers.module import Module
 from ownllm.layers.moe import Experts
+from ownllm.layers.parallel import load_shard
 from ownllm.layers.quant import BlockWeight, QuantizedWeight
 
 
@@ -71,7 +73,8 @@ class CausalLM(Module):
     def kv_cache_spec(cls, config: ModelConfig) -> KVCacheSpec:
         """What the paged KV cache must hold per token; models with another layout (MLA) override it."""
         c = config
-        return KVCacheSpec(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, c.head_dim)
+        num_kv_heads = c.num_key_value_heads // tp_group().size  # each tensor-parallel rank caches its own heads
+        return KVCacheSpec(c.num_hidden_layers, num_kv_heads, c.head_dim, c.head_dim)
 
     def tied_parameters(self) -> dict[str, str]:
         """{parameter name: the name it shares storage with}, e.g. a tied lm_head."""
@@ -84,7 +87,9 @@ class CausalLM(Module):
                 continue
             if name not in tensors:
                 raise ValueError(f"the checkpoint is missing tensor {name!r}")
-            tensor = tensors[name]
+            module_name, _, attr = name.rpartition(".")
+            shard = getattr(self.get_submodule(module_name), "tp_shards", {}).get(attr)
+            tensor = tensors[name] if shard is None else load_shard(tensors, name, shard)
             if tuple(tensor.shape) != tuple(param.shape):
                 raise ValueError(
                     f"tensor {name!r} has shape {tuple(tensor.shape)} but the config implies {tuple(param.shape)}"

@@ -24,13 +24,12 @@ from torch import nn
 
 from ownllm.config import ModelConfig
 from ownllm.layers.attention import AttentionMetadata, KVCacheSpec
-from ownllm.layers.embedding import Embedding
-from ownllm.layers.linear import Linear
 from ownllm.layers.mla import MultiLatentAttention, mla_kv_cache_spec, yarn_softmax_scale
 from ownllm.layers.mlp import GatedMLP
 from ownllm.layers.module import Module
 from ownllm.layers.moe import ExpertTensors, Experts, check_moe_config, grouped_sigmoid_topk
 from ownllm.layers.norm import RMSNorm
+from ownllm.layers.parallel import lm_head, vocab_embedding
 from ownllm.layers.rotary import InterleavedRotaryEmbedding, RotaryEmbedding
 from ownllm.models.base import CausalLM
 
@@ -110,7 +109,7 @@ class DeepseekV3DecoderLayer(Module):
 class DeepseekV3Model(Module):
     def __init__(self, config: ModelConfig, softmax_scale: float) -> None:
         super().__init__()
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = vocab_embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             DeepseekV3DecoderLayer(config, i, softmax_scale) for i in range(config.num_hidden_layers)
         )
@@ -142,7 +141,7 @@ class DeepseekV3ForCausalLM(CausalLM):
         super().__init__(config)
         check_moe_config(config)
         self.model = DeepseekV3Model(config, softmax_scale(config))
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = lm_head(config.hidden_size, config.vocab_size)
         self.rope = rotary_embedding(config)
 
     @classmethod

@@ -12,11 +12,11 @@ from torch import nn
 
 from ownllm.config import ModelConfig
 from ownllm.layers.attention import Attention, AttentionMetadata
-from ownllm.layers.embedding import Embedding
-from ownllm.layers.linear import Linear, fuse_linears
+from ownllm.layers.linear import fuse_linears
 from ownllm.layers.mlp import GatedMLP
 from ownllm.layers.module import Module
 from ownllm.layers.norm import RMSNorm
+from ownllm.layers.parallel import attention_projections, lm_head, vocab_embedding
 from ownllm.layers.rotary import RotaryEmbedding
 from ownllm.models.base import CausalLM
 
@@ -25,14 +25,9 @@ class LlamaAttention(Module):
     def __init__(self, config: ModelConfig, layer_idx: int, qkv_bias: bool, o_bias: bool, qk_norm: bool,
                  norm: type[RMSNorm] = RMSNorm) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            config.num_attention_heads, config.num_key_value_heads, config.head_dim,
-        )
-        hidden = config.hidden_size
-        self.q_proj = Linear(hidden, self.num_heads * self.head_dim, bias=qkv_bias)
-        self.k_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
-        self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
-        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=o_bias)
+        self.head_dim = config.head_dim
+        self.num_heads, self.num_kv_heads, self.q_proj, self.k_proj, self.v_proj, self.o_proj = attention_projections(
+            config.hidden_size, config.num_attention_heads, config.num_key_value_heads, self.head_dim, qkv_bias, o_bias)
         if qk_norm:
             self.q_norm = norm(self.head_dim, config.rms_norm_eps)
             self.k_norm = norm(self.head_dim, config.rms_norm_eps)
@@ -83,7 +78,7 @@ class LlamaDecoderLayer(Module):
 class LlamaModel(Module):
     def __init__(self, config: ModelConfig, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
         super().__init__()
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = vocab_embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, i, qkv_bias, o_bias, qk_norm) for i in range(config.num_hidden_layers)
         )
@@ -100,7 +95,7 @@ class LlamaForCausalLM(CausalLM):
         qkv_bias = config.attention_bias if self.qkv_bias is None else self.qkv_bias
         o_bias = config.attention_bias if self.o_bias is None else self.o_bias
         self.model = LlamaModel(config, qkv_bias, o_bias, self.qk_norm)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = lm_head(config.hidden_size, config.vocab_size)
         self.rope = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
 
     def tied_parameters(self) -> dict[str, str]:

@@ -24,12 +24,12 @@ from torch import nn
 
 from ownllm.config import ModelConfig
 from ownllm.layers.attention import Attention, AttentionMetadata
-from ownllm.layers.embedding import Embedding
 from ownllm.layers.linear import Linear, fuse_linears
 from ownllm.layers.mlp import GatedMLP
 from ownllm.layers.module import Module
 from ownllm.layers.moe import ExpertTensors, Experts, check_moe_config, sigmoid_topk
 from ownllm.layers.norm import RMSNorm
+from ownllm.layers.parallel import attention_projections, lm_head, vocab_embedding
 from ownllm.layers.rotary import InterleavedRotaryEmbedding
 from ownllm.models.base import CausalLM
 
@@ -59,14 +59,9 @@ class Llama4Attention(Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         hf = config.hf_config
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            config.num_attention_heads, config.num_key_value_heads, config.head_dim,
-        )
-        hidden, bias = config.hidden_size, config.attention_bias
-        self.q_proj = Linear(hidden, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        self.head_dim, bias = config.head_dim, config.attention_bias
+        self.num_heads, self.num_kv_heads, self.q_proj, self.k_proj, self.v_proj, self.o_proj = attention_projections(
+            config.hidden_size, config.num_attention_heads, config.num_key_value_heads, self.head_dim, bias, bias)
         self.use_rope = uses_rope(config, layer_idx)
         self.qk_norm_eps = config.rms_norm_eps if (self.use_rope and hf.get("use_qk_norm", True)) else None
         self.temperature_tuning = not self.use_rope and bool(hf.get("attn_temperature_tuning", True))
@@ -141,7 +136,7 @@ class Llama4Model(Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         sparse = moe_layers(config)
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = vocab_embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             Llama4DecoderLayer(config, i, i in sparse) for i in range(config.num_hidden_layers)
         )
@@ -155,7 +150,7 @@ class Llama4ForCausalLM(CausalLM):
         super().__init__(config)
         check_moe_config(config)
         self.model = Llama4Model(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = lm_head(config.hidden_size, config.vocab_size)
         self.rope = InterleavedRotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
 
     def tied_parameters(self) -> dict[str, str]:

@@ -15,12 +15,12 @@ from torch import nn
 
 from ownllm.config import ModelConfig
 from ownllm.layers.attention import AttentionMetadata
-from ownllm.layers.embedding import Embedding
 from ownllm.layers.linear import Linear
 from ownllm.layers.mlp import GatedMLP
 from ownllm.layers.module import Module
 from ownllm.layers.moe import ExpertTensors, Experts, check_moe_config, softmax_topk
 from ownllm.layers.norm import RMSNorm
+from ownllm.layers.parallel import lm_head, vocab_embedding
 from ownllm.layers.rotary import RotaryEmbedding
 from ownllm.models.base import CausalLM
 from ownllm.models.llama import LlamaAttention
@@ -70,7 +70,7 @@ class MixtralDecoderLayer(Module):
 class MixtralModel(Module):
     def __init__(self, config: ModelConfig, layers: list[MixtralDecoderLayer]) -> None:
         super().__init__()
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = vocab_embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -88,7 +88,7 @@ class MixtralForCausalLM(CausalLM):
             for i in range(config.num_hidden_layers)
         ]
         self.model = MixtralModel(config, layers)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = lm_head(config.hidden_size, config.vocab_size)
         self.rope = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
 
     def feed_forward(self, config: ModelConfig, layer_idx: int) -> nn.Module:

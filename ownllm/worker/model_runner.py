@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ownllm.config import BackendConfig, CacheConfig, ModelConfig, SpeculativeConfig
+from ownllm.distributed.parallel_state import tp_group
 from ownllm.layers.attention import PagedKVCache
 from ownllm.layers.backends import LayerBackends
 from ownllm.loader import Checkpoint
@@ -87,7 +88,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_spec = cls.kv_cache_spec(self.config)
         self.block_size = self.cache_config.block_size
-        self.num_blocks = self._num_blocks(max_num_seqs)
+        self.num_blocks = tp_group().min(self._num_blocks(max_num_seqs))  # tensor parallel: every rank's room
         self.kv_cache = PagedKVCache(self.kv_spec, self.num_blocks, self.block_size, self.dtype, device)
         self.requests: dict[str, RequestState] = {}
         self.encoder_outputs: dict[str, torch.Tensor] = {}  # image hash -> [its placeholder tokens, hidden]

@@ -12,6 +12,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from ownllm.compute import ComputeParams
 from ownllm.compute.offline import generate_with_compute
 from ownllm.config import SchedulerConfig
+from ownllm.distributed.executor import UniprocExecutor
 from ownllm.engine.core import EngineCore
 from ownllm.engine.engine import Engine
 from ownllm.engine.kv_cache import KVCacheManager
@@ -79,7 +80,7 @@ class ScriptedRunner:
 
 def make_engine(tokenizer, runner, num_blocks=64) -> Engine:
     config = SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=16)
-    core = EngineCore(runner, KVCacheManager(num_blocks, 4), tokenizer, 200, config, eos_token_ids=[EOS])
+    core = EngineCore(UniprocExecutor(runner), KVCacheManager(num_blocks, 4), tokenizer, 200, config, eos_token_ids=[EOS])
     return Engine(core, tokenizer)
 
 
