@@ -25,6 +25,15 @@ def hash_block(parent_hash: int | None, token_ids: Sequence[int]) -> int:
     return hash((parent_hash, tuple(token_ids)))
 
 
+def prefix_hashes(token_ids: Sequence[int], block_size: int, num_full_blocks: int) -> list[int]:
+    """The hash chain of the first num_full_blocks full blocks of token_ids (equal prefixes, equal chains)."""
+    hashes, parent = [], None
+    for i in range(num_full_blocks):
+        parent = hash_block(parent, token_ids[i * block_size : (i + 1) * block_size])
+        hashes.append(parent)
+    return hashes
+
+
 class BlockPool:
     """All blocks, the free queue (LRU order) and the hash -> cached block map."""
 
@@ -95,13 +104,6 @@ class KVCacheManager:
     def block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.req_blocks.get(request_id, [])]
 
-    def _hashes(self, token_ids: Sequence[int], num_full_blocks: int) -> list[int]:
-        hashes, parent = [], None
-        for i in range(num_full_blocks):
-            parent = hash_block(parent, token_ids[i * self.block_size : (i + 1) * self.block_size])
-            hashes.append(parent)
-        return hashes
-
     def find_cached_prefix(self, token_ids: Sequence[int]) -> tuple[list[Block], int]:
         """Cached blocks for the longest cached prefix of token_ids -> (blocks, tokens they hold).
         At least the last token is always left to compute, since its logits are needed."""
@@ -109,7 +111,7 @@ class KVCacheManager:
             return [], 0
         max_blocks = (len(token_ids) - 1) // self.block_size
         blocks = []
-        for block_hash in self._hashes(token_ids, max_blocks):
+        for block_hash in prefix_hashes(token_ids, self.block_size, max_blocks):
             block = self.pool.cached.get(block_hash)
             if block is None:
                 break

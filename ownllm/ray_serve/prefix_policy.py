@@ -1,0 +1,63 @@
+"""Prefix affinity: which replica most likely holds a prompt's leading blocks in its prefix cache, and the choice
+between that replica and the least loaded one. Plain Python (no Ray, no torch), so its tests run in milliseconds;
+router.py puts it behind Ray Serve's RequestRouter interface.
+
+It remembers, per block hash (prefix_key.py's chains), the replica it last sent a prompt holding that block, least
+recently used forgotten first. A new request goes to the owner of its longest remembered prefix unless that replica
+has more than `imbalance_threshold` requests in flight beyond the least loaded replica; then, and for prompts with
+no remembered prefix, it goes to the least loaded replica, ties broken toward the replica that owns the fewest
+blocks (so distinct prompts spread over idle replicas instead of piling on the first).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from typing import Mapping, Sequence
+
+DEFAULT_IMBALANCE_THRESHOLD = 8  # requests in flight; a replica decodes up to max_num_seqs (64) together
+DEFAULT_MAX_BLOCKS = 200_000  # remembered block hashes (a few MB of router memory)
+
+
+class PrefixAffinity:
+    def __init__(self, imbalance_threshold: int = DEFAULT_IMBALANCE_THRESHOLD,
+                 max_blocks: int = DEFAULT_MAX_BLOCKS) -> None:
+        self.imbalance_threshold = imbalance_threshold
+        self.max_blocks = max_blocks
+        self.owners: OrderedDict[int, str] = OrderedDict()  # block hash -> replica, least recently used first
+        self.num_owned: Counter[str] = Counter()
+
+    def choose(self, hashes: Sequence[int], loads: Mapping[str, int]) -> str:
+        """The replica for a prompt with these block hashes, given each candidate's requests in flight."""
+        least = min(loads, key=lambda replica: (loads[replica], self.num_owned[replica], replica))
+        owner = self.longest_prefix_owner(hashes, loads)
+        if owner is not None and loads[owner] - loads[least] <= self.imbalance_threshold:
+            return owner
+        return least
+
+    def longest_prefix_owner(self, hashes: Sequence[int], candidates: Mapping[str, int]) -> str | None:
+        owner = None
+        for block_hash in hashes:
+            replica = self.owners.get(block_hash)
+            if replica is None:
+                break
+            if replica in candidates:
+                owner = replica
+        return owner
+
+    def record(self, hashes: Sequence[int], replica: str) -> None:
+        """The prompt with these block hashes went to `replica`: its blocks are now (most recently) there."""
+        for block_hash in hashes:
+            previous = self.owners.pop(block_hash, None)
+            if previous is not None:
+                self.num_owned[previous] -= 1
+            self.owners[block_hash] = replica
+            self.num_owned[replica] += 1
+        while len(self.owners) > self.max_blocks:
+            _, evicted = self.owners.popitem(last=False)
+            self.num_owned[evicted] -= 1
+
+    def forget(self, replica: str) -> None:
+        """A replica is gone: its blocks are nobody's."""
+        for block_hash in [h for h, owner in self.owners.items() if owner == replica]:
+            del self.owners[block_hash]
+        self.num_owned.pop(replica, None)
