@@ -5,13 +5,14 @@ router.py puts it behind Ray Serve's RequestRouter interface.
 It remembers, per block hash (prefix_key.py's chains), the replica it last sent a prompt holding that block, least
 recently used forgotten first. A new request goes to the owner of its longest remembered prefix unless that replica
 has more than `imbalance_threshold` requests in flight beyond the least loaded replica; then, and for prompts with
-no remembered prefix, it goes to the least loaded replica, ties broken toward the replica that owns the fewest
-blocks (so distinct prompts spread over idle replicas instead of piling on the first).
+no remembered prefix, it goes to the least loaded replica, ties broken toward the replica chosen least recently
+(so distinct prompts spread over idle replicas instead of piling on the first).
 """
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+import itertools
+from collections import OrderedDict
 from typing import Mapping, Sequence
 
 DEFAULT_IMBALANCE_THRESHOLD = 8  # requests in flight; a replica decodes up to max_num_seqs (64) together
@@ -24,15 +25,16 @@ class PrefixAffinity:
         self.imbalance_threshold = imbalance_threshold
         self.max_blocks = max_blocks
         self.owners: OrderedDict[int, str] = OrderedDict()  # block hash -> replica, least recently used first
-        self.num_owned: Counter[str] = Counter()
+        self.last_chosen: dict[str, int] = {}  # replica -> when it was last chosen (a counter)
+        self._clock = itertools.count()
 
     def choose(self, hashes: Sequence[int], loads: Mapping[str, int]) -> str:
         """The replica for a prompt with these block hashes, given each candidate's requests in flight."""
-        least = min(loads, key=lambda replica: (loads[replica], self.num_owned[replica], replica))
+        least = min(loads, key=lambda replica: (loads[replica], self.last_chosen.get(replica, -1), replica))
         owner = self.longest_prefix_owner(hashes, loads)
-        if owner is not None and loads[owner] - loads[least] <= self.imbalance_threshold:
-            return owner
-        return least
+        chosen = owner if owner is not None and loads[owner] - loads[least] <= self.imbalance_threshold else least
+        self.last_chosen[chosen] = next(self._clock)
+        return chosen
 
     def longest_prefix_owner(self, hashes: Sequence[int], candidates: Mapping[str, int]) -> str | None:
         owner = None
@@ -47,17 +49,13 @@ class PrefixAffinity:
     def record(self, hashes: Sequence[int], replica: str) -> None:
         """The prompt with these block hashes went to `replica`: its blocks are now (most recently) there."""
         for block_hash in hashes:
-            previous = self.owners.pop(block_hash, None)
-            if previous is not None:
-                self.num_owned[previous] -= 1
+            self.owners.pop(block_hash, None)
             self.owners[block_hash] = replica
-            self.num_owned[replica] += 1
         while len(self.owners) > self.max_blocks:
-            _, evicted = self.owners.popitem(last=False)
-            self.num_owned[evicted] -= 1
+            self.owners.popitem(last=False)
 
     def forget(self, replica: str) -> None:
         """A replica is gone: its blocks are nobody's."""
         for block_hash in [h for h, owner in self.owners.items() if owner == replica]:
             del self.owners[block_hash]
-        self.num_owned.pop(replica, None)
+        self.last_chosen.pop(replica, None)
