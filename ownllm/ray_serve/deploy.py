@@ -56,10 +56,10 @@ def serve_replicas(spec: ServeSpec, scaling: ReplicaScaling, prefix_routing: boo
     app, drain = build_ingress(handle, spec.name, spec.settings, tokenizer if prefix_routing else None, block_size)
 
     def shutdown() -> None:
-        serve.delete(app_name)
-        if started_ray:
-            serve.shutdown()
+        if started_ray:  # the local Ray goes, and its replicas with it (even when part of it died first)
             ray.shutdown()
+        else:
+            serve.delete(app_name)
 
     return RayDeployment(app, drain, handle, shutdown)
 
