@@ -58,7 +58,7 @@ def test_autoscaled_scaling_starts_at_min():
 
 
 def test_prefix_affinity_follows_the_longest_prefix_then_load():
-    affinity = PrefixAffinity(imbalance_threshold=2)
+    affinity = PrefixAffinity(imbalance_threshold=2, min_matched_blocks=2)
     loads = {"a": 0, "b": 0}
     shared, other = [1, 2, 3], [7, 8]
     first = affinity.choose(shared, loads)
@@ -70,12 +70,13 @@ def test_prefix_affinity_follows_the_longest_prefix_then_load():
     busy = {first: 3, second: 0}
     assert affinity.choose(shared, busy) == second  # 3 more in flight than the least loaded: by load
     assert affinity.choose(shared, {first: 2, second: 0}) == first  # within the threshold: by prefix
+    assert affinity.choose([1, 5], loads) != affinity.choose([1, 6], loads)  # one shared block is too short to follow
     third = affinity.choose([9], loads)
     assert affinity.choose([10], loads) != third  # distinct prompts alternate over idle replicas
 
 
 def test_prefix_affinity_forgets_a_replica_and_old_blocks():
-    affinity = PrefixAffinity(max_blocks=3)
+    affinity = PrefixAffinity(min_matched_blocks=1, max_blocks=3)
     affinity.record([1, 2], "a")
     affinity.record([3, 4], "b")
     assert affinity.owners == {2: "a", 3: "b", 4: "b"}

@@ -17,12 +17,13 @@ from typing import List, Optional
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from ownllm.ray_serve.prefix_policy import DEFAULT_IMBALANCE_THRESHOLD, PrefixAffinity
+from ownllm.ray_serve.prefix_policy import DEFAULT_IMBALANCE_THRESHOLD, DEFAULT_MIN_MATCHED_BLOCKS, PrefixAffinity
 
 
 class PrefixAwareRouter(RequestRouter):
-    def initialize_state(self, imbalance_threshold: int = DEFAULT_IMBALANCE_THRESHOLD, **kwargs) -> None:
-        self.affinity = PrefixAffinity(imbalance_threshold)
+    def initialize_state(self, imbalance_threshold: int = DEFAULT_IMBALANCE_THRESHOLD,
+                         min_matched_blocks: int = DEFAULT_MIN_MATCHED_BLOCKS) -> None:
+        self.affinity = PrefixAffinity(imbalance_threshold, min_matched_blocks)
 
     async def choose_replicas(self, candidate_replicas: List[RunningReplica],
                               pending_request: Optional[PendingRequest] = None) -> List[List[RunningReplica]]:
