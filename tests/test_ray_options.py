@@ -133,3 +133,17 @@ def test_metrics_carry_a_replica_label():
     for replica in ("r1", "r2"):
         assert f'ownllm_prefix_cache_hits_total{{replica="{replica}"}} 5.0' in merged
         assert f'ownllm_time_to_first_token_seconds_count{{replica="{replica}"}} 1.0' in merged
+
+
+def test_a_replica_failing_mid_stream_ends_the_stream_with_the_apis_error_event():
+    from ownllm.ray_serve.ingress import replica_error, stream_error_event
+
+    error = replica_error(RuntimeError("gone"))
+    message = "the replica serving this request failed (RuntimeError); retry"
+    openai_event = stream_error_event("/v1/chat/completions", "text/event-stream; charset=utf-8", error).decode()
+    assert openai_event.startswith("data: ") and json.loads(openai_event[6:])["error"]["message"] == message
+    anthropic_event = stream_error_event("/v1/messages", "text/event-stream", error).decode()
+    assert anthropic_event.startswith("event: error\ndata: ")
+    assert json.loads(anthropic_event.split("data: ")[1])["error"]["message"] == message
+    assert json.loads(stream_error_event("/api/chat", "application/x-ndjson", error))["error"] == message
+    assert stream_error_event("/v1/chat/completions", "application/json", error) == b""
