@@ -33,7 +33,7 @@ class PrefixAwareRouter(RequestRouter):
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         hashes = _prefix_hashes(pending_request)
         chosen = self.affinity.choose(hashes, loads)
-        self.affinity.record(hashes, chosen)
+        self.affinity.record(hashes, chosen)  # now, so a burst sharing this prefix follows it before it is sent
         rest = sorted((r for r in candidate_replicas if r.replica_id.unique_id in loads and
                        r.replica_id.unique_id != chosen), key=lambda r: loads[r.replica_id.unique_id])
         return [[by_id[chosen]], rest]
