@@ -10,6 +10,7 @@ NDJSON), so a client never waits on a dead replica. A client that leaves cancels
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any, AsyncIterator
@@ -32,6 +33,7 @@ from ownllm.server.shutdown import Drain, DrainMiddleware
 
 logger = logging.getLogger(__name__)
 RETRY_AFTER_SECONDS = 2
+BROADCAST_TIMEOUT_S = 10.0  # /health and /metrics never hang on a stuck replica
 _METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]
 
 
@@ -88,7 +90,13 @@ def replica_error(error: Exception) -> ServerError:
 
 
 async def _broadcast(handle: Any, method: str) -> list:
-    return await handle.broadcast(method).results_async(return_exceptions=True)
+    """Every replica's answer (or exception); none when they take longer than BROADCAST_TIMEOUT_S."""
+    try:
+        return await asyncio.wait_for(handle.broadcast(method).results_async(return_exceptions=True),
+                                      BROADCAST_TIMEOUT_S)
+    except TimeoutError:
+        logger.warning("replicas did not answer %s within %ss", method, BROADCAST_TIMEOUT_S)
+        return []
 
 
 def _content_type(start: ResponseStart) -> str:
