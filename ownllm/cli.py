@@ -377,17 +377,30 @@ def serve(
         "fetch refuses private, loopback and link-local addresses. Default: none (images as data: URLs only).")] = None,
     max_image_size: Annotated[str, typer.Option(help="Largest encoded image a request may send or have fetched, "
                                                 "e.g. 20MiB.")] = "20MiB",
+    replicas: Annotated[Optional[int], typer.Option(
+        min=1, help="Serve with this many engine replicas, each its own process, on Ray Serve (pip install "
+        "'ownllm[ray]'); a local Ray is started unless --ray-address names a cluster.")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(
+        help="An existing Ray cluster to run the replicas on (e.g. ray://HEAD:10001 or HEAD:6379; 'auto': the "
+        "cluster this machine joined).")] = None,
+    threads_per_replica: Annotated[Optional[int], typer.Option(
+        min=1, help="CPU threads (and Ray CPUs) per replica. Default: 1.")] = None,
+    min_replicas: Annotated[Optional[int], typer.Option(
+        min=1, help="Autoscale: the fewest replicas (scaled on requests in flight and KV-cache use).")] = None,
+    max_replicas: Annotated[Optional[int], typer.Option(
+        min=1, help="Autoscale: the most replicas.")] = None,
+    no_prefix_routing: Annotated[bool, typer.Option(
+        "--no-prefix-routing", help="With replicas: route by load alone, not to the replica that holds a "
+        "request's prompt prefix in its cache.")] = False,
 ) -> None:
     """Serve a model over HTTP: the OpenAI API (with Responses) and Anthropic's Messages API under /v1, the Ollama API
     under /api, /health and /metrics."""
     from ownllm.config import (
         CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig, normalize_dtype, parse_memory_size, resolve_device,
     )
-    from ownllm.engine.async_embedder import AsyncEmbedder
-    from ownllm.engine.async_engine import AsyncEngine
-    from ownllm.engine.embedder import Embedder, is_embedding_model
     from ownllm.loader.resolve import resolve_model
-    from ownllm.server import ServerSettings, build_app
+    from ownllm.server import ServerSettings
+    from ownllm.server.launch import ServeSpec, build_server
     from ownllm.server.limits import RequestLimits
     from ownllm.server.shutdown import serve as serve_app
     from ownllm.structured_output import check_backend
@@ -396,6 +409,7 @@ def serve(
     resolve_device(device)
     _check_parsers(tool_call_parser, reasoning_parser)
     check_backend(structured_outputs_backend)
+    scaling = _replica_scaling(replicas, min_replicas, max_replicas, ray_address, threads_per_replica)
     config = EngineConfig(
         None, dtype, device,
         CacheConfig(memory_bytes=parse_memory_size(kv_cache_memory) if kv_cache_memory else None,
@@ -415,46 +429,51 @@ def serve(
                   "this port can use the model (set --api-key or OWNLLM_API_KEY)")
     path = resolve_model(model)
     name = served_model_name or _served_name(model, path)
-    embedder = None
-    with _spinner(f"Loading {model or BUNDLED_MODEL_NAME}..."):
-        if is_embedding_model(str(path)):
-            if embedding_model:
-                raise ValueError(f"--model {model} is an embedding model; --embedding-model goes beside a chat model")
-            if tensor_parallel_size > 1:
-                raise ValueError("--tensor-parallel-size does not apply to embedding models")
-            engine, embedder = None, AsyncEmbedder(Embedder.from_model(str(path), dtype, device, name))
-        else:
-            engine = AsyncEngine.from_config(replace(config, model=str(path)), max_waiting, name)
+    embedding = None
     if embedding_model:
         embedding_path = resolve_model(embedding_model)
-        embedding_name = _served_name(embedding_model, embedding_path)
-        if embedding_name == name:
+        embedding = (str(embedding_path), _served_name(embedding_model, embedding_path))
+        if embedding[1] == name:
             raise ValueError(f"the chat model and the embedding model are both named {name}; rename one "
                              "(--served-model-name)")
-        with _spinner(f"Loading {embedding_model}..."):
-            embedder = AsyncEmbedder(Embedder.from_model(str(embedding_path), None, device, embedding_name))
     verifier = None
     if verifier_model:
-        if engine is None:
-            raise ValueError("--verifier-model needs a chat model to verify (--model is an embedding model)")
         verifier_path = resolve_model(verifier_model)
-        with _spinner(f"Loading the verifier {verifier_model}..."):
-            verifier = AsyncEngine.from_config(replace(config, model=str(verifier_path), speculative=None),
-                                               max_waiting, _served_name(verifier_model, verifier_path))
+        verifier = (str(verifier_path), _served_name(verifier_model, verifier_path))
     settings = ServerSettings(api_key=api_key or None, cors_origins=origins, model_path=path, limits=limits,
                               request_timeout=request_timeout, reasoning_budget=reasoning_budget,
                               responses_store_size=responses_store_size,
                               max_compute_samples=max_compute_samples, allowed_media_domains=media_domains,
                               max_image_bytes=max_image_bytes)
-    app = build_app(engine, settings, embedder, verifier)
-    served = escape(name) + (f" and {escape(embedder.model_name)}" if engine is not None and embedder else "")
+    spec = ServeSpec(replace(config, model=str(path)), name, settings, max_waiting, embedding, verifier)
+    if scaling is not None:
+        from ownllm.ray_serve.deploy import serve_replicas
+
+        with _spinner(f"Starting {scaling.describe()} of {model or BUNDLED_MODEL_NAME} on Ray Serve..."):
+            deployment = serve_replicas(spec, scaling, prefix_routing=not no_prefix_routing)
+        app, drain, closer = deployment.app, deployment.drain, deployment.shutdown
+    else:
+        with _spinner(f"Loading {model or BUNDLED_MODEL_NAME}..."):
+            server = build_server(spec)
+        app, drain, closer = server.app, server.app.state.ctx.drain, server.shutdown
+    served = escape(name) + (f" and {escape(embedding[1])}" if embedding else "")
     err.print(f"Serving {served} at http://{escape(host)}:{port} (OpenAI and Anthropic APIs: /v1, Ollama API: /api)")
     try:
-        serve_app(app, app.state.ctx.drain, host, port, shutdown_timeout)
+        serve_app(app, drain, host, port, shutdown_timeout)
     finally:
-        for running in (engine, embedder, verifier):
-            if running is not None:
-                running.shutdown()
+        closer()
+
+
+def _replica_scaling(replicas: int | None, min_replicas: int | None, max_replicas: int | None,
+                     ray_address: str | None, threads_per_replica: int | None):
+    """The Ray Serve replicas asked for, or None for one in-process engine; without the extra, a one-line error."""
+    if replicas is None and min_replicas is None and max_replicas is None and ray_address is None:
+        if threads_per_replica is not None:
+            raise ValueError("--threads-per-replica needs --replicas (or --min-replicas/--max-replicas)")
+        return None
+    from ownllm.ray_serve import ReplicaScaling
+
+    return ReplicaScaling.of(replicas, min_replicas, max_replicas, ray_address, threads_per_replica)
 
 
 def _check_parsers(tool_call_parser: str | None, reasoning_parser: str | None) -> None:

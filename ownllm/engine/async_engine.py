@@ -157,6 +157,11 @@ class AsyncEngine:
     def stats(self) -> dict:
         return {**self.engine.stats(), "num_unfinished": len(self._streams)}
 
+    @property
+    def is_alive(self) -> bool:
+        """The engine thread still runs steps (a replica's health check)."""
+        return not self._stopped and self._thread.is_alive()
+
     def shutdown(self) -> None:
         if not self._stopped:
             self._stopped = True

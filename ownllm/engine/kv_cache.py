@@ -36,6 +36,24 @@ def images_in(image_spans: Sequence[ImageSpan], start: int, end: int) -> tuple[s
     return tuple(h for offset, length, h in image_spans if offset < end and offset + length > start)
 
 
+def block_hash_at(parent: int | None, token_ids: Sequence[int], i: int, block_size: int,
+                  image_spans: Sequence[ImageSpan] = ()) -> int:
+    """The hash of token_ids' i-th full block, chained to its parent's, with the images it covers mixed in."""
+    start, end = i * block_size, (i + 1) * block_size
+    return hash_block(parent, token_ids[start:end], images_in(image_spans, start, end))
+
+
+def prefix_hashes(token_ids: Sequence[int], block_size: int, num_full_blocks: int,
+                  image_spans: Sequence[ImageSpan] = ()) -> list[int]:
+    """The hash chain of the first num_full_blocks full blocks of token_ids (equal prefixes with equal images,
+    equal chains): what the prefix cache looks blocks up by, and what Ray Serve's prefix-aware router hashes."""
+    hashes, parent = [], None
+    for i in range(num_full_blocks):
+        parent = block_hash_at(parent, token_ids, i, block_size, image_spans)
+        hashes.append(parent)
+    return hashes
+
+
 class BlockPool:
     """All blocks, the free queue (LRU order) and the hash -> cached block map."""
 
@@ -106,17 +124,6 @@ class KVCacheManager:
     def block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.req_blocks.get(request_id, [])]
 
-    def _hash(self, parent: int | None, token_ids: Sequence[int], i: int, image_spans: Sequence[ImageSpan]) -> int:
-        start, end = i * self.block_size, (i + 1) * self.block_size
-        return hash_block(parent, token_ids[start:end], images_in(image_spans, start, end))
-
-    def _hashes(self, token_ids: Sequence[int], num_full_blocks: int, image_spans: Sequence[ImageSpan]) -> list[int]:
-        hashes, parent = [], None
-        for i in range(num_full_blocks):
-            parent = self._hash(parent, token_ids, i, image_spans)
-            hashes.append(parent)
-        return hashes
-
     def find_cached_prefix(self, token_ids: Sequence[int],
                            image_spans: Sequence[ImageSpan] = ()) -> tuple[list[Block], int]:
         """Cached blocks for the longest cached prefix of token_ids -> (blocks, tokens they hold).
@@ -125,7 +132,7 @@ class KVCacheManager:
             return [], 0
         max_blocks = (len(token_ids) - 1) // self.block_size
         blocks = []
-        for block_hash in self._hashes(token_ids, max_blocks, image_spans):
+        for block_hash in prefix_hashes(token_ids, self.block_size, max_blocks, image_spans):
             block = self.pool.cached.get(block_hash)
             if block is None:
                 break
@@ -155,7 +162,7 @@ class KVCacheManager:
         blocks = self.req_blocks[request_id]
         parent = hashes[-1] if hashes else None
         for i in range(len(hashes), num_full):
-            parent = self._hash(parent, token_ids, i, image_spans)
+            parent = block_hash_at(parent, token_ids, i, self.block_size, image_spans)
             hashes.append(parent)
             if blocks[i].block_hash is None:
                 self.pool.register(blocks[i], parent)
