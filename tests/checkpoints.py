@@ -164,6 +164,19 @@ def assert_tracks_reference(llm, prompt: list[int], reference, atol: float) -> l
 
 
 @torch.inference_mode()
+def assert_matches_reference(token_ids: list[int], logprobs: list[dict], reference, k: int = 5,
+                             atol: float = 1e-3) -> None:
+    """Our greedy tokens equal transformers' (hf_greedy's (tokens, per-step logprobs)), and its top-k logprobs at
+    each step are among ours, within atol."""
+    ref_tokens, ref_logprobs = reference
+    assert token_ids == ref_tokens
+    for step, (entry, ref) in enumerate(zip(logprobs, ref_logprobs)):
+        values, ids = ref.topk(k)
+        for token_id, value in zip(ids.tolist(), values.tolist()):
+            assert token_id in entry, f"step {step}: top-{k} token {token_id} missing"
+            assert abs(entry[token_id].logprob - value) < atol, f"step {step}, token {token_id}"
+
+
 def hf_greedy(model, prompt: list[int], max_new_tokens: int, **inputs) -> tuple[list[int], list[torch.Tensor]]:
     """transformers' greedy continuation -> (new token ids, per step logprobs [vocab]). inputs: more model inputs
     (e.g. pixel_values)."""

@@ -9,7 +9,7 @@ import pytest
 
 from ownllm import LLM, SamplingParams
 from ownllm.config import ModelConfig
-from tests.checkpoints import build_checkpoint, hf_greedy, random_prompts
+from tests.checkpoints import assert_matches_reference, build_checkpoint, hf_greedy, random_prompts
 
 NEW_TOKENS = 32
 GEMMA3 = dict(
@@ -34,14 +34,8 @@ def references(gemma3):
 
 def assert_matches(llm: LLM, prompts, references) -> None:
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, logprobs=5)
-    for output, (ref_tokens, ref_logprobs) in zip(llm.generate(prompts, params), references, strict=True):
-        ours = output.outputs[0]
-        assert ours.token_ids == ref_tokens
-        for step, (entry, ref) in enumerate(zip(ours.logprobs, ref_logprobs, strict=True)):
-            values, ids = ref.topk(5)
-            for token_id, value in zip(ids.tolist(), values.tolist()):
-                assert token_id in entry, f"step {step}: top-5 token {token_id} missing"
-                assert abs(entry[token_id].logprob - value) < 1e-3, f"step {step}, token {token_id}"
+    for output, reference in zip(llm.generate(prompts, params), references, strict=True):
+        assert_matches_reference(output.outputs[0].token_ids, output.outputs[0].logprobs, reference)
 
 
 @pytest.mark.parametrize("settings", [

@@ -23,8 +23,8 @@ import torch
 from ownllm import LLM, SamplingParams
 from ownllm.layers.moe import Experts
 from ownllm.models.llama4 import Llama4Attention
-from tests.checkpoints import (BASE, assert_same_generations, build_checkpoint, hf_greedy, random_prompts,
-                               save_tiny_tokenizer, teacher_forced)
+from tests.checkpoints import (BASE, assert_matches_reference, assert_same_generations, build_checkpoint, hf_greedy,
+                               random_prompts, save_tiny_tokenizer, teacher_forced)
 
 NEW_TOKENS = 32
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -153,13 +153,7 @@ def test_matches_transformers_and_reference_paths(variant):
     model = llm.runner.model
     outputs, chosen = generate_recording_experts(llm)
     for prompt, ours in zip(random_prompts(), outputs):
-        ref_tokens, ref_logprobs = hf_greedy(hf_model, prompt, NEW_TOKENS)
-        assert ours.token_ids == ref_tokens
-        for step, (entry, ref) in enumerate(zip(ours.logprobs, ref_logprobs)):
-            values, ids = ref.topk(5)
-            for token_id, value in zip(ids.tolist(), values.tolist()):
-                assert token_id in entry, f"step {step}: top-5 token {token_id} missing"
-                assert abs(entry[token_id].logprob - value) < 1e-3, f"step {step}, token {token_id}"
+        assert_matches_reference(ours.token_ids, ours.logprobs, hf_greedy(hf_model, prompt, NEW_TOKENS))
     assert chosen, "no sparse layer"
     for layer, ids in chosen.items():
         assert torch.cat(ids).unique().numel() > 1, f"{layer}: every token chose the same expert"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ownllm import LLM, SamplingParams
-from tests.checkpoints import hf_greedy
+from tests.checkpoints import assert_matches_reference, hf_greedy
 from tests.multimodal.gemma3_checkpoint import BOI_TOKEN_ID, IMAGE_TOKEN_ID, build_gemma3, hf_pixel_values
 from tests.multimodal.images import real_images, synthetic
 
@@ -66,14 +66,7 @@ def hf_reference(hf_model, expanded: list[int], images):
 
 
 def assert_matches(output, ref):
-    ref_tokens, ref_logprobs = ref
-    ours = output.outputs[0]
-    assert ours.token_ids == ref_tokens
-    for step, (entry, logprobs) in enumerate(zip(ours.logprobs, ref_logprobs)):
-        values, ids = logprobs.topk(5)
-        for token_id, value in zip(ids.tolist(), values.tolist()):
-            assert token_id in entry, f"step {step}: top-5 token {token_id} missing"
-            assert abs(entry[token_id].logprob - value) < 1e-3, f"step {step}, token {token_id}"
+    assert_matches_reference(output.outputs[0].token_ids, output.outputs[0].logprobs, ref)
 
 
 def test_images_and_text_in_one_batch_match_transformers(checkpoint, ours):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from ownllm import LLM, SamplingParams
-from tests.checkpoints import hf_greedy
+from tests.checkpoints import assert_matches_reference, hf_greedy
 from tests.multimodal.images import real_images, synthetic
 from tests.multimodal.llava_checkpoint import IMAGE_TOKEN_ID, build_llava, hf_pixel_values
 
@@ -64,14 +64,7 @@ def reference(hf_model, case: int, num_tokens: int):
 
 
 def assert_matches(output, ref):
-    ref_tokens, ref_logprobs = ref
-    ours = output.outputs[0]
-    assert ours.token_ids == ref_tokens
-    for step, (entry, logprobs) in enumerate(zip(ours.logprobs, ref_logprobs)):
-        values, ids = logprobs.topk(5)
-        for token_id, value in zip(ids.tolist(), values.tolist()):
-            assert token_id in entry, f"step {step}: top-5 token {token_id} missing"
-            assert abs(entry[token_id].logprob - value) < 1e-3, f"step {step}, token {token_id}"
+    assert_matches_reference(output.outputs[0].token_ids, output.outputs[0].logprobs, ref)
 
 
 PARAMS = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, logprobs=5)
