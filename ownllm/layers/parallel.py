@@ -169,7 +169,8 @@ def _quantized_shard(weight: Int4Weight | BlockWeight, name: str, shard: Shard) 
     if isinstance(weight, Int4Weight):
         groups = slice(shard.start // block, shard.stop // block)
         return Int4Weight(*(part.contiguous() for part in (
-            weight.q[:, shard.start : shard.stop], weight.scale[:, groups], weight.zero[:, groups])))
+            weight.codes[:, shard.start // 2 : shard.stop // 2],  # two codes a byte, groups of 32 whole
+            weight.scale[:, groups], weight.zero[:, groups])))
     nbytes = BLOCK_FORMATS[weight.qtype][1]
     return BlockWeight(weight.blocks[:, shard.start // block * nbytes : shard.stop // block * nbytes].contiguous(),
                        weight.qtype)
