@@ -289,6 +289,7 @@ class EngineConfig:
     # template; "none": off
     reasoning_parser: str | None = None
     tool_call_parser: str | None = None
+    max_model_len: int | None = None  # the longest prompt + answer served (None: the model's own context)
 
 
 # sentence-transformers' pooling modes, in the order it concatenates them when several are on

@@ -30,7 +30,7 @@ def build_engine(config: EngineConfig) -> Engine:
                          config.speculative, config.backends)
     block_size = config.cache.block_size
     kv_cache = KVCacheManager(runner.num_blocks, block_size, config.cache.enable_prefix_caching)
-    max_model_len = min(checkpoint.config.max_model_len, runner.num_blocks * block_size)
+    max_model_len = min(_max_model_len(config, checkpoint.config.max_model_len), runner.num_blocks * block_size)
     speculative = config.speculative
     reasoning = _reasoning_parser(config, tokenizer)
     structured_output = StructuredOutputManager(
@@ -41,6 +41,16 @@ def build_engine(config: EngineConfig) -> Engine:
                       spec_method=speculative.method if speculative else None, structured_output=structured_output)
     return Engine(core, tokenizer, checkpoint.config, checkpoint.generation_config, checkpoint.path, reasoning,
                   _tool_parser_name(config, tokenizer))
+
+
+def _max_model_len(config: EngineConfig, model_context: int) -> int:
+    """The configured max_model_len, which may shorten the model's context but never lengthen it."""
+    if config.max_model_len is None:
+        return model_context
+    if not 0 < config.max_model_len <= model_context:
+        raise ValueError(f"max_model_len must be in [1, {model_context}] (the model's context), "
+                         f"got {config.max_model_len}")
+    return config.max_model_len
 
 
 def _template_text(tokenizer: Tokenizer) -> str | None:
