@@ -158,11 +158,12 @@ def _fold(choice: dict, answer: Answer) -> None:
 def build_pool(url: str, model: str, context: int, seed: int = 0, size: int = 32) -> list[SoakRequest]:
     """`size` seeded requests of every kind; the long ones leave 1 to 24 tokens of `context` unused."""
     rng = random.Random(seed)
-    with httpx.Client(base_url=url, timeout=300) as client:
-        long_completion = _calibrated(client, context, lambda text: {"model": model, "prompt": text},
-                                      "/v1/completions")
-        long_chat = _calibrated(client, context, lambda text: {"model": model, "messages": [
-            {"role": "user", "content": text}]}, "/v1/chat/completions")
+    with httpx.Client(base_url=url, timeout=1800) as client:
+        lengths = PromptLengths(client, model)
+        long_chat = _near_the_limit(lengths.chat, context, lambda text: (
+            "/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": text}]}))
+        long_completion = _near_the_limit(lengths.completion, context, lambda text: (
+            "/v1/completions", {"model": model, "prompt": text}))
     kinds = [
         ("chat", lambda: _chat(model, rng)),
         ("chat n>1 logprobs", lambda: _chat(model, rng, n=rng.randint(2, 4), logprobs=True,
@@ -193,31 +194,43 @@ def _completion(model: str, rng: random.Random, **options) -> tuple[str, dict]:
     return "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": rng.randint(8, 48), **options}
 
 
-def _calibrated(client: httpx.Client, context: int, body_of, route: str):
-    """-> make(rng): (route, a body whose prompt of repeated filler text is as long as fits in `context` with a
-    few to 24 tokens to spare, max_tokens taking all but 0 to 8 of those). Prompt lengths are the server's
-    (usage.prompt_tokens of a one-token request): one and two repeats give the length of each repeat, one
-    long request checks the total."""
+class PromptLengths:
+    """Prompt lengths in the server's own tokens, without running the model: a user message's through
+    /v1/messages/count_tokens (the chat template applied), a plain text's as that less the template's share,
+    which one short completion (usage.prompt_tokens) measures."""
 
-    def prompt_tokens(text: str) -> int:
-        response = client.post(route, json={**body_of(text), "max_tokens": 1, "temperature": 0})
+    def __init__(self, client: httpx.Client, model: str) -> None:
+        self.client, self.model = client, model
+        probe = "Hello there."
+        response = client.post("/v1/completions", json={"model": model, "prompt": probe, "max_tokens": 1})
         response.raise_for_status()
-        return response.json()["usage"]["prompt_tokens"]
+        self.template_tokens = self.chat(probe) - response.json()["usage"]["prompt_tokens"]
 
-    def fitting(filler: str, budget: int) -> tuple[str, int]:
-        one = prompt_tokens(filler)
-        per_repeat = max(prompt_tokens(filler * 2) - one, 1)
-        repeats = max((budget - one) // per_repeat + 1, 1)
-        while (length := prompt_tokens(filler * repeats)) > budget and repeats > 1:
-            repeats -= (length - budget) // per_repeat + 1
-        return filler * repeats, length
+    def chat(self, text: str) -> int:
+        response = self.client.post("/v1/messages/count_tokens", json={
+            "model": self.model, "messages": [{"role": "user", "content": text}]})
+        response.raise_for_status()
+        return response.json()["input_tokens"]
 
-    fitted = [fitting(filler, context - 24) for filler in FILLERS]
+    def completion(self, text: str) -> int:
+        return self.chat(text) - self.template_tokens
+
+
+def _near_the_limit(length_of, context: int, request_of):
+    """-> make(rng): a (route, body) whose prompt, filler text repeated, leaves 1 to 24 tokens of `context`, and
+    whose max_tokens takes all but 0 to 8 of those."""
+    fitted = []
+    for filler in FILLERS:
+        repeats = 1
+        while length_of(filler * (repeats + 1)) <= context - 24:
+            repeats += 1
+        fitted.append((filler * repeats, length_of(filler * repeats)))
 
     def make(rng: random.Random) -> tuple[str, dict]:
         text, length = rng.choice(fitted)
         room = context - length
-        return route, {**body_of(text), "max_tokens": room - rng.randint(0, min(8, room - 1))}
+        route, body = request_of(text)
+        return route, {**body, "max_tokens": room - rng.randint(0, min(8, room - 1))}
 
     return make
 
