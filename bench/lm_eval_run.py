@@ -73,23 +73,52 @@ def evaluate(url: str, limit: int | None) -> dict[str, tuple[float, float]]:
             for task, metric in TASKS.items()}
 
 
+def llama_cpp_logits_mc(model: Path, limit: int | None) -> tuple[float, float]:
+    """The multiple-choice task scored from llama.cpp's own logits, in process (llama_cpp.Llama.eval), as lm-eval
+    scores it: each choice after a " ", its tokens those of the whole text past the question's -> (accuracy,
+    standard error). A cross-check beside the server's answer, whose echoed logprobs are those of the next
+    position (see RESULTS.md)."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(model), n_ctx=512, logits_all=True, verbose=False)
+    lines = (ROOT / "bench" / "lm_eval_tasks" / "arithmetic_mc.jsonl").read_text().splitlines()[:limit]
+    correct = []
+    for item in map(json.loads, lines):
+        context_len = len(llm.tokenize(item["question"].encode(), add_bos=False))
+        totals = []
+        for choice in item["choices"]:
+            ids = llm.tokenize(f"{item['question']} {choice}".encode(), add_bos=False)
+            llm.reset()
+            llm.eval(ids)
+            scores = np.asarray(llm.scores[: len(ids)], dtype=np.float64)  # row i predicts token i + 1
+            logprobs = scores - np.logaddexp.reduce(scores, axis=-1, keepdims=True)
+            totals.append(sum(logprobs[i - 1, ids[i]] for i in range(context_len, len(ids))))
+        correct.append(int(np.argmax(totals)) == item["answer"])
+    accuracy = sum(correct) / len(correct)
+    return accuracy, math.sqrt(accuracy * (1 - accuracy) / (len(correct) - 1))
+
+
 def report(scores: dict[str, dict[str, tuple[float, float]]], limit: int | None) -> str:
-    servers = list(scores)
-    lines = ["| task | metric | " + " | ".join(servers) + (" | difference / combined standard error |"
-                                                          if len(servers) == 2 else ""),
-             "|---|---|" + "---|" * len(servers) + ("---|" if len(servers) == 2 else "")]
+    """Each score with its standard error, then each other scorer against ownllm: the difference and the combined
+    standard error (they agree when the first is at most the second)."""
+    lines = ["| task | metric | scored by | score ± standard error |", "|---|---|---|---|"]
     for task, metric in TASKS.items():
-        cells = [f"{scores[s][task][0]:.3f} ± {scores[s][task][1]:.3f}" for s in servers]
-        row = f"| {task} | {metric} | " + " | ".join(cells) + " |"
-        if len(servers) == 2:
-            (a, se_a), (b, se_b) = (scores[s][task] for s in servers)
-            combined = math.hypot(se_a, se_b)
-            row += f" {abs(a - b):.3f} / {combined:.3f} ({'agree' if abs(a - b) <= combined else 'DIFFER'}) |"
-        lines.append(row)
+        lines += [f"| {task} | {metric} | {name} | {by_task[task][0]:.3f} ± {by_task[task][1]:.3f} |"
+                  for name, by_task in scores.items() if task in by_task]
+    if "ownllm" in scores and len(scores) > 1:
+        lines += ["", "| task | ownllm against | difference | combined standard error | verdict |", "|---|---|---|---|---|"]
+        for task in TASKS:
+            for name, by_task in scores.items():
+                if name != "ownllm" and task in by_task and task in scores["ownllm"]:
+                    (a, se_a), (b, se_b) = scores["ownllm"][task], by_task[task]
+                    combined = math.hypot(se_a, se_b)
+                    lines.append(f"| {task} | {name} | {abs(a - b):.3f} | {combined:.3f} | "
+                                 f"{'agree' if abs(a - b) <= combined else 'DIFFER'} |")
     command = " ".join(["python bench/lm_eval_run.py", *sys.argv[1:]])
-    header = [f"Command: `{command}`; lm-eval {_version('lm_eval')}, `--model local-completions`, bundled "
-              f"SmolLM2-135M-Instruct Q4_1 GGUF in both servers, {limit or 'all'} items per task (100 each), "
-              "greedy; ± is lm-eval's standard error.", ""]
+    header = [f"Command: `{command}`; lm-eval {_version('lm_eval')}, `--model local-completions`, the bundled "
+              f"SmolLM2-135M-Instruct Q4_1 GGUF in both servers, {limit or 'all 100'} items per task, greedy; "
+              "± is lm-eval's standard error.", ""]
     return "\n".join(header + lines) + "\n"
 
 
@@ -116,9 +145,11 @@ def main() -> None:
         with launched(kind, model, args.threads) as url:
             scores[kind] = evaluate(url, args.limit)
         print(f"  {scores[kind]}", flush=True)
+    if "llama.cpp" in scores:
+        scores["llama.cpp logits in process"] = {"ownllm_arithmetic_mc": llama_cpp_logits_mc(model, args.limit)}
     body = report(scores, args.limit)
     print(body)
-    if not args.no_write and not args.limit:
+    if not args.no_write:
         write_section("lm-evaluation-harness", body)
 
 

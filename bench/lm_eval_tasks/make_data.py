@@ -3,7 +3,7 @@
     python bench/lm_eval_tasks/make_data.py
 
 - arithmetic_mc.jsonl: "What is a + b?" with four numeric choices, one right (multiple choice, scored by the
-  loglikelihood of each choice);
+  loglikelihood of each choice after lm-eval's " " delimiter);
 - sequence_gen.jsonl: "Continue the sequence: 12, 15, 18, 21," answered by greedy generation up to a comma or a
   newline (exact match).
 """
@@ -26,7 +26,7 @@ def arithmetic_mc(rng: random.Random) -> list[dict]:
         wrong = rng.sample([n for n in range(max(2, right - 6), right + 7) if n != right], 3)
         choices = [right, *wrong]
         rng.shuffle(choices)
-        items.append({"question": f"Question: What is {a} + {b}?\nAnswer:", "choices": [f" {c}" for c in choices],
+        items.append({"question": f"Question: What is {a} + {b}?\nAnswer:", "choices": [str(c) for c in choices],
                       "answer": choices.index(right)})
     return items
 
