@@ -4,7 +4,8 @@ becomes engine requests and engine outputs become OpenAI responses (JSON or SSE 
 Answers are read once, through server/answers.py (tool calls, reasoning text, structured outputs), from the
 engine's per-step deltas; this module only renders the events. Options OpenAI clients may send but ownllm
 cannot honour yet (logit_bias, suffix) are refused with a 400 naming them, never silently ignored. A completion
-with echo and logprobs also scores the prompt (the engine's prompt logprobs), as evaluation harnesses ask. A request with `compute` (several samples, one chosen answer) is served by server/compute.py.
+with echo and logprobs also scores the prompt (the engine's prompt logprobs), as evaluation harnesses ask. A
+request with `compute` (several samples, one chosen answer) is served by server/compute.py.
 """
 
 from __future__ import annotations
@@ -213,10 +214,12 @@ def _completion_logprobs(token_ids: list[int], entries: list[dict[int, Logprob]]
     return result
 
 
-def _echo_logprobs(ctx: ServerContext, prompt_ids: list[int], entries: list[dict[int, Logprob] | None],
-                   k: int) -> CompletionLogprobs:
-    """The echoed prompt's logprobs (from the engine's prompt logprobs); its first token, which nothing predicts,
-    has null ones, as in OpenAI's legacy API."""
+def _echo_logprobs(ctx: ServerContext, prompt_ids: list[int], entries: list[dict[int, Logprob] | None] | None,
+                   k: int) -> CompletionLogprobs | None:
+    """The echoed prompt's logprobs (from the engine's prompt logprobs; None if the request ended before they
+    came); its first token, which nothing predicts, has null ones, as in OpenAI's legacy API."""
+    if entries is None:
+        return None
     first_text = ctx.engine.tokenizer.decode(prompt_ids[:1], skip_special_tokens=False)
     rest = _completion_logprobs(prompt_ids[1:], entries[1:], k, len(first_text))
     return CompletionLogprobs(tokens=[first_text, *rest.tokens], token_logprobs=[None, *rest.token_logprobs],
