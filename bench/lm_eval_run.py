@@ -40,6 +40,15 @@ TOKENIZER_DIR = ROOT / "bench" / ".cache" / "lm_eval_tokenizer"
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
+LLAMA_CPP_ECHO_NOTE = (
+    "llama.cpp's multiple-choice score through its server is not llama.cpp's: llama-cpp-python (0.3.36) echoes, "
+    "for prompt token i, the logprob of that token under the distribution at position i (which predicts token "
+    "i + 1) when the model adds no BOS token, as SmolLM2 does; checked on one prompt, its echoed logprobs equal "
+    "row i's to 1e-6, while ownllm's prompt logprobs equal llama.cpp's own logits of row i - 1 to 0.17 (Q4_1 "
+    "arithmetic differs). The row \"llama.cpp logits in process\" scores the task from those logits the way "
+    "lm-eval does, and is the llama.cpp figure to compare.")
+
+
 def export_tokenizer(model: Path) -> Path:
     """The GGUF's tokenizer as a transformers folder (tokenizer.json + tokenizer_config.json)."""
     from ownllm.loader import load_checkpoint
@@ -115,6 +124,8 @@ def report(scores: dict[str, dict[str, tuple[float, float]]], limit: int | None)
                     combined = math.hypot(se_a, se_b)
                     lines.append(f"| {task} | {name} | {abs(a - b):.3f} | {combined:.3f} | "
                                  f"{'agree' if abs(a - b) <= combined else 'DIFFER'} |")
+    if "llama.cpp" in scores:
+        lines += ["", LLAMA_CPP_ECHO_NOTE]
     command = " ".join(["python bench/lm_eval_run.py", *sys.argv[1:]])
     header = [f"Command: `{command}`; lm-eval {_version('lm_eval')}, `--model local-completions`, the bundled "
               f"SmolLM2-135M-Instruct Q4_1 GGUF in both servers, {limit or 'all 100'} items per task, greedy; "

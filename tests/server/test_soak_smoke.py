@@ -14,7 +14,7 @@ CONTEXT = 256  # what the long requests fill: far below the tiny server's contex
 
 
 def test_soak_clients_get_the_answers_they_would_get_alone(tiny_server):
-    pool = build_pool(tiny_server.url, TINY_NAME, CONTEXT, seed=1, size=16)
+    pool = build_pool(tiny_server.url, TINY_NAME, CONTEXT, seed=1, size=8)  # one request of each kind
     assert {request.kind for request in pool} >= {"chat n>1 logprobs", "completion stop", "long chat"}
     result = asyncio.run(run_clients(tiny_server.url, pool, num_clients=4, seconds=3, disconnecting_share=0.25,
                                      max_disconnect_chunk=2))
