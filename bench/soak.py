@@ -4,7 +4,7 @@
     python bench/soak.py --clients 8 --minutes 1 --no-write   # a smoke run
     python bench/soak.py --url http://127.0.0.1:8000      # a server already running (no RSS figures, not written)
 
-It starts `ownllm serve` on the bundled model with `--max-model-len 2048`, so that prompts near the context limit
+It starts `ownllm serve` on the bundled model with `--max-model-len 2048` (or `--max-model-len N`), so that prompts near the context limit
 are cheap to prefill. Each client sends, one after another, requests drawn from a fixed, seeded pool: chat and
 completions, n up to 4, logprobs, stop strings, prompts that leave only a few tokens of the context free, three
 long system prompts shared by many requests; all greedy (temperature 0) and streamed. A fifth of the clients close
@@ -394,7 +394,7 @@ def report(pool, result: LoadResult, comparison: Comparison, blocks: tuple[float
         kinds[pool[index].kind] = kinds.get(pool[index].kind, 0) + len(responses)
     lines = [
         f"Command: `{' '.join(['python bench/soak.py', *sys.argv[1:]])}`; bundled SmolLM2-135M-Instruct Q4_1 served "
-        f"with `--max-model-len {CONTEXT}`; {args.clients} streaming clients for {args.minutes} min "
+        f"with `--max-model-len {args.max_model_len}`; {args.clients} streaming clients for {args.minutes} min "
         f"({result.seconds:.0f} s with the last answers), {round(args.clients * DISCONNECTING_SHARE)} of them closing "
         "each stream at a random chunk; all greedy.", "",
         "| figure | value |", "|---|---|",
@@ -422,6 +422,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-model-len", type=int, default=CONTEXT, help="the served context, which the long "
+                        "prompts nearly fill (a smaller one makes them cheaper on a slow machine)")
     parser.add_argument("--url", help="soak this running server instead of starting one (no RSS, not written)")
     parser.add_argument("--threads", type=int, default=None, help="the server's OMP_NUM_THREADS (default: all CPUs)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
@@ -436,7 +438,8 @@ def main() -> None:
         from ownllm.loader.resolve import bundled_model_path
 
         with launched_process("ownllm", bundled_model_path(), args.threads or os.cpu_count(),
-                              ("--max-model-len", str(CONTEXT))) as (url, process), RssSampler(process.pid) as rss:
+                              ("--max-model-len", str(args.max_model_len))) as (url, process), \
+                RssSampler(process.pid) as rss:
             body, passed = soak(url, args, rss)
     print(body)
     if not args.url and not args.no_write:
