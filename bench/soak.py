@@ -4,8 +4,8 @@
     python bench/soak.py --clients 8 --minutes 1 --no-write   # a smoke run
     python bench/soak.py --url http://127.0.0.1:8000      # a server already running (no RSS figures, not written)
 
-It starts `ownllm serve` on the bundled model with `--max-model-len 2048` (or `--max-model-len N`), so that prompts near the context limit
-are cheap to prefill. Each client sends, one after another, requests drawn from a fixed, seeded pool: chat and
+It starts `ownllm serve` on the bundled model with `--max-model-len 2048` (this script's `--max-model-len N` sets
+it), so that prompts near the context limit are cheap to prefill. Each client sends, one after another, requests drawn from a fixed, seeded pool: chat and
 completions, n up to 4, logprobs, stop strings, prompts that leave only a few tokens of the context free, three
 long system prompts shared by many requests; all greedy (temperature 0) and streamed. A fifth of the clients close
 each stream at a random chunk (a disconnect mid-answer). At the end, with the server idle:
