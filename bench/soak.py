@@ -42,11 +42,11 @@ LOGPROB_TOLERANCE = 1e-3  # logprobs are compared within this (texts and tokens 
 DISCONNECTING_SHARE = 0.2
 SYSTEM_PROMPTS = [
     "You are a careful assistant. " + " ".join(f"Rule {i}: answer politely, cite source {i * 7}, keep it short."
-                                                for i in range(30)),
+                                                for i in range(12)),
     "You are a terse math tutor who shows every step. " + " ".join(
-        f"Example {i}: {i} plus {i + 3} is {2 * i + 3}." for i in range(30)),
+        f"Example {i}: {i} plus {i + 3} is {2 * i + 3}." for i in range(12)),
     "You write short poems about the sea. " + " ".join(f"Line {i}: the tide comes in, wave number {i}."
-                                                       for i in range(30)),
+                                                       for i in range(12)),
 ]
 QUESTIONS = [
     "Why is the sky blue?", "Name three rivers in Europe.", "What is 17 times 23?", "Write a haiku about tea.",
@@ -394,7 +394,8 @@ def report(pool, result: LoadResult, comparison: Comparison, blocks: tuple[float
         kinds[pool[index].kind] = kinds.get(pool[index].kind, 0) + len(responses)
     lines = [
         f"Command: `{' '.join(['python bench/soak.py', *sys.argv[1:]])}`; bundled SmolLM2-135M-Instruct Q4_1 served "
-        f"with `--max-model-len {args.max_model_len}`; {args.clients} streaming clients for {args.minutes} min "
+        f"with `--max-model-len {args.max_model_len} --kv-cache-memory {args.kv_cache_memory}"
+        f"{' --dtype ' + args.dtype if args.dtype else ''}`; {args.clients} streaming clients for {args.minutes} min "
         f"({result.seconds:.0f} s with the last answers), {round(args.clients * DISCONNECTING_SHARE)} of them closing "
         "each stream at a random chunk; all greedy.", "",
         "| figure | value |", "|---|---|",
@@ -425,6 +426,11 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=CONTEXT, help="the served context, which the long "
                         "prompts nearly fill (a smaller one makes them cheaper on a slow machine)")
     parser.add_argument("--url", help="soak this running server instead of starting one (no RSS, not written)")
+    parser.add_argument("--kv-cache-memory", default="256MiB", help="the server's KV pool: its pages are mapped "
+                        "on first use, in LRU order, so a small pool is all resident early and RSS growth after "
+                        "minute 2 is the server's own")
+    parser.add_argument("--dtype", help="the server's --dtype (default: its own choice, bfloat16 on CPUs with "
+                        "AVX-512 BF16)")
     parser.add_argument("--threads", type=int, default=None, help="the server's OMP_NUM_THREADS (default: all CPUs)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     args = parser.parse_args()
@@ -438,7 +444,8 @@ def main() -> None:
         from ownllm.loader.resolve import bundled_model_path
 
         with launched_process("ownllm", bundled_model_path(), args.threads or os.cpu_count(),
-                              ("--max-model-len", str(args.max_model_len))) as (url, process), \
+                              ("--max-model-len", str(args.max_model_len), "--kv-cache-memory", args.kv_cache_memory,
+                               *(["--dtype", args.dtype] if args.dtype else []))) as (url, process), \
                 RssSampler(process.pid) as rss:
             body, passed = soak(url, args, rss)
     print(body)
