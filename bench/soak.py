@@ -5,7 +5,9 @@
     python bench/soak.py --url http://127.0.0.1:8000      # a server already running (no RSS figures, not written)
 
 It starts `ownllm serve` on the bundled model with `--max-model-len 2048` (this script's `--max-model-len N` sets
-it), so that prompts near the context limit are cheap to prefill. Each client sends, one after another, requests drawn from a fixed, seeded pool: chat and
+it), so that prompts near the context limit are cheap to prefill, `--kv-cache-memory 256MiB` (the pool's pages are
+mapped on first use, so a small one is all resident early and RSS growth is the server's own) and `--dtype
+float32` (in bfloat16, greedy answers equal the request alone only up to near-ties that the batch decides). Each client sends, one after another, requests drawn from a fixed, seeded pool: chat and
 completions, n up to 4, logprobs, stop strings, prompts that leave only a few tokens of the context free, three
 long system prompts shared by many requests; all greedy (temperature 0) and streamed. A fifth of the clients close
 each stream at a random chunk (a disconnect mid-answer). At the end, with the server idle:
@@ -429,8 +431,9 @@ def main() -> None:
     parser.add_argument("--kv-cache-memory", default="256MiB", help="the server's KV pool: its pages are mapped "
                         "on first use, in LRU order, so a small pool is all resident early and RSS growth after "
                         "minute 2 is the server's own")
-    parser.add_argument("--dtype", help="the server's --dtype (default: its own choice, bfloat16 on CPUs with "
-                        "AVX-512 BF16)")
+    parser.add_argument("--dtype", default="float32", help="the server's --dtype: float32 by default, since in "
+                        "bfloat16 an answer may take another token at a near-tie when its batch differs (see "
+                        "RESULTS.md); '' for the server's own choice")
     parser.add_argument("--threads", type=int, default=None, help="the server's OMP_NUM_THREADS (default: all CPUs)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     args = parser.parse_args()
