@@ -8,9 +8,10 @@ It starts `ownllm serve` on the bundled model with `--max-model-len 2048` (this 
 it), so that prompts near the context limit are cheap to prefill, `--kv-cache-memory 256MiB` (the pool's pages are
 mapped on first use, so a small one is all resident early and RSS growth is the server's own) and `--dtype
 float32` (in bfloat16, greedy answers equal the request alone only up to near-ties that the batch decides).
-Each client sends, one after another, requests drawn from a fixed, seeded pool: chat and completions, n up to 4, logprobs, stop strings, prompts that leave only a few tokens of the context free, three
-long system prompts shared by many requests; all greedy (temperature 0) and streamed. A fifth of the clients close
-each stream at a random chunk (a disconnect mid-answer). At the end, with the server idle:
+Each client sends, one after another, requests drawn from a fixed, seeded pool: chat and completions, n up to 4,
+logprobs, stop strings, prompts that leave only a few tokens of the context free, three system prompts shared by
+many requests; all greedy (temperature 0) and streamed. A fifth of the clients close each stream at a random chunk
+(a disconnect mid-answer). At the end, with the server idle:
 
 - the KV pool must be back to all blocks free (`ownllm_kv_cache_blocks_used` in /metrics is 0);
 - every completed answer must equal that request's answer alone: each distinct request that completed is sent
