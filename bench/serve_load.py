@@ -24,6 +24,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from contextlib import contextmanager
@@ -176,28 +177,40 @@ def server_command(kind: str, model: Path, port: int, threads: int) -> list[str]
 
 
 @contextmanager
-def launched(kind: str, model: Path, threads: int) -> Iterator[str]:
+def launched(kind: str, model: Path, threads: int, extra_args: tuple[str, ...] = ()) -> Iterator[str]:
+    with launched_process(kind, model, threads, extra_args) as (url, _):
+        yield url
+
+
+@contextmanager
+def launched_process(kind: str, model: Path, threads: int,
+                     extra_args: tuple[str, ...] = ()) -> Iterator[tuple[str, subprocess.Popen]]:
+    """The server of `kind` on `model` with `extra_args` added to its command line -> (its URL, its process). Its
+    stderr goes to a file (a pipe nobody reads would stall a long run once full)."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    process = subprocess.Popen(server_command(kind, model, port, threads), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, env=env)
+    log = tempfile.TemporaryFile()
+    process = subprocess.Popen([*server_command(kind, model, port, threads), *extra_args], stdout=subprocess.DEVNULL,
+                               stderr=log, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(url, process)
-        yield url
+        _wait_ready(url, process, log)
+        yield url, process
     finally:
         process.terminate()
         try:
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
+        log.close()
 
 
-def _wait_ready(url: str, process: subprocess.Popen) -> None:
+def _wait_ready(url: str, process: subprocess.Popen, log) -> None:
     deadline = time.monotonic() + STARTUP_SECONDS
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}: {process.stderr.read().decode()[-2000:]}")
+            log.seek(0)
+            raise RuntimeError(f"server exited with {process.returncode}: {log.read().decode()[-2000:]}")
         try:
             if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
                 return

@@ -328,6 +328,9 @@ def serve(
     max_num_seqs: Annotated[int, typer.Option(min=1, help="Most requests decoded together in one step.")] = 64,
     max_num_batched_tokens: Annotated[int, typer.Option(
         min=1, help="Token budget of one engine step; longer prompts are prefilled in chunks of this size.")] = 512,
+    max_model_len: Annotated[Optional[int], typer.Option(
+        min=1, help="The longest prompt plus answer served, in tokens (at most the model's context, which is the "
+        "default).")] = None,
     no_prefix_caching: Annotated[bool, typer.Option(
         "--no-prefix-caching", help="Do not reuse the KV cache of earlier requests' shared prompt prefixes.")] = False,
     speculative_config: SpeculativeOpt = None,
@@ -416,7 +419,8 @@ def serve(
                     enable_prefix_caching=not no_prefix_caching),
         SchedulerConfig(max_num_batched_tokens, max_num_seqs), SpeculativeConfig.parse(speculative_config),
         reasoning_parser=reasoning_parser, tool_call_parser=tool_call_parser,
-        structured_outputs_backend=structured_outputs_backend, tensor_parallel_size=tensor_parallel_size)
+        structured_outputs_backend=structured_outputs_backend, tensor_parallel_size=tensor_parallel_size,
+        max_model_len=max_model_len)
     limits = RequestLimits(parse_memory_size(max_body_size), max_messages, max_completion_tokens, max_n, max_stop,
                            max_logprobs)
     origins = tuple(o.strip() for value in cors_origins or [] for o in value.split(",") if o.strip())

@@ -336,6 +336,7 @@ class EngineConfig:
     # template; "none": off
     reasoning_parser: str | None = None
     tool_call_parser: str | None = None
+    max_model_len: int | None = None  # the longest prompt + answer served (None: the model's own context)
     tensor_parallel_size: int = 1  # worker processes the model is split across (distributed/executor.py)
 
     def __post_init__(self) -> None:

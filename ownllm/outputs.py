@@ -52,6 +52,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     error: str | None = None  # set when the engine failed on this request (a sample's finish_reason is "error")
+    # with prompt_logprobs asked: one entry per prompt token (None for the first, which nothing predicts), in
+    # the first output once the prompt is computed (every later output too, unless output_kind is "delta")
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     compute: ComputeSummary | None = None  # a request with `compute`: how its one output was chosen
 
 
@@ -129,3 +132,5 @@ class RunnerOutput:
     logprobs: list[list[SampleLogprobs]] = field(default_factory=list)
     num_accepted_draft_tokens: list[int] = field(default_factory=list)
     draft_token_ids: dict[str, list[int]] = field(default_factory=dict)  # proposals for the next step
+    # request id -> (position of the first prompt token scored, logprobs of that token and the next ones)
+    prompt_logprobs: dict[str, tuple[int, list[SampleLogprobs]]] = field(default_factory=dict)

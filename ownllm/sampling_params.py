@@ -50,6 +50,9 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # number of top alternatives returned per token (the sampled one is always included)
+    # logprobs of the prompt's tokens (each given those before it) with this many top alternatives; such a
+    # request computes its whole prompt (no prefix-cache hit), since a cached block has no logits
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputsParams | None = None
     thinking_budget: int | None = None  # reasoning tokens before the engine ends the thinking itself
@@ -78,6 +81,8 @@ class SamplingParams:
             (self.max_tokens is None or self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}"),
             (self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}"),
             (self.logprobs is None or self.logprobs >= 0, f"logprobs must be >= 0, got {self.logprobs}"),
+            (self.prompt_logprobs is None or self.prompt_logprobs >= 0,
+             f"prompt_logprobs must be >= 0, got {self.prompt_logprobs}"),
             (self.thinking_budget is None or self.thinking_budget >= 0,
              f"thinking_budget must be >= 0, got {self.thinking_budget}"),
             (self.output_kind in OUTPUT_KINDS, f"output_kind must be one of {', '.join(OUTPUT_KINDS)}, "
@@ -92,6 +97,7 @@ class SamplingParams:
         return self.temperature == 0
 
     def for_sample(self, index: int) -> "SamplingParams":
-        """The params of the index-th of n samples: n=1, and a distinct seed if one was given."""
+        """The params of the index-th of n samples: n=1, a distinct seed if one was given, and prompt logprobs
+        (which all samples share) computed by the first alone."""
         seed = None if self.seed is None else self.seed + index
-        return replace(self, n=1, seed=seed)
+        return replace(self, n=1, seed=seed, prompt_logprobs=self.prompt_logprobs if index == 0 else None)

@@ -32,7 +32,7 @@ def build_engine(config: EngineConfig) -> Engine:
     executor = _executor(config, checkpoint, device)
     block_size = config.cache.block_size
     kv_cache = KVCacheManager(executor.num_blocks, block_size, config.cache.enable_prefix_caching)
-    max_model_len = min(checkpoint.config.max_model_len, executor.num_blocks * block_size)
+    max_model_len = min(_max_model_len(config, checkpoint.config.max_model_len), executor.num_blocks * block_size)
     speculative = config.speculative
     reasoning = _reasoning_parser(config, tokenizer)
     structured_output = StructuredOutputManager(
@@ -54,6 +54,16 @@ def _executor(config: EngineConfig, checkpoint: Checkpoint, device: str) -> Exec
 
     return UniprocExecutor(ModelRunner(checkpoint, config.cache, checkpoint.tokenizer.eos_token_ids,
                                        config.scheduler.max_num_seqs, device, config.speculative, config.backends))
+
+
+def _max_model_len(config: EngineConfig, model_context: int) -> int:
+    """The configured max_model_len, which may shorten the model's context but never lengthen it."""
+    if config.max_model_len is None:
+        return model_context
+    if not 0 < config.max_model_len <= model_context:
+        raise ValueError(f"max_model_len must be in [1, {model_context}] (the model's context), "
+                         f"got {config.max_model_len}")
+    return config.max_model_len
 
 
 def _template_text(tokenizer: Tokenizer) -> str | None:

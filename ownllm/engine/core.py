@@ -142,6 +142,8 @@ class EngineCore:
         num_prompt_left = request.num_prompt_tokens - request.num_computed_tokens
         self.num_prompt_tokens_total += max(0, min(num_scheduled, num_prompt_left))
         self.scheduler.advance(request, num_scheduled, num_drafts, num_accepted)
+        if request_id in runner_output.prompt_logprobs:
+            self.output_processor.append_prompt_logprobs(request, *runner_output.prompt_logprobs[request_id])
         token_ids = runner_output.sampled_token_ids[i]
         if token_ids:
             num_before = request.num_output_tokens

@@ -134,11 +134,13 @@ class Engine:
             return None
         delta = parent.output_kind == "delta"
         outputs = [self.output_processor.completion(cid, delta) for cid in parent.child_ids]
+        prompt_logprobs = self.output_processor.prompt_logprobs(parent.child_ids[0], delta)
         if finished:
             for child_id in parent.child_ids:
                 self.output_processor.remove(child_id)
             del self._parents[request_id]
-        return RequestOutput(request_id, parent.prompt, parent.prompt_token_ids, outputs, finished, error)
+        return RequestOutput(request_id, parent.prompt, parent.prompt_token_ids, outputs, finished, error,
+                             prompt_logprobs=prompt_logprobs)
 
     def abort(self, request_id: str) -> None:
         """Stops a request at once and frees everything it holds; unknown or finished ids are ignored."""

@@ -56,4 +56,5 @@ def execute_one_by_one(executor: Executor, so: SchedulerOutput, requests: dict[s
         merged.logprobs += output.logprobs
         merged.num_accepted_draft_tokens += output.num_accepted_draft_tokens
         merged.draft_token_ids.update(output.draft_token_ids)
+        merged.prompt_logprobs.update(output.prompt_logprobs)
     return merged, failed

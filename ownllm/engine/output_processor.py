@@ -26,6 +26,8 @@ class RequestState:
     stop_token_ids: frozenset[int]  # tokens that end it (once min_tokens are out): its stop ids and EOS
     text: str = ""  # all decoded text (may end in held-back characters)
     logprobs: list[dict[int, Logprob]] | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # the first prompt token's is None
+    has_sent_prompt_logprobs: bool = False
     cumulative_logprob: float = 0.0
     num_sent_tokens: int = 0  # what earlier delta outputs carried
     num_sent_chars: int = 0
@@ -44,10 +46,17 @@ class OutputProcessor:
         self.states[request.request_id] = RequestState(
             request, index, self.tokenizer.detokenizer(params.skip_special_tokens),
             frozenset(params.stop_token_ids) | eos, logprobs=[] if params.logprobs is not None else None,
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
         )
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _entry(self, token_id: int, sample: SampleLogprobs) -> dict[int, Logprob]:
+        entry = {token_id: Logprob(sample.logprob, sample.rank, self._token_text(token_id))}
+        for rank, (top_id, logprob) in enumerate(sample.top or [], start=1):
+            entry.setdefault(top_id, Logprob(logprob, rank, self._token_text(top_id)))
+        return entry
 
     def append(self, request: Request, token_ids: Sequence[int], logprobs: Sequence[SampleLogprobs]) -> None:
         """Folds in one step's tokens in order, up to the first that ends the request."""
@@ -56,13 +65,27 @@ class OutputProcessor:
             request.output_token_ids.append(token_id)
             state.cumulative_logprob += sample.logprob
             if state.logprobs is not None:
-                entry = {token_id: Logprob(sample.logprob, sample.rank, self._token_text(token_id))}
-                for rank, (top_id, logprob) in enumerate(sample.top or [], start=1):
-                    entry.setdefault(top_id, Logprob(logprob, rank, self._token_text(top_id)))
-                state.logprobs.append(entry)
+                state.logprobs.append(self._entry(token_id, sample))
             self._check_stop(state, token_id)
             if request.is_finished:
                 return
+
+    def append_prompt_logprobs(self, request: Request, first: int, logprobs: Sequence[SampleLogprobs]) -> None:
+        """Folds in the logprobs of prompt tokens first, first + 1, ...; those already known (a preempted request
+        computes its prompt again) are kept."""
+        known = self.states[request.request_id].prompt_logprobs
+        for position, sample in enumerate(logprobs, start=first):
+            if position == len(known):
+                known.append(self._entry(request.prompt_token_ids[position], sample))
+
+    def prompt_logprobs(self, request_id: str, delta: bool = False) -> list[dict[int, Logprob] | None] | None:
+        """The prompt's logprobs once all are known (None before, or when not asked); with delta, only once."""
+        state = self.states[request_id]
+        known = state.prompt_logprobs
+        if known is None or len(known) < state.request.num_prompt_tokens or (delta and state.has_sent_prompt_logprobs):
+            return None
+        state.has_sent_prompt_logprobs = True
+        return known
 
     def _check_stop(self, state: RequestState, token_id: int) -> None:
         request, params = state.request, state.request.sampling_params

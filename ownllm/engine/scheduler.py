@@ -174,6 +174,8 @@ class Scheduler:
             request = self.waiting[0]
             token_ids = request.all_token_ids
             cached_blocks, num_cached = self.kv_cache.find_cached_prefix(token_ids, request.image_spans)
+            if request.sampling_params.prompt_logprobs is not None:  # each prompt token's logits are needed
+                cached_blocks, num_cached = [], 0
             request.num_computed_tokens = num_cached
             num_new, to_encode = self._plan_images(request, min(len(token_ids) - num_cached, budget))
             if num_new == 0 or not self.kv_cache.allocate(request.request_id, num_cached + num_new, cached_blocks):

@@ -3,12 +3,14 @@ becomes engine requests and engine outputs become OpenAI responses (JSON or SSE 
 
 Answers are read once, through server/answers.py (tool calls, reasoning text, structured outputs), from the
 engine's per-step deltas; this module only renders the events. Options OpenAI clients may send but ownllm
-cannot honour yet (logit_bias, suffix, prompt logprobs) are refused with a 400 naming them, never silently
-ignored. A request with `compute` (several samples, one chosen answer) is served by server/compute.py.
+cannot honour yet (logit_bias, suffix) are refused with a 400 naming them, never silently ignored. A completion
+with echo and logprobs also scores the prompt (the engine's prompt logprobs), as evaluation harnesses ask. A
+request with `compute` (several samples, one chosen answer) is served by server/compute.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from typing import Any, AsyncIterator
@@ -143,8 +145,6 @@ def _check_completion(body: CompletionRequest) -> None:
         raise ServerError(400, "suffix (fill in the middle) is not supported", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
         raise ServerError(400, "best_of is not supported (it may only equal n)", param="best_of")
-    if body.echo and body.logprobs is not None:
-        raise ServerError(400, "echo with logprobs needs prompt logprobs, which are not supported yet", param="echo")
 
 
 def _sampling_params(ctx: ServerContext, body: ChatCompletionRequest | CompletionRequest, max_tokens: int | None,
@@ -206,6 +206,27 @@ def _completion_logprobs(token_ids: list[int], entries: list[dict[int, Logprob]]
     return result
 
 
+def _echo_logprobs(ctx: ServerContext, prompt_ids: list[int], entries: list[dict[int, Logprob] | None] | None,
+                   k: int) -> CompletionLogprobs | None:
+    """The echoed prompt's logprobs (from the engine's prompt logprobs; None if the request ended before they
+    came); its first token, which nothing predicts, has null ones, as in OpenAI's legacy API."""
+    if entries is None:
+        return None
+    first_text = ctx.engine.tokenizer.decode(prompt_ids[:1], skip_special_tokens=False)
+    rest = _completion_logprobs(prompt_ids[1:], entries[1:], k, len(first_text))
+    return CompletionLogprobs(tokens=[first_text, *rest.tokens], token_logprobs=[None, *rest.token_logprobs],
+                              top_logprobs=[None, *rest.top_logprobs], text_offset=[0, *rest.text_offset])
+
+
+def _joined(echoed: CompletionLogprobs | None, generated: CompletionLogprobs) -> CompletionLogprobs:
+    if echoed is None:
+        return generated
+    return CompletionLogprobs(tokens=echoed.tokens + generated.tokens,
+                              token_logprobs=echoed.token_logprobs + generated.token_logprobs,
+                              top_logprobs=echoed.top_logprobs + generated.top_logprobs,
+                              text_offset=echoed.text_offset + generated.text_offset)
+
+
 def _usage(ctx: ServerContext, num_prompt_tokens: int, readers: list[SampleReader]) -> Usage:
     num_completion = sum(len(r.token_ids) for r in readers)
     details = None
@@ -225,9 +246,12 @@ async def _sse_events(events: AsyncIterator[str]) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
-async def _read_prompts(merged: AsyncIterator[tuple[int, RequestOutput]], readers: list[list[SampleReader]]) -> None:
-    """Feeds every delta of every prompt's samples to its reader."""
+async def _read_prompts(merged: AsyncIterator[tuple[int, RequestOutput]], readers: list[list[SampleReader]],
+                        prompt_logprobs: list) -> None:
+    """Feeds every delta of every prompt's samples to its reader, and keeps each prompt's logprobs."""
     async for p, output in merged:
+        if output.prompt_logprobs is not None:
+            prompt_logprobs[p] = output.prompt_logprobs
         for delta in output.outputs:
             readers[p][delta.index].read(delta)
 
@@ -335,6 +359,8 @@ async def serve_completion(ctx: ServerContext, request: Request) -> Response:
     for _, ids in prompts:
         check_context(len(ids), body.max_tokens, ctx.engine.max_model_len, "prompt", "max_tokens")
     params = _sampling_params(ctx, body, body.max_tokens, body.logprobs, structured)
+    if body.echo and body.logprobs is not None:
+        params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
     if body.compute is not None:
         answer = await compute.serve_completion(ctx, request, body, prompts, params,
                                                 lambda: SampleReader(OutputStream()))
@@ -343,19 +369,23 @@ async def serve_completion(ctx: ServerContext, request: Request) -> Response:
     streams = [run(ctx, ids, params, f"{request_id}-{i}", Timing(timing.arrived)) for i, (_, ids) in enumerate(prompts)]
     num_prompt_tokens = sum(len(ids) for _, ids in prompts)
     readers = [[SampleReader(OutputStream()) for _ in range(body.n)] for _ in prompts]
+    prompt_logprobs = [None] * len(prompts)  # each prompt's, with echo and logprobs
     merged = merge(streams)
     if body.stream:
         merged = await first_and_rest(request, merged)
         return sse_response(_sse_events(_completion_chunks(ctx, body, request_id, prompts, num_prompt_tokens, merged,
-                                                   readers)))
-    await until_disconnect(request, _read_prompts(merged, readers))
+                                                   readers, prompt_logprobs)))
+    await until_disconnect(request, _read_prompts(merged, readers, prompt_logprobs))
     choices = []
     for p, prompt_readers in enumerate(readers):
         for i, reader in enumerate(prompt_readers):
             text = (prompts[p][0] if body.echo else "") + reader.message().content
             logprobs = None
             if body.logprobs is not None:
-                logprobs = _completion_logprobs(reader.token_ids, reader.logprobs, body.logprobs, 0)
+                echoed = _echo_logprobs(ctx, prompts[p][1], prompt_logprobs[p], body.logprobs) if body.echo else None
+                offset = sum(map(len, echoed.tokens)) if echoed else 0
+                logprobs = _joined(echoed, _completion_logprobs(reader.token_ids, reader.logprobs, body.logprobs,
+                                                                offset))
             choices.append(CompletionChoice(index=p * body.n + i, text=text, logprobs=logprobs,
                                             finish_reason=reader.finish_reason, stop_reason=reader.stop_reason))
     return _json(CompletionResponse(id=request_id, created=int(time.time()), model=ctx.model_name, choices=choices,
@@ -364,14 +394,16 @@ async def serve_completion(ctx: ServerContext, request: Request) -> Response:
 
 async def _completion_chunks(ctx: ServerContext, body: CompletionRequest, request_id: str,
                              prompts: list[tuple[str, list[int]]], num_prompt_tokens: int,
-                             merged: AsyncIterator[tuple[int, RequestOutput]],
-                             readers: list[list[SampleReader]]) -> AsyncIterator[str]:
+                             merged: AsyncIterator[tuple[int, RequestOutput]], readers: list[list[SampleReader]],
+                             prompt_logprobs: list) -> AsyncIterator[str]:
     created = int(time.time())
     num_choices = len(prompts) * body.n
     echoes = [prompts[i // body.n][0] if body.echo else "" for i in range(num_choices)]
     offsets = [0] * num_choices
     async for p, output in merged:
         choices = []
+        if output.prompt_logprobs is not None:
+            prompt_logprobs[p] = output.prompt_logprobs
         for delta in output.outputs:
             i, reader = p * body.n + delta.index, readers[p][delta.index]
             if reader.finished:
@@ -382,9 +414,14 @@ async def _completion_chunks(ctx: ServerContext, body: CompletionRequest, reques
                 continue
             logprobs = None
             if body.logprobs is not None:
-                logprobs = _completion_logprobs(reader.token_ids[start:], reader.logprobs[start:], body.logprobs,
-                                                offsets[i])
-                offsets[i] += sum(len(t) for t in logprobs.tokens)
+                echoed = None
+                if echoes[i]:  # the choice's first chunk echoes the prompt
+                    echoed = _echo_logprobs(ctx, prompts[p][1], prompt_logprobs[p], body.logprobs)
+                    offsets[i] = sum(map(len, echoed.tokens))
+                generated = _completion_logprobs(reader.token_ids[start:], reader.logprobs[start:], body.logprobs,
+                                                 offsets[i])
+                offsets[i] += sum(map(len, generated.tokens))
+                logprobs = _joined(echoed, generated)
             choices.append(CompletionChoice(index=i, text=text, logprobs=logprobs, finish_reason=reader.finish_reason,
                                             stop_reason=reader.stop_reason))
             echoes[i] = ""

@@ -34,10 +34,11 @@ from ownllm.outputs import RunnerOutput, SampleLogprobs, SchedulerOutput
 from ownllm.sampling_params import SamplingParams
 from ownllm.spec_decode import DraftLength
 from ownllm.worker.input_batch import Span, build_inputs
-from ownllm.worker.sampler import Sampler, SamplingMetadata, SamplingRow
+from ownllm.worker.sampler import Sampler, SamplingMetadata, SamplingRow, token_logprobs
 
 logger = logging.getLogger(__name__)
 DEFAULT_KV_CACHE_BYTES = 2 * 2**30
+PROMPT_LOGPROBS_ROWS = 256  # prompt rows turned into logits at once (a [rows, vocab] float32 tensor)
 
 
 def available_memory_bytes() -> int:
@@ -179,6 +180,7 @@ class ModelRunner:
             output.sampled_token_ids.append(tokens)
             output.logprobs.append(logprobs)
             output.num_accepted_draft_tokens.append(num_accepted)
+        output.prompt_logprobs = self._prompt_logprobs(scheduled, hidden)
         if self.proposer_reads_hidden:
             self.proposer.observe(scheduled, pre_norm)
         if self.proposer is not None and states and so.propose_drafts:
@@ -221,6 +223,26 @@ class ModelRunner:
         for row, image, image_row, num in writes:
             embeds[row:row + num] = self.encoder_outputs[image.image_hash][image_row:image_row + num]
         return embeds
+
+    def _prompt_logprobs(self, scheduled: list[tuple[RequestState, Span, int]],
+                         hidden: torch.Tensor) -> dict[str, tuple[int, list[SampleLogprobs]]]:
+        """For the requests that asked for prompt logprobs: the logprobs of the prompt tokens this step's rows
+        predict (row of position p -> token p + 1), as {request id: (first position scored, logprobs)}."""
+        results = {}
+        for state, span, first_row in scheduled:
+            k = state.params.prompt_logprobs
+            end = min(span.start + len(span.token_ids) - len(state.drafts), state.num_prompt_tokens - 1)
+            if k is None or span.start >= end:
+                continue
+            samples = []
+            for start in range(span.start, end, PROMPT_LOGPROBS_ROWS):
+                stop = min(start + PROMPT_LOGPROBS_ROWS, end)
+                rows = hidden[first_row + start - span.start : first_row + stop - span.start]
+                logits = self.model.compute_logits(rows).float()  # [rows, vocab]
+                targets = torch.tensor(state.token_ids[start + 1 : stop + 1], device=logits.device)
+                samples += token_logprobs(logits, targets, k)
+            results[state.request_id] = (span.start + 1, samples)
+        return results
 
 
 def sample_and_verify(sampler: Sampler, logits: torch.Tensor, states: list[RequestState], eos_token_ids: set[int],

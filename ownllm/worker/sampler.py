@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ownllm.outputs import SampleLogprobs
 from ownllm.sampling_params import SamplingParams
 
 NEG_INF = float("-inf")
@@ -204,7 +205,7 @@ class Sampler:
             token_ids[greedy] = x[greedy].argmax(-1) if len(greedy) < x.shape[0] else x.argmax(-1)
         if meta.random_rows:
             token_ids[meta.random_rows] = draw(x[meta.random_rows] / meta.temperature, meta)
-        return _logprobs(logits, token_ids, meta)
+        return _logprobs(logits, token_ids, meta.num_logprobs)
 
 
 def _race(weights: torch.Tensor, rows: list[int], generators: dict[int, torch.Generator]) -> torch.Tensor:
@@ -259,24 +260,31 @@ def draw(x: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     return token_ids
 
 
-def _logprobs(logits: torch.Tensor, token_ids: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> list[SampleLogprobs]:
+    """The logprobs of given tokens (a prompt's) in the raw distribution of each row of logits [R, vocab], with
+    ranks and k top alternatives, as the sampler reports a sampled token's."""
+    out = _logprobs(logits, token_ids, [k] * logits.shape[0])
+    return [SampleLogprobs(*entry) for entry in zip(out.logprobs, out.ranks, out.top_logprobs)]
+
+
+def _logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_logprobs: list[int | None]) -> SamplerOutput:
     """Logprobs of the sampled tokens in the raw distribution, with ranks and top alternatives where asked.
     log_softmax, not logsumexp: its row reductions give a row the same numbers in a batch of any size (logsumexp
     splits a row across threads when rows are few), so speculation and batching leave logprobs bit-identical."""
     raw = logits.log_softmax(-1)  # [R, vocab]
     chosen = logits.gather(1, token_ids[:, None])  # [R, 1]
     chosen_logprobs = raw.gather(1, token_ids[:, None])  # [R, 1]
-    asked = [i for i, k in enumerate(meta.num_logprobs) if k is not None]
+    asked = [i for i, k in enumerate(num_logprobs) if k is not None]
     ranks = [0] * logits.shape[0]
     tops: list[list[tuple[int, float]] | None] = [None] * logits.shape[0]
     if asked:
         rank_values = ((logits[asked] > chosen[asked]).sum(-1) + 1).tolist()
         for i, rank in zip(asked, rank_values):
             ranks[i] = rank
-        max_top = max(meta.num_logprobs[i] for i in asked)
+        max_top = max(num_logprobs[i] for i in asked)
         if max_top:
             values, ids = raw[asked].topk(max_top, dim=-1)
             for i, row_ids, row_values in zip(asked, ids.tolist(), values.tolist()):
-                k = meta.num_logprobs[i]
+                k = num_logprobs[i]
                 tops[i] = list(zip(row_ids[:k], row_values[:k])) if k else None
     return SamplerOutput(token_ids.tolist(), chosen_logprobs.squeeze(1).tolist(), ranks, tops)
