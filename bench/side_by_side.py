@@ -6,7 +6,8 @@ The comparison harness runs each tool in a process of its own, one after another
 drifting between them (36-55 GB/s on this shared machine) moves their ratio by +-15%. Here both tools
 load once and alternate runs, so drift hits them alike. Pairs: the harness's random-weight Llama-3.2-1B
 (ownllm: the bf16 HF folder; llama.cpp: its F16 GGUF), its Q8_0 and Q4_K_M GGUFs, the SmolLM2-135M
-shape's Q4_K_M (mostly Q5_0) and the bundled SmolLM2-135M-Instruct Q4_1 GGUF (the same file for both).
+shape's Q4_K_M (mostly Q5_0), the bundled SmolLM2-135M-Instruct Q4_1 GGUF and the real Qwen2.5-Coder 1.5B and
+0.5B Q4_K_M GGUFs (bench/fetch_models.py; the same file for both).
 Prompts of random ids (128 tokens, or --prompt-tokens: decode after a long prompt attends over all of it),
 greedy, EOS ignored; decode tokens/s = (new tokens - 1) / time after the first token; the median of the
 repeats after the first. Results go to bench/RESULTS.md (section "Batch-1 decode, side by side", with the
@@ -32,20 +33,32 @@ from bench.bundled_decode import write_section  # noqa: E402
 from bench.harness_models import MODELS, ensure_built  # noqa: E402
 
 
-def pairs() -> list[tuple[str, str, str, str]]:
-    """(label, ownllm model, ownllm dtype or "", llama.cpp GGUF)."""
+def pairs(wanted: list[str]) -> list[tuple[str, str, str, str]]:
+    """(label, ownllm model, ownllm dtype or "", llama.cpp GGUF) for the labels containing one of `wanted`; only
+    those are built or fetched."""
+    from bench.fetch_models import fetch
     from ownllm.loader.resolve import bundled_model_path
 
-    one_b = {m.weights: m for m in MODELS if m.shape == "llama-3.2-1b"}
-    smol = {m.weights: m for m in MODELS if m.shape == "smollm2-135m"}
-    ensure_built("llama-3.2-1b")
-    ensure_built("smollm2-135m")
-    bundled = str(bundled_model_path())
-    return [("llama-3.2-1b (bf16 / F16)", str(one_b["bf16"].path()), "bfloat16", str(one_b["F16"].path())),
-            ("llama-3.2-1b Q8_0", str(one_b["Q8_0"].path()), "", str(one_b["Q8_0"].path())),
-            ("llama-3.2-1b Q4_K_M", str(one_b["Q4_K_M"].path()), "", str(one_b["Q4_K_M"].path())),
-            ("smollm2-135m Q4_K_M", str(smol["Q4_K_M"].path()), "", str(smol["Q4_K_M"].path())),
-            ("bundled SmolLM2-135M Q4_1", bundled, "", bundled)]
+    def random_shape(shape: str, weights: str) -> str:
+        ensure_built(shape)
+        return str(next(m for m in MODELS if m.shape == shape and m.weights == weights).path())
+
+    def same_file(path) -> tuple[str, str, str]:
+        path = str(path())
+        return path, "", path
+
+    candidates = {
+        "llama-3.2-1b (bf16 / F16)": lambda: (random_shape("llama-3.2-1b", "bf16"), "bfloat16",
+                                              random_shape("llama-3.2-1b", "F16")),
+        "llama-3.2-1b Q8_0": lambda: same_file(lambda: random_shape("llama-3.2-1b", "Q8_0")),
+        "llama-3.2-1b Q4_K_M": lambda: same_file(lambda: random_shape("llama-3.2-1b", "Q4_K_M")),
+        "smollm2-135m Q4_K_M": lambda: same_file(lambda: random_shape("smollm2-135m", "Q4_K_M")),
+        "bundled SmolLM2-135M Q4_1": lambda: same_file(bundled_model_path),
+        # the real files people download (bench/fetch_models.py fetches them when missing)
+        "Qwen2.5-Coder-1.5B Q4_K_M (real)": lambda: same_file(lambda: fetch("1.5b")),
+        "Qwen2.5-Coder-0.5B Q4_K_M (real)": lambda: same_file(lambda: fetch("0.5b")),
+    }
+    return [(label, *make()) for label, make in candidates.items() if any(w in label for w in wanted)]
 
 
 def timed(tokens) -> tuple[float, float, float]:
@@ -76,9 +89,7 @@ def main() -> None:
     lines = ["| model | ownllm decode tok/s | llama.cpp decode tok/s | ownllm / llama.cpp | ownllm prefill tok/s | llama.cpp prefill tok/s |",
              "|---|---|---|---|---|---|"]
     wanted = args.models.split(",") if args.models else [""]
-    for label, ours_path, dtype, gguf in pairs():
-        if not any(w in label for w in wanted):
-            continue
+    for label, ours_path, dtype, gguf in pairs(wanted):
         ours = LLM(ours_path, **({"dtype": dtype} if dtype else {}), enable_prefix_caching=False)
         theirs = Llama(gguf, n_threads=args.threads, n_ctx=args.prompt_tokens + new + 64, n_batch=512, verbose=False)
         params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
