@@ -70,6 +70,50 @@ def timed(tokens) -> tuple[float, float, float]:
     return start, first, time.perf_counter()
 
 
+def compare(label: str, ours_path: str, dtype: str, gguf: str, new: int, prompt_tokens: int, repeats: int,
+            threads: int) -> tuple[str, dict[str, list[float]]]:
+    """One pair, the tools alternating run by run -> (its table line, {tool: [prefill tok/s, decode tok/s]})."""
+    from llama_cpp import Llama
+
+    from ownllm import LLM, SamplingParams
+
+    ours = LLM(ours_path, **({"dtype": dtype} if dtype else {}), enable_prefix_caching=False)
+    theirs = Llama(gguf, n_threads=threads, n_ctx=prompt_tokens + new + 64, n_batch=512, verbose=False)
+    params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+
+    def run_ours(prompt):
+        return timed(ours.stream({"prompt_token_ids": prompt}, params))
+
+    def run_theirs(prompt):
+        def tokens():
+            for i, _ in enumerate(theirs.generate(prompt, temp=0.0, reset=True)):
+                yield
+                if i + 1 >= new:
+                    return
+        theirs.reset()
+        return timed(tokens())
+
+    rng = random.Random(0)
+    vocab = min(ours.config.vocab_size, theirs.n_vocab())
+    results: dict[str, list[tuple[float, float]]] = {"ownllm": [], "llama.cpp": []}
+    for _ in range(repeats):
+        for name, run in (("ownllm", run_ours), ("llama.cpp", run_theirs)):
+            prompt = [rng.randrange(100, vocab) for _ in range(prompt_tokens)]
+            start, first, end = run(prompt)
+            results[name].append((len(prompt) / (first - start), (new - 1) / (end - first)))
+    med = {name: [statistics.median(r[i] for r in runs[1:]) for i in (0, 1)] for name, runs in results.items()}
+    line = (f"| {label} | {med['ownllm'][1]:.1f} | {med['llama.cpp'][1]:.1f} | {med['ownllm'][1] / med['llama.cpp'][1]:.2f}x | "
+            f"{med['ownllm'][0]:.0f} | {med['llama.cpp'][0]:.0f} |")
+    print(line, "  runs:", {n: [round(r[1], 1) for r in runs] for n, runs in results.items()}, flush=True)
+    del ours, theirs
+    gc.collect()
+    return line, med
+
+
+TABLE_HEADER = ["| model | ownllm decode tok/s | llama.cpp decode tok/s | ownllm / llama.cpp | ownllm prefill tok/s | llama.cpp prefill tok/s |",
+                "|---|---|---|---|---|---|"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -81,46 +125,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from llama_cpp import Llama
-
-    from ownllm import LLM, SamplingParams
-
     new = args.new_tokens
-    lines = ["| model | ownllm decode tok/s | llama.cpp decode tok/s | ownllm / llama.cpp | ownllm prefill tok/s | llama.cpp prefill tok/s |",
-             "|---|---|---|---|---|---|"]
+    lines = list(TABLE_HEADER)
     wanted = args.models.split(",") if args.models else [""]
-    for label, ours_path, dtype, gguf in pairs(wanted):
-        ours = LLM(ours_path, **({"dtype": dtype} if dtype else {}), enable_prefix_caching=False)
-        theirs = Llama(gguf, n_threads=args.threads, n_ctx=args.prompt_tokens + new + 64, n_batch=512, verbose=False)
-        params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
-
-        def run_ours(prompt):
-            return timed(ours.stream({"prompt_token_ids": prompt}, params))
-
-        def run_theirs(prompt):
-            def tokens():
-                for i, _ in enumerate(theirs.generate(prompt, temp=0.0, reset=True)):
-                    yield
-                    if i + 1 >= new:
-                        return
-            theirs.reset()
-            return timed(tokens())
-
-        rng = random.Random(0)
-        vocab = min(ours.config.vocab_size, theirs.n_vocab())
-        results: dict[str, list[tuple[float, float]]] = {"ownllm": [], "llama.cpp": []}
-        for _ in range(args.repeats):
-            for name, run in (("ownllm", run_ours), ("llama.cpp", run_theirs)):
-                prompt = [rng.randrange(100, vocab) for _ in range(args.prompt_tokens)]
-                start, first, end = run(prompt)
-                results[name].append((len(prompt) / (first - start), (new - 1) / (end - first)))
-        med = {name: [statistics.median(r[i] for r in runs[1:]) for i in (0, 1)] for name, runs in results.items()}
-        line = (f"| {label} | {med['ownllm'][1]:.1f} | {med['llama.cpp'][1]:.1f} | {med['ownllm'][1] / med['llama.cpp'][1]:.2f}x | "
-                f"{med['ownllm'][0]:.0f} | {med['llama.cpp'][0]:.0f} |")
-        print(line, "  runs:", {n: [round(r[1], 1) for r in runs] for n, runs in results.items()}, flush=True)
-        lines.append(line)
-        del ours, theirs
-        gc.collect()
+    for pair in pairs(wanted):
+        lines.append(compare(*pair, new, args.prompt_tokens, args.repeats, args.threads)[0])
     if args.table_only:
         args.table_only.write_text("\n".join(lines[2:]) + "\n")  # the rows, without the header
         return
