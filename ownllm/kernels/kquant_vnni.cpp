@@ -37,6 +37,14 @@ inline __m512 load16(const bf16* x) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)x)), 16));
 }
 
+// Where each 16 values of a 256-value block go: in order, or (Q4_K) in the order its codes unpack, each 128
+// values as the sub-blocks of 32 at 0, 64, 32, 96 (a byte's low nibbles, then its high ones).
+inline int64_t in_order(int64_t chunk) { return 16 * chunk; }
+inline int64_t q4_k_order(int64_t chunk) {
+  const int64_t v = 16 * chunk, sub = v % 128 / 32;
+  return v / 128 * 128 + sub % 2 * 64 + sub / 2 * 32 + v % 32;
+}
+
 // The quantized activation rows, [M, K] codes with their scales, in the layout of kBlock-value blocks.
 template <int64_t kBlock>
 struct Activations {
@@ -46,14 +54,15 @@ struct Activations {
   std::vector<float> d;         // Q8_K: [M, K / 256]; 32-blocks: [M, K / 64, 16], each d in its 8 lanes
   std::vector<int16_t> bsums;   // Q8_K: [M, K / 16]
 
-  Activations(const bf16* x, int64_t M, int64_t K)
+  // order: where each 16 values of a block go among its codes (bsums stay in order)
+  Activations(const bf16* x, int64_t M, int64_t K, int64_t (*order)(int64_t) = in_order)
       : K(K), q(M * K), d(M * (kKQuant ? K / 256 : K / 4)), bsums(kKQuant ? M * K / 16 : 0) {
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t b = 0; b < K / kBlock; ++b) quantize_block(x + m * K + b * kBlock, m, b);
+      for (int64_t b = 0; b < K / kBlock; ++b) quantize_block(x + m * K + b * kBlock, m, b, order);
   }
 
   // One block: d = absmax / 127, q = round-to-nearest-even(x * (127 / absmax)) in float32 (0 when all are 0).
-  void quantize_block(const bf16* x, int64_t m, int64_t b) {
+  void quantize_block(const bf16* x, int64_t m, int64_t b, int64_t (*order)(int64_t)) {
     __m512 v[kBlock / 16];
     __m512 amax = _mm512_setzero_ps();
     for (int i = 0; i < kBlock / 16; ++i) {
@@ -68,7 +77,7 @@ struct Activations {
       __m128i bytes = _mm512_cvtsepi32_epi8(qi);
       if (kKQuant) bsums[(m * K + b * kBlock) / 16 + i] = (int16_t)_mm512_reduce_add_epi32(qi);
       else bytes = _mm_xor_si128(bytes, _mm_set1_epi8((char)0x80));  // + 128, as uint8
-      _mm_storeu_si128((__m128i*)(codes + 16 * i), bytes);
+      _mm_storeu_si128((__m128i*)(codes + order(i)), bytes);
     }
     if (kKQuant) d[m * (K / 256) + b] = scale;
     else std::fill_n(d.data() + m * (K / 4) + b * 8, 8, scale);  // pair b / 2, lanes 8 (b % 2) ...
@@ -82,11 +91,14 @@ struct Activations {
 // for the 32 int16 pair sums that vpmaddubsw makes of them; vpdpwssd then adds scale * pair sum into int32.
 
 // Q4_K (144 bytes per 256 weights): fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins, q[128] nibbles.
-// Sub-block c (32 weights) takes the low nibbles of q[32 (c / 2) ...] for even c, the high ones for odd c,
-// so vector k (weights 64 k ...) is q[32 k ...]'s low nibbles then its high ones; w = d sc[c] q - dmin m[c]:
+// Sub-block c (32 weights) takes the low nibbles of q[32 (c / 2) ...] for even c, the high ones for odd c;
+// w = d sc[c] q - dmin m[c], so
 //   x . w = d_x (d sum_c sc[c] (q_c . x_c) - dmin sum_c m[c] (bsum[2c] + bsum[2c + 1])).
+// Vector 2j (+ 1) is the low (high) nibbles of q[64 j ...]: sub-blocks 4j and 4j + 2 (4j + 1 and 4j + 3), the
+// order the activations are stored in for Q4_K (q4_k_order).
 struct Q4_K {
   static constexpr int64_t kBytes = 144;
+  static constexpr auto kOrder = q4_k_order;
   __m512i codes[4], scales[4];
   __m256i mins;  // m[c] in the int16 lanes 2c and 2c + 1, beside each 16-value sum of x
   float d, dmin;
@@ -97,14 +109,14 @@ struct Q4_K {
     const __m512i packed = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(gguf_blocks::scales_and_mins(block + 4)));
     mins = _mm512_castsi512_si256(_mm512_permutexvar_epi16(
         _mm512_setr_epi32(0x80008, 0x90009, 0xA000A, 0xB000B, 0xC000C, 0xD000D, 0xE000E, 0xF000F, 0, 0, 0, 0, 0, 0, 0, 0), packed));
-    const __m256i mask = _mm256_set1_epi8(0x0F);
-    for (int k = 0; k < 4; ++k) {
-      const __m256i q = _mm256_loadu_si256((const __m256i*)(block + 16 + 32 * k));
-      codes[k] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(q, mask)),
-                                    _mm256_and_si256(_mm256_srli_epi16(q, 4), mask), 1);
-      // sc[2k] in the first 16 lanes, sc[2k + 1] in the last 16
-      scales[k] = _mm512_permutexvar_epi16(
-          _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi16(2 * k), _mm512_set1_epi16(2 * k + 1)), packed);
+    const __m512i mask = _mm512_set1_epi8(0x0F);
+    for (int j = 0; j < 2; ++j) {
+      const __m512i q = _mm512_loadu_si512(block + 16 + 64 * j);
+      codes[2 * j] = _mm512_and_si512(q, mask);
+      codes[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(q, 4), mask);
+      for (int e = 0; e < 2; ++e)  // sc[4j + e] in the first 16 lanes, sc[4j + e + 2] in the last 16
+        scales[2 * j + e] = _mm512_permutexvar_epi16(
+            _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi16(4 * j + e), _mm512_set1_epi16(4 * j + e + 2)), packed);
     }
   }
 
@@ -125,6 +137,7 @@ struct Q4_K {
 //   x . w = d_x d sum_e scale[e] (q_e . x_e - 32 bsum[e]).
 struct Q6_K {
   static constexpr int64_t kBytes = 210;
+  static constexpr auto kOrder = in_order;
   __m512i codes[4], scales[4];
   __m256i scale16;  // scale[e] as int16, beside each 16-value sum of x
   float d;
@@ -224,7 +237,7 @@ void weight_rows(const uint8_t* w, int64_t K, int64_t M, int64_t n0, int64_t n1,
 
 template <class Block>
 void q8k_matmul(const bf16* x, int64_t M, const uint8_t* w, int64_t K, int64_t N, const bf16* bias, bf16* y) {
-  const Activations<256> a(x, M, K);
+  const Activations<256> a(x, M, K, Block::kOrder);
   at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
     weight_rows<Block, 256>(w, K, M, n0, n1, bias, y, N, [&](const Block& block, int64_t m, int64_t g, __m512& acc) {
       block.dot(a.codes(m) + 256 * g, a.bsums.data() + (m * K + 256 * g) / 16, a.d[m * (K / 256) + g], acc);

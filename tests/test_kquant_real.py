@@ -1,0 +1,56 @@
+"""Greedy agreement with llama.cpp on the real Qwen2.5-Coder Q4_K_M files (Q4_K, Q6_K; the 0.5B also Q5_0 and
+Q8_0), fetched once by bench/fetch_models.py: the integer kernels (kernels/kquant_vnni.cpp, activations rounded
+to 8 bits as llama.cpp rounds them) agree with llama.cpp's greedy tokens at least as long as the float kernels
+(kernels/block_matmul.cpp) did. Agreement: the tokens before the first that differs, summed over the prompts."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.fetch_models import fetch
+from bench.spec_decode import PROMPTS
+from ownllm import LLM, SamplingParams
+from ownllm.kernels.build import cpu_has_vnni
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not cpu_has_vnni(), reason="the integer kernels need AVX-512 VNNI")]
+NEW_TOKENS = 48
+EXTRA_PROMPTS = ["Write a Python function that returns the n-th Fibonacci number, iteratively.",
+                 "Explain in two sentences what a hash map is."]
+
+
+def agreement(ours: list[int], theirs: list[int]) -> int:
+    return next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+
+
+@pytest.mark.parametrize("name", ["0.5b", "1.5b"])
+def test_integer_kernels_agree_with_llama_cpp_at_least_as_well(name, monkeypatch):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import ownllm.layers.quant as quant
+
+    path = str(fetch(name))
+    llm = LLM(path, enable_prefix_caching=False, kv_cache_memory=2**28)
+    prompts = [llm.chat_prompt([{"role": "user", "content": text}])["prompt_token_ids"]
+               for text in [*PROMPTS.values(), *EXTRA_PROMPTS]]
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+
+    def ours() -> list[list[int]]:
+        return [llm.generate({"prompt_token_ids": ids}, params)[0].outputs[0].token_ids for ids in prompts]
+
+    reference = llama_cpp.Llama(model_path=path, n_ctx=2048, n_threads=2, verbose=False)
+    theirs = []
+    for ids in prompts:
+        reference.reset()
+        tokens = []
+        for token in reference.generate(ids, temp=0.0, reset=True):
+            tokens.append(token)
+            if len(tokens) == NEW_TOKENS:
+                break
+        theirs.append(tokens)
+    integer = ours()
+    monkeypatch.setattr(quant, "VNNI_MAX_ROWS", {})  # the float kernels only
+    floating = ours()
+    integer_agreement = sum(agreement(a, b) for a, b in zip(integer, theirs))
+    float_agreement = sum(agreement(a, b) for a, b in zip(floating, theirs))
+    print(f"{name}: agreement with llama.cpp over {len(prompts)} x {NEW_TOKENS} tokens: integer {integer_agreement}, "
+          f"float {float_agreement}")
+    assert integer_agreement >= float_agreement
