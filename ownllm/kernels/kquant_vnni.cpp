@@ -37,6 +37,14 @@ inline __m512 load16(const bf16* x) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)x)), 16));
 }
 
+// A vpshufb control that spreads byte `first` of each 128-bit lane into the int16 lanes 0-15 and byte `second`
+// into lanes 16-31, zero-extended (0x80 zeroes the high byte): one in-lane shuffle of the scales broadcast to
+// every 128-bit lane, not a cross-lane word permute, per vector.
+inline __m512i spread(int first, int second) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi16((short)(0x8000 | first))),
+                            _mm256_set1_epi16((short)(0x8000 | second)), 1);
+}
+
 // Where each 16 values of a 256-value block go: in order, or (Q4_K) in the order its codes unpack, each 128
 // values as the sub-blocks of 32 at 0, 64, 32, 96 (a byte's low nibbles, then its high ones).
 inline int64_t in_order(int64_t chunk) { return 16 * chunk; }
@@ -106,17 +114,18 @@ struct Q4_K {
   explicit Q4_K(const uint8_t* block) {
     d = fp16_at(block);
     dmin = fp16_at(block + 2);
-    const __m512i packed = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(gguf_blocks::scales_and_mins(block + 4)));
-    mins = _mm512_castsi512_si256(_mm512_permutexvar_epi16(
-        _mm512_setr_epi32(0x80008, 0x90009, 0xA000A, 0xB000B, 0xC000C, 0xD000D, 0xE000E, 0xF000F, 0, 0, 0, 0, 0, 0, 0, 0), packed));
+    const __m128i packed = gguf_blocks::scales_and_mins(block + 4);  // bytes 0-7: sc[c], 8-15: m[c]
+    const __m512i packed4 = _mm512_broadcast_i32x4(packed);
+    mins = _mm256_shuffle_epi8(_mm512_castsi512_si256(packed4),
+                               _mm256_setr_epi16(0x8008, 0x8008, 0x8009, 0x8009, 0x800A, 0x800A, 0x800B, 0x800B,
+                                                 0x800C, 0x800C, 0x800D, 0x800D, 0x800E, 0x800E, 0x800F, 0x800F));
     const __m512i mask = _mm512_set1_epi8(0x0F);
     for (int j = 0; j < 2; ++j) {
       const __m512i q = _mm512_loadu_si512(block + 16 + 64 * j);
       codes[2 * j] = _mm512_and_si512(q, mask);
       codes[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(q, 4), mask);
       for (int e = 0; e < 2; ++e)  // sc[4j + e] in the first 16 lanes, sc[4j + e + 2] in the last 16
-        scales[2 * j + e] = _mm512_permutexvar_epi16(
-            _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi16(4 * j + e), _mm512_set1_epi16(4 * j + e + 2)), packed);
+        scales[2 * j + e] = _mm512_shuffle_epi8(packed4, spread(4 * j + e, 4 * j + e + 2));
     }
   }
 
@@ -144,8 +153,9 @@ struct Q6_K {
 
   explicit Q6_K(const uint8_t* block) {
     d = fp16_at(block + 208);
-    scale16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(block + 192)));
-    const __m512i wide = _mm512_castsi256_si512(scale16);
+    const __m128i packed = _mm_loadu_si128((const __m128i*)(block + 192));
+    scale16 = _mm256_cvtepi8_epi16(packed);
+    const __m512i packed4 = _mm512_broadcast_i32x4(packed);
     const __m256i two_bits = _mm256_set1_epi8(3);
     const __m512i nibble = _mm512_set1_epi8(0x0F);
     for (int h = 0; h < 2; ++h) {
@@ -157,10 +167,11 @@ struct Q6_K {
       codes[2 * h] = _mm512_or_si512(_mm512_and_si512(low, nibble), _mm512_slli_epi16(top01, 4));
       codes[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(low, 4), nibble), _mm512_slli_epi16(top23, 4));
     }
-    for (int k = 0; k < 4; ++k) {  // scale[4k + j] in the 8 lanes of 128-bit lane j
-      const __m512i lane = _mm512_setr_epi32(0, 0, 0, 0, 0x10001, 0x10001, 0x10001, 0x10001, 0x20002, 0x20002, 0x20002,
-                                             0x20002, 0x30003, 0x30003, 0x30003, 0x30003);  // j in 128-bit lane j
-      scales[k] = _mm512_permutexvar_epi16(_mm512_add_epi16(_mm512_set1_epi16(4 * k), lane), wide);
+    for (int k = 0; k < 4; ++k) {  // scale[4k + j] in the 8 int16 lanes of 128-bit lane j, sign-extended
+      const __m512i lanes = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(
+          _mm_set1_epi16((short)(((4 * k + 1) << 8) | 0x80)), _mm_set1_epi16((short)(((4 * k) << 8) | 0x80)))),
+          _mm256_set_m128i(_mm_set1_epi16((short)(((4 * k + 3) << 8) | 0x80)), _mm_set1_epi16((short)(((4 * k + 2) << 8) | 0x80))), 1);
+      scales[k] = _mm512_srai_epi16(_mm512_shuffle_epi8(packed4, lanes), 8);
     }
   }
 
