@@ -95,8 +95,9 @@ struct Activations {
 };
 
 // --- the K-quants against Q8_K ---------------------------------------------------------------------------
-// Both decode a block to 4 vectors of 64 unsigned codes (weights 64 k ...), with, for each, 32 int16 scales
-// for the 32 int16 pair sums that vpmaddubsw makes of them; vpdpwssd then adds scale * pair sum into int32.
+// Both decode a block to 4 vectors of 64 unsigned codes (in the order the activations are stored), with, for
+// each, 32 int16 scales for the 32 int16 pair sums that vpmaddubsw makes of them; vpdpwssd then adds
+// scale * pair sum into int32.
 
 // Q4_K (144 bytes per 256 weights): fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins, q[128] nibbles.
 // Sub-block c (32 weights) takes the low nibbles of q[32 (c / 2) ...] for even c, the high ones for odd c;
