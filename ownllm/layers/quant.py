@@ -135,8 +135,9 @@ BLOCK_FORMATS = {
 
 # Formats the integer kernel (kernels/kquant_vnni.cpp: activations quantized to 8 bits, VNNI dot products) takes,
 # and up to how many activation rows it is faster than block_matmul's float arithmetic, measured on an AMD EPYC
-# (Zen 4) on 4096x1536 weights (bench/kquant_decode.py): each row costs the integer kernel a few instructions per
-# block that block_matmul's bf16 tiles share between rows, so beyond these the float kernel is faster.
+# (Zen 4) on 4096x1536 weights (bench/RESULTS.md, "Integer K-quant kernels"; bench/kquant_decode.py remeasures):
+# each row costs the integer kernel a few instructions per block that block_matmul's bf16 tiles share between
+# rows, so beyond these the float kernel is faster.
 VNNI_MAX_ROWS = {6: 4, 8: 4, 12: 16, 14: 8}  # Q5_0, Q8_0, Q4_K, Q6_K
 
 
