@@ -6,7 +6,8 @@ The comparison harness runs each tool in a process of its own, one after another
 drifting between them (36-55 GB/s on this shared machine) moves their ratio by +-15%. Here both tools
 load once and alternate runs, so drift hits them alike. Pairs: the harness's random-weight Llama-3.2-1B
 (ownllm: the bf16 HF folder; llama.cpp: its F16 GGUF), its Q8_0 and Q4_K_M GGUFs, the SmolLM2-135M
-shape's Q4_K_M (mostly Q5_0) and the bundled SmolLM2-135M-Instruct Q4_1 GGUF (the same file for both).
+shape's Q4_K_M (mostly Q5_0), the bundled SmolLM2-135M-Instruct Q4_1 GGUF and the real Qwen2.5-Coder 1.5B and
+0.5B Q4_K_M GGUFs (bench/fetch_models.py; the same file for both).
 Prompts of random ids (128 tokens, or --prompt-tokens: decode after a long prompt attends over all of it),
 greedy, EOS ignored; decode tokens/s = (new tokens - 1) / time after the first token; the median of the
 repeats after the first. Results go to bench/RESULTS.md (section "Batch-1 decode, side by side", with the
@@ -32,20 +33,32 @@ from bench.bundled_decode import write_section  # noqa: E402
 from bench.harness_models import MODELS, ensure_built  # noqa: E402
 
 
-def pairs() -> list[tuple[str, str, str, str]]:
-    """(label, ownllm model, ownllm dtype or "", llama.cpp GGUF)."""
+def pairs(wanted: list[str]) -> list[tuple[str, str, str, str]]:
+    """(label, ownllm model, ownllm dtype or "", llama.cpp GGUF) for the labels containing one of `wanted`; only
+    those are built or fetched."""
+    from bench.fetch_models import fetch
     from ownllm.loader.resolve import bundled_model_path
 
-    one_b = {m.weights: m for m in MODELS if m.shape == "llama-3.2-1b"}
-    smol = {m.weights: m for m in MODELS if m.shape == "smollm2-135m"}
-    ensure_built("llama-3.2-1b")
-    ensure_built("smollm2-135m")
-    bundled = str(bundled_model_path())
-    return [("llama-3.2-1b (bf16 / F16)", str(one_b["bf16"].path()), "bfloat16", str(one_b["F16"].path())),
-            ("llama-3.2-1b Q8_0", str(one_b["Q8_0"].path()), "", str(one_b["Q8_0"].path())),
-            ("llama-3.2-1b Q4_K_M", str(one_b["Q4_K_M"].path()), "", str(one_b["Q4_K_M"].path())),
-            ("smollm2-135m Q4_K_M", str(smol["Q4_K_M"].path()), "", str(smol["Q4_K_M"].path())),
-            ("bundled SmolLM2-135M Q4_1", bundled, "", bundled)]
+    def random_shape(shape: str, weights: str) -> str:
+        ensure_built(shape)
+        return str(next(m for m in MODELS if m.shape == shape and m.weights == weights).path())
+
+    def same_file(path) -> tuple[str, str, str]:
+        path = str(path())
+        return path, "", path
+
+    candidates = {
+        "llama-3.2-1b (bf16 / F16)": lambda: (random_shape("llama-3.2-1b", "bf16"), "bfloat16",
+                                              random_shape("llama-3.2-1b", "F16")),
+        "llama-3.2-1b Q8_0": lambda: same_file(lambda: random_shape("llama-3.2-1b", "Q8_0")),
+        "llama-3.2-1b Q4_K_M": lambda: same_file(lambda: random_shape("llama-3.2-1b", "Q4_K_M")),
+        "smollm2-135m Q4_K_M": lambda: same_file(lambda: random_shape("smollm2-135m", "Q4_K_M")),
+        "bundled SmolLM2-135M Q4_1": lambda: same_file(bundled_model_path),
+        # the real files people download (bench/fetch_models.py fetches them when missing)
+        "Qwen2.5-Coder-1.5B Q4_K_M (real)": lambda: same_file(lambda: fetch("1.5b")),
+        "Qwen2.5-Coder-0.5B Q4_K_M (real)": lambda: same_file(lambda: fetch("0.5b")),
+    }
+    return [(label, *make()) for label, make in candidates.items() if any(w in label for w in wanted)]
 
 
 def timed(tokens) -> tuple[float, float, float]:
@@ -55,6 +68,50 @@ def timed(tokens) -> tuple[float, float, float]:
     for _ in tokens:
         first = first or time.perf_counter()
     return start, first, time.perf_counter()
+
+
+def compare(label: str, ours_path: str, dtype: str, gguf: str, new: int, prompt_tokens: int, repeats: int,
+            threads: int) -> tuple[str, dict[str, list[float]]]:
+    """One pair, the tools alternating run by run -> (its table line, {tool: [prefill tok/s, decode tok/s]})."""
+    from llama_cpp import Llama
+
+    from ownllm import LLM, SamplingParams
+
+    ours = LLM(ours_path, **({"dtype": dtype} if dtype else {}), enable_prefix_caching=False)
+    theirs = Llama(gguf, n_threads=threads, n_ctx=prompt_tokens + new + 64, n_batch=512, verbose=False)
+    params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+
+    def run_ours(prompt):
+        return timed(ours.stream({"prompt_token_ids": prompt}, params))
+
+    def run_theirs(prompt):
+        def tokens():
+            for i, _ in enumerate(theirs.generate(prompt, temp=0.0, reset=True)):
+                yield
+                if i + 1 >= new:
+                    return
+        theirs.reset()
+        return timed(tokens())
+
+    rng = random.Random(0)
+    vocab = min(ours.config.vocab_size, theirs.n_vocab())
+    results: dict[str, list[tuple[float, float]]] = {"ownllm": [], "llama.cpp": []}
+    for _ in range(repeats):
+        for name, run in (("ownllm", run_ours), ("llama.cpp", run_theirs)):
+            prompt = [rng.randrange(100, vocab) for _ in range(prompt_tokens)]
+            start, first, end = run(prompt)
+            results[name].append((len(prompt) / (first - start), (new - 1) / (end - first)))
+    med = {name: [statistics.median(r[i] for r in runs[1:]) for i in (0, 1)] for name, runs in results.items()}
+    line = (f"| {label} | {med['ownllm'][1]:.1f} | {med['llama.cpp'][1]:.1f} | {med['ownllm'][1] / med['llama.cpp'][1]:.2f}x | "
+            f"{med['ownllm'][0]:.0f} | {med['llama.cpp'][0]:.0f} |")
+    print(line, "  runs:", {n: [round(r[1], 1) for r in runs] for n, runs in results.items()}, flush=True)
+    del ours, theirs
+    gc.collect()
+    return line, med
+
+
+TABLE_HEADER = ["| model | ownllm decode tok/s | llama.cpp decode tok/s | ownllm / llama.cpp | ownllm prefill tok/s | llama.cpp prefill tok/s |",
+                "|---|---|---|---|---|---|"]
 
 
 def main() -> None:
@@ -68,48 +125,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from llama_cpp import Llama
-
-    from ownllm import LLM, SamplingParams
-
     new = args.new_tokens
-    lines = ["| model | ownllm decode tok/s | llama.cpp decode tok/s | ownllm / llama.cpp | ownllm prefill tok/s | llama.cpp prefill tok/s |",
-             "|---|---|---|---|---|---|"]
+    lines = list(TABLE_HEADER)
     wanted = args.models.split(",") if args.models else [""]
-    for label, ours_path, dtype, gguf in pairs():
-        if not any(w in label for w in wanted):
-            continue
-        ours = LLM(ours_path, **({"dtype": dtype} if dtype else {}), enable_prefix_caching=False)
-        theirs = Llama(gguf, n_threads=args.threads, n_ctx=args.prompt_tokens + new + 64, n_batch=512, verbose=False)
-        params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
-
-        def run_ours(prompt):
-            return timed(ours.stream({"prompt_token_ids": prompt}, params))
-
-        def run_theirs(prompt):
-            def tokens():
-                for i, _ in enumerate(theirs.generate(prompt, temp=0.0, reset=True)):
-                    yield
-                    if i + 1 >= new:
-                        return
-            theirs.reset()
-            return timed(tokens())
-
-        rng = random.Random(0)
-        vocab = min(ours.config.vocab_size, theirs.n_vocab())
-        results: dict[str, list[tuple[float, float]]] = {"ownllm": [], "llama.cpp": []}
-        for _ in range(args.repeats):
-            for name, run in (("ownllm", run_ours), ("llama.cpp", run_theirs)):
-                prompt = [rng.randrange(100, vocab) for _ in range(args.prompt_tokens)]
-                start, first, end = run(prompt)
-                results[name].append((len(prompt) / (first - start), (new - 1) / (end - first)))
-        med = {name: [statistics.median(r[i] for r in runs[1:]) for i in (0, 1)] for name, runs in results.items()}
-        line = (f"| {label} | {med['ownllm'][1]:.1f} | {med['llama.cpp'][1]:.1f} | {med['ownllm'][1] / med['llama.cpp'][1]:.2f}x | "
-                f"{med['ownllm'][0]:.0f} | {med['llama.cpp'][0]:.0f} |")
-        print(line, "  runs:", {n: [round(r[1], 1) for r in runs] for n, runs in results.items()}, flush=True)
-        lines.append(line)
-        del ours, theirs
-        gc.collect()
+    for pair in pairs(wanted):
+        lines.append(compare(*pair, new, args.prompt_tokens, args.repeats, args.threads)[0])
     if args.table_only:
         args.table_only.write_text("\n".join(lines[2:]) + "\n")  # the rows, without the header
         return

@@ -22,18 +22,15 @@
 #include <vector>
 
 #include "bf16_tile.h"
+#include "gguf_blocks.h"
 
 namespace {
 
 using bf16 = at::BFloat16;
+using gguf_blocks::fp16_at;
+using gguf_blocks::scales_and_mins;
 constexpr int64_t kDecodeRows = 4;  // weight rows decoded into the scratch at a time: one bf16 tile
 constexpr int64_t kGrain = 64;  // weight rows per task
-
-inline float fp16_at(const uint8_t* p) {
-  uint16_t half;
-  std::memcpy(&half, p, sizeof(half));
-  return _cvtsh_ss(half);
-}
 
 // 32 weights from codes (16 per float vector, each with its scale and offset): w = scale * q - offset,
 // rounded once per operation as float32 numpy rounds it, then to bf16.
@@ -97,20 +94,6 @@ struct Q5_0or1 {
                  _mm512_mask_sub_epi32(high_nibbles, (__mmask16)~hi_bits, high_nibbles, sixteen), d, d));
   }
 };
-
-// The 6-bit scales and mins of a Q4_K / Q5_K block's 8 sub-blocks of 32, packed in 12 bytes, unpacked to
-// scale[0..7] and min[0..7] as bytes (llama.cpp's get_scale_min_k4, four at a time).
-inline __m128i scales_and_mins(const uint8_t* packed) {
-  constexpr uint32_t kLow6 = 0x3f3f3f3f, kLow4 = 0x0f0f0f0f, kLow2 = 0x03030303;
-  uint32_t s[4];
-  std::memcpy(s, packed, 12);
-  const uint32_t min_low = s[1] & kLow6;
-  s[3] = ((s[2] >> 4) & kLow4) | (((s[1] >> 6) & kLow2) << 4);
-  s[1] = (s[2] & kLow4) | (((s[0] >> 6) & kLow2) << 4);
-  s[2] = min_low;
-  s[0] &= kLow6;
-  return _mm_loadu_si128((const __m128i*)s);
-}
 
 // Lane i of v in every lane.
 inline __m512 lane(__m512 v, int i) { return _mm512_permutexvar_ps(_mm512_set1_epi32(i), v); }

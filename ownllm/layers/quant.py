@@ -14,7 +14,10 @@ the K-quants Q4_K, Q5_K and Q6_K (256 weights a block, with 6- or 8-bit sub-bloc
 bytes (a view of the mapping where no fusing or reordering copies them), read at 0.56-1.06 bytes per
 weight instead of 2. kernels/block_matmul.cpp multiplies them: the 32-weight formats with the same
 numbers as the bf16 kernel on the weights dequantized to bf16, the K-quants (at batch 1-4) by their exact
-weights in a factored form (faster). Embeddings stored so are dequantized row by row as tokens look
+weights in a factored form (faster). On CPUs with AVX-512 VNNI, Q4_K, Q6_K, Q8_0 and Q5_0 at decode batches
+go instead to kernels/kquant_vnni.cpp, which quantizes the activations to 8 bits as llama.cpp does and
+multiplies with integer dot products (faster again; it rounds the activations, by at most half a step of
+absmax / 127 per block of 32 or 256). Embeddings stored so are dequantized row by row as tokens look
 them up. Without that kernel (CPUs lacking AVX-512 BF16) these tensors are dequantized at load.
 
 Quant methods (an interface and a registry, QUANT_METHODS; the runner picks one by name when it builds the
@@ -32,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ownllm.kernels.build import GEMV_MAX_ROWS, bf16_kernels
+from ownllm.kernels.build import GEMV_MAX_ROWS, bf16_kernels, vnni_kernels
 from ownllm.layers.registry import named
 
 GROUP_SIZE = 32
@@ -142,6 +145,13 @@ BLOCK_FORMATS = {
     14: (256, 210),  # Q6_K: 4-bit and 2-bit parts of q[256], int8 scales[16], fp16 d
 }
 
+# Formats the integer kernel (kernels/kquant_vnni.cpp: activations quantized to 8 bits, VNNI dot products) takes,
+# and up to how many activation rows it is faster than block_matmul's float arithmetic, measured on an AMD EPYC
+# (Zen 4) on 4096x1536 weights (bench/RESULTS.md, "Integer K-quant kernels"; bench/kquant_decode.py remeasures):
+# each row costs the integer kernel a few instructions per block that block_matmul's bf16 tiles share between
+# rows, so beyond these the float kernel is faster.
+VNNI_MAX_ROWS = {6: 4, 8: 4, 12: 16, 14: 8}  # Q5_0, Q8_0, Q4_K, Q6_K
+
 
 @dataclass
 class BlockWeight:
@@ -191,6 +201,9 @@ class BlockWeight:
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # x: [T, K] bf16 -> [T, N]
+        integer = self._integer_kernel(x.shape[0])
+        if integer is not None:
+            return integer.kquant_matmul(x, self.blocks, int(self.qtype), bias)
         kernel = bf16_kernels("block_matmul")
         if x.shape[0] <= GEMV_MAX_ROWS:
             return kernel.block_matmul(x, self.blocks, int(self.qtype), bias)
@@ -200,6 +213,12 @@ class BlockWeight:
         out = torch.cat([F.linear(x, kernel.block_dequantize(chunk, int(self.qtype), buffer[: chunk.shape[0]]))
                          for chunk in self.blocks.split(PREFILL_CHUNK_ROWS)], dim=-1)
         return out if bias is None else out + bias
+
+    def _integer_kernel(self, rows: int):
+        """kquant_vnni when it runs here and takes this format, these rows and K (a multiple of 64), else None."""
+        if rows > VNNI_MAX_ROWS.get(int(self.qtype), 0) or self.shape[1] % 64:
+            return None
+        return vnni_kernels()
 
 
 @functools.cache

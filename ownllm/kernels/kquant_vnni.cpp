@@ -1,0 +1,334 @@
+// GGUF block weights (Q4_K, Q6_K, Q8_0, Q5_0) times bf16 activation rows the way llama.cpp multiplies them:
+// the activations quantized to 8 bits once per call, then integer dot products against the weights' own
+// codes (AVX-512 VNNI), with the blocks' scales applied once per block in float32. Decoding weights to
+// floats costs more instructions per weight than memory costs time on these formats (block_matmul.cpp is
+// arithmetic-bound at batch 1); here 64 weights cost one multiply-add of bytes per activation row.
+//
+// Activations, per row (quantize_row), in one of two layouts:
+// - Q8_K, for the K-quants (256 values a block): d = absmax / 127, q = round(x * 127 / absmax) in int8, and
+//   bsums[16]: the sums of each 16 q (for the weights' offsets: Q4_K's mins, Q6_K's bias of 32).
+// - Q8_0-like, for the 32-weight formats: the same per 32 values, stored as q + 128 in uint8 (VNNI's
+//   vpdpbusd multiplies unsigned by signed bytes; the weights' codes are the signed side), and each
+//   block's d repeated in the 8 lanes its dot products land in.
+// Each output is then sum over blocks of d_w * d_x * (integer dot product of codes), exact in int32 within a
+// block, so it differs from float math on the weights only by the activations' rounding (|x - d q| <= d / 2).
+//
+// Weight rows are split between threads (at::parallel_for); each weight block is decoded once into registers
+// and multiplied by every activation row (up to kMaxRows, whose quantized data stays in L1/L2), so the weights
+// are read once per call whatever the batch. Every row gets the same sequence of operations in any batch.
+#include <immintrin.h>
+#include "torch_lite.h"
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "gguf_blocks.h"
+
+namespace {
+
+using bf16 = at::BFloat16;
+using gguf_blocks::fp16_at;
+constexpr int64_t kMaxRows = 32;  // activation rows per call (the decode batches; prefill goes elsewhere)
+constexpr int64_t kGrain = 16;    // weight rows per task
+
+// x[0..15] as float32 (bf16 is float32's upper half)
+inline __m512 load16(const bf16* x) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)x)), 16));
+}
+
+// A vpshufb control that spreads byte `first` of each 128-bit lane into the int16 lanes 0-15 and byte `second`
+// into lanes 16-31, zero-extended (0x80 zeroes the high byte): one in-lane shuffle of the scales broadcast to
+// every 128-bit lane, not a cross-lane word permute, per vector.
+inline __m512i spread(int first, int second) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi16((short)(0x8000 | first))),
+                            _mm256_set1_epi16((short)(0x8000 | second)), 1);
+}
+
+// Where each 16 values of a 256-value block go: in order, or (Q4_K) in the order its codes unpack, each 128
+// values as the sub-blocks of 32 at 0, 64, 32, 96 (a byte's low nibbles, then its high ones).
+inline int64_t in_order(int64_t chunk) { return 16 * chunk; }
+inline int64_t q4_k_order(int64_t chunk) {
+  const int64_t v = 16 * chunk, sub = v % 128 / 32;
+  return v / 128 * 128 + sub % 2 * 64 + sub / 2 * 32 + v % 32;
+}
+
+// The quantized activation rows, [M, K] codes with their scales, in the layout of kBlock-value blocks.
+template <int64_t kBlock>
+struct Activations {
+  static constexpr bool kKQuant = kBlock == 256;
+  int64_t K;
+  std::vector<int8_t> q;        // [M, K]: Q8_K's codes, or the 32-block codes + 128 (as uint8)
+  std::vector<float> d;         // Q8_K: [M, K / 256]; 32-blocks: [M, K / 64, 16], each d in its 8 lanes
+  std::vector<int16_t> bsums;   // Q8_K: [M, K / 16]
+
+  // order: where each 16 values of a block go among its codes (bsums stay in order)
+  Activations(const bf16* x, int64_t M, int64_t K, int64_t (*order)(int64_t) = in_order)
+      : K(K), q(M * K), d(M * (kKQuant ? K / 256 : K / 4)), bsums(kKQuant ? M * K / 16 : 0) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t b = 0; b < K / kBlock; ++b) quantize_block(x + m * K + b * kBlock, m, b, order);
+  }
+
+  // One block: d = absmax / 127, q = round-to-nearest-even(x * (127 / absmax)) in float32 (0 when all are 0).
+  void quantize_block(const bf16* x, int64_t m, int64_t b, int64_t (*order)(int64_t)) {
+    __m512 v[kBlock / 16];
+    __m512 amax = _mm512_setzero_ps();
+    for (int i = 0; i < kBlock / 16; ++i) {
+      v[i] = load16(x + 16 * i);
+      amax = _mm512_max_ps(amax, _mm512_abs_ps(v[i]));
+    }
+    const float absmax = _mm512_reduce_max_ps(amax);
+    const float scale = absmax / 127.f, inverse = absmax > 0.f ? 127.f / absmax : 0.f;
+    int8_t* codes = q.data() + m * K + b * kBlock;
+    for (int i = 0; i < kBlock / 16; ++i) {
+      const __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], _mm512_set1_ps(inverse)));
+      __m128i bytes = _mm512_cvtsepi32_epi8(qi);
+      if (kKQuant) bsums[(m * K + b * kBlock) / 16 + i] = (int16_t)_mm512_reduce_add_epi32(qi);
+      else bytes = _mm_xor_si128(bytes, _mm_set1_epi8((char)0x80));  // + 128, as uint8
+      _mm_storeu_si128((__m128i*)(codes + order(i)), bytes);
+    }
+    if (kKQuant) d[m * (K / 256) + b] = scale;
+    else std::fill_n(d.data() + m * (K / 4) + b * 8, 8, scale);  // pair b / 2, lanes 8 (b % 2) ...
+  }
+
+  const int8_t* codes(int64_t m) const { return q.data() + m * K; }
+};
+
+// --- the K-quants against Q8_K ---------------------------------------------------------------------------
+// Both decode a block to 4 vectors of 64 unsigned codes (in the order the activations are stored), with, for
+// each, 32 int16 scales for the 32 int16 pair sums that vpmaddubsw makes of them; vpdpwssd then adds
+// scale * pair sum into int32.
+
+// Q4_K (144 bytes per 256 weights): fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins, q[128] nibbles.
+// Sub-block c (32 weights) takes the low nibbles of q[32 (c / 2) ...] for even c, the high ones for odd c;
+// w = d sc[c] q - dmin m[c], so
+//   x . w = d_x (d sum_c sc[c] (q_c . x_c) - dmin sum_c m[c] (bsum[2c] + bsum[2c + 1])).
+// Vector 2j (+ 1) is the low (high) nibbles of q[64 j ...]: sub-blocks 4j and 4j + 2 (4j + 1 and 4j + 3), the
+// order the activations are stored in for Q4_K (q4_k_order).
+struct Q4_K {
+  static constexpr int64_t kBytes = 144;
+  static constexpr auto kOrder = q4_k_order;
+  __m512i codes[4], scales[4];
+  __m256i mins;  // m[c] in the int16 lanes 2c and 2c + 1, beside each 16-value sum of x
+  float d, dmin;
+
+  explicit Q4_K(const uint8_t* block) {
+    d = fp16_at(block);
+    dmin = fp16_at(block + 2);
+    const __m128i packed = gguf_blocks::scales_and_mins(block + 4);  // bytes 0-7: sc[c], 8-15: m[c]
+    const __m512i packed4 = _mm512_broadcast_i32x4(packed);
+    mins = _mm256_shuffle_epi8(_mm512_castsi512_si256(packed4),
+                               _mm256_setr_epi16(0x8008, 0x8008, 0x8009, 0x8009, 0x800A, 0x800A, 0x800B, 0x800B,
+                                                 0x800C, 0x800C, 0x800D, 0x800D, 0x800E, 0x800E, 0x800F, 0x800F));
+    const __m512i mask = _mm512_set1_epi8(0x0F);
+    for (int j = 0; j < 2; ++j) {
+      const __m512i q = _mm512_loadu_si512(block + 16 + 64 * j);
+      codes[2 * j] = _mm512_and_si512(q, mask);
+      codes[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(q, 4), mask);
+      for (int e = 0; e < 2; ++e)  // sc[4j + e] in the first 16 lanes, sc[4j + e + 2] in the last 16
+        scales[2 * j + e] = _mm512_shuffle_epi8(packed4, spread(4 * j + e, 4 * j + e + 2));
+    }
+  }
+
+  // this block times one row's Q8_K block (x: 256 codes, bsums: their 16 sums), times d_x
+  inline void dot(const int8_t* x, const int16_t* bsums, float dx, __m512& acc) const {
+    __m512i sum = _mm512_setzero_si512();
+    for (int k = 0; k < 4; ++k)
+      sum = _mm512_dpwssd_epi32(sum, _mm512_maddubs_epi16(codes[k], _mm512_loadu_si512(x + 64 * k)), scales[k]);
+    const __m256i offsets = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)bsums), mins);  // 8 lanes
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(d * dx), acc);
+    acc = _mm512_fnmadd_ps(_mm512_zextps256_ps512(_mm256_cvtepi32_ps(offsets)), _mm512_set1_ps(dmin * dx), acc);
+  }
+};
+
+// Q6_K (210 bytes per 256 weights): ql[128] low nibbles, qh[64] high 2-bit pairs, int8 scales[16] (one per
+// 16 weights), fp16 d. In each half h of 128 weights, sub-block t of 32 takes nibble t / 2 of
+// ql[64 h + 32 (t % 2) ...] and bits 2t, 2t + 1 of qh[32 h ...]; w = d scale[e / 16] (q - 32), so
+//   x . w = d_x d sum_e scale[e] (q_e . x_e - 32 bsum[e]).
+struct Q6_K {
+  static constexpr int64_t kBytes = 210;
+  static constexpr auto kOrder = in_order;
+  __m512i codes[4], scales[4];
+  __m256i scale16;  // scale[e] as int16, beside each 16-value sum of x
+  float d;
+
+  explicit Q6_K(const uint8_t* block) {
+    d = fp16_at(block + 208);
+    const __m128i packed = _mm_loadu_si128((const __m128i*)(block + 192));
+    scale16 = _mm256_cvtepi8_epi16(packed);
+    const __m512i packed4 = _mm512_broadcast_i32x4(packed);
+    const __m256i two_bits = _mm256_set1_epi8(3);
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    for (int h = 0; h < 2; ++h) {
+      const __m512i low = _mm512_loadu_si512(block + 64 * h);
+      const __m256i high = _mm256_loadu_si256((const __m256i*)(block + 128 + 32 * h));
+      auto top = [&](int t) { return _mm256_and_si256(_mm256_srli_epi16(high, 2 * t), two_bits); };
+      const __m512i top01 = _mm512_inserti64x4(_mm512_castsi256_si512(top(0)), top(1), 1);
+      const __m512i top23 = _mm512_inserti64x4(_mm512_castsi256_si512(top(2)), top(3), 1);
+      codes[2 * h] = _mm512_or_si512(_mm512_and_si512(low, nibble), _mm512_slli_epi16(top01, 4));
+      codes[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(low, 4), nibble), _mm512_slli_epi16(top23, 4));
+    }
+    for (int k = 0; k < 4; ++k) {  // scale[4k + j] in the 8 int16 lanes of 128-bit lane j, sign-extended
+      const __m512i lanes = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(
+          _mm_set1_epi16((short)(((4 * k + 1) << 8) | 0x80)), _mm_set1_epi16((short)(((4 * k) << 8) | 0x80)))),
+          _mm256_set_m128i(_mm_set1_epi16((short)(((4 * k + 3) << 8) | 0x80)), _mm_set1_epi16((short)(((4 * k + 2) << 8) | 0x80))), 1);
+      scales[k] = _mm512_srai_epi16(_mm512_shuffle_epi8(packed4, lanes), 8);
+    }
+  }
+
+  inline void dot(const int8_t* x, const int16_t* bsums, float dx, __m512& acc) const {
+    __m512i sum = _mm512_setzero_si512();
+    for (int k = 0; k < 4; ++k)
+      sum = _mm512_dpwssd_epi32(sum, _mm512_maddubs_epi16(codes[k], _mm512_loadu_si512(x + 64 * k)), scales[k]);
+    const __m256i bias = _mm256_slli_epi32(_mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)bsums), scale16), 5);
+    sum = _mm512_sub_epi32(sum, _mm512_zextsi256_si512(bias));
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(d * dx), acc);
+  }
+};
+
+// --- the 32-weight formats against 32-value blocks, two blocks (64 weights) at a time ------------------------
+// The weights as signed codes w (two blocks: lanes 0-7 of the int32 sums are the first's, 8-15 the second's);
+// with u = q_x + 128,  u . w - 128 sum(w) = q_x . w, so each pair starts from -128 sum(w) (shared by all rows).
+
+// Q8_0 (34 bytes per 32 weights): fp16 d, int8 q[32]; w = d q.
+struct Q8_0 {
+  static constexpr int64_t kBytes = 34;
+  static __m256i codes(const uint8_t* block) { return _mm256_loadu_si256((const __m256i*)(block + 2)); }
+};
+
+// Q5_0 (22 bytes per 32 weights): fp16 d, qh[4] (bit j of the little-endian word: weight j's fifth bit),
+// q[16] (weight j in the low nibble of q[j], j + 16 in the high one); w = d (q - 16).
+struct Q5_0 {
+  static constexpr int64_t kBytes = 22;
+  static __m256i codes(const uint8_t* block) {
+    uint32_t fifth;
+    std::memcpy(&fifth, block + 2, sizeof(fifth));
+    const __m128i packed = _mm_loadu_si128((const __m128i*)(block + 6));
+    const __m128i nibble = _mm_set1_epi8(0x0F);
+    const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), nibble), _mm_and_si128(packed, nibble));
+    return _mm256_mask_sub_epi8(q, ~fifth, q, _mm256_set1_epi8(16));  // q - 16 where the fifth bit is 0
+  }
+};
+
+template <class Format>
+struct Pair {
+  static constexpr int64_t kBytes = 2 * Format::kBytes;
+  __m512i codes, start;
+  __m512 d;
+
+  explicit Pair(const uint8_t* blocks) {
+    codes = _mm512_inserti64x4(_mm512_castsi256_si512(Format::codes(blocks)), Format::codes(blocks + Format::kBytes), 1);
+    start = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8((char)0x80), codes));
+    d = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(fp16_at(blocks)), _mm512_set1_ps(fp16_at(blocks + Format::kBytes)));
+  }
+
+  // x: 64 codes + 128; dx: the two blocks' d_x in lanes 0-7 and 8-15
+  inline void dot(const int8_t* x, const float* dx, __m512& acc) const {
+    const __m512i sum = _mm512_dpbusd_epi32(start, _mm512_loadu_si512(x), codes);
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(d, _mm512_loadu_ps(dx)), acc);
+  }
+};
+
+// y[m, n0:n1] for all M rows: each weight block decoded once, then multiplied by every row.
+template <class Block, int64_t kValues, class Dot>
+void weight_rows(const uint8_t* w, int64_t K, int64_t M, int64_t n0, int64_t n1, const bf16* bias, bf16* y, int64_t N,
+                 Dot dot_row) {
+  const int64_t blocks = K / kValues;
+  __m512 acc[kMaxRows];
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+    const uint8_t* row = w + n * blocks * Block::kBytes;
+    for (int64_t g = 0; g < blocks; ++g) {
+      const Block block(row + g * Block::kBytes);
+      for (int64_t m = 0; m < M; ++m) dot_row(block, m, g, acc[m]);
+    }
+    const float b = bias ? static_cast<float>(bias[n]) : 0.f;
+    for (int64_t m = 0; m < M; ++m) y[m * N + n] = bf16(_mm512_reduce_add_ps(acc[m]) + b);
+  }
+}
+
+template <class Block>
+void q8k_matmul(const bf16* x, int64_t M, const uint8_t* w, int64_t K, int64_t N, const bf16* bias, bf16* y) {
+  const Activations<256> a(x, M, K, Block::kOrder);
+  at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
+    weight_rows<Block, 256>(w, K, M, n0, n1, bias, y, N, [&](const Block& block, int64_t m, int64_t g, __m512& acc) {
+      block.dot(a.codes(m) + 256 * g, a.bsums.data() + (m * K + 256 * g) / 16, a.d[m * (K / 256) + g], acc);
+    });
+  });
+}
+
+template <class Format>
+void q8_pair_matmul(const bf16* x, int64_t M, const uint8_t* w, int64_t K, int64_t N, const bf16* bias, bf16* y) {
+  const Activations<32> a(x, M, K);
+  at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
+    weight_rows<Pair<Format>, 64>(w, K, M, n0, n1, bias, y, N, [&](const Pair<Format>& pair, int64_t m, int64_t g, __m512& acc) {
+      pair.dot(a.codes(m) + 64 * g, a.d.data() + m * (K / 4) + 16 * g, acc);
+    });
+  });
+}
+
+// GGUF's type numbers (ggml_type) of the formats above.
+enum Type : int64_t { kQ5_0 = 6, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14 };
+
+}  // namespace
+
+// x: [M, K] bf16 (M <= 32); weights: [N, K / W * B] uint8 blocks of GGUF type `type` (Q5_0, Q8_0: K a multiple
+// of 64; Q4_K, Q6_K: of 256) -> [M, N] bf16.
+at::Tensor kquant_matmul(at::Tensor x, at::Tensor weights, int64_t type, c10::optional<at::Tensor> bias) {
+  TORCH_CHECK(weights.scalar_type() == at::kByte && weights.dim() == 2 && weights.is_contiguous(), "weights: [N, bytes] uint8, contiguous");
+  int64_t weights_per_block, bytes_per_block;
+  switch (type) {
+    case kQ5_0: weights_per_block = 32, bytes_per_block = Q5_0::kBytes; break;
+    case kQ8_0: weights_per_block = 32, bytes_per_block = Q8_0::kBytes; break;
+    case kQ4_K: weights_per_block = 256, bytes_per_block = Q4_K::kBytes; break;
+    case kQ6_K: weights_per_block = 256, bytes_per_block = Q6_K::kBytes; break;
+    default: TORCH_CHECK(false, "kquant_matmul: unsupported GGUF type ", type);
+  }
+  TORCH_CHECK(weights.size(1) % bytes_per_block == 0, "weights: rows of whole blocks");
+  const int64_t K = weights.size(1) / bytes_per_block * weights_per_block, N = weights.size(0), M = x.size(0);
+  TORCH_CHECK(K % 64 == 0, "kquant_matmul: K must be a multiple of 64");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.size(1) == K && M <= kMaxRows,
+              "x: [M <= 32, K] bf16, K = ", K);
+  x = x.contiguous();
+  at::Tensor bias_c;
+  if (bias.has_value() && bias->defined()) bias_c = bias->to(at::kBFloat16).contiguous();
+  const bf16* b = bias_c.defined() ? bias_c.data_ptr<bf16>() : nullptr;
+  auto y = at::empty({M, N}, x.options());
+  const bf16* xp = x.data_ptr<bf16>();
+  const uint8_t* wp = weights.data_ptr<uint8_t>();
+  bf16* yp = y.data_ptr<bf16>();
+  switch (type) {
+    case kQ5_0: q8_pair_matmul<Q5_0>(xp, M, wp, K, N, b, yp); break;
+    case kQ8_0: q8_pair_matmul<Q8_0>(xp, M, wp, K, N, b, yp); break;
+    case kQ4_K: q8k_matmul<Q4_K>(xp, M, wp, K, N, b, yp); break;
+    case kQ6_K: q8k_matmul<Q6_K>(xp, M, wp, K, N, b, yp); break;
+  }
+  return y;
+}
+
+// x: [M, K] bf16 -> (codes [M, K] int8, scales [M, K / block] float32): the activations as the kernel quantizes
+// them (for tests; block 32: the codes as signed int8, not + 128).
+std::tuple<at::Tensor, at::Tensor> quantize_activations(at::Tensor x, int64_t block) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && (block == 32 || block == 256) && x.size(1) % (2 * block) == 0 &&
+              x.size(1) % 64 == 0, "x: [M, K] bf16, K a multiple of 64 and of the block");
+  x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  auto codes = at::empty({M, K}, x.options().dtype(at::kChar));
+  auto scales = at::empty({M, K / block}, x.options().dtype(at::kFloat));
+  auto copy = [&](const auto& a, bool shifted) {
+    for (int64_t i = 0; i < M * K; ++i) codes.data_ptr<int8_t>()[i] = (int8_t)(a.q[i] ^ (shifted ? 0x80 : 0));
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < K / block; ++g)
+        scales.data_ptr<float>()[m * (K / block) + g] = block == 256 ? a.d[m * (K / 256) + g] : a.d[m * (K / 4) + 8 * g];
+  };
+  if (block == 256) copy(Activations<256>(x.data_ptr<bf16>(), M, K), false);
+  else copy(Activations<32>(x.data_ptr<bf16>(), M, K), true);
+  return {codes, scales};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("kquant_matmul", &kquant_matmul, "bf16 rows quantized to 8 bits times GGUF Q4_K, Q6_K, Q8_0 or Q5_0 blocks (AVX-512 VNNI)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("quantize_activations", &quantize_activations, "bf16 rows as kquant_matmul quantizes them",
+        py::call_guard<py::gil_scoped_release>());
+}

@@ -1,0 +1,135 @@
+"""The integer block kernel (kernels/kquant_vnni.cpp): bf16 rows quantized to 8 bits (Q8_K per 256 values for the
+K-quants, per 32 for Q8_0 / Q5_0) times GGUF blocks with integer dot products, against two references: the same
+activation quantization done here in numpy, then float64 (equal within the output's float rounding), and
+float64 on the unquantized activations (within the error the activations' rounding implies)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ownllm.kernels.build import cpu_has_vnni, vnni_kernels
+from tests.kernel_modules import built_kernel
+
+FORMATS = {"Q4_K": 256, "Q6_K": 256, "Q8_0": 32, "Q5_0": 32}  # -> activation block
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    if not cpu_has_vnni():
+        pytest.skip("kquant_vnni needs AVX-512 VNNI")
+    return built_kernel(vnni_kernels, "kquant_vnni")
+
+
+def random_weight(qtype: str, rows: int, cols: int, seed: int):
+    """-> (BlockWeight of random blocks, gguf-py's float32 weights [rows, cols] as float64)."""
+    import gguf
+
+    from ownllm.layers.quant import BlockWeight
+    from tests.gguf_writer import random_quant_blocks
+
+    kind = gguf.GGMLQuantizationType[qtype]
+    blocks = random_quant_blocks(kind, rows, cols, np.random.default_rng(seed))
+    exact = torch.from_numpy(gguf.quants.dequantize(blocks, kind)).reshape(rows, cols).double()
+    return BlockWeight.from_gguf_blocks(blocks, (rows, cols), kind), exact
+
+
+def quantize_reference(x: torch.Tensor, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """x [M, K] bf16 -> (codes [M, K] int8, scales [M, K / block] float32), in float32 as the kernel rounds:
+    d = absmax / 127, q = round-half-even(x * (127 / absmax)), all zero where absmax is 0."""
+    values = x.float().numpy().reshape(x.shape[0], -1, block)
+    absmax = np.abs(values).max(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inverse = np.where(absmax > 0, np.float32(127) / absmax, np.float32(0)).astype(np.float32)
+    codes = np.rint((values * inverse).astype(np.float32)).astype(np.int8)
+    return codes.reshape(x.shape), (absmax / np.float32(127)).astype(np.float32)[..., 0]
+
+
+def activations(rows: int, cols: int, seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    x = torch.randn(rows, cols) * torch.rand(rows, cols // 32, 1).repeat_interleave(32, -1).view(rows, cols) * 4
+    x[0, :32] = 0  # an all-zero block (scale 0)
+    return x.bfloat16()
+
+
+@pytest.mark.parametrize("block", [32, 256])
+def test_activations_quantize_as_the_reference(kernel, block):
+    x = activations(5, 1024, seed=block)
+    codes, scales = kernel.quantize_activations(x, block)
+    expected_codes, expected_scales = quantize_reference(x, block)
+    assert np.array_equal(codes.numpy(), expected_codes)
+    assert np.array_equal(scales.numpy(), expected_scales)
+
+
+@pytest.mark.parametrize("qtype", list(FORMATS))
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 16, 32])
+@pytest.mark.parametrize("out_features, in_features", [(33, 256), (70, 2048), (19, 768)])
+def test_kquant_matmul_against_references(kernel, qtype, rows, out_features, in_features):
+    weight, exact = random_weight(qtype, out_features, in_features, seed=rows)
+    x = activations(rows, in_features, seed=rows)
+    bias = torch.randn(out_features).bfloat16()
+    out = kernel.kquant_matmul(x, weight.blocks, weight.qtype, bias)
+    assert out.shape == (rows, out_features) and out.dtype == torch.bfloat16
+    out = out.double()
+
+    # 1. the activations quantized as the kernel does, then float64: equal within float32 sums and bf16 output
+    block = FORMATS[qtype]
+    codes, scales = quantize_reference(x, block)
+    dequantized = torch.from_numpy(codes.astype(np.float64) * np.repeat(scales.astype(np.float64), block, axis=1))
+    reference = dequantized @ exact.T + bias.double()
+    scale = reference.abs().max().item()
+    assert ((out - reference).abs() <= reference.abs() * 2**-8 + scale * 1e-5).all()
+
+    # 2. the unquantized activations: each x is off by at most d / 2 = absmax / 254 of its block, so each output
+    # by at most sum over blocks of (sum of |w| in the block) * absmax / 254, plus the rounding above
+    exact_out = x.double() @ exact.T + bias.double()
+    absmax = x.double().abs().view(rows, -1, block).amax(-1)  # [rows, blocks]
+    weight_mass = exact.abs().view(out_features, -1, block).sum(-1)  # [out, blocks]
+    bound = absmax @ weight_mass.T / 254 + exact_out.abs() * 2**-8 + scale * 1e-5
+    assert ((out - exact_out).abs() <= bound).all()
+
+    # 3. every row the same numbers alone as in the batch
+    alone = torch.cat([kernel.kquant_matmul(x[i : i + 1], weight.blocks, weight.qtype, bias) for i in range(rows)])
+    assert torch.equal(out, alone.double())
+
+
+def test_block_weight_uses_the_integer_kernel_up_to_its_crossover(kernel):
+    import gguf
+
+    from ownllm.layers.quant import VNNI_MAX_ROWS
+
+    assert set(VNNI_MAX_ROWS) == {gguf.GGMLQuantizationType[name] for name in FORMATS}
+    for name in FORMATS:
+        qtype = gguf.GGMLQuantizationType[name]
+        max_rows = VNNI_MAX_ROWS[qtype]
+        weight, _ = random_weight(name, 40, 512, seed=qtype)
+        for rows in (1, max_rows, max_rows + 1):
+            x = activations(rows, 512, seed=rows)
+            integer = rows <= max_rows
+            expected = kernel.kquant_matmul(x, weight.blocks, qtype, None) if integer else None
+            out = weight.matmul(x, None)
+            if integer:
+                assert torch.equal(out, expected)
+            else:  # the float path (block_matmul or oneDNN), close to the integer one
+                torch.testing.assert_close(out, weight.dequantize(torch.bfloat16).float().matmul(x.float().T).T.bfloat16(),
+                                           rtol=2**-6, atol=5e-2)
+
+
+def test_block_weight_falls_back_without_the_integer_kernel(monkeypatch):
+    """Without kquant_vnni (a CPU without VNNI, or a build that failed) the float kernel answers, as before; so it
+    does for a shape the integer kernel does not take (K not a multiple of 64)."""
+    import ownllm.layers.quant as quant
+    from ownllm.kernels.build import bf16_kernels, cpu_has_bf16
+
+    if not cpu_has_bf16():
+        pytest.skip("the block kernels cannot run on this CPU")
+    weight, _ = random_weight("Q8_0", 24, 512, seed=1)
+    x = activations(3, 512, seed=3)
+    float_kernel = bf16_kernels("block_matmul")
+    monkeypatch.setattr(quant, "vnni_kernels", lambda: None)
+    assert torch.equal(weight.matmul(x, None), float_kernel.block_matmul(x, weight.blocks, weight.qtype, None))
+    monkeypatch.undo()
+    narrow, _ = random_weight("Q8_0", 24, 96, seed=2)
+    x = activations(2, 96, seed=2)
+    assert torch.equal(narrow.matmul(x, None), float_kernel.block_matmul(x, narrow.blocks, narrow.qtype, None))
