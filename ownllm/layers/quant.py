@@ -146,11 +146,13 @@ BLOCK_FORMATS = {
 }
 
 # Formats the integer kernel (kernels/kquant_vnni.cpp: activations quantized to 8 bits, VNNI dot products) takes,
-# and up to how many activation rows it is faster than block_matmul's float arithmetic, measured on an AMD EPYC
-# (Zen 4) on 4096x1536 weights (bench/RESULTS.md, "Integer K-quant kernels"; bench/kquant_decode.py remeasures):
-# each row costs the integer kernel a few instructions per block that block_matmul's bf16 tiles share between
-# rows, so beyond these the float kernel is faster.
-VNNI_MAX_ROWS = {6: 4, 8: 4, 12: 16, 14: 8}  # Q5_0, Q8_0, Q4_K, Q6_K
+# and up to how many activation rows: every row block_matmul would take (GEMV_MAX_ROWS), so that a token's numbers
+# are the same whatever else shares its step (batch-invariant decoding; speculative verification rows equal lone
+# decode steps, bit for bit). Measured on an AMD EPYC (Zen 4), 4096x1536 weights (bench/RESULTS.md, "Integer
+# K-quant kernels"), the float kernel's bf16 tiles would be faster beyond Q5_0/Q8_0 4, Q6_K 8 and Q4_K 16 rows,
+# since they share per-block work between rows; switching kernels there made a row's logits depend on the batch
+# size (greedy tokens then parted with and without speculation on the real Qwen2.5-Coder-0.5B).
+VNNI_MAX_ROWS = {qtype: GEMV_MAX_ROWS for qtype in (6, 8, 12, 14)}  # Q5_0, Q8_0, Q4_K, Q6_K
 
 
 @dataclass
