@@ -139,6 +139,20 @@ def schema_validity(model: str | None) -> tuple[str, int, int, int]:
     return Path(model).name if model else "bundled SmolLM2-135M-Instruct", len(SCHEMAS), constrained, prompted
 
 
+def overlap_ab(llm: LLM, rows: int, max_tokens: int, rounds: int = 2) -> None:
+    from ownllm.engine.structured_output import StructuredOutputManager
+
+    overlapped = StructuredOutputManager.bitmask_async
+    variants = {"overlapped": overlapped, "engine thread": StructuredOutputManager.bitmask}
+    for round_ in range(rounds):
+        for name, fill in variants.items():
+            StructuredOutputManager.bitmask_async = fill
+            constrained, free = throughput(llm, rows, max_tokens)
+            print(f"round {round_} {name}: constrained {constrained:.1f} tok/s, unconstrained {free:.1f}, "
+                  f"{constrained / free:.3f}x", flush=True)
+    StructuredOutputManager.bitmask_async = overlapped
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=64)
@@ -146,9 +160,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-1.5b", dest="big", action="store_false", help="skip Qwen2.5-Coder-1.5B's schema run")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--overlap-ab", action="store_true", help="only compare masks filled during the forward "
+                        "(background thread) with masks filled on the engine thread, alternating; prints")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     llm = LLM(kv_cache_memory=2**28)
+    if args.overlap_ab:
+        return overlap_ab(llm, args.rows, args.max_tokens)
     constrained, free = throughput(llm, args.rows, args.max_tokens)
     answers = valid_answers(llm)
     masks = vocabularies(answers)
