@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ownllm import SamplingParams
-from ownllm.worker.sampler import Sampler, SamplerOutput, SamplingMetadata, SamplingRow, filter_logits
+from ownllm.worker.sampler import (Sampler, SamplerOutput, SamplingMetadata, SamplingRow, apply_token_bitmask,
+                                  filter_logits)
 
 LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
 
@@ -134,6 +135,28 @@ def test_allowed_token_bitmask_restricts_every_row():
     for _ in range(20):
         out = sample(rows, logits.clone(), bitmask=bitmask)
         assert all(t in a for t, a in zip(out.token_ids, allowed))
+
+
+@pytest.mark.parametrize("vocab", [64, 70, 96, 31])
+def test_token_bitmask_bans_exactly_the_zero_bits(vocab):
+    """Whole-word bans, whole-word allows, mixed words, the sign bit and a last word partly used, against a bit by
+    bit reference."""
+    generator = torch.Generator().manual_seed(vocab)
+    num_words = (vocab + 31) // 32
+    words = torch.randint(-2**31, 2**31 - 1, (5, num_words), generator=generator, dtype=torch.int64)
+    words[1] = 0
+    words[2] = -1
+    words[3, 0], words[4, -1] = -2**31, 1  # only token 31 of the first word; only the last word's first token
+    bitmask = words.to(torch.int32)
+    logits = torch.randn(5, vocab, generator=generator)
+    expected = logits.clone()
+    for r in range(5):
+        for t in range(vocab):
+            if not (int(words[r, t // 32]) >> (t % 32)) & 1:
+                expected[r, t] = float("-inf")
+    apply_token_bitmask(logits, bitmask)
+    assert torch.equal(logits, expected)
+    assert logits[1].isinf().all() and not logits[2].isinf().any()
 
 
 def test_greedy_picks_argmax_and_reports_raw_logprobs():

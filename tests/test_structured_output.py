@@ -5,6 +5,7 @@ of the step's bitmask, reasoning phases, budget forcing), and llguidance grammar
 from __future__ import annotations
 
 import json
+import re
 
 import jsonschema
 import numpy as np
@@ -168,6 +169,39 @@ def test_json_schema_regex_choice_and_grammar(llm):
     assert re.fullmatch(r"\d{3}-\d{4}", constrained(llm, "A phone number.", regex=r"\d{3}-\d{4}"))
     text = constrained(llm, "Add two numbers.", grammar='start: NUMBER " + " NUMBER\nNUMBER: /[0-9]{1,3}/')
     assert re.fullmatch(r"[0-9]{1,3} \+ [0-9]{1,3}", text)
+
+
+def test_times_end_where_a_greedy_small_model_would_write_digits_forever(llm):
+    """The bundled model, greedy, asked for a meeting time, writes fraction-of-second digits until max_tokens unless
+    the time format is bounded (tests/json_schemas.py's time_format case)."""
+    schema = {"type": "object", "properties": {"time": {"type": "string", "format": "time"}}, "required": ["time"]}
+    text = constrained(llm, "A meeting time. Reply with only a JSON value matching this JSON schema: "
+                       + json.dumps(schema), json=schema)
+    time = json.loads(text)["time"]  # RFC 3339 (jsonschema's checker takes at most 6 digits of fraction)
+    assert re.fullmatch(r"\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)", time) and len(time) <= 24, time
+
+
+def test_bounded_schema_bounds_unbounded_formats_only():
+    from ownllm.structured_output import FORMAT_MAX_LENGTHS, FORMAT_PATTERNS, bounded_schema
+
+    schema = {"type": "object", "properties": {
+        "at": {"type": "string", "format": "date-time"}, "short": {"type": "string", "format": "time", "maxLength": 9},
+        "format": {"type": "string"}, "fixed": {"const": {"format": "time"}},
+        "many": {"type": "array", "items": {"anyOf": [{"type": "string", "format": "time"}, {"type": "null"}]}}}}
+    bounded = bounded_schema(schema)
+    props = bounded["properties"]
+    assert props["at"]["maxLength"] == FORMAT_MAX_LENGTHS["date-time"] == len("2026-12-07T00:00:00.123456789+14:00")
+    assert props["short"]["maxLength"] == 9 and props["format"] == {"type": "string"}
+    assert props["fixed"] == {"const": {"format": "time"}}
+    assert props["many"]["items"]["anyOf"][0]["maxLength"] == FORMAT_MAX_LENGTHS["time"] == len("23:59:60.123456789+14:00")
+    assert "maxLength" not in schema["properties"]["at"]  # the caller's schema is left alone
+    patterns = bounded_schema(schema, as_pattern=True)["properties"]
+    assert patterns["at"] == {"type": "string", "pattern": FORMAT_PATTERNS["date-time"]}
+    assert patterns["short"] == {"type": "string", "pattern": FORMAT_PATTERNS["time"], "maxLength": 9}
+    for good in ("2026-12-07T00:00:00Z", "2026-12-07t23:59:60.123456789+14:00"):
+        assert re.fullmatch(FORMAT_PATTERNS["date-time"], good)
+    for bad in ("2026-12-07T00:00:00", "2026-13-07T00:00:00Z", "24:00:00Z", "00:00:00.1234567890Z"):
+        assert not re.fullmatch(FORMAT_PATTERNS["date-time"], bad) and not re.fullmatch(FORMAT_PATTERNS["time"], bad)
 
 
 def test_constraints_leave_the_other_requests_of_a_batch_alone(llm):

@@ -6,7 +6,7 @@ name; llguidance is the default, and another (xgrammar) plugs in behind the same
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -51,3 +51,31 @@ def check_backend(name: str) -> None:
 def grammar_backend(name: str, tokenizer: Tokenizer, vocab_size: int) -> GrammarBackend:
     check_backend(name)
     return GRAMMAR_BACKENDS[name](tokenizer, vocab_size)
+
+
+# RFC 3339 lets a time's fraction of a second run on without end, and a small model, greedy, will write digits until
+# max_tokens: bound those strings to nanoseconds (hh:mm:ss.fffffffff+hh:mm), a subset every validator accepts.
+FORMAT_MAX_LENGTHS = {"time": 24, "date-time": 35}
+_TIME = r"([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
+FORMAT_PATTERNS = {"time": f"^{_TIME}$",  # the same strings, for a backend that ignores maxLength beside a format
+                   "date-time": f"^[0-9]{{4}}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt]{_TIME}$"}
+_LITERALS = ("const", "enum", "default", "examples")  # values, not schemas: left as written
+
+
+def bounded_schema(schema: Any, as_pattern: bool = False) -> Any:
+    """The JSON schema with each string of an unbounded format (FORMAT_MAX_LENGTHS) bounded: a maxLength where it
+    has none, or (as_pattern) the format replaced by its bounded pattern where it has no pattern."""
+    if isinstance(schema, list):
+        return [bounded_schema(item, as_pattern) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    bounded = {key: value if key in _LITERALS else bounded_schema(value, as_pattern) for key, value in schema.items()}
+    name = schema.get("format")
+    if not isinstance(name, str) or name not in FORMAT_MAX_LENGTHS:
+        return bounded
+    if as_pattern and "pattern" not in schema:
+        del bounded["format"]
+        bounded["pattern"] = FORMAT_PATTERNS[name]
+    elif not as_pattern and "maxLength" not in schema:
+        bounded["maxLength"] = FORMAT_MAX_LENGTHS[name]
+    return bounded

@@ -13,7 +13,7 @@ import llguidance.numpy
 import numpy as np
 
 from ownllm.sampling_params import StructuredOutputsParams
-from ownllm.structured_output import GRAMMAR_BACKENDS
+from ownllm.structured_output import GRAMMAR_BACKENDS, bounded_schema
 from ownllm.tokenizer import Tokenizer
 
 
@@ -61,7 +61,7 @@ def _grammar(spec: StructuredOutputsParams) -> str:
     if spec.json is not None or spec.json_object:
         schema = {"type": "object"} if spec.json_object else spec.json
         try:
-            schema = json.loads(schema) if isinstance(schema, str) else schema
+            schema = bounded_schema(json.loads(schema) if isinstance(schema, str) else schema)
             return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
         except ValueError as error:
             raise ValueError(f"{spec.source} is not a valid JSON schema: {error}") from None

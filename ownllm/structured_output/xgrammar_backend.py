@@ -16,7 +16,7 @@ import numpy as np
 import xgrammar
 
 from ownllm.sampling_params import StructuredOutputsParams
-from ownllm.structured_output import GRAMMAR_BACKENDS
+from ownllm.structured_output import GRAMMAR_BACKENDS, bounded_schema
 from ownllm.tokenizer import Tokenizer
 
 MAX_JSON_WHITESPACE = 16  # as the llguidance backend's JSON: a run of white space is bounded
@@ -69,7 +69,8 @@ class XGrammarBackend:
     def _compile(compiler: xgrammar.GrammarCompiler, spec: StructuredOutputsParams) -> xgrammar.CompiledGrammar:
         if spec.json is not None or spec.json_object:
             schema = {"type": "object"} if spec.json_object else spec.json
-            return compiler.compile_json_schema(schema if isinstance(schema, str) else json.dumps(schema),
+            schema = bounded_schema(json.loads(schema) if isinstance(schema, str) else schema, as_pattern=True)
+            return compiler.compile_json_schema(json.dumps(schema),
                                                 max_whitespace_cnt=MAX_JSON_WHITESPACE)
         if spec.regex is not None:
             return compiler.compile_regex(spec.regex)

@@ -142,12 +142,28 @@ class SamplingMetadata:
         )
 
 
+# [256, 8] bool: bit j of byte value b is 0 (token banned)
+_BANNED_BITS = torch.tensor([[not (b >> j) & 1 for j in range(8)] for b in range(256)])
+
+
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
     """Sets to -inf, in place, every token whose bit is 0. logits: [R, vocab]; bitmask: [R, ceil(vocab / 32)] int32,
-    token t's bit is bit t % 32 of word t // 32 (xgrammar's and llguidance's layout)."""
-    bits = torch.arange(32, dtype=torch.int32, device=logits.device)
-    allowed = ((bitmask.unsqueeze(-1) >> bits) & 1).flatten(1)[:, : logits.shape[-1]]  # [R, vocab]
-    logits.masked_fill_(allowed == 0, NEG_INF)
+    token t's bit is bit t % 32 of word t // 32 (xgrammar's and llguidance's layout).
+    A grammar bans most words whole (0) and allows a few whole (-1): those take one broadcast fill; only the few
+    mixed words are expanded bit by bit."""
+    num_rows, vocab = logits.shape
+    num_words = vocab // 32
+    by_word = logits[:, : num_words * 32].view(num_rows, num_words, 32)  # [R, W, 32], a view of logits
+    words = bitmask[:, :num_words]  # [R, W]
+    by_word.masked_fill_((words == 0).unsqueeze(-1), NEG_INF)
+    rows, cols = ((words != 0) & (words != -1)).nonzero(as_tuple=True)  # [P] each: the mixed words
+    if len(rows):
+        codes = words[rows, cols].contiguous().view(torch.uint8).int()  # [P * 4], little-endian bytes
+        banned = _BANNED_BITS.to(logits.device).index_select(0, codes).view(-1, 32)  # [P, 32]
+        by_word[rows, cols] = by_word[rows, cols].masked_fill(banned, NEG_INF)
+    if vocab % 32:  # the last, partly used word
+        bits = torch.arange(vocab % 32, dtype=torch.int32, device=logits.device)
+        logits[:, num_words * 32 :].masked_fill_(((bitmask[:, num_words, None] >> bits) & 1) == 0, NEG_INF)
 
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
