@@ -174,7 +174,7 @@ def test_refusals_name_the_problem(engine, image_host, images_test_is_public):
     assert "resolves to a private address" in chat(f"http://images.test:{image_host.port}/redirect")  # after a redirect
     nine = [{"type": "image_url", "image_url": {"url": data_url(png())}}] * 9
     assert error(call(app, "POST", "/v1/chat/completions", {**GREEDY, "messages": [{"role": "user", "content": nine}]})) \
-        == "the model accepts at most 8 images per prompt, got 9"
+        == "the model accepts at most 8 images per prompt (--limit-images-per-prompt), got 9"
     assert error(call(app, "POST", "/api/generate", {"model": TINY_NAME, "prompt": "hi", "images": ["%%%"]})) == \
         "images.0: the image is not valid base64"
     no_urls = build_app(engine, ServerSettings())
