@@ -2,11 +2,17 @@
 checkpoints saved by transformers are written as llama.cpp's converters write them (tests/multimodal/mmproj_writer.py),
 and ownllm on text.gguf + mmproj.gguf gives the greedy tokens and top-5 logprobs (within 1e-3, float32) that it gives on
 the Hugging Face folder, which the parity tests hold to transformers, with 1 to 3 images of different sizes and
-without. Files that do not fit are refused with the words a user reads."""
+without. Files that do not fit are refused with the words a user reads. llama.cpp (llama-cpp-python's libmtmd) reads
+the same files: its image embeddings agree with ours for Gemma 3, and for LLaVA once its placement of the CLS
+position (after the patches, unlike transformers) is emulated."""
 
 from __future__ import annotations
 
+import ctypes
+
+import numpy as np
 import pytest
+import torch
 
 from ownllm import LLM, SamplingParams
 from ownllm.loader import load_checkpoint
@@ -14,6 +20,7 @@ from tests.checkpoints import build_checkpoint
 from tests.gguf_writer import write_gguf
 from tests.multimodal import test_gemma3_parity, test_llava_parity
 from tests.multimodal.gemma3_checkpoint import build_gemma3
+from tests.multimodal.images import synthetic
 from tests.multimodal.llava_checkpoint import build_llava
 from tests.multimodal.mmproj_writer import (
     GEMMA3_F16, LLAVA_F16, write_gemma3_mmproj, write_llava_mmproj, write_text_gguf,
@@ -121,3 +128,87 @@ def test_mmproj_refusals_name_the_problem(llava, gemma3, tmp_path):
         LLM(str(llava_text), mmproj=str(llava_text))
     assert str(error.value) == (f"{llava_text} is not a multimodal projector (mmproj) file: its general.architecture "
                                 "is 'llama', expected 'clip'")
+
+
+# --- llama.cpp (llama-cpp-python's libmtmd) on the same files -----------------------------------------------------
+
+
+def llama_cpp_image_embeddings(text, mmproj, image) -> np.ndarray:
+    """llama.cpp's projector output for one image: [image tokens, text hidden] (libmtmd: tokenize a media marker
+    with the image, encode the image chunk, read the output embeddings)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    mtmd = pytest.importorskip("llama_cpp.mtmd_cpp")
+    model = llama_cpp.Llama(model_path=str(text), n_ctx=256, n_threads=1, verbose=False)
+    params = mtmd.mtmd_context_params_default()
+    params.use_gpu, params.n_threads, params.warmup, params.print_timings = False, 1, False, False
+    ctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), model.model, params)
+    assert ctx is not None
+    rgb = np.ascontiguousarray(np.asarray(image.convert("RGB")), dtype=np.uint8)  # [H, W, 3]
+    bitmap = mtmd.mtmd_bitmap_init(image.width, image.height, (ctypes.c_uint8 * rgb.size).from_buffer_copy(rgb))
+    chunks = mtmd.mtmd_input_chunks_init()
+    marker = mtmd.mtmd_default_marker()
+    text_input = mtmd.mtmd_input_text(marker, len(marker), False, True)
+    try:
+        assert mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(text_input), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) == 0
+        for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+            chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+            if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                num_tokens = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+                assert mtmd.mtmd_encode_chunk(ctx, chunk) == 0
+                out = np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(ctx), shape=(num_tokens * model.n_embd(),))
+                return out.reshape(num_tokens, -1).copy()
+    finally:
+        mtmd.mtmd_input_chunks_free(chunks)
+        mtmd.mtmd_bitmap_free(bitmap)
+        mtmd.mtmd_free(ctx)
+    raise AssertionError("llama.cpp made no image chunk")
+
+
+def our_image_embeddings(llm, image) -> torch.Tensor:
+    pixel_values = torch.from_numpy(llm.engine.image_processor.preprocess(image))
+    with torch.no_grad():
+        return llm.runner.model.embed_images([pixel_values])[0]
+
+
+def llava_with_cls_last(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """What llama.cpp's clip_graph_llava computes (libmtmd in llama-cpp-python 0.3.36): the CLS embedding appended
+    after the patches, position embeddings in that order (patch i gets row i, CLS row n), output rows 1..n (patches
+    1..n-1, then CLS), and the projector's GELU in its tanh form. transformers (and ownllm) put CLS first and drop
+    it. -> [patches, text hidden]"""
+    tower, projector = model.vision_tower, model.multi_modal_projector
+    with torch.no_grad():
+        patches = tower.embeddings.patch_embedding(pixel_values[None]).flatten(2).transpose(1, 2)  # [1, n, hidden]
+        num = patches.shape[1]
+        cls = tower.embeddings.class_embedding.expand(1, 1, -1)
+        x = tower.pre_layrnorm(torch.cat([patches, cls], dim=1) + tower.embeddings.position_embedding.weight[:num + 1])
+        states = [x]
+        for layer in tower.encoder.layers:
+            states.append(layer(states[-1]))
+        features = torch.cat([states[i % len(states)] for i in model.feature_layers], dim=-1)[0, 1:num + 1]
+        return projector.linear_2(torch.nn.functional.gelu(projector.linear_1(features), approximate="tanh"))
+
+
+def test_gemma3_image_embeddings_agree_with_llama_cpp(gemma3):
+    """The same mmproj file through llama.cpp's clip.cpp: the projector's output for an image of the tower's size
+    (so that no resampling differs) agrees within llama.cpp's F16 rounding of activations."""
+    _, text, mmproj, _ = gemma3
+    llm = LLM(str(text), dtype="float32", mmproj=str(mmproj))
+    image = synthetic(32, 32, seed=3)
+    theirs, ours = llama_cpp_image_embeddings(text, mmproj, image), our_image_embeddings(llm, image).numpy()
+    assert theirs.shape == ours.shape == (16, 64)
+    assert np.abs(theirs - ours).max() < 5e-3 * np.abs(ours).max()
+
+
+def test_llava_image_embeddings_agree_with_llama_cpp_up_to_its_cls_placement(llava):
+    """llama.cpp reads the LLaVA mmproj as ownllm does (layers, swapped fc1/fc2, feature layers, projector) but places
+    CLS after the patches (llava_with_cls_last): emulating that placement, ours agree with llama.cpp's; its
+    embeddings differ from transformers' layout, so ownllm keeps transformers' (which LLaVA was trained with)."""
+    _, text, mmproj, _ = llava
+    llm = LLM(str(text), dtype="float32", mmproj=str(mmproj))
+    image = synthetic(32, 32, seed=3)
+    pixel_values = torch.from_numpy(llm.engine.image_processor.preprocess(image))
+    theirs = llama_cpp_image_embeddings(text, mmproj, image)
+    emulated = llava_with_cls_last(llm.runner.model, pixel_values).numpy()
+    assert theirs.shape == emulated.shape == (16, 64)
+    assert np.abs(theirs - emulated).max() < 5e-3 * np.abs(emulated).max()
+    assert np.abs(theirs - our_image_embeddings(llm, image).numpy()).max() > 0.1  # the placement matters
