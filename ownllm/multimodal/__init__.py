@@ -114,7 +114,8 @@ class ImagePromptProcessor:
         from ownllm.multimodal.image_io import as_image
 
         if len(images) > self.max_images_per_prompt:
-            raise ValueError(f"the model accepts at most {self.max_images_per_prompt} images per prompt "
+            limit = self.max_images_per_prompt
+            raise ValueError(f"the model accepts at most {limit} image{'' if limit == 1 else 's'} per prompt "
                              f"(--limit-images-per-prompt), got {len(images)}")
         num_markers = sum(1 for t in token_ids if t == self.marker_token_id)
         if num_markers != len(images):

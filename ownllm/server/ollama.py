@@ -409,7 +409,7 @@ async def serve_chat(ctx: ServerContext, request: Request) -> Response:
     reader = reader_factory(ctx, prompt_ids, tools)()
 
     def chunk(piece: Piece) -> OllamaChatChunk:
-        stats = _final_stats(len(prompt_ids), reader, timing) if piece.final else {}
+        stats = _final_stats(timing.num_prompt_tokens, reader, timing) if piece.final else {}
         message = OllamaAssistantMessage(content=piece.message.content, thinking=piece.message.reasoning or None,
                                          tool_calls=_tool_calls(piece.message))
         return OllamaChatChunk(model=_tagged(ctx.model_name), created_at=_now(), done=piece.final, message=message,
@@ -434,7 +434,7 @@ async def serve_generate(ctx: ServerContext, request: Request) -> Response:
     reader = reader_factory(ctx, prompt_ids, None)()
 
     def chunk(piece: Piece) -> OllamaGenerateChunk:
-        stats = _final_stats(len(prompt_ids), reader, timing) if piece.final else {}
+        stats = _final_stats(timing.num_prompt_tokens, reader, timing) if piece.final else {}
         context = prompt_ids + reader.token_ids if piece.final and not body.raw else None
         return OllamaGenerateChunk(model=_tagged(ctx.model_name), created_at=_now(), done=piece.final,
                                    response=piece.message.content, thinking=piece.message.reasoning or None,
