@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ownllm.loader.gguf import _f32, _hf_shape, dequantize_tensor, open_gguf, read_fields
+from ownllm.loader.gguf import _f32, dequantize_tensor, open_gguf, read_fields
 
 if TYPE_CHECKING:
     from ownllm.tokenizer import Tokenizer

@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 import ownllm
+from ownllm.multimodal.registry import takes_images
 from ownllm.outputs import Logprob, RequestOutput
 from ownllm.parsers.events import Event, Message
 from ownllm.sampling_params import SamplingParams, StructuredOutputsParams
@@ -197,7 +198,9 @@ def _show(ctx: ServerContext, facts: ModelFacts) -> OllamaShowResponse:
     family = facts.details.family
     parameters = "\n".join(f"{k:<30} {v}" for k, v in ctx.engine.generation_config.items()
                            if k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"))
-    capabilities = ["completion"] + ["tools"] * ("tools" in template) + ["thinking"] * ("enable_thinking" in template)
+    config = ctx.engine.model_config
+    capabilities = ["completion"] + ["tools"] * ("tools" in template) + ["thinking"] * ("enable_thinking" in template) \
+        + ["vision"] * (config is not None and takes_images(config.architecture))  # Ollama clients offer uploads then
     return OllamaShowResponse(
         modified_at=facts.modified_at, template=template, parameters=parameters, details=facts.details,
         model_info={"general.architecture": family, "general.parameter_count": facts.parameter_count,

@@ -149,6 +149,7 @@ def test_ollama_images_on_chat_and_generate(engine, llava_folder):
     expected = engine.tokenizer.decode(offline_tokens(llava_folder, "what is this?"))
     assert chat.status_code == 200 and generate.status_code == 200, (chat.text, generate.text)
     assert chat.json()["message"]["content"] == generate.json()["response"] == expected
+    assert "vision" in call(app, "POST", "/api/show", {"model": TINY_NAME}).json()["capabilities"]
 
 
 def error(response: httpx.Response) -> str:
