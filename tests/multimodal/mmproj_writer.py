@@ -139,8 +139,9 @@ def write_gemma3_mmproj(hf_model, path: Path, projector_type: str = "gemma3") ->
     return path
 
 
-def write_text_gguf(hf_model, folder: Path, path: Path, text_arch: str) -> Path:
-    """The language model of a multimodal transformers model as a text GGUF (F32), with the folder's tokenizer."""
+def write_text_gguf(hf_model, folder: Path, path: Path, text_arch: str, chat_template: str | None = None) -> Path:
+    """The language model of a multimodal transformers model as a text GGUF (F32), with the folder's tokenizer (a
+    byte-level BPE split as GPT-2 splits, which llama.cpp calls "gpt-2") and chat_template."""
     import transformers
     from tokenizers import Tokenizer
 
@@ -150,7 +151,8 @@ def write_text_gguf(hf_model, folder: Path, path: Path, text_arch: str) -> Path:
     state = {f"model.{k}": v for k, v in hf_model.model.language_model.state_dict().items()}
     state["lm_head.weight"] = hf_model.lm_head.weight
     text_model.load_state_dict(state, strict=False)
-    return write_gguf(text_model, path, tokenizer=Tokenizer.from_file(str(folder / "tokenizer.json")))
+    return write_gguf(text_model, path, tokenizer=Tokenizer.from_file(str(folder / "tokenizer.json")), pre="gpt-2",
+                      chat_template=chat_template)
 
 
 def _add(writer: gguf.GGUFWriter, key: str, value) -> None:
