@@ -87,6 +87,9 @@ def load_mmproj(path: str | os.PathLike) -> VisionProjector:
     if kind not in PROJECTORS:
         raise ValueError(f"{path}: projector type {kind!r} (clip.projector_type) is not supported; supported: "
                          f"{', '.join(PROJECTORS)} (LLaVA and Gemma 3)")
+    if fields.get("clip.vision.image_grid_pinpoints"):
+        raise ValueError(f"{path}: LLaVA-NeXT (1.6) projectors, which split images into a grid of tiles "
+                         "(clip.vision.image_grid_pinpoints), are not supported; LLaVA 1.5's are")
     stored = {t.name: t for t in reader.tensors}
     for name in _UNSUPPORTED[kind]:
         if name in stored:

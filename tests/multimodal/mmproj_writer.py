@@ -156,7 +156,9 @@ def write_text_gguf(hf_model, folder: Path, path: Path, text_arch: str, chat_tem
 
 
 def _add(writer: gguf.GGUFWriter, key: str, value) -> None:
-    if isinstance(value, bool):
+    if isinstance(value, list):
+        writer.add_array(key, value)
+    elif isinstance(value, bool):
         writer.add_bool(key, value)
     elif isinstance(value, int):
         writer.add_uint32(key, value)

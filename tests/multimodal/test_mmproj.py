@@ -124,6 +124,11 @@ def test_mmproj_refusals_name_the_problem(llava, gemma3, tmp_path):
         LLM(str(wide), mmproj=str(llava_mmproj))
     assert str(error.value) == (f"--mmproj {llava_mmproj} does not fit {wide}: the projector writes embeddings of size "
                                 "64 but the text model's hidden size is 96")
+    next_ = write_llava_mmproj(llava[3], tmp_path / "llava-next.gguf", **{"clip.vision.image_grid_pinpoints": [32, 64, 64, 32]})
+    with pytest.raises(ValueError) as error:
+        LLM(str(llava_text), mmproj=str(next_))
+    assert str(error.value) == (f"{next_}: LLaVA-NeXT (1.6) projectors, which split images into a grid of tiles "
+                                "(clip.vision.image_grid_pinpoints), are not supported; LLaVA 1.5's are")
     with pytest.raises(ValueError) as error:
         LLM(str(llava_text), mmproj=str(llava_text))
     assert str(error.value) == (f"{llava_text} is not a multimodal projector (mmproj) file: its general.architecture "
