@@ -39,7 +39,7 @@ def load_checkpoint(model: str | None, dtype: str | None = None, keep_quantized:
     are read only on access anyway). mmproj: a llama.cpp vision projector file for a .gguf text model."""
     path = resolve_model(model)
     if mmproj is not None and path.suffix != ".gguf":
-        raise ValueError(f"--mmproj goes with a .gguf text model, but {model} is a {_kind(path)}; a Hugging Face "
+        raise ValueError(f"--mmproj goes with a .gguf text model, but {model} is a checkpoint folder; a Hugging Face "
                          "checkpoint folder carries its vision tower itself")
     if path.suffix == ".gguf":
         from ownllm.loader.gguf import load_gguf, open_gguf
@@ -61,10 +61,6 @@ def load_checkpoint(model: str | None, dtype: str | None = None, keep_quantized:
     from ownllm.loader.hf import load_hf_folder
 
     return load_hf_folder(path, dtype)
-
-
-def _kind(path: Path) -> str:
-    return "checkpoint folder" if path.is_dir() else f"{path.suffix or 'extensionless'} file"
 
 
 def _quantized_gguf_dtype(reader) -> str | None:
