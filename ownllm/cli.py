@@ -53,13 +53,20 @@ SpeculativeOpt = Annotated[Optional[str], typer.Option(
     "same tokenizer) or '{\"method\": \"mtp\"}' (DeepSeek-V3's multi-token-prediction layer). "
     "Greedy output is unchanged; sampled output keeps its distribution.")]
 
+MmprojOpt = Annotated[Optional[Path], typer.Option(
+    "--mmproj", help="llama.cpp's vision projector file (mmproj-*.gguf) for a .gguf text model: LLaVA ('mlp' "
+    "projectors) and Gemma 3; the two load as one vision model.")]
+LimitImagesOpt = Annotated[Optional[int], typer.Option(
+    "--limit-images-per-prompt", min=0, help="The most images one prompt may carry (vLLM's --limit-mm-per-prompt "
+    "for images). Default: the model's own limit (8).")]
+
 TensorParallelOpt = Annotated[int, typer.Option(
     "--tensor-parallel-size", min=1, help="Split the model across this many worker processes (torch.distributed: "
     "gloo on the CPU, NCCL on CUDA), each holding its share of the heads, MLP rows, vocabulary and KV cache.")]
 
 
 def _load(model: str | None, dtype: str | None, device: str | None, speculative_config: str | None,
-          tensor_parallel_size: int = 1):
+          tensor_parallel_size: int = 1, mmproj: Path | None = None, limit_images_per_prompt: int | None = None):
     from ownllm.config import SpeculativeConfig
     from ownllm.engine.llm import LLM
 
@@ -67,8 +74,19 @@ def _load(model: str | None, dtype: str | None, device: str | None, speculative_
     started = time.perf_counter()
     with _spinner(f"Loading {model or BUNDLED_MODEL_NAME}..."):
         llm = LLM(model, dtype=dtype, device=device, speculative_config=speculative,
-                  tensor_parallel_size=tensor_parallel_size)
+                  tensor_parallel_size=tensor_parallel_size, mmproj=_mmproj_path(mmproj),
+                  limit_images_per_prompt=limit_images_per_prompt)
     return llm, time.perf_counter() - started
+
+
+def _mmproj_path(mmproj: Path | None) -> str | None:
+    """The --mmproj file as an absolute path (replicas may start elsewhere), or FileNotFoundError before loading."""
+    if mmproj is None:
+        return None
+    path = mmproj.expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"--mmproj {mmproj}: no such file")
+    return str(path.resolve())
 
 
 @contextlib.contextmanager
@@ -162,7 +180,8 @@ def run(
     verbose: VerboseOpt = False, speculative_config: SpeculativeOpt = None,
     image: Annotated[Optional[list[Path]], typer.Option(
         help="An image file to ask about (repeat for several); needs a vision model such as LLaVA.")] = None,
-    tensor_parallel_size: TensorParallelOpt = 1,
+    tensor_parallel_size: TensorParallelOpt = 1, mmproj: MmprojOpt = None,
+    limit_images_per_prompt: LimitImagesOpt = None,
 ) -> None:
     """Answer one prompt and stream the answer to the terminal."""
     _check_options(dtype, max_tokens, temperature, top_p, top_k, seed)
@@ -171,7 +190,8 @@ def run(
     if prompt == "-":
         prompt = sys.stdin.read()
     content = _with_images(image or [], prompt)
-    llm, load_seconds = _load(model, dtype, device, speculative_config, tensor_parallel_size)
+    llm, load_seconds = _load(model, dtype, device, speculative_config, tensor_parallel_size, mmproj,
+                              limit_images_per_prompt)
     if verbose:
         err.print(f"load: {load_seconds:.2f}s")
     params = _params(llm, max_tokens, temperature, top_p, top_k, seed)
@@ -197,12 +217,14 @@ def chat(
     model: ModelOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = None, max_tokens: MaxTokensOpt = 1024,
     temperature: TemperatureOpt = None, top_p: TopPOpt = None, top_k: TopKOpt = None, seed: SeedOpt = None,
     system: SystemOpt = None, verbose: VerboseOpt = False, speculative_config: SpeculativeOpt = None,
-    tensor_parallel_size: TensorParallelOpt = 1,
+    tensor_parallel_size: TensorParallelOpt = 1, mmproj: MmprojOpt = None,
+    limit_images_per_prompt: LimitImagesOpt = None,
 ) -> None:
     """Chat with a model in the terminal. /image PATH attaches an image to the next message (vision models), /reset
     clears the history, /exit (or Ctrl-D) quits, Ctrl-C stops an answer."""
     _check_options(dtype, max_tokens, temperature, top_p, top_k, seed)
-    llm, load_seconds = _load(model, dtype, device, speculative_config, tensor_parallel_size)
+    llm, load_seconds = _load(model, dtype, device, speculative_config, tensor_parallel_size, mmproj,
+                              limit_images_per_prompt)
     params = _params(llm, max_tokens, temperature, top_p, top_k, seed)
     system_messages = [{"role": "system", "content": system}] if system else []
     history = list(system_messages)
@@ -380,6 +402,7 @@ def serve(
         "fetch refuses private, loopback and link-local addresses. Default: none (images as data: URLs only).")] = None,
     max_image_size: Annotated[str, typer.Option(help="Largest encoded image a request may send or have fetched, "
                                                 "e.g. 20MiB.")] = "20MiB",
+    mmproj: MmprojOpt = None, limit_images_per_prompt: LimitImagesOpt = None,
     replicas: Annotated[Optional[int], typer.Option(
         min=1, help="Serve with this many engine replicas, each its own process, on Ray Serve (pip install "
         "'ownllm[ray]'); a local Ray is started unless --ray-address names a cluster.")] = None,
@@ -420,7 +443,7 @@ def serve(
         SchedulerConfig(max_num_batched_tokens, max_num_seqs), SpeculativeConfig.parse(speculative_config),
         reasoning_parser=reasoning_parser, tool_call_parser=tool_call_parser,
         structured_outputs_backend=structured_outputs_backend, tensor_parallel_size=tensor_parallel_size,
-        max_model_len=max_model_len)
+        max_model_len=max_model_len, mmproj=_mmproj_path(mmproj), limit_images_per_prompt=limit_images_per_prompt)
     limits = RequestLimits(parse_memory_size(max_body_size), max_messages, max_completion_tokens, max_n, max_stop,
                            max_logprobs)
     origins = tuple(o.strip() for value in cors_origins or [] for o in value.split(",") if o.strip())

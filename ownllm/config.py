@@ -338,12 +338,16 @@ class EngineConfig:
     tool_call_parser: str | None = None
     max_model_len: int | None = None  # the longest prompt + answer served (None: the model's own context)
     tensor_parallel_size: int = 1  # worker processes the model is split across (distributed/executor.py)
+    mmproj: str | None = None  # llama.cpp's vision projector file for a .gguf text model (loader/mmproj.py)
+    limit_images_per_prompt: int | None = None  # the most images one prompt may carry (None: the model's own limit)
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.tensor_parallel_size > 1 and self.speculative is not None:
             raise ValueError("tensor parallel (tensor_parallel_size > 1) does not support speculative decoding")
+        if self.limit_images_per_prompt is not None and self.limit_images_per_prompt < 0:
+            raise ValueError(f"limit_images_per_prompt must be >= 0, got {self.limit_images_per_prompt}")
 
 
 # sentence-transformers' pooling modes, in the order it concatenates them when several are on

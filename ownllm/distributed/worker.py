@@ -59,6 +59,6 @@ def _build_runner(rank: int, size: int, init_method: str, backend: str, timeout_
         torch.cuda.set_device(device)
     init_tensor_parallel(rank, size, init_method, backend, timeout_s)
     torch.manual_seed(seed)
-    checkpoint = load_checkpoint(config.model, config.dtype, keep_quantized=device == "cpu")
+    checkpoint = load_checkpoint(config.model, config.dtype, keep_quantized=device == "cpu", mmproj=config.mmproj)
     return ModelRunner(checkpoint, config.cache, checkpoint.tokenizer.eos_token_ids, config.scheduler.max_num_seqs,
                        device, None, config.backends)

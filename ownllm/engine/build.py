@@ -27,7 +27,7 @@ def build_engine(config: EngineConfig) -> Engine:
     device = resolve_device(config.device)  # before loading: a bad device fails fast
     # with tensor-parallel workers, which load their own shards, this process needs no weights
     checkpoint = load_checkpoint(config.model, config.dtype, keep_quantized=device == "cpu",
-                                 with_tensors=config.tensor_parallel_size == 1)
+                                 with_tensors=config.tensor_parallel_size == 1, mmproj=config.mmproj)
     tokenizer = checkpoint.tokenizer
     executor = _executor(config, checkpoint, device)
     block_size = config.cache.block_size
@@ -42,7 +42,7 @@ def build_engine(config: EngineConfig) -> Engine:
                       speculative.num_lookahead_tokens if speculative else 0,
                       spec_method=speculative.method if speculative else None, structured_output=structured_output)
     return Engine(core, tokenizer, checkpoint.config, checkpoint.generation_config, checkpoint.path, reasoning,
-                  _tool_parser_name(config, tokenizer), image_processor(checkpoint.config, checkpoint.path))
+                  _tool_parser_name(config, tokenizer), image_processor(checkpoint, config.limit_images_per_prompt))
 
 
 def _executor(config: EngineConfig, checkpoint: Checkpoint, device: str) -> Executor:

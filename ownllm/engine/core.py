@@ -56,17 +56,23 @@ class EngineCore:
         if not request.prompt_token_ids:
             raise ValueError("the prompt is empty")
         if request.num_prompt_tokens >= self.max_model_len:
+            of_images = sum(image.length for image in request.images)
             raise ValueError(
-                f"the prompt has {request.num_prompt_tokens} tokens but the model's context is "
-                f"{self.max_model_len} tokens (room is needed for at least one new token)"
+                f"the prompt has {request.num_prompt_tokens} tokens"
+                + (f" ({of_images} of them for its {_images(len(request.images))})" if request.images else "")
+                + f" but the model's context is {self.max_model_len} tokens (room is needed for at least one new token)"
             )
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         max_rows = self.scheduler.config.max_num_encoder_tokens
+        max_tokens = self.scheduler.config.max_num_batched_tokens
         for image in request.images:
             if image.length > max_rows:
                 raise ValueError(f"an image takes {image.length} tokens, more than the encoder budget of a step "
                                  f"(max_num_encoder_tokens {max_rows})")
+            if image.indivisible and image.length > max_tokens:
+                raise ValueError(f"an image takes {image.length} tokens, which this model computes in one step, but "
+                                 f"a step computes at most {max_tokens} tokens (--max-num-batched-tokens)")
         self.structured_output.add(request)  # refuses a grammar it cannot compile
         self.requests[request.request_id] = request
         self.scheduler.add(request)
@@ -180,3 +186,7 @@ class EngineCore:
         for request_id in [rid for rid, r in self.requests.items() if r.is_finished]:
             self.scheduler.finish(self.requests.pop(request_id))
             self.structured_output.remove(request_id)
+
+
+def _images(count: int) -> str:
+    return f"{count} image" + ("" if count == 1 else "s")

@@ -35,7 +35,8 @@ class LLM:
     ("auto", "expanded" or "absorbed"), `quant_method` ("kernels" or "dequantized") (each by default the fastest
     that runs here; the others are the plain-torch references tests compare against), `structured_outputs_backend`
     ("llguidance" or "xgrammar"), `tensor_parallel_size` (worker processes the model is split across,
-    torch.distributed between them)."""
+    torch.distributed between them), `mmproj` (llama.cpp's vision projector file beside a .gguf text model: LLaVA and
+    Gemma 3), `limit_images_per_prompt` (the most images one prompt may carry; default the model's own limit)."""
 
     def __init__(
         self, model: str | None = None, dtype: str | None = None, *, kv_cache_memory: int | None = None,
@@ -44,7 +45,7 @@ class LLM:
         speculative_config: dict | str | None = None, attention_backend: str | None = None,
         moe_backend: str | None = None, mla_backend: str | None = None, quant_method: str | None = None,
         structured_outputs_backend: str = "llguidance",
-        tensor_parallel_size: int = 1,
+        tensor_parallel_size: int = 1, mmproj: str | None = None, limit_images_per_prompt: int | None = None,
     ) -> None:
         if tensor_parallel_size > 1 and is_embedding_model(model):
             raise ValueError("tensor parallel (tensor_parallel_size > 1) does not support embedding models")
@@ -62,7 +63,8 @@ class LLM:
             SpeculativeConfig.parse(speculative_config),
             BackendConfig(attention_backend, moe_backend, mla_backend, quant_method),
             structured_outputs_backend=structured_outputs_backend,
-            tensor_parallel_size=tensor_parallel_size,
+            tensor_parallel_size=tensor_parallel_size, mmproj=mmproj,
+            limit_images_per_prompt=limit_images_per_prompt,
         ))
         self.runner = self.engine.runner
         self.config = self.engine.model_config

@@ -16,9 +16,10 @@ Images: a step that reaches an image's placeholder tokens needs its encoder outp
 (engine/encoder_cache.py) is encoded that step if the step's encoder budget (max_num_encoder_tokens rows) and
 the encoder cache have room; otherwise the request's chunk stops before the image, and the image waits for a
 later step. Chunks may end inside an image: the runner writes the slice of its rows each step covers; except
-an indivisible one (Gemma 3's, whose tokens attend each other both ways): a chunk stops before it, or takes it
-whole, past the step's token budget if need be (a chunk that starts inside it, after a prefix-cache hit, is right
-too: the cached part was computed with the whole image).
+an indivisible one (Gemma 3's, whose tokens attend each other both ways): a chunk stops before it, or, when it starts
+the chunk, takes it whole if what is left of the step's token budget holds it, else waits for a step whose does (the
+engine refuses an image longer than the whole budget, so one always comes); a chunk that starts inside it, after a
+prefix-cache hit, is right too: the cached part was computed with the whole image. No step goes past its budget.
 
 It emits the step as plain data (outputs.SchedulerOutput) and learns what happened from a RunnerOutput:
 counters advance, and blocks are hashed into the prefix cache, only over accepted tokens; the slots of
@@ -130,12 +131,12 @@ class Scheduler:
 
     @staticmethod
     def _keep_whole(request: Request, num_new: int) -> int:
-        """num_new, changed so that the chunk does not end inside an indivisible image: it stops before the image,
-        or, where the image starts the chunk, runs to its end."""
+        """num_new, lowered so that the chunk does not end inside an indivisible image: it stops before the image,
+        or, where the image (or its uncached rest) starts the chunk and does not fit, the request waits (0)."""
         start, end = request.num_computed_tokens, request.num_computed_tokens + num_new
         for image in request.images:
             if image.indivisible and image.offset < end < image.end:
-                return image.offset - start if image.offset > start else image.end - start
+                return image.offset - start if image.offset > start else 0
         return num_new
 
     def _encode(self, request: Request, num_new: int, to_encode: list[int], out: SchedulerOutput) -> None:

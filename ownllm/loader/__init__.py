@@ -1,7 +1,9 @@
 """Checkpoint formats -> (ModelConfig, HF-named tensors, Tokenizer), whatever the source.
 
 `load_checkpoint(model)` accepts a Hugging Face checkpoint folder, a hub id (via huggingface_hub's
-cache, downloading only when online), a .gguf file, the name of the bundled model, or None for it.
+cache, downloading only when online), a .gguf file, the name of the bundled model, or None for it. A .gguf text model
+may come with llama.cpp's vision projector file (`mmproj`, loader/mmproj.py): the two load as one multimodal
+checkpoint.
 """
 
 from __future__ import annotations
@@ -26,14 +28,19 @@ class Checkpoint:
     tokenizer: "Tokenizer"
     generation_config: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    # image preprocessing, preprocessor_config.json-style: a folder's file, or what an mmproj file says
+    preprocessor_config: dict[str, Any] = field(default_factory=dict)
 
 
 def load_checkpoint(model: str | None, dtype: str | None = None, keep_quantized: bool = True,
-                    with_tensors: bool = True) -> Checkpoint:
+                    with_tensors: bool = True, mmproj: str | None = None) -> Checkpoint:
     """keep_quantized: a GGUF's quantized weights may stay so for our CPU kernels (in bfloat16); False
     dequantizes them all (for a GPU). with_tensors False: a GGUF's weights are not read (a safetensors folder's
-    are read only on access anyway)."""
+    are read only on access anyway). mmproj: a llama.cpp vision projector file for a .gguf text model."""
     path = resolve_model(model)
+    if mmproj is not None and path.suffix != ".gguf":
+        raise ValueError(f"--mmproj goes with a .gguf text model, but {model} is a checkpoint folder; a Hugging Face "
+                         "checkpoint folder carries its vision tower itself")
     if path.suffix == ".gguf":
         from ownllm.loader.gguf import load_gguf, open_gguf
 
@@ -42,8 +49,15 @@ def load_checkpoint(model: str | None, dtype: str | None = None, keep_quantized:
         gguf = load_gguf(path, dtype=_torch_dtype(dtype), reader=reader,
                          keep_quantized=keep_quantized and normalize_dtype(dtype) == "bfloat16",
                          with_tensors=with_tensors)
-        config = ModelConfig.from_hf(gguf.hf_config, dtype)
-        return Checkpoint(config, gguf.tensors, gguf.tokenizer, {}, path)
+        if mmproj is None:
+            return Checkpoint(ModelConfig.from_hf(gguf.hf_config, dtype), gguf.tensors, gguf.tokenizer, {}, path)
+        from ownllm.loader.mmproj import load_mmproj, multimodal_checkpoint
+
+        projector = load_mmproj(mmproj)
+        hf_config, tensors = multimodal_checkpoint(gguf.hf_config, gguf.tensors, projector, gguf.tokenizer,
+                                                   str(model), str(mmproj))
+        return Checkpoint(ModelConfig.from_hf(hf_config, dtype), tensors, gguf.tokenizer, {}, path,
+                          projector.preprocessor_config)
     from ownllm.loader.hf import load_hf_folder
 
     return load_hf_folder(path, dtype)

@@ -86,4 +86,6 @@ def load_hf_folder(folder: Path, dtype: str | None = None) -> Checkpoint:
     tensors = SafetensorsWeights(safetensors_files(folder))
     generation_file = folder / "generation_config.json"
     generation_config = read_json(generation_file) if generation_file.is_file() else {}
-    return Checkpoint(config, tensors, Tokenizer.from_dir(folder), generation_config, folder)
+    preprocessor_file = folder / "preprocessor_config.json"
+    preprocessor_config = read_json(preprocessor_file) if preprocessor_file.is_file() else {}
+    return Checkpoint(config, tensors, Tokenizer.from_dir(folder), generation_config, folder, preprocessor_config)

@@ -57,9 +57,9 @@ class CausalLM(Module):
             vars(module).update(module._parameters)
 
     def post_load(self) -> None:
-        """Rearranges loaded weights for speed (e.g. fusing projections); parity tests cover the result.
-        Subclasses fuse first, then call this, which packs 4-bit weights into the kernel's layout and binds the
-        MoE and MLA backends."""
+        """Rearranges loaded weights for speed; parity tests cover the result: fuses projections
+        (fuse_projections), then packs 4-bit weights into the kernel's layout and binds the MoE and MLA backends."""
+        self.fuse_projections()
         dtype = getattr(torch, self.config.dtype)
         for module in self.modules():
             if isinstance(module, Linear):
@@ -76,8 +76,19 @@ class CausalLM(Module):
         num_kv_heads = c.num_key_value_heads // tp_group().size  # each tensor-parallel rank caches its own heads
         return KVCacheSpec(c.num_hidden_layers, num_kv_heads, c.head_dim, c.head_dim)
 
+    def fuse_projections(self) -> None:
+        """After loading: one qkv matmul instead of three, gate and up as one. The default is the decoder's
+        (`self.model.layers`, each with a self_attn and an mlp that fuse themselves, as Llama's and Gemma 3's); a
+        model laid out otherwise overrides it."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+
     def tied_parameters(self) -> dict[str, str]:
-        """{parameter name: the name it shares storage with}, e.g. a tied lm_head."""
+        """{parameter name: the name it shares storage with}: by default a tied lm_head (the config's
+        tie_word_embeddings) reads the token embedding."""
+        if self.config.tie_word_embeddings and "lm_head" in self._modules:
+            return {"lm_head.weight": "model.embed_tokens.weight"}
         return {}
 
     def load_weights(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:

@@ -145,10 +145,9 @@ class BertModel(CausalLM):
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
 
-    def post_load(self) -> None:
+    def fuse_projections(self) -> None:
         for layer in self.encoder.layer:
             layer.attention.self.fuse()
-        super().post_load()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids, attention_mask: [B, L], right-padded (mask 1 for real tokens) -> hidden states [B, L, hidden],

@@ -4,7 +4,8 @@ Patch embedding (a strided convolution without bias), a learned CLS token and po
 transformers spells `pre_layrnorm`, then pre-norm encoder layers (biased q/k/v/out projections, full
 bidirectional attention, an MLP with quick_gelu or gelu). Hidden state 0 is the pre-norm's output and hidden state
 i the output of layer i - 1, as transformers' `hidden_states` counts them; layers past the last one asked for are
-not run. Parameter names are CLIPVisionTransformer's, so a checkpoint loads by name.
+not run. Parameter names are CLIPVisionTransformer's, so a checkpoint loads by name; its post_layernorm, which LLaVA
+never reads (and llama.cpp's mmproj files leave out), is not built.
 """
 
 from __future__ import annotations
@@ -112,7 +113,6 @@ class ClipVisionModel(Module):
                              str(c.get("hidden_act", "quick_gelu")))
             for _ in range(int(c.get("num_hidden_layers", 12)))
         ])
-        self.post_layernorm = nn.LayerNorm(hidden, eps=eps)  # loaded with the checkpoint; LLaVA never reads it
         self.num_layers = len(self.encoder.layers)
 
     def hidden_states(self, pixel_values: torch.Tensor, indices: list[int]) -> list[torch.Tensor]:

@@ -148,13 +148,9 @@ class DeepseekV3ForCausalLM(CausalLM):
     def kv_cache_spec(cls, config: ModelConfig) -> KVCacheSpec:
         return mla_kv_cache_spec(config)
 
-    def tied_parameters(self) -> dict[str, str]:
-        return {"lm_head.weight": "model.embed_tokens.weight"} if self.config.tie_word_embeddings else {}
-
     def load_weights(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:
         load_deepseek_weights(self, ExpertTensors(tensors), dtype)
 
-    def post_load(self) -> None:
+    def fuse_projections(self) -> None:
         for layer in self.model.layers:
             layer.post_load()
-        super().post_load()

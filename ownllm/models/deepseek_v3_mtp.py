@@ -72,9 +72,8 @@ class DeepseekV3MTP(CausalLM):
 
         load_deepseek_weights(self, ExpertTensors(tensors, rename=checkpoint_name), dtype)
 
-    def post_load(self) -> None:
+    def fuse_projections(self) -> None:
         self.mtp_block.post_load()
-        super().post_load()
 
     def forward(self, input_ids: torch.Tensor, previous_hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids: [T] the token after each position; previous_hidden: [T, hidden] the target's hidden states

@@ -82,15 +82,6 @@ class Gemma3ForCausalLM(CausalLM):
         # sqrt(hidden_size) in the model dtype, as transformers' Gemma3TextScaledWordEmbedding multiplies
         self.embed_scale = float(torch.tensor(config.hidden_size**0.5, device="cpu").to(getattr(torch, config.dtype)))
 
-    def tied_parameters(self) -> dict[str, str]:
-        return {"lm_head.weight": "model.embed_tokens.weight"} if self.config.tie_word_embeddings else {}
-
-    def post_load(self) -> None:
-        for layer in self.model.layers:
-            layer.self_attn.fuse()
-            layer.mlp.fuse()
-        super().post_load()
-
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids: [T] -> scaled token embeddings [T, hidden_size]."""
         return self.model.embed_tokens(input_ids) * self.embed_scale

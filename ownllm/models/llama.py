@@ -97,12 +97,3 @@ class LlamaForCausalLM(CausalLM):
         self.model = LlamaModel(config, qkv_bias, o_bias, self.qk_norm)
         self.lm_head = lm_head(config.hidden_size, config.vocab_size)
         self.rope = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
-
-    def tied_parameters(self) -> dict[str, str]:
-        return {"lm_head.weight": "model.embed_tokens.weight"} if self.config.tie_word_embeddings else {}
-
-    def post_load(self) -> None:
-        for layer in self.model.layers:
-            layer.self_attn.fuse()
-            layer.mlp.fuse()
-        super().post_load()

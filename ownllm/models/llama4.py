@@ -153,20 +153,16 @@ class Llama4ForCausalLM(CausalLM):
         self.lm_head = lm_head(config.hidden_size, config.vocab_size)
         self.rope = InterleavedRotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
 
-    def tied_parameters(self) -> dict[str, str]:
-        return {"lm_head.weight": "model.embed_tokens.weight"} if self.config.tie_word_embeddings else {}
-
     def load_weights(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:
         prefix = self.checkpoint_prefix
         experts = ExpertTensors(tensors, rename=lambda name: prefix + name)
         super().load_weights(experts, dtype)
 
-    def post_load(self) -> None:
+    def fuse_projections(self) -> None:
         for layer in self.model.layers:
             layer.self_attn.fuse()
             ffn = layer.feed_forward
             (ffn.shared_expert if isinstance(ffn, Llama4Moe) else ffn).fuse()
-        super().post_load()
 
 
 class Llama4ForConditionalGeneration(Llama4ForCausalLM):

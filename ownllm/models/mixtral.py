@@ -94,16 +94,12 @@ class MixtralForCausalLM(CausalLM):
     def feed_forward(self, config: ModelConfig, layer_idx: int) -> nn.Module:
         return MixtralSparseMoeBlock(config, renormalize=True)
 
-    def tied_parameters(self) -> dict[str, str]:
-        return {"lm_head.weight": "model.embed_tokens.weight"} if self.config.tie_word_embeddings else {}
-
     def load_weights(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:
         super().load_weights(ExpertTensors(tensors, names=self.expert_names), dtype)
 
-    def post_load(self) -> None:
+    def fuse_projections(self) -> None:
         for layer in self.model.layers:
             layer.self_attn.fuse()
             ffn = getattr(layer, layer.ffn_name)
             if isinstance(ffn, GatedMLP):
                 ffn.fuse()
-        super().post_load()

@@ -13,10 +13,11 @@ result in its encoder cache and writes the slice a step's positions need over `m
 
 To add an architecture that takes images:
 1. A processor: a subclass of ImagePromptProcessor in ownllm/multimodal/<arch>.py, built by
-   `from_checkpoint(config, folder)` (config.hf_config and the folder's preprocessor_config.json), setting
+   `from_checkpoint(config, preprocessor_config, tokenizer)` (config.hf_config, and the checkpoint's
+   preprocessor_config.json or what its mmproj file says), setting
    - `image_token_id`: the placeholder token whose embeddings an image replaces;
    - `prompt_token_id`: the token the chat template writes per image (default: image_token_id);
-   - `max_images_per_prompt`;
+   - `max_images_per_prompt` (the default; `--limit-images-per-prompt` overrides it);
    - `bidirectional = True` when an image's placeholders attend each other both ways (Gemma 3: transformers'
      token_type_ids mask); each image then becomes ImageInput.indivisible: computed in one chunk, with
      AttentionMetadata.bidirectional marking its positions;
@@ -40,7 +41,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from ownllm.config import ModelConfig
+    from ownllm.tokenizer import Tokenizer
 
 
 MAX_IMAGE_BYTES = 20 * 2**20  # an encoded image over this is refused before decoding
@@ -90,7 +91,8 @@ class ImagePromptProcessor:
     bidirectional: bool = False  # an image's placeholder tokens attend each other both ways (ImageInput.indivisible)
 
     @classmethod
-    def from_checkpoint(cls, config: "ModelConfig", folder: Path | None) -> "ImagePromptProcessor":
+    def from_checkpoint(cls, config: "ModelConfig", preprocessor_config: dict[str, Any],
+                        tokenizer: "Tokenizer") -> "ImagePromptProcessor":
         raise NotImplementedError
 
     def preprocess(self, image: "Image.Image") -> "np.ndarray":
@@ -112,8 +114,9 @@ class ImagePromptProcessor:
         from ownllm.multimodal.image_io import as_image
 
         if len(images) > self.max_images_per_prompt:
-            raise ValueError(f"the model accepts at most {self.max_images_per_prompt} images per prompt, "
-                             f"got {len(images)}")
+            limit = self.max_images_per_prompt
+            raise ValueError(f"the model accepts at most {limit} image{'' if limit == 1 else 's'} per prompt "
+                             f"(--limit-images-per-prompt), got {len(images)}")
         num_markers = sum(1 for t in token_ids if t == self.marker_token_id)
         if num_markers != len(images):
             raise ValueError(f"the prompt has {num_markers} image placeholders but {len(images)} images were given")

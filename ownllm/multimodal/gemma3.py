@@ -7,9 +7,7 @@ Pan and scan (extra crops of wide images, off by default) is not supported.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -17,6 +15,9 @@ from PIL import Image
 from ownllm.config import ModelConfig
 from ownllm.multimodal import ImagePromptProcessor
 from ownllm.multimodal.image_processing import ClipImageProcessor
+
+if TYPE_CHECKING:
+    from ownllm.tokenizer import Tokenizer
 
 # Gemma3ImageProcessor's class defaults; the checkpoints' preprocessor_config.json sets 896 x 896
 DEFAULTS = {"size": {"height": 224, "width": 224}, "resample": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
@@ -41,18 +42,13 @@ class Gemma3ImageProcessor(ImagePromptProcessor):
         self.eoi_token_id, self.tokens_per_image, self.newlines = eoi_token_id, tokens_per_image, newlines
 
     @classmethod
-    def from_checkpoint(cls, config: ModelConfig, folder: Path | None) -> "Gemma3ImageProcessor":
-        from tokenizers import Tokenizer
-
+    def from_checkpoint(cls, config: ModelConfig, preprocessor_config: dict[str, Any], tokenizer: "Tokenizer"
+                        ) -> "Gemma3ImageProcessor":
         hf = config.hf_config
-        file = folder / "preprocessor_config.json" if folder is not None else None
-        settings = json.loads(file.read_text(encoding="utf-8")) if file is not None and file.is_file() else {}
         image_size = int((hf.get("vision_config") or {}).get("image_size", 224))
-        preprocessing = gemma3_preprocessing({"size": {"height": image_size, "width": image_size}, **settings})
-        tokenizer_file = folder / "tokenizer.json" if folder is not None else None
-        if tokenizer_file is None or not tokenizer_file.is_file():
-            raise ValueError("Gemma 3 with images needs the checkpoint's tokenizer.json")
-        newlines = Tokenizer.from_file(str(tokenizer_file)).encode("\n\n", add_special_tokens=False).ids
+        preprocessing = gemma3_preprocessing({"size": {"height": image_size, "width": image_size},
+                                              **preprocessor_config})
+        newlines = tokenizer.encode("\n\n", add_special_tokens=False)
         return cls(preprocessing, int(hf.get("image_token_index", 262144)), int(hf.get("boi_token_index", 255999)),
                    int(hf.get("eoi_token_index", 256000)), int(hf.get("mm_tokens_per_image", 256)), newlines)
 

@@ -1,11 +1,10 @@
-"""LLaVA's image side: CLIP preprocessing from preprocessor_config.json, and one `<image>` token in the prompt
+"""LLaVA's image side: CLIP preprocessing from preprocessor_config.json (or an mmproj file's settings), and one `<image>` token in the prompt
 expanded to one placeholder per patch (plus the CLS position when vision_feature_select_strategy is "full"),
 as LlavaProcessor does."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -23,13 +22,13 @@ class LlavaImageProcessor(ImagePromptProcessor):
         self.keeps_cls = keeps_cls
 
     @classmethod
-    def from_checkpoint(cls, config: ModelConfig, folder: Path | None) -> "LlavaImageProcessor":
+    def from_checkpoint(cls, config: ModelConfig, preprocessor_config: dict[str, Any], tokenizer=None
+                        ) -> "LlavaImageProcessor":
         hf = config.hf_config
         vision = hf.get("vision_config") or {}
         image_size = int(vision.get("image_size", 224))
-        file = folder / "preprocessor_config.json" if folder is not None else None
-        if file is not None and file.is_file():
-            clip = ClipImageProcessor.from_config(json.loads(file.read_text(encoding="utf-8")))
+        if preprocessor_config:
+            clip = ClipImageProcessor.from_config(preprocessor_config)
         else:
             clip = ClipImageProcessor({"shortest_edge": image_size}, {"height": image_size, "width": image_size})
         token_id = hf.get("image_token_index", hf.get("image_token_id", 32000))

@@ -4,11 +4,10 @@ imported lazily. An architecture not listed takes no images."""
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ownllm.config import ModelConfig
+    from ownllm.loader import Checkpoint
     from ownllm.multimodal import ImagePromptProcessor
 
 _PROCESSORS = {
@@ -21,10 +20,16 @@ def takes_images(architecture: str) -> bool:
     return architecture in _PROCESSORS
 
 
-def image_processor(config: "ModelConfig", folder: Path | None) -> "ImagePromptProcessor | None":
-    """The model's image processor, or None for a model without a vision tower."""
+def image_processor(checkpoint: "Checkpoint", max_images_per_prompt: int | None = None
+                    ) -> "ImagePromptProcessor | None":
+    """The model's image processor, or None for a model without a vision tower. max_images_per_prompt: the limit a
+    prompt's images are held to (None: the architecture's own)."""
+    config = checkpoint.config
     if config.architecture not in _PROCESSORS:
         return None
     module, name = _PROCESSORS[config.architecture]
     cls = getattr(importlib.import_module(f"ownllm.multimodal.{module}"), name)
-    return cls.from_checkpoint(config, folder)
+    processor = cls.from_checkpoint(config, checkpoint.preprocessor_config, checkpoint.tokenizer)
+    if max_images_per_prompt is not None:
+        processor.max_images_per_prompt = max_images_per_prompt
+    return processor

@@ -18,8 +18,8 @@ from ownllm.server.serving import ServerSettings
 
 @dataclass(frozen=True)
 class ServeSpec:
-    """config.model is a resolved path; embedding_model and verifier_model are (resolved path, served name) or
-    None."""
+    """config.model is a resolved path, and so is config.mmproj (the vision projector beside a GGUF model) when set;
+    embedding_model and verifier_model are (resolved path, served name) or None."""
 
     config: EngineConfig
     name: str
@@ -57,6 +57,8 @@ def build_server(spec: ServeSpec) -> Server:
                              "model")
         if config.tensor_parallel_size > 1:
             raise ValueError("--tensor-parallel-size does not apply to embedding models")
+        if config.mmproj:
+            raise ValueError("--mmproj goes with a vision model's text GGUF, not with an embedding model")
         if spec.verifier_model:
             raise ValueError("--verifier-model needs a chat model to verify (--model is an embedding model)")
         embedder = AsyncEmbedder(Embedder.from_model(config.model, config.dtype, config.device, spec.name))

@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 import ownllm
+from ownllm.multimodal.registry import takes_images
 from ownllm.outputs import Logprob, RequestOutput
 from ownllm.parsers.events import Event, Message
 from ownllm.sampling_params import SamplingParams, StructuredOutputsParams
@@ -197,7 +198,9 @@ def _show(ctx: ServerContext, facts: ModelFacts) -> OllamaShowResponse:
     family = facts.details.family
     parameters = "\n".join(f"{k:<30} {v}" for k, v in ctx.engine.generation_config.items()
                            if k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"))
-    capabilities = ["completion"] + ["tools"] * ("tools" in template) + ["thinking"] * ("enable_thinking" in template)
+    config = ctx.engine.model_config
+    capabilities = ["completion"] + ["tools"] * ("tools" in template) + ["thinking"] * ("enable_thinking" in template) \
+        + ["vision"] * (config is not None and takes_images(config.architecture))  # Ollama clients offer uploads then
     return OllamaShowResponse(
         modified_at=facts.modified_at, template=template, parameters=parameters, details=facts.details,
         model_info={"general.architecture": family, "general.parameter_count": facts.parameter_count,
@@ -409,7 +412,7 @@ async def serve_chat(ctx: ServerContext, request: Request) -> Response:
     reader = reader_factory(ctx, prompt_ids, tools)()
 
     def chunk(piece: Piece) -> OllamaChatChunk:
-        stats = _final_stats(len(prompt_ids), reader, timing) if piece.final else {}
+        stats = _final_stats(timing.num_prompt_tokens, reader, timing) if piece.final else {}
         message = OllamaAssistantMessage(content=piece.message.content, thinking=piece.message.reasoning or None,
                                          tool_calls=_tool_calls(piece.message))
         return OllamaChatChunk(model=_tagged(ctx.model_name), created_at=_now(), done=piece.final, message=message,
@@ -434,7 +437,7 @@ async def serve_generate(ctx: ServerContext, request: Request) -> Response:
     reader = reader_factory(ctx, prompt_ids, None)()
 
     def chunk(piece: Piece) -> OllamaGenerateChunk:
-        stats = _final_stats(len(prompt_ids), reader, timing) if piece.final else {}
+        stats = _final_stats(timing.num_prompt_tokens, reader, timing) if piece.final else {}
         context = prompt_ids + reader.token_ids if piece.final and not body.raw else None
         return OllamaGenerateChunk(model=_tagged(ctx.model_name), created_at=_now(), done=piece.final,
                                    response=piece.message.content, thinking=piece.message.reasoning or None,

@@ -289,11 +289,11 @@ async def serve_chat(ctx: ServerContext, request: Request) -> Response:
     readers = [reader_factory(ctx, prompt_ids, tools)() for _ in range(body.n)]
     if body.stream:
         outputs = await first_and_rest(request, outputs)
-        return sse_response(_sse_events(_chat_chunks(ctx, body, request_id, len(prompt_ids), outputs, readers)))
+        return sse_response(_sse_events(_chat_chunks(ctx, body, request_id, timing, outputs, readers)))
     await until_disconnect(request, read_all(outputs, readers))
     choices = [_chat_choice(i, reader, body) for i, reader in enumerate(readers)]
     return _json(ChatCompletionResponse(id=request_id, created=int(time.time()), model=ctx.model_name,
-                                        choices=choices, usage=_usage(ctx, len(prompt_ids), readers)))
+                                        choices=choices, usage=_usage(ctx, timing.num_prompt_tokens, readers)))
 
 
 def _chat_choice(index: int, reader: SampleReader, body: ChatCompletionRequest) -> ChatChoice:
@@ -315,7 +315,7 @@ def _delta(event: Event) -> DeltaMessage:
     return DeltaMessage(tool_calls=[call])
 
 
-async def _chat_chunks(ctx: ServerContext, body: ChatCompletionRequest, request_id: str, num_prompt_tokens: int,
+async def _chat_chunks(ctx: ServerContext, body: ChatCompletionRequest, request_id: str, timing: Timing,
                        outputs: AsyncIterator[RequestOutput], readers: list[SampleReader]) -> AsyncIterator[str]:
     created = int(time.time())
 
@@ -343,7 +343,7 @@ async def _chat_chunks(ctx: ServerContext, body: ChatCompletionRequest, request_
                     finish_reason=reader.finish_reason if last else None,
                     stop_reason=reader.stop_reason if last else None)])
     if body.stream_options and body.stream_options.include_usage:
-        yield chunk([], _usage(ctx, num_prompt_tokens, readers))
+        yield chunk([], _usage(ctx, timing.num_prompt_tokens, readers))
 
 
 # ---- /v1/completions

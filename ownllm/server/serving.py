@@ -164,11 +164,14 @@ def check_context(num_prompt_tokens: int, max_tokens: int | None, max_model_len:
 
 @dataclass
 class Timing:
-    """When one request arrived, got its first and its latest token (perf_counter seconds)."""
+    """When one request arrived, got its first and its latest token (perf_counter seconds); and, once the engine
+    answers, how many prompt tokens it computed the request over (its images' placeholder tokens included), which
+    is what usage reports."""
 
     arrived: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     last_token: float | None = None
+    num_prompt_tokens: int | None = None
 
 
 async def run(ctx: ServerContext, prompt_ids: list[int], params: SamplingParams, request_id: str,
@@ -179,6 +182,7 @@ async def run(ctx: ServerContext, prompt_ids: list[int], params: SamplingParams,
     then), which frees its KV blocks at once."""
     finished = False
     timeout = ctx.settings.request_timeout
+    timing.num_prompt_tokens = len(prompt_ids)  # until the engine says what it made of the images
     try:
         async with aclosing(ctx.engine.generate(prompt_ids, params, request_id=request_id, images=images)) as outputs:
             while not finished:
@@ -187,6 +191,7 @@ async def run(ctx: ServerContext, prompt_ids: list[int], params: SamplingParams,
                 except StopAsyncIteration:
                     break
                 now = time.perf_counter()
+                timing.num_prompt_tokens = len(output.prompt_token_ids)
                 if any(o.token_ids for o in output.outputs):
                     _observe_token(ctx.metrics, timing, now)
                 finished = output.finished

@@ -27,20 +27,23 @@ def preprocessor():
     return Gemma3ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
 
 
-def build_gemma3(folder: Path, seed: int = 0):
-    """-> the transformers Gemma3ForConditionalGeneration, float32, eval mode."""
+def build_gemma3(folder: Path, seed: int = 0, text: dict | None = None, f16_exact: tuple[str, ...] = ()):
+    """-> the transformers Gemma3ForConditionalGeneration, float32, eval mode. text: text config overrides;
+    f16_exact: suffixes of parameters made exact in float16 (those an mmproj file stores so)."""
     import transformers
     from tokenizers import Tokenizer
 
     config = transformers.Gemma3Config(
-        text_config=TEXT, vision_config=VISION, mm_tokens_per_image=TOKENS_PER_IMAGE, image_token_index=IMAGE_TOKEN_ID,
+        text_config={**TEXT, **(text or {})}, vision_config=VISION, mm_tokens_per_image=TOKENS_PER_IMAGE, image_token_index=IMAGE_TOKEN_ID,
         boi_token_index=BOI_TOKEN_ID, eoi_token_index=EOI_TOKEN_ID)
     torch.manual_seed(seed)
     model = transformers.Gemma3ForConditionalGeneration(config).eval().to(torch.float32)
     with torch.no_grad():
-        for param in model.parameters():
+        for name, param in model.named_parameters():
             if not param.any():
                 param.normal_(0.0, 0.2)
+            if f16_exact and name.endswith(f16_exact):
+                param.copy_(param.half().float())
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
     save_tiny_tokenizer(folder)

@@ -21,9 +21,10 @@ CHAT_TEMPLATE = (
 
 
 def build_llava(folder: Path, text_arch: str = "LlamaForCausalLM", seed: int = 0, vision: dict | None = None,
-                text: dict | None = None, **llava_overrides):
+                text: dict | None = None, f16_exact: tuple[str, ...] = (), **llava_overrides):
     """-> the transformers LlavaForConditionalGeneration, float32, eval mode. vision, text: config overrides (the
-    benchmark's larger shapes)."""
+    benchmark's larger shapes). f16_exact: suffixes of parameters made exact in float16 (those an mmproj file stores
+    so)."""
     import transformers
     from tokenizers import Tokenizer
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -38,6 +39,7 @@ def build_llava(folder: Path, text_arch: str = "LlamaForCausalLM", seed: int = 0
                                       image_token_index=IMAGE_TOKEN_ID, **llava_overrides)
     torch.manual_seed(seed)
     model = transformers.LlavaForConditionalGeneration(config).eval().to(torch.float32)
+    _round_to_f16(model, f16_exact)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
     save_tiny_tokenizer(folder)
@@ -51,6 +53,13 @@ def build_llava(folder: Path, text_arch: str = "LlamaForCausalLM", seed: int = 0
     size = vision_config.image_size
     CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size=size).save_pretrained(folder)
     return model
+
+
+def _round_to_f16(model, suffixes: tuple[str, ...]) -> None:
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if suffixes and name.endswith(suffixes):
+                param.copy_(param.half().float())
 
 
 def hf_pixel_values(images) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Gemma3ForConditionalGeneration, ownllm vs transformers in float32 on a tiny random checkpoint: 1 to 3 images in
 one prompt and a request without images, in one batch: identical greedy tokens for 32 new tokens and top-5 logprobs
 within 1e-3. transformers gets token_type_ids, so an image's 16 tokens attend each other both ways, as Gemma3Processor's
-inputs make them; chunked prefill (chunks of 12 tokens, shorter than an image's run) keeps each image whole, and a
+inputs make them; chunked prefill (chunks of 20 tokens, which would end inside images) keeps each image whole, and a
 prefix-cache hit that ends inside an image resumes it right."""
 
 from __future__ import annotations
@@ -78,10 +78,11 @@ def test_images_and_text_in_one_batch_match_transformers(checkpoint, ours):
 
 
 def test_chunked_prefill_and_prefix_cache_hits_keep_parity(checkpoint):
-    """Chunks of 12 tokens; then a prompt that parts from the first after its image, so that its prefix-cache hit
-    (one block of 16) ends inside the image, whose cached keys were computed with the whole image."""
+    """Chunks of 20 tokens, which stop before an image rather than end inside it; then a prompt that parts from the
+    first after its image, so that its prefix-cache hit (one block of 16) ends inside the image, whose cached keys were
+    computed with the whole image."""
     hf_model, folder = checkpoint
-    llm = LLM(str(folder), dtype="float32", max_num_batched_tokens=12, block_size=16)
+    llm = LLM(str(folder), dtype="float32", max_num_batched_tokens=20, block_size=16)
     ids, images = cases()[0]
     for prompt in (ids, ids[:-2] + [90, 91, 92]):
         output = llm.generate({"prompt_token_ids": prompt, "multi_modal_data": {"image": images}}, PARAMS)[0]

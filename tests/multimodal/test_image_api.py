@@ -1,7 +1,7 @@
 """Images through the APIs, on an in-process server around a tiny LLaVA: OpenAI image_url parts (data: URLs, and
 http(s) URLs fetched under guard from --allowed-media-domains), Ollama `images` on /api/chat and /api/generate, and
-offline llm.chat: each gives the tokens the offline engine gives for the same prompt and image. Every refusal is a
-400 with the exact words a user reads."""
+offline llm.chat: each gives the tokens the offline engine gives for the same prompt and image, and usage counts the
+image's placeholder tokens. Every refusal is a 400 with the exact words a user reads."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import base64
 import functools
 import http.server
 import io
+import json
 import threading
 
 import httpx
@@ -17,11 +18,14 @@ import pytest
 
 import ownllm.multimodal.fetch as fetch
 from ownllm import LLM, SamplingParams
+from ownllm.config import CacheConfig, EngineConfig
+from ownllm.engine.async_engine import AsyncEngine
 from ownllm.server import ServerSettings, build_app
 from tests.checkpoints import build_checkpoint
+from tests.multimodal.gemma3_checkpoint import BOI_TOKEN_ID, build_gemma3
 from tests.multimodal.images import synthetic
 from tests.multimodal.llava_checkpoint import IMAGE_TOKEN_ID, build_llava
-from tests.server.inprocess import TINY_NAME, inprocess_engine
+from tests.server.inprocess import KV_CACHE_BYTES, TINY_NAME, inprocess_engine
 
 MAX_TOKENS = 6
 IMAGE = synthetic(48, 40, seed=5)
@@ -145,6 +149,7 @@ def test_ollama_images_on_chat_and_generate(engine, llava_folder):
     expected = engine.tokenizer.decode(offline_tokens(llava_folder, "what is this?"))
     assert chat.status_code == 200 and generate.status_code == 200, (chat.text, generate.text)
     assert chat.json()["message"]["content"] == generate.json()["response"] == expected
+    assert "vision" in call(app, "POST", "/api/show", {"model": TINY_NAME}).json()["capabilities"]
 
 
 def error(response: httpx.Response) -> str:
@@ -174,7 +179,7 @@ def test_refusals_name_the_problem(engine, image_host, images_test_is_public):
     assert "resolves to a private address" in chat(f"http://images.test:{image_host.port}/redirect")  # after a redirect
     nine = [{"type": "image_url", "image_url": {"url": data_url(png())}}] * 9
     assert error(call(app, "POST", "/v1/chat/completions", {**GREEDY, "messages": [{"role": "user", "content": nine}]})) \
-        == "the model accepts at most 8 images per prompt, got 9"
+        == "the model accepts at most 8 images per prompt (--limit-images-per-prompt), got 9"
     assert error(call(app, "POST", "/api/generate", {"model": TINY_NAME, "prompt": "hi", "images": ["%%%"]})) == \
         "images.0: the image is not valid base64"
     no_urls = build_app(engine, ServerSettings())
@@ -209,3 +214,63 @@ def test_offline_prompt_forms_agree(llava_folder):
     by_ids = llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": [IMAGE]}}, params)[0].outputs[0]
     assert by_text == by_ids.token_ids
     assert by_text == offline_tokens(llava_folder, "what is this?")
+
+
+def test_images_past_the_limit_the_context_or_a_step_are_refused(llava_folder, tmp_path):
+    """--limit-images-per-prompt; a prompt whose image placeholders carry it past --max-model-len; and an image
+    computed in one step (Gemma 3's) longer than --max-num-batched-tokens: each a 400 naming the limit."""
+    config = EngineConfig(str(llava_folder), dtype="float32", cache=CacheConfig(memory_bytes=KV_CACHE_BYTES),
+                          max_model_len=40, limit_images_per_prompt=1)
+    engine = AsyncEngine.from_config(config, model_name=TINY_NAME)
+    try:
+        app = build_app(engine, ServerSettings())
+        two = [{"type": "image_url", "image_url": {"url": data_url(png())}}] * 2
+        assert error(call(app, "POST", "/v1/chat/completions", {**GREEDY, "messages": [{"role": "user", "content": two}]})) \
+            == "the model accepts at most 1 image per prompt (--limit-images-per-prompt), got 2"
+        encoded = base64.b64encode(png()).decode()
+        assert error(call(app, "POST", "/api/generate", {"model": TINY_NAME, "prompt": "hi", "images": [encoded] * 2})) \
+            == "the model accepts at most 1 image per prompt (--limit-images-per-prompt), got 2"
+        text = "the quick brown fox " * 4
+        messages = image_message(data_url(png()), text)
+        num_text = len(engine.tokenizer.encode_chat([{"role": "user", "content": [
+            {"type": "text", "text": text}, {"type": "image"}]}], add_generation_prompt=True))
+        assert num_text < 40 <= num_text - 1 + 16  # the text fits the context; with the image's 16 tokens it does not
+        assert error(call(app, "POST", "/v1/chat/completions", {**GREEDY, "messages": messages})) == (
+            f"the prompt has {num_text - 1 + 16} tokens (16 of them for its 1 image) but the model's context is 40 "
+            "tokens (room is needed for at least one new token)")
+    finally:
+        engine.shutdown()
+    build_gemma3(tmp_path / "gemma3")
+    llm = LLM(str(tmp_path / "gemma3"), dtype="float32", max_num_batched_tokens=12)
+    with pytest.raises(ValueError) as refused:
+        llm.generate({"prompt_token_ids": [2, 5, BOI_TOKEN_ID, 7], "multi_modal_data": {"image": IMAGE}})
+    assert str(refused.value) == ("an image takes 16 tokens, which this model computes in one step, but a step "
+                                  "computes at most 12 tokens (--max-num-batched-tokens)")
+
+
+def test_usage_counts_the_image_placeholder_tokens(engine):
+    """usage.prompt_tokens (OpenAI, streamed or not) and prompt_eval_count (Ollama) count the prompt the model read:
+    the text's tokens, less the one <image> marker, plus the image's 16 placeholders."""
+    app = build_app(engine, ServerSettings())
+    content = [{"type": "image_url", "image_url": {"url": data_url(png())}}, {"type": "text", "text": "what is this?"}]
+    num_text = len(engine.tokenizer.encode_chat([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "what is this?"}]}], add_generation_prompt=True))
+    expected = num_text - 1 + 16
+    body = {**GREEDY, "messages": [{"role": "user", "content": content}]}
+    usage = call(app, "POST", "/v1/chat/completions", body).json()["usage"]
+    assert (usage["prompt_tokens"], usage["total_tokens"]) == (expected, expected + MAX_TOKENS)
+    streamed = call(app, "POST", "/v1/chat/completions", {**body, "stream": True,
+                                                          "stream_options": {"include_usage": True}})
+    events = [line.removeprefix("data: ") for line in streamed.text.splitlines() if line.startswith("data: {")]
+    assert json.loads(events[-1])["usage"]["prompt_tokens"] == expected
+    encoded = base64.b64encode(png()).decode()
+    options = {"temperature": 0, "num_predict": MAX_TOKENS}
+    chat = call(app, "POST", "/api/chat", {"model": TINY_NAME, "stream": False, "options": options, "messages": [
+        {"role": "user", "content": "what is this?", "images": [encoded]}]})
+    assert chat.json()["prompt_eval_count"] == expected
+    generate = call(app, "POST", "/api/generate", {"model": TINY_NAME, "stream": False, "options": options,
+                                                   "prompt": "what is this?", "images": [encoded]})
+    assert generate.json()["prompt_eval_count"] == expected
+    text_only = call(app, "POST", "/v1/chat/completions", {**GREEDY, "messages": [{"role": "user", "content": "hi"}]})
+    assert text_only.json()["usage"]["prompt_tokens"] == len(engine.tokenizer.encode_chat(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True))

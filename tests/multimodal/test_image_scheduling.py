@@ -97,11 +97,22 @@ def whole(offset: int, length: int, name: str) -> ImageInput:
 
 
 def test_a_chunk_stops_before_an_indivisible_image_or_takes_it_whole():
-    """Gemma 3's images (tokens attending each other both ways): chunks of 10 never end inside one; the one that
-    starts at an image runs to its end, 6 tokens past the budget."""
-    s = make(budget=10)
-    s.add(request("a", 40, [whole(4, 16, "x")]))
-    assert [step(s).num_scheduled_tokens["a"] for _ in range(4)] == [4, 16, 10, 10]
+    """Gemma 3's images (tokens attending each other both ways): chunks of 20 never end inside one; the one that
+    starts at an image takes it whole."""
+    s = make(budget=20)
+    s.add(request("a", 40, [whole(8, 16, "x")]))
+    assert [step(s).num_scheduled_tokens["a"] for _ in range(3)] == [8, 20, 12]
+
+
+def test_an_indivisible_image_waits_for_a_step_with_room_instead_of_overshooting():
+    """A step whose budget another request has partly used does not start an image it cannot finish: "b" waits
+    (where it used to take its 16 tokens, 6 past the budget), and goes the step after; no step computes more than 20."""
+    s = make(budget=20)
+    s.add(request("a", 30, []))
+    s.add(request("b", 20, [whole(0, 16, "x")], first_token=100))
+    steps = [step(s).num_scheduled_tokens for _ in range(3)]
+    assert steps == [{"a": 20}, {"a": 10}, {"b": 20}]
+    assert all(sum(counts.values()) <= 20 for counts in steps)
 
 
 def test_a_divisible_image_is_cut_where_the_budget_ends():

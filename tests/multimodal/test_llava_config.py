@@ -29,6 +29,6 @@ def test_llava_15_config_fills_transformers_defaults():
     assert (config.num_attention_heads, config.num_key_value_heads, config.vocab_size, config.max_position_embeddings) \
         == (32, 32, 32064, 4096)
     assert config.rms_norm_eps == 1e-5 and config.dtype == "float16"
-    processor = LlavaImageProcessor.from_checkpoint(config, None)
+    processor = LlavaImageProcessor.from_checkpoint(config, {}, None)
     assert processor.image_token_id == 32000
     assert processor.num_image_tokens(processor.preprocess(Image.new("RGB", (500, 400)))) == 576
