@@ -166,9 +166,8 @@ class Llama4VisionModel(Module):
         self.vision_adapter = Llama4VisionPixelShuffleMLP(self.ratio, intermediate,
                                                           int(c.get("projector_input_dim", 4096)),
                                                           int(c.get("projector_output_dim", 4096)))
-        cos, sin = vision_rope(self.grid, hidden // heads, theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.rope_settings = (self.grid, hidden // heads, theta)
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin), made on the first tile's device
         self.shuffled_width = int(hidden / self.ratio**2)
         self.tokens_per_tile = int(self.grid * self.ratio) ** 2
 
@@ -184,7 +183,10 @@ class Llama4VisionModel(Module):
         x = self.patch_embedding(pixel_values.to(self.positional_embedding_vlm.dtype))  # [tiles, patches, hidden]
         x = torch.cat([x, self.class_embedding.expand(x.shape[0], 1, -1)], dim=1)
         x = self.layernorm_pre(x + self.positional_embedding_vlm)
-        cos, sin = self.rope_cos.to(x.device), self.rope_sin.to(x.device)
+        if self._rope is None or self._rope[0].device != x.device:
+            with torch.device("cpu"):  # the model is built on the meta device
+                self._rope = tuple(t.to(x.device) for t in vision_rope(*self.rope_settings))
+        cos, sin = self._rope
         for layer in self.model.layers:
             x = layer(x, cos, sin)
         x = self.layernorm_post(x)[:, :-1]  # the class position dropped
