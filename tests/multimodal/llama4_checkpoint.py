@@ -37,7 +37,8 @@ def build_llama4(folder: Path, seed: int = 0, vision: dict | None = None, text: 
                                        image_token_index=PATCH_ID, boi_token_index=IMAGE_START_ID,
                                        eoi_token_index=IMAGE_END_ID)
     torch.manual_seed(seed)
-    model = transformers.Llama4ForConditionalGeneration(config).eval().to(torch.float32)
+    model = transformers.Llama4ForConditionalGeneration(config).eval()  # float32; .to() would drop the vision
+    # rope's complex buffer to its real part
     with torch.no_grad():
         for param in model.parameters():
             if not param.any():
