@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ownllm.config import ModelConfig
-from ownllm.multimodal import ImagePromptProcessor
+from ownllm.multimodal import ImageInput, ImagePromptProcessor
 from ownllm.multimodal.image_processing import to_rgb
 
 _MODES = {2: "bilinear", 3: "bicubic"}  # PIL resample -> torch interpolate mode
@@ -161,8 +161,10 @@ class Llama4Preprocessing:
 class Llama4ImageProcessor(ImagePromptProcessor):
     max_images_per_prompt = 10  # Llama 4 was trained with up to 5 images; vLLM's default limit is 10
 
-    def __init__(self, preprocessing: Llama4Preprocessing, token_ids: dict[str, int], tokens_per_tile: int) -> None:
+    def __init__(self, preprocessing: Llama4Preprocessing, token_ids: dict[str, int], tokens_per_tile: int,
+                 unavailable: str | None = None) -> None:
         self.preprocessing, self.tokens_per_tile = preprocessing, tokens_per_tile
+        self.unavailable = unavailable  # why this checkpoint cannot take images (it still serves text)
         self.image_token_id, self.prompt_token_id = token_ids["<|patch|>"], token_ids["<|image|>"]
         self.start_id, self.end_id = token_ids["<|image_start|>"], token_ids["<|image_end|>"]
         self.x_sep_id, self.y_sep_id = token_ids["<|tile_x_separator|>"], token_ids["<|tile_y_separator|>"]
@@ -182,8 +184,9 @@ class Llama4ImageProcessor(ImagePromptProcessor):
         tokenizer = Tokenizer.from_file(str(tokenizer_file))
         token_ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
         missing = [token for token, token_id in token_ids.items() if token_id is None]
-        if missing:
-            raise ValueError(f"the tokenizer lacks Llama 4's image tokens {', '.join(missing)}")
+        if missing:  # a text-only use of the checkpoint still works; an image is refused
+            return cls(preprocessing, {token: -1 for token in SPECIAL_TOKENS}, 0,
+                       f"this Llama 4 checkpoint's tokenizer lacks the image tokens {', '.join(missing)}")
         patch_id = int(hf.get("image_token_index", hf.get("image_token_id", token_ids["<|patch|>"])))
         if patch_id != token_ids["<|patch|>"]:
             raise ValueError(f"config.json: image_token_index {patch_id} is not the tokenizer's <|patch|> "
@@ -193,6 +196,11 @@ class Llama4ImageProcessor(ImagePromptProcessor):
         side = preprocessing.tile_size // patch_size
         tokens_per_tile = side * side // int(round(1.0 / shuffle**2))
         return cls(preprocessing, token_ids, tokens_per_tile)
+
+    def process(self, token_ids: Sequence[int], images: Sequence[Any]) -> tuple[list[int], list[ImageInput]]:
+        if self.unavailable is not None:
+            raise ValueError(self.unavailable)
+        return super().process(token_ids, images)
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """-> [tiles (+1 global), 3, tile, tile] float32."""

@@ -147,3 +147,14 @@ def test_each_tile_is_encoded_once_and_text_only_requests_encode_nothing(checkpo
     assert sum(counts) == 5  # 2x2 tiles and the global one
     llm.generate({"prompt_token_ids": ids[:-1] + [90], "multi_modal_data": {"image": [images[0].copy()]}}, PARAMS)
     assert sum(counts) == 5  # resent: every tile's rows come from the encoder cache or the prefix cache
+
+
+def test_a_checkpoint_whose_tokenizer_lacks_the_image_tokens_serves_text_and_refuses_images(tmp_path):
+    from tests.checkpoints import save_tiny_tokenizer
+
+    build_llama4(tmp_path)
+    save_tiny_tokenizer(tmp_path)  # the plain tiny tokenizer, without Llama 4's image tokens
+    llm = LLM(str(tmp_path), dtype="float32")
+    assert len(llm.generate([[1, 5, 9]], SamplingParams(temperature=0, max_tokens=4))[0].outputs[0].token_ids) == 4
+    with pytest.raises(ValueError, match="lacks the image tokens <\\|image_start\\|>"):
+        llm.generate({"prompt_token_ids": [1, 5], "multi_modal_data": {"image": [synthetic(20, 20)]}}, PARAMS)
