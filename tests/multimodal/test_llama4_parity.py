@@ -158,3 +158,20 @@ def test_a_checkpoint_whose_tokenizer_lacks_the_image_tokens_serves_text_and_ref
     assert len(llm.generate([[1, 5, 9]], SamplingParams(temperature=0, max_tokens=4))[0].outputs[0].token_ids) == 4
     with pytest.raises(ValueError, match="lacks the image tokens <\\|image_start\\|>"):
         llm.generate({"prompt_token_ids": [1, 5], "multi_modal_data": {"image": [synthetic(20, 20)]}}, PARAMS)
+
+
+def test_same_text_with_another_image_shares_only_the_blocks_before_its_tiles(checkpoint):
+    """Both images cut into 2x2 tiles, so the two prompts are the same tokens; the prefix cache salts each tile's
+    <|patch|> blocks with that tile's hash, so only [0, 4) (text) is shared, and the answer is the uncached one."""
+    _, folder = checkpoint
+    llm = LLM(str(folder), dtype="float32", block_size=4)
+    ids, images = cases()[0]
+    other = synthetic(512, 512, seed=7)
+    first = llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": images}}, PARAMS)[0]
+    hits_before = llm.kv_cache.num_hit_tokens
+    second = llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": [other]}}, PARAMS)[0]
+    assert second.prompt_token_ids == first.prompt_token_ids
+    assert llm.kv_cache.num_hit_tokens - hits_before == 4  # [4, 8) holds <|image_start|> and the first patches
+    uncached = LLM(str(folder), dtype="float32", enable_prefix_caching=False)
+    alone = uncached.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": [other]}}, PARAMS)[0]
+    assert second.outputs[0].token_ids == alone.outputs[0].token_ids
