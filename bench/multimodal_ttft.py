@@ -147,8 +147,8 @@ def main() -> None:
         print(rows[-1], flush=True)
     layers = f" --llama4-vision-layers {args.llama4_vision_layers}" if "llama4-vision" in args.configs else ""
     body = (f"Command: `python bench/multimodal_ttft.py --configs {args.configs} --repeats {args.repeats} --threads "
-            f"{args.threads}{layers}` ({torch.get_num_threads()} threads, {torch.__version__}). Time to first token of one "
-            "request with one 640x480 image (preprocessing, vision encoder, prefill), float32, median of "
+            f"{args.threads}{layers}` ({torch.get_num_threads()} threads, {torch.__version__}). Time to first token of "
+            "one request with one 640x480 image (preprocessing, vision encoder, prefill), float32, median of "
             f"{args.repeats} runs after a warm-up; see the script's docstring.\n\n" + "\n".join(rows) + "\n")
     print("\n".join(rows))
     if not args.no_write:
