@@ -175,3 +175,20 @@ def test_same_text_with_another_image_shares_only_the_blocks_before_its_tiles(ch
     uncached = LLM(str(folder), dtype="float32", enable_prefix_caching=False)
     alone = uncached.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": [other]}}, PARAMS)[0]
     assert second.outputs[0].token_ids == alone.outputs[0].token_ids
+
+
+def test_chat_with_image_parts_expands_like_the_token_ids(checkpoint):
+    """llm.chat renders the image part as <|image|> through the chat template; the engine expands it as it expands
+    the marker in token ids (the tiles of the batch test's first image), with the same answer."""
+    _, folder = checkpoint
+    llm = LLM(str(folder), dtype="float32")
+    image = image_set()[0]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "what?"}]}]
+    chat = llm.chat(messages, params)[0]
+    ids = llm.tokenizer.encode_chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what?"}]}],
+                                    add_generation_prompt=True)
+    assert ids.count(IMAGE_ID) == 1
+    by_ids = llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": [image]}}, params)[0]
+    assert chat.prompt_token_ids == by_ids.prompt_token_ids == expected_prompt(ids, [(2, 2)])
+    assert chat.outputs[0].token_ids == by_ids.outputs[0].token_ids
