@@ -81,15 +81,15 @@ def _stand_in() -> dict[str, types.ModuleType]:
 
 
 def hf_image_processor(**kwargs):
-    """transformers' Llama4ImageProcessor (its class, its code) over the torchvision stand-in. The stand-in is in
-    sys.modules only while transformers' module imports it, so nothing else in the process sees a torchvision."""
+    """transformers' Llama4ImageProcessor (its class, its code) over the torchvision stand-in (over torchvision
+    itself where it is installed). The stand-in is in sys.modules only while transformers' module imports it, so
+    nothing else in the process finds a torchvision; transformers' image_processing_backends keeps it as its `tvF`
+    (where it would otherwise have none)."""
     import transformers.image_processing_backends as backends  # first: transformers looks for torchvision once
     from transformers.image_utils import PILImageResampling
 
     name = "transformers.models.llama4.image_processing_llama4"
-    if name not in sys.modules:
-        if importlib.util.find_spec("torchvision") is not None:
-            raise RuntimeError("torchvision is installed: compare with it instead of the stand-in")
+    if name not in sys.modules and importlib.util.find_spec("torchvision") is None:
         modules = _stand_in()
         sys.modules.update(modules)
         try:
@@ -100,7 +100,7 @@ def hf_image_processor(**kwargs):
         backends.tvF = modules["torchvision.transforms.v2.functional"]
         backends.pil_torch_interpolation_mapping = {PILImageResampling.BILINEAR: InterpolationMode.BILINEAR,
                                                     PILImageResampling.BICUBIC: InterpolationMode.BICUBIC}
-    return sys.modules[name].Llama4ImageProcessor(**kwargs)
+    return importlib.import_module(name).Llama4ImageProcessor(**kwargs)
 
 
 def hf_pixel_values(images, **kwargs) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
