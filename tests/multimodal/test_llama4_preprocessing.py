@@ -69,3 +69,23 @@ def test_prompt_form_matches_llama4_processor(tmp_path):
         expected = tokenizer.encode(text, add_special_tokens=False).ids
         assert set(expected) <= set(tokenizer.token_to_id(t) for t in SPECIAL)
         assert processor.prompt_tokens(grid) == expected, grid
+
+
+def test_each_tile_run_becomes_an_image_input_of_its_own():
+    """process() pairs each run of <|patch|> with one tile: offsets at the runs, the tiles' own pixel values."""
+    from ownllm.multimodal import placeholder_runs
+
+    token_ids = {t: 100 + i for i, t in enumerate(["<|image_start|>", "<|image_end|>", "<|image|>", "<|patch|>",
+                                                    "<|tile_x_separator|>", "<|tile_y_separator|>"])}
+    processor = Llama4ImageProcessor(Llama4Preprocessing.from_config(CONFIGS["tiny-56-max-4"]), token_ids, 16)
+    image = synthetic(100, 50, seed=3)  # 1x2 tiles + the global one
+    prompt, inputs = processor.process([1, 102, 7], [image])
+    pixel_values, grid = processor.preprocessing(image)
+    assert grid == (1, 2) and len(inputs) == 3
+    runs = placeholder_runs(prompt, 103)
+    assert [(i.offset, i.length) for i in inputs] == runs == [(2, 16), (19, 16), (37, 16)]  # start, tile, x-separator, tile, y-separator, <|image|>, global
+    for image_input, tile in zip(inputs, pixel_values):
+        assert np.array_equal(image_input.pixel_values, tile)
+    assert len({i.image_hash for i in inputs}) == 3
+    with pytest.raises(ValueError, match="2 image placeholders but 1 images"):
+        processor.process([1, 102, 102], [image])
