@@ -83,7 +83,8 @@ def test_each_tile_run_becomes_an_image_input_of_its_own():
     pixel_values, grid = processor.preprocessing(image)
     assert grid == (1, 2) and len(inputs) == 3
     runs = placeholder_runs(prompt, 103)
-    assert [(i.offset, i.length) for i in inputs] == runs == [(2, 16), (19, 16), (37, 16)]  # start, tile, x-separator, tile, y-separator, <|image|>, global
+    # <|image_start|>, tile, <|tile_x_separator|>, tile, <|tile_y_separator|>, <|image|>, global tile
+    assert [(i.offset, i.length) for i in inputs] == runs == [(2, 16), (19, 16), (37, 16)]
     for image_input, tile in zip(inputs, pixel_values):
         assert np.array_equal(image_input.pixel_values, tile)
     assert len({i.image_hash for i in inputs}) == 3
