@@ -1,8 +1,9 @@
 """A tiny random Llama4ForConditionalGeneration saved by transformers: a 2-layer Llama 4 vision tower on 56x56 tiles in
 7x7 patches (8x8 = 64 patches, pixel-shuffled to 16 rows per tile), a 4-layer Llama 4 decoder (MoE on every layer,
 4 experts, chunked attention of 16 on the rope layers, layer 3 NoPE), Llama 4's six image tokens as special tokens of
-its tokenizer, a chat template writing `<|image|>` for an image part, and Llama4ImageProcessor's preprocessor_config.json (56x56 tiles, at most 4 of them, so an image is
-1 to 4 tiles plus the global one). Parameters transformers initializes to zeros (biases) get random values."""
+its tokenizer, a chat template writing `<|image|>` for an image part, and Llama4ImageProcessor's
+preprocessor_config.json (56x56 tiles, at most 4 of them, so an image is 1 to 4 tiles plus the global one).
+Parameters transformers initializes to zeros (biases) get random values."""
 
 from __future__ import annotations
 

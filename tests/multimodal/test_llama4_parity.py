@@ -186,8 +186,8 @@ def test_chat_with_image_parts_expands_like_the_token_ids(checkpoint):
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "what?"}]}]
     chat = llm.chat(messages, params)[0]
-    ids = llm.tokenizer.encode_chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what?"}]}],
-                                    add_generation_prompt=True)
+    rendered = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what?"}]}]
+    ids = llm.tokenizer.encode_chat(rendered, add_generation_prompt=True)
     assert ids.count(IMAGE_ID) == 1
     by_ids = llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": [image]}}, params)[0]
     assert chat.prompt_token_ids == by_ids.prompt_token_ids == expected_prompt(ids, [(2, 2)])
