@@ -1,4 +1,4 @@
-"""Llama4ForCausalLM (text) and the text part of Llama4ForConditionalGeneration (vision tower skipped).
+"""Llama4ForCausalLM (text) and Llama4ForConditionalGeneration (the same decoder with Llama 4's vision tower).
 
 What differs from Llama 3:
 - Feed-forward: MoE on layers `moe_layers` (default every `interleave_moe_layer_step`-th), dense SwiGLU of
@@ -11,7 +11,10 @@ What differs from Llama 3:
   q and k after RoPE. The other (NoPE) layers attend the full causal context and, with
   `attn_temperature_tuning`, scale q by log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1.
 The conditional-generation checkpoint names the text weights `language_model.model.*` and
-`language_model.lm_head.weight`; its vision tower and projector are never read.
+`language_model.lm_head.weight`, the tower `vision_model.*` (models/llama4_vision.py) and the projector
+`multi_modal_projector.linear_1.weight` (vision_output_dim -> hidden_size, no bias). embed_images: one tile
+[3, 336, 336] per call item (multimodal/llama4.py makes each tile's run of <|patch|> tokens an ImageInput) ->
+tower -> projector -> [tokens_per_tile, hidden_size], the rows that replace the <|patch|> embeddings.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from ownllm.layers.norm import RMSNorm
 from ownllm.layers.parallel import attention_projections, lm_head, vocab_embedding
 from ownllm.layers.rotary import InterleavedRotaryEmbedding
 from ownllm.models.base import CausalLM
+from ownllm.models.llama4_vision import Llama4VisionModel
 
 
 def uses_rope(config: ModelConfig, layer_idx: int) -> bool:
@@ -153,10 +157,12 @@ class Llama4ForCausalLM(CausalLM):
         self.lm_head = lm_head(config.hidden_size, config.vocab_size)
         self.rope = InterleavedRotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
 
+    def checkpoint_name(self, name: str) -> str:
+        """Where the checkpoint keeps our parameter `name`."""
+        return self.checkpoint_prefix + name
+
     def load_weights(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:
-        prefix = self.checkpoint_prefix
-        experts = ExpertTensors(tensors, rename=lambda name: prefix + name)
-        super().load_weights(experts, dtype)
+        super().load_weights(ExpertTensors(tensors, rename=self.checkpoint_name), dtype)
 
     def fuse_projections(self) -> None:
         for layer in self.model.layers:
@@ -165,7 +171,32 @@ class Llama4ForCausalLM(CausalLM):
             (ffn.shared_expert if isinstance(ffn, Llama4Moe) else ffn).fuse()
 
 
-class Llama4ForConditionalGeneration(Llama4ForCausalLM):
-    """Text only: the language model of a multimodal Llama 4 checkpoint (images are not supported)."""
+class Llama4MultiModalProjector(Module):
+    def __init__(self, vision_output_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.linear_1 = Linear(vision_output_dim, hidden, bias=False)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_1(x)
+
+
+class Llama4ForConditionalGeneration(Llama4ForCausalLM):
     checkpoint_prefix = "language_model."
+    _VISION_PARTS = ("vision_model.", "multi_modal_projector.")
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        hf = config.hf_config
+        vision = hf.get("vision_config") or {}
+        if vision.get("model_type", "llama4_vision_model") != "llama4_vision_model":
+            raise ValueError(f"Llama 4 with a {vision.get('model_type')!r} vision tower is not supported")
+        self.vision_model = Llama4VisionModel(vision)
+        self.multi_modal_projector = Llama4MultiModalProjector(int(vision.get("vision_output_dim", 7680)),
+                                                               config.hidden_size)
+
+    def checkpoint_name(self, name: str) -> str:
+        return name if name.startswith(self._VISION_PARTS) else self.checkpoint_prefix + name
+
+    def embed_images(self, pixel_values: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One tile [3, H, W] each (multimodal/llama4.py) -> [tokens_per_tile, hidden_size] each."""
+        return list(self.multi_modal_projector(self.vision_model(torch.stack(pixel_values))).unbind(0))

@@ -23,7 +23,9 @@ To add an architecture that takes images:
      AttentionMetadata.bidirectional marking its positions;
    and implementing `preprocess(image: PIL.Image) -> np.ndarray` (float32 pixel values, equal to the Hugging
    Face image processor's) and `num_image_tokens(pixel_values) -> int`; `replacement(num_tokens)` when the
-   marker expands to more than the placeholders (e.g. begin/end-of-image tokens around them).
+   marker expands to more than the placeholders (e.g. begin/end-of-image tokens around them); or `expand(image)`
+   when an image's placeholders come in several runs (Llama 4: one run per tile, separators between), each run
+   then an ImageInput of its own with its own pixel values (one tile).
 2. Its line in ownllm/multimodal/registry.py: architecture name -> (module, class).
 3. On the model class (ownllm/models/<arch>.py): `embed_images(pixel_values: list[Tensor]) -> list[Tensor]`,
    each [3, H, W] in -> [num_image_tokens, hidden_size] out, in order; `embed_input_ids(input_ids [T]) -> [T,
@@ -127,11 +129,33 @@ class ImagePromptProcessor:
             if token != self.marker_token_id:
                 out.append(token)
                 continue
-            pixel_values = self.preprocess(as_image(next(pending)))
-            tokens = self.replacement(self.num_image_tokens(pixel_values))
-            first = tokens.index(self.image_token_id)
-            length = sum(1 for t in tokens if t == self.image_token_id)
-            inputs.append(ImageInput(hash_pixels(pixel_values), len(out) + first, length, pixel_values,
-                                     self.bidirectional))
+            tokens, items = self.expand(as_image(next(pending)))
+            runs = placeholder_runs(tokens, self.image_token_id)
+            if len(runs) != len(items):
+                raise ValueError(f"an image expanded to {len(runs)} runs of placeholder tokens for {len(items)} "
+                                 "encoder inputs")
+            for (first, length), pixel_values in zip(runs, items):
+                inputs.append(ImageInput(hash_pixels(pixel_values), len(out) + first, length, pixel_values,
+                                         self.bidirectional))
             out += tokens
         return out, inputs
+
+    def expand(self, image: "Image.Image") -> tuple[list[int], list["np.ndarray"]]:
+        """One image -> the tokens its marker becomes, and the pixel values for each run of image_token_id among
+        them, in order (one run unless the architecture interleaves other tokens, e.g. Llama 4's tile
+        separators: each run is then an encoder input of its own)."""
+        pixel_values = self.preprocess(image)
+        return self.replacement(self.num_image_tokens(pixel_values)), [pixel_values]
+
+
+def placeholder_runs(tokens: Sequence[int], token_id: int) -> list[tuple[int, int]]:
+    """(start, length) of each maximal run of token_id in tokens."""
+    runs: list[tuple[int, int]] = []
+    for index, token in enumerate(tokens):
+        if token != token_id:
+            continue
+        if runs and runs[-1][0] + runs[-1][1] == index:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((index, 1))
+    return runs

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 _PROCESSORS = {
     "LlavaForConditionalGeneration": ("llava", "LlavaImageProcessor"),
     "Gemma3ForConditionalGeneration": ("gemma3", "Gemma3ImageProcessor"),
+    "Llama4ForConditionalGeneration": ("llama4", "Llama4ImageProcessor"),
 }
 
 
