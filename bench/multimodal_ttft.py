@@ -1,15 +1,20 @@
 """Time to first token for a prompt with one image (preprocessing + vision encoder + prefill): ownllm against
-transformers on random-weight LLaVA checkpoints, and ownllm's encoder-cache hit against a miss.
+transformers on random-weight LLaVA and Qwen2.5-VL checkpoints, and ownllm's encoder-cache hit against a miss.
 
-    python bench/multimodal_ttft.py [--configs tiny,large] [--repeats 5] [--threads 2]
+    python bench/multimodal_ttft.py [--configs tiny,large,qwen2.5-vl-tiny,qwen2.5-vl-large] [--repeats 5] [--threads 2]
+                                    [--no-write]
 
 Configurations: "tiny" (the tests' LLaVA: CLIP 3 layers x 32 on 32x32 images, 16 image tokens, Llama 2 x 64) and
-"large" (CLIP 12 layers x 768 on 224x224 images in 14x14 patches, 256 image tokens; Llama 8 layers x 1024), built
-once with transformers into bench/.cache/. float32, one request, max_tokens 1, a 640x480 photo-sized random
-image, 24 text tokens around it. ownllm runs without the prefix cache, so a resent image still prefills in full:
-"miss" sends a new image each run (encoder runs), "hit" resends the last one (its encoder output is cached).
-transformers: CLIPImageProcessorPil + LlavaForConditionalGeneration.generate(max_new_tokens=1). Median of the
-runs after a warm-up, tools taking turns run by run. Writes the "Multimodal TTFT" section of bench/RESULTS.md.
+"large" (CLIP 12 layers x 768 on 224x224 images in 14x14 patches, 256 image tokens; Llama 8 layers x 1024);
+"qwen2.5-vl-tiny" (the tests' Qwen2.5-VL: a 3-block tower x 32 on 4x4 patches, at most 40x40 pixels, 25 image tokens;
+Qwen2 2 x 64 with M-RoPE) and "qwen2.5-vl-large" (a tower shaped like Qwen2.5-VL's, 14x14 patches merged 2x2,
+112-pixel windows, but 8 blocks x 640 with blocks 3 and 7 global; its default max pixels, so a 640x480 image is
+476x644 pixels, 1564 patches, 391 image tokens; Qwen2 8 layers x 1024), built once with transformers into
+bench/.cache/. float32, one request, max_tokens 1, a 640x480 photo-sized random image, 24 text tokens around it.
+ownllm runs without the prefix cache, so a resent image still prefills in full: "miss" sends a new image each run
+(encoder runs), "hit" resends the last one (its encoder output is cached). transformers: the model's PIL image
+processor + its ForConditionalGeneration.generate(max_new_tokens=1). Median of the runs after a warm-up, tools
+taking turns run by run. Writes the "Multimodal TTFT" section of bench/RESULTS.md (not with --no-write).
 """
 
 from __future__ import annotations
@@ -28,23 +33,72 @@ sys.path.insert(0, str(ROOT))
 from bench.bundled_decode import write_section  # noqa: E402
 from ownllm import LLM, SamplingParams  # noqa: E402
 from tests.multimodal.images import synthetic  # noqa: E402
-from tests.multimodal.llava_checkpoint import IMAGE_TOKEN_ID, build_llava  # noqa: E402
+from tests.multimodal import llava_checkpoint, qwen2_5_vl_checkpoint  # noqa: E402
 
-CONFIGS = {
-    "tiny": ({}, {}),
-    "large": (dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                   image_size=224, patch_size=14),
-              dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-                   num_key_value_heads=4, max_position_embeddings=1024)),
+LARGE_TEXT = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                  num_key_value_heads=4, max_position_embeddings=1024)
+CONFIGS = {  # name: (family, vision overrides, text overrides, preprocessing overrides)
+    "tiny": ("llava", {}, {}, None),
+    "large": ("llava", dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                            image_size=224, patch_size=14), LARGE_TEXT, None),
+    "qwen2.5-vl-tiny": ("qwen2_5_vl", {}, {}, None),
+    "qwen2.5-vl-large": ("qwen2_5_vl",
+                         dict(depth=8, hidden_size=640, intermediate_size=1728, num_heads=10, patch_size=14,
+                              window_size=112, fullatt_block_indexes=[3, 7], out_hidden_size=1024),
+                         dict(LARGE_TEXT, max_position_embeddings=2048, rope_parameters={
+                             "rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]}),
+                         dict(patch_size=14, min_pixels=56 * 56, max_pixels=28 * 28 * 1280)),
 }
 TEXT = list(range(5, 17)), list(range(40, 52))
 
 
+class Family:
+    """How one architecture's checkpoints are built, prompted and run by transformers."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.module = llava_checkpoint if name == "llava" else qwen2_5_vl_checkpoint
+        self.image_token_id = self.module.IMAGE_TOKEN_ID
+
+    def build(self, folder: Path, vision: dict, text: dict, preprocessing: dict | None) -> None:
+        if self.name == "llava":
+            self.module.build_llava(folder, vision=vision, text=text)
+        else:
+            self.module.build_qwen2_5_vl(folder, vision=vision, text=text, preprocessing=preprocessing)
+
+    def prompt(self, num_image_tokens: int | None) -> list[int]:
+        """The prompt with one image marker (num_image_tokens None), or expanded as the model sees it."""
+        image = [self.image_token_id] * (num_image_tokens or 1)
+        if self.name == "qwen2_5_vl":
+            image = [qwen2_5_vl_checkpoint.VISION_START_ID, *image, qwen2_5_vl_checkpoint.VISION_END_ID]
+        return [1, *TEXT[0], *image, *TEXT[1]]
+
+    def transformers(self, folder: Path):
+        """-> (the float32 model, image processor)."""
+        import transformers
+
+        if self.name == "llava":
+            from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as Processor
+
+            cls = transformers.LlavaForConditionalGeneration
+        else:
+            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as Processor
+
+            cls = transformers.Qwen2_5_VLForConditionalGeneration
+        return cls.from_pretrained(folder, dtype=torch.float32).eval(), Processor.from_pretrained(folder)
+
+    def transformers_inputs(self, processor, image, expanded: list[int]) -> dict:
+        inputs = dict(processor(image, return_tensors="pt"))
+        if self.name == "qwen2_5_vl":
+            inputs["mm_token_type_ids"] = (torch.tensor([expanded]) == self.image_token_id).int()
+        return inputs
+
+
 def checkpoint(name: str) -> Path:
-    folder = ROOT / "bench" / ".cache" / f"llava-{name}"
+    family, vision, text, preprocessing = CONFIGS[name]
+    folder = ROOT / "bench" / ".cache" / (f"llava-{name}" if family == "llava" else name)
     if not (folder / "config.json").exists():
-        vision, text = CONFIGS[name]
-        build_llava(folder, vision=vision, text=text)
+        Family(family).build(folder, vision, text, preprocessing)
     return folder
 
 
@@ -53,17 +107,13 @@ def median_ms(times: list[float]) -> float:
 
 
 def run_config(name: str, repeats: int) -> dict[str, float]:
-    from transformers import LlavaForConditionalGeneration
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
+    family = Family(CONFIGS[name][0])
     folder = checkpoint(name)
     llm = LLM(str(folder), dtype="float32", enable_prefix_caching=False, max_num_batched_tokens=2048)
-    hf = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
-    processor = CLIPImageProcessorPil.from_pretrained(folder)
-    num_image_tokens = llm.engine.image_processor.num_image_tokens(
-        llm.engine.image_processor.preprocess(synthetic(8, 8)))
-    prompt = [1, *TEXT[0], IMAGE_TOKEN_ID, *TEXT[1]]
-    expanded = [1, *TEXT[0], *[IMAGE_TOKEN_ID] * num_image_tokens, *TEXT[1]]
+    hf, processor = family.transformers(folder)
+    num_image_tokens = llm.engine.image_processor.num_image_tokens(  # every image here is 640x480
+        llm.engine.image_processor.preprocess(synthetic(640, 480)))
+    prompt, expanded = family.prompt(None), family.prompt(num_image_tokens)
     params = SamplingParams(temperature=0, max_tokens=1)
     times: dict[str, list[float]] = {"ownllm miss": [], "ownllm hit": [], "transformers": []}
     for run in range(repeats + 1):
@@ -74,9 +124,8 @@ def run_config(name: str, repeats: int) -> dict[str, float]:
             times[label].append(time.perf_counter() - started)
         started = time.perf_counter()
         with torch.inference_mode():
-            pixel_values = processor(image, return_tensors="pt")["pixel_values"]
-            hf.generate(torch.tensor([expanded]), pixel_values=pixel_values, max_new_tokens=1, do_sample=False,
-                        pad_token_id=0)
+            hf.generate(torch.tensor([expanded]), **family.transformers_inputs(processor, image, expanded),
+                        max_new_tokens=1, do_sample=False, pad_token_id=0)
         times["transformers"].append(time.perf_counter() - started)
     result = {label: median_ms(values) for label, values in times.items()}
     result["image tokens"] = num_image_tokens
@@ -86,9 +135,10 @@ def run_config(name: str, repeats: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default="tiny,large")
+    parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-write", action="store_true", help="print the table only; leave bench/RESULTS.md alone")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = ["| config | image tokens | prompt tokens | ownllm miss ms | ownllm hit ms | transformers ms | "
@@ -103,7 +153,8 @@ def main() -> None:
             "request with one 640x480 image (preprocessing, vision encoder, prefill), float32, median of "
             f"{args.repeats} runs after a warm-up; see the script's docstring.\n\n" + "\n".join(rows) + "\n")
     print("\n".join(rows))
-    write_section("Multimodal TTFT", body)
+    if not args.no_write:
+        write_section("Multimodal TTFT", body)
 
 
 if __name__ == "__main__":

@@ -124,6 +124,14 @@ def test_vision_tower_matches_transformers(checkpoint, llm):
     for e, g in zip(expected, got, strict=True):
         assert g.shape == e.shape
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+    # guards the above: every block attending globally (no windows) gives other rows for a many-window image
+    tower, windowed = model.visual, model.visual.fullatt_block_indexes
+    try:
+        tower.fullatt_block_indexes = set(range(len(tower.blocks)))
+        everywhere = model.embed_images([torch.from_numpy(processor.preprocess(pics[0]))])[0]
+    finally:
+        tower.fullatt_block_indexes = windowed
+    assert (everywhere - expected[0]).abs().max() > 1e-3
 
 
 def test_text_only_requests_run_no_encoder_and_rotate_plainly(checkpoint):
@@ -149,3 +157,20 @@ def test_text_only_requests_run_no_encoder_and_rotate_plainly(checkpoint):
     assert positions and all(p is None for p in positions)
     for prompt, output in zip(prompts, outputs):
         assert_matches(output, reference(hf_model, prompt, []))
+
+
+def test_chat_with_images_renders_the_vision_markers(checkpoint, llm):
+    """llm.chat with image parts: the template's <|vision_start|><|image_pad|><|vision_end|> per image expands as the
+    hand-written prompt does, and answers as transformers does."""
+    hf_model, _ = checkpoint
+    pics = images()[1:3]
+    messages = [{"role": "user", "content": [{"type": "image", "image": pics[0]}, {"type": "text", "text": "the dog"},
+                                             {"type": "image", "image": pics[1]}]}]
+    output = llm.chat(messages, PARAMS)[0]
+    expanded = output.prompt_token_ids
+    starts = [i for i, t in enumerate(expanded) if t == VISION_START_ID]
+    ends = [i for i, t in enumerate(expanded) if t == VISION_END_ID]
+    assert len(starts) == len(ends) == 2
+    assert all(t == IMAGE_TOKEN_ID for s, e in zip(starts, ends) for t in expanded[s + 1:e])
+    assert expanded.count(IMAGE_TOKEN_ID) == int(hf_image_inputs(pics)["image_grid_thw"].prod(-1).sum()) // 4
+    assert_matches(output, reference(hf_model, expanded, pics))

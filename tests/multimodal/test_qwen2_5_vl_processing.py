@@ -78,3 +78,21 @@ def test_mrope_positions_match_get_rope_index():
     got, our_delta = mrope_positions(offset, inputs)
     assert got.tolist() == expected[:, 0].tolist()
     assert our_delta == delta.item() < 0
+
+
+def test_step_positions_slice_the_prompt_and_continue_past_it():
+    """A step's [3, T]: a chunk inside a prompt with images takes its 3D positions; a span that runs past the prompt
+    (its last prompt token and two drafts) continues at index + delta; a request without images sits at its index
+    on all three axes; a step with no image request has none."""
+    from ownllm.worker.mrope import step_mrope_positions
+
+    pixels = np.zeros((1, 2, 3, 2, 2, 1), dtype=np.float32)  # 2x3 merged patches: 6 tokens, 3 positions wide
+    table, delta = mrope_positions(9, [ImageInput("a", 2, 6, pixels)])  # text 0-1, image 2-7, text 8
+    assert table[:, 8].tolist() == [5, 5, 5] and delta == 5 - 8
+    got = step_mrope_positions([((table, delta), 1, 4), (None, 3, 2), ((table, delta), 8, 3)], "cpu")
+    assert got.tolist() == [
+        [1, 2, 2, 2, 3, 4, 5, 6, 7],
+        [1, 2, 2, 2, 3, 4, 5, 6, 7],
+        [1, 2, 3, 4, 3, 4, 5, 6, 7],
+    ]
+    assert step_mrope_positions([(None, 0, 3), (None, 5, 1)], "cpu") is None
