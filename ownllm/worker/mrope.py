@@ -21,14 +21,16 @@ def step_mrope_positions(spans: Iterable[tuple[tuple[np.ndarray, int] | None, in
     spans = list(spans)
     if all(mrope is None for mrope, _, _ in spans):
         return None
-    parts = []
+    positions, in_prompt, row = [], [], 0  # in_prompt: (first row, the prompt's [3, n] positions there)
     for mrope, start, num in spans:
-        linear = np.arange(start, start + num)
-        if mrope is None:
-            parts.append(np.broadcast_to(linear, (3, num)))
-            continue
-        prompt, delta = mrope
-        in_prompt = prompt[:, start:start + num]  # [3, tokens still in the prompt]
-        after = linear[in_prompt.shape[1]:] + delta  # generated tokens: one position on all three axes
-        parts.append(np.concatenate([in_prompt, np.broadcast_to(after, (3, after.shape[0]))], axis=1))
-    return torch.from_numpy(np.concatenate(parts, axis=1)).to(device)
+        delta = 0
+        if mrope is not None:
+            prompt, delta = mrope
+            if start < prompt.shape[1]:
+                in_prompt.append((row, prompt[:, start:start + num]))
+        positions.extend(range(start + delta, start + num + delta))  # past the prompt: index + delta on every axis
+        row += num
+    out = np.tile(np.asarray(positions, dtype=np.int64), (3, 1))  # [3, T]
+    for row, block in in_prompt:
+        out[:, row:row + block.shape[1]] = block
+    return torch.from_numpy(out).to(device)
