@@ -167,8 +167,9 @@ class Qwen2_5_VisionTransformer(Module):
             return ids.reshape(rows // m, m, columns // m, m).transpose(1, 2).flatten()
 
         inv_freq = self.inv_freq.to(device)
-        angles = torch.cat((blocked(row_ids)[:, None].float() * inv_freq, blocked(column_ids)[:, None].float() * inv_freq),
-                           dim=-1).repeat(grid_t, 1)  # [N, head_dim / 2]
+        row_angles = blocked(row_ids)[:, None].float() * inv_freq  # [rows * columns, head_dim / 4]
+        column_angles = blocked(column_ids)[:, None].float() * inv_freq
+        angles = torch.cat((row_angles, column_angles), dim=-1).repeat(grid_t, 1)  # [N, head_dim / 2]
         emb = torch.cat((angles, angles), dim=-1)[:, None, :]
         return emb.cos(), emb.sin()
 

@@ -3,8 +3,8 @@ attend in windows of 2x2 merged patches, block 1 over the whole image) on 4x4-pi
 16x16 to 40x40 pixels as the preprocessor resizes them (4 to 25 image tokens); a 2-layer Qwen2 decoder with M-RoPE
 (mrope_section [2, 3, 3] of its 8 frequencies); `<|image_pad|>`, `<|vision_start|>`, `<|vision_end|>` special tokens
 of its tokenizer, a chat template rendering {"type": "image"} parts as Qwen2.5-VL's does
-(`<|vision_start|><|image_pad|><|vision_end|>`) and Qwen2VLImageProcessor's preprocessor_config.json. Parameters transformers initializes to zeros
-(biases) get random values, so that each of them matters."""
+(`<|vision_start|><|image_pad|><|vision_end|>`) and Qwen2VLImageProcessor's preprocessor_config.json. Parameters
+transformers initializes to zeros (biases) get random values, so that each of them matters."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 
 from tests.checkpoints import BASE, TINY_VOCAB, save_tiny_tokenizer
 
-IMAGE_TOKEN_ID, VISION_START_ID, VISION_END_ID, VIDEO_TOKEN_ID = TINY_VOCAB, TINY_VOCAB + 1, TINY_VOCAB + 2, TINY_VOCAB + 3
+IMAGE_TOKEN_ID, VISION_START_ID, VISION_END_ID, VIDEO_TOKEN_ID = (TINY_VOCAB + i for i in range(4))
 TEXT = dict(BASE, vocab_size=TINY_VOCAB + 8, max_position_embeddings=512,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
 VISION = dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=4, spatial_merge_size=2,

@@ -56,7 +56,9 @@ def test_mrope_positions_match_get_rope_index():
 
     merge = 2
     grids = [(1, 6, 10), (1, 8, 4)]  # patch grids (t, h, w); merged: 3x5 and 4x2 tokens
-    config = transformers.Qwen2_5_VLConfig(vision_config={"spatial_merge_size": merge},
+    vision = {"spatial_merge_size": merge, "depth": 1, "hidden_size": 16, "num_heads": 2, "intermediate_size": 16,
+              "out_hidden_size": 32}
+    config = transformers.Qwen2_5_VLConfig(vision_config=vision,
                                            text_config={"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1,
                                                         "num_attention_heads": 2, "num_key_value_heads": 1})
     layout, inputs, offset = [3, None, 2, None, 5], [], 0
@@ -73,8 +75,8 @@ def test_mrope_positions_match_get_rope_index():
     for image in inputs:
         token_types[image.offset:image.end] = 1
     model = transformers.Qwen2_5_VLModel(config)
-    expected, delta = model.get_rope_index(torch.zeros(1, offset, dtype=torch.long), torch.from_numpy(token_types)[None],
-                                           image_grid_thw=torch.tensor(grids))
+    expected, delta = model.get_rope_index(torch.zeros(1, offset, dtype=torch.long),
+                                           torch.from_numpy(token_types)[None], image_grid_thw=torch.tensor(grids))
     got, our_delta = mrope_positions(offset, inputs)
     assert got.tolist() == expected[:, 0].tolist()
     assert our_delta == delta.item() < 0
