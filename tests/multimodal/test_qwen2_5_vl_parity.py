@@ -174,3 +174,17 @@ def test_chat_with_images_renders_the_vision_markers(checkpoint, llm):
     assert all(t == IMAGE_TOKEN_ID for s, e in zip(starts, ends) for t in expanded[s + 1:e])
     assert expanded.count(IMAGE_TOKEN_ID) == int(hf_image_inputs(pics)["image_grid_thw"].prod(-1).sum()) // 4
     assert_matches(output, reference(hf_model, expanded, pics))
+
+
+def test_preempted_image_requests_resume_with_their_positions(checkpoint, ours):
+    """A KV pool too small for the three image requests at once: requests are preempted and recomputed (their
+    prompts and generated tokens again, the 3D positions rebuilt from the prompt and its delta), and still answer
+    as transformers does."""
+    hf_model, folder = checkpoint
+    llm = LLM(str(folder), dtype="float32", num_kv_blocks=10, block_size=16, enable_prefix_caching=False)
+    requests = [{"prompt_token_ids": ids, "multi_modal_data": {"image": pics}} for ids, pics in cases()[:3]]
+    outputs = llm.generate(requests, PARAMS)
+    assert llm.engine.core.scheduler.num_preemptions > 0
+    for (_, pics), output, alone in zip(cases(), outputs, ours):
+        assert output.prompt_token_ids == alone.prompt_token_ids
+        assert_matches(output, reference(hf_model, output.prompt_token_ids, pics))
