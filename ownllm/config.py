@@ -62,7 +62,7 @@ def _rope_settings(hf: Mapping[str, Any], layer_type: str = "full_attention") ->
     theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
     scaling = params or dict(hf.get("rope_scaling") or {})
     rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
-    if rope_type == "default":
+    if rope_type in ("default", "mrope"):  # v4's "mrope" (Qwen2.5-VL) is default rope split by its mrope_section
         return theta, None
     return theta, {"rope_type": rope_type, **scaling}
 

@@ -88,6 +88,8 @@ class AttentionMetadata:
     # sequence index -> position ranges [start, end) whose tokens attend each other both ways (Gemma 3's images);
     # a range always lies within one forward's tokens of its sequence, so only the per-sequence path sees them
     bidirectional: dict[int, list[tuple[int, int]]] | None = None
+    # [3, T] M-RoPE positions (Qwen2.5-VL: temporal, height, width) when a request of the step has images; rope only
+    mrope_positions: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.backend is None:

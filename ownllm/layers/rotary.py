@@ -170,3 +170,39 @@ class InterleavedRotaryEmbedding(RotaryEmbedding):
         # positions: [T]; q: [T, num_heads, head_dim]; k: [T, num_kv_heads, head_dim]; rotated together
         both = self._rotate(torch.cat((q, k), dim=1), self.rotations(positions))  # [T, heads + kv_heads, head_dim]
         return both.split([q.shape[1], k.shape[1]], dim=1)
+
+
+class MultimodalRotaryEmbedding(RotaryEmbedding):
+    """M-RoPE (Qwen2.5-VL): each token has three positions (temporal, height, width) and `mrope_section` splits the
+    head_dim / 2 frequencies among them (sections i = 0, 1, 2, ... read axis i % 3), as transformers'
+    Qwen2_5_VLRotaryEmbedding recomposes them. Positions [3, T] rotate so; plain positions [T] stand for the same
+    position on all three axes, which is ordinary RoPE (text without images)."""
+
+    def __init__(self, head_dim: int, theta: float, mrope_section: list[int]) -> None:
+        super().__init__(head_dim, theta, None)
+        if sum(mrope_section) != head_dim // 2:
+            raise ValueError(f"config.json: mrope_section {list(mrope_section)} does not add up to head_dim / 2 = "
+                             f"{head_dim // 2}")
+        self.axis = torch.cat([torch.full((size,), i % 3, device="cpu") for i, size in enumerate(mrope_section)])
+
+    def angles(self, positions: torch.Tensor) -> torch.Tensor:
+        if positions.dim() == 1:
+            return super().angles(positions)
+        if self.axis.device != positions.device:
+            self.axis, self.inv_freq = self.axis.to(positions.device), self.inv_freq.to(positions.device)
+        # positions [3, T] -> [T, head_dim // 2]: frequency j turns with the position on axis[j]
+        return positions.float().t()[:, self.axis] * self.inv_freq[None, :]
+
+    def at(self, positions: torch.Tensor) -> "PositionedRotary":
+        """The rope for one forward whose tokens sit at `positions` [3, T] rather than at meta.positions."""
+        return PositionedRotary(self, positions)
+
+
+class PositionedRotary:
+    """A rope called as layers call one, rope(meta.positions, q, k), rotating by other positions (M-RoPE's)."""
+
+    def __init__(self, rope: RotaryEmbedding, positions: torch.Tensor) -> None:
+        self.rope, self.positions = rope, positions
+
+    def __call__(self, _: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rope(self.positions, q, k)

@@ -32,6 +32,9 @@ To add an architecture that takes images:
    hidden]` when its token embeddings are not plain `model.embed_tokens` (e.g. Gemma's, scaled by sqrt(hidden):
    the image rows replace the scaled embeddings, as in transformers); and `forward` / `hidden_states` taking
    `inputs_embeds` and using them as they are (CausalLM's do: a model overriding them must not re-scale them).
+   A model whose rotary positions depend on its images (Qwen2.5-VL's M-RoPE) also defines
+   `mrope_positions(num_prompt_tokens, images) -> (positions [3, P], delta)`; the runner then computes them once per
+   request with images and passes each step's [3, T] as AttentionMetadata.mrope_positions (worker/mrope.py).
 4. Tests: tests/multimodal/llava_checkpoint.py and test_llava_parity.py are the pattern (a tiny checkpoint saved
    by transformers, its image processor's pixel values as the reference, greedy tokens and top-5 logprobs).
 The engine needs nothing else: encoder budgeting (SchedulerConfig.max_num_encoder_tokens, encoder_cache_tokens),

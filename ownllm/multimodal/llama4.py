@@ -21,11 +21,9 @@ vision tower's rows; each tile's run of them is an ImageInput of its own (one ti
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -35,6 +33,9 @@ from PIL import Image
 from ownllm.config import ModelConfig
 from ownllm.multimodal import ImageInput, ImagePromptProcessor
 from ownllm.multimodal.image_processing import to_rgb
+
+if TYPE_CHECKING:
+    from ownllm.tokenizer import Tokenizer
 
 _MODES = {2: "bilinear", 3: "bicubic"}  # PIL resample -> torch interpolate mode
 SPECIAL_TOKENS = ("<|image_start|>", "<|image_end|>", "<|image|>", "<|patch|>", "<|tile_x_separator|>",
@@ -170,19 +171,12 @@ class Llama4ImageProcessor(ImagePromptProcessor):
         self.x_sep_id, self.y_sep_id = token_ids["<|tile_x_separator|>"], token_ids["<|tile_y_separator|>"]
 
     @classmethod
-    def from_checkpoint(cls, config: ModelConfig, folder: Path | None) -> "Llama4ImageProcessor":
-        from tokenizers import Tokenizer
-
+    def from_checkpoint(cls, config: ModelConfig, preprocessor_config: dict[str, Any], tokenizer: "Tokenizer"
+                        ) -> "Llama4ImageProcessor":
         hf = config.hf_config
         vision = hf.get("vision_config") or {}
-        file = folder / "preprocessor_config.json" if folder is not None else None
-        settings = json.loads(file.read_text(encoding="utf-8")) if file is not None and file.is_file() else {}
-        preprocessing = Llama4Preprocessing.from_config(settings)
-        tokenizer_file = folder / "tokenizer.json" if folder is not None else None
-        if tokenizer_file is None or not tokenizer_file.is_file():
-            raise ValueError("Llama 4 with images needs the checkpoint's tokenizer.json")
-        tokenizer = Tokenizer.from_file(str(tokenizer_file))
-        token_ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
+        preprocessing = Llama4Preprocessing.from_config(preprocessor_config)
+        token_ids = {token: tokenizer.backend.token_to_id(token) for token in SPECIAL_TOKENS}
         missing = [token for token, token_id in token_ids.items() if token_id is None]
         if missing:  # a text-only use of the checkpoint still works; an image is refused
             return cls(preprocessing, {token: -1 for token in SPECIAL_TOKENS}, 0,

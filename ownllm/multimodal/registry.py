@@ -14,6 +14,7 @@ _PROCESSORS = {
     "LlavaForConditionalGeneration": ("llava", "LlavaImageProcessor"),
     "Gemma3ForConditionalGeneration": ("gemma3", "Gemma3ImageProcessor"),
     "Llama4ForConditionalGeneration": ("llama4", "Llama4ImageProcessor"),
+    "Qwen2_5_VLForConditionalGeneration": ("qwen2_5_vl", "Qwen2_5_VLImageProcessor"),
 }
 
 

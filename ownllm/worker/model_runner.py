@@ -34,6 +34,7 @@ from ownllm.outputs import RunnerOutput, SampleLogprobs, SchedulerOutput
 from ownllm.sampling_params import SamplingParams
 from ownllm.spec_decode import DraftLength
 from ownllm.worker.input_batch import Span, build_inputs
+from ownllm.worker.mrope import step_mrope_positions
 from ownllm.worker.sampler import Sampler, SamplingMetadata, SamplingRow, token_logprobs
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class RequestState:
     drafts: list[int] = field(default_factory=list)  # verified this step
     draft_length: DraftLength | None = None  # how many tokens to draft next (when speculating)
     images: list[ImageInput] = field(default_factory=list)
+    mrope: tuple | None = None  # M-RoPE models, a request with images: (prompt positions [3, P], delta past them)
 
 
 class ModelRunner:
@@ -101,6 +103,7 @@ class ModelRunner:
 
             self.proposer = build_proposer(speculative_config, self, checkpoint)
         self.proposer_reads_hidden = getattr(self.proposer, "reads_hidden_states", False)
+        self.uses_mrope = hasattr(self.model, "mrope_positions")  # 3D rotary positions (Qwen2.5-VL)
 
     def _num_blocks(self, max_num_seqs: int) -> int:
         """From the memory budget; without an explicit one, no more than max_num_seqs full contexts need."""
@@ -131,6 +134,8 @@ class ModelRunner:
                 new.sampling_params, list(new.block_ids), new.num_computed_tokens, generator,
                 draft_length=DraftLength(self.num_speculative_tokens) if self.proposer is not None else None,
                 images=list(new.images))
+            if self.uses_mrope and new.images:
+                self.requests[new.request_id].mrope = self.model.mrope_positions(len(new.prompt_token_ids), new.images)
         for cached in so.cached_requests:
             state = self.requests[cached.request_id]
             state.block_ids += cached.new_block_ids
@@ -155,6 +160,9 @@ class ModelRunner:
             if start + num_new >= len(state.token_ids) + len(state.drafts):
                 sampling.append((state, num_rows - 1 - len(state.drafts)))
         input_ids, meta = build_inputs(spans, self.kv_cache, self.backends.attention, self.device)
+        if self.uses_mrope:
+            meta.mrope_positions = step_mrope_positions(
+                ((state.mrope, span.start, len(span.token_ids)) for state, span, _ in scheduled), self.device)
         started = time.perf_counter()
         self._run_encoder(so)
         inputs_embeds = self._inputs_embeds(input_ids, scheduled)
