@@ -56,13 +56,14 @@ def test_prompt_form_matches_llama4_processor(tmp_path):
     from tokenizers import Tokenizer
     from transformers.models.llama4.processing_llama4 import Llama4Processor
 
-    from ownllm.config import ModelConfig
+    from ownllm.loader import load_checkpoint
     from tests.multimodal.llama4_checkpoint import SPECIAL, build_llama4
 
     build_llama4(tmp_path)
     tokenizer = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
-    config = ModelConfig.from_hf(__import__("json").loads((tmp_path / "config.json").read_text()))
-    processor = Llama4ImageProcessor.from_checkpoint(config, tmp_path)
+    checkpoint = load_checkpoint(str(tmp_path), None)
+    processor = Llama4ImageProcessor.from_checkpoint(checkpoint.config, checkpoint.preprocessor_config,
+                                                     checkpoint.tokenizer)
     assert processor.tokens_per_tile == 16
     for grid in [(1, 1), (1, 2), (2, 1), (2, 2), (1, 4), (3, 1)]:
         text = Llama4Processor._prompt_split_image(None, grid, processor.tokens_per_tile)
