@@ -159,6 +159,34 @@ def test_token_bitmask_bans_exactly_the_zero_bits(vocab):
     assert logits[1].isinf().all() and not logits[2].isinf().any()
 
 
+def test_greedy_rows_under_a_grammar_equal_the_argmax_of_the_masked_row():
+    """Greedy rows skip the mask when their argmax is allowed: the tokens must equal masking every row first, ties
+    included (an earlier banned token with the same logit), with random rows beside them still masked."""
+    generator = torch.Generator().manual_seed(7)
+    logits = torch.randn(6, 100, generator=generator)
+    logits[3, 10] = logits[3, 60] = logits[3].max() + 1  # a tie: token 10 banned, token 60 allowed
+    bitmask = torch.randint(-2**31, 2**31 - 1, (6, 4), generator=generator, dtype=torch.int64).to(torch.int32)
+    bitmask[3] = 0
+    bitmask[3, 1] = 1 << (60 - 32)
+    bitmask[0] = -1  # a row the grammar leaves free
+    top = logits.argmax(-1)
+    bitmask[1, top[1] // 32] = -1  # argmax allowed
+    bitmask[2, top[2] // 32] = 0  # argmax banned
+    expected = logits.clone()
+    for r in range(6):
+        for t in range(100):
+            if not (int(bitmask[r, t // 32]) >> (t % 32)) & 1:
+                expected[r, t] = float("-inf")
+    rows = [row(SamplingParams(temperature=0)) for _ in range(5)] + [row(SamplingParams(temperature=1.0, seed=1))]
+    raw = logits.clone()
+    out = sample(rows, logits, bitmask=bitmask)
+    assert out.token_ids[:5] == expected[:5].argmax(-1).tolist() and out.token_ids[3] == 60
+    assert torch.equal(logits, raw)  # the raw logits (the logprobs' distribution) are left alone
+    assert (int(bitmask[5, out.token_ids[5] // 32]) >> (out.token_ids[5] % 32)) & 1
+    assert out.logprobs == pytest.approx(raw.log_softmax(-1).gather(1, torch.tensor(out.token_ids)[:, None])
+                                         .squeeze(1).tolist())
+
+
 def test_greedy_picks_argmax_and_reports_raw_logprobs():
     out = sample([row(SamplingParams(temperature=0, logprobs=3))])
     raw = LOGITS.log_softmax(-1)

@@ -205,23 +205,43 @@ class SamplerOutput:
 
 class Sampler:
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
-        # logits: [R, vocab] float32
+        # logits: [R, vocab] float32, left raw (the logprobs are the raw distribution's)
         x = logits
-        if meta.penalties is not None or meta.stop_masks or meta.allowed_token_bitmask is not None:
+        if meta.penalties is not None or meta.stop_masks:
             x = logits.clone()
         if meta.penalties is not None:
             meta.penalties.apply(x)
         for row, stop_ids in meta.stop_masks:  # hold back every token that would stop it
             x[row, stop_ids] = NEG_INF
-        if meta.allowed_token_bitmask is not None:
-            apply_token_bitmask(x, meta.allowed_token_bitmask)
         token_ids = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
         if meta.greedy_rows:
             greedy = meta.greedy_rows
             token_ids[greedy] = x[greedy].argmax(-1) if len(greedy) < x.shape[0] else x.argmax(-1)
-        if meta.random_rows:
-            token_ids[meta.random_rows] = draw(x[meta.random_rows] / meta.temperature, meta)
+        random = x[meta.random_rows] if meta.random_rows else None  # [N, vocab], a copy
+        if meta.allowed_token_bitmask is not None:
+            _apply_grammar(x, random, token_ids, meta)
+        if random is not None:
+            token_ids[meta.random_rows] = draw(random / meta.temperature, meta)
         return _logprobs(logits, token_ids, meta.num_logprobs)
+
+
+def _apply_grammar(x: torch.Tensor, random: torch.Tensor | None, token_ids: torch.Tensor,
+                   meta: SamplingMetadata) -> None:
+    """Applies the grammar masks where they change the outcome: to the random rows (in place), and to the greedy
+    rows whose argmax the grammar bans, whose token is taken again from the masked row. A greedy row whose argmax
+    is allowed keeps it: the masked row's argmax is the same token, and masking all of a row costs a pass over
+    the vocabulary. x: [R, vocab]; random: x's random rows [N, vocab] or None; token_ids: [R], the greedy rows set."""
+    bitmask = meta.allowed_token_bitmask  # [R, words] int32
+    if meta.greedy_rows:
+        greedy = torch.tensor(meta.greedy_rows, device=x.device)
+        top = token_ids[greedy]  # [G]
+        banned = greedy[((bitmask[greedy, top // 32] >> (top % 32)) & 1) == 0]  # [B]
+        if len(banned):
+            rows = x[banned]  # [B, vocab], a copy
+            apply_token_bitmask(rows, bitmask[banned])
+            token_ids[banned] = rows.argmax(-1)
+    if random is not None:
+        apply_token_bitmask(random, bitmask[meta.random_rows])
 
 
 def _race(weights: torch.Tensor, rows: list[int], generators: dict[int, torch.Generator]) -> torch.Tensor:
