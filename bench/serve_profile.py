@@ -2,15 +2,18 @@
 time of every thread of the server process, at each concurrency level.
 
     python bench/serve_profile.py --concurrency 1,16,64 --max-tokens 64
-    python bench/serve_profile.py --offline 16             # LLM.generate on 16 prompts, same split (no server)
+    python bench/serve_profile.py --offline 16             # LLM.chat on 16 prompts, same split (no server)
 
 The server runs in this process (uvicorn on its own thread, the engine on its thread, as `ownllm serve` runs them);
 the clients are bench/serve_load.py in a child process, so they take no share of this interpreter. Parts of the
 step are timed by wrapping the functions that do them (wall seconds and the engine thread's CPU seconds):
-schedule, build_inputs (the flat batch), forward (the model), logits (lm head), sample (sampler + draft
+schedule, build_inputs (the flat batch), forward (the model; "decode" when every sequence computes one row, else
+"prefill", which then holds that step's decode rows too), logits (lm head), sample (sampler + draft
 acceptance), fold-in (EngineCore folding tokens in: detokenization and stop checks), outputs (Engine's
 RequestOutputs), deliver (handing them to the asyncio loop). Thread CPU comes from /proc (no overhead): the engine
-thread, the event loop thread (HTTP, SSE, JSON) and OpenMP's workers. Timings under load are development figures.
+thread, the event loop thread (HTTP, SSE, JSON) and OpenMP's workers. Run it with OMP_NUM_THREADS=1 on a loaded
+machine: the engine thread's CPU time then counts its work alone (OpenMP workers spinning at a barrier would count
+too). Timings under load are development figures.
 """
 
 from __future__ import annotations
@@ -96,14 +99,18 @@ def report(label: str, timers: Timers, seconds: float, cpu: dict[str, float] | N
           f"{1e3 * timers.cpu['step'] / max(tokens[1], 1):.2f} ms a generated token")
     print(f"   engine steps take {100 * total / seconds:.0f}% of the wall time; engine-thread CPU "
           f"{1e3 * timers.cpu['step'] / steps:.2f} ms a step")
-    print("   part          ms/step(wall)  share   ms/step(engine-thread CPU)")
-    accounted = 0.0  # the parts do not nest in one another
+    print("   part              ms/step(wall) share  ms/step(engine-thread CPU, share)")
+    accounted = accounted_cpu = 0.0  # the parts do not nest in one another
     for part in PARTS:
         if part in timers.wall:
             wall = timers.wall[part]
             accounted += wall
-            print(f"   {part:<13} {1e3 * wall / steps:>12.2f}  {100 * wall / total:>4.0f}%   {1e3 * timers.cpu[part] / steps:.2f}")
-    print(f"   {'other':<13} {1e3 * (total - accounted) / steps:>12.2f}  {100 * (total - accounted) / total:>4.0f}%")
+            accounted_cpu += timers.cpu[part]
+            print(f"   {part:<17} {1e3 * wall / steps:>8.2f}  {100 * wall / total:>4.0f}%   "
+                  f"{1e3 * timers.cpu[part] / steps:.2f} ({100 * timers.cpu[part] / timers.cpu['step']:.0f}%)")
+    other = timers.cpu["step"] - accounted_cpu
+    print(f"   {'other':<17} {1e3 * (total - accounted) / steps:>8.2f}  {100 * (total - accounted) / total:>4.0f}%   "
+          f"{1e3 * other / steps:.2f} ({100 * other / timers.cpu['step']:.0f}%)")
     if cpu:
         print("   thread CPU seconds: " + ", ".join(f"{k} {v:.2f} ({100 * v / seconds:.0f}% of a core)"
                                                     for k, v in sorted(cpu.items())))
