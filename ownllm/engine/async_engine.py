@@ -3,7 +3,8 @@ one that runs the model (see from_model).
 
 Callers (asyncio) send commands (add, abort) through a thread-safe queue; the loop applies them
 between steps, runs `Engine.step()` while anything is unfinished, and hands each RequestOutput to
-its request's own asyncio queue. Leaving a `generate()` stream early (a client disconnect cancels
+its request's own asyncio queue: a step's outputs go to each event loop in one call (one wake-up of that loop a
+step, however many of its requests progressed), not one call per request. Leaving a `generate()` stream early (a client disconnect cancels
 it) aborts the request, which frees its KV cache at once.
 """
 
@@ -198,26 +199,40 @@ class AsyncEngine:
                 logger.exception("engine step failed")
                 self._fail_all(EngineDead(f"the engine failed: {error}"))
                 continue
+            deliveries = []
             for output in outputs:
                 stream = self._streams.get(output.request_id)
                 if stream is not None:
                     item = RequestFailed(output.error) if output.error is not None else output
                     if output.finished:
                         del self._streams[output.request_id]
-                    self._deliver(output.request_id, stream, item)
+                    deliveries.append((output.request_id, stream, item))
+            self._deliver(deliveries)
 
-    def _deliver(self, request_id: str, stream: _Stream, item: RequestOutput | BaseException) -> None:
-        try:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
-        except RuntimeError:  # its event loop has closed: nobody listens any more
-            self._abort_now(request_id)
+    def _deliver(self, deliveries: list[tuple[str, _Stream, RequestOutput | BaseException]]) -> None:
+        """Puts each item on its stream's queue: one call_soon_threadsafe per event loop for all of its items."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[str, _Stream, RequestOutput | BaseException]]] = {}
+        for delivery in deliveries:
+            by_loop.setdefault(delivery[1].loop, []).append(delivery)
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, [(stream.queue, item) for _, stream, item in items])
+            except RuntimeError:  # its event loop has closed: nobody listens any more
+                for request_id, _, _ in items:
+                    self._abort_now(request_id)
 
     def _fail_all(self, error: BaseException) -> None:
         streams = list(self._streams.items())
         self._streams.clear()
-        for request_id, stream in streams:
+        for request_id, _ in streams:
             self.engine.abort(request_id)
-            self._deliver(request_id, stream, error)
+        self._deliver([(request_id, stream, error) for request_id, stream in streams])
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput | BaseException]]) -> None:
+    """On the event loop: one step's items, each put on its stream's queue."""
+    for queue_, item in items:
+        queue_.put_nowait(item)
 
 
 def _resolve(future: asyncio.Future, error: BaseException | None) -> None:
