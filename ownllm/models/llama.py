@@ -12,6 +12,7 @@ from torch import nn
 
 from ownllm.config import ModelConfig
 from ownllm.layers.attention import Attention, AttentionMetadata
+from ownllm.layers.decode_stack import DecodeStack
 from ownllm.layers.linear import fuse_linears
 from ownllm.layers.mlp import GatedMLP
 from ownllm.layers.module import Module
@@ -106,3 +107,4 @@ class LlamaForCausalLM(CausalLM):
             layer.self_attn.fuse()
             layer.mlp.fuse()
         super().post_load()
+        self.decode_stack = DecodeStack.build(self)
