@@ -11,6 +11,7 @@ from ownllm.layers.attention import ATTENTION_BACKENDS, AttentionMetadata, Paged
 from ownllm.layers.decode_stack import DecodeStack
 from ownllm.worker.input_batch import Span, build_inputs
 from tests.checkpoints import build_checkpoint, random_prompts
+from tests.gguf_writer import write_gguf
 from tests.kernel_modules import built_kernel
 
 VARIANTS = {  # architecture, config overrides: biases, qk-norm, a sliding window, head sizes the kernels special-case
@@ -19,6 +20,8 @@ VARIANTS = {  # architecture, config overrides: biases, qk-norm, a sliding windo
     "qwen2-bias": ("Qwen2ForCausalLM", {}),
     "qwen3-qk-norm": ("Qwen3ForCausalLM", dict(head_dim=32)),
     "mistral-window": ("MistralForCausalLM", dict(sliding_window=8)),
+    "gguf-q8_0": ("LlamaForCausalLM", {}),  # quantized projections: called back from the kernel
+    "bundled-q4_1": (None, {}),  # the bundled SmolLM2-135M-Instruct, 30 layers of Q4_1 projections
 }
 
 
@@ -30,8 +33,12 @@ def ops():
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def llm(request, tmp_path_factory, ops):
     arch, overrides = VARIANTS[request.param]
+    if arch is None:
+        return LLM(enable_prefix_caching=False)
     folder = tmp_path_factory.mktemp(request.param)
     build_checkpoint(folder, arch, num_hidden_layers=3, **overrides)
+    if request.param.startswith("gguf"):
+        return LLM(str(write_gguf(folder, folder / "model.gguf", "Q8_0")), enable_prefix_caching=False)
     return LLM(str(folder), dtype="bfloat16", enable_prefix_caching=False)
 
 
@@ -66,6 +73,8 @@ class Calls:
 def test_stack_matches_the_layers_bit_for_bit_in_every_batch(llm):
     model = llm.runner.model
     assert isinstance(model.decode_stack, DecodeStack)
+    quantized = [p.weight is None for layer in model.model.layers for p in (layer.self_attn.qkv_proj, layer.mlp.down_proj)]
+    assert all(quantized) if str(llm.model_path).endswith(".gguf") else not any(quantized)
     calls = Calls(model)
     model.decode_stack = calls
     try:

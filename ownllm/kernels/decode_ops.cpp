@@ -364,21 +364,28 @@ at::Tensor add_rms_norm_(at::Tensor& x, const at::Tensor& delta, const at::Tenso
 //   x += o_proj(attention(rope(qkv_proj(rms_norm(x))))); x += down_proj(silu_mul(gate_up_proj(rms_norm(x))))
 // made of the ops above in the order, shapes and roundings of the Python layers (so the same numbers, in any
 // batch of up to 64 rows). Holds every layer's bf16 weights (biases and q/k norms: numel 0 when absent) and its
-// KV-cache views, given once; forward takes a step's input embeddings and metadata.
+// KV-cache views, given once; forward takes a step's input embeddings and metadata. A projection whose weights
+// are not dense bf16 (quantized) is given as a Python callable instead (its Linear's forward), called with the
+// GIL held: one call per projection, where the Python layers make several calls around each.
 class DecodeLayers {
  public:
-  DecodeLayers(std::vector<std::vector<at::Tensor>> layers, std::vector<at::Tensor> k_caches,
-               std::vector<at::Tensor> v_caches, std::vector<int64_t> windows, int64_t num_heads,
-               int64_t num_kv_heads, int64_t head_dim, double eps, double scale)
-      : layers_(std::move(layers)), k_caches_(std::move(k_caches)), v_caches_(std::move(v_caches)),
+  DecodeLayers(std::vector<std::vector<at::Tensor>> layers, std::vector<std::vector<py::object>> projections,
+               std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches, std::vector<int64_t> windows,
+               int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, double scale)
+      : layers_(std::move(layers)), projections_(std::move(projections)), k_caches_(std::move(k_caches)),
+        v_caches_(std::move(v_caches)),
         windows_(std::move(windows)), H_(num_heads), KVH_(num_kv_heads), D_(head_dim), eps_(eps), scale_(scale) {
     const size_t L = layers_.size();
-    TORCH_CHECK(L > 0 && k_caches_.size() == L && v_caches_.size() == L && windows_.size() == L,
-                "one weight list, cache view and window per layer");
-    for (const auto& w : layers_) {
-      TORCH_CHECK(w.size() == kWeights, "each layer: ", kWeights, " tensors");
+    TORCH_CHECK(L > 0 && projections_.size() == L && k_caches_.size() == L && v_caches_.size() == L &&
+                    windows_.size() == L, "one weight list, projection list, cache view and window per layer");
+    for (size_t l = 0; l < L; ++l) {
+      const auto& w = layers_[l];
+      TORCH_CHECK(w.size() == kWeights && projections_[l].size() == 4, "each layer: ", kWeights,
+                  " tensors and 4 projections");
       for (const auto& t : w) check_bf16(t, "the weights");
-      for (int i : {kQkv, kO, kGateUp, kDown}) TORCH_CHECK(w[i].dim() == 2 && w[i].is_contiguous(), "2-D contiguous weights");
+      for (int p = 0; p < 4; ++p)
+        TORCH_CHECK(!projections_[l][p].is_none() || (w[kWeight[p]].dim() == 2 && w[kWeight[p]].is_contiguous()),
+                    "2-D contiguous weights where no callable is given");
     }
     for (const auto& c : k_caches_) check_bf16(c, "the caches");
     for (const auto& c : v_caches_) check_bf16(c, "the caches");
@@ -395,7 +402,7 @@ class DecodeLayers {
     at::Tensor h = rms_norm(x, layers_[0][kInputNorm], eps_);
     for (size_t l = 0; l < layers_.size(); ++l) {
       const auto& w = layers_[l];
-      const at::Tensor qkv = linear(h, w[kQkv], w[kQkvBias]);  // [B, (H + 2 KVH) D]
+      const at::Tensor qkv = project(l, 0, h);  // [B, (H + 2 KVH) D]
       at::Tensor q = qkv.narrow(1, 0, q_size).view({B, H_, D_});
       at::Tensor k = qkv.narrow(1, q_size, kv_size).view({B, KVH_, D_});
       const at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({B, KVH_, D_});
@@ -406,8 +413,8 @@ class DecodeLayers {
       rope_rotate_half_(q, k, cos, sin);
       const at::Tensor attn = paged_decode_attention(q, k, v, k_caches_[l], v_caches_[l], slots, positions,
                                                      block_tables, scale_, windows_[l], 0);  // [B, H * D]
-      h = add_rms_norm_(x, linear(attn, w[kO], w[kOBias]), w[kPostNorm], eps_);
-      const at::Tensor down = linear(silu_mul(linear(h, w[kGateUp], w[kGateUpBias])), w[kDown], w[kDownBias]);
+      h = add_rms_norm_(x, project(l, 1, attn), w[kPostNorm], eps_);
+      const at::Tensor down = project(l, 3, silu_mul(project(l, 2, h)));
       h = add_rms_norm_(x, down, l + 1 < layers_.size() ? layers_[l + 1][kInputNorm] : at::Tensor(), eps_);
     }
     return x;
@@ -416,9 +423,20 @@ class DecodeLayers {
   // the order of each layer's tensors
   enum : int { kInputNorm, kQkv, kQkvBias, kQNorm, kKNorm, kO, kOBias, kPostNorm, kGateUp, kGateUpBias, kDown,
                kDownBias, kWeights };
+  // projection p (qkv, o, gate_up, down): its weight's and bias's places in a layer's tensors
+  static constexpr int kWeight[4] = {kQkv, kO, kGateUp, kDown}, kBias[4] = {kQkvBias, kOBias, kGateUpBias, kDownBias};
 
  private:
+  // projection p of layer l on x: the bf16 tiles, or the callable given for it
+  at::Tensor project(size_t l, int p, const at::Tensor& x) const {
+    const py::object& fn = projections_[l][p];
+    if (fn.is_none()) return linear(x, layers_[l][kWeight[p]], layers_[l][kBias[p]]);
+    py::gil_scoped_acquire gil;
+    return fn(x).cast<at::Tensor>();
+  }
+
   std::vector<std::vector<at::Tensor>> layers_;
+  std::vector<std::vector<py::object>> projections_;
   std::vector<at::Tensor> k_caches_, v_caches_;
   std::vector<int64_t> windows_;
   int64_t H_, KVH_, D_;
@@ -427,8 +445,9 @@ class DecodeLayers {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<DecodeLayers>(m, "DecodeLayers")
-      .def(py::init<std::vector<std::vector<at::Tensor>>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                    std::vector<int64_t>, int64_t, int64_t, int64_t, double, double>())
+      .def(py::init<std::vector<std::vector<at::Tensor>>, std::vector<std::vector<py::object>>,
+                    std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>, int64_t, int64_t, int64_t,
+                    double, double>())
       .def("forward", &DecodeLayers::forward, "the decoder layers of one decode step, bf16",
            py::call_guard<py::gil_scoped_release>());
   m.def("rms_norm", &rms_norm, "Llama RMSNorm, bf16", py::call_guard<py::gil_scoped_release>());

@@ -8,9 +8,10 @@ as the Python layers (RMSNorm, fused qkv, RoPE, paged attention, o_proj, residua
 RMSNorm, fused gate_up, SiLU-and-multiply, down_proj), so the numbers are the same, bit for bit, in any batch.
 
 It applies to decode-only batches of up to GEMV_MAX_ROWS rows, in bfloat16 on a CPU with the kernels, for models
-whose layers are exactly the Llama decoder layer (Llama, Mistral, Qwen2, Qwen3) with dense bf16 weights, fused
-projections, SiLU, rotate-half RoPE, no tensor parallelism; anything else (prefill, quantized weights, other
-layers) runs the Python layers. OWNLLM_NO_DECODE_STACK=1 turns it off (to compare).
+whose layers are exactly the Llama decoder layer (Llama, Mistral, Qwen2, Qwen3) with fused projections, SiLU,
+rotate-half RoPE, no tensor parallelism; anything else (prefill, other layers) runs the Python layers. Dense bf16
+projections are multiplied in C++; quantized ones (GGUF files) are called back as their Linear's forward, one
+Python call each. OWNLLM_NO_DECODE_STACK=1 turns it off (to compare).
 """
 
 from __future__ import annotations
@@ -30,9 +31,14 @@ from ownllm.layers.rotary import RotaryEmbedding
 NONE = torch.empty(0, dtype=torch.bfloat16)  # an absent bias or q/k norm, as the C++ side takes it
 
 
-def _dense(linear) -> bool:
-    return (type(linear) is Linear and linear.weight is not None and linear.weight.dtype == torch.bfloat16
-            and linear.weight.is_contiguous() and (linear.bias is None or linear.bias.dtype == torch.bfloat16))
+def _dense(linear: Linear) -> bool:
+    """Weights the kernel multiplies itself (gemv_bf16's tiles); others it calls the Linear for."""
+    return (linear.weight is not None and linear.weight.dtype == torch.bfloat16 and linear.weight.is_contiguous()
+            and (linear.bias is None or linear.bias.dtype == torch.bfloat16))
+
+
+def _projection(linear) -> bool:
+    return type(linear) is Linear and (_dense(linear) or linear.weight is None)  # dense, or quantized (packed)
 
 
 def _norm(norm) -> bool:
@@ -65,7 +71,7 @@ class DecodeStack:
             if not (type(layer) is LlamaDecoderLayer and type(attn) is LlamaAttention and type(mlp) is GatedMLP
                     and _norm(layer.input_layernorm) and _norm(layer.post_attention_layernorm)
                     and hasattr(attn, "qkv_proj") and hasattr(mlp, "gate_up_proj") and mlp.act_name == "silu"
-                    and all(_dense(p) for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
+                    and all(_projection(p) for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
                     and (not attn.qk_norm or (_norm(attn.q_norm) and _norm(attn.k_norm)))
                     and attn.attn.chunk_size is None and attn.head_dim <= 512):
                 return None
@@ -87,21 +93,23 @@ class DecodeStack:
     def _layers(self, cache: PagedKVCache):
         """DecodeLayers for this KV pool (made on the first step over it)."""
         if self._cache is not cache:
-            layers, windows = [], []
+            layers, projections, windows = [], [], []
             for layer in self.model.model.layers:
                 attn, mlp = layer.self_attn, layer.mlp
-                bias = lambda linear: NONE if linear.bias is None else linear.bias  # noqa: E731
+                linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+                # (weight, bias) of each projection the kernel multiplies; NONE where it calls the Linear instead
+                dense = [(p.weight, NONE if p.bias is None else p.bias) if _dense(p) else (NONE, NONE) for p in linears]
                 layers.append([
-                    layer.input_layernorm.weight, attn.qkv_proj.weight, bias(attn.qkv_proj),
+                    layer.input_layernorm.weight, *dense[0],
                     attn.q_norm.weight if attn.qk_norm else NONE, attn.k_norm.weight if attn.qk_norm else NONE,
-                    attn.o_proj.weight, bias(attn.o_proj), layer.post_attention_layernorm.weight,
-                    mlp.gate_up_proj.weight, bias(mlp.gate_up_proj), mlp.down_proj.weight, bias(mlp.down_proj),
+                    *dense[1], layer.post_attention_layernorm.weight, *dense[2], *dense[3],
                 ])
+                projections.append([None if _dense(p) else p.forward for p in linears])
                 windows.append(attn.attn.sliding_window or 0)
             first = self.model.model.layers[0]
             attn = first.self_attn
             self._kernel = decode_ops(first.input_layernorm.weight).DecodeLayers(
-                layers, list(cache.k_layers), list(cache.v_layers), windows, attn.num_heads, attn.num_kv_heads,
+                layers, projections, list(cache.k_layers), list(cache.v_layers), windows, attn.num_heads, attn.num_kv_heads,
                 attn.head_dim, first.input_layernorm.eps, attn.attn.scale)
             self._cache = cache
         return self._kernel
