@@ -317,6 +317,25 @@ at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::
 
 namespace {
 
+// bf16mm::rows, prefetching the weight rows `ahead` rows on while a tile multiplies (0: as rows does); the tiles,
+// and so the numbers, are the same.
+void rows_ahead(const bf16* x, int64_t ldx, int64_t M, const bf16* w, int64_t K, int64_t n0, int64_t n1,
+                const bf16* bias, bf16* y, int64_t ldy, int64_t ahead) {
+  if (ahead == 0) return bf16mm::rows(x, ldx, M, w, K, K, n0, n1, bias, y, ldy);
+  float out[4][4];
+  for (int64_t n = n0; n < n1; n += 4) {
+    const int nb = (int)std::min<int64_t>(4, n1 - n);
+    const bf16* next = n + ahead + 4 <= n1 ? w + (n + ahead) * K : nullptr;
+    for (int64_t m = 0; m < M; m += 4) {
+      const int mb = (int)std::min<int64_t>(4, M - m);
+      bf16mm::kTiles[mb - 1][nb - 1](x + m * ldx, ldx, w + n * K, K, K, out, m == 0 ? next : nullptr);
+      for (int i = 0; i < mb; ++i)
+        for (int j = 0; j < nb; ++j)
+          y[(m + i) * ldy + n + j] = bf16(out[i][j] + (bias ? static_cast<float>(bias[n + j]) : 0.f));
+    }
+  }
+}
+
 // y [M, N] = x [M, K] (rows any stride) @ w [N, K]^T (+ bias, numel 0: none): gemv_bf16's arithmetic exactly.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), ldx = x.stride(0);
@@ -324,7 +343,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bi
   const bf16 *xp = x.data_ptr<bf16>(), *wp = w.data_ptr<bf16>();
   const bf16* b = bias.numel() ? bias.data_ptr<bf16>() : nullptr;
   bf16* yp = y.data_ptr<bf16>();
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { bf16mm::rows(xp, ldx, M, wp, K, K, n0, n1, b, yp, N); });
+  // rows does not prefetch for M <= 4; on the SmolLM2-135M shape (K = 576, rows of 1152 bytes) prefetching 64
+  // rows ahead made batch-1 forwards 5-15% faster on one thread (measured under load)
+  const int64_t ahead = M > 4 ? 4 : 64;
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { rows_ahead(xp, ldx, M, wp, K, n0, n1, b, yp, N, ahead); });
   return y;
 }
 
