@@ -87,11 +87,12 @@ class DecodeStack:
 
     def applies(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
         """Whether this step is one the kernel runs: decode rows only, few enough, with the CPU kernel backend."""
-        return (x.shape[0] <= GEMV_MAX_ROWS and x.dtype == torch.bfloat16 and meta.is_decode_only
+        return (x.shape[0] <= GEMV_MAX_ROWS and x.dtype == torch.bfloat16 and x.is_cpu and meta.is_decode_only
                 and type(meta.backend) is CpuKernelAttention and not meta.bidirectional)
 
     def _layers(self, cache: PagedKVCache):
-        """DecodeLayers for this KV pool (made on the first step over it)."""
+        """DecodeLayers for this KV pool, made on the first step over it: it holds the weight tensors as they are
+        then (weights swapped in later would not be seen; nothing in ownllm swaps them after loading)."""
         if self._cache is not cache:
             layers, projections, windows = [], [], []
             for layer in self.model.model.layers:
