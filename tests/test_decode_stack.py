@@ -73,7 +73,8 @@ class Calls:
 def test_stack_matches_the_layers_bit_for_bit_in_every_batch(llm):
     model = llm.runner.model
     assert isinstance(model.decode_stack, DecodeStack)
-    quantized = [p.weight is None for layer in model.model.layers for p in (layer.self_attn.qkv_proj, layer.mlp.down_proj)]
+    quantized = [p.weight is None for layer in model.model.layers
+                 for p in (layer.self_attn.qkv_proj, layer.mlp.down_proj)]
     assert all(quantized) if str(llm.model_path).endswith(".gguf") else not any(quantized)
     calls = Calls(model)
     model.decode_stack = calls

@@ -110,8 +110,8 @@ class DecodeStack:
             first = self.model.model.layers[0]
             attn = first.self_attn
             self._kernel = decode_ops(first.input_layernorm.weight).DecodeLayers(
-                layers, projections, list(cache.k_layers), list(cache.v_layers), windows, attn.num_heads, attn.num_kv_heads,
-                attn.head_dim, first.input_layernorm.eps, attn.attn.scale)
+                layers, projections, list(cache.k_layers), list(cache.v_layers), windows, attn.num_heads,
+                attn.num_kv_heads, attn.head_dim, first.input_layernorm.eps, attn.attn.scale)
             self._cache = cache
         return self._kernel
 
