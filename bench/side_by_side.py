@@ -1,12 +1,13 @@
 """Batch-1 decode of ownllm and llama.cpp side by side in one process, taking turns run by run.
 
     python bench/side_by_side.py [--new-tokens 128] [--prompt-tokens 128] [--repeats 5] [--threads 2] [--models Q4_K_M,bundled]
+        [--ab-decode-stack]
 
 The comparison harness runs each tool in a process of its own, one after another, so memory bandwidth
 drifting between them (36-55 GB/s on this shared machine) moves their ratio by +-15%. Here both tools
 load once and alternate runs, so drift hits them alike. Pairs: the harness's random-weight Llama-3.2-1B
 (ownllm: the bf16 HF folder; llama.cpp: its F16 GGUF), its Q8_0 and Q4_K_M GGUFs, the SmolLM2-135M
-shape's Q4_K_M (mostly Q5_0), the bundled SmolLM2-135M-Instruct Q4_1 GGUF and the real Qwen2.5-Coder 1.5B and
+shape in bf16 / F16 (as the 1B) and as Q4_K_M (mostly Q5_0), the bundled SmolLM2-135M-Instruct Q4_1 GGUF and the real Qwen2.5-Coder 1.5B and
 0.5B Q4_K_M GGUFs (bench/fetch_models.py; the same file for both).
 Prompts of random ids (128 tokens, or --prompt-tokens: decode after a long prompt attends over all of it),
 greedy, EOS ignored; decode tokens/s = (new tokens - 1) / time after the first token; the median of the
@@ -51,6 +52,8 @@ def pairs(wanted: list[str]) -> list[tuple[str, str, str, str]]:
         "llama-3.2-1b (bf16 / F16)": lambda: (random_shape("llama-3.2-1b", "bf16"), "bfloat16",
                                               random_shape("llama-3.2-1b", "F16")),
         "llama-3.2-1b Q8_0": lambda: same_file(lambda: random_shape("llama-3.2-1b", "Q8_0")),
+        "smollm2-135m (bf16 / F16)": lambda: (random_shape("smollm2-135m", "bf16"), "bfloat16",
+                                              random_shape("smollm2-135m", "F16")),
         "llama-3.2-1b Q4_K_M": lambda: same_file(lambda: random_shape("llama-3.2-1b", "Q4_K_M")),
         "smollm2-135m Q4_K_M": lambda: same_file(lambda: random_shape("smollm2-135m", "Q4_K_M")),
         "bundled SmolLM2-135M Q4_1": lambda: same_file(bundled_model_path),
@@ -71,8 +74,10 @@ def timed(tokens) -> tuple[float, float, float]:
 
 
 def compare(label: str, ours_path: str, dtype: str, gguf: str, new: int, prompt_tokens: int, repeats: int,
-            threads: int) -> tuple[str, dict[str, list[float]]]:
-    """One pair, the tools alternating run by run -> (its table line, {tool: [prefill tok/s, decode tok/s]})."""
+            threads: int, ab_decode_stack: bool = False) -> tuple[str, dict[str, list[float]]]:
+    """One pair, the tools alternating run by run -> (its table line, {tool: [prefill tok/s, decode tok/s]}).
+    ab_decode_stack: ownllm also runs with its decode stack off (the Python layers, layers/decode_stack.py), a
+    third tool in the turns, printed beside the line."""
     from llama_cpp import Llama
 
     from ownllm import LLM, SamplingParams
@@ -93,11 +98,25 @@ def compare(label: str, ours_path: str, dtype: str, gguf: str, new: int, prompt_
         theirs.reset()
         return timed(tokens())
 
+    model = ours.runner.model
+    stack = model.decode_stack
+
+    def run_ours_layers(prompt):
+        model.decode_stack = None
+        try:
+            return run_ours(prompt)
+        finally:
+            model.decode_stack = stack
+
+    tools = [("ownllm", run_ours), ("llama.cpp", run_theirs)]
+    if ab_decode_stack:
+        tools.append(("ownllm, Python layers", run_ours_layers))
+        print(f"{label}: decode stack {'on' if stack is not None else 'not applicable'}", flush=True)
     rng = random.Random(0)
     vocab = min(ours.config.vocab_size, theirs.n_vocab())
-    results: dict[str, list[tuple[float, float]]] = {"ownllm": [], "llama.cpp": []}
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in tools}
     for _ in range(repeats):
-        for name, run in (("ownllm", run_ours), ("llama.cpp", run_theirs)):
+        for name, run in tools:
             prompt = [rng.randrange(100, vocab) for _ in range(prompt_tokens)]
             start, first, end = run(prompt)
             results[name].append((len(prompt) / (first - start), (new - 1) / (end - first)))
@@ -121,6 +140,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", help="comma-separated substrings of the pair labels to run, e.g. Q4_K_M")
+    parser.add_argument("--ab-decode-stack", action="store_true",
+                        help="also time ownllm with its decode stack off, alternating (printed only)")
     parser.add_argument("--table-only", type=Path, help="write just the table here (the harness's use), not RESULTS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -129,7 +150,14 @@ def main() -> None:
     lines = list(TABLE_HEADER)
     wanted = args.models.split(",") if args.models else [""]
     for pair in pairs(wanted):
-        lines.append(compare(*pair, new, args.prompt_tokens, args.repeats, args.threads)[0])
+        line, med = compare(*pair, new, args.prompt_tokens, args.repeats, args.threads, args.ab_decode_stack)
+        lines.append(line)
+        if args.ab_decode_stack:
+            layers = med["ownllm, Python layers"][1]
+            print(f"  decode stack off: {layers:.1f} tok/s = {layers / med['llama.cpp'][1]:.2f}x llama.cpp; "
+                  f"on / off: {med['ownllm'][1] / layers:.2f}x", flush=True)
+    if args.ab_decode_stack:
+        return  # an A/B run: printed, RESULTS.md untouched
     if args.table_only:
         args.table_only.write_text("\n".join(lines[2:]) + "\n")  # the rows, without the header
         return

@@ -30,6 +30,7 @@ from ownllm.layers.quant import BlockWeight, QuantizedWeight
 class CausalLM(Module):
     # checkpoint tensors that carry no weights of ours (e.g. precomputed rotary tables)
     ignored_tensor_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
+    decode_stack = None  # layers/decode_stack.py's DecodeStack, where post_load found the layers fit it
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -146,6 +147,9 @@ class CausalLM(Module):
         multi-token-prediction layer reads). The decoder-only default: `self.model` has embed_tokens, layers
         (each called as layer(x, meta, rope)) and norm; `self.rope`."""
         x = self.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds  # [T, hidden]
+        stack = self.decode_stack
+        if stack is not None and stack.applies(x, meta):  # a decode step: every layer in one kernel call
+            return stack(x, meta)
         for layer in self.model.layers:
             x = layer(x, meta, self.rope)
         return x

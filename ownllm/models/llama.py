@@ -12,6 +12,7 @@ from torch import nn
 
 from ownllm.config import ModelConfig
 from ownllm.layers.attention import Attention, AttentionMetadata
+from ownllm.layers.decode_stack import DecodeStack
 from ownllm.layers.linear import fuse_linears
 from ownllm.layers.mlp import GatedMLP
 from ownllm.layers.module import Module
@@ -97,3 +98,7 @@ class LlamaForCausalLM(CausalLM):
         self.model = LlamaModel(config, qkv_bias, o_bias, self.qk_norm)
         self.lm_head = lm_head(config.hidden_size, config.vocab_size)
         self.rope = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+
+    def post_load(self) -> None:
+        super().post_load()
+        self.decode_stack = DecodeStack.build(self)  # None unless every layer is the plain Llama decoder layer
