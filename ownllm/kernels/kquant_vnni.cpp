@@ -267,6 +267,129 @@ void q8_pair_matmul(const bf16* x, int64_t M, const uint8_t* w, int64_t K, int64
   });
 }
 
+// --- Q4_K repacked at load, 8 weight rows interleaved ("Q4_Kx8") ---------------------------------------------
+// Decoding a file Q4_K block costs more instructions than multiplying it (its 6-bit scales, fp16 d and dmin,
+// the float epilogue per row); repacked, one 512-bit vector holds 8 rows' codes, so one broadcast of 8
+// activation codes serves 8 rows, the scales are bytes ready to spread, and the epilogue runs once for 8 rows.
+// Per group of 8 rows (n = 8 G + r) and block g of 256 weights, kX8Bytes (1216) bytes:
+//   [0, 64)      float d[r] (r = 0..7), then float dmin[r]
+//   [64, 128)    uint8 scale[c][r]: sub-block c's 6-bit scale of row r (c-major)
+//   [128, 192)   uint8 min[r][c] (row-major)
+//   [192, 1216)  codes: for pair k = 0..3, chunk i = 0..3: 64 bytes, row r's 8 bytes q[32 k + 8 i ...] of the
+//                file block (low nibbles: sub-block 2k, positions 8i..8i+7; high nibbles: sub-block 2k + 1)
+// so the codes are the file's bytes moved, and w = d scale[c] q - dmin min[c] as in the file.
+// In the dot product, vpmaddubsw makes row r's pair sums in int16 lanes 4r..4r+3; four chunks of a sub-block
+// add up there (|sum| <= 4 * 2 * 15 * 127 < 2^15), vpdpwssd by the scale puts row r in int32 lanes 2r, 2r+1.
+constexpr int64_t kX8Rows = 8, kX8Bytes = 1216;
+
+// One group-block's scales and mins, ready for the dot products.
+struct Q4_Kx8 {
+  __m512 d2, dmin2;        // d[r] and dmin[r] in float lanes 2r and 2r + 1
+  __m512i scales[8];       // sub-block c's scale of row r in int16 lanes 4r..4r+3
+  __m512i mins_a, mins_b;  // min[r][0..7] as int16 in 128-bit lane r (rows 0-3), r - 4 (rows 4-7)
+
+  explicit Q4_Kx8(const uint8_t* p) {
+    const __m512 dd = _mm512_loadu_ps((const float*)p);
+    const __m512i twice = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    d2 = _mm512_permutexvar_ps(twice, dd);
+    dmin2 = _mm512_permutexvar_ps(_mm512_add_epi32(twice, _mm512_set1_epi32(8)), dd);
+    // in 128-bit lane L: int16 lanes 0-3 from byte 2L, 4-7 from byte 2L + 1 (high bytes zeroed)
+    const __m512i spread_rows = _mm512_set_epi64(0x8007800780078007LL, 0x8006800680068006LL, 0x8005800580058005LL, 0x8004800480048004LL,
+                                                 0x8003800380038003LL, 0x8002800280028002LL, 0x8001800180018001LL, 0x8000800080008000LL);
+    for (int c = 0; c < 8; ++c) {
+      int64_t bytes;
+      std::memcpy(&bytes, p + 64 + 8 * c, sizeof(bytes));
+      scales[c] = _mm512_shuffle_epi8(_mm512_set1_epi64(bytes), spread_rows);
+    }
+    mins_a = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(p + 128)));
+    mins_b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(p + 160)));
+  }
+
+  // acc += d_x (d sum - dmin (the mins against bsums)) for one activation row (bsums: its block's 16 sums)
+  inline void finish(__m512i sum, const int16_t* bsums, float dx, __m512& acc) const {
+    const __m256i pairs = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)bsums), _mm256_set1_epi16(1));  // |.| <= 4064
+    const __m512i bs = _mm512_broadcast_i32x4(_mm256_cvtepi32_epi16(pairs));
+    const __m512i pa = _mm512_madd_epi16(mins_a, bs), pb = _mm512_madd_epi16(mins_b, bs);  // row r: lanes 4r..4r+3
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i offsets = _mm512_add_epi32(_mm512_permutex2var_epi32(pa, even, pb),
+                                             _mm512_permutex2var_epi32(pa, _mm512_add_epi32(even, _mm512_set1_epi32(1)), pb));
+    const __m512 dxv = _mm512_set1_ps(dx);
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(d2, dxv), acc);
+    acc = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(offsets), _mm512_mul_ps(dmin2, dxv), acc);
+  }
+};
+
+// rows m0..m0 + R - 1 of y for the 8 weight rows of one group (R accumulators in registers; each pair's codes
+// unpacked once for the R rows)
+template <int R>
+void q4_kx8_rows(const uint8_t* group, int64_t blocks, const Activations<256>& a, int64_t m0, float (*out)[kX8Rows]) {
+  __m512 acc[R];
+  for (int j = 0; j < R; ++j) acc[j] = _mm512_setzero_ps();
+  const int64_t K = a.K;
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  for (int64_t g = 0; g < blocks; ++g) {
+    const uint8_t* p = group + g * kX8Bytes;
+    const Q4_Kx8 block(p);
+    __m512i sum[R];
+    for (int j = 0; j < R; ++j) sum[j] = _mm512_setzero_si512();
+    for (int k = 0; k < 4; ++k) {
+      __m512i lo_codes[4], hi_codes[4];
+      for (int i = 0; i < 4; ++i) {
+        const __m512i q = _mm512_loadu_si512(p + 192 + 256 * k + 64 * i);
+        lo_codes[i] = _mm512_and_si512(q, nibble);
+        hi_codes[i] = _mm512_and_si512(_mm512_srli_epi16(q, 4), nibble);
+      }
+      for (int j = 0; j < R; ++j) {
+        const int8_t* x = a.codes(m0 + j) + 256 * g + 64 * k;
+        __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+        for (int i = 0; i < 4; ++i) {
+          int64_t xl, xh;
+          std::memcpy(&xl, x + 8 * i, sizeof(xl));
+          std::memcpy(&xh, x + 32 + 8 * i, sizeof(xh));
+          lo = _mm512_add_epi16(lo, _mm512_maddubs_epi16(lo_codes[i], _mm512_set1_epi64(xl)));
+          hi = _mm512_add_epi16(hi, _mm512_maddubs_epi16(hi_codes[i], _mm512_set1_epi64(xh)));
+        }
+        sum[j] = _mm512_dpwssd_epi32(sum[j], lo, block.scales[2 * k]);
+        sum[j] = _mm512_dpwssd_epi32(sum[j], hi, block.scales[2 * k + 1]);
+      }
+    }
+    for (int j = 0; j < R; ++j) {
+      const int64_t m = m0 + j;
+      block.finish(sum[j], a.bsums.data() + (m * K + 256 * g) / 16, a.d[m * (K / 256) + g], acc[j]);
+    }
+  }
+  for (int j = 0; j < R; ++j) {
+    alignas(64) float lanes[16];
+    _mm512_store_ps(lanes, acc[j]);
+    for (int r = 0; r < kX8Rows; ++r) out[j][r] = lanes[2 * r] + lanes[2 * r + 1];
+  }
+}
+
+void q4_kx8_matmul(const bf16* x, int64_t M, const uint8_t* w, int64_t K, int64_t N, const bf16* bias, bf16* y) {
+  const Activations<256> a(x, M, K);
+  const int64_t blocks = K / 256;
+  at::parallel_for(0, N / kX8Rows, 2, [&](int64_t g0, int64_t g1) {
+    float out[4][kX8Rows];
+    for (int64_t G = g0; G < g1; ++G) {
+      const uint8_t* group = w + G * blocks * kX8Bytes;
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {  // 4 rows at a time: each row's operations are the same in any batch
+        const int64_t rows = std::min<int64_t>(4, M - m0);
+        switch (rows) {
+          case 1: q4_kx8_rows<1>(group, blocks, a, m0, out); break;
+          case 2: q4_kx8_rows<2>(group, blocks, a, m0, out); break;
+          case 3: q4_kx8_rows<3>(group, blocks, a, m0, out); break;
+          default: q4_kx8_rows<4>(group, blocks, a, m0, out); break;
+        }
+        for (int64_t j = 0; j < rows; ++j)
+          for (int r = 0; r < kX8Rows; ++r) {
+            const int64_t n = G * kX8Rows + r;
+            y[(m0 + j) * N + n] = bf16(out[j][r] + (bias ? static_cast<float>(bias[n]) : 0.f));
+          }
+      }
+    }
+  });
+}
+
 // GGUF's type numbers (ggml_type) of the formats above.
 enum Type : int64_t { kQ5_0 = 6, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14 };
 
@@ -306,6 +429,92 @@ at::Tensor kquant_matmul(at::Tensor x, at::Tensor weights, int64_t type, c10::op
   return y;
 }
 
+// Q4_K weights [N, K / 256 * 144] (N a multiple of 8) -> [N / 8, K / 256 * 1216]: the Q4_Kx8 layout above.
+at::Tensor q4_k_repack(at::Tensor weights) {
+  TORCH_CHECK(weights.scalar_type() == at::kByte && weights.dim() == 2 && weights.is_contiguous() &&
+              weights.size(0) % kX8Rows == 0 && weights.size(1) % Q4_K::kBytes == 0,
+              "q4_k_repack: weights [N, K / 256 * 144] uint8, contiguous, N a multiple of 8");
+  const int64_t N = weights.size(0), blocks = weights.size(1) / Q4_K::kBytes;
+  auto out = at::empty({N / kX8Rows, blocks * kX8Bytes}, weights.options());
+  const uint8_t* src = weights.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, N / kX8Rows, 16, [&](int64_t g0, int64_t g1) {
+    for (int64_t G = g0; G < g1; ++G)
+      for (int64_t g = 0; g < blocks; ++g) {
+        uint8_t* p = dst + (G * blocks + g) * kX8Bytes;
+        float* dd = reinterpret_cast<float*>(p);
+        for (int r = 0; r < kX8Rows; ++r) {
+          const uint8_t* block = src + ((G * kX8Rows + r) * blocks + g) * Q4_K::kBytes;
+          dd[r] = fp16_at(block);
+          dd[8 + r] = fp16_at(block + 2);
+          alignas(16) uint8_t sm[16];
+          _mm_store_si128((__m128i*)sm, gguf_blocks::scales_and_mins(block + 4));
+          for (int c = 0; c < 8; ++c) {
+            p[64 + 8 * c + r] = sm[c];
+            p[128 + 8 * r + c] = sm[8 + c];
+          }
+          for (int k = 0; k < 4; ++k)
+            for (int i = 0; i < 4; ++i) std::memcpy(p + 192 + 256 * k + 64 * i + 8 * r, block + 16 + 32 * k + 8 * i, 8);
+        }
+      }
+  });
+  return out;
+}
+
+// Q4_Kx8 groups [N / 8, K / 256 * 1216] -> their weights [N, K] in bf16, w = (d scale) q - (dmin min) in float32
+// rounded once (as gguf-py's dequantize, then to bf16), into out.
+at::Tensor q4_kx8_dequantize(at::Tensor packed, at::Tensor out) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous() && packed.size(1) % kX8Bytes == 0,
+              "q4_kx8_dequantize: packed [N / 8, K / 256 * 1216] uint8, contiguous");
+  const int64_t groups = packed.size(0), blocks = packed.size(1) / kX8Bytes, K = blocks * 256;
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.dim() == 2 && out.size(0) == groups * kX8Rows &&
+              out.size(1) == K, "q4_kx8_dequantize: out [N, K] bf16, contiguous");
+  const uint8_t* src = packed.data_ptr<uint8_t>();
+  bf16* dst = out.data_ptr<bf16>();
+  at::parallel_for(0, groups, 4, [&](int64_t g0, int64_t g1) {
+    for (int64_t G = g0; G < g1; ++G)
+      for (int64_t g = 0; g < blocks; ++g) {
+        const uint8_t* p = src + (G * blocks + g) * kX8Bytes;
+        const float* dd = reinterpret_cast<const float*>(p);
+        for (int r = 0; r < kX8Rows; ++r) {
+          bf16* row = dst + (G * kX8Rows + r) * K + 256 * g;
+          for (int k = 0; k < 4; ++k) {
+            alignas(32) uint8_t q[32];
+            for (int i = 0; i < 4; ++i) std::memcpy(q + 8 * i, p + 192 + 256 * k + 64 * i + 8 * r, 8);
+            const __m256i packed_q = _mm256_load_si256((const __m256i*)q);
+            const __m256i nibble = _mm256_set1_epi8(0x0F);
+            for (int half = 0; half < 2; ++half) {  // sub-block c = 2k + half
+              const int c = 2 * k + half;
+              const __m256i codes = half ? _mm256_and_si256(_mm256_srli_epi16(packed_q, 4), nibble) : _mm256_and_si256(packed_q, nibble);
+              const __m512 scale = _mm512_set1_ps(dd[r] * (float)p[64 + 8 * c + r]);
+              const __m512 offset = _mm512_set1_ps(dd[8 + r] * (float)p[128 + 8 * r + c]);
+              const __m512 lo = _mm512_sub_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(codes))), scale), offset);
+              const __m512 hi = _mm512_sub_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(codes, 1))), scale), offset);
+              _mm512_storeu_si512(row + 32 * c, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+            }
+          }
+        }
+      }
+  });
+  return out;
+}
+
+// x: [M, K] bf16 (M <= 32), Q4_Kx8 groups [N / 8, K / 256 * 1216] -> [M, N] bf16
+at::Tensor q4_kx8_matmul_op(at::Tensor x, at::Tensor packed, c10::optional<at::Tensor> bias) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous() && packed.size(1) % kX8Bytes == 0,
+              "q4_kx8_matmul: packed [N / 8, K / 256 * 1216] uint8, contiguous");
+  const int64_t N = packed.size(0) * kX8Rows, K = packed.size(1) / kX8Bytes * 256, M = x.size(0);
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.size(1) == K && M <= kMaxRows,
+              "x: [M <= 32, K] bf16, K = ", K);
+  x = x.contiguous();
+  at::Tensor bias_c;
+  if (bias.has_value() && bias->defined()) bias_c = bias->to(at::kBFloat16).contiguous();
+  auto y = at::empty({M, N}, x.options());
+  q4_kx8_matmul(x.data_ptr<bf16>(), M, packed.data_ptr<uint8_t>(), K, N, bias_c.defined() ? bias_c.data_ptr<bf16>() : nullptr,
+                y.data_ptr<bf16>());
+  return y;
+}
+
 // x: [M, K] bf16 -> (codes [M, K] int8, scales [M, K / block] float32): the activations as the kernel quantizes
 // them (for tests; block 32: the codes as signed int8, not + 128).
 std::tuple<at::Tensor, at::Tensor> quantize_activations(at::Tensor x, int64_t block) {
@@ -329,6 +538,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_activations(at::Tensor x, int64_t bl
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kquant_matmul", &kquant_matmul, "bf16 rows quantized to 8 bits times GGUF Q4_K, Q6_K, Q8_0 or Q5_0 blocks (AVX-512 VNNI)",
         py::call_guard<py::gil_scoped_release>());
+  m.def("q4_k_repack", &q4_k_repack, "Q4_K rows -> the Q4_Kx8 layout (8 rows interleaved)", py::call_guard<py::gil_scoped_release>());
+  m.def("q4_kx8_matmul", &q4_kx8_matmul_op, "bf16 rows quantized to 8 bits times Q4_Kx8 weights (AVX-512 VNNI)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("q4_kx8_dequantize", &q4_kx8_dequantize, "Q4_Kx8 weights -> bf16 rows", py::call_guard<py::gil_scoped_release>());
   m.def("quantize_activations", &quantize_activations, "bf16 rows as kquant_matmul quantizes them",
         py::call_guard<py::gil_scoped_release>());
 }
