@@ -71,15 +71,19 @@ def test_kquant_matmul_against_references(kernel, qtype, rows, out_features, in_
                              qtype, exact, rows, seed=rows)
 
 
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16, 31, 32])
 @pytest.mark.parametrize("out_features, in_features", [(40, 256), (72, 2048), (16, 768)])
-def test_q4_k_rows8_against_references(kernel, rows, out_features, in_features):
-    """Q4_K repacked 8 rows interleaved (Q4_Kx8): the same bounds, and the file layout's numbers up to float32
-    summation order (the integer sums are the same)."""
-    weight, exact = random_weight("Q4_K", out_features, in_features, seed=rows)
-    packed = kernel.q4_k_repack(weight.blocks)
-    assert packed.shape == (out_features // 8, in_features // 256 * 1216)
-    out = check_against_references(lambda x, bias: kernel.q4_kx8_matmul(x, packed, bias), "Q4_K", exact, rows, seed=rows)
+def test_interleaved_rows_against_references(kernel, qtype, rows, out_features, in_features):
+    """Q4_K and Q6_K repacked 8 rows interleaved (Q4_Kx8, Q6_Kx8): the same bounds, and the file layout's numbers up
+    to float32 summation order (the integer sums are the same)."""
+    from ownllm.layers.quant import INTERLEAVED_BYTES
+
+    weight, exact = random_weight(qtype, out_features, in_features, seed=rows)
+    packed = kernel.x8_repack(weight.blocks, weight.qtype)
+    assert packed.shape == (out_features // 8, in_features // 256 * INTERLEAVED_BYTES[weight.qtype])
+    out = check_against_references(lambda x, bias: kernel.x8_matmul(x, packed, weight.qtype, bias), qtype, exact, rows,
+                                   seed=rows)
     x = activations(rows, in_features, seed=rows)
     torch.manual_seed(rows)  # the bias check_against_references drew
     bias = torch.randn(out_features).bfloat16()
@@ -87,9 +91,11 @@ def test_q4_k_rows8_against_references(kernel, rows, out_features, in_features):
     assert ((out - file_layout).abs() <= file_layout.abs() * 2**-7 + file_layout.abs().max() * 1e-5).all()
 
 
-def test_q4_k_rows8_dequantizes_as_gguf(kernel):
-    weight, exact = random_weight("Q4_K", 24, 1536, seed=5)
-    out = kernel.q4_kx8_dequantize(kernel.q4_k_repack(weight.blocks), torch.empty(24, 1536, dtype=torch.bfloat16))
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+def test_interleaved_rows_dequantize_as_gguf(kernel, qtype):
+    weight, exact = random_weight(qtype, 24, 1536, seed=5)
+    packed = kernel.x8_repack(weight.blocks, weight.qtype)
+    out = kernel.x8_dequantize(packed, weight.qtype, torch.empty(24, 1536, dtype=torch.bfloat16))
     assert torch.equal(out, exact.float().bfloat16())
 
 
@@ -167,26 +173,27 @@ def test_block_weight_falls_back_without_the_integer_kernel(monkeypatch):
     assert torch.equal(narrow.matmul(x, None), float_kernel.block_matmul(x, narrow.blocks, narrow.qtype, None))
 
 
-def test_q4_k_weights_are_repacked_at_load(kernel):
-    """BlockWeight.packed (what Linear.finalize keeps) repacks Q4_K with rows a multiple of 8 into Q4KRows8, which
-    multiplies decode batches by the Q4_Kx8 kernel and larger ones (prefill) by its rows dequantized to bf16;
-    other rows counts, other formats and weights asked to stay as loaded keep the file's blocks."""
-    from ownllm.layers.quant import BlockWeight, Q4KRows8
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+def test_k_quant_weights_are_repacked_at_load(kernel, qtype):
+    """BlockWeight.packed (what Linear.finalize keeps) repacks Q4_K and Q6_K with rows a multiple of 8 into
+    InterleavedBlocks, which multiplies decode batches by the 8-row kernels and larger ones (prefill) by its rows
+    dequantized to bf16; other row counts, other formats and weights asked to stay as loaded keep the file's blocks."""
+    from ownllm.layers.quant import BlockWeight, InterleavedBlocks
 
-    weight, exact = random_weight("Q4_K", 1032, 512, seed=9)  # 1032 rows: two prefill chunks (1024 + 8)
+    weight, exact = random_weight(qtype, 1032, 512, seed=9)  # 1032 rows: two prefill chunks (1024 + 8)
     packed = weight.packed(torch.bfloat16)
-    assert isinstance(packed, Q4KRows8) and isinstance(packed, BlockWeight) and packed.qtype == weight.qtype
+    assert isinstance(packed, InterleavedBlocks) and isinstance(packed, BlockWeight) and packed.qtype == weight.qtype
     assert packed.shape == weight.shape and packed.packed(torch.bfloat16) is packed
     assert torch.equal(packed.dequantize(torch.bfloat16), weight.dequantize(torch.bfloat16))
     for rows in (1, 32):
         x = activations(rows, 512, seed=rows)
-        assert torch.equal(packed.matmul(x, None), kernel.q4_kx8_matmul(x, packed.blocks, None))
+        assert torch.equal(packed.matmul(x, None), kernel.x8_matmul(x, packed.blocks, weight.qtype, None))
     x = activations(33, 512, seed=33)
     bias = torch.randn(1032).bfloat16()
     expected = torch.nn.functional.linear(x, exact.float().bfloat16(), bias)
     torch.testing.assert_close(packed.matmul(x, bias), expected, rtol=2**-7, atol=1e-2)
     assert weight.packed(torch.bfloat16, repack=False) is weight
     assert weight.packed(torch.float32) is weight
-    odd, _ = random_weight("Q4_K", 20, 512, seed=1)
-    q6, _ = random_weight("Q6_K", 16, 512, seed=1)
-    assert odd.packed(torch.bfloat16) is odd and q6.packed(torch.bfloat16) is q6
+    odd, _ = random_weight(qtype, 20, 512, seed=1)
+    q8, _ = random_weight("Q8_0", 16, 512, seed=1)
+    assert odd.packed(torch.bfloat16) is odd and q8.packed(torch.bfloat16) is q8

@@ -365,21 +365,91 @@ void q4_kx8_rows(const uint8_t* group, int64_t blocks, const Activations<256>& a
   }
 }
 
-void q4_kx8_matmul(const bf16* x, int64_t M, const uint8_t* w, int64_t K, int64_t N, const bf16* bias, bf16* y) {
+// --- Q6_K repacked at load, 8 weight rows interleaved ("Q6_Kx8") ---------------------------------------------
+// As Q4_Kx8, for Q6_K. Per group of 8 rows and block g of 256 weights, kQ6X8Bytes (1728) bytes:
+//   [0, 32)      float d[r]
+//   [32, 64)     int32 bias[r] = 128 sum_e scale[e] sum_{j in e} (q_j - 32): what the activations' + 128 adds
+//   [64, 192)    int8 scale[e][r] (e = 0..15, sub-blocks of 16; e-major)
+//   [192, 1728)  codes: for half h = 0, 1 and chunk i = 0..3, three 64-byte vectors (row r's 8 bytes each) of the
+//                file block: ql[64 h + 8 i ...], ql[64 h + 32 + 8 i ...], qh[32 h + 8 i ...]
+// Weight 128 h + 32 t + 8 i + j (t = 0..3) is q = (nibble t / 2 of the first (t even) or second (t odd) vector) |
+// (bits 2t, 2t + 1 of the third) << 4, in sub-block e = 8 h + 2 t + i / 2, w = d scale[e] (q - 32).
+// The codes enter vpmaddubsw as signed q - 32 and the activations as unsigned x + 128 (|pair sums| <= 2 * 255 * 32,
+// two chunks of a sub-block add up in int16), so sum (x + 128)(q - 32) scale - bias[r] = sum x (q - 32) scale.
+constexpr int64_t kQ6X8Bytes = 1728;
+
+template <int R>
+void q6_kx8_rows(const uint8_t* group, int64_t blocks, const Activations<256>& a, int64_t m0, float (*out)[kX8Rows]) {
+  __m512 acc[R];
+  for (int j = 0; j < R; ++j) acc[j] = _mm512_setzero_ps();
+  const int64_t K = a.K;
+  const __m512i nibble = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi8(0x30), bias32 = _mm512_set1_epi8(32);
+  const __m512i twice = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  // in 128-bit lane L: int16 lanes 0-3 get byte 2L in their high half, 4-7 byte 2L + 1 (then >> 8, sign-extending)
+  const __m512i spread_rows = _mm512_set_epi64(0x0780078007800780LL, 0x0680068006800680LL, 0x0580058005800580LL, 0x0480048004800480LL,
+                                               0x0380038003800380LL, 0x0280028002800280LL, 0x0180018001800180LL, 0x0080008000800080LL);
+  constexpr int64_t kFlip = (int64_t)0x8080808080808080ULL;  // x + 128 as unsigned bytes
+  for (int64_t g = 0; g < blocks; ++g) {
+    const uint8_t* p = group + g * kQ6X8Bytes;
+    __m512i sum[R];
+    for (int j = 0; j < R; ++j) sum[j] = _mm512_setzero_si512();
+    for (int h = 0; h < 2; ++h)
+      for (int half = 0; half < 2; ++half) {  // chunks i = 2 half, 2 half + 1: sub-blocks 8 h + 2 t + half
+        __m512i codes[4][2];
+        for (int c = 0; c < 2; ++c) {
+          const uint8_t* v = p + 192 + (4 * h + 2 * half + c) * 192;
+          const __m512i first = _mm512_loadu_si512(v), second = _mm512_loadu_si512(v + 64), high = _mm512_loadu_si512(v + 128);
+          auto code = [&](__m512i low, __m512i top_bits) {
+            return _mm512_sub_epi8(_mm512_or_si512(_mm512_and_si512(low, nibble), _mm512_and_si512(top_bits, top)), bias32);
+          };
+          codes[0][c] = code(first, _mm512_slli_epi16(high, 4));
+          codes[1][c] = code(second, _mm512_slli_epi16(high, 2));
+          codes[2][c] = code(_mm512_srli_epi16(first, 4), high);
+          codes[3][c] = code(_mm512_srli_epi16(second, 4), _mm512_srli_epi16(high, 2));
+        }
+        for (int t = 0; t < 4; ++t) {
+          int64_t scale_bytes;
+          std::memcpy(&scale_bytes, p + 64 + 8 * (8 * h + 2 * t + half), sizeof(scale_bytes));
+          const __m512i scale = _mm512_srai_epi16(_mm512_shuffle_epi8(_mm512_set1_epi64(scale_bytes), spread_rows), 8);
+          for (int j = 0; j < R; ++j) {
+            const int8_t* x = a.codes(m0 + j) + 256 * g + 128 * h + 32 * t + 16 * half;
+            int64_t x0, x1;
+            std::memcpy(&x0, x, sizeof(x0));
+            std::memcpy(&x1, x + 8, sizeof(x1));
+            const __m512i s = _mm512_add_epi16(_mm512_maddubs_epi16(_mm512_set1_epi64(x0 ^ kFlip), codes[t][0]),
+                                               _mm512_maddubs_epi16(_mm512_set1_epi64(x1 ^ kFlip), codes[t][1]));
+            sum[j] = _mm512_dpwssd_epi32(sum[j], s, scale);
+          }
+        }
+      }
+    const __m512 d2 = _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(_mm256_loadu_ps((const float*)p)));
+    const __m512i bias = _mm512_maskz_permutexvar_epi32(0x5555, twice, _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(p + 32))));
+    for (int j = 0; j < R; ++j) {
+      const float dx = a.d[(m0 + j) * (K / 256) + g];
+      acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sum[j], bias)), _mm512_mul_ps(d2, _mm512_set1_ps(dx)), acc[j]);
+    }
+  }
+  for (int j = 0; j < R; ++j) {
+    alignas(64) float lanes[16];
+    _mm512_store_ps(lanes, acc[j]);
+    for (int r = 0; r < kX8Rows; ++r) out[j][r] = lanes[2 * r] + lanes[2 * r + 1];
+  }
+}
+
+using X8Rows = void (*)(const uint8_t*, int64_t, const Activations<256>&, int64_t, float (*)[kX8Rows]);
+
+// y = x times the 8-row groups at w (group_bytes per block of 256): rows[R - 1] multiplies R activation rows at once
+void x8_matmul(const bf16* x, int64_t M, const uint8_t* w, int64_t group_bytes, const X8Rows* rows_fn, int64_t K,
+               int64_t N, const bf16* bias, bf16* y) {
   const Activations<256> a(x, M, K);
   const int64_t blocks = K / 256;
   at::parallel_for(0, N / kX8Rows, 2, [&](int64_t g0, int64_t g1) {
     float out[4][kX8Rows];
     for (int64_t G = g0; G < g1; ++G) {
-      const uint8_t* group = w + G * blocks * kX8Bytes;
+      const uint8_t* group = w + G * blocks * group_bytes;
       for (int64_t m0 = 0; m0 < M; m0 += 4) {  // 4 rows at a time: each row's operations are the same in any batch
         const int64_t rows = std::min<int64_t>(4, M - m0);
-        switch (rows) {
-          case 1: q4_kx8_rows<1>(group, blocks, a, m0, out); break;
-          case 2: q4_kx8_rows<2>(group, blocks, a, m0, out); break;
-          case 3: q4_kx8_rows<3>(group, blocks, a, m0, out); break;
-          default: q4_kx8_rows<4>(group, blocks, a, m0, out); break;
-        }
+        rows_fn[rows - 1](group, blocks, a, m0, out);
         for (int64_t j = 0; j < rows; ++j)
           for (int r = 0; r < kX8Rows; ++r) {
             const int64_t n = G * kX8Rows + r;
@@ -389,6 +459,9 @@ void q4_kx8_matmul(const bf16* x, int64_t M, const uint8_t* w, int64_t K, int64_
     }
   });
 }
+
+constexpr X8Rows kQ4_Kx8Rows[4] = {q4_kx8_rows<1>, q4_kx8_rows<2>, q4_kx8_rows<3>, q4_kx8_rows<4>};
+constexpr X8Rows kQ6_Kx8Rows[4] = {q6_kx8_rows<1>, q6_kx8_rows<2>, q6_kx8_rows<3>, q6_kx8_rows<4>};
 
 // GGUF's type numbers (ggml_type) of the formats above.
 enum Type : int64_t { kQ5_0 = 6, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14 };
@@ -429,68 +502,146 @@ at::Tensor kquant_matmul(at::Tensor x, at::Tensor weights, int64_t type, c10::op
   return y;
 }
 
-// Q4_K weights [N, K / 256 * 144] (N a multiple of 8) -> [N / 8, K / 256 * 1216]: the Q4_Kx8 layout above.
-at::Tensor q4_k_repack(at::Tensor weights) {
+namespace {
+
+// One file block of row r into its 8-row group-block p (Q4_Kx8, Q6_Kx8 layouts above).
+void q4_k_repack_block(const uint8_t* block, int r, uint8_t* p) {
+  float* dd = reinterpret_cast<float*>(p);
+  dd[r] = fp16_at(block);
+  dd[8 + r] = fp16_at(block + 2);
+  alignas(16) uint8_t sm[16];
+  _mm_store_si128((__m128i*)sm, gguf_blocks::scales_and_mins(block + 4));
+  for (int c = 0; c < 8; ++c) {
+    p[64 + 8 * c + r] = sm[c];
+    p[128 + 8 * r + c] = sm[8 + c];
+  }
+  for (int k = 0; k < 4; ++k)
+    for (int i = 0; i < 4; ++i) std::memcpy(p + 192 + 256 * k + 64 * i + 8 * r, block + 16 + 32 * k + 8 * i, 8);
+}
+
+void q6_k_repack_block(const uint8_t* block, int r, uint8_t* p) {
+  reinterpret_cast<float*>(p)[r] = fp16_at(block + 208);
+  const int8_t* scales = reinterpret_cast<const int8_t*>(block + 192);
+  int32_t bias = 0;
+  for (int h = 0; h < 2; ++h)
+    for (int l = 0; l < 32; ++l) {
+      const uint8_t* ql = block + 64 * h;
+      const uint8_t qh = block[128 + 32 * h + l];
+      const int q[4] = {(ql[l] & 0xF) | (qh & 3) << 4, (ql[l + 32] & 0xF) | (qh >> 2 & 3) << 4,
+                        (ql[l] >> 4) | (qh >> 4 & 3) << 4, (ql[l + 32] >> 4) | (qh >> 6 & 3) << 4};
+      for (int t = 0; t < 4; ++t) bias += 128 * scales[8 * h + 2 * t + l / 16] * (q[t] - 32);
+    }
+  reinterpret_cast<int32_t*>(p + 32)[r] = bias;
+  for (int e = 0; e < 16; ++e) p[64 + 8 * e + r] = (uint8_t)scales[e];
+  for (int h = 0; h < 2; ++h)
+    for (int i = 0; i < 4; ++i) {
+      uint8_t* v = p + 192 + (4 * h + i) * 192 + 8 * r;
+      std::memcpy(v, block + 64 * h + 8 * i, 8);
+      std::memcpy(v + 64, block + 64 * h + 32 + 8 * i, 8);
+      std::memcpy(v + 128, block + 128 + 32 * h + 8 * i, 8);
+    }
+}
+
+struct X8Format {
+  int64_t file_bytes, group_bytes;
+  void (*repack_block)(const uint8_t*, int, uint8_t*);
+  const X8Rows* rows;
+};
+
+X8Format x8_format(int64_t type) {
+  switch (type) {
+    case kQ4_K: return {Q4_K::kBytes, kX8Bytes, q4_k_repack_block, kQ4_Kx8Rows};
+    case kQ6_K: return {Q6_K::kBytes, kQ6X8Bytes, q6_k_repack_block, kQ6_Kx8Rows};
+    default: TORCH_CHECK(false, "the 8-row layouts take Q4_K and Q6_K, not GGUF type ", type);
+  }
+}
+
+}  // namespace
+
+// file blocks [N, K / 256 * B] of `type` (Q4_K, Q6_K; N a multiple of 8) -> [N / 8, K / 256 * group bytes]: the
+// Q4_Kx8 or Q6_Kx8 layout above.
+at::Tensor x8_repack(at::Tensor weights, int64_t type) {
+  const X8Format f = x8_format(type);
   TORCH_CHECK(weights.scalar_type() == at::kByte && weights.dim() == 2 && weights.is_contiguous() &&
-              weights.size(0) % kX8Rows == 0 && weights.size(1) % Q4_K::kBytes == 0,
-              "q4_k_repack: weights [N, K / 256 * 144] uint8, contiguous, N a multiple of 8");
-  const int64_t N = weights.size(0), blocks = weights.size(1) / Q4_K::kBytes;
-  auto out = at::empty({N / kX8Rows, blocks * kX8Bytes}, weights.options());
+              weights.size(0) % kX8Rows == 0 && weights.size(1) % f.file_bytes == 0,
+              "x8_repack: weights [N, K / 256 * block bytes] uint8, contiguous, N a multiple of 8");
+  const int64_t N = weights.size(0), blocks = weights.size(1) / f.file_bytes;
+  auto out = at::empty({N / kX8Rows, blocks * f.group_bytes}, weights.options());  // every byte written below
   const uint8_t* src = weights.data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
   at::parallel_for(0, N / kX8Rows, 16, [&](int64_t g0, int64_t g1) {
     for (int64_t G = g0; G < g1; ++G)
-      for (int64_t g = 0; g < blocks; ++g) {
-        uint8_t* p = dst + (G * blocks + g) * kX8Bytes;
-        float* dd = reinterpret_cast<float*>(p);
-        for (int r = 0; r < kX8Rows; ++r) {
-          const uint8_t* block = src + ((G * kX8Rows + r) * blocks + g) * Q4_K::kBytes;
-          dd[r] = fp16_at(block);
-          dd[8 + r] = fp16_at(block + 2);
-          alignas(16) uint8_t sm[16];
-          _mm_store_si128((__m128i*)sm, gguf_blocks::scales_and_mins(block + 4));
-          for (int c = 0; c < 8; ++c) {
-            p[64 + 8 * c + r] = sm[c];
-            p[128 + 8 * r + c] = sm[8 + c];
-          }
-          for (int k = 0; k < 4; ++k)
-            for (int i = 0; i < 4; ++i) std::memcpy(p + 192 + 256 * k + 64 * i + 8 * r, block + 16 + 32 * k + 8 * i, 8);
-        }
-      }
+      for (int64_t g = 0; g < blocks; ++g)
+        for (int r = 0; r < kX8Rows; ++r)
+          f.repack_block(src + ((G * kX8Rows + r) * blocks + g) * f.file_bytes, r, dst + (G * blocks + g) * f.group_bytes);
   });
   return out;
 }
 
-// Q4_Kx8 groups [N / 8, K / 256 * 1216] -> their weights [N, K] in bf16, w = (d scale) q - (dmin min) in float32
-// rounded once (as gguf-py's dequantize, then to bf16), into out.
-at::Tensor q4_kx8_dequantize(at::Tensor packed, at::Tensor out) {
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous() && packed.size(1) % kX8Bytes == 0,
-              "q4_kx8_dequantize: packed [N / 8, K / 256 * 1216] uint8, contiguous");
-  const int64_t groups = packed.size(0), blocks = packed.size(1) / kX8Bytes, K = blocks * 256;
+namespace {
+
+// 32 bf16 weights from two float32 vectors (scale * code - offset, rounded once to float32, then to bf16)
+inline void store_weights(bf16* out, __m256i codes, __m512 scale, __m512 offset) {
+  const __m512 lo = _mm512_sub_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(codes))), scale), offset);
+  const __m512 hi = _mm512_sub_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(codes, 1))), scale), offset);
+  _mm512_storeu_si512(out, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+}
+
+// 32 bytes: row r's 8 bytes of the 64-byte vectors at v, v + stride, v + 2 stride, v + 3 stride
+inline __m256i gather_row(const uint8_t* v, int64_t stride, int r) {
+  int64_t q[4];
+  for (int i = 0; i < 4; ++i) std::memcpy(&q[i], v + i * stride + 8 * r, 8);
+  return _mm256_setr_epi64x(q[0], q[1], q[2], q[3]);
+}
+
+}  // namespace
+
+// 8-row groups [N / 8, K / 256 * group bytes] of `type` -> their weights [N, K] in bf16 (as gguf-py's dequantize
+// rounds them in float32, then to bf16), into out.
+at::Tensor x8_dequantize(at::Tensor packed, int64_t type, at::Tensor out) {
+  const X8Format f = x8_format(type);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous() && packed.size(1) % f.group_bytes == 0,
+              "x8_dequantize: packed [N / 8, K / 256 * group bytes] uint8, contiguous");
+  const int64_t groups = packed.size(0), blocks = packed.size(1) / f.group_bytes, K = blocks * 256;
   TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.dim() == 2 && out.size(0) == groups * kX8Rows &&
-              out.size(1) == K, "q4_kx8_dequantize: out [N, K] bf16, contiguous");
+              out.size(1) == K, "x8_dequantize: out [N, K] bf16, contiguous");
   const uint8_t* src = packed.data_ptr<uint8_t>();
   bf16* dst = out.data_ptr<bf16>();
+  const __m256i nibble = _mm256_set1_epi8(0x0F), top = _mm256_set1_epi8(0x30), bias32 = _mm256_set1_epi8(32);
   at::parallel_for(0, groups, 4, [&](int64_t g0, int64_t g1) {
     for (int64_t G = g0; G < g1; ++G)
       for (int64_t g = 0; g < blocks; ++g) {
-        const uint8_t* p = src + (G * blocks + g) * kX8Bytes;
+        const uint8_t* p = src + (G * blocks + g) * f.group_bytes;
         const float* dd = reinterpret_cast<const float*>(p);
         for (int r = 0; r < kX8Rows; ++r) {
           bf16* row = dst + (G * kX8Rows + r) * K + 256 * g;
-          for (int k = 0; k < 4; ++k) {
-            alignas(32) uint8_t q[32];
-            for (int i = 0; i < 4; ++i) std::memcpy(q + 8 * i, p + 192 + 256 * k + 64 * i + 8 * r, 8);
-            const __m256i packed_q = _mm256_load_si256((const __m256i*)q);
-            const __m256i nibble = _mm256_set1_epi8(0x0F);
-            for (int half = 0; half < 2; ++half) {  // sub-block c = 2k + half
-              const int c = 2 * k + half;
-              const __m256i codes = half ? _mm256_and_si256(_mm256_srli_epi16(packed_q, 4), nibble) : _mm256_and_si256(packed_q, nibble);
-              const __m512 scale = _mm512_set1_ps(dd[r] * (float)p[64 + 8 * c + r]);
-              const __m512 offset = _mm512_set1_ps(dd[8 + r] * (float)p[128 + 8 * r + c]);
-              const __m512 lo = _mm512_sub_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(codes))), scale), offset);
-              const __m512 hi = _mm512_sub_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(codes, 1))), scale), offset);
-              _mm512_storeu_si512(row + 32 * c, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+          if (type == kQ4_K) {
+            for (int k = 0; k < 4; ++k) {
+              const __m256i q = gather_row(p + 192 + 256 * k, 64, r);
+              for (int half = 0; half < 2; ++half) {  // sub-block c = 2k + half
+                const int c = 2 * k + half;
+                const __m256i codes = _mm256_and_si256(half ? _mm256_srli_epi16(q, 4) : q, nibble);
+                store_weights(row + 32 * c, codes, _mm512_set1_ps(dd[r] * (float)p[64 + 8 * c + r]),
+                              _mm512_set1_ps(dd[8 + r] * (float)p[128 + 8 * r + c]));
+              }
+            }
+          } else {
+            for (int h = 0; h < 2; ++h) {
+              const uint8_t* v = p + 192 + 4 * h * 192;
+              const __m256i first = gather_row(v, 192, r), second = gather_row(v + 64, 192, r), high = gather_row(v + 128, 192, r);
+              const __m256i codes[4] = {_mm256_or_si256(_mm256_and_si256(first, nibble), _mm256_and_si256(_mm256_slli_epi16(high, 4), top)),
+                                        _mm256_or_si256(_mm256_and_si256(second, nibble), _mm256_and_si256(_mm256_slli_epi16(high, 2), top)),
+                                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(first, 4), nibble), _mm256_and_si256(high, top)),
+                                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(second, 4), nibble), _mm256_and_si256(_mm256_srli_epi16(high, 2), top))};
+              for (int t = 0; t < 4; ++t) {  // 32 weights 128 h + 32 t ...: sub-blocks 8 h + 2 t and 8 h + 2 t + 1
+                const __m256i signed_codes = _mm256_sub_epi8(codes[t], bias32);
+                const int e = 8 * h + 2 * t;
+                const __m512 scale_lo = _mm512_set1_ps(dd[r] * (float)(int8_t)p[64 + 8 * e + r]);
+                const __m512 scale_hi = _mm512_set1_ps(dd[r] * (float)(int8_t)p[64 + 8 * (e + 1) + r]);
+                const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(signed_codes))), scale_lo);
+                const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(signed_codes, 1))), scale_hi);
+                _mm512_storeu_si512(row + 128 * h + 32 * t, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+              }
             }
           }
         }
@@ -499,19 +650,20 @@ at::Tensor q4_kx8_dequantize(at::Tensor packed, at::Tensor out) {
   return out;
 }
 
-// x: [M, K] bf16 (M <= 32), Q4_Kx8 groups [N / 8, K / 256 * 1216] -> [M, N] bf16
-at::Tensor q4_kx8_matmul_op(at::Tensor x, at::Tensor packed, c10::optional<at::Tensor> bias) {
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous() && packed.size(1) % kX8Bytes == 0,
-              "q4_kx8_matmul: packed [N / 8, K / 256 * 1216] uint8, contiguous");
-  const int64_t N = packed.size(0) * kX8Rows, K = packed.size(1) / kX8Bytes * 256, M = x.size(0);
+// x: [M, K] bf16 (M <= 32), 8-row groups [N / 8, K / 256 * group bytes] of `type` -> [M, N] bf16
+at::Tensor x8_matmul_op(at::Tensor x, at::Tensor packed, int64_t type, c10::optional<at::Tensor> bias) {
+  const X8Format f = x8_format(type);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous() && packed.size(1) % f.group_bytes == 0,
+              "x8_matmul: packed [N / 8, K / 256 * group bytes] uint8, contiguous");
+  const int64_t N = packed.size(0) * kX8Rows, K = packed.size(1) / f.group_bytes * 256, M = x.size(0);
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.size(1) == K && M <= kMaxRows,
               "x: [M <= 32, K] bf16, K = ", K);
   x = x.contiguous();
   at::Tensor bias_c;
   if (bias.has_value() && bias->defined()) bias_c = bias->to(at::kBFloat16).contiguous();
   auto y = at::empty({M, N}, x.options());
-  q4_kx8_matmul(x.data_ptr<bf16>(), M, packed.data_ptr<uint8_t>(), K, N, bias_c.defined() ? bias_c.data_ptr<bf16>() : nullptr,
-                y.data_ptr<bf16>());
+  x8_matmul(x.data_ptr<bf16>(), M, packed.data_ptr<uint8_t>(), f.group_bytes, f.rows, K, N,
+            bias_c.defined() ? bias_c.data_ptr<bf16>() : nullptr, y.data_ptr<bf16>());
   return y;
 }
 
@@ -538,10 +690,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_activations(at::Tensor x, int64_t bl
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kquant_matmul", &kquant_matmul, "bf16 rows quantized to 8 bits times GGUF Q4_K, Q6_K, Q8_0 or Q5_0 blocks (AVX-512 VNNI)",
         py::call_guard<py::gil_scoped_release>());
-  m.def("q4_k_repack", &q4_k_repack, "Q4_K rows -> the Q4_Kx8 layout (8 rows interleaved)", py::call_guard<py::gil_scoped_release>());
-  m.def("q4_kx8_matmul", &q4_kx8_matmul_op, "bf16 rows quantized to 8 bits times Q4_Kx8 weights (AVX-512 VNNI)",
+  m.def("x8_repack", &x8_repack, "Q4_K or Q6_K rows -> the 8-row interleaved layout", py::call_guard<py::gil_scoped_release>());
+  m.def("x8_matmul", &x8_matmul_op, "bf16 rows quantized to 8 bits times 8-row interleaved Q4_K / Q6_K weights (AVX-512 VNNI)",
         py::call_guard<py::gil_scoped_release>());
-  m.def("q4_kx8_dequantize", &q4_kx8_dequantize, "Q4_Kx8 weights -> bf16 rows", py::call_guard<py::gil_scoped_release>());
+  m.def("x8_dequantize", &x8_dequantize, "8-row interleaved Q4_K / Q6_K weights -> bf16 rows", py::call_guard<py::gil_scoped_release>());
   m.def("quantize_activations", &quantize_activations, "bf16 rows as kquant_matmul quantizes them",
         py::call_guard<py::gil_scoped_release>());
 }

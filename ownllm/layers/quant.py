@@ -199,11 +199,11 @@ class BlockWeight:
         return BlockWeight(torch.cat([w.blocks for w in weights]), weights[0].qtype)
 
     def packed(self, dtype: torch.dtype, repack: bool = True) -> "BlockWeight":
-        """The layout its kernel multiplies: Q4_K rows 8 at a time interleaved (Q4KRows8) where the integer kernel
-        runs and `repack` allows (a copy: not for weights that must stay views of the file), else the blocks as
-        they are."""
-        if repack and dtype == torch.bfloat16 and Q4KRows8.takes(self):
-            return Q4KRows8.repack(self)
+        """The layout its kernel multiplies: Q4_K and Q6_K rows 8 at a time interleaved (InterleavedBlocks) where the
+        integer kernel runs and `repack` allows (a copy: not for weights that must stay views of the file), else
+        the blocks as they are."""
+        if repack and dtype == torch.bfloat16 and InterleavedBlocks.takes(self):
+            return InterleavedBlocks.repack(self)
         return self
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -228,48 +228,56 @@ class BlockWeight:
         return vnni_kernels()
 
 
+# Block formats repacked at load for the integer kernel's 8-row layouts (kernels/kquant_vnni.cpp, Q4_Kx8 and
+# Q6_Kx8): GGML type number -> bytes per group of 8 rows per 256 weights
+INTERLEAVED_BYTES = {12: 1216, 14: 1728}  # Q4_K (8 x 144 + 64), Q6_K (8 x 210 + 48)
+
+
 @dataclass
-class Q4KRows8(BlockWeight):
-    """Q4_K weights repacked at load for kernels/kquant_vnni.cpp's Q4_Kx8 kernel: `blocks` is [N / 8, K / 256 * 1216],
-    each group of 8 rows' blocks interleaved (one 512-bit vector holds 8 rows' codes) with their scales and mins
-    as bytes and d, dmin as float32 (the layout is in the kernel's comments; 5.6% more bytes than the file's).
-    At 1 row this multiplies about 2x faster than the file's blocks (whose per-block decoding, not memory, bounded
-    the kernel), with the same integer arithmetic, so the same numbers up to float32 summation order; every row's
-    numbers are the same in any batch of up to 32 rows. Larger batches dequantize it a chunk of rows at a time."""
+class InterleavedBlocks(BlockWeight):
+    """Q4_K or Q6_K weights repacked at load for kernels/kquant_vnni.cpp's 8-row kernels: `blocks` is
+    [N / 8, K / 256 * INTERLEAVED_BYTES[qtype]], each group of 8 rows' blocks interleaved (one 512-bit vector holds
+    8 rows' codes), scales as bytes, d (and dmin) as float32 (the layouts are in the kernel's comments; 5.6% (Q4_K)
+    and 2.9% (Q6_K) more bytes than the file's). At 1 row they multiply about 2x faster than the file's blocks,
+    whose per-block decoding, not memory, bounded the kernel; the integer arithmetic is the same, so the numbers
+    are the file layout's up to float32 summation order, and every row's are the same in any batch of up to 32
+    rows. Larger batches (prefill) dequantize them a chunk of rows at a time for oneDNN."""
 
     ROWS = 8
 
     @staticmethod
     def takes(weight: BlockWeight) -> bool:
-        return (int(weight.qtype) == 12 and weight.blocks.shape[0] % Q4KRows8.ROWS == 0
-                and VNNI_MAX_ROWS.get(12, 0) > 0 and vnni_kernels() is not None)
+        qtype = int(weight.qtype)
+        return (qtype in INTERLEAVED_BYTES and weight.blocks.shape[0] % InterleavedBlocks.ROWS == 0
+                and VNNI_MAX_ROWS.get(qtype, 0) > 0 and vnni_kernels() is not None)
 
     @classmethod
-    def repack(cls, weight: BlockWeight) -> "Q4KRows8":
-        return cls(vnni_kernels().q4_k_repack(weight.blocks.contiguous()), weight.qtype)
+    def repack(cls, weight: BlockWeight) -> "InterleavedBlocks":
+        return cls(vnni_kernels().x8_repack(weight.blocks.contiguous(), int(weight.qtype)), weight.qtype)
 
     @property
     def shape(self) -> torch.Size:
-        return torch.Size((self.blocks.shape[0] * self.ROWS, self.blocks.shape[1] // 1216 * 256))
+        return torch.Size((self.blocks.shape[0] * self.ROWS, self.blocks.shape[1] // INTERLEAVED_BYTES[int(self.qtype)] * 256))
 
     def dequantize(self, dtype: torch.dtype, rows: torch.Tensor | None = None) -> torch.Tensor:
-        out = vnni_kernels().q4_kx8_dequantize(self.blocks, torch.empty(*self.shape, dtype=torch.bfloat16))
+        out = vnni_kernels().x8_dequantize(self.blocks, int(self.qtype), torch.empty(*self.shape, dtype=torch.bfloat16))
         return (out if rows is None else out.index_select(0, rows)).to(dtype)
 
     def map_rows(self, fn):
-        raise TypeError("Q4KRows8 is a kernel layout built after loading: map the file's BlockWeight instead")
+        raise TypeError("InterleavedBlocks is a kernel layout built after loading: map the file's BlockWeight instead")
 
-    def packed(self, dtype: torch.dtype, repack: bool = True) -> "Q4KRows8":
+    def packed(self, dtype: torch.dtype, repack: bool = True) -> "InterleavedBlocks":
         return self
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # x: [T, K] bf16 -> [T, N]
-        kernel = vnni_kernels()
-        if x.shape[0] <= VNNI_MAX_ROWS[12]:
-            return kernel.q4_kx8_matmul(x, self.blocks, bias)
-        # prefill: oneDNN on bf16 weights, dequantized PREFILL_CHUNK_ROWS rows at a time into one reused buffer
+        kernel, qtype = vnni_kernels(), int(self.qtype)
+        if x.shape[0] <= VNNI_MAX_ROWS.get(qtype, 0):
+            return kernel.x8_matmul(x, self.blocks, qtype, bias)
+        # prefill (or no integer kernel asked for, as tests do to compare): oneDNN on bf16 weights, dequantized
+        # PREFILL_CHUNK_ROWS rows at a time into one reused buffer
         buffer = _dequantize_buffer(PREFILL_CHUNK_ROWS, self.shape[1])
-        out = torch.cat([F.linear(x, kernel.q4_kx8_dequantize(chunk, buffer[: chunk.shape[0] * self.ROWS]))
+        out = torch.cat([F.linear(x, kernel.x8_dequantize(chunk, qtype, buffer[: chunk.shape[0] * self.ROWS]))
                          for chunk in self.blocks.split(PREFILL_CHUNK_ROWS // self.ROWS)], dim=-1)
         return out if bias is None else out + bias
 
