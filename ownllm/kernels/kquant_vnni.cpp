@@ -613,6 +613,19 @@ at::Tensor x8_dequantize(at::Tensor packed, int64_t type, at::Tensor out) {
       for (int64_t g = 0; g < blocks; ++g) {
         const uint8_t* p = src + (G * blocks + g) * f.group_bytes;
         const float* dd = reinterpret_cast<const float*>(p);
+        // the sub-blocks' float scales (and Q4_K's offsets), d scale[c][r] at 8 c + r, dmin min[r][c] at 8 r + c
+        alignas(64) float scale[128], offset[64];
+        const __m512 d = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7), _mm512_loadu_ps(dd));
+        for (int v = 0; v < (type == kQ4_K ? 4 : 8); ++v) {
+          const __m128i bytes = _mm_loadu_si128((const __m128i*)(p + 64 + 16 * v));
+          const __m512i ints = type == kQ4_K ? _mm512_cvtepu8_epi32(bytes) : _mm512_cvtepi8_epi32(bytes);
+          _mm512_store_ps(scale + 16 * v, _mm512_mul_ps(d, _mm512_cvtepi32_ps(ints)));
+        }
+        if (type == kQ4_K)
+          for (int v = 0; v < 4; ++v) {
+            const __m512 dmin = _mm512_permutexvar_ps(_mm512_setr_epi32(8, 8, 8, 8, 8, 8, 8, 8, 9, 9, 9, 9, 9, 9, 9, 9), _mm512_loadu_ps(dd + 2 * v));
+            _mm512_store_ps(offset + 16 * v, _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + 128 + 16 * v))))));
+          }
         for (int r = 0; r < kX8Rows; ++r) {
           bf16* row = dst + (G * kX8Rows + r) * K + 256 * g;
           if (type == kQ4_K) {
@@ -621,8 +634,7 @@ at::Tensor x8_dequantize(at::Tensor packed, int64_t type, at::Tensor out) {
               for (int half = 0; half < 2; ++half) {  // sub-block c = 2k + half
                 const int c = 2 * k + half;
                 const __m256i codes = _mm256_and_si256(half ? _mm256_srli_epi16(q, 4) : q, nibble);
-                store_weights(row + 32 * c, codes, _mm512_set1_ps(dd[r] * (float)p[64 + 8 * c + r]),
-                              _mm512_set1_ps(dd[8 + r] * (float)p[128 + 8 * r + c]));
+                store_weights(row + 32 * c, codes, _mm512_set1_ps(scale[8 * c + r]), _mm512_set1_ps(offset[8 * r + c]));
               }
             }
           } else {
@@ -636,8 +648,7 @@ at::Tensor x8_dequantize(at::Tensor packed, int64_t type, at::Tensor out) {
               for (int t = 0; t < 4; ++t) {  // 32 weights 128 h + 32 t ...: sub-blocks 8 h + 2 t and 8 h + 2 t + 1
                 const __m256i signed_codes = _mm256_sub_epi8(codes[t], bias32);
                 const int e = 8 * h + 2 * t;
-                const __m512 scale_lo = _mm512_set1_ps(dd[r] * (float)(int8_t)p[64 + 8 * e + r]);
-                const __m512 scale_hi = _mm512_set1_ps(dd[r] * (float)(int8_t)p[64 + 8 * (e + 1) + r]);
+                const __m512 scale_lo = _mm512_set1_ps(scale[8 * e + r]), scale_hi = _mm512_set1_ps(scale[8 * (e + 1) + r]);
                 const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(signed_codes))), scale_lo);
                 const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(signed_codes, 1))), scale_hi);
                 _mm512_storeu_si512(row + 128 * h + 32 * t, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
