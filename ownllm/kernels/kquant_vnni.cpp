@@ -16,6 +16,10 @@
 // Weight rows are split between threads (at::parallel_for); each weight block is decoded once into registers
 // and multiplied by every activation row (up to kMaxRows, whose quantized data stays in L1/L2), so the weights
 // are read once per call whatever the batch. Every row gets the same sequence of operations in any batch.
+//
+// Q4_K and Q6_K also come repacked at load, 8 weight rows interleaved (Q4_Kx8, Q6_Kx8 below; x8_repack): decoding
+// a file block per row (its packed 6-bit scales, fp16 d, the float epilogue) cost more than its multiplies; there
+// one 512-bit vector holds 8 rows' codes, so one broadcast of 8 activation codes serves 8 rows.
 #include <immintrin.h>
 #include "torch_lite.h"
 
