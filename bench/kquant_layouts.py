@@ -114,19 +114,28 @@ def decode_table(args) -> list[str]:
              "interleaved / llama.cpp prefill |", "|---|---|---|---|---|---|---|---|---|---|"]
     for label, ours_path, dtype, gguf_path in pairs(args.models.split(",")):
         kwargs = {"dtype": dtype} if dtype else {}
-        interleaved = LLM(ours_path, **kwargs, enable_prefix_caching=False)
         takes = quant.InterleavedBlocks.takes
         quant.InterleavedBlocks.takes = staticmethod(lambda weight: False)
-        try:
-            file_blocks = LLM(ours_path, **kwargs, enable_prefix_caching=False)
+        try:  # one engine (two in one process share OpenMP teams): the file's blocks, with interleaved copies to swap in
+            llm = LLM(ours_path, **kwargs, enable_prefix_caching=False)
         finally:
             quant.InterleavedBlocks.takes = takes
+        linears = [m for m in llm.runner.model.modules() if isinstance(getattr(m, "packed", None), quant.BlockWeight)]
+        layouts = {"file": [m.packed for m in linears],
+                   "interleaved": [quant.InterleavedBlocks.repack(m.packed) if takes(m.packed) else m.packed for m in linears]}
+
+        def use(layout: str) -> None:
+            for module, weight in zip(linears, layouts[layout]):
+                module.packed = weight
         theirs = Llama(gguf_path, n_threads=args.threads, n_ctx=args.prompt_tokens + args.new_tokens + 64, n_batch=512,
                        verbose=False)
         params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
 
-        def ours(llm):
-            return lambda prompt: timed(llm.stream({"prompt_token_ids": prompt}, params))
+        def ours(layout):
+            def run(prompt):
+                use(layout)
+                return timed(llm.stream({"prompt_token_ids": prompt}, params))
+            return run
 
         def run_theirs(prompt):
             def tokens():
@@ -137,9 +146,9 @@ def decode_table(args) -> list[str]:
             theirs.reset()
             return timed(tokens())
 
-        tools = {"interleaved": ours(interleaved), "file": ours(file_blocks), "llama.cpp": run_theirs}
+        tools = {"interleaved": ours("interleaved"), "file": ours("file"), "llama.cpp": run_theirs}
         rng = random.Random(0)
-        vocab = min(interleaved.config.vocab_size, theirs.n_vocab())
+        vocab = min(llm.config.vocab_size, theirs.n_vocab())
         results: dict[str, list[tuple[float, float]]] = {name: [] for name in tools}
         for _ in range(args.repeats):
             for name, run in tools.items():
@@ -153,7 +162,7 @@ def decode_table(args) -> list[str]:
                 f"{med['interleaved'][0] / med['llama.cpp'][0]:.2f}x |")
         print(line, "  decode runs:", {n: [round(r[1], 1) for r in runs] for n, runs in results.items()}, flush=True)
         lines.append(line)
-        del interleaved, file_blocks, theirs
+        del llm, layouts, linears, theirs
         gc.collect()
     return lines
 
