@@ -67,9 +67,46 @@ def test_activations_quantize_as_the_reference(kernel, block):
 @pytest.mark.parametrize("out_features, in_features", [(33, 256), (70, 2048), (19, 768)])
 def test_kquant_matmul_against_references(kernel, qtype, rows, out_features, in_features):
     weight, exact = random_weight(qtype, out_features, in_features, seed=rows)
+    check_against_references(lambda x, bias: kernel.kquant_matmul(x, weight.blocks, weight.qtype, bias),
+                             qtype, exact, rows, seed=rows)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16, 31, 32])
+@pytest.mark.parametrize("out_features, in_features", [(40, 256), (72, 2048), (16, 768)])
+def test_interleaved_rows_against_references(kernel, qtype, rows, out_features, in_features):
+    """Q4_K and Q6_K repacked 8 rows interleaved (Q4_Kx8, Q6_Kx8): the same bounds, and the file layout's numbers up
+    to float32 summation order (the integer sums are the same)."""
+    from ownllm.layers.quant import INTERLEAVED_BYTES
+
+    weight, exact = random_weight(qtype, out_features, in_features, seed=rows)
+    packed = kernel.x8_repack(weight.blocks, weight.qtype)
+    assert packed.shape == (out_features // 8, in_features // 256 * INTERLEAVED_BYTES[weight.qtype])
+    out = check_against_references(lambda x, bias: kernel.x8_matmul(x, packed, weight.qtype, bias), qtype, exact, rows,
+                                   seed=rows)
     x = activations(rows, in_features, seed=rows)
+    torch.manual_seed(rows)  # the bias check_against_references drew
     bias = torch.randn(out_features).bfloat16()
-    out = kernel.kquant_matmul(x, weight.blocks, weight.qtype, bias)
+    file_layout = kernel.kquant_matmul(x, weight.blocks, weight.qtype, bias).double()
+    assert ((out - file_layout).abs() <= file_layout.abs() * 2**-7 + file_layout.abs().max() * 1e-5).all()
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+def test_interleaved_rows_dequantize_as_gguf(kernel, qtype):
+    weight, exact = random_weight(qtype, 24, 1536, seed=5)
+    packed = kernel.x8_repack(weight.blocks, weight.qtype)
+    out = kernel.x8_dequantize(packed, weight.qtype, torch.empty(24, 1536, dtype=torch.bfloat16))
+    assert torch.equal(out, exact.float().bfloat16())
+
+
+def check_against_references(multiply, qtype: str, exact: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
+    """multiply(x [rows, K] bf16, bias [N] bf16) -> [rows, N] bf16 against the float64 references below; returns
+    the product as float64."""
+    out_features, in_features = exact.shape
+    x = activations(rows, in_features, seed=seed)
+    torch.manual_seed(seed)
+    bias = torch.randn(out_features).bfloat16()
+    out = multiply(x, bias)
     assert out.shape == (rows, out_features) and out.dtype == torch.bfloat16
     out = out.double()
 
@@ -90,8 +127,9 @@ def test_kquant_matmul_against_references(kernel, qtype, rows, out_features, in_
     assert ((out - exact_out).abs() <= bound).all()
 
     # 3. every row the same numbers alone as in the batch
-    alone = torch.cat([kernel.kquant_matmul(x[i : i + 1], weight.blocks, weight.qtype, bias) for i in range(rows)])
+    alone = torch.cat([multiply(x[i : i + 1], bias) for i in range(rows)])
     assert torch.equal(out, alone.double())
+    return out
 
 
 def test_block_weight_uses_the_integer_kernel_up_to_its_crossover(kernel):
@@ -133,3 +171,29 @@ def test_block_weight_falls_back_without_the_integer_kernel(monkeypatch):
     narrow, _ = random_weight("Q8_0", 24, 96, seed=2)
     x = activations(2, 96, seed=2)
     assert torch.equal(narrow.matmul(x, None), float_kernel.block_matmul(x, narrow.blocks, narrow.qtype, None))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+def test_k_quant_weights_are_repacked_at_load(kernel, qtype):
+    """BlockWeight.packed (what Linear.finalize keeps) repacks Q4_K and Q6_K with rows a multiple of 8 into
+    InterleavedBlocks, which multiplies decode batches by the 8-row kernels and larger ones (prefill) by its rows
+    dequantized to bf16; other row counts, other formats and weights asked to stay as loaded keep the file's blocks."""
+    from ownllm.layers.quant import BlockWeight, InterleavedBlocks
+
+    weight, exact = random_weight(qtype, 1032, 512, seed=9)  # 1032 rows: two prefill chunks (1024 + 8)
+    packed = weight.packed(torch.bfloat16)
+    assert isinstance(packed, InterleavedBlocks) and isinstance(packed, BlockWeight) and packed.qtype == weight.qtype
+    assert packed.shape == weight.shape and packed.packed(torch.bfloat16) is packed
+    assert torch.equal(packed.dequantize(torch.bfloat16), weight.dequantize(torch.bfloat16))
+    for rows in (1, 32):
+        x = activations(rows, 512, seed=rows)
+        assert torch.equal(packed.matmul(x, None), kernel.x8_matmul(x, packed.blocks, weight.qtype, None))
+    x = activations(33, 512, seed=33)
+    bias = torch.randn(1032).bfloat16()
+    expected = torch.nn.functional.linear(x, exact.float().bfloat16(), bias)
+    torch.testing.assert_close(packed.matmul(x, bias), expected, rtol=2**-7, atol=1e-2)
+    assert weight.packed(torch.bfloat16, repack=False) is weight
+    assert weight.packed(torch.float32) is weight
+    odd, _ = random_weight(qtype, 20, 512, seed=1)
+    q8, _ = random_weight("Q8_0", 16, 512, seed=1)
+    assert odd.packed(torch.bfloat16) is odd and q8.packed(torch.bfloat16) is q8

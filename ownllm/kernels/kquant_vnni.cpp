@@ -16,6 +16,10 @@
 // Weight rows are split between threads (at::parallel_for); each weight block is decoded once into registers
 // and multiplied by every activation row (up to kMaxRows, whose quantized data stays in L1/L2), so the weights
 // are read once per call whatever the batch. Every row gets the same sequence of operations in any batch.
+//
+// Q4_K and Q6_K also come repacked at load, 8 weight rows interleaved (Q4_Kx8, Q6_Kx8 below; x8_repack): decoding
+// a file block per row (its packed 6-bit scales, fp16 d, the float epilogue) cost more than its multiplies; there
+// one 512-bit vector holds 8 rows' codes, so one broadcast of 8 activation codes serves 8 rows.
 #include <immintrin.h>
 #include "torch_lite.h"
 
@@ -267,6 +271,202 @@ void q8_pair_matmul(const bf16* x, int64_t M, const uint8_t* w, int64_t K, int64
   });
 }
 
+// --- Q4_K repacked at load, 8 weight rows interleaved ("Q4_Kx8") ---------------------------------------------
+// Decoding a file Q4_K block costs more instructions than multiplying it (its 6-bit scales, fp16 d and dmin,
+// the float epilogue per row); repacked, one 512-bit vector holds 8 rows' codes, so one broadcast of 8
+// activation codes serves 8 rows, the scales are bytes ready to spread, and the epilogue runs once for 8 rows.
+// Per group of 8 rows (n = 8 G + r) and block g of 256 weights, kX8Bytes (1216) bytes:
+//   [0, 64)      float d[r] (r = 0..7), then float dmin[r]
+//   [64, 128)    uint8 scale[c][r]: sub-block c's 6-bit scale of row r (c-major)
+//   [128, 192)   uint8 min[r][c] (row-major)
+//   [192, 1216)  codes: for pair k = 0..3, chunk i = 0..3: 64 bytes, row r's 8 bytes q[32 k + 8 i ...] of the
+//                file block (low nibbles: sub-block 2k, positions 8i..8i+7; high nibbles: sub-block 2k + 1)
+// so the codes are the file's bytes moved, and w = d scale[c] q - dmin min[c] as in the file.
+// In the dot product, vpmaddubsw makes row r's pair sums in int16 lanes 4r..4r+3; four chunks of a sub-block
+// add up there (|sum| <= 4 * 2 * 15 * 127 < 2^15), vpdpwssd by the scale puts row r in int32 lanes 2r, 2r+1.
+constexpr int64_t kX8Rows = 8, kX8Bytes = 1216;
+
+// One group-block's scales and mins, ready for the dot products.
+struct Q4_Kx8 {
+  __m512 d2, dmin2;        // d[r] and dmin[r] in float lanes 2r and 2r + 1
+  __m512i scales[8];       // sub-block c's scale of row r in int16 lanes 4r..4r+3
+  __m512i mins_a, mins_b;  // min[r][0..7] as int16 in 128-bit lane r (rows 0-3), r - 4 (rows 4-7)
+
+  explicit Q4_Kx8(const uint8_t* p) {
+    const __m512 dd = _mm512_loadu_ps((const float*)p);
+    const __m512i twice = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    d2 = _mm512_permutexvar_ps(twice, dd);
+    dmin2 = _mm512_permutexvar_ps(_mm512_add_epi32(twice, _mm512_set1_epi32(8)), dd);
+    // in 128-bit lane L: int16 lanes 0-3 from byte 2L, 4-7 from byte 2L + 1 (high bytes zeroed)
+    const __m512i spread_rows = _mm512_set_epi64(0x8007800780078007LL, 0x8006800680068006LL, 0x8005800580058005LL, 0x8004800480048004LL,
+                                                 0x8003800380038003LL, 0x8002800280028002LL, 0x8001800180018001LL, 0x8000800080008000LL);
+    for (int c = 0; c < 8; ++c) {
+      int64_t bytes;
+      std::memcpy(&bytes, p + 64 + 8 * c, sizeof(bytes));
+      scales[c] = _mm512_shuffle_epi8(_mm512_set1_epi64(bytes), spread_rows);
+    }
+    mins_a = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(p + 128)));
+    mins_b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(p + 160)));
+  }
+
+  // acc += d_x (d sum - dmin (the mins against bsums)) for one activation row (bsums: its block's 16 sums)
+  inline void finish(__m512i sum, const int16_t* bsums, float dx, __m512& acc) const {
+    const __m256i pairs = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)bsums), _mm256_set1_epi16(1));  // |.| <= 4064
+    const __m512i bs = _mm512_broadcast_i32x4(_mm256_cvtepi32_epi16(pairs));
+    const __m512i pa = _mm512_madd_epi16(mins_a, bs), pb = _mm512_madd_epi16(mins_b, bs);  // row r: lanes 4r..4r+3
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i offsets = _mm512_add_epi32(_mm512_permutex2var_epi32(pa, even, pb),
+                                             _mm512_permutex2var_epi32(pa, _mm512_add_epi32(even, _mm512_set1_epi32(1)), pb));
+    const __m512 dxv = _mm512_set1_ps(dx);
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(d2, dxv), acc);
+    acc = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(offsets), _mm512_mul_ps(dmin2, dxv), acc);
+  }
+};
+
+// rows m0..m0 + R - 1 of y for the 8 weight rows of one group (R accumulators in registers; each pair's codes
+// unpacked once for the R rows)
+template <int R>
+void q4_kx8_rows(const uint8_t* group, int64_t blocks, const Activations<256>& a, int64_t m0, float (*out)[kX8Rows]) {
+  __m512 acc[R];
+  for (int j = 0; j < R; ++j) acc[j] = _mm512_setzero_ps();
+  const int64_t K = a.K;
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  for (int64_t g = 0; g < blocks; ++g) {
+    const uint8_t* p = group + g * kX8Bytes;
+    const Q4_Kx8 block(p);
+    __m512i sum[R];
+    for (int j = 0; j < R; ++j) sum[j] = _mm512_setzero_si512();
+    for (int k = 0; k < 4; ++k) {
+      __m512i lo_codes[4], hi_codes[4];
+      for (int i = 0; i < 4; ++i) {
+        const __m512i q = _mm512_loadu_si512(p + 192 + 256 * k + 64 * i);
+        lo_codes[i] = _mm512_and_si512(q, nibble);
+        hi_codes[i] = _mm512_and_si512(_mm512_srli_epi16(q, 4), nibble);
+      }
+      for (int j = 0; j < R; ++j) {
+        const int8_t* x = a.codes(m0 + j) + 256 * g + 64 * k;
+        __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+        for (int i = 0; i < 4; ++i) {
+          int64_t xl, xh;
+          std::memcpy(&xl, x + 8 * i, sizeof(xl));
+          std::memcpy(&xh, x + 32 + 8 * i, sizeof(xh));
+          lo = _mm512_add_epi16(lo, _mm512_maddubs_epi16(lo_codes[i], _mm512_set1_epi64(xl)));
+          hi = _mm512_add_epi16(hi, _mm512_maddubs_epi16(hi_codes[i], _mm512_set1_epi64(xh)));
+        }
+        sum[j] = _mm512_dpwssd_epi32(sum[j], lo, block.scales[2 * k]);
+        sum[j] = _mm512_dpwssd_epi32(sum[j], hi, block.scales[2 * k + 1]);
+      }
+    }
+    for (int j = 0; j < R; ++j) {
+      const int64_t m = m0 + j;
+      block.finish(sum[j], a.bsums.data() + (m * K + 256 * g) / 16, a.d[m * (K / 256) + g], acc[j]);
+    }
+  }
+  for (int j = 0; j < R; ++j) {
+    alignas(64) float lanes[16];
+    _mm512_store_ps(lanes, acc[j]);
+    for (int r = 0; r < kX8Rows; ++r) out[j][r] = lanes[2 * r] + lanes[2 * r + 1];
+  }
+}
+
+// --- Q6_K repacked at load, 8 weight rows interleaved ("Q6_Kx8") ---------------------------------------------
+// As Q4_Kx8, for Q6_K. Per group of 8 rows and block g of 256 weights, kQ6X8Bytes (1728) bytes:
+//   [0, 32)      float d[r]
+//   [32, 64)     int32 bias[r] = 128 sum_e scale[e] sum_{j in e} (q_j - 32): what the activations' + 128 adds
+//   [64, 192)    int8 scale[e][r] (e = 0..15, sub-blocks of 16; e-major)
+//   [192, 1728)  codes: for half h = 0, 1 and chunk i = 0..3, three 64-byte vectors (row r's 8 bytes each) of the
+//                file block: ql[64 h + 8 i ...], ql[64 h + 32 + 8 i ...], qh[32 h + 8 i ...]
+// Weight 128 h + 32 t + 8 i + j (t = 0..3) is q = (nibble t / 2 of the first (t even) or second (t odd) vector) |
+// (bits 2t, 2t + 1 of the third) << 4, in sub-block e = 8 h + 2 t + i / 2, w = d scale[e] (q - 32).
+// The codes enter vpmaddubsw as signed q - 32 and the activations as unsigned x + 128 (|pair sums| <= 2 * 255 * 32,
+// two chunks of a sub-block add up in int16), so sum (x + 128)(q - 32) scale - bias[r] = sum x (q - 32) scale.
+constexpr int64_t kQ6X8Bytes = 1728;
+
+template <int R>
+void q6_kx8_rows(const uint8_t* group, int64_t blocks, const Activations<256>& a, int64_t m0, float (*out)[kX8Rows]) {
+  __m512 acc[R];
+  for (int j = 0; j < R; ++j) acc[j] = _mm512_setzero_ps();
+  const int64_t K = a.K;
+  const __m512i nibble = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi8(0x30), bias32 = _mm512_set1_epi8(32);
+  const __m512i twice = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  // in 128-bit lane L: int16 lanes 0-3 get byte 2L in their high half, 4-7 byte 2L + 1 (then >> 8, sign-extending)
+  const __m512i spread_rows = _mm512_set_epi64(0x0780078007800780LL, 0x0680068006800680LL, 0x0580058005800580LL, 0x0480048004800480LL,
+                                               0x0380038003800380LL, 0x0280028002800280LL, 0x0180018001800180LL, 0x0080008000800080LL);
+  constexpr int64_t kFlip = (int64_t)0x8080808080808080ULL;  // x + 128 as unsigned bytes
+  for (int64_t g = 0; g < blocks; ++g) {
+    const uint8_t* p = group + g * kQ6X8Bytes;
+    __m512i sum[R];
+    for (int j = 0; j < R; ++j) sum[j] = _mm512_setzero_si512();
+    for (int h = 0; h < 2; ++h)
+      for (int half = 0; half < 2; ++half) {  // chunks i = 2 half, 2 half + 1: sub-blocks 8 h + 2 t + half
+        __m512i codes[4][2];
+        for (int c = 0; c < 2; ++c) {
+          const uint8_t* v = p + 192 + (4 * h + 2 * half + c) * 192;
+          const __m512i first = _mm512_loadu_si512(v), second = _mm512_loadu_si512(v + 64), high = _mm512_loadu_si512(v + 128);
+          auto code = [&](__m512i low, __m512i top_bits) {
+            return _mm512_sub_epi8(_mm512_or_si512(_mm512_and_si512(low, nibble), _mm512_and_si512(top_bits, top)), bias32);
+          };
+          codes[0][c] = code(first, _mm512_slli_epi16(high, 4));
+          codes[1][c] = code(second, _mm512_slli_epi16(high, 2));
+          codes[2][c] = code(_mm512_srli_epi16(first, 4), high);
+          codes[3][c] = code(_mm512_srli_epi16(second, 4), _mm512_srli_epi16(high, 2));
+        }
+        for (int t = 0; t < 4; ++t) {
+          int64_t scale_bytes;
+          std::memcpy(&scale_bytes, p + 64 + 8 * (8 * h + 2 * t + half), sizeof(scale_bytes));
+          const __m512i scale = _mm512_srai_epi16(_mm512_shuffle_epi8(_mm512_set1_epi64(scale_bytes), spread_rows), 8);
+          for (int j = 0; j < R; ++j) {
+            const int8_t* x = a.codes(m0 + j) + 256 * g + 128 * h + 32 * t + 16 * half;
+            int64_t x0, x1;
+            std::memcpy(&x0, x, sizeof(x0));
+            std::memcpy(&x1, x + 8, sizeof(x1));
+            const __m512i s = _mm512_add_epi16(_mm512_maddubs_epi16(_mm512_set1_epi64(x0 ^ kFlip), codes[t][0]),
+                                               _mm512_maddubs_epi16(_mm512_set1_epi64(x1 ^ kFlip), codes[t][1]));
+            sum[j] = _mm512_dpwssd_epi32(sum[j], s, scale);
+          }
+        }
+      }
+    const __m512 d2 = _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(_mm256_loadu_ps((const float*)p)));
+    const __m512i bias = _mm512_maskz_permutexvar_epi32(0x5555, twice, _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(p + 32))));
+    for (int j = 0; j < R; ++j) {
+      const float dx = a.d[(m0 + j) * (K / 256) + g];
+      acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sum[j], bias)), _mm512_mul_ps(d2, _mm512_set1_ps(dx)), acc[j]);
+    }
+  }
+  for (int j = 0; j < R; ++j) {
+    alignas(64) float lanes[16];
+    _mm512_store_ps(lanes, acc[j]);
+    for (int r = 0; r < kX8Rows; ++r) out[j][r] = lanes[2 * r] + lanes[2 * r + 1];
+  }
+}
+
+using X8Rows = void (*)(const uint8_t*, int64_t, const Activations<256>&, int64_t, float (*)[kX8Rows]);
+
+// y = x times the 8-row groups at w (group_bytes per block of 256): rows[R - 1] multiplies R activation rows at once
+void x8_matmul(const bf16* x, int64_t M, const uint8_t* w, int64_t group_bytes, const X8Rows* rows_fn, int64_t K,
+               int64_t N, const bf16* bias, bf16* y) {
+  const Activations<256> a(x, M, K);
+  const int64_t blocks = K / 256;
+  at::parallel_for(0, N / kX8Rows, 2, [&](int64_t g0, int64_t g1) {
+    float out[4][kX8Rows];
+    for (int64_t G = g0; G < g1; ++G) {
+      const uint8_t* group = w + G * blocks * group_bytes;
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {  // 4 rows at a time: each row's operations are the same in any batch
+        const int64_t rows = std::min<int64_t>(4, M - m0);
+        rows_fn[rows - 1](group, blocks, a, m0, out);
+        for (int64_t j = 0; j < rows; ++j)
+          for (int r = 0; r < kX8Rows; ++r) {
+            const int64_t n = G * kX8Rows + r;
+            y[(m0 + j) * N + n] = bf16(out[j][r] + (bias ? static_cast<float>(bias[n]) : 0.f));
+          }
+      }
+    }
+  });
+}
+
+constexpr X8Rows kQ4_Kx8Rows[4] = {q4_kx8_rows<1>, q4_kx8_rows<2>, q4_kx8_rows<3>, q4_kx8_rows<4>};
+constexpr X8Rows kQ6_Kx8Rows[4] = {q6_kx8_rows<1>, q6_kx8_rows<2>, q6_kx8_rows<3>, q6_kx8_rows<4>};
+
 // GGUF's type numbers (ggml_type) of the formats above.
 enum Type : int64_t { kQ5_0 = 6, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14 };
 
@@ -306,6 +506,182 @@ at::Tensor kquant_matmul(at::Tensor x, at::Tensor weights, int64_t type, c10::op
   return y;
 }
 
+namespace {
+
+// One file block of row r into its 8-row group-block p (Q4_Kx8, Q6_Kx8 layouts above).
+void q4_k_repack_block(const uint8_t* block, int r, uint8_t* p) {
+  float* dd = reinterpret_cast<float*>(p);
+  dd[r] = fp16_at(block);
+  dd[8 + r] = fp16_at(block + 2);
+  alignas(16) uint8_t sm[16];
+  _mm_store_si128((__m128i*)sm, gguf_blocks::scales_and_mins(block + 4));
+  for (int c = 0; c < 8; ++c) {
+    p[64 + 8 * c + r] = sm[c];
+    p[128 + 8 * r + c] = sm[8 + c];
+  }
+  for (int k = 0; k < 4; ++k)
+    for (int i = 0; i < 4; ++i) std::memcpy(p + 192 + 256 * k + 64 * i + 8 * r, block + 16 + 32 * k + 8 * i, 8);
+}
+
+void q6_k_repack_block(const uint8_t* block, int r, uint8_t* p) {
+  reinterpret_cast<float*>(p)[r] = fp16_at(block + 208);
+  const int8_t* scales = reinterpret_cast<const int8_t*>(block + 192);
+  int32_t bias = 0;
+  for (int h = 0; h < 2; ++h)
+    for (int l = 0; l < 32; ++l) {
+      const uint8_t* ql = block + 64 * h;
+      const uint8_t qh = block[128 + 32 * h + l];
+      const int q[4] = {(ql[l] & 0xF) | (qh & 3) << 4, (ql[l + 32] & 0xF) | (qh >> 2 & 3) << 4,
+                        (ql[l] >> 4) | (qh >> 4 & 3) << 4, (ql[l + 32] >> 4) | (qh >> 6 & 3) << 4};
+      for (int t = 0; t < 4; ++t) bias += 128 * scales[8 * h + 2 * t + l / 16] * (q[t] - 32);
+    }
+  reinterpret_cast<int32_t*>(p + 32)[r] = bias;
+  for (int e = 0; e < 16; ++e) p[64 + 8 * e + r] = (uint8_t)scales[e];
+  for (int h = 0; h < 2; ++h)
+    for (int i = 0; i < 4; ++i) {
+      uint8_t* v = p + 192 + (4 * h + i) * 192 + 8 * r;
+      std::memcpy(v, block + 64 * h + 8 * i, 8);
+      std::memcpy(v + 64, block + 64 * h + 32 + 8 * i, 8);
+      std::memcpy(v + 128, block + 128 + 32 * h + 8 * i, 8);
+    }
+}
+
+struct X8Format {
+  int64_t file_bytes, group_bytes;
+  void (*repack_block)(const uint8_t*, int, uint8_t*);
+  const X8Rows* rows;
+};
+
+X8Format x8_format(int64_t type) {
+  switch (type) {
+    case kQ4_K: return {Q4_K::kBytes, kX8Bytes, q4_k_repack_block, kQ4_Kx8Rows};
+    case kQ6_K: return {Q6_K::kBytes, kQ6X8Bytes, q6_k_repack_block, kQ6_Kx8Rows};
+    default: TORCH_CHECK(false, "the 8-row layouts take Q4_K and Q6_K, not GGUF type ", type);
+  }
+}
+
+}  // namespace
+
+// file blocks [N, K / 256 * B] of `type` (Q4_K, Q6_K; N a multiple of 8) -> [N / 8, K / 256 * group bytes]: the
+// Q4_Kx8 or Q6_Kx8 layout above.
+at::Tensor x8_repack(at::Tensor weights, int64_t type) {
+  const X8Format f = x8_format(type);
+  TORCH_CHECK(weights.scalar_type() == at::kByte && weights.dim() == 2 && weights.is_contiguous() &&
+              weights.size(0) % kX8Rows == 0 && weights.size(1) % f.file_bytes == 0,
+              "x8_repack: weights [N, K / 256 * block bytes] uint8, contiguous, N a multiple of 8");
+  const int64_t N = weights.size(0), blocks = weights.size(1) / f.file_bytes;
+  auto out = at::empty({N / kX8Rows, blocks * f.group_bytes}, weights.options());  // every byte written below
+  const uint8_t* src = weights.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, N / kX8Rows, 16, [&](int64_t g0, int64_t g1) {
+    for (int64_t G = g0; G < g1; ++G)
+      for (int64_t g = 0; g < blocks; ++g)
+        for (int r = 0; r < kX8Rows; ++r)
+          f.repack_block(src + ((G * kX8Rows + r) * blocks + g) * f.file_bytes, r, dst + (G * blocks + g) * f.group_bytes);
+  });
+  return out;
+}
+
+namespace {
+
+// 32 bf16 weights from two float32 vectors (scale * code - offset, rounded once to float32, then to bf16)
+inline void store_weights(bf16* out, __m256i codes, __m512 scale, __m512 offset) {
+  const __m512 lo = _mm512_sub_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(codes))), scale), offset);
+  const __m512 hi = _mm512_sub_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(codes, 1))), scale), offset);
+  _mm512_storeu_si512(out, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+}
+
+// 32 bytes: row r's 8 bytes of the 64-byte vectors at v, v + stride, v + 2 stride, v + 3 stride
+inline __m256i gather_row(const uint8_t* v, int64_t stride, int r) {
+  int64_t q[4];
+  for (int i = 0; i < 4; ++i) std::memcpy(&q[i], v + i * stride + 8 * r, 8);
+  return _mm256_setr_epi64x(q[0], q[1], q[2], q[3]);
+}
+
+}  // namespace
+
+// 8-row groups [N / 8, K / 256 * group bytes] of `type` -> their weights [N, K] in bf16 (as gguf-py's dequantize
+// rounds them in float32, then to bf16), into out.
+at::Tensor x8_dequantize(at::Tensor packed, int64_t type, at::Tensor out) {
+  const X8Format f = x8_format(type);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous() && packed.size(1) % f.group_bytes == 0,
+              "x8_dequantize: packed [N / 8, K / 256 * group bytes] uint8, contiguous");
+  const int64_t groups = packed.size(0), blocks = packed.size(1) / f.group_bytes, K = blocks * 256;
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.dim() == 2 && out.size(0) == groups * kX8Rows &&
+              out.size(1) == K, "x8_dequantize: out [N, K] bf16, contiguous");
+  const uint8_t* src = packed.data_ptr<uint8_t>();
+  bf16* dst = out.data_ptr<bf16>();
+  const __m256i nibble = _mm256_set1_epi8(0x0F), top = _mm256_set1_epi8(0x30), bias32 = _mm256_set1_epi8(32);
+  at::parallel_for(0, groups, 4, [&](int64_t g0, int64_t g1) {
+    for (int64_t G = g0; G < g1; ++G)
+      for (int64_t g = 0; g < blocks; ++g) {
+        const uint8_t* p = src + (G * blocks + g) * f.group_bytes;
+        const float* dd = reinterpret_cast<const float*>(p);
+        // the sub-blocks' float scales (and Q4_K's offsets), d scale[c][r] at 8 c + r, dmin min[r][c] at 8 r + c
+        alignas(64) float scale[128], offset[64];
+        const __m512 d = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7), _mm512_loadu_ps(dd));
+        for (int v = 0; v < (type == kQ4_K ? 4 : 8); ++v) {
+          const __m128i bytes = _mm_loadu_si128((const __m128i*)(p + 64 + 16 * v));
+          const __m512i ints = type == kQ4_K ? _mm512_cvtepu8_epi32(bytes) : _mm512_cvtepi8_epi32(bytes);
+          _mm512_store_ps(scale + 16 * v, _mm512_mul_ps(d, _mm512_cvtepi32_ps(ints)));
+        }
+        if (type == kQ4_K)
+          for (int v = 0; v < 4; ++v) {
+            const __m512 dmin = _mm512_permutexvar_ps(_mm512_setr_epi32(8, 8, 8, 8, 8, 8, 8, 8, 9, 9, 9, 9, 9, 9, 9, 9), _mm512_loadu_ps(dd + 2 * v));
+            _mm512_store_ps(offset + 16 * v, _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + 128 + 16 * v))))));
+          }
+        for (int r = 0; r < kX8Rows; ++r) {
+          bf16* row = dst + (G * kX8Rows + r) * K + 256 * g;
+          if (type == kQ4_K) {
+            for (int k = 0; k < 4; ++k) {
+              const __m256i q = gather_row(p + 192 + 256 * k, 64, r);
+              for (int half = 0; half < 2; ++half) {  // sub-block c = 2k + half
+                const int c = 2 * k + half;
+                const __m256i codes = _mm256_and_si256(half ? _mm256_srli_epi16(q, 4) : q, nibble);
+                store_weights(row + 32 * c, codes, _mm512_set1_ps(scale[8 * c + r]), _mm512_set1_ps(offset[8 * r + c]));
+              }
+            }
+          } else {
+            for (int h = 0; h < 2; ++h) {
+              const uint8_t* v = p + 192 + 4 * h * 192;
+              const __m256i first = gather_row(v, 192, r), second = gather_row(v + 64, 192, r), high = gather_row(v + 128, 192, r);
+              const __m256i codes[4] = {_mm256_or_si256(_mm256_and_si256(first, nibble), _mm256_and_si256(_mm256_slli_epi16(high, 4), top)),
+                                        _mm256_or_si256(_mm256_and_si256(second, nibble), _mm256_and_si256(_mm256_slli_epi16(high, 2), top)),
+                                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(first, 4), nibble), _mm256_and_si256(high, top)),
+                                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(second, 4), nibble), _mm256_and_si256(_mm256_srli_epi16(high, 2), top))};
+              for (int t = 0; t < 4; ++t) {  // 32 weights 128 h + 32 t ...: sub-blocks 8 h + 2 t and 8 h + 2 t + 1
+                const __m256i signed_codes = _mm256_sub_epi8(codes[t], bias32);
+                const int e = 8 * h + 2 * t;
+                const __m512 scale_lo = _mm512_set1_ps(scale[8 * e + r]), scale_hi = _mm512_set1_ps(scale[8 * (e + 1) + r]);
+                const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(signed_codes))), scale_lo);
+                const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(signed_codes, 1))), scale_hi);
+                _mm512_storeu_si512(row + 128 * h + 32 * t, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+              }
+            }
+          }
+        }
+      }
+  });
+  return out;
+}
+
+// x: [M, K] bf16 (M <= 32), 8-row groups [N / 8, K / 256 * group bytes] of `type` -> [M, N] bf16
+at::Tensor x8_matmul_op(at::Tensor x, at::Tensor packed, int64_t type, c10::optional<at::Tensor> bias) {
+  const X8Format f = x8_format(type);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous() && packed.size(1) % f.group_bytes == 0,
+              "x8_matmul: packed [N / 8, K / 256 * group bytes] uint8, contiguous");
+  const int64_t N = packed.size(0) * kX8Rows, K = packed.size(1) / f.group_bytes * 256, M = x.size(0);
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.size(1) == K && M <= kMaxRows,
+              "x: [M <= 32, K] bf16, K = ", K);
+  x = x.contiguous();
+  at::Tensor bias_c;
+  if (bias.has_value() && bias->defined()) bias_c = bias->to(at::kBFloat16).contiguous();
+  auto y = at::empty({M, N}, x.options());
+  x8_matmul(x.data_ptr<bf16>(), M, packed.data_ptr<uint8_t>(), f.group_bytes, f.rows, K, N,
+            bias_c.defined() ? bias_c.data_ptr<bf16>() : nullptr, y.data_ptr<bf16>());
+  return y;
+}
+
 // x: [M, K] bf16 -> (codes [M, K] int8, scales [M, K / block] float32): the activations as the kernel quantizes
 // them (for tests; block 32: the codes as signed int8, not + 128).
 std::tuple<at::Tensor, at::Tensor> quantize_activations(at::Tensor x, int64_t block) {
@@ -329,6 +705,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_activations(at::Tensor x, int64_t bl
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kquant_matmul", &kquant_matmul, "bf16 rows quantized to 8 bits times GGUF Q4_K, Q6_K, Q8_0 or Q5_0 blocks (AVX-512 VNNI)",
         py::call_guard<py::gil_scoped_release>());
+  m.def("x8_repack", &x8_repack, "Q4_K or Q6_K rows -> the 8-row interleaved layout", py::call_guard<py::gil_scoped_release>());
+  m.def("x8_matmul", &x8_matmul_op, "bf16 rows quantized to 8 bits times 8-row interleaved Q4_K / Q6_K weights (AVX-512 VNNI)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("x8_dequantize", &x8_dequantize, "8-row interleaved Q4_K / Q6_K weights -> bf16 rows", py::call_guard<py::gil_scoped_release>());
   m.def("quantize_activations", &quantize_activations, "bf16 rows as kquant_matmul quantizes them",
         py::call_guard<py::gil_scoped_release>());
 }

@@ -32,6 +32,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 class Linear(Module, nn.Linear):
     quantized: QuantizedWeight | None = None  # set instead of `weight` for quantized weights, packed by finalize()
+    keep_file_layout = False  # True: block-quantized weights stay the loaded bytes (views of the file), not repacked
 
     def set_quantized(self, weight: QuantizedWeight) -> None:
         self.quantized = weight
@@ -40,7 +41,7 @@ class Linear(Module, nn.Linear):
     def finalize(self, dtype: torch.dtype) -> None:
         """After loading (and fusing): puts quantized weights in their kernel's layout."""
         if self.quantized is not None:
-            self.packed = self.quantized.packed(dtype)
+            self.packed = self.quantized.packed(dtype, repack=not self.keep_file_layout)
             self.quantized = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -87,6 +87,8 @@ class SwiGLUExpert(Module):
         self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
+        for linear in (self.gate_proj, self.up_proj, self.down_proj):
+            linear.keep_file_layout = True  # experts stay views of the mapped file (see Experts), not repacked copies
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [N, H] -> [N, H]
