@@ -535,8 +535,13 @@ def eval_(
     samples: Annotated[str, typer.Option(help="Comma-separated sample counts.")] = "1,2,4,8,16",
     max_tokens: Annotated[int, typer.Option(help="Most tokens per sample.")] = 256,
     temperature: Annotated[float, typer.Option(help="Sampling temperature of the samples.")] = 0.7,
-    output: Annotated[Path, typer.Option("--out", help="Where to write the JSON results.")] = Path("eval.json"),
+    output: Annotated[Path, typer.Option("--out", help="Where to write the JSON results (rewritten after each run; "
+                                         "one line per problem goes to the same name with .problems.jsonl as it "
+                                         "finishes).")] = Path("eval.json"),
     plot: Annotated[Optional[Path], typer.Option(help="Also draw a PNG plot here (needs ownllm[plot]).")] = None,
+    replay: Annotated[bool, typer.Option("--replay", help="One request of the largest sample count per problem, "
+                                         "every smaller count and every strategy (but vote_early_stop) replayed on "
+                                         "subsets of its samples: the whole curve for the cost of one run.")] = False,
 ) -> None:
     """Accuracy vs samples for each strategy, beside greedy, on generated problems with exact checkers."""
     import json
@@ -556,20 +561,35 @@ def eval_(
         solve = evals.server_solver(server, None, max_tokens, temperature)
     else:
         solve = evals.offline_solver(_load(model, dtype, device, None)[0], max_tokens, temperature)
-    runs = [("greedy", 1)] + [(name, count) for name in names for count in counts]
+    replayed = [n for n in names if n != "vote_early_stop"] if replay else []
+    runs = [("greedy", 1)] + [(name, count) for name in names if name not in replayed for count in counts]
+    meta = {"model": server or model or BUNDLED_MODEL_NAME, "family": family, "split": split,
+            "num_problems": len(chosen), "max_tokens": max_tokens, "temperature": temperature}
+    lines = output.with_suffix(".problems.jsonl")
+    lines.write_text("")
+
+    def record(line: dict) -> None:
+        with lines.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+
     results = []
     with Progress(console=err) as progress:
-        task = progress.add_task("eval", total=len(runs) * len(chosen))
+        task = progress.add_task("eval", total=(len(runs) + bool(replayed)) * len(chosen))
+        advance = lambda: progress.advance(task)  # noqa: E731
         for name, count in runs:
             progress.update(task, description=f"{name} x{count}")
-            results.append(evals.evaluate(solve, chosen, name, count, lambda: progress.advance(task)))
-    report = evals.as_json(results, {"model": server or model or BUNDLED_MODEL_NAME, "family": family,
-                                     "split": split, "num_problems": len(chosen), "max_tokens": max_tokens,
-                                     "temperature": temperature})
+            results.append(evals.evaluate(solve, chosen, name, count, advance, record))
+            output.write_text(json.dumps(evals.as_json(results, meta), indent=2))
+        if replayed:
+            progress.update(task, description=f"{max(counts)} samples, replayed")
+            results += evals.evaluate_curve(solve, chosen, replayed, counts, advance, record)
+    report = evals.as_json(results, meta)
     output.write_text(json.dumps(report, indent=2))
     for r in results:
+        seconds = f"{r.seconds_per_problem:.2f} s/problem" if r.seconds_per_problem is not None else (
+            f"replayed from x{r.replayed_from}")
         out.print(f"{r.strategy:<18}x{r.samples:<3} accuracy {r.accuracy:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]  "
-                  f"{r.tokens_per_problem:.0f} tokens  {r.seconds_per_problem:.2f} s/problem")
+                  f"{r.tokens_per_problem:.0f} tokens  {seconds}")
     if plot is not None:
         from ownllm.evals.plot import plot as draw
 

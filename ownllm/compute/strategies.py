@@ -53,6 +53,27 @@ class AnswerCount:
 
 
 @dataclass
+class SampleResult:
+    """One sample as the summary reports it: what an eval needs to replay any strategy on a subset of the samples."""
+
+    index: int
+    answer: str | None
+    num_tokens: int
+    cumulative_logprob: float
+    finish_reason: str | None
+    score: float | None  # best_of: the scorer's score
+
+    def as_dict(self) -> dict:
+        score = self.score if self.score is not None and math.isfinite(self.score) else None
+        return {"index": self.index, "answer": self.answer, "num_tokens": self.num_tokens,
+                "cumulative_logprob": self.cumulative_logprob, "finish_reason": self.finish_reason, "score": score}
+
+    def as_sample(self, index: int) -> Sample:
+        return Sample(index, num_tokens=self.num_tokens, cumulative_logprob=self.cumulative_logprob,
+                      finish_reason=self.finish_reason, answer=self.answer, score=self.score)
+
+
+@dataclass
 class ComputeSummary:
     """What a request's compute did: the `compute` object of a response."""
 
@@ -66,6 +87,7 @@ class ComputeSummary:
     completion_tokens: int  # of every sample, the stopped ones' partial tokens included
     chosen_index: int
     score: float | None = None  # best_of: the chosen sample's score
+    per_sample: list[SampleResult] = field(default_factory=list)  # every sample, stopped ones included
 
     def as_dict(self) -> dict:
         return {
@@ -75,6 +97,7 @@ class ComputeSummary:
             "agreement": self.agreement, "completion_tokens": self.completion_tokens,
             "chosen_index": self.chosen_index,
             "score": self.score if self.score is not None and math.isfinite(self.score) else None,
+            "per_sample": [s.as_dict() for s in self.per_sample],
         }
 
 
@@ -160,4 +183,14 @@ class ComputeSession:
             samples_run=num_run, samples_saved=self.params.samples - num_run,
             agreement=round(counts[chosen.answer] / num_run, 4) if num_run and chosen.answer is not None else 0.0,
             completion_tokens=sum(s.num_tokens for s in self.samples), chosen_index=chosen.index,
-            score=chosen.score)
+            score=chosen.score,
+            per_sample=[SampleResult(s.index, s.answer, s.num_tokens, s.cumulative_logprob, s.finish_reason, s.score)
+                        for s in self.samples])
+
+
+def replay(params: ComputeParams, results: list[SampleResult]) -> str | None:
+    """The answer a run of just these samples would have chosen under params (an eval's estimate of fewer samples
+    from a larger run: the same session logic, ties and all)."""
+    session = ComputeSession(ComputeParams(params.strategy, len(results), params.answer, params.scorer))
+    session.samples = [r.as_sample(i) for i, r in enumerate(results)]
+    return session.result().answer

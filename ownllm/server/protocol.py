@@ -286,6 +286,17 @@ class ComputeAnswerCount(_Response):
     count: int
 
 
+class ComputeSampleInfo(_Response):
+    """One sample of a `compute` request (ownllm.compute.strategies.SampleResult)."""
+
+    index: int
+    answer: str | None
+    num_tokens: int
+    cumulative_logprob: float
+    finish_reason: str | None
+    score: float | None = None
+
+
 class ComputeInfo(_Response):
     """How a `compute` request chose its one answer (ownllm.compute.ComputeSummary)."""
 
@@ -299,6 +310,7 @@ class ComputeInfo(_Response):
     completion_tokens: int
     chosen_index: int
     score: float | None = None
+    per_sample: list[ComputeSampleInfo] = []
 
 
 class ComputeProgressInfo(_Response):

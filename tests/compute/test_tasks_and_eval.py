@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from ownllm.evals.run import evaluate, wilson_interval
+from ownllm.compute.strategies import SampleResult
+from ownllm.evals.run import evaluate, evaluate_curve, wilson_interval
 from ownllm.evals.tasks import FAMILIES, HELDOUT_SIZE, problems
 
 
@@ -48,13 +49,46 @@ def test_evaluate_counts_correct_answers_and_reports_an_interval():
 
     def solve(prompt, field):
         asked.append(field)
-        return answers[prompt], 7
+        return answers[prompt], 7, []
 
-    result = evaluate(solve, chosen, "vote", 4)
+    lines = []
+    result = evaluate(solve, chosen, "vote", 4, record=lines.append)
+    assert [line["correct"] for line in lines] == [i % 2 == 1 for i in range(10)]
     assert (result.num_correct, result.accuracy, result.tokens_per_problem) == (5, 0.5, 7)
     assert asked[0] == {"strategy": "vote", "answer": "number", "samples": 4}
     assert (result.ci_low, result.ci_high) == wilson_interval(5, 10)
     assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+
+
+def test_evaluate_curve_replays_each_strategy_on_subsets_of_one_run():
+    """One problem, 5 samples: answers 5,5 (better logprobs) and 7,7,7 (the best verifier score on a 7)."""
+    [problem] = problems("units", count=1)
+    right, wrong = problem.answer, str(int(float(problem.answer)) + 1)
+    samples = [SampleResult(i, a, 10, lp, "stop", score) for i, (a, lp, score) in enumerate(
+        [(right, -1.0, 0.2), (right, -2.0, 0.3), (wrong, -5.0, 0.9), (wrong, -6.0, 0.1), (wrong, -7.0, 0.1)])]
+    asked, lines = [], []
+
+    def solve(prompt, field):
+        asked.append(field)
+        return None, 50, samples
+
+    results = evaluate_curve(solve, [problem], ["vote", "best_of", "best_of_verifier"], [1, 2, 5],
+                             record=lines.append)
+    assert asked == [{"strategy": "best_of", "answer": "number", "samples": 5, "scorer": "verifier"}]
+    accuracy = {(r.strategy, r.samples): r.accuracy for r in results}
+    # vote: one sample is right 2 times in 5; of the 10 pairs, {5,5} and the 6 mixed ones (a tie the 5s win on
+    # logprob) are right; all five: 7 wins 3 to 2
+    assert accuracy["vote", 1] == pytest.approx(0.4) and accuracy["vote", 2] == pytest.approx(0.7)
+    assert accuracy["vote", 5] == 0
+    assert accuracy["best_of", 5] == 1 and accuracy["best_of_verifier", 5] == 0
+    # a pair holding sample 2 (score 0.9) picks 7; the other 6 pairs pick the higher score among the rest
+    assert accuracy["best_of_verifier", 2] == pytest.approx(
+        sum(samples[max(p, key=lambda i: samples[i].score)].answer == right
+            for p in [(a, b) for a in range(5) for b in range(a + 1, 5)]) / 10)
+    by_count = {r.samples: r for r in results if r.strategy == "vote"}
+    assert by_count[5].seconds_per_problem is not None and by_count[2].seconds_per_problem is None
+    assert by_count[2].replayed_from == 5 and by_count[2].tokens_per_problem == 20
+    assert lines[0]["accuracy"]["vote@2"] == pytest.approx(0.7) and len(lines[0]["samples"]) == 5
 
 
 def test_plot_writes_a_png(tmp_path):

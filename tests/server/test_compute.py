@@ -35,6 +35,11 @@ def check_summary(compute: dict, samples: int) -> None:
     assert compute["samples_run"] + compute["samples_saved"] == samples
     assert sum(a["count"] for a in compute["answers"]) == compute["samples_run"]
     assert 0 <= compute["chosen_index"] < samples
+    per_sample = compute["per_sample"]  # every sample, so an eval can replay fewer
+    assert [s["index"] for s in per_sample] == list(range(samples))
+    assert sum(s["num_tokens"] for s in per_sample) == compute["completion_tokens"]
+    assert sorted(s["answer"] for s in per_sample if s["finish_reason"] != "abort") == sorted(
+        a["answer"] for a in compute["answers"] for _ in range(a["count"]))
 
 
 def test_chat_vote_returns_one_choice_with_the_compute_object(client, tiny_server):
