@@ -576,13 +576,13 @@ def eval_(
     with Progress(console=err) as progress:
         task = progress.add_task("eval", total=(len(runs) + bool(replayed)) * len(chosen))
         advance = lambda: progress.advance(task)  # noqa: E731
+        if replayed:  # first: the curve is what the run is for
+            progress.update(task, description=f"{max(counts)} samples, replayed")
+            results += evals.evaluate_curve(solve, chosen, replayed, counts, advance, record)
         for name, count in runs:
             progress.update(task, description=f"{name} x{count}")
             results.append(evals.evaluate(solve, chosen, name, count, advance, record))
             output.write_text(json.dumps(evals.as_json(results, meta), indent=2))
-        if replayed:
-            progress.update(task, description=f"{max(counts)} samples, replayed")
-            results += evals.evaluate_curve(solve, chosen, replayed, counts, advance, record)
     report = evals.as_json(results, meta)
     output.write_text(json.dumps(report, indent=2))
     for r in results:

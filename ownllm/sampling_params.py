@@ -35,6 +35,9 @@ class StructuredOutputsParams:
 @dataclass
 class SamplingParams:
     n: int = 1
+    # of the n samples, how many start at once (None: all); the others wait for Engine.start_samples (an early-stopping
+    # vote draws its samples in waves)
+    n_started: int | None = None
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 (or -1) means no top-k
@@ -71,6 +74,8 @@ class SamplingParams:
     def _validate(self) -> None:
         checks = [
             (self.n >= 1, f"n must be at least 1, got {self.n}"),
+            (self.n_started is None or 1 <= self.n_started <= self.n,
+             f"n_started must be between 1 and n ({self.n}), got {self.n_started}"),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k >= 0, f"top_k must be >= 0 (0 or -1 disables it), got {self.top_k}"),
@@ -100,4 +105,4 @@ class SamplingParams:
         """The params of the index-th of n samples: n=1, a distinct seed if one was given, and prompt logprobs
         (which all samples share) computed by the first alone."""
         seed = None if self.seed is None else self.seed + index
-        return replace(self, n=1, seed=seed, prompt_logprobs=self.prompt_logprobs if index == 0 else None)
+        return replace(self, n=1, n_started=None, seed=seed, prompt_logprobs=self.prompt_logprobs if index == 0 else None)

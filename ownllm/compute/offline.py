@@ -1,5 +1,6 @@
 """Compute requests on the offline engine: each prompt runs as one request of N samples (one shared prefill),
-samples are fed to its ComputeSession as they finish, samples it stops are stopped in the engine at once, and the
+samples are fed to its ComputeSession as they finish, samples it starts (early stopping's waves) or stops are
+started or stopped in the engine at once, and the
 verifier (if asked) scores the finished samples with the same engine. Used by LLM.generate and LLM.chat."""
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ class SampleEngine(Protocol):
 
     def has_unfinished(self) -> bool: ...
 
+    def start_samples(self, request_id: str, count: int) -> None: ...
+
     def stop_samples(self, request_id: str, indices: list[int]) -> None: ...
 
     def abort(self, request_id: str) -> None: ...
@@ -35,8 +38,9 @@ def generate_with_compute(engine: SampleEngine, prompts: list[tuple[str | None, 
                           compute: ComputeParams, verifier_prompt: VerifierPrompt,
                           id_prefix: str) -> list[RequestOutput]:
     """One RequestOutput per prompt with the chosen sample as its one output and the summary as `compute`."""
-    sample_params = replace(params, n=compute.samples, output_kind="delta")
     sessions = {f"{id_prefix}-{p}": ComputeSession(compute) for p in range(len(prompts))}
+    first_wave = ComputeSession(compute).num_started
+    sample_params = replace(params, n=compute.samples, n_started=first_wave, output_kind="delta")
     outputs = {rid: [CompletionOutput(i) for i in range(compute.samples)] for rid in sessions}
     try:
         for rid, (text, ids) in zip(sessions, prompts):
@@ -64,6 +68,8 @@ def _read(engine: SampleEngine, session: ComputeSession, samples: list[Completio
     to_stop = session.samples_to_stop()
     if to_stop:
         engine.stop_samples(output.request_id, to_stop)
+    elif more := session.samples_to_start():
+        engine.start_samples(output.request_id, more)
 
 
 def _fold(session: ComputeSession, samples: list[CompletionOutput], output: RequestOutput) -> None:

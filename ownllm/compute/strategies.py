@@ -1,9 +1,13 @@
 """How N samples become one answer: a self-consistency vote (ties broken by mean token logprob) or best-of-N by a
-score, and adaptive early stopping (stop once the leader cannot be overtaken by the samples still running).
+score, and adaptive early stopping (stop once the leader cannot be overtaken by the samples still to come).
 
-A ComputeSession is fed each sample as it finishes and says which running samples to stop; at the end it picks the
-chosen sample and summarizes the run. It never drives an engine: the offline LLM and the server do, and act on what
-it decides.
+With early stopping the samples are drawn in waves: only as many run at a time as could, all agreeing with the
+leader, decide the vote (N/2 + 1 at first); more start only while it is open. Started all at once, the samples
+decode as one batch and are nearly done by the time the vote is decided, which saves almost nothing.
+
+A ComputeSession is fed each sample as it finishes and says how many samples to start and which to stop; at the end
+it picks the chosen sample and summarizes the run. It never drives an engine: the offline LLM and the server do, and
+act on what it decides.
 """
 
 from __future__ import annotations
@@ -109,10 +113,25 @@ class ComputeSession:
     def __post_init__(self) -> None:
         self.extract = make_extractor(self.params.answer)
         self.samples = [Sample(i) for i in range(self.params.samples)]
+        self.num_started = min(self.params.samples, self.params.samples // 2 + 1) if self.params.early_stop else (
+            self.params.samples)
 
     @property
     def running(self) -> list[Sample]:
+        """Not finished: running in the engine or not started yet (either may still vote)."""
         return [s for s in self.samples if s.finish_reason is None]
+
+    def samples_to_start(self) -> int:
+        """How many more samples to start now (they are the next by index): enough in flight that, if they all
+        agree with the leader, the vote is decided. Asked after each batch of finished samples; 0 once decided."""
+        if self.is_decided():
+            return 0
+        counts = [c for _, c in self.votes().most_common(2)] + [0, 0]
+        decisive = (counts[1] + len(self.running) - counts[0]) // 2 + 1  # leader votes that would decide it
+        in_flight = sum(1 for s in self.samples[:self.num_started] if s.finish_reason is None)
+        more = max(0, min(decisive - in_flight, self.params.samples - self.num_started))
+        self.num_started += more
+        return more
 
     @property
     def complete(self) -> list[Sample]:

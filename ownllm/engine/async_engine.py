@@ -151,6 +151,10 @@ class AsyncEngine:
     async def abort(self, request_id: str) -> None:
         self._send(lambda: self._abort_now(request_id))
 
+    async def start_samples(self, request_id: str, count: int) -> None:
+        """Starts more of a request's held samples (Engine.start_samples)."""
+        self._send(lambda: self.engine.start_samples(request_id, count))
+
     async def stop_samples(self, request_id: str, indices: list[int]) -> None:
         """Ends some of a request's samples at once (Engine.stop_samples); its stream reports them finished."""
         self._send(lambda: self.engine.stop_samples(request_id, indices))

@@ -29,6 +29,7 @@ class _Parent:
     child_ids: list[str]
     forks: list[Request]  # samples not yet admitted
     output_kind: str
+    held: list[Request]  # samples waiting for start_samples (SamplingParams.n_started)
 
 
 class Engine:
@@ -75,8 +76,9 @@ class Engine:
         self.core.add_request(children[0])  # validates; raises ValueError for a request it refuses
         for index, child in enumerate(children):
             self.output_processor.add(child, index)
+        started = params.n_started or params.n
         self._parents[request_id] = _Parent(prompt, list(prompt_token_ids), [c.request_id for c in children],
-                                            children[1:], params.output_kind)
+                                            children[1:started], params.output_kind, children[started:])
 
     def _add_forks(self) -> None:
         """Admits samples 2..n once sample 1 has computed the prompt, so they share its cached prompt blocks."""
@@ -87,6 +89,15 @@ class Engine:
                     self.core.add_request(fork)
                 parent.forks = []
 
+    def start_samples(self, request_id: str, count: int) -> None:
+        """Starts the next count of a request's held samples (SamplingParams.n_started): they are admitted like the
+        first wave's forks, sharing the prompt's blocks while the prefix cache holds them. Unknown requests are
+        ignored."""
+        parent = self._parents.get(request_id)
+        if parent is not None:
+            parent.forks += parent.held[:count]
+            del parent.held[:count]
+
     def stop_samples(self, request_id: str, indices: Iterable[int]) -> None:
         """Ends some of a request's samples at once (finish reason "abort"), freeing their blocks, while the others
         go on; the next step reports them. Unknown or finished requests and samples are ignored."""
@@ -95,9 +106,10 @@ class Engine:
             return
         for index in indices:
             child_id = parent.child_ids[index]
-            fork = next((f for f in parent.forks if f.request_id == child_id), None)
-            if fork is not None:  # not admitted yet: it never holds a block
-                parent.forks.remove(fork)
+            waiting = next((q for q in (parent.forks, parent.held) if any(f.request_id == child_id for f in q)), None)
+            if waiting is not None:  # not admitted yet: it never holds a block
+                fork = next(f for f in waiting if f.request_id == child_id)
+                waiting.remove(fork)
                 fork.finish(FinishReason.ABORT)
             else:
                 self.core.finish(child_id, FinishReason.ABORT)
@@ -126,7 +138,9 @@ class Engine:
         states = [self.output_processor.states[cid] for cid in parent.child_ids]
         error = next((s.request.error for s in states if s.request.error), None)
         if error is not None:  # one failed sample fails the request: the others stop too
-            parent.forks = []
+            for waiting in parent.forks + parent.held:  # never admitted: the core does not know them
+                waiting.finish(FinishReason.ABORT)
+            parent.forks, parent.held = [], []
             for state in states:
                 self.core.finish(state.request.request_id, FinishReason.ABORT)
         finished = not parent.forks and all(s.request.is_finished for s in states)

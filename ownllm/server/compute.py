@@ -82,9 +82,10 @@ def compute_params(ctx: ServerContext, body: ChatCompletionRequest | CompletionR
 
 
 def sample_params(body: ChatCompletionRequest | CompletionRequest, params: SamplingParams,
-                  compute: ComputeParams) -> SamplingParams:
+                  session: ComputeSession) -> SamplingParams:
     temperature = DEFAULT_TEMPERATURE if body.temperature is None else params.temperature
-    return dataclasses.replace(params, n=compute.samples, temperature=temperature, output_kind="delta")
+    return dataclasses.replace(params, n=session.params.samples, n_started=session.num_started,
+                               temperature=temperature, output_kind="delta")
 
 
 async def drive(ctx: ServerContext, state: ComputeRun, prompt_ids: list[int], params: SamplingParams,
@@ -106,6 +107,8 @@ async def drive(ctx: ServerContext, state: ComputeRun, prompt_ids: list[int], pa
         to_stop = session.samples_to_stop()
         if to_stop:
             await ctx.engine.stop_samples(request_id, to_stop)
+        elif more := session.samples_to_start():
+            await ctx.engine.start_samples(request_id, more)
         if not started or len(session.complete) > num_finished:
             started = True
             yield session.progress()
@@ -143,7 +146,7 @@ async def serve_chat(ctx: ServerContext, request: Request, body: ChatCompletionR
     verifier = Verifier(verifier_ctx,
                         lambda answer: verifier_ctx.engine.tokenizer.encode_chat(verifier_messages(messages, answer)))
     request_id = new_id("chatcmpl")
-    progress = drive(ctx, state, prompt_ids, sample_params(body, params, compute), request_id, verifier)
+    progress = drive(ctx, state, prompt_ids, sample_params(body, params, state.session), request_id, verifier)
     if body.stream:
         progress = await first_and_rest(request, progress)
         return _chat_chunks(ctx, body, request_id, state, progress)
@@ -199,7 +202,7 @@ async def serve_completion(ctx: ServerContext, request: Request, body: Completio
     verifier_ctx = verifier_context(ctx)
     verifier = Verifier(verifier_ctx, lambda answer: verifier_ctx.engine.tokenizer.encode(verifier_text(prompt, answer)))
     request_id = new_id("cmpl")
-    progress = drive(ctx, state, prompt_ids, sample_params(body, params, compute), request_id, verifier)
+    progress = drive(ctx, state, prompt_ids, sample_params(body, params, state.session), request_id, verifier)
     if body.stream:
         progress = await first_and_rest(request, progress)
         return _completion_chunks(ctx, body, request_id, prompt, state, progress)

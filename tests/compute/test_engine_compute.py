@@ -118,17 +118,39 @@ def test_early_stop_aborts_the_running_samples_and_frees_their_blocks(tokenizer)
     [result] = generate_with_compute(engine, [(None, PROMPT)], SamplingParams(max_tokens=50), compute,
                                      no_verifier, "c")
     summary = result.compute
-    # after 42, 42, 7, 42 (3 vs 1, 2 running) 4 finishes 42: 4 vs 1 with 1 running, so sample 5 stops
+    # waves: 4 of 6 start; after 42, 42, 7 (2 vs 1, 3 to come: 2 must be in flight) the fifth starts; after 42.0
+    # and its 42 (4 vs 1, 1 to come) the vote is decided and the sixth, never started, is stopped
     assert (summary.answer, summary.samples_run, summary.samples_saved) == ("42", 5, 1)
     assert [(a.answer, a.count) for a in summary.answers] == [("42", 4), ("7", 1)]
-    last_step = {i: max(k for k, so in enumerate(runner.outputs) if f"c-0#{i}" in so.num_scheduled_tokens)
-                 for i in range(6)}
-    assert last_step[5] == last_step[4]  # stopped in the step sample 4 finished: never scheduled again
-    assert runner.sampled("c-0#5") < len(runner.scripts[5])  # it never got to its answer
+    steps = {i: [k for k, so in enumerate(runner.outputs) if f"c-0#{i}" in so.num_scheduled_tokens] for i in range(6)}
+    assert min(steps[4]) > max(steps[2]) and min(steps[4]) < max(steps[3])  # started when sample 2 finished
+    assert not steps[5] and runner.sampled("c-0#5") == 0  # never scheduled: its tokens are all saved
     assert summary.completion_tokens == sum(runner.sampled(f"c-0#{i}") for i in range(6))  # one token a step
     assert result.outputs[0].finish_reason == "stop" and "42" in result.outputs[0].text
     assert not engine.has_unfinished()
     assert engine.core.kv_cache.num_free_blocks == engine.core.kv_cache.num_blocks
+
+
+def test_held_samples_start_on_the_cached_prompt_blocks_and_stop_without_running(tokenizer):
+    runner = ScriptedRunner(scripts_of(tokenizer, ["1"] * 4, spacing=4))
+    engine = make_engine(tokenizer, runner)
+    engine.add_request("r", PROMPT, SamplingParams(n=4, n_started=2, max_tokens=50))
+    for _ in range(3):
+        engine.step()
+    kv = engine.core.kv_cache
+    assert set(engine.core.requests) == {"r#0", "r#1"}  # the other two wait for start_samples
+    engine.start_samples("r", 1)
+    engine.step()
+    assert set(engine.core.requests) == {"r#0", "r#1", "r#2"}
+    tables = [kv.block_ids(f"r#{i}") for i in range(3)]
+    assert len({tuple(t[:2]) for t in tables}) == 1 and [kv.pool.blocks[b].ref_cnt for b in tables[0][:2]] == [3, 3]
+    assert engine.core.num_prompt_tokens_total == 10 + 2 * 2  # the late sample computed only the prompt's tail
+    engine.stop_samples("r", [3])
+    outputs = []
+    while engine.has_unfinished():
+        outputs += engine.step()
+    assert [o.finish_reason for o in outputs[-1].outputs] == ["stop", "stop", "stop", "abort"]
+    assert runner.sampled("r#3") == 0 and kv.num_free_blocks == kv.num_blocks
 
 
 def test_without_early_stop_every_sample_runs(tokenizer):

@@ -102,6 +102,23 @@ def test_samples_finishing_together_all_count_before_the_stop():
     assert (session.result().samples_run, session.result().samples_saved) == (3, 1)
 
 
+def test_early_stop_draws_samples_in_waves_only_while_the_vote_is_open():
+    session = ComputeSession(ComputeParams("vote", 8, "number", early_stop=True))
+    assert session.num_started == 5  # 5 agreeing of 8 decide it
+    assert [finish(session, i, "3") for i in range(4)] == [[]] * 4 and session.samples_to_start() == 0
+    assert finish(session, 4, "3") == [5, 6, 7]  # 5 vs 0 with 3 to come: the last three never start
+    assert session.result().samples_saved == 3
+    session = ComputeSession(ComputeParams("vote", 8, "number", early_stop=True))
+    started = []
+    for i, answer in enumerate(["3", "3", "4", "4"]):
+        finish(session, i, answer)
+        started.append(session.samples_to_start())
+    # 1-0 and 2-0 with 4 and 3 in flight: enough; 2-1 with 5 to come needs 3 in flight (2 are); 2-2 with 4 to come
+    # needs 3 (2 are)
+    assert started == [0, 0, 1, 1] and session.num_started == 7
+    assert ComputeSession(ComputeParams("vote", 8, "number")).num_started == 8  # no early stop: all at once
+
+
 def test_unanswered_samples_do_not_vote():
     session = ComputeSession(ComputeParams("vote", 4, "number", early_stop=True))
     assert finish_all(session, [("no idea", 1, 0.0), ("7", 1, 0.0), ("hmm", 1, 0.0), ("8", 1, 0.0)]) == [[]] * 4
