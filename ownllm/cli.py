@@ -539,6 +539,7 @@ def eval_(
                                          "one line per problem goes to the same name with .problems.jsonl as it "
                                          "finishes).")] = Path("eval.json"),
     plot: Annotated[Optional[Path], typer.Option(help="Also draw a PNG plot here (needs ownllm[plot]).")] = None,
+    greedy: Annotated[bool, typer.Option(help="Also run greedy decoding, the baseline.")] = True,
     replay: Annotated[bool, typer.Option("--replay", help="One request of the largest sample count per problem, "
                                          "every smaller count and every strategy (but vote_early_stop) replayed on "
                                          "subsets of its samples: the whole curve for the cost of one run.")] = False,
@@ -562,7 +563,7 @@ def eval_(
     else:
         solve = evals.offline_solver(_load(model, dtype, device, None)[0], max_tokens, temperature)
     replayed = [n for n in names if n != "vote_early_stop"] if replay else []
-    runs = [("greedy", 1)] + [(name, count) for name in names if name not in replayed for count in counts]
+    runs = [("greedy", 1)] * greedy + [(name, count) for name in names if name not in replayed for count in counts]
     meta = {"model": server or model or BUNDLED_MODEL_NAME, "family": family, "split": split,
             "num_problems": len(chosen), "max_tokens": max_tokens, "temperature": temperature}
     lines = output.with_suffix(".problems.jsonl")
