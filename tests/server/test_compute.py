@@ -92,14 +92,16 @@ def test_completion_stream(client):
 
 
 def test_early_stop_saves_samples_and_frees_their_blocks(narrow_server):
-    """Greedy samples all agree; two run at a time, so once 4 of 6 agree the last 2 cannot change the vote."""
+    """Greedy samples all agree: the first wave is 4 of 6 (two run at a time), and once its 4 agree the last 2 cannot
+    change the vote, so they never start."""
     answer = narrow_client(narrow_server).chat.completions.create(
         model=TINY_NAME, messages=MESSAGES, max_tokens=5, temperature=0,
         extra_body={"ignore_eos": True, "compute": {"samples": 6, "answer": "text", "early_stop": True}})
     compute = answer.model_extra["compute"]
     check_summary(compute, 6)
-    assert compute["samples_saved"] >= 1 and compute["agreement"] == 1.0
-    assert compute["completion_tokens"] < 6 * 5 and answer.usage.completion_tokens == compute["completion_tokens"]
+    assert compute["samples_saved"] == 2 and compute["agreement"] == 1.0
+    assert [s["num_tokens"] for s in compute["per_sample"]] == [5, 5, 5, 5, 0, 0]
+    assert compute["completion_tokens"] == 4 * 5 and answer.usage.completion_tokens == compute["completion_tokens"]
     assert narrow_server.wait_idle()["ownllm_kv_cache_blocks_used"] == 0
 
 
