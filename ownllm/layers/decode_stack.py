@@ -62,7 +62,8 @@ class DecodeStack:
 
         if os.environ.get("OWNLLM_NO_DECODE_STACK") == "1" or tp_group().size != 1:
             return None
-        if type(model).hidden_states is not CausalLM.hidden_states or type(model.rope) is not RotaryEmbedding:
+        if (type(model).hidden_states is not CausalLM.hidden_states or type(model).rope_for is not CausalLM.rope_for
+                or type(model.rope) is not RotaryEmbedding):
             return None
         if torch.device(model.model.norm.weight.device).type != "cpu":
             return None

@@ -150,9 +150,15 @@ class CausalLM(Module):
         stack = self.decode_stack
         if stack is not None and stack.applies(x, meta):  # a decode step: every layer in one kernel call
             return stack(x, meta)
+        rope = self.rope_for(meta)
         for layer in self.model.layers:
-            x = layer(x, meta, self.rope)
+            x = layer(x, meta, rope)
         return x
+
+    def rope_for(self, meta: AttentionMetadata):
+        """The rotary embedding this step's layers rotate by: `self.rope`, unless the model's positions depend on
+        the step (Qwen2.5-VL's M-RoPE)."""
+        return self.rope
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden_size] -> logits [N, vocab_size]."""

@@ -67,14 +67,9 @@ class Qwen2_5_VLForConditionalGeneration(Qwen2ForCausalLM):
         """A prompt with images -> its 3D positions [3, num_prompt_tokens] and the delta of the tokens after it."""
         return mrope_positions(num_prompt_tokens, images)
 
-    def hidden_states(self, input_ids: torch.Tensor, meta: AttentionMetadata,
-                      inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """As CausalLM's, rotating by meta.mrope_positions where the step has them."""
-        x = self.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds  # [T, hidden]
-        rope = self.rope if meta.mrope_positions is None else self.rope.at(meta.mrope_positions)
-        for layer in self.model.layers:
-            x = layer(x, meta, rope)
-        return x
+    def rope_for(self, meta: AttentionMetadata):
+        """Rotates by meta.mrope_positions where the step has them."""
+        return self.rope if meta.mrope_positions is None else self.rope.at(meta.mrope_positions)
 
     def embed_images(self, pixel_values: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each image's [t, rows / merge, columns / merge, merge, merge, patch] pixel values -> [t * rows * columns /
