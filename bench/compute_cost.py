@@ -40,6 +40,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=160)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--timing-only", action="store_true", help="skip the vote vs early_stop comparison "
+                        "(`ownllm eval` measures it on more problems)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -64,7 +66,7 @@ def main() -> None:
     lines = ["| run | median s / problem | vs greedy |", "|---|---|---|"]
     lines += [f"| {name} | {m:.2f} | {m / medians['greedy']:.2f}x |" for name, m in medians.items()]
     votes = {}
-    for name, field in (("vote", {"samples": n, "answer": "number"}),
+    for name, field in () if args.timing_only else (("vote", {"samples": n, "answer": "number"}),
                         ("vote early_stop", {"samples": n, "answer": "number", "early_stop": True})):
         tokens = correct = saved = 0
         for problem, chat in zip(chosen, chats):
@@ -73,11 +75,12 @@ def main() -> None:
             saved += out.samples_saved
             correct += problem.is_correct(out.answer)
         votes[name] = (tokens, correct, saved)
-    lines += ["", f"| {args.problems} {args.family} problems, {n} samples | sampled tokens | correct | samples saved |",
-              "|---|---|---|---|"]
-    lines += [f"| {name} | {t} | {c}/{args.problems} | {s} |" for name, (t, c, s) in votes.items()]
-    plain, early = votes["vote"][0], votes["vote early_stop"][0]
-    lines.append(f"\nearly_stop sampled {100 * (1 - early / plain):.0f}% fewer tokens than the plain vote.")
+    if votes:
+        lines += ["", f"| {args.problems} {args.family} problems, {n} samples | sampled tokens | correct | samples saved |",
+                  "|---|---|---|---|"]
+        lines += [f"| {name} | {t} | {c}/{args.problems} | {s} |" for name, (t, c, s) in votes.items()]
+        plain, early = votes["vote"][0], votes["vote early_stop"][0]
+        lines.append(f"\nearly_stop sampled {100 * (1 - early / plain):.0f}% fewer tokens than the plain vote.")
     body = (f"Command: `python bench/compute_cost.py {' '.join(sys.argv[1:])}`\n"
             f"Model: {model or 'bundled SmolLM2-135M-Instruct Q4_1'}; {args.threads} threads; max_tokens "
             f"{args.max_tokens}, temperature 0.7 (seed 0), held-out {args.family} problems; timings: median over "
