@@ -104,8 +104,7 @@ def evaluate_curve(solve: Solver, problems: list[Problem], strategies: list[str]
                 scores[f"{strategy}@{count}"] = sum(map(problem.is_correct, picks)) / len(picks)
                 expected[strategy, count] += scores[f"{strategy}@{count}"]
         record({"strategy": "replayed", "samples": largest, "index": problem.index, "expected": problem.answer,
-                "tokens": tokens, "accuracy": scores,
-                "samples": [s.as_dict() for s in samples]})
+                "tokens": tokens, "accuracy": scores, "per_sample": [s.as_dict() for s in samples]})
         advance()
     n = max(len(problems), 1)
     seconds = (time.perf_counter() - started) / n

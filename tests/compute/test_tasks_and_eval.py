@@ -88,7 +88,7 @@ def test_evaluate_curve_replays_each_strategy_on_subsets_of_one_run():
     by_count = {r.samples: r for r in results if r.strategy == "vote"}
     assert by_count[5].seconds_per_problem is not None and by_count[2].seconds_per_problem is None
     assert by_count[2].replayed_from == 5 and by_count[2].tokens_per_problem == 20
-    assert lines[0]["accuracy"]["vote@2"] == pytest.approx(0.7) and len(lines[0]["samples"]) == 5
+    assert lines[0]["accuracy"]["vote@2"] == pytest.approx(0.7) and len(lines[0]["per_sample"]) == 5
 
 
 def test_plot_writes_a_png(tmp_path):
