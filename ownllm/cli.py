@@ -541,31 +541,59 @@ def eval_(
     plot: Annotated[Optional[Path], typer.Option(help="Also draw a PNG plot here (needs ownllm[plot]).")] = None,
     greedy: Annotated[bool, typer.Option(help="Also run greedy decoding, the baseline.")] = True,
     replay: Annotated[bool, typer.Option("--replay", help="One request of the largest sample count per problem, "
-                                         "every smaller count and every strategy (but vote_early_stop) replayed on "
-                                         "subsets of its samples: the whole curve for the cost of one run.")] = False,
+                                         "every strategy at every count replayed on subsets of its samples (an "
+                                         "early-stopping vote step by step): the whole curve for the cost of one "
+                                         "run.")] = False,
+    from_lines: Annotated[Optional[Path], typer.Option(help="Rebuild the results from a run's .problems.jsonl "
+                                                       "(finished or interrupted) instead of running a model: real "
+                                                       "runs summarized, replayed samples replayed again for "
+                                                       "--strategies and --samples.")] = None,
 ) -> None:
     """Accuracy vs samples for each strategy, beside greedy, on generated problems with exact checkers."""
     import json
 
-    from rich.progress import Progress
-
     from ownllm.evals import run as evals
     from ownllm.evals.tasks import problems
 
-    chosen = problems(family, split, limit)
     names = [s.strip() for s in strategies.split(",") if s.strip()]
     unknown = [n for n in names if n not in evals.STRATEGIES]
     if unknown:
         raise ValueError(f"--strategies: unknown {unknown[0]!r}; choose from {', '.join(evals.STRATEGIES)}")
     counts = [int(c) for c in samples.split(",")]
-    if server:
-        solve = evals.server_solver(server, None, max_tokens, temperature)
-    else:
-        solve = evals.offline_solver(_load(model, dtype, device, None)[0], max_tokens, temperature)
-    replayed = [n for n in names if n != "vote_early_stop"] if replay else []
-    runs = [("greedy", 1)] * greedy + [(name, count) for name in names if name not in replayed for count in counts]
     meta = {"model": server or model or BUNDLED_MODEL_NAME, "family": family, "split": split,
-            "num_problems": len(chosen), "max_tokens": max_tokens, "temperature": temperature}
+            "max_tokens": max_tokens, "temperature": temperature}
+    if from_lines is not None:
+        lines = [json.loads(line) for line in from_lines.read_text().splitlines() if line.strip()]
+        results = evals.rebuild(lines, names, counts)
+        meta["num_problems"] = max((r.num_problems for r in results), default=0)
+    else:
+        chosen = problems(family, split, limit)
+        meta["num_problems"] = len(chosen)
+        results = _eval_runs(evals, chosen, names, counts, replay, greedy, output, meta,
+                             evals.server_solver(server, None, max_tokens, temperature) if server else
+                             evals.offline_solver(_load(model, dtype, device, None)[0], max_tokens, temperature))
+    report = evals.as_json(results, meta)
+    output.write_text(json.dumps(report, indent=2))
+    for r in results:
+        seconds = f"{r.seconds_per_problem:.2f} s/problem" if r.seconds_per_problem is not None else (
+            f"replayed from x{r.replayed_from}")
+        out.print(f"{r.strategy:<18}x{r.samples:<3} accuracy {r.accuracy:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]  "
+                  f"{r.tokens_per_problem:.0f} tokens  {seconds}")
+    if plot is not None:
+        from ownllm.evals.plot import plot as draw
+
+        draw(report, plot)
+
+
+def _eval_runs(evals, chosen, names, counts, replay, greedy, output, meta, solve) -> list:
+    """The model runs of `ownllm eval`: the replayed curve first (if asked), then each real run; each problem's
+    line appended to OUTPUT.problems.jsonl as it finishes, the JSON rewritten after each run."""
+    import json
+
+    from rich.progress import Progress
+
+    replayed = names if replay else []
+    runs = [("greedy", 1)] * greedy + [(name, count) for name in names if name not in replayed for count in counts]
     lines = output.with_suffix(".problems.jsonl")
     lines.write_text("")
 
@@ -584,17 +612,7 @@ def eval_(
             progress.update(task, description=f"{name} x{count}")
             results.append(evals.evaluate(solve, chosen, name, count, advance, record))
             output.write_text(json.dumps(evals.as_json(results, meta), indent=2))
-    report = evals.as_json(results, meta)
-    output.write_text(json.dumps(report, indent=2))
-    for r in results:
-        seconds = f"{r.seconds_per_problem:.2f} s/problem" if r.seconds_per_problem is not None else (
-            f"replayed from x{r.replayed_from}")
-        out.print(f"{r.strategy:<18}x{r.samples:<3} accuracy {r.accuracy:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]  "
-                  f"{r.tokens_per_problem:.0f} tokens  {seconds}")
-    if plot is not None:
-        from ownllm.evals.plot import plot as draw
-
-        draw(report, plot)
+    return results
 
 
 @app.command()

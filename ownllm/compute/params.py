@@ -19,7 +19,10 @@ class ComputeParams:
     samples: int = 8
     answer: str = "text"  # an extractor: number, boxed, choice, json:FIELD, regex:PATTERN or text
     scorer: str = "logprob"  # best_of only: mean token logprob, or a verifier's probability of "yes"
-    early_stop: bool = False  # vote only: stop once the leader cannot be overtaken
+    early_stop: bool = False  # vote only: stop once the leader cannot be overtaken (or, below, is likely to stay)
+    # early_stop: also stop once the leader stays the leader with at least this probability (adaptive consistency's
+    # Beta criterion on the two leading answers' counts, arXiv 2305.11860; 0.95 there); 1.0: only when certain
+    confidence: float = 1.0
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -32,6 +35,11 @@ class ComputeParams:
             raise ValueError("compute.scorer verifier needs strategy best_of (a vote breaks ties by mean logprob)")
         if self.early_stop and self.strategy != "vote":
             raise ValueError("compute.early_stop needs strategy vote (a best_of score is known only at the end)")
+        if isinstance(self.confidence, bool) or not isinstance(self.confidence, (int, float)) or not (
+                0.5 < self.confidence <= 1):
+            raise ValueError(f"compute.confidence must be above 0.5 and at most 1, got {self.confidence!r}")
+        if self.confidence < 1 and not self.early_stop:
+            raise ValueError("compute.confidence needs early_stop (it says when a vote may stop)")
         make_extractor(self.answer)  # raises for an unknown one
 
     @classmethod
@@ -42,7 +50,7 @@ class ComputeParams:
         unknown = sorted(set(value) - set(cls.__dataclass_fields__))
         if unknown:
             raise ValueError(f"compute.{unknown[0]} is not a compute option (strategy, samples, answer, scorer, "
-                             "early_stop)")
+                             "early_stop, confidence)")
         return cls(**value)
 
     def check_limit(self, max_samples: int) -> None:

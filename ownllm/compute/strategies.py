@@ -113,13 +113,16 @@ class ComputeSession:
     def __post_init__(self) -> None:
         self.extract = make_extractor(self.params.answer)
         self.samples = [Sample(i) for i in range(self.params.samples)]
-        self.num_started = min(self.params.samples, self.params.samples // 2 + 1) if self.params.early_stop else (
-            self.params.samples)
+        self.num_started = self._decisive(0, 0, self.params.samples) if self.params.early_stop else self.params.samples
 
     @property
     def running(self) -> list[Sample]:
         """Not finished: running in the engine or not started yet (either may still vote)."""
         return [s for s in self.samples if s.finish_reason is None]
+
+    @property
+    def complete(self) -> list[Sample]:
+        return [s for s in self.samples if s.is_complete]
 
     def samples_to_start(self) -> int:
         """How many more samples to start now (they are the next by index): enough in flight that, if they all
@@ -127,15 +130,22 @@ class ComputeSession:
         if self.is_decided():
             return 0
         counts = [c for _, c in self.votes().most_common(2)] + [0, 0]
-        decisive = (counts[1] + len(self.running) - counts[0]) // 2 + 1  # leader votes that would decide it
         in_flight = sum(1 for s in self.samples[:self.num_started] if s.finish_reason is None)
-        more = max(0, min(decisive - in_flight, self.params.samples - self.num_started))
+        more = max(0, min(self._decisive(counts[0], counts[1], len(self.running)) - in_flight,
+                          self.params.samples - self.num_started))
         self.num_started += more
         return more
 
-    @property
-    def complete(self) -> list[Sample]:
-        return [s for s in self.samples if s.is_complete]
+    def _decisive(self, leader: int, runner_up: int, to_come: int) -> int:
+        """The fewest of the samples to come that, all voting for the leader, decide the vote (all of them if none
+        do: the last one always does)."""
+        return next((x for x in range(1, to_come) if self._decides(leader + x, runner_up, to_come - x)), to_come)
+
+    def _decides(self, leader: int, runner_up: int, to_come: int) -> bool:
+        if leader > runner_up + to_come:  # cannot be overtaken (a tie would be broken by logprob: it could lose)
+            return True
+        confidence = self.params.confidence
+        return confidence < 1 and leader > 0 and leader_probability(leader, runner_up) >= confidence
 
     def update(self, index: int, num_tokens: int, cumulative_logprob: float) -> None:
         """Records how far a running sample got (what a stopped sample spent stays counted)."""
@@ -164,10 +174,10 @@ class ComputeSession:
         return Counter(s.answer for s in self.complete if s.answer is not None)
 
     def is_decided(self) -> bool:
-        """True once the leader stays the leader whatever the running samples answer: it has more votes than
-        the runner-up could reach (a tie would be broken by logprob, so it could still lose one)."""
-        counts = self.votes().most_common(2) + [(None, 0), (None, 0)]
-        return counts[0][1] > counts[1][1] + len(self.running)
+        """True once the leader stays the leader whatever the running samples answer: it has more votes than the
+        runner-up could reach; or, with a confidence below 1, once it stays the leader with that probability."""
+        counts = [c for _, c in self.votes().most_common(2)] + [0, 0]
+        return self._decides(counts[0], counts[1], len(self.running))
 
     def progress(self) -> ComputeProgress:
         leader = self._vote_winner()
@@ -207,9 +217,10 @@ class ComputeSession:
                         for s in self.samples])
 
 
-def replay(params: ComputeParams, results: list[SampleResult]) -> str | None:
-    """The answer a run of just these samples would have chosen under params (an eval's estimate of fewer samples
-    from a larger run: the same session logic, ties and all)."""
-    session = ComputeSession(ComputeParams(params.strategy, len(results), params.answer, params.scorer))
-    session.samples = [r.as_sample(i) for i, r in enumerate(results)]
-    return session.result().answer
+def leader_probability(leader: int, runner_up: int) -> float:
+    """P(p_leader > p_runner_up) after these counts, the two answers' shares Beta(leader + 1, runner_up + 1)
+    distributed (adaptive consistency's criterion): for whole counts, P(Binomial(leader + runner_up + 1, 1/2) <=
+    leader)."""
+    n = leader + runner_up + 1
+    return sum(math.comb(n, i) for i in range(leader + 1)) / 2**n
+

@@ -4,33 +4,33 @@ per problem. Never tunes anything.
 
 Two ways to get the curve: real requests per strategy and sample count (`evaluate`: every wall time is real), or
 one request of the largest count per problem, every sample's answer, logprob and verifier score kept, and each
-strategy at each smaller count replayed on subsets of those samples (`evaluate_curve`: the standard estimate, as in
-arXiv 2407.21787, at a fraction of the cost; its wall time is the largest request's)."""
+strategy at each smaller count replayed on subsets of those samples (`evaluate_curve`, evals/replay.py: the standard
+estimate, as in arXiv 2407.21787, at a fraction of the cost; its wall time is the largest request's). Every problem's
+result is a JSON line as it finishes; `curve` and `summarize` rebuild the rows from such lines."""
 
 from __future__ import annotations
 
-import itertools
 import math
-import random
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from ownllm.compute.extractors import number
+from ownllm.compute.extractors import normalize_number, number
 from ownllm.compute.params import ComputeParams
-from ownllm.compute.strategies import SampleResult, replay
+from ownllm.compute.strategies import SampleResult
+from ownllm.evals.replay import play, subsets
 from ownllm.evals.tasks import Problem
 
 STRATEGIES = {  # name -> the compute field (samples added per run)
     "vote": {"strategy": "vote", "answer": "number"},
     "vote_early_stop": {"strategy": "vote", "answer": "number", "early_stop": True},
+    "vote_early_stop_95": {"strategy": "vote", "answer": "number", "early_stop": True, "confidence": 0.95},
     "best_of": {"strategy": "best_of", "answer": "number"},
     "best_of_verifier": {"strategy": "best_of", "answer": "number", "scorer": "verifier"},
 }
 
 # (prompt, compute field or None for greedy) -> (the answer, completion tokens, every sample: [] for greedy)
 Solver = Callable[[str, dict | None], tuple[str | None, int, list[SampleResult]]]
-MAX_SUBSETS = 256  # subsets of a sample count replayed per problem (all of them when there are fewer)
 
 
 @dataclass
@@ -61,68 +61,88 @@ def evaluate(solve: Solver, problems: list[Problem], strategy: str, samples: int
              record: Callable[[dict], None] = lambda line: None) -> EvalResult:
     """Real requests, one per problem; record gets one JSON-ready line per problem as it finishes."""
     field = None if strategy == "greedy" else {**STRATEGIES[strategy], "samples": samples}
-    num_correct = num_tokens = 0
-    started = time.perf_counter()
+    lines = []
     for problem in problems:
         asked = time.perf_counter()
         answer, tokens, _ = solve(problem.prompt, field)
-        num_correct += problem.is_correct(answer)
-        num_tokens += tokens
-        record({"strategy": strategy, "samples": samples, "index": problem.index, "answer": answer,
-                "correct": problem.is_correct(answer), "tokens": tokens,
-                "seconds": round(time.perf_counter() - asked, 3)})
+        lines.append({"strategy": strategy, "samples": samples, "index": problem.index, "answer": answer,
+                      "correct": problem.is_correct(answer), "tokens": tokens,
+                      "seconds": round(time.perf_counter() - asked, 3)})
+        record(lines[-1])
         advance()
-    seconds = time.perf_counter() - started
-    low, high = wilson_interval(num_correct, len(problems))
-    n = max(len(problems), 1)
-    return EvalResult(strategy, samples, len(problems), num_correct, num_correct / n, low, high, num_tokens / n,
-                      seconds / n)
+    return summarize(lines)
+
+
+def summarize(lines: list[dict]) -> EvalResult:
+    """One real run's per-problem lines (one strategy and sample count) -> its row."""
+    n = max(len(lines), 1)
+    num_correct = sum(line["correct"] for line in lines)
+    low, high = wilson_interval(num_correct, len(lines))
+    return EvalResult(lines[0]["strategy"], lines[0]["samples"], len(lines), num_correct, num_correct / n, low, high,
+                      sum(line["tokens"] for line in lines) / n, sum(line["seconds"] for line in lines) / n)
 
 
 def evaluate_curve(solve: Solver, problems: list[Problem], strategies: list[str], counts: list[int],
                    advance: Callable[[], None] = lambda: None,
                    record: Callable[[dict], None] = lambda line: None) -> list[EvalResult]:
-    """One request of max(counts) samples per problem (scored by the verifier if a strategy asks for it), then every
-    strategy at every count replayed on subsets of its samples: a problem's accuracy at k samples is the mean over
-    up to MAX_SUBSETS k-subsets (fixed seed). The interval is Wilson's on the summed per-problem means (conservative:
-    averaging over subsets only narrows the spread). record gets one JSON-ready line per problem as it finishes."""
+    """One request of max(counts) samples per problem (scored by the verifier if a strategy asks for it), every
+    sample kept, then every strategy at every count replayed on subsets of them (evals/replay.py). record gets one
+    JSON-ready line per problem as it finishes; `curve` turns such lines into rows."""
     largest = max(counts)
     verifier = any(STRATEGIES[s].get("scorer") == "verifier" for s in strategies)
     field = {"strategy": "best_of", "answer": "number", "samples": largest,
              "scorer": "verifier" if verifier else "logprob"}
-    expected = {(s, k): 0.0 for s in strategies for k in counts}
-    num_tokens = 0
-    started = time.perf_counter()
+    lines = []
     for problem in problems:
+        asked = time.perf_counter()
         _, tokens, samples = solve(problem.prompt, field)
-        num_tokens += tokens
-        scores = {}
-        for strategy in strategies:
-            params = ComputeParams(**{k: v for k, v in STRATEGIES[strategy].items() if k != "early_stop"})
-            for count in counts:
-                picks = [replay(params, subset) for subset in _subsets(samples, count, seed=problem.index)]
-                scores[f"{strategy}@{count}"] = sum(map(problem.is_correct, picks)) / len(picks)
-                expected[strategy, count] += scores[f"{strategy}@{count}"]
-        record({"strategy": "replayed", "samples": largest, "index": problem.index, "expected": problem.answer,
-                "tokens": tokens, "accuracy": scores, "per_sample": [s.as_dict() for s in samples]})
+        lines.append({"strategy": "replayed", "samples": largest, "index": problem.index, "expected": problem.answer,
+                      "tokens": tokens, "seconds": round(time.perf_counter() - asked, 3),
+                      "per_sample": [s.as_dict() for s in samples]})
+        record(lines[-1])
         advance()
-    n = max(len(problems), 1)
-    seconds = (time.perf_counter() - started) / n
-    results = []
-    for (strategy, count), total in expected.items():
-        low, high = wilson_interval(total, len(problems))
-        results.append(EvalResult(strategy, count, len(problems), round(total, 3), total / n, low, high,
-                                  num_tokens * count / largest / n, seconds if count == largest else None, largest))
-    return results
+    return curve(lines, strategies, counts)
 
 
-def _subsets(samples: list[SampleResult], count: int, seed: int) -> list[list[SampleResult]]:
-    if count >= len(samples):
-        return [samples]
-    if math.comb(len(samples), count) <= MAX_SUBSETS:
-        return [list(c) for c in itertools.combinations(samples, count)]
-    rng = random.Random(seed)
-    return [rng.sample(samples, count) for _ in range(MAX_SUBSETS)]
+def curve(lines: list[dict], strategies: list[str], counts: list[int]) -> list[EvalResult]:
+    """Replayed lines (each problem's samples) -> a row per strategy and count: the mean over problems of the
+    expected accuracy and sampled tokens on k-subsets. The interval is Wilson's on the summed per-problem means
+    (conservative: averaging over subsets only narrows the spread); seconds only where k is the run's own count."""
+    rows = []
+    for strategy in strategies:
+        params = ComputeParams(**STRATEGIES[strategy])
+        for count in counts:
+            accuracy = tokens = 0.0
+            for line in lines:
+                samples = [SampleResult(**s) for s in line["per_sample"]]
+                plays = [play(params, subset) for subset in subsets(samples, count, seed=line["index"])]
+                accuracy += sum(_is_right(answer, line["expected"]) for answer, _ in plays) / len(plays)
+                tokens += sum(spent for _, spent in plays) / len(plays)
+            n = max(len(lines), 1)
+            low, high = wilson_interval(accuracy, len(lines))
+            largest = lines[0]["samples"] if lines else count
+            timed = count == largest and all("seconds" in line for line in lines)
+            rows.append(EvalResult(strategy, count, len(lines), round(accuracy, 3), accuracy / n, low, high,
+                                   tokens / n, sum(line["seconds"] for line in lines) / n if timed else None,
+                                   largest))
+    return rows
+
+
+def rebuild(lines: list[dict], strategies: list[str], counts: list[int]) -> list[EvalResult]:
+    """Recorded lines (a finished or interrupted run's .problems.jsonl) -> the rows: each real run summarized, and
+    the replayed samples replayed again for these strategies at the counts they hold."""
+    runs: dict[tuple[str, int], list[dict]] = {}
+    for line in lines:
+        runs.setdefault((line["strategy"], line["samples"]), []).append(line)
+    rows = [summarize(group) for key, group in runs.items() if key[0] != "replayed"]
+    for (strategy, largest), group in runs.items():
+        if strategy == "replayed":
+            rows += curve(group, strategies, [c for c in counts if c <= largest])
+    return rows
+
+
+def _is_right(answer: str | None, expected: str) -> bool:
+    return answer is not None and normalize_number(answer) == expected
 
 
 def offline_solver(llm, max_tokens: int, temperature: float) -> Solver:

@@ -70,6 +70,7 @@ class ComputeField(_Request):
     answer: str = "text"
     scorer: str = "logprob"
     early_stop: bool = False
+    confidence: float = 1.0
 
 
 class ChatMessage(_Request):

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from ownllm.compute import ComputeParams, ComputeSession
+from ownllm.compute.strategies import leader_probability
 
 
 def test_imports_no_torch():
@@ -119,6 +120,21 @@ def test_early_stop_draws_samples_in_waves_only_while_the_vote_is_open():
     assert ComputeSession(ComputeParams("vote", 8, "number")).num_started == 8  # no early stop: all at once
 
 
+def test_confidence_stops_once_the_leader_is_likely_to_stay_ahead():
+    """Adaptive consistency's Beta criterion: 4 agreeing votes of 8 give P(leader ahead) = 31/32 >= 0.95."""
+    assert leader_probability(4, 0) == 31 / 32 and leader_probability(3, 0) == 15 / 16
+    assert leader_probability(5, 1) == 15 / 16 and leader_probability(0, 0) == 0.5
+    session = ComputeSession(ComputeParams("vote", 8, "number", early_stop=True, confidence=0.95))
+    assert session.num_started == 4
+    assert [finish(session, i, "7") for i in range(3)] == [[], [], []]
+    assert finish(session, 3, "7") == [4, 5, 6, 7]  # 4 vs 0 with 4 to come: likely enough, though not certain
+    session = ComputeSession(ComputeParams("vote", 8, "number", early_stop=True, confidence=0.95))
+    finish_all(session, [("7", 1, 0.0), ("7", 1, 0.0), ("7", 1, 0.0), ("8", 1, 0.0)])
+    # 3 vs 1 (P = 0.81) with 4 to come: two more votes for 7 make it certain (5 > 1 + 2), before the criterion
+    # would (6 vs 1: 0.965)
+    assert session.samples_to_start() == 2
+
+
 def test_unanswered_samples_do_not_vote():
     session = ComputeSession(ComputeParams("vote", 4, "number", early_stop=True))
     assert finish_all(session, [("no idea", 1, 0.0), ("7", 1, 0.0), ("hmm", 1, 0.0), ("8", 1, 0.0)]) == [[]] * 4
@@ -134,7 +150,8 @@ def test_unanswered_samples_do_not_vote():
      "compute.early_stop needs strategy vote (a best_of score is known only at the end)"),
     (dict(answer="letter"),
      "compute.answer must be number, boxed, choice, json:FIELD, regex:PATTERN or text, got 'letter'"),
-    (dict(budget=3), "compute.budget is not a compute option (strategy, samples, answer, scorer, early_stop)"),
+    (dict(budget=3), "compute.budget is not a compute option (strategy, samples, answer, scorer, early_stop, "
+                     "confidence)"),
 ])
 def test_bad_params_are_refused_naming_the_field(values, message):
     with pytest.raises(ValueError) as error:

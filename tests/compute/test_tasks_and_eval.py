@@ -8,8 +8,10 @@ import re
 
 import pytest
 
+from ownllm.compute.params import ComputeParams
 from ownllm.compute.strategies import SampleResult
-from ownllm.evals.run import evaluate, evaluate_curve, wilson_interval
+from ownllm.evals.replay import play
+from ownllm.evals.run import evaluate, evaluate_curve, rebuild, wilson_interval
 from ownllm.evals.tasks import FAMILIES, HELDOUT_SIZE, problems
 
 
@@ -88,7 +90,30 @@ def test_evaluate_curve_replays_each_strategy_on_subsets_of_one_run():
     by_count = {r.samples: r for r in results if r.strategy == "vote"}
     assert by_count[5].seconds_per_problem is not None and by_count[2].seconds_per_problem is None
     assert by_count[2].replayed_from == 5 and by_count[2].tokens_per_problem == 20
-    assert lines[0]["accuracy"]["vote@2"] == pytest.approx(0.7) and len(lines[0]["per_sample"]) == 5
+    assert len(lines[0]["per_sample"]) == 5 and lines[0]["expected"] == problem.answer
+    assert rebuild(lines, ["vote"], [1, 2, 5, 8]) == [r for r in results if r.strategy == "vote"]  # 8 > 5: left out
+
+
+def test_replayed_early_stop_runs_the_waves_step_by_step():
+    """8 samples of 10 tokens: the first wave is 5 (strict) or 4 (confidence 0.95), and when they all agree the rest
+    never start; a split vote starts more, one wave at a time."""
+    agree = [SampleResult(i, "3", 10, -1.0, "stop", None) for i in range(8)]
+    strict = ComputeParams("vote", 8, "number", early_stop=True)
+    confident = ComputeParams("vote", 8, "number", early_stop=True, confidence=0.95)
+    assert play(strict, agree) == ("3", 50) and play(confident, agree) == ("3", 40)
+    assert play(ComputeParams("vote", 8, "number"), agree) == ("3", 80)
+    # 3 3 4 4 | 3 3 3 3: after the first wave (5 of them: 3 3 4 4 3) it is 3 to 2 with 3 to come, so 2 more start
+    # (3 + 2 > 2 + 1); they agree and the eighth never starts
+    split = [SampleResult(i, a, 10, -1.0, "stop", None) for i, a in enumerate("33443333")]
+    assert play(strict, split) == ("3", 70)
+
+
+def test_rebuild_summarizes_real_runs_from_their_lines():
+    lines = [{"strategy": "greedy", "samples": 1, "index": i, "answer": "1", "correct": i < 3, "tokens": 10,
+              "seconds": 2.0} for i in range(4)]
+    [row] = rebuild(lines, ["vote"], [1])
+    assert (row.strategy, row.num_correct, row.accuracy, row.tokens_per_problem, row.seconds_per_problem) == (
+        "greedy", 3, 0.75, 10, 2.0)
 
 
 def test_plot_writes_a_png(tmp_path):
