@@ -1,10 +1,11 @@
 """The bf16 decode matmul kernel (kernels/gemv_bf16.cpp) on SmolLM2-135M's matrices, this tree's kernel against
 the one of a git revision (default HEAD), taking turns in one process: GB/s of weights read.
 
-    python bench/gemv_small.py [--against HEAD] [--threads 1,2] [--rows 1,2,4] [--repeats 9]
+    python bench/gemv_small.py [--against HEAD] [--threads 1,2] [--rows 1,2,4] [--repeats 9] [--shapes 135m]
 
 Matrices (out x in): fused qkv 960x576, o_proj 576x576, fused gate_up 3072x576, down 1536 -> 576 (576x1536), and
-the tied lm_head 49152x576. Each measurement cycles over enough copies of a matrix (>= 200 MB) that the weights
+the tied lm_head 49152x576; with --shapes 1b, Llama-3.2-1B's (bench/skinny_matmul.py's): 8192x2048, 2048x8192,
+3072x2048. Each measurement cycles over enough copies of a matrix (>= 200 MB) that the weights
 come from memory, as in a decode step (the 30 layers' 212 MB do not fit in L3). The baseline kernel is built from
 the revision's kernels/ folder (cached by its sources' digest like any kernel). Prints a table; writes nothing.
 """
@@ -28,7 +29,11 @@ from ownllm.kernels.build import KERNEL_DIR, kernel_spec, load  # noqa: E402
 from ownllm.kernels.cache import KernelSpec  # noqa: E402
 from ownllm.layers.linear import gemv_kernel  # noqa: E402
 
-SHAPES = {"qkv": (960, 576), "o_proj": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "lm_head": (49152, 576)}
+SHAPES = {
+    "135m": {"qkv": (960, 576), "o_proj": (576, 576), "gate_up": (3072, 576), "down": (576, 1536),
+             "lm_head": (49152, 576)},
+    "1b": {"gate_up": (8192, 2048), "down": (2048, 8192), "qkv": (3072, 2048)},
+}
 
 
 def kernel_at(revision: str, folder: Path):
@@ -61,6 +66,7 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--rows", default="1,2,4")
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--shapes", choices=sorted(SHAPES), default="135m")
     args = parser.parse_args()
     ours = gemv_kernel()
     if ours is None:
@@ -70,7 +76,7 @@ def main() -> None:
     print(f"| threads | rows | matrix | {args.against} GB/s | this tree GB/s | speed-up |\n|---|---|---|---|---|---|")
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)
-        for name, (out_features, in_features) in SHAPES.items():
+        for name, (out_features, in_features) in SHAPES[args.shapes].items():
             copies = max(4, int(200e6 / (2 * out_features * in_features)))
             weights = [torch.randn(out_features, in_features).bfloat16() for _ in range(copies)]
             for m in [int(r) for r in args.rows.split(",")]:
