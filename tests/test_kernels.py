@@ -16,7 +16,7 @@ def kernel():
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 16, 33, 64])
-@pytest.mark.parametrize("in_features, out_features", [(576, 1536), (100, 70), (64, 5), (2048, 33)])
+@pytest.mark.parametrize("in_features, out_features", [(576, 1536), (100, 70), (64, 5), (2048, 33), (1537, 577)])
 def test_gemv_bf16_matches_float_reference(kernel, rows, in_features, out_features):
     torch.manual_seed(rows)
     x = torch.randn(rows, in_features).bfloat16()
@@ -29,16 +29,19 @@ def test_gemv_bf16_matches_float_reference(kernel, rows, in_features, out_featur
     assert not torch.equal(out, torch.zeros_like(out))
 
 
-def test_gemv_bf16_gives_each_row_the_same_numbers_in_any_batch(kernel):
-    """A sequence decoded alone or beside up to 63 others gets bit-identical projections."""
+@pytest.mark.parametrize("in_features, with_bias", [(200, False), (577, True), (1536, True), (2051, False)])
+def test_gemv_bf16_gives_each_row_the_same_numbers_in_any_batch(kernel, in_features, with_bias):
+    """A sequence decoded alone or beside up to 63 others gets bit-identical projections (a few short rows take
+    the weights one row at a time, more rows four at a time: the same numbers)."""
     torch.manual_seed(0)
-    x = torch.randn(64, 200).bfloat16()
-    w = torch.randn(301, 200).bfloat16()
-    alone = torch.cat([kernel.gemv_bf16(x[i : i + 1], w, None) for i in range(64)])
-    for rows in (2, 5, 16, 64):
-        assert torch.equal(kernel.gemv_bf16(x[:rows], w, None), alone[:rows]), rows
+    x = torch.randn(64, in_features).bfloat16()
+    w = torch.randn(301, in_features).bfloat16()
+    b = torch.randn(301).bfloat16() if with_bias else None
+    alone = torch.cat([kernel.gemv_bf16(x[i : i + 1], w, b) for i in range(64)])
+    for rows in (2, 3, 4, 5, 16, 64):
+        assert torch.equal(kernel.gemv_bf16(x[:rows], w, b), alone[:rows]), rows
     with pytest.raises(RuntimeError, match="1 <= M <= 64"):
-        kernel.gemv_bf16(torch.randn(65, 200).bfloat16(), w, None)
+        kernel.gemv_bf16(torch.randn(65, in_features).bfloat16(), w, None)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 5, 17])

@@ -9,6 +9,12 @@
 // block is prefetched meanwhile (M > 4). Against oneDNN on the 1B shape's weights (not cached): 1.5x as
 // fast at 1 row, 1.15-1.3x at 16, slower at 64 rows of 8192 inputs (bench/skinny_matmul.py).
 //
+// A few short activation rows (streams_rows) instead take the weight rows one at a time, in memory order:
+// four rows read side by side are four short streams (a row of 576 bf16 is 18 cache lines) that the
+// hardware prefetcher barely learns before each ends, while one row after another is one long stream.
+// On SmolLM2-135M's matrices (K = 576, 1536) that read 1.5-2x as fast at 1 activation row (bench/gemv_small.py).
+// The tiles are the same ones, so the numbers are too.
+//
 // Batch-invariant: every output is one accumulator over its 32-element chunks in order, then the same
 // horizontal sum, whatever the tile shape or M (up to the callers' limit: linear() sends it <= 32 rows).
 #pragma once
@@ -72,11 +78,27 @@ constexpr TileFn kTiles[4][4] = {
     {&tile<4, 1>, &tile<4, 2>, &tile<4, 3>, &tile<4, 4>},
 };
 
+// Whether rows() takes weight rows from memory one at a time for M activation rows of K: when the activations
+// are a few short rows (at most 4, 12 KB in all), so re-reading them from L1 for each weight row is cheap and
+// each output's chain of dot products is short. Measured (1 thread, weights from memory, GB/s one row at a
+// time / 4 side by side): K = 576: 16 / 8 at M = 1, 11 / 8 at 4; K = 2048: 18 / 11 at 1, 15 / 11 at 3, 8 / 10
+// at 4; K = 8192: 13.5 / 15 at 1, 7 / 12 at 3.
+inline bool streams_rows(int64_t M, int64_t K) { return M <= 4 && M * K <= 6144; }
+
 // y[m, n] = bf16(x[m] . w[n] + bias[n]) for every m < M and n in [n0, n1); bias may be null. No threads:
-// callers split n between them.
+// callers split n between them. weights_cached: w is in cache already (a scratch block), not read from memory.
 inline void rows(const bf16* x, int64_t ldx, int64_t M, const bf16* w, int64_t ldw, int64_t K, int64_t n0,
-                 int64_t n1, const bf16* bias, bf16* y, int64_t ldy) {
+                 int64_t n1, const bf16* bias, bf16* y, int64_t ldy, bool weights_cached = false) {
   float out[4][4];
+  if (!weights_cached && streams_rows(M, K)) {
+    const TileFn one_row = kTiles[M - 1][0];
+    for (int64_t n = n0; n < n1; ++n) {
+      one_row(x, ldx, w + n * ldw, ldw, K, out, nullptr);
+      const float b = bias ? static_cast<float>(bias[n]) : 0.f;
+      for (int i = 0; i < M; ++i) y[i * ldy + n] = bf16(out[i][0] + b);
+    }
+    return;
+  }
   for (int64_t n = n0; n < n1; n += 4) {
     const int nb = (int)std::min<int64_t>(4, n1 - n);
     // with several passes over this block, each prefetches the next one so its reads overlap this block's

@@ -246,7 +246,7 @@ struct Decoded {  // decoded to bf16, then the bf16 tiles (Q8_0; and dequantizin
       for (int64_t n = n0; n < n1; n += kDecodeRows) {
         const int64_t rows = std::min(kDecodeRows, n1 - n);
         decode_rows(w, K, n, n + rows, scratch.data(), n + 2 * rows <= n1);
-        bf16mm::rows(x, K, M, scratch.data(), K, K, 0, rows, bias ? bias + n : nullptr, y + n, N);
+        bf16mm::rows(x, K, M, scratch.data(), K, K, 0, rows, bias ? bias + n : nullptr, y + n, N, true);
       }
     });
   }

@@ -130,6 +130,15 @@ void rope_rotate_half_(at::Tensor q, at::Tensor k, at::Tensor cos, at::Tensor si
   });
 }
 
+// out[i] = bf16(silu(gate[i])) * up[i] for i < n (each lane alone: any span of a row gives the same numbers).
+inline void silu_mul_span(const bf16* gate, const bf16* up, bf16* out, int64_t n) {
+  for (int64_t d = 0; d < n; d += 16) {
+    const __m512 g = load(gate + d, n - d);
+    const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+    store(out + d, _mm512_mul_ps(round_bf16(silu), load(up + d, n - d)), n - d);
+  }
+}
+
 // gate_up: [T, 2I] (gate then up) -> bf16(silu(gate)) * up: [T, I].
 at::Tensor silu_mul(at::Tensor gate_up) {
   check_bf16(gate_up, "gate_up");
@@ -141,10 +150,8 @@ at::Tensor silu_mul(at::Tensor gate_up) {
   const int64_t chunks = (I + 15) / 16;
   at::parallel_for(0, T * chunks, 64, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t t = i / chunks, d = (i % chunks) * 16, n = I - d;
-      const __m512 g = load(gp + t * stride + d, n);
-      const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-      store(op + t * I + d, _mm512_mul_ps(round_bf16(silu), load(gp + t * stride + I + d, n)), n);
+      const int64_t t = i / chunks, d = (i % chunks) * 16;
+      silu_mul_span(gp + t * stride + d, gp + t * stride + I + d, op + t * I + d, std::min<int64_t>(16, I - d));
     }
   });
   return out;
@@ -336,6 +343,11 @@ void rows_ahead(const bf16* x, int64_t ldx, int64_t M, const bf16* w, int64_t K,
   }
 }
 
+// How far ahead rows_ahead prefetches weight rows for M activation rows of K. A few short activation rows: none,
+// rows streams the weights one row at a time (bf16mm::streams_rows). Otherwise rows does not prefetch for M <= 4;
+// there prefetching 64 rows ahead made the SmolLM2-135M shape's forwards 5-15% faster (one thread, under load).
+int64_t rows_ahead_for(int64_t M, int64_t K) { return bf16mm::streams_rows(M, K) ? 0 : M > 4 ? 4 : 64; }
+
 // y [M, N] = x [M, K] (rows any stride) @ w [N, K]^T (+ bias, numel 0: none): gemv_bf16's arithmetic exactly.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), ldx = x.stride(0);
@@ -343,11 +355,27 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bi
   const bf16 *xp = x.data_ptr<bf16>(), *wp = w.data_ptr<bf16>();
   const bf16* b = bias.numel() ? bias.data_ptr<bf16>() : nullptr;
   bf16* yp = y.data_ptr<bf16>();
-  // rows does not prefetch for M <= 4; on the SmolLM2-135M shape (K = 576, rows of 1152 bytes) prefetching 64
-  // rows ahead made batch-1 forwards 5-15% faster on one thread (measured under load)
-  const int64_t ahead = M > 4 ? 4 : 64;
+  const int64_t ahead = rows_ahead_for(M, K);
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { rows_ahead(xp, ldx, M, wp, K, n0, n1, b, yp, N, ahead); });
   return y;
+}
+
+// silu_mul(linear(x, w, bias)) in one parallel region instead of two: each thread multiplies gate rows [i0, i1)
+// and up rows [I + i0, I + i1) of w [2I, K], then takes their SiLU product -> [M, I]. The same numbers.
+at::Tensor gate_up_silu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
+  const int64_t M = x.size(0), K = x.size(1), I = w.size(0) / 2, ldx = x.stride(0);
+  auto gate_up = at::empty({M, 2 * I}, x.options());
+  auto out = at::empty({M, I}, x.options());
+  const bf16 *xp = x.data_ptr<bf16>(), *wp = w.data_ptr<bf16>();
+  const bf16* b = bias.numel() ? bias.data_ptr<bf16>() : nullptr;
+  bf16 *gp = gate_up.data_ptr<bf16>(), *op = out.data_ptr<bf16>();
+  const int64_t ahead = rows_ahead_for(M, K);
+  at::parallel_for(0, I, 64, [&](int64_t i0, int64_t i1) {
+    rows_ahead(xp, ldx, M, wp, K, i0, i1, b, gp, 2 * I, ahead);
+    rows_ahead(xp, ldx, M, wp + I * K, K, i0, i1, b ? b + I : nullptr, gp + I, 2 * I, ahead);
+    for (int64_t m = 0; m < M; ++m) silu_mul_span(gp + m * 2 * I + i0, gp + m * 2 * I + I + i0, op + m * I + i0, i1 - i0);
+  });
+  return out;
 }
 
 // x += delta in place (each sum rounded to bf16, as torch's bf16 add), then, with a weight (numel > 0), the
@@ -436,7 +464,9 @@ class DecodeLayers {
       const at::Tensor attn = paged_decode_attention(q, k, v, k_caches_[l], v_caches_[l], slots, positions,
                                                      block_tables, scale_, windows_[l], 0);  // [B, H * D]
       h = add_rms_norm_(x, project(l, 1, attn), w[kPostNorm], eps_);
-      const at::Tensor down = project(l, 3, silu_mul(project(l, 2, h)));
+      const at::Tensor act = projections_[l][2].is_none() ? gate_up_silu(h, w[kGateUp], w[kGateUpBias])
+                                                          : silu_mul(project(l, 2, h));  // [B, I]
+      const at::Tensor down = project(l, 3, act);
       h = add_rms_norm_(x, down, l + 1 < layers_.size() ? layers_[l + 1][kInputNorm] : at::Tensor(), eps_);
     }
     return x;
