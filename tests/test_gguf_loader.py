@@ -18,7 +18,7 @@ import gguf
 from gguf import GGMLQuantizationType as QType
 
 from ownllm.config import ModelConfig
-from ownllm.loader.gguf import dequantize_tensor, load_gguf, open_gguf, read_fields, unpermute_qk
+from ownllm.loader.gguf import _Reader, dequantize_tensor, load_gguf, open_gguf, read_fields, unpermute_qk
 from ownllm.loader.gguf_tokenizer import GGUFVocab, backend_from_metadata, eos_token_ids
 from tests import gguf_writer as gw
 
@@ -459,7 +459,7 @@ def test_checkpoint_tokenizer(loaded):
     assert tokenizer.decode(ids) == "Hello world"
 
 
-def test_fields_read_as_gguf_reads_them(tmp_path):
+def test_fields_read_as_gguf_reads_them(tmp_path, monkeypatch):
     """Our one-pass array reading gives every field gguf.GGUFReader gives: arrays of each scalar type, of
     strings (empty, multi-byte), of arrays, and scalars; and the tensors at the same offsets."""
     path = tmp_path / "fields.gguf"
@@ -478,7 +478,8 @@ def test_fields_read_as_gguf_reads_them(tmp_path):
     writer.write_tensors_to_file()
     writer.close()
     paths = [path] + ([smollm2_path()] if smollm2_path() else [])  # the bundled vocabulary and merges
-    for file in paths:
+    for file, window in [(file, window) for file in paths for window in (_Reader.window_bytes, 5, 37)]:
+        monkeypatch.setattr(_Reader, "window_bytes", window)  # 5 and 37 bytes: strings cut across windows
         ours, stock = open_gguf(str(file)), gguf.GGUFReader(str(file))
         expected = {name: field.contents() for name, field in stock.fields.items() if not name.startswith("GGUF.")}
         assert read_fields(ours) == expected
