@@ -317,12 +317,18 @@ def _sentencepiece_backend(vocab: GGUFVocab) -> BackendTokenizer:
 def _add_special_tokens(tok: BackendTokenizer, vocab: GGUFVocab) -> None:
     """Control/unknown tokens become special added tokens, user-defined ones plain added tokens; each
     keeps its id because its text is already in the model's vocabulary."""
-    special = [t for t, k in zip(vocab.tokens, vocab.token_types) if k in (CONTROL, UNKNOWN)]
-    user = [t for t, k in zip(vocab.tokens, vocab.token_types) if k == USER_DEFINED]
+    added = _added_ids(vocab)
+    special = [vocab.tokens[i] for i in added if vocab.token_types[i] in (CONTROL, UNKNOWN)]
+    user = [vocab.tokens[i] for i in added if vocab.token_types[i] == USER_DEFINED]
     if special:
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
     if user:
         tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
+
+
+def _added_ids(vocab: GGUFVocab) -> list[int]:
+    """The ids of the tokens that become added tokens (control, unknown, user-defined), in order."""
+    return [i for i, kind in enumerate(vocab.token_types) if kind in _ADDED_TYPES]
 
 
 def _post_processor(vocab: GGUFVocab) -> processors.PostProcessor | None:
@@ -355,8 +361,9 @@ def build_backend(vocab: GGUFVocab) -> BackendTokenizer:
 def _check_ids(tok: BackendTokenizer, vocab: GGUFVocab) -> None:
     """Every added token must have kept the id the file gives it (tokenizers would silently append a
     token whose text is missing from the model's vocabulary at a new id)."""
-    for i, (token, kind) in enumerate(zip(vocab.tokens, vocab.token_types)):
-        if kind in _ADDED_TYPES and tok.token_to_id(token) != i:
+    for i in _added_ids(vocab):
+        token = vocab.tokens[i]
+        if tok.token_to_id(token) != i:
             raise ValueError(
                 f"GGUF tokenizer: token {token!r} is id {i} in the file but {tok.token_to_id(token)} when rebuilt "
                 "(duplicate entries in tokenizer.ggml.tokens?)"
