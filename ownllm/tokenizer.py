@@ -6,7 +6,7 @@ This module owns everything between strings and token ids:
   tokenizer.json, tokenizer_config.json, chat_template.jinja, generation_config.json and config.json), with
   encode/decode, the stop (eos) token ids, and chat-template rendering that matches transformers'
   `apply_chat_template(tokenize=False)` byte for byte (same sandboxed jinja2 environment, globals, filters and
-  input clean-up).
+  input clean-up; the environment is in chat_template.py, imported on the first render).
 * `IncrementalDetokenizer`: streaming decode, one token at a time, O(1) per token (vLLM's prefix/read-offset
   window), never emitting half a UTF-8 character.
 * `find_stop` / `held_back_len`: stop strings that may span token boundaries while streaming.
@@ -20,16 +20,9 @@ import dataclasses
 import json
 import os
 from collections.abc import Mapping, Sequence
-from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import jinja2
-import jinja2.ext
-import jinja2.nodes
-import jinja2.utils
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _Backend
 
 # The named special tokens transformers passes into chat templates (its SPECIAL_TOKENS_ATTRIBUTES).
@@ -135,11 +128,13 @@ class Tokenizer:
         chat = [_alias_reasoning(m) for m in chat]
         context = _plain({**self.special_tokens_map, **template_kwargs})
         context.setdefault("documents", None)
+        from ownllm.chat_template import TemplateError, compile_template  # jinja2 (~20 ms) only when a chat comes
+
         try:
-            return _compile(template).render(
+            return compile_template(template).render(
                 messages=chat, tools=_plain(tools), add_generation_prompt=add_generation_prompt, **context
             )
-        except jinja2.TemplateError as e:
+        except TemplateError as e:
             raise ValueError(f"chat template error: {e}") from e
 
     def encode_chat(
@@ -280,81 +275,6 @@ def _load_chat_template(path: Path, config: dict) -> str | dict[str, str] | None
     if isinstance(template, list):
         return {t["name"]: t["template"] for t in template}
     return template
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Chat-template environment: a copy of transformers.utils.chat_template_utils._cached_compile_jinja_template
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` marks assistant text for transformers' training masks; render it."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: Any) -> jinja2.nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-    def _render(self, caller: Any) -> str:
-        return caller()
-
-
-class _TemplateDict:
-    """`dict` for templates without the class's attributes (`dict.mro()` and friends)."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> dict:
-        return dict(*args, **kwargs)
-
-    def fromkeys(self, *args: Any, **kwargs: Any) -> dict:
-        return dict.fromkeys(*args, **kwargs)
-
-
-class _TemplateNamespace(jinja2.utils.Namespace):
-    """`namespace()` that refuses underscore-prefixed attributes (no reaching CPython internals)."""
-
-    def __init__(*args: Any, **kwargs: Any) -> None:  # same signature trick as jinja2's Namespace
-        self, args = args[0], args[1:]
-        attrs = dict(*args, **kwargs)
-        for name in attrs:
-            _check_namespace_name(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        _check_namespace_name(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-
-def _check_namespace_name(name: Any) -> None:
-    if isinstance(name, str) and name.startswith("_"):
-        raise jinja2.exceptions.SecurityError(f"Chat templates cannot store underscore-prefixed attributes: {name!r}")
-
-
-def _raise_exception(message: str) -> None:
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
-    # Not jinja2's own tojson, which HTML-escapes and sorts keys.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(format: str) -> str:
-    return datetime.now().strftime(format)
-
-
-@lru_cache(maxsize=32)
-def _compile(template: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    env.globals["dict"] = _TemplateDict()
-    env.globals["namespace"] = _TemplateNamespace
-    return env.from_string(template)
 
 
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")

@@ -18,7 +18,7 @@ import gguf
 from gguf import GGMLQuantizationType as QType
 
 from ownllm.config import ModelConfig
-from ownllm.loader.gguf import dequantize_tensor, load_gguf, open_gguf, read_fields, unpermute_qk
+from ownllm.loader.gguf import _Reader, dequantize_tensor, load_gguf, open_gguf, read_fields, unpermute_qk
 from ownllm.loader.gguf_tokenizer import GGUFVocab, backend_from_metadata, eos_token_ids
 from tests import gguf_writer as gw
 
@@ -459,7 +459,7 @@ def test_checkpoint_tokenizer(loaded):
     assert tokenizer.decode(ids) == "Hello world"
 
 
-def test_fields_read_as_gguf_reads_them(tmp_path):
+def test_fields_read_as_gguf_reads_them(tmp_path, monkeypatch):
     """Our one-pass array reading gives every field gguf.GGUFReader gives: arrays of each scalar type, of
     strings (empty, multi-byte), of arrays, and scalars; and the tensors at the same offsets."""
     path = tmp_path / "fields.gguf"
@@ -478,7 +478,8 @@ def test_fields_read_as_gguf_reads_them(tmp_path):
     writer.write_tensors_to_file()
     writer.close()
     paths = [path] + ([smollm2_path()] if smollm2_path() else [])  # the bundled vocabulary and merges
-    for file in paths:
+    for file, window in [(file, window) for file in paths for window in (_Reader.window_bytes, 5, 37)]:
+        monkeypatch.setattr(_Reader, "window_bytes", window)  # 5 and 37 bytes: strings cut across windows
         ours, stock = open_gguf(str(file)), gguf.GGUFReader(str(file))
         expected = {name: field.contents() for name, field in stock.fields.items() if not name.startswith("GGUF.")}
         assert read_fields(ours) == expected
@@ -595,3 +596,21 @@ def test_smollm2_tensors_match_transformers(smollm2):
         if t.tensor_type != QType.F32:
             flat = hf_dequantize(torch.from_numpy(np.array(t.data).reshape(-1)), int(t.tensor_type))
             assert torch.equal(dequantize_tensor(t, torch.float32).reshape(-1), flat), t.name
+
+
+def test_byte_level_vocab_and_merges_fast_paths_agree_with_the_exact_rules():
+    """The one-pass vocabulary and merge splits give what the per-entry rules give: a normal token outside the byte
+    alphabet is respelled, a repeated token keeps its first id, a merge starting with a space splits after it."""
+    from ownllm.loader.gguf_tokenizer import CONTROL, NORMAL, _byte_level_vocab, _split_merge, _split_merges
+
+    def vocab(tokens, types):
+        return GGUFVocab("gpt2", None, tokens, types, None, None, None, None, None, None, None, None,
+                         False, False, False, None)
+
+    assert _byte_level_vocab(vocab(["a", "Ġb", "<|end|>"], [NORMAL, NORMAL, CONTROL])) == {"a": 0, "Ġb": 1, "<|end|>": 2}
+    assert _byte_level_vocab(vocab(["a", "b c", "<s x>"], [NORMAL, NORMAL, CONTROL])) == {"a": 0, "bĠc": 1, "<s x>": 2}
+    assert list(_byte_level_vocab(vocab(["a", "b", "a"], [NORMAL] * 3)).items()) == [("a", 0), ("b", 1)]
+    assert _split_merges(["Ġ t", "i n"]) == [("Ġ", "t"), ("i", "n")]
+    assert _split_merges(["i n", "  t"]) == [("i", "n"), (" ", "t")] == [_split_merge(m) for m in ["i n", "  t"]]
+    with pytest.raises(ValueError, match="malformed BPE merge 'in'"):
+        _split_merges(["i n", "in"])

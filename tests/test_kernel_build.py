@@ -1,6 +1,7 @@
 """The kernel cache and its build, on a kernel that compiles in seconds (tests/data/tiny_kernel): a build killed midway
-never blocks the next run, two runs at once build once, another environment with the same torch reuses the build,
-and a failed build says why in one line. Each test has its own OWNLLM_CACHE."""
+never blocks the next run, two runs at once build once, an edited source or header builds anew (an unchanged one
+loads without a compiler), another environment with the same torch reuses the build, and a failed build says why in
+one line. Each test has its own OWNLLM_CACHE."""
 
 from __future__ import annotations
 
@@ -30,9 +31,9 @@ print("add:", module.add(2, 3) if module else None, "torch:", torch.__file__, fl
 """
 
 
-def start_run(cache_dir: Path, pythonpath: str = "") -> subprocess.Popen:
+def start_run(cache_dir: Path, pythonpath: str = "", source: Path = TINY) -> subprocess.Popen:
     env = {**os.environ, "OWNLLM_CACHE": str(cache_dir), "PYTHONPATH": os.pathsep.join(filter(None, [pythonpath, str(REPO)]))}
-    return subprocess.Popen([sys.executable, "-c", RUN_TINY, str(TINY)], cwd=REPO, env=env, text=True,
+    return subprocess.Popen([sys.executable, "-c", RUN_TINY, str(source)], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -95,6 +96,24 @@ def test_first_build_shows_one_line_then_later_runs_are_silent(tmp_path):
     assert " tiny [1/1] done in " in lines[0]
     out, err = finish(start_run(tmp_path))
     assert "add: 5 " in out and "ownllm:" not in err
+
+
+def test_a_changed_source_or_header_rebuilds_and_an_unchanged_one_loads_as_built(tmp_path):
+    """Start-up loads a cached kernel without a compiler run; an edit to its source or a header beside it builds it anew."""
+    source = tmp_path / "src" / "tiny.cpp"
+    source.parent.mkdir()
+    source.write_text(TINY.read_text())
+    cache_dir = tmp_path / "cache"
+    assert "add: 5 " in finish(start_run(cache_dir, source=source))[0]
+    out, err = finish(start_run(cache_dir, source=source))
+    assert "add: 5 " in out and "ownllm:" not in err
+    source.write_text(TINY.read_text().replace("return a + b;", "return a + b + 1;"))
+    out, err = finish(start_run(cache_dir, source=source))
+    assert "add: 6 " in out and "ownllm: building" in err, err
+    (source.parent / "extra.h").write_text("// a header beside the kernel is part of its build\n")
+    out, err = finish(start_run(cache_dir, source=source))
+    assert "add: 6 " in out and "ownllm: building" in err, err
+    assert len(list(tiny_folder(cache_dir).glob("*.so"))) == 3
 
 
 def test_another_environment_with_the_same_torch_reuses_the_build(tmp_path):

@@ -2,9 +2,17 @@
 AsyncEngine and `ownllm serve` alike: it loads the checkpoint, builds the executor (the model runner, with its
 draft proposer when speculating, or tensor-parallel workers), the KV-cache manager and the engine core, and
 knows the model's sampling defaults.
+
+Loading runs torch on one thread (load_threads): its work is many small, memory-bound copies (repacking, fusing,
+undoing llama.cpp's row order), where a parallel region costs more in OpenMP barriers than it saves, and far more
+when another process holds a core (the bundled model's load: 0.44 s on one thread, 1.2-3.4 s on two, measured on a
+shared 2-core machine). The thread count is restored before the engine runs.
 """
 
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 from ownllm.config import EngineConfig, resolve_device
 from ownllm.distributed.executor import Executor, MultiprocExecutor, UniprocExecutor
@@ -26,8 +34,9 @@ def build_engine(config: EngineConfig) -> Engine:
     """-> an Engine on the configured model, ready to take requests."""
     device = resolve_device(config.device)  # before loading: a bad device fails fast
     # with tensor-parallel workers, which load their own shards, this process needs no weights
-    checkpoint = load_checkpoint(config.model, config.dtype, keep_quantized=device == "cpu",
-                                 with_tensors=config.tensor_parallel_size == 1, mmproj=config.mmproj)
+    with load_threads():
+        checkpoint = load_checkpoint(config.model, config.dtype, keep_quantized=device == "cpu",
+                                     with_tensors=config.tensor_parallel_size == 1, mmproj=config.mmproj)
     tokenizer = checkpoint.tokenizer
     executor = _executor(config, checkpoint, device)
     block_size = config.cache.block_size
@@ -52,8 +61,23 @@ def _executor(config: EngineConfig, checkpoint: Checkpoint, device: str) -> Exec
         return MultiprocExecutor(config, device)
     from ownllm.worker.model_runner import ModelRunner
 
-    return UniprocExecutor(ModelRunner(checkpoint, config.cache, checkpoint.tokenizer.eos_token_ids,
-                                       config.scheduler.max_num_seqs, device, config.speculative, config.backends))
+    with load_threads():
+        runner = ModelRunner(checkpoint, config.cache, checkpoint.tokenizer.eos_token_ids,
+                             config.scheduler.max_num_seqs, device, config.speculative, config.backends)
+    return UniprocExecutor(runner)
+
+
+@contextlib.contextmanager
+def load_threads() -> Iterator[None]:
+    """torch on one intra-op thread inside, this thread's count as it was afterwards (see the module docstring)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _max_model_len(config: EngineConfig, model_context: int) -> int:

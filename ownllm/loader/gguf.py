@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -116,6 +117,7 @@ _MOE_LAYOUT = {
 _ROPE_FREQS = "rope_freqs.weight"  # llama3 rope scaling, stored as per-dimension factors
 
 _GGUF_MAGIC = b"GGUF"
+_UINT64 = struct.Struct("<Q")
 _MAX_LISTED_ARRAY = 64  # metadata arrays longer than this (the vocabulary...) stay out of `metadata`
 
 
@@ -213,8 +215,11 @@ class _Reader(gguf.GGUFReader):
     __getitem__ / __array_finalize__ ran ~2M times parsing the bundled model's vocabulary (1.6 s of
     start-up; 0.5 s this way, the same fields and tensors). Arrays of numbers or strings in the file's own
     byte order are read in one pass, not one recursive call and 2-3 views per element (0.5 s -> 0.05 s for the
-    bundled vocabulary and merges): numbers as one array part, strings as one part each, which is what
-    ReaderField.contents() reads back."""
+    bundled vocabulary and merges): numbers as one array part; strings decoded as they are read, from bytes
+    copied a window at a time (no view per string: 0.17 s -> 0.06 s for the same vocabulary and merges, with
+    contents()), kept as one part that their field's contents() returns (_StringArrayField)."""
+
+    window_bytes = 1 << 20  # how much of the file _read_strings copies at a time
 
     def _get(self, offset: int, dtype, count: int = 1, override_order=None) -> np.ndarray:
         plain = self.__dict__.get("_plain")
@@ -229,19 +234,53 @@ class _Reader(gguf.GGUFReader):
             return super()._get_field_parts(orig_offs, raw_type)
         item_type, count = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
         kind = gguf.GGUFValueType(item_type[0])
-        offs, parts = orig_offs + 12, [item_type, count]
+        parts = [item_type, count]
         if kind == gguf.GGUFValueType.STRING:
-            raw = memoryview(self._plain)
-            for _ in range(int(count[0])):
-                size = int.from_bytes(raw[offs : offs + 8], "little")
-                parts.append(self._plain[offs + 8 : offs + 8 + size])
-                offs += 8 + size
-            return offs - orig_offs, parts, list(range(2, len(parts))), [gguf.GGUFValueType.ARRAY, kind]
+            strings, end = self._read_strings(orig_offs + 12, int(count[0]))
+            return end - orig_offs, parts + [strings], [2], [gguf.GGUFValueType.ARRAY, kind]
         scalar = self.gguf_scalar_to_np.get(kind)
         if scalar is None:  # arrays of arrays
             return super()._get_field_parts(orig_offs, raw_type)
-        values = self._get(offs, scalar, count[0])
+        values = self._get(orig_offs + 12, scalar, count[0])
         return 12 + values.nbytes, parts + [values], [2], [gguf.GGUFValueType.ARRAY, kind]
+
+    def _read_strings(self, offset: int, count: int) -> tuple[list[str], int]:
+        """`count` GGUF strings (a little-endian uint64 length, then UTF-8 bytes) from `offset` -> (the strings,
+        the offset after them)."""
+        strings, buf, pos = [], b"", 0  # buf: a window of the file's bytes, from offset
+        read_size = _UINT64.unpack_from
+        for _ in range(count):
+            if pos + 8 > len(buf):
+                offset, pos, buf = offset + pos, 0, self._window(offset + pos, 8)
+            end = pos + 8 + read_size(buf, pos)[0]
+            if end > len(buf):
+                offset, end, buf = offset + pos, end - pos, self._window(offset + pos, end - pos)
+                pos = 0
+            strings.append(buf[pos + 8 : end].decode("utf-8"))
+            pos = end
+        return strings, offset + pos
+
+    def _window(self, offset: int, size: int) -> bytes:
+        """At least `size` bytes of the file from `offset` (window_bytes when the file has them)."""
+        buf = self._plain[offset : offset + max(size, self.window_bytes)].tobytes()
+        if len(buf) < size:
+            raise ValueError(f"a string at byte {offset} runs past the end of the file")
+        return buf
+
+    def _push_field(self, field: gguf.ReaderField, skip_sum: bool = False) -> int:
+        if field.types == [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING] and isinstance(field.parts[-1], list):
+            field = _StringArrayField(*field)
+        return super()._push_field(field, skip_sum)
+
+
+class _StringArrayField(gguf.ReaderField):
+    """A string array that _Reader decoded while parsing: its last part is the list of strings, which contents()
+    returns (its parts hold no per-string byte views)."""
+
+    __slots__ = ()
+
+    def contents(self, index_or_slice: int | slice = slice(None)) -> Any:
+        return self.parts[-1][index_or_slice]
 
 
 def open_gguf(path: str) -> gguf.GGUFReader:

@@ -231,9 +231,23 @@ def _split_merge(merge: str) -> tuple[str, str]:
     return merge[:pos], merge[pos + 1 :]
 
 
+def _split_merges(merges: Sequence[str]) -> list[tuple[str, str]]:
+    """_split_merge of each; at the first space when no merge starts with one or lacks a part (the usual case,
+    the same split, 5x faster)."""
+    pairs = [merge.partition(" ")[::2] for merge in merges]
+    if all(left and right for left, right in pairs):
+        return pairs
+    return [_split_merge(merge) for merge in merges]
+
+
 def _byte_level_vocab(vocab: GGUFVocab) -> dict[str, int]:
     """token -> id. Added (control/user-defined) tokens keep their raw text, as llama.cpp stores them;
     a normal token outside the byte alphabet (a converter mislabel) is respelled in it."""
+    normal = "".join(token for token, kind in zip(vocab.tokens, vocab.token_types) if kind not in _ADDED_TYPES)
+    if set(normal) <= _BYTE_ALPHABET:  # the usual case, nothing to respell: unless a token repeats, every id as is
+        ids = dict(zip(vocab.tokens, range(len(vocab.tokens))))
+        if len(ids) == len(vocab.tokens):
+            return ids
     out: dict[str, int] = {}
     for i, (token, kind) in enumerate(zip(vocab.tokens, vocab.token_types)):
         if kind not in _ADDED_TYPES and not set(token) <= _BYTE_ALPHABET:
@@ -251,7 +265,7 @@ def _byte_level_pre_tokenizer(spec: _PreTokenizerSpec) -> pre_tokenizers.PreToke
 
 def _byte_level_backend(vocab: GGUFVocab) -> BackendTokenizer:
     spec = _pre_tokenizer_spec(vocab.pre)
-    merges = [_split_merge(m) for m in vocab.merges or ()]
+    merges = _split_merges(vocab.merges or ())
     model = models.BPE(vocab=_byte_level_vocab(vocab), merges=merges, ignore_merges=spec.ignore_merges)
     tok = BackendTokenizer(model)
     tok.pre_tokenizer = _byte_level_pre_tokenizer(spec)
@@ -303,12 +317,18 @@ def _sentencepiece_backend(vocab: GGUFVocab) -> BackendTokenizer:
 def _add_special_tokens(tok: BackendTokenizer, vocab: GGUFVocab) -> None:
     """Control/unknown tokens become special added tokens, user-defined ones plain added tokens; each
     keeps its id because its text is already in the model's vocabulary."""
-    special = [t for t, k in zip(vocab.tokens, vocab.token_types) if k in (CONTROL, UNKNOWN)]
-    user = [t for t, k in zip(vocab.tokens, vocab.token_types) if k == USER_DEFINED]
+    added = _added_ids(vocab)
+    special = [vocab.tokens[i] for i in added if vocab.token_types[i] in (CONTROL, UNKNOWN)]
+    user = [vocab.tokens[i] for i in added if vocab.token_types[i] == USER_DEFINED]
     if special:
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
     if user:
         tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
+
+
+def _added_ids(vocab: GGUFVocab) -> list[int]:
+    """The ids of the tokens that become added tokens (control, unknown, user-defined), in order."""
+    return [i for i, kind in enumerate(vocab.token_types) if kind in _ADDED_TYPES]
 
 
 def _post_processor(vocab: GGUFVocab) -> processors.PostProcessor | None:
@@ -341,8 +361,9 @@ def build_backend(vocab: GGUFVocab) -> BackendTokenizer:
 def _check_ids(tok: BackendTokenizer, vocab: GGUFVocab) -> None:
     """Every added token must have kept the id the file gives it (tokenizers would silently append a
     token whose text is missing from the model's vocabulary at a new id)."""
-    for i, (token, kind) in enumerate(zip(vocab.tokens, vocab.token_types)):
-        if kind in _ADDED_TYPES and tok.token_to_id(token) != i:
+    for i in _added_ids(vocab):
+        token = vocab.tokens[i]
+        if tok.token_to_id(token) != i:
             raise ValueError(
                 f"GGUF tokenizer: token {token!r} is id {i} in the file but {tok.token_to_id(token)} when rebuilt "
                 "(duplicate entries in tokenizer.ggml.tokens?)"
