@@ -40,10 +40,14 @@ def play(params: ComputeParams, samples: list[SampleResult]) -> tuple[str | None
     return session.result().answer, sum(spent)
 
 
-def subsets(samples: list[SampleResult], count: int, seed: int) -> list[list[SampleResult]]:
-    if count >= len(samples):
-        return [samples]
-    if math.comb(len(samples), count) <= MAX_SUBSETS:
-        return [list(c) for c in itertools.combinations(samples, count)]
+def subsets(samples: list[SampleResult], count: int, seed: int, ordered: bool = False) -> list[list[SampleResult]]:
+    """The k-subsets a count is replayed on: all of them when there are at most MAX_SUBSETS, else MAX_SUBSETS drawn
+    at random. ordered (an early-stopping vote, whose waves depend on the order): each in a random order, and the
+    whole set in MAX_SUBSETS orders."""
     rng = random.Random(seed)
-    return [rng.sample(samples, count) for _ in range(MAX_SUBSETS)]
+    if count >= len(samples) and not ordered:
+        return [samples]
+    if math.comb(len(samples), count) <= MAX_SUBSETS and count < len(samples):
+        chosen = [list(c) for c in itertools.combinations(samples, count)]
+        return [rng.sample(c, len(c)) for c in chosen] if ordered else chosen
+    return [rng.sample(samples, min(count, len(samples))) for _ in range(MAX_SUBSETS)]

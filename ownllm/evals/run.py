@@ -115,7 +115,8 @@ def curve(lines: list[dict], strategies: list[str], counts: list[int]) -> list[E
             accuracy = tokens = 0.0
             for line in lines:
                 samples = [SampleResult(**s) for s in line["per_sample"]]
-                plays = [play(params, subset) for subset in subsets(samples, count, seed=line["index"])]
+                plays = [play(params, subset)
+                         for subset in subsets(samples, count, line["index"], ordered=params.early_stop)]
                 accuracy += sum(_is_right(answer, line["expected"]) for answer, _ in plays) / len(plays)
                 tokens += sum(spent for _, spent in plays) / len(plays)
             n = max(len(lines), 1)

@@ -10,7 +10,7 @@ import pytest
 
 from ownllm.compute.params import ComputeParams
 from ownllm.compute.strategies import SampleResult
-from ownllm.evals.replay import play
+from ownllm.evals.replay import MAX_SUBSETS, play, subsets
 from ownllm.evals.run import evaluate, evaluate_curve, rebuild, wilson_interval
 from ownllm.evals.tasks import FAMILIES, HELDOUT_SIZE, problems
 
@@ -106,6 +106,9 @@ def test_replayed_early_stop_runs_the_waves_step_by_step():
     # (3 + 2 > 2 + 1); they agree and the eighth never starts
     split = [SampleResult(i, a, 10, -1.0, "stop", None) for i, a in enumerate("33443333")]
     assert play(strict, split) == ("3", 70)
+    orders = subsets(split, 8, seed=0, ordered=True)  # the waves depend on the order: the whole set, reshuffled
+    assert len(orders) == MAX_SUBSETS and all(sorted(o, key=lambda s: s.index) == split for o in orders)
+    assert len({tuple(s.index for s in o) for o in orders}) > 200 and subsets(split, 8, seed=0) == [split]
 
 
 def test_rebuild_summarizes_real_runs_from_their_lines():
