@@ -560,7 +560,8 @@ def eval_(
     if unknown:
         raise ValueError(f"--strategies: unknown {unknown[0]!r}; choose from {', '.join(evals.STRATEGIES)}")
     counts = [int(c) for c in samples.split(",")]
-    meta = {"model": server or model or BUNDLED_MODEL_NAME, "family": family, "split": split,
+    label = server or model or (from_lines.name.split(".")[0] if from_lines else BUNDLED_MODEL_NAME)
+    meta = {"model": label, "family": family, "split": split,
             "max_tokens": max_tokens, "temperature": temperature}
     if from_lines is not None:
         lines = [json.loads(line) for line in from_lines.read_text().splitlines() if line.strip()]

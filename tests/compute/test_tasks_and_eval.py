@@ -123,7 +123,8 @@ def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     from ownllm.evals.plot import plot
 
-    rows = [{"strategy": s, "samples": n, "accuracy": a, "ci_low": a - 0.1, "ci_high": a + 0.1}
+    rows = [{"strategy": s, "samples": n, "accuracy": a, "ci_low": a - 0.1, "ci_high": a + 0.1,
+             "tokens_per_problem": 100 * n}
             for s, n, a in [("greedy", 1, 0.3), ("vote", 1, 0.25), ("vote", 4, 0.4)]]
     plot({"model": "m", "family": "chain", "split": "heldout", "num_problems": 10, "results": rows},
          tmp_path / "p.png")
