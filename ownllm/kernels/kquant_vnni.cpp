@@ -69,8 +69,11 @@ struct Activations {
   // order: where each 16 values of a block go among its codes (bsums stay in order)
   Activations(const bf16* x, int64_t M, int64_t K, int64_t (*order)(int64_t) = in_order)
       : K(K), q(M * K), d(M * (kKQuant ? K / 256 : K / 4)), bsums(kKQuant ? M * K / 16 : 0) {
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t b = 0; b < K / kBlock; ++b) quantize_block(x + m * K + b * kBlock, m, b, order);
+    // rows split between threads where there are enough of them (prefill); each row's numbers are the same
+    at::parallel_for(0, M, std::max<int64_t>(1, (int64_t{1} << 16) / K), [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m)
+        for (int64_t b = 0; b < K / kBlock; ++b) quantize_block(x + m * K + b * kBlock, m, b, order);
+    });
   }
 
   // One block: d = absmax / 127, q = round-to-nearest-even(x * (127 / absmax)) in float32 (0 when all are 0).
@@ -467,6 +470,213 @@ void x8_matmul(const bf16* x, int64_t M, const uint8_t* w, int64_t group_bytes, 
 constexpr X8Rows kQ4_Kx8Rows[4] = {q4_kx8_rows<1>, q4_kx8_rows<2>, q4_kx8_rows<3>, q4_kx8_rows<4>};
 constexpr X8Rows kQ6_Kx8Rows[4] = {q6_kx8_rows<1>, q6_kx8_rows<2>, q6_kx8_rows<3>, q6_kx8_rows<4>};
 
+// --- the 8-row layouts times many activation rows (prefill, batched decode): tiles -------------------------
+// A tile is up to kTileRows activation rows times one group of 8 weight rows. Per block of 256, each sub-block's
+// codes are unpacked and its scales spread once per tile; then per activation row, vpdpbusd (the weights' unsigned
+// codes times the activations' signed ones, 4 products per int32 lane) sums the sub-block exactly: row r's bytes 0-3
+// of each 8-byte chunk land in lane 2r, bytes 4-7 in lane 2r + 1, as vpmaddubsw + vpdpwssd put them in the rows
+// kernels above. The sum fits in int16 (Q4_K: 16 products of at most 15 x 127 a lane; Q6_K: 8 of (q - 32) x,
+// at most 32 x 127, once the lane starts from -32 times its activations' sum), so one vpdpwssd against the
+// sub-block's scale in the lane's low int16 (0 in the high one) adds scale x sum: 5 (Q4_K) or 3 (Q6_K)
+// instructions per 32 or 16 weights of 8 rows, where the rows kernels take 2 per 8 weights. A row's operations
+// are the same whichever tile it is in, so its numbers are the same in any batch.
+constexpr int64_t kTileRows = 8;
+
+// What the tiles read of each activation row besides its codes and d, made once per call from them.
+struct TileActivations {
+  const Activations<256>& a;
+  std::vector<int16_t> min_sums;     // Q4_K [M, K / 256, 8]: S_c = bsum[2c] + bsum[2c + 1], as S0 S1 S4 S5 S2 S3 S6 S7
+  std::vector<int64_t> corrections;  // Q6_K [M, K / 16]: int32 pair -32 x (sum of bytes 0-3 and 8-11, of 4-7 and 12-15)
+
+  TileActivations(const Activations<256>& a, int64_t M, bool q4_k) : a(a) {
+    const int64_t K = a.K;
+    if (q4_k) min_sums.resize(M * K / 32);
+    else corrections.resize(M * K / 16);
+    at::parallel_for(0, M, std::max<int64_t>(1, (int64_t{1} << 16) / K), [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        if (q4_k) {
+          static constexpr int kOrder[8] = {0, 1, 4, 5, 2, 3, 6, 7};
+          for (int64_t g = 0; g < K / 256; ++g)
+            for (int j = 0; j < 8; ++j) {
+              const int16_t* bs = a.bsums.data() + (m * K + 256 * g) / 16 + 2 * kOrder[j];
+              min_sums[(m * (K / 256) + g) * 8 + j] = (int16_t)(bs[0] + bs[1]);
+            }
+        } else {
+          const int8_t* x = a.codes(m);
+          for (int64_t e = 0; e < K / 16; ++e) {
+            int32_t even = 0, odd = 0;
+            for (int i = 0; i < 4; ++i) {
+              even += x[16 * e + i] + x[16 * e + 8 + i];
+              odd += x[16 * e + 4 + i] + x[16 * e + 12 + i];
+            }
+            corrections[m * (K / 16) + e] = (int64_t)(uint32_t)(-32 * even) | (int64_t)(uint32_t)(-32 * odd) << 32;
+          }
+        }
+      }
+    });
+  }
+};
+
+// the tile's float lanes -> out[j][r] (lanes 2r + 2r + 1), as the rows kernels add them
+template <int R>
+inline void tile_out(const __m512* acc, float (*out)[kX8Rows]) {
+  for (int j = 0; j < R; ++j) {
+    alignas(64) float lanes[16];
+    _mm512_store_ps(lanes, acc[j]);
+    for (int r = 0; r < kX8Rows; ++r) out[j][r] = lanes[2 * r] + lanes[2 * r + 1];
+  }
+}
+
+// 8 bytes (one per row, at p) -> int16 lanes 4r and 4r + 2 (0 in 4r + 1 and 4r + 3): zero-extended (Q4_K's
+// unsigned scales), or sign-extended (Q6_K's int8 ones)
+inline __m512i spread_scales_u8(const uint8_t* p) {
+  const __m512i ctrl = _mm512_set_epi64(0x8080800780808007LL, 0x8080800680808006LL, 0x8080800580808005LL, 0x8080800480808004LL,
+                                        0x8080800380808003LL, 0x8080800280808002LL, 0x8080800180808001LL, (int64_t)0x8080800080808000ULL);
+  int64_t bytes;
+  std::memcpy(&bytes, p, sizeof(bytes));
+  return _mm512_shuffle_epi8(_mm512_set1_epi64(bytes), ctrl);
+}
+inline __m512i spread_scales_i8(const uint8_t* p) {
+  const __m512i ctrl = _mm512_set_epi64(0x8080078080800780LL, 0x8080068080800680LL, 0x8080058080800580LL, 0x8080048080800480LL,
+                                        0x8080038080800380LL, 0x8080028080800280LL, 0x8080018080800180LL, (int64_t)0x8080008080800080ULL);
+  int64_t bytes;
+  std::memcpy(&bytes, p, sizeof(bytes));
+  return _mm512_srai_epi16(_mm512_shuffle_epi8(_mm512_set1_epi64(bytes), ctrl), 8);
+}
+
+inline __m512i broadcast8(const int8_t* x) {
+  int64_t v;
+  std::memcpy(&v, x, sizeof(v));
+  return _mm512_set1_epi64(v);
+}
+
+// rows m0..m0 + R - 1 of y for the 8 weight rows of one Q4_Kx8 group
+template <int R>
+void q4_kx8_tile(const uint8_t* group, int64_t blocks, const TileActivations& t, int64_t m0, float (*out)[kX8Rows]) {
+  const Activations<256>& a = t.a;
+  __m512 acc[R];
+  for (int j = 0; j < R; ++j) acc[j] = _mm512_setzero_ps();
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const __m512i twice = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  // min[r][c] (int16 word 8r + c of the two halves) -> A: lanes 2r = (m0, m1), 2r + 1 = (m4, m5); B: (m2, m3), (m6, m7)
+  const __m512i pick_a = _mm512_set_epi64(0x003D003C00390038LL, 0x0035003400310030LL, 0x002D002C00290028LL, 0x0025002400210020LL,
+                                          0x001D001C00190018LL, 0x0015001400110010LL, 0x000D000C00090008LL, 0x0005000400010000LL);
+  const __m512i pick_b = _mm512_add_epi16(pick_a, _mm512_set1_epi16(2));
+  for (int64_t g = 0; g < blocks; ++g) {
+    const uint8_t* p = group + g * kX8Bytes;
+    __m512i sum[R];
+    for (int j = 0; j < R; ++j) sum[j] = _mm512_setzero_si512();
+    for (int c = 0; c < 8; ++c) {  // sub-block c: the low (c even) or high nibbles of pair k = c / 2
+      const int k = c / 2;
+      __m512i codes[4];
+      for (int i = 0; i < 4; ++i) {
+        const __m512i q = _mm512_loadu_si512(p + 192 + 256 * k + 64 * i);
+        codes[i] = _mm512_and_si512(c % 2 ? _mm512_srli_epi16(q, 4) : q, nibble);
+      }
+      const __m512i scale = spread_scales_u8(p + 64 + 8 * c);
+      for (int j = 0; j < R; ++j) {
+        const int8_t* x = a.codes(m0 + j) + 256 * g + 32 * c;
+        __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[0], broadcast8(x));
+        for (int i = 1; i < 4; ++i) s = _mm512_dpbusd_epi32(s, codes[i], broadcast8(x + 8 * i));
+        sum[j] = _mm512_dpwssd_epi32(sum[j], s, scale);
+      }
+    }
+    const __m512 dd = _mm512_loadu_ps((const float*)p);
+    const __m512 d2 = _mm512_permutexvar_ps(twice, dd);
+    const __m512 dmin2 = _mm512_permutexvar_ps(_mm512_add_epi32(twice, _mm512_set1_epi32(8)), dd);
+    const __m512i mins_lo = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(p + 128)));
+    const __m512i mins_hi = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(p + 160)));
+    const __m512i mins_a = _mm512_permutex2var_epi16(mins_lo, pick_a, mins_hi);
+    const __m512i mins_b = _mm512_permutex2var_epi16(mins_lo, pick_b, mins_hi);
+    for (int j = 0; j < R; ++j) {
+      const int64_t m = m0 + j;
+      const int16_t* s = t.min_sums.data() + (m * blocks + g) * 8;
+      __m512i offsets = _mm512_dpwssd_epi32(_mm512_setzero_si512(), mins_a, broadcast8((const int8_t*)s));
+      offsets = _mm512_dpwssd_epi32(offsets, mins_b, broadcast8((const int8_t*)(s + 4)));
+      const __m512 dxv = _mm512_set1_ps(a.d[m * blocks + g]);
+      acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[j]), _mm512_mul_ps(d2, dxv), acc[j]);
+      acc[j] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(offsets), _mm512_mul_ps(dmin2, dxv), acc[j]);
+    }
+  }
+  tile_out<R>(acc, out);
+}
+
+// rows m0..m0 + R - 1 of y for the 8 weight rows of one Q6_Kx8 group
+template <int R>
+void q6_kx8_tile(const uint8_t* group, int64_t blocks, const TileActivations& t, int64_t m0, float (*out)[kX8Rows]) {
+  const Activations<256>& a = t.a;
+  __m512 acc[R];
+  for (int j = 0; j < R; ++j) acc[j] = _mm512_setzero_ps();
+  const __m512i nibble = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi8(0x30);
+  const __m512i twice = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  for (int64_t g = 0; g < blocks; ++g) {
+    const uint8_t* p = group + g * kQ6X8Bytes;
+    __m512i sum[R];
+    for (int j = 0; j < R; ++j) sum[j] = _mm512_setzero_si512();
+    for (int h = 0; h < 2; ++h)
+      for (int half = 0; half < 2; ++half)
+        for (int u = 0; u < 4; ++u) {  // sub-block e = 8 h + 2 u + half: chunks i = 2 half, 2 half + 1 of span u
+          __m512i codes[2];
+          for (int c = 0; c < 2; ++c) {
+            const uint8_t* v = p + 192 + (4 * h + 2 * half + c) * 192;
+            const __m512i low = _mm512_loadu_si512(v + (u % 2) * 64), high = _mm512_loadu_si512(v + 128);
+            const __m512i nib = u < 2 ? low : _mm512_srli_epi16(low, 4);
+            const __m512i top_bits = u == 0 ? _mm512_slli_epi16(high, 4) : u == 1 ? _mm512_slli_epi16(high, 2)
+                                   : u == 2 ? high : _mm512_srli_epi16(high, 2);
+            codes[c] = _mm512_ternarylogic_epi32(_mm512_and_si512(nib, nibble), top_bits, top, 0xF8);  // a | (b & c)
+          }
+          const int e = 8 * h + 2 * u + half;
+          const __m512i scale = spread_scales_i8(p + 64 + 8 * e);
+          for (int j = 0; j < R; ++j) {
+            const int64_t m = m0 + j;
+            const int8_t* x = a.codes(m) + 256 * g + 16 * e;
+            __m512i s = _mm512_set1_epi64(t.corrections[m * (blocks * 16) + 16 * g + e]);
+            s = _mm512_dpbusd_epi32(s, codes[0], broadcast8(x));
+            s = _mm512_dpbusd_epi32(s, codes[1], broadcast8(x + 8));
+            sum[j] = _mm512_dpwssd_epi32(sum[j], s, scale);
+          }
+        }
+    const __m512 d2 = _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(_mm256_loadu_ps((const float*)p)));
+    for (int j = 0; j < R; ++j) {
+      const float dx = a.d[(m0 + j) * blocks + g];
+      acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[j]), _mm512_mul_ps(d2, _mm512_set1_ps(dx)), acc[j]);
+    }
+  }
+  tile_out<R>(acc, out);
+}
+
+using X8Tile = void (*)(const uint8_t*, int64_t, const TileActivations&, int64_t, float (*)[kX8Rows]);
+constexpr X8Tile kQ4_Kx8Tiles[kTileRows] = {q4_kx8_tile<1>, q4_kx8_tile<2>, q4_kx8_tile<3>, q4_kx8_tile<4>,
+                                            q4_kx8_tile<5>, q4_kx8_tile<6>, q4_kx8_tile<7>, q4_kx8_tile<8>};
+constexpr X8Tile kQ6_Kx8Tiles[kTileRows] = {q6_kx8_tile<1>, q6_kx8_tile<2>, q6_kx8_tile<3>, q6_kx8_tile<4>,
+                                            q6_kx8_tile<5>, q6_kx8_tile<6>, q6_kx8_tile<7>, q6_kx8_tile<8>};
+
+// y = x times the 8-row groups at w, by tiles: the activation rows in slabs of about kSlabBytes of codes (kept in
+// L2 while a thread's groups go by), each group's blocks (L1 / L2) read once per slab.
+constexpr int64_t kSlabBytes = 256 * 1024;
+void x8_gemm(const bf16* x, int64_t M, const uint8_t* w, int64_t group_bytes, const X8Tile* tiles, bool q4_k, int64_t K,
+             int64_t N, const bf16* bias, bf16* y) {
+  const Activations<256> a(x, M, K);
+  const TileActivations t(a, M, q4_k);
+  const int64_t blocks = K / 256, slab = std::max<int64_t>(kTileRows, kSlabBytes / K / kTileRows * kTileRows);
+  at::parallel_for(0, N / kX8Rows, 1, [&](int64_t g0, int64_t g1) {
+    float out[kTileRows][kX8Rows];
+    for (int64_t s0 = 0; s0 < M; s0 += slab)
+      for (int64_t G = g0; G < g1; ++G) {
+        const uint8_t* group = w + G * blocks * group_bytes;
+        for (int64_t m0 = s0; m0 < std::min(M, s0 + slab); m0 += kTileRows) {
+          const int64_t rows = std::min(kTileRows, std::min(M, s0 + slab) - m0);
+          tiles[rows - 1](group, blocks, t, m0, out);
+          for (int64_t j = 0; j < rows; ++j)
+            for (int r = 0; r < kX8Rows; ++r) {
+              const int64_t n = G * kX8Rows + r;
+              y[(m0 + j) * N + n] = bf16(out[j][r] + (bias ? static_cast<float>(bias[n]) : 0.f));
+            }
+        }
+      }
+  });
+}
+
 // GGUF's type numbers (ggml_type) of the formats above.
 enum Type : int64_t { kQ5_0 = 6, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14 };
 
@@ -550,12 +760,13 @@ struct X8Format {
   int64_t file_bytes, group_bytes;
   void (*repack_block)(const uint8_t*, int, uint8_t*);
   const X8Rows* rows;
+  const X8Tile* tiles;
 };
 
 X8Format x8_format(int64_t type) {
   switch (type) {
-    case kQ4_K: return {Q4_K::kBytes, kX8Bytes, q4_k_repack_block, kQ4_Kx8Rows};
-    case kQ6_K: return {Q6_K::kBytes, kQ6X8Bytes, q6_k_repack_block, kQ6_Kx8Rows};
+    case kQ4_K: return {Q4_K::kBytes, kX8Bytes, q4_k_repack_block, kQ4_Kx8Rows, kQ4_Kx8Tiles};
+    case kQ6_K: return {Q6_K::kBytes, kQ6X8Bytes, q6_k_repack_block, kQ6_Kx8Rows, kQ6_Kx8Tiles};
     default: TORCH_CHECK(false, "the 8-row layouts take Q4_K and Q6_K, not GGUF type ", type);
   }
 }
@@ -682,6 +893,23 @@ at::Tensor x8_matmul_op(at::Tensor x, at::Tensor packed, int64_t type, c10::opti
   return y;
 }
 
+// x: [M, K] bf16 (any M), 8-row groups [N / 8, K / 256 * group bytes] of `type` -> [M, N] bf16, by tiles of rows
+at::Tensor x8_gemm_op(at::Tensor x, at::Tensor packed, int64_t type, c10::optional<at::Tensor> bias) {
+  const X8Format f = x8_format(type);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous() && packed.size(1) % f.group_bytes == 0,
+              "x8_gemm: packed [N / 8, K / 256 * group bytes] uint8, contiguous");
+  const int64_t N = packed.size(0) * kX8Rows, K = packed.size(1) / f.group_bytes * 256, M = x.size(0);
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.size(1) == K, "x: [M, K] bf16, K = ", K);
+  x = x.contiguous();
+  at::Tensor bias_c;
+  if (bias.has_value() && bias->defined()) bias_c = bias->to(at::kBFloat16).contiguous();
+  auto y = at::empty({M, N}, x.options());
+  if (M > 0)
+    x8_gemm(x.data_ptr<bf16>(), M, packed.data_ptr<uint8_t>(), f.group_bytes, f.tiles, type == kQ4_K, K, N,
+            bias_c.defined() ? bias_c.data_ptr<bf16>() : nullptr, y.data_ptr<bf16>());
+  return y;
+}
+
 // x: [M, K] bf16 -> (codes [M, K] int8, scales [M, K / block] float32): the activations as the kernel quantizes
 // them (for tests; block 32: the codes as signed int8, not + 128).
 std::tuple<at::Tensor, at::Tensor> quantize_activations(at::Tensor x, int64_t block) {
@@ -707,6 +935,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("x8_repack", &x8_repack, "Q4_K or Q6_K rows -> the 8-row interleaved layout", py::call_guard<py::gil_scoped_release>());
   m.def("x8_matmul", &x8_matmul_op, "bf16 rows quantized to 8 bits times 8-row interleaved Q4_K / Q6_K weights (AVX-512 VNNI)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("x8_gemm", &x8_gemm_op, "bf16 rows (any number) quantized to 8 bits times 8-row interleaved Q4_K / Q6_K weights, by tiles of rows",
         py::call_guard<py::gil_scoped_release>());
   m.def("x8_dequantize", &x8_dequantize, "8-row interleaved Q4_K / Q6_K weights -> bf16 rows", py::call_guard<py::gil_scoped_release>());
   m.def("quantize_activations", &quantize_activations, "bf16 rows as kquant_matmul quantizes them",

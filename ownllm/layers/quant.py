@@ -276,8 +276,11 @@ class InterleavedBlocks(BlockWeight):
         kernel, qtype = vnni_kernels(), int(self.qtype)
         if x.shape[0] <= VNNI_MAX_ROWS.get(qtype, 0):
             return kernel.x8_matmul(x, self.blocks, qtype, bias)
-        # prefill (or no integer kernel asked for, as tests do to compare): oneDNN on bf16 weights, dequantized
-        # PREFILL_CHUNK_ROWS rows at a time into one reused buffer
+        return self.float_matmul(x, bias)
+
+    def float_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """oneDNN on bf16 weights, dequantized PREFILL_CHUNK_ROWS rows at a time into one reused buffer."""
+        kernel, qtype = vnni_kernels(), int(self.qtype)
         buffer = _dequantize_buffer(PREFILL_CHUNK_ROWS, self.shape[1])
         out = torch.cat([F.linear(x, kernel.x8_dequantize(chunk, qtype, buffer[: chunk.shape[0] * self.ROWS]))
                          for chunk in self.blocks.split(PREFILL_CHUNK_ROWS // self.ROWS)], dim=-1)
