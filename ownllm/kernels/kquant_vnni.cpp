@@ -24,7 +24,9 @@
 #include "torch_lite.h"
 
 #include <algorithm>
+#include <array>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "gguf_blocks.h"
@@ -471,35 +473,53 @@ constexpr X8Rows kQ4_Kx8Rows[4] = {q4_kx8_rows<1>, q4_kx8_rows<2>, q4_kx8_rows<3
 constexpr X8Rows kQ6_Kx8Rows[4] = {q6_kx8_rows<1>, q6_kx8_rows<2>, q6_kx8_rows<3>, q6_kx8_rows<4>};
 
 // --- the 8-row layouts times many activation rows (prefill, batched decode): tiles -------------------------
-// A tile is up to kTileRows activation rows times one group of 8 weight rows. Per block of 256, each sub-block's
-// codes are unpacked and its scales spread once per tile; then per activation row, vpdpbusd (the weights' unsigned
-// codes times the activations' signed ones, 4 products per int32 lane) sums the sub-block exactly: row r's bytes 0-3
-// of each 8-byte chunk land in lane 2r, bytes 4-7 in lane 2r + 1, as vpmaddubsw + vpdpwssd put them in the rows
-// kernels above. The sum fits in int16 (Q4_K: 16 products of at most 15 x 127 a lane; Q6_K: 8 of (q - 32) x,
-// at most 32 x 127, once the lane starts from -32 times its activations' sum), so one vpdpwssd against the
-// sub-block's scale in the lane's low int16 (0 in the high one) adds scale x sum: 5 (Q4_K) or 3 (Q6_K)
-// instructions per 32 or 16 weights of 8 rows, where the rows kernels take 2 per 8 weights. A row's operations
-// are the same whichever tile it is in, so its numbers are the same in any batch.
-constexpr int64_t kTileRows = 8;
+// A tile is up to kTileRows activation rows times one group of 8 weight rows. Per block of 256, each pair of
+// sub-blocks has its codes unpacked and its scales spread once per tile; then per activation row, vpdpbusd (the
+// weights' unsigned codes times the activations' signed ones, 4 products per int32 lane) sums each sub-block
+// exactly, row r's bytes 0-3 of each 8-byte chunk in lane 2r, bytes 4-7 in lane 2r + 1. Each sum fits in int16
+// (Q4_K: 16 products of at most 15 x 127 a lane; Q6_K: 8 of (q - 32) x, at most 32 x 127, the lane starting from
+// -32 times its activations' sum), so vpackssdw packs the pair's sums into one vector without saturating and one
+// vpdpwssd by the scales adds scale x sum into int32 lanes: lane 4L + b holds row 2L + b's first sub-block, 4L + 2
+// + b its second (the "row lanes" below). 4.5 (Q4_K) or 2.5 (Q6_K) instructions per 32 or 16 weights of 8 rows,
+// where the rows kernels above take 8 and 5. A row's operations are the same whichever tile it is in, and
+// whatever the number of rows, so its numbers are the same in any batch.
+constexpr int64_t kTileRows = 8;  // 8 measured as fast as 12 or 16 (which spill), 1.5B shapes, Zen 4
+
+// row lanes: int32 lane l holds weight row 2 (l / 4) + l % 2
+inline __m512i row_lane_index() { return _mm512_setr_epi32(0, 1, 0, 1, 2, 3, 2, 3, 4, 5, 4, 5, 6, 7, 6, 7); }
+
+// Words for the mins (Q4_K): word w of A (B) is min[r][c] for row lane l = w / 2's row r and c = (0 or 4 for
+// l % 4 < 2 or >= 2) + w % 2 (+ 2): an index into the 64 words 8r + c of the mins as int16
+constexpr std::array<int16_t, 32> mins_words(int first) {
+  std::array<int16_t, 32> index{};
+  for (int w = 0; w < 32; ++w) {
+    const int l = w / 2, r = 2 * (l / 4) + l % 2, c = (l % 4 < 2 ? 0 : 4) + first + w % 2;
+    index[w] = (int16_t)(8 * r + c);
+  }
+  return index;
+}
+alignas(64) constexpr std::array<int16_t, 32> kMinsA = mins_words(0), kMinsB = mins_words(2);
 
 // What the tiles read of each activation row besides its codes and d, made once per call from them.
 struct TileActivations {
   const Activations<256>& a;
-  std::vector<int16_t> min_sums;     // Q4_K [M, K / 256, 8]: S_c = bsum[2c] + bsum[2c + 1], as S0 S1 S4 S5 S2 S3 S6 S7
+  // Q4_K [M, K / 256, 16]: S_c = bsum[2c] + bsum[2c + 1] as S0 S1 S0 S1 S4 S5 S4 S5 (against mins A), then with 2, 3,
+  // 6, 7 (B): each 128-bit lane's words, beside row lanes' mins
+  std::vector<int16_t> min_sums;
   std::vector<int64_t> corrections;  // Q6_K [M, K / 16]: int32 pair -32 x (sum of bytes 0-3 and 8-11, of 4-7 and 12-15)
 
   TileActivations(const Activations<256>& a, int64_t M, bool q4_k) : a(a) {
     const int64_t K = a.K;
-    if (q4_k) min_sums.resize(M * K / 32);
+    if (q4_k) min_sums.resize(M * K / 16);
     else corrections.resize(M * K / 16);
     at::parallel_for(0, M, std::max<int64_t>(1, (int64_t{1} << 16) / K), [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) {
         if (q4_k) {
-          static constexpr int kOrder[8] = {0, 1, 4, 5, 2, 3, 6, 7};
+          static constexpr int kOrder[16] = {0, 1, 0, 1, 4, 5, 4, 5, 2, 3, 2, 3, 6, 7, 6, 7};
           for (int64_t g = 0; g < K / 256; ++g)
-            for (int j = 0; j < 8; ++j) {
+            for (int j = 0; j < 16; ++j) {
               const int16_t* bs = a.bsums.data() + (m * K + 256 * g) / 16 + 2 * kOrder[j];
-              min_sums[(m * (K / 256) + g) * 8 + j] = (int16_t)(bs[0] + bs[1]);
+              min_sums[(m * (K / 256) + g) * 16 + j] = (int16_t)(bs[0] + bs[1]);
             }
         } else {
           const int8_t* x = a.codes(m);
@@ -517,37 +537,32 @@ struct TileActivations {
   }
 };
 
-// the tile's float lanes -> out[j][r] (lanes 2r + 2r + 1), as the rows kernels add them
+// the tile's float row lanes -> out[j][r]
 template <int R>
 inline void tile_out(const __m512* acc, float (*out)[kX8Rows]) {
   for (int j = 0; j < R; ++j) {
     alignas(64) float lanes[16];
     _mm512_store_ps(lanes, acc[j]);
-    for (int r = 0; r < kX8Rows; ++r) out[j][r] = lanes[2 * r] + lanes[2 * r + 1];
+    for (int r = 0; r < kX8Rows; ++r) out[j][r] = lanes[4 * (r / 2) + r % 2] + lanes[4 * (r / 2) + 2 + r % 2];
   }
 }
 
-// 8 bytes (one per row, at p) -> int16 lanes 4r and 4r + 2 (0 in 4r + 1 and 4r + 3): zero-extended (Q4_K's
-// unsigned scales), or sign-extended (Q6_K's int8 ones)
-inline __m512i spread_scales_u8(const uint8_t* p) {
-  const __m512i ctrl = _mm512_set_epi64(0x8080800780808007LL, 0x8080800680808006LL, 0x8080800580808005LL, 0x8080800480808004LL,
-                                        0x8080800380808003LL, 0x8080800280808002LL, 0x8080800180808001LL, (int64_t)0x8080800080808000ULL);
-  int64_t bytes;
-  std::memcpy(&bytes, p, sizeof(bytes));
-  return _mm512_shuffle_epi8(_mm512_set1_epi64(bytes), ctrl);
+// 16 scale bytes at p (a pair of sub-blocks: rows 0-7 of the first, then of the second) -> the words vpdpwssd takes
+// against vpackssdw's pairs: in 128-bit lane L, the first's rows 2L, 2L, 2L + 1, 2L + 1, then the second's;
+// zero-extended (Q4_K's unsigned scales) or sign-extended (Q6_K's int8 ones)
+inline __m512i spread_pair_u8(const uint8_t* p) {
+  const __m512i ctrl = _mm512_set_epi64(0x800F800F800E800ELL, 0x8007800780068006LL, 0x800D800D800C800CLL, 0x8005800580048004LL,
+                                        0x800B800B800A800ALL, 0x8003800380028002LL, 0x8009800980088008LL, 0x8001800180008000LL);
+  return _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)p)), ctrl);
 }
-inline __m512i spread_scales_i8(const uint8_t* p) {
-  const __m512i ctrl = _mm512_set_epi64(0x8080078080800780LL, 0x8080068080800680LL, 0x8080058080800580LL, 0x8080048080800480LL,
-                                        0x8080038080800380LL, 0x8080028080800280LL, 0x8080018080800180LL, (int64_t)0x8080008080800080ULL);
-  int64_t bytes;
-  std::memcpy(&bytes, p, sizeof(bytes));
-  return _mm512_srai_epi16(_mm512_shuffle_epi8(_mm512_set1_epi64(bytes), ctrl), 8);
+inline __m512i spread_pair_i8(const uint8_t* p) {
+  const __m512i ctrl = _mm512_set_epi64(0x0F800F800E800E80LL, 0x0780078006800680LL, 0x0D800D800C800C80LL, 0x0580058004800480LL,
+                                        0x0B800B800A800A80LL, 0x0380038002800280LL, 0x0980098008800880LL, 0x0180018000800080LL);
+  return _mm512_srai_epi16(_mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)p)), ctrl), 8);
 }
 
-inline __m512i broadcast8(const int8_t* x) {
-  int64_t v;
-  std::memcpy(&v, x, sizeof(v));
-  return _mm512_set1_epi64(v);
+inline __m512i broadcast8(const int8_t* x) {  // vpbroadcastq from memory (through a general register it is slower)
+  return _mm512_broadcastq_epi64(_mm_loadl_epi64((const __m128i*)x));
 }
 
 // rows m0..m0 + R - 1 of y for the 8 weight rows of one Q4_Kx8 group
@@ -557,45 +572,45 @@ void q4_kx8_tile(const uint8_t* group, int64_t blocks, const TileActivations& t,
   __m512 acc[R];
   for (int j = 0; j < R; ++j) acc[j] = _mm512_setzero_ps();
   const __m512i nibble = _mm512_set1_epi8(0x0F);
-  const __m512i twice = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-  // min[r][c] (int16 word 8r + c of the two halves) -> A: lanes 2r = (m0, m1), 2r + 1 = (m4, m5); B: (m2, m3), (m6, m7)
-  const __m512i pick_a = _mm512_set_epi64(0x003D003C00390038LL, 0x0035003400310030LL, 0x002D002C00290028LL, 0x0025002400210020LL,
-                                          0x001D001C00190018LL, 0x0015001400110010LL, 0x000D000C00090008LL, 0x0005000400010000LL);
-  const __m512i pick_b = _mm512_add_epi16(pick_a, _mm512_set1_epi16(2));
+  const __m512i pick_a = _mm512_load_si512(kMinsA.data()), pick_b = _mm512_load_si512(kMinsB.data());
   for (int64_t g = 0; g < blocks; ++g) {
     const uint8_t* p = group + g * kX8Bytes;
     __m512i sum[R];
     for (int j = 0; j < R; ++j) sum[j] = _mm512_setzero_si512();
-    for (int c = 0; c < 8; ++c) {  // sub-block c: the low (c even) or high nibbles of pair k = c / 2
-      const int k = c / 2;
-      __m512i codes[4];
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) {  // sub-blocks 2k (the low nibbles of pair k's bytes) and 2k + 1 (the high ones)
+      __m512i low[4], high[4];
       for (int i = 0; i < 4; ++i) {
         const __m512i q = _mm512_loadu_si512(p + 192 + 256 * k + 64 * i);
-        codes[i] = _mm512_and_si512(c % 2 ? _mm512_srli_epi16(q, 4) : q, nibble);
+        low[i] = _mm512_and_si512(q, nibble);
+        high[i] = _mm512_and_si512(_mm512_srli_epi16(q, 4), nibble);
       }
-      const __m512i scale = spread_scales_u8(p + 64 + 8 * c);
+      const __m512i scales = spread_pair_u8(p + 64 + 16 * k);
       for (int j = 0; j < R; ++j) {
-        const int8_t* x = a.codes(m0 + j) + 256 * g + 32 * c;
-        __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[0], broadcast8(x));
-        for (int i = 1; i < 4; ++i) s = _mm512_dpbusd_epi32(s, codes[i], broadcast8(x + 8 * i));
-        sum[j] = _mm512_dpwssd_epi32(sum[j], s, scale);
+        const int8_t* x = a.codes(m0 + j) + 256 * g + 64 * k;
+        __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), low[0], broadcast8(x));
+        __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), high[0], broadcast8(x + 32));
+        for (int i = 1; i < 4; ++i) {
+          s0 = _mm512_dpbusd_epi32(s0, low[i], broadcast8(x + 8 * i));
+          s1 = _mm512_dpbusd_epi32(s1, high[i], broadcast8(x + 32 + 8 * i));
+        }
+        sum[j] = _mm512_dpwssd_epi32(sum[j], _mm512_packs_epi32(s0, s1), scales);
       }
     }
     const __m512 dd = _mm512_loadu_ps((const float*)p);
-    const __m512 d2 = _mm512_permutexvar_ps(twice, dd);
-    const __m512 dmin2 = _mm512_permutexvar_ps(_mm512_add_epi32(twice, _mm512_set1_epi32(8)), dd);
+    const __m512i rows = row_lane_index();
+    const __m512 d = _mm512_permutexvar_ps(rows, dd), dmin = _mm512_permutexvar_ps(_mm512_add_epi32(rows, _mm512_set1_epi32(8)), dd);
     const __m512i mins_lo = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(p + 128)));
     const __m512i mins_hi = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(p + 160)));
     const __m512i mins_a = _mm512_permutex2var_epi16(mins_lo, pick_a, mins_hi);
     const __m512i mins_b = _mm512_permutex2var_epi16(mins_lo, pick_b, mins_hi);
     for (int j = 0; j < R; ++j) {
       const int64_t m = m0 + j;
-      const int16_t* s = t.min_sums.data() + (m * blocks + g) * 8;
-      __m512i offsets = _mm512_dpwssd_epi32(_mm512_setzero_si512(), mins_a, broadcast8((const int8_t*)s));
-      offsets = _mm512_dpwssd_epi32(offsets, mins_b, broadcast8((const int8_t*)(s + 4)));
-      const __m512 dxv = _mm512_set1_ps(a.d[m * blocks + g]);
-      acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[j]), _mm512_mul_ps(d2, dxv), acc[j]);
-      acc[j] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(offsets), _mm512_mul_ps(dmin2, dxv), acc[j]);
+      const int16_t* s = t.min_sums.data() + (m * blocks + g) * 16;
+      __m512i offsets = _mm512_dpwssd_epi32(_mm512_setzero_si512(), mins_a, _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)s)));
+      offsets = _mm512_dpwssd_epi32(offsets, mins_b, _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(s + 8))));
+      const __m512 w = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(offsets), dmin, _mm512_mul_ps(_mm512_cvtepi32_ps(sum[j]), d));
+      acc[j] = _mm512_fmadd_ps(w, _mm512_set1_ps(a.d[m * blocks + g]), acc[j]);
     }
   }
   tile_out<R>(acc, out);
@@ -608,52 +623,55 @@ void q6_kx8_tile(const uint8_t* group, int64_t blocks, const TileActivations& t,
   __m512 acc[R];
   for (int j = 0; j < R; ++j) acc[j] = _mm512_setzero_ps();
   const __m512i nibble = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi8(0x30);
-  const __m512i twice = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
   for (int64_t g = 0; g < blocks; ++g) {
     const uint8_t* p = group + g * kQ6X8Bytes;
     __m512i sum[R];
     for (int j = 0; j < R; ++j) sum[j] = _mm512_setzero_si512();
+#pragma GCC unroll 2
     for (int h = 0; h < 2; ++h)
-      for (int half = 0; half < 2; ++half)
-        for (int u = 0; u < 4; ++u) {  // sub-block e = 8 h + 2 u + half: chunks i = 2 half, 2 half + 1 of span u
-          __m512i codes[2];
-          for (int c = 0; c < 2; ++c) {
-            const uint8_t* v = p + 192 + (4 * h + 2 * half + c) * 192;
-            const __m512i low = _mm512_loadu_si512(v + (u % 2) * 64), high = _mm512_loadu_si512(v + 128);
-            const __m512i nib = u < 2 ? low : _mm512_srli_epi16(low, 4);
-            const __m512i top_bits = u == 0 ? _mm512_slli_epi16(high, 4) : u == 1 ? _mm512_slli_epi16(high, 2)
-                                   : u == 2 ? high : _mm512_srli_epi16(high, 2);
-            codes[c] = _mm512_ternarylogic_epi32(_mm512_and_si512(nib, nibble), top_bits, top, 0xF8);  // a | (b & c)
-          }
-          const int e = 8 * h + 2 * u + half;
-          const __m512i scale = spread_scales_i8(p + 64 + 8 * e);
-          for (int j = 0; j < R; ++j) {
-            const int64_t m = m0 + j;
-            const int8_t* x = a.codes(m) + 256 * g + 16 * e;
-            __m512i s = _mm512_set1_epi64(t.corrections[m * (blocks * 16) + 16 * g + e]);
-            s = _mm512_dpbusd_epi32(s, codes[0], broadcast8(x));
-            s = _mm512_dpbusd_epi32(s, codes[1], broadcast8(x + 8));
-            sum[j] = _mm512_dpwssd_epi32(sum[j], s, scale);
-          }
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) {  // weights 128 h + 32 u ...: chunks i = 0..3, sub-blocks e = 8 h + 2 u (i < 2), e + 1
+        __m512i codes[4];
+        for (int i = 0; i < 4; ++i) {
+          const uint8_t* v = p + 192 + (4 * h + i) * 192;
+          const __m512i low = _mm512_loadu_si512(v + (u % 2) * 64), high = _mm512_loadu_si512(v + 128);
+          const __m512i nib = u < 2 ? low : _mm512_srli_epi16(low, 4);
+          const __m512i top_bits = u == 0 ? _mm512_slli_epi16(high, 4) : u == 1 ? _mm512_slli_epi16(high, 2)
+                                 : u == 2 ? high : _mm512_srli_epi16(high, 2);
+          codes[i] = _mm512_ternarylogic_epi32(_mm512_and_si512(nib, nibble), top_bits, top, 0xF8);  // a | (b & c)
         }
-    const __m512 d2 = _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(_mm256_loadu_ps((const float*)p)));
-    for (int j = 0; j < R; ++j) {
-      const float dx = a.d[(m0 + j) * blocks + g];
-      acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[j]), _mm512_mul_ps(d2, _mm512_set1_ps(dx)), acc[j]);
-    }
+        const int e = 8 * h + 2 * u;
+        const __m512i scales = spread_pair_i8(p + 64 + 8 * e);
+        for (int j = 0; j < R; ++j) {
+          const int64_t m = m0 + j;
+          const int8_t* x = a.codes(m) + 256 * g + 16 * e;
+          const int64_t* corrections = t.corrections.data() + m * (blocks * 16) + 16 * g + e;
+          __m512i s0 = _mm512_dpbusd_epi32(_mm512_set1_epi64(corrections[0]), codes[0], broadcast8(x));
+          __m512i s1 = _mm512_dpbusd_epi32(_mm512_set1_epi64(corrections[1]), codes[2], broadcast8(x + 16));
+          s0 = _mm512_dpbusd_epi32(s0, codes[1], broadcast8(x + 8));
+          s1 = _mm512_dpbusd_epi32(s1, codes[3], broadcast8(x + 24));
+          sum[j] = _mm512_dpwssd_epi32(sum[j], _mm512_packs_epi32(s0, s1), scales);
+        }
+      }
+    const __m512 d = _mm512_permutexvar_ps(row_lane_index(), _mm512_castps256_ps512(_mm256_loadu_ps((const float*)p)));
+    for (int j = 0; j < R; ++j)
+      acc[j] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sum[j]), d), _mm512_set1_ps(a.d[(m0 + j) * blocks + g]), acc[j]);
   }
   tile_out<R>(acc, out);
 }
 
 using X8Tile = void (*)(const uint8_t*, int64_t, const TileActivations&, int64_t, float (*)[kX8Rows]);
-constexpr X8Tile kQ4_Kx8Tiles[kTileRows] = {q4_kx8_tile<1>, q4_kx8_tile<2>, q4_kx8_tile<3>, q4_kx8_tile<4>,
-                                            q4_kx8_tile<5>, q4_kx8_tile<6>, q4_kx8_tile<7>, q4_kx8_tile<8>};
-constexpr X8Tile kQ6_Kx8Tiles[kTileRows] = {q6_kx8_tile<1>, q6_kx8_tile<2>, q6_kx8_tile<3>, q6_kx8_tile<4>,
-                                            q6_kx8_tile<5>, q6_kx8_tile<6>, q6_kx8_tile<7>, q6_kx8_tile<8>};
+template <template <int> class Tile, size_t... R>
+constexpr std::array<X8Tile, sizeof...(R)> tile_table(std::index_sequence<R...>) { return {Tile<R + 1>::run...}; }
+template <int R> struct Q4_KTile { static constexpr X8Tile run = q4_kx8_tile<R>; };
+template <int R> struct Q6_KTile { static constexpr X8Tile run = q6_kx8_tile<R>; };
+// tiles[R - 1] multiplies R activation rows
+constexpr auto kQ4_Kx8Tiles = tile_table<Q4_KTile>(std::make_index_sequence<kTileRows>());
+constexpr auto kQ6_Kx8Tiles = tile_table<Q6_KTile>(std::make_index_sequence<kTileRows>());
 
 // y = x times the 8-row groups at w, by tiles: the activation rows in slabs of about kSlabBytes of codes (kept in
 // L2 while a thread's groups go by), each group's blocks (L1 / L2) read once per slab.
-constexpr int64_t kSlabBytes = 256 * 1024;
+constexpr int64_t kSlabBytes = 640 * 1024;  // of a 1 MB L2: 1536x8960 at 512 rows 5-15% faster than 256 KB
 void x8_gemm(const bf16* x, int64_t M, const uint8_t* w, int64_t group_bytes, const X8Tile* tiles, bool q4_k, int64_t K,
              int64_t N, const bf16* bias, bf16* y) {
   const Activations<256> a(x, M, K);
@@ -765,8 +783,8 @@ struct X8Format {
 
 X8Format x8_format(int64_t type) {
   switch (type) {
-    case kQ4_K: return {Q4_K::kBytes, kX8Bytes, q4_k_repack_block, kQ4_Kx8Rows, kQ4_Kx8Tiles};
-    case kQ6_K: return {Q6_K::kBytes, kQ6X8Bytes, q6_k_repack_block, kQ6_Kx8Rows, kQ6_Kx8Tiles};
+    case kQ4_K: return {Q4_K::kBytes, kX8Bytes, q4_k_repack_block, kQ4_Kx8Rows, kQ4_Kx8Tiles.data()};
+    case kQ6_K: return {Q6_K::kBytes, kQ6X8Bytes, q6_k_repack_block, kQ6_Kx8Rows, kQ6_Kx8Tiles.data()};
     default: TORCH_CHECK(false, "the 8-row layouts take Q4_K and Q6_K, not GGUF type ", type);
   }
 }
