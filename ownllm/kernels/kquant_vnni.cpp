@@ -19,7 +19,10 @@
 //
 // Q4_K and Q6_K also come repacked at load, 8 weight rows interleaved (Q4_Kx8, Q6_Kx8 below; x8_repack): decoding
 // a file block per row (its packed 6-bit scales, fp16 d, the float epilogue) cost more than its multiplies; there
-// one 512-bit vector holds 8 rows' codes, so one broadcast of 8 activation codes serves 8 rows.
+// one 512-bit vector holds 8 rows' codes, so one broadcast of 8 activation codes serves 8 rows. Those layouts are
+// multiplied by two kernels: the rows kernels (x8_matmul, up to 32 activation rows, 4 at a time) and the tiles
+// (x8_gemm, any number of rows, prefill's too: up to 8 activation rows per tile, each block's codes unpacked once
+// per tile, vpdpbusd on whole sub-blocks; the activation rows in L2-sized slabs).
 #include <immintrin.h>
 #include "torch_lite.h"
 
@@ -35,7 +38,7 @@ namespace {
 
 using bf16 = at::BFloat16;
 using gguf_blocks::fp16_at;
-constexpr int64_t kMaxRows = 32;  // activation rows per call (the decode batches; prefill goes elsewhere)
+constexpr int64_t kMaxRows = 32;  // activation rows per call of the row kernels (decode batches; the tiles take any)
 constexpr int64_t kGrain = 16;    // weight rows per task
 
 // x[0..15] as float32 (bf16 is float32's upper half)
