@@ -483,10 +483,10 @@ constexpr X8Rows kQ6_Kx8Rows[4] = {q6_kx8_rows<1>, q6_kx8_rows<2>, q6_kx8_rows<3
 // (Q4_K: 16 products of at most 15 x 127 a lane; Q6_K: 8 of (q - 32) x, at most 32 x 127, the lane starting from
 // -32 times its activations' sum), so vpackssdw packs the pair's sums into one vector without saturating and one
 // vpdpwssd by the scales adds scale x sum into int32 lanes: lane 4L + b holds row 2L + b's first sub-block, 4L + 2
-// + b its second (the "row lanes" below). 4.5 (Q4_K) or 2.5 (Q6_K) instructions per 32 or 16 weights of 8 rows,
-// where the rows kernels above take 8 and 5. A row's operations are the same whichever tile it is in, and
+// + b its second (the "row lanes" below). 5 (Q4_K) or 3 (Q6_K) vector instructions per activation row and 32 or 16
+// weights of 8 rows, where the rows kernels above take 8 and 4. A row's operations are the same whichever tile it is in, and
 // whatever the number of rows, so its numbers are the same in any batch.
-constexpr int64_t kTileRows = 8;  // 8 measured as fast as 12 or 16 (which spill), 1.5B shapes, Zen 4
+constexpr int64_t kTileRows = 8;  // as fast as 12 or 16 on the 1.5B's shapes (Zen 4, 1 thread, under load)
 
 // row lanes: int32 lane l holds weight row 2 (l / 4) + l % 2
 inline __m512i row_lane_index() { return _mm512_setr_epi32(0, 1, 0, 1, 2, 3, 2, 3, 4, 5, 4, 5, 6, 7, 6, 7); }
