@@ -92,6 +92,25 @@ def test_interleaved_rows_against_references(kernel, qtype, rows, out_features, 
 
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 33, 64, 129, 600])
+@pytest.mark.parametrize("out_features, in_features", [(40, 256), (72, 2048), (16, 768)])
+def test_interleaved_tiles_against_references(kernel, qtype, rows, out_features, in_features):
+    """The tiled kernel (x8_gemm: up to 8 activation rows x 8 interleaved weight rows, any number of rows, also
+    prefill's): the same bounds as the rows kernel, a row's numbers the same alone as in any batch (the last
+    tile partial at odd row counts), and at up to 32 rows the rows kernel's within float32 summation order."""
+    weight, exact = random_weight(qtype, out_features, in_features, seed=rows)
+    packed = kernel.x8_repack(weight.blocks, weight.qtype)
+    out = check_against_references(lambda x, bias: kernel.x8_gemm(x, packed, weight.qtype, bias), qtype, exact, rows,
+                                   seed=rows)
+    if rows <= 32:
+        x = activations(rows, in_features, seed=rows)
+        torch.manual_seed(rows)
+        bias = torch.randn(out_features).bfloat16()
+        rows_kernel = kernel.x8_matmul(x, packed, weight.qtype, bias).double()
+        assert ((out - rows_kernel).abs() <= rows_kernel.abs() * 2**-7 + rows_kernel.abs().max() * 1e-5).all()
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
 def test_interleaved_rows_dequantize_as_gguf(kernel, qtype):
     weight, exact = random_weight(qtype, 24, 1536, seed=5)
     packed = kernel.x8_repack(weight.blocks, weight.qtype)
@@ -126,9 +145,11 @@ def check_against_references(multiply, qtype: str, exact: torch.Tensor, rows: in
     bound = absmax @ weight_mass.T / 254 + exact_out.abs() * 2**-8 + scale * 1e-5
     assert ((out - exact_out).abs() <= bound).all()
 
-    # 3. every row the same numbers alone as in the batch
-    alone = torch.cat([multiply(x[i : i + 1], bias) for i in range(rows)])
-    assert torch.equal(out, alone.double())
+    # 3. every row the same numbers alone as in the batch (and, for large batches, as in a batch of its own tile's
+    # size at other offsets: a few rows)
+    picked = range(rows) if rows <= 40 else sorted({0, 1, 7, 8, rows // 2, rows - 2, rows - 1})
+    alone = torch.cat([multiply(x[i : i + 1], bias) for i in picked])
+    assert torch.equal(out[list(picked)], alone.double())
     return out
 
 
@@ -174,24 +195,31 @@ def test_block_weight_falls_back_without_the_integer_kernel(monkeypatch):
 
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
-def test_k_quant_weights_are_repacked_at_load(kernel, qtype):
+def test_k_quant_weights_are_repacked_at_load(kernel, qtype, monkeypatch):
     """BlockWeight.packed (what Linear.finalize keeps) repacks Q4_K and Q6_K with rows a multiple of 8 into
-    InterleavedBlocks, which multiplies decode batches by the 8-row kernels and larger ones (prefill) by its rows
-    dequantized to bf16; other row counts, other formats and weights asked to stay as loaded keep the file's blocks."""
-    from ownllm.layers.quant import BlockWeight, InterleavedBlocks
+    InterleavedBlocks, which multiplies Q6_K's decode batches by the rows kernel and everything else (Q4_K's
+    batches, prefill) by the tiles, or, with the integer kernels not asked for, its rows dequantized to bf16 for
+    oneDNN; other row counts, other formats and weights asked to stay as loaded keep the file's blocks."""
+    import ownllm.layers.quant as quant
+    from ownllm.layers.quant import X8_ROWS_KERNEL_MAX_ROWS, BlockWeight, InterleavedBlocks
 
     weight, exact = random_weight(qtype, 1032, 512, seed=9)  # 1032 rows: two prefill chunks (1024 + 8)
     packed = weight.packed(torch.bfloat16)
     assert isinstance(packed, InterleavedBlocks) and isinstance(packed, BlockWeight) and packed.qtype == weight.qtype
     assert packed.shape == weight.shape and packed.packed(torch.bfloat16) is packed
     assert torch.equal(packed.dequantize(torch.bfloat16), weight.dequantize(torch.bfloat16))
-    for rows in (1, 32):
+    rows_kernel_max = X8_ROWS_KERNEL_MAX_ROWS.get(weight.qtype, 0)
+    for rows in (1, 32, 33, 100):
         x = activations(rows, 512, seed=rows)
-        assert torch.equal(packed.matmul(x, None), kernel.x8_matmul(x, packed.blocks, weight.qtype, None))
+        multiply = kernel.x8_matmul if rows <= rows_kernel_max else kernel.x8_gemm
+        assert torch.equal(packed.matmul(x, None), multiply(x, packed.blocks, weight.qtype, None))
     x = activations(33, 512, seed=33)
     bias = torch.randn(1032).bfloat16()
+    assert torch.equal(packed.matmul(x, bias), kernel.x8_gemm(x, packed.blocks, weight.qtype, bias))
+    monkeypatch.setattr(quant, "VNNI_MAX_ROWS", {})  # the integer kernels not asked for: the float path
     expected = torch.nn.functional.linear(x, exact.float().bfloat16(), bias)
     torch.testing.assert_close(packed.matmul(x, bias), expected, rtol=2**-7, atol=1e-2)
+    assert torch.equal(packed.matmul(x, bias), packed.float_matmul(x, bias))
     assert weight.packed(torch.bfloat16, repack=False) is weight
     assert weight.packed(torch.float32) is weight
     odd, _ = random_weight(qtype, 20, 512, seed=1)

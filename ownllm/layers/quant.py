@@ -19,7 +19,8 @@ go instead to kernels/kquant_vnni.cpp, which quantizes the activations to 8 bits
 multiplies with integer dot products (faster again; it rounds the activations, by at most half a step of
 absmax / 127 per block of 32 or 256). There, Q4_K and Q6_K Linear weights (not MoE experts, which stay views of
 the file) are repacked after loading, 8 rows interleaved (InterleavedBlocks): one vector of activation codes then
-serves 8 rows and the blocks' scales need no decoding per row, about 2x faster per block than the file's layout. Embeddings stored so are dequantized row by row as tokens look
+serves 8 rows and the blocks' scales need no decoding per row, about 2x faster per block than the file's layout; at
+prefill they are multiplied by tiles of activation rows (integer GEMM), not dequantized. Embeddings stored so are dequantized row by row as tokens look
 them up. Without that kernel (CPUs lacking AVX-512 BF16) these tensors are dequantized at load.
 
 Quant methods (an interface and a registry, QUANT_METHODS; the runner picks one by name when it builds the
@@ -231,6 +232,15 @@ class BlockWeight:
         return vnni_kernels()
 
 
+# Which integer kernel multiplies the 8-row layouts (kernels/kquant_vnni.cpp): the tiles (x8_gemm: up to 8 activation
+# rows at a time, each block's codes unpacked once per tile) at any number of rows, but for Q6_K up to this many
+# rows the rows kernel (x8_matmul), whose lighter unpacking is 1.15-1.3x faster at 1-4 rows on the 1.5B's Q6_K
+# matrices (the tiles are 1.3-1.6x faster from 8 rows); the rows kernel takes all of VNNI_MAX_ROWS so that a row's
+# numbers stay the same in any decode batch. Measured on an AMD EPYC (Zen 4), 1 thread, CPU time, under load:
+# Q4_K tiles 1.0-1.3x the rows kernel at 1 row, 1.3-1.5x at 2-32; the tiles beat the float path (x8_dequantize,
+# then oneDNN bf16) at every row count above 32: Q4_K 1.4x (512 rows) to 3x (33), Q6_K 1.05x to 2.4x.
+X8_ROWS_KERNEL_MAX_ROWS = {14: GEMV_MAX_ROWS}  # Q6_K
+
 # Block formats repacked at load for the integer kernel's 8-row layouts (kernels/kquant_vnni.cpp, Q4_Kx8 and
 # Q6_Kx8): GGML type number -> bytes per group of 8 rows per 256 weights
 INTERLEAVED_BYTES = {12: 1216, 14: 1728}  # Q4_K (8 x 144 + 64), Q6_K (8 x 210 + 48)
@@ -243,8 +253,9 @@ class InterleavedBlocks(BlockWeight):
     8 rows' codes), scales as bytes, d (and dmin) as float32 (the layouts are in the kernel's comments; 5.6% (Q4_K)
     and 2.9% (Q6_K) more bytes than the file's). At 1 row they multiply about 2x faster than the file's blocks,
     whose per-block decoding, not memory, bounded the kernel; the integer arithmetic is the same, so the numbers
-    are the file layout's up to float32 summation order, and every row's are the same in any batch of up to 32
-    rows. Larger batches (prefill) dequantize them a chunk of rows at a time for oneDNN."""
+    are the file layout's up to float32 summation order. Q4_K's rows are the same in any batch; Q6_K's in any batch
+    of up to 32 rows (X8_ROWS_KERNEL_MAX_ROWS). Prefill takes the integer tiles too (x8_gemm); only without the
+    integer kernels are they dequantized a chunk of rows at a time for oneDNN (float_matmul)."""
 
     ROWS = 8
 
@@ -275,10 +286,15 @@ class InterleavedBlocks(BlockWeight):
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # x: [T, K] bf16 -> [T, N]
         kernel, qtype = vnni_kernels(), int(self.qtype)
-        if x.shape[0] <= VNNI_MAX_ROWS.get(qtype, 0):
+        if qtype not in VNNI_MAX_ROWS:  # the integer kernels not asked for (tests compare with the float path)
+            return self.float_matmul(x, bias)
+        if x.shape[0] <= X8_ROWS_KERNEL_MAX_ROWS.get(qtype, 0):
             return kernel.x8_matmul(x, self.blocks, qtype, bias)
-        # prefill (or no integer kernel asked for, as tests do to compare): oneDNN on bf16 weights, dequantized
-        # PREFILL_CHUNK_ROWS rows at a time into one reused buffer
+        return kernel.x8_gemm(x, self.blocks, qtype, bias)
+
+    def float_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """oneDNN on bf16 weights, dequantized PREFILL_CHUNK_ROWS rows at a time into one reused buffer."""
+        kernel, qtype = vnni_kernels(), int(self.qtype)
         buffer = _dequantize_buffer(PREFILL_CHUNK_ROWS, self.shape[1])
         out = torch.cat([F.linear(x, kernel.x8_dequantize(chunk, qtype, buffer[: chunk.shape[0] * self.ROWS]))
                          for chunk in self.blocks.split(PREFILL_CHUNK_ROWS // self.ROWS)], dim=-1)
