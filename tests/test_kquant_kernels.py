@@ -197,9 +197,9 @@ def test_block_weight_falls_back_without_the_integer_kernel(monkeypatch):
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
 def test_k_quant_weights_are_repacked_at_load(kernel, qtype, monkeypatch):
     """BlockWeight.packed (what Linear.finalize keeps) repacks Q4_K and Q6_K with rows a multiple of 8 into
-    InterleavedBlocks, which multiplies Q6_K's decode batches by the rows kernel and everything else (Q4_K's
-    batches, prefill) by the tiles, or, with the integer kernels not asked for, its rows dequantized to bf16 for
-    oneDNN; other row counts, other formats and weights asked to stay as loaded keep the file's blocks."""
+    InterleavedBlocks, which multiplies Q6_K's decode batches by the rows kernel and Q4_K's by the tiles, and
+    prefill (or, with the integer kernels not asked for, everything) with its rows dequantized to bf16 for oneDNN;
+    other row counts, other formats and weights asked to stay as loaded keep the file's blocks."""
     import ownllm.layers.quant as quant
     from ownllm.layers.quant import X8_ROWS_KERNEL_MAX_ROWS, BlockWeight, InterleavedBlocks
 
@@ -209,16 +209,17 @@ def test_k_quant_weights_are_repacked_at_load(kernel, qtype, monkeypatch):
     assert packed.shape == weight.shape and packed.packed(torch.bfloat16) is packed
     assert torch.equal(packed.dequantize(torch.bfloat16), weight.dequantize(torch.bfloat16))
     rows_kernel_max = X8_ROWS_KERNEL_MAX_ROWS.get(weight.qtype, 0)
-    for rows in (1, 32, 33, 100):
+    for rows in (1, 8, 32):
         x = activations(rows, 512, seed=rows)
         multiply = kernel.x8_matmul if rows <= rows_kernel_max else kernel.x8_gemm
         assert torch.equal(packed.matmul(x, None), multiply(x, packed.blocks, weight.qtype, None))
-    x = activations(33, 512, seed=33)
+    x = activations(33, 512, seed=33)  # prefill: bf16 activations, the float path
     bias = torch.randn(1032).bfloat16()
-    assert torch.equal(packed.matmul(x, bias), kernel.x8_gemm(x, packed.blocks, weight.qtype, bias))
-    monkeypatch.setattr(quant, "VNNI_MAX_ROWS", {})  # the integer kernels not asked for: the float path
     expected = torch.nn.functional.linear(x, exact.float().bfloat16(), bias)
     torch.testing.assert_close(packed.matmul(x, bias), expected, rtol=2**-7, atol=1e-2)
+    assert torch.equal(packed.matmul(x, bias), packed.float_matmul(x, bias))
+    monkeypatch.setattr(quant, "VNNI_MAX_ROWS", {})  # the integer kernels not asked for: the float path throughout
+    x = activations(4, 512, seed=4)
     assert torch.equal(packed.matmul(x, bias), packed.float_matmul(x, bias))
     assert weight.packed(torch.bfloat16, repack=False) is weight
     assert weight.packed(torch.float32) is weight
