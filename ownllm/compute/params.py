@@ -20,8 +20,9 @@ class ComputeParams:
     answer: str = "text"  # an extractor: number, boxed, choice, json:FIELD, regex:PATTERN or text
     scorer: str = "logprob"  # best_of only: mean token logprob, or a verifier's probability of "yes"
     early_stop: bool = False  # vote only: stop once the leader cannot be overtaken (or, below, is likely to stay)
-    # early_stop: also stop once the leader stays the leader with at least this probability (adaptive consistency's
-    # Beta criterion on the two leading answers' counts, arXiv 2305.11860; 0.95 there); 1.0: only when certain
+    # early_stop: also stop once the leader wins the whole vote with at least this probability, predicted from the
+    # answers so far (strategies.leader_win_probability; adaptive consistency, arXiv 2305.11860, stops on such a
+    # probability); 1.0: only once it cannot be overtaken
     confidence: float = 1.0
 
     def __post_init__(self) -> None:

@@ -113,7 +113,7 @@ class ComputeSession:
     def __post_init__(self) -> None:
         self.extract = make_extractor(self.params.answer)
         self.samples = [Sample(i) for i in range(self.params.samples)]
-        self.num_started = self._decisive(0, 0, self.params.samples) if self.params.early_stop else self.params.samples
+        self.num_started = self._decisive([0], self.params.samples) if self.params.early_stop else self.params.samples
 
     @property
     def running(self) -> list[Sample]:
@@ -129,23 +129,31 @@ class ComputeSession:
         agree with the leader, the vote is decided. Asked after each batch of finished samples; 0 once decided."""
         if self.is_decided():
             return 0
-        counts = [c for _, c in self.votes().most_common(2)] + [0, 0]
+        counts, to_come = self._counts(), len(self.running)
         in_flight = sum(1 for s in self.samples[:self.num_started] if s.finish_reason is None)
-        more = max(0, min(self._decisive(counts[0], counts[1], len(self.running)) - in_flight,
-                          self.params.samples - self.num_started))
+        more = max(0, min(self._decisive(counts, to_come) - in_flight, self.params.samples - self.num_started))
         self.num_started += more
         return more
 
-    def _decisive(self, leader: int, runner_up: int, to_come: int) -> int:
+    def _counts(self) -> list[int]:
+        """Each answer's votes, most first, then the finished samples without an answer (they vote for nobody)."""
+        votes = sorted(self.votes().values(), reverse=True)
+        return votes + [len(self.complete) - sum(votes)]
+
+    def _decisive(self, counts: list[int], to_come: int) -> int:
         """The fewest of the samples to come that, all voting for the leader, decide the vote (all of them if none
         do: the last one always does)."""
-        return next((x for x in range(1, to_come) if self._decides(leader + x, runner_up, to_come - x)), to_come)
+        counts = counts if len(counts) > 1 else [0, 0]  # no votes yet: the first answer will lead
+        return next((x for x in range(1, to_come) if self._decides([counts[0] + x, *counts[1:]], to_come - x)),
+                    to_come)
 
-    def _decides(self, leader: int, runner_up: int, to_come: int) -> bool:
+    def _decides(self, counts: list[int], to_come: int) -> bool:
+        leader, runner_up = counts[0] if len(counts) > 1 else 0, counts[1] if len(counts) > 2 else 0
         if leader > runner_up + to_come:  # cannot be overtaken (a tie would be broken by logprob: it could lose)
             return True
         confidence = self.params.confidence
-        return confidence < 1 and leader > 0 and leader_probability(leader, runner_up) >= confidence
+        return confidence < 1 and leader > 0 and leader_win_probability(counts[:-1], counts[-1], to_come) >= (
+            confidence)
 
     def update(self, index: int, num_tokens: int, cumulative_logprob: float) -> None:
         """Records how far a running sample got (what a stopped sample spent stays counted)."""
@@ -174,10 +182,9 @@ class ComputeSession:
         return Counter(s.answer for s in self.complete if s.answer is not None)
 
     def is_decided(self) -> bool:
-        """True once the leader stays the leader whatever the running samples answer: it has more votes than the
-        runner-up could reach; or, with a confidence below 1, once it stays the leader with that probability."""
-        counts = [c for _, c in self.votes().most_common(2)] + [0, 0]
-        return self._decides(counts[0], counts[1], len(self.running))
+        """True once the leader stays the leader whatever the samples to come answer: it has more votes than the
+        runner-up could reach; or, with a confidence below 1, once it wins the whole vote with that probability."""
+        return self._decides(self._counts(), len(self.running))
 
     def progress(self) -> ComputeProgress:
         leader = self._vote_winner()
@@ -217,10 +224,40 @@ class ComputeSession:
                         for s in self.samples])
 
 
-def leader_probability(leader: int, runner_up: int) -> float:
-    """P(p_leader > p_runner_up) after these counts, the two answers' shares Beta(leader + 1, runner_up + 1)
-    distributed (adaptive consistency's criterion): for whole counts, P(Binomial(leader + runner_up + 1, 1/2) <=
-    leader)."""
-    n = leader + runner_up + 1
-    return sum(math.comb(n, i) for i in range(leader + 1)) / 2**n
+def leader_win_probability(votes: list[int], unvoted: int, to_come: int, new_answer_weight: float = 1.0) -> float:
+    """A lower bound on the probability that the leader (votes[0]; votes most first) still has the most votes once
+    to_come more samples have answered, predicted from the answers so far: each next sample repeats an answer in
+    proportion to its count, votes for nobody in proportion to the unvoted samples, or gives a new answer in
+    proportion to new_answer_weight (the Dirichlet-process predictive, a Polya urn). For each rival (every other
+    answer, and all new answers pooled as one, which only overstates them) the chance that it ends level or ahead
+    is exact under that urn (the Dirichlet-multinomial over leader / rival / the rest); their sum bounds the
+    leader's chance of losing."""
+    leader = votes[0]
+    rivals = [*votes[1:], 0]  # the last: any new answer
+    total = sum(votes) + unvoted + new_answer_weight
+    lose = 0.0
+    for i, rival in enumerate(rivals):
+        if rival + to_come < leader:  # cannot reach it
+            continue
+        weight = new_answer_weight if i == len(rivals) - 1 else rival
+        rest = total - leader - weight
+        lose += _reach_probability(leader, weight, rest, rival, to_come)
+    return max(0.0, 1.0 - lose)
 
+
+def _reach_probability(leader: float, weight: float, rest: float, rival: int, draws: int) -> float:
+    """P(rival + y >= leader + x) over draws from an urn of (leader, weight, rest) balls (x to the leader, y to the
+    rival): the Dirichlet-multinomial pmf, in logs."""
+    total = leader + weight + rest
+    base = math.lgamma(total) - math.lgamma(total + draws) + math.lgamma(draws + 1)
+    log_rest0 = math.lgamma(rest) if rest > 0 else 0.0
+    p = 0.0
+    for x in range(draws + 1):
+        for y in range(max(0, leader + x - rival), draws - x + 1):
+            z = draws - x - y
+            if rest <= 0 and z > 0:
+                continue
+            p += math.exp(base + math.lgamma(leader + x) - math.lgamma(leader) + math.lgamma(weight + y)
+                          - math.lgamma(weight) + (math.lgamma(rest + z) - log_rest0 if rest > 0 else 0.0)
+                          - math.lgamma(x + 1) - math.lgamma(y + 1) - math.lgamma(z + 1))
+    return min(p, 1.0)

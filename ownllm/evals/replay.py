@@ -28,8 +28,9 @@ def play(params: ComputeParams, samples: list[SampleResult]) -> tuple[str | None
         return session.result().answer, sum(r.num_tokens for r in samples)
     spent = [0] * len(samples)
     while running := [i for i in range(session.num_started) if session.samples[i].finish_reason is None]:
+        step = min(max(samples[i].num_tokens - spent[i], 1) for i in running)  # to the next sample's end
         for i in running:
-            spent[i] += 1
+            spent[i] += step
             if spent[i] >= samples[i].num_tokens:
                 session.samples[i] = samples[i].as_sample(i)
         if not session.samples_to_stop():

@@ -25,6 +25,7 @@ STRATEGIES = {  # name -> the compute field (samples added per run)
     "vote": {"strategy": "vote", "answer": "number"},
     "vote_early_stop": {"strategy": "vote", "answer": "number", "early_stop": True},
     "vote_early_stop_95": {"strategy": "vote", "answer": "number", "early_stop": True, "confidence": 0.95},
+    "vote_early_stop_90": {"strategy": "vote", "answer": "number", "early_stop": True, "confidence": 0.9},
     "best_of": {"strategy": "best_of", "answer": "number"},
     "best_of_verifier": {"strategy": "best_of", "answer": "number", "scorer": "verifier"},
 }

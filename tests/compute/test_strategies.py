@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from ownllm.compute import ComputeParams, ComputeSession
-from ownllm.compute.strategies import leader_probability
+from ownllm.compute.strategies import leader_win_probability
 
 
 def test_imports_no_torch():
@@ -120,19 +120,43 @@ def test_early_stop_draws_samples_in_waves_only_while_the_vote_is_open():
     assert ComputeSession(ComputeParams("vote", 8, "number")).num_started == 8  # no early stop: all at once
 
 
-def test_confidence_stops_once_the_leader_is_likely_to_stay_ahead():
-    """Adaptive consistency's Beta criterion: 4 agreeing votes of 8 give P(leader ahead) = 31/32 >= 0.95."""
-    assert leader_probability(4, 0) == 31 / 32 and leader_probability(3, 0) == 15 / 16
-    assert leader_probability(5, 1) == 15 / 16 and leader_probability(0, 0) == 0.5
+def urn_win_probability(votes: list[int], unvoted: int, to_come: int) -> float:
+    """The leader's exact chance of ending strictly ahead under the Polya urn (every new answer distinct),
+    by enumerating every sequence of answers."""
+    if to_come == 0:
+        return float(all(votes[0] > v for v in votes[1:]))
+    total = sum(votes) + unvoted + 1
+    p = sum(v / total * urn_win_probability([*votes[:i], v + 1, *votes[i + 1:]], unvoted, to_come - 1)
+            for i, v in enumerate(votes))
+    p += unvoted / total * urn_win_probability(votes, unvoted + 1, to_come - 1)
+    return p + 1 / total * urn_win_probability([*votes, 1], unvoted, to_come - 1)
+
+
+@pytest.mark.parametrize("votes, unvoted, to_come", [
+    ([3], 0, 4), ([3, 1], 0, 4), ([3, 1, 1], 1, 3), ([2, 1], 0, 5), ([4, 2, 1], 2, 5), ([1], 0, 3), ([5, 1], 0, 2),
+    ([4], 0, 4), ([4, 1], 0, 3), ([6, 1], 0, 8)])
+def test_leader_win_probability_bounds_the_urn_from_below(votes, unvoted, to_come):
+    """Never above the exact chance; within 0.02 of it where a vote would stop (exact >= 0.9), where one rival
+    at most is in reach; looser (the union bound) where several are."""
+    exact = urn_win_probability(votes, unvoted, to_come)
+    bound = leader_win_probability(votes, unvoted, to_come)
+    assert bound <= exact + 1e-12 and (exact < 0.9 or exact - bound < 0.02)
+
+
+def test_leader_win_probability_is_certain_exactly_when_no_rival_can_reach():
+    assert leader_win_probability([5, 1], 0, 3) == 1.0 and leader_win_probability([5, 1], 0, 4) < 1.0
+
+
+def test_confidence_stops_once_the_leader_likely_wins_the_whole_vote():
     session = ComputeSession(ComputeParams("vote", 8, "number", early_stop=True, confidence=0.95))
-    assert session.num_started == 4
+    assert session.num_started == 4  # 4 agreeing with 4 to come win with P >= 0.986; 3 with 5 to come: 0.93
     assert [finish(session, i, "7") for i in range(3)] == [[], [], []]
-    assert finish(session, 3, "7") == [4, 5, 6, 7]  # 4 vs 0 with 4 to come: likely enough, though not certain
+    assert finish(session, 3, "7") == [4, 5, 6, 7]  # likely enough, though 4 to come could still tie it
     session = ComputeSession(ComputeParams("vote", 8, "number", early_stop=True, confidence=0.95))
     finish_all(session, [("7", 1, 0.0), ("7", 1, 0.0), ("7", 1, 0.0), ("8", 1, 0.0)])
-    # 3 vs 1 (P = 0.81) with 4 to come: two more votes for 7 make it certain (5 > 1 + 2), before the criterion
-    # would (6 vs 1: 0.965)
-    assert session.samples_to_start() == 2
+    # 3 vs 1 with 4 to come (P = 0.89): one more 7 makes it likely enough (4 vs 1 with 3 to come: 0.98), where
+    # certainty would need two
+    assert session.samples_to_start() == 1
 
 
 def test_unanswered_samples_do_not_vote():
