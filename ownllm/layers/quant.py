@@ -1,7 +1,9 @@
 """GGUF weights kept quantized, for bfloat16 compute: Q4_0 and Q4_1 repacked; Q5_0, Q5_1, Q8_0 and the
 K-quants as stored.
 
-4-bit weights are multiplied by our kernel (kernels/int4_matmul.cpp) on CPUs with AVX-512 BF16,
+4-bit weights are multiplied, on CPUs with AVX-512 VNNI, by kernels/int4_vnni.cpp (activations quantized to 8
+bits per block of 32 as llama.cpp does, integer dot products; weights repacked at load 16 rows interleaved), at
+any number of rows; on CPUs with AVX-512 BF16 alone by kernels/int4_matmul.cpp (bf16 activations as they are);
 by torch's int4 CPU kernel (_weight_int4pack_mm_for_cpu) elsewhere.
 
 GGUF's Q4_0 and Q4_1 store groups of 32 weights as 4-bit codes q with an fp16 scale d (and, for
@@ -116,10 +118,40 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP_SIZE, scales_and_zeros)
 
 
+INT4_ROWS = 16  # weight rows kernels/int4_vnni.cpp interleaves
+
+
+def interleave_int4(weight: Int4Weight) -> torch.Tensor:
+    """-> [ceil(N / 16), K / 32 * 384] uint8, kernels/int4_vnni.cpp's layout: per 16 rows (zero rows pad the last
+    group) and block of 32 weights, the 16 rows' code bytes 4 at a time (int32 lane r: row r's), then their float32
+    scales, then their offsets zero - 8 scale (w = scale * code + offset)."""
+    rows, cols = weight.shape
+    groups, blocks = -(-rows // INT4_ROWS), cols // GROUP_SIZE
+
+    def by_group(t: torch.Tensor) -> torch.Tensor:  # [N, ...] -> [groups, 16, ...], zero rows padding
+        return F.pad(t, (0, 0, 0, groups * INT4_ROWS - rows)).view(groups, INT4_ROWS, *t.shape[1:])
+
+    codes = by_group(weight.codes).view(groups, INT4_ROWS, blocks, 4, 4).permute(0, 2, 3, 1, 4)  # [G, blocks, 4, 16, 4]
+
+    def lanes(t: torch.Tensor) -> torch.Tensor:  # [N, blocks] float32 -> [G, blocks, 64] bytes
+        return by_group(t.float()).transpose(1, 2).contiguous().view(torch.uint8)
+
+    offset = weight.zero.float() - 8 * weight.scale.float()
+    parts = [codes.reshape(groups, blocks, 256), lanes(weight.scale), lanes(offset)]
+    return torch.cat(parts, dim=-1).reshape(groups, blocks * 384).contiguous()
+
+
 class PackedInt4:
-    """An Int4Weight in the layout its kernel multiplies, built once after loading (and fusing)."""
+    """An Int4Weight in the layout its kernel multiplies, built once after loading (and fusing): interleaved for the
+    integer kernel where it runs (`integer`), else the file's codes with float32 scales for the bf16 one
+    (`kernel`), else torch's int4 layout."""
 
     def __init__(self, weight: Int4Weight, dtype: torch.dtype) -> None:
+        self.integer = vnni_kernels("int4_vnni") if dtype == torch.bfloat16 else None
+        if self.integer is not None:
+            self.rows = weight.shape[0]
+            self.interleaved = interleave_int4(weight)  # [ceil(N / 16), K / 32 * 384]
+            return
         self.kernel = bf16_kernels("int4_matmul") if dtype == torch.bfloat16 else None
         if self.kernel is None:
             self.packed, self.scales_and_zeros = weight.pack(dtype)
@@ -130,6 +162,8 @@ class PackedInt4:
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # x: [T, K] -> [T, N]
+        if self.integer is not None:
+            return self.integer.int4_x16_matmul(x, self.interleaved, self.rows, bias)
         if self.kernel is None:
             out = int4_linear(x, self.packed, self.scales_and_zeros)
             return out if bias is None else out + bias
