@@ -68,7 +68,7 @@ def test_activations_quantize_as_the_reference(kernel, block):
 def test_kquant_matmul_against_references(kernel, qtype, rows, out_features, in_features):
     weight, exact = random_weight(qtype, out_features, in_features, seed=rows)
     check_against_references(lambda x, bias: kernel.kquant_matmul(x, weight.blocks, weight.qtype, bias),
-                             qtype, exact, rows, seed=rows)
+                             FORMATS[qtype], exact, rows, seed=rows)
 
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
@@ -82,8 +82,8 @@ def test_interleaved_rows_against_references(kernel, qtype, rows, out_features, 
     weight, exact = random_weight(qtype, out_features, in_features, seed=rows)
     packed = kernel.x8_repack(weight.blocks, weight.qtype)
     assert packed.shape == (out_features // 8, in_features // 256 * INTERLEAVED_BYTES[weight.qtype])
-    out = check_against_references(lambda x, bias: kernel.x8_matmul(x, packed, weight.qtype, bias), qtype, exact, rows,
-                                   seed=rows)
+    out = check_against_references(lambda x, bias: kernel.x8_matmul(x, packed, weight.qtype, bias), FORMATS[qtype],
+                                   exact, rows, seed=rows)
     x = activations(rows, in_features, seed=rows)
     torch.manual_seed(rows)  # the bias check_against_references drew
     bias = torch.randn(out_features).bfloat16()
@@ -99,9 +99,9 @@ def test_interleaved_rows_dequantize_as_gguf(kernel, qtype):
     assert torch.equal(out, exact.float().bfloat16())
 
 
-def check_against_references(multiply, qtype: str, exact: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
-    """multiply(x [rows, K] bf16, bias [N] bf16) -> [rows, N] bf16 against the float64 references below; returns
-    the product as float64."""
+def check_against_references(multiply, block: int, exact: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
+    """multiply(x [rows, K] bf16, bias [N] bf16) -> [rows, N] bf16, activations quantized per `block` values,
+    against the float64 references below; returns the product as float64."""
     out_features, in_features = exact.shape
     x = activations(rows, in_features, seed=seed)
     torch.manual_seed(seed)
@@ -111,7 +111,6 @@ def check_against_references(multiply, qtype: str, exact: torch.Tensor, rows: in
     out = out.double()
 
     # 1. the activations quantized as the kernel does, then float64: equal within float32 sums and bf16 output
-    block = FORMATS[qtype]
     codes, scales = quantize_reference(x, block)
     dequantized = torch.from_numpy(codes.astype(np.float64) * np.repeat(scales.astype(np.float64), block, axis=1))
     reference = dequantized @ exact.T + bias.double()
