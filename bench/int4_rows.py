@@ -1,5 +1,5 @@
 """The 4-bit kernels at decode batch sizes: the bf16 one (kernels/int4_matmul.cpp: activations as they are, float
-dot products) and the integer one (kernels/int4_vnni.cpp: activations quantized to 8 bits, VNNI dot products,
+dot products) and the integer one (kernels/x16_vnni.cpp: activations quantized to 8 bits, VNNI dot products,
 weights 16 rows interleaved), on the bundled SmolLM2-135M's Q4_1 matrices (fused as the model multiplies them:
 qkv 960x576, o 576x576, gate_up 3072x576, down 576x1536) and on a random 2048x2048.
 
@@ -66,12 +66,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    old, new = bf16_kernels("int4_matmul"), vnni_kernels("int4_vnni")
+    old, new = bf16_kernels("int4_matmul"), vnni_kernels("x16_vnni")
     if old is None or new is None:
         sys.exit("needs AVX-512 BF16 and VNNI (both kernels)")
     weights = {**bundled_shapes(), "random 2048x2048": random_weight(2048, 2048)}
     print(f"threads {args.threads}; ms per call (GFLOP/s), fastest of {args.repeats}\n")
-    print("| matrix | N x K | rows | int4_matmul (bf16) | int4_vnni (int8) | speedup |")
+    print("| matrix | N x K | rows | int4_matmul (bf16) | x16_vnni (int8) | speedup |")
     print("|---|---|---:|---:|---:|---:|")
     for name, weight in weights.items():
         rows_, cols = weight.shape
@@ -81,7 +81,7 @@ def main() -> None:
         for rows in (int(r) for r in args.rows.split(",")):
             x = torch.randn(rows, cols).bfloat16()
             kernels = {"old": lambda: old.int4_matmul(x, codes, scales, mins, None),
-                       "new": lambda: new.int4_x16_matmul(x, interleaved, rows_, None)}
+                       "new": lambda: new.x16_matmul(x, interleaved, rows_, 2, None)}
             calls = {k: max(1, int(0.02 / seconds_per_call(fn, 3))) for k, fn in kernels.items()}
             times = {k: [] for k in kernels}
             for _ in range(args.repeats):

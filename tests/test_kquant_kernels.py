@@ -176,7 +176,7 @@ def test_block_weight_falls_back_without_the_integer_kernel(monkeypatch):
 def test_k_quant_weights_are_repacked_at_load(kernel, qtype):
     """BlockWeight.packed (what Linear.finalize keeps) repacks Q4_K and Q6_K with rows a multiple of 8 into
     InterleavedBlocks, which multiplies decode batches by the 8-row kernels and larger ones (prefill) by its rows
-    dequantized to bf16; other row counts, other formats and weights asked to stay as loaded keep the file's blocks."""
+    dequantized to bf16; other row counts, formats other than Q8_0 and weights asked to stay as loaded keep the file's blocks."""
     from ownllm.layers.quant import BlockWeight, InterleavedBlocks
 
     weight, exact = random_weight(qtype, 1032, 512, seed=9)  # 1032 rows: two prefill chunks (1024 + 8)
@@ -194,5 +194,5 @@ def test_k_quant_weights_are_repacked_at_load(kernel, qtype):
     assert weight.packed(torch.bfloat16, repack=False) is weight
     assert weight.packed(torch.float32) is weight
     odd, _ = random_weight(qtype, 20, 512, seed=1)
-    q8, _ = random_weight("Q8_0", 16, 512, seed=1)
-    assert odd.packed(torch.bfloat16) is odd and q8.packed(torch.bfloat16) is q8
+    q5, _ = random_weight("Q5_0", 16, 512, seed=1)  # (Q8_0 is repacked too: tests/test_x16_vnni.py)
+    assert odd.packed(torch.bfloat16) is odd and q5.packed(torch.bfloat16) is q5

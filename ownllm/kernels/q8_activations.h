@@ -1,5 +1,5 @@
 // bf16 activation rows quantized to 8 bits per block, as llama.cpp quantizes them for its integer dot products
-// (kquant_vnni.cpp, int4_vnni.cpp): per block d = absmax / 127 and codes q = round(x / d) in int8, so that
+// (kquant_vnni.cpp, x16_vnni.cpp): per block d = absmax / 127 and codes q = round(x / d) in int8, so that
 // |x - d q| <= d / 2 for every value.
 #pragma once
 #include <immintrin.h>
@@ -31,7 +31,7 @@ inline int64_t q4_k_order(int64_t chunk) {
 // - Q8_K (kBlock 256, for the K-quants): int8 codes, d [M, K / 256], bsums [M, K / 16] (each 16 codes' sum);
 // - pairs (kBlock 32, kSigned false, for kquant_vnni's Q8_0 / Q5_0 pairs of blocks): the codes + 128 as uint8
 //   (vpdpbusd's unsigned side), d [M, K / 64, 16] with each block's d in the 8 lanes its dot products land in;
-// - Q8_1 (kBlock 32, kSigned true, for int4_vnni's 4-bit weights, which are the unsigned side): int8 codes,
+// - Q8_1 (kBlock 32, kSigned true, for x16_vnni, whose weights are the unsigned side): int8 codes,
 //   d [M, K / 32] and dsum [M, K / 32] = d * (the block's sum of codes), for the weights' offsets.
 template <int64_t kBlock, bool kSigned = false>
 struct Activations {
