@@ -109,10 +109,9 @@ def test_x16_matmul_rejects_mismatched_shapes(kernel):
         kernel.x16_matmul(torch.zeros(2, 64, dtype=torch.bfloat16), packed, 20, 6, None)
 
 
-def test_moe_experts_keep_the_bf16_int4_kernel(kernel):
+def test_moe_models_keep_the_bf16_int4_kernel(kernel):
     """Int4Weight.packed with repack=False (Linear.keep_file_layout: every 4-bit Linear of a model with routed
-    experts) keeps the bf16 kernel; the model's
-    other Linears (repack=True) get the integer one."""
+    experts) keeps the bf16 kernel; other models' (repack=True) get the integer one."""
     weight, _ = random_int4(32, 64, seed=1)
     assert weight.packed(torch.bfloat16).integer is not None
     kept = weight.packed(torch.bfloat16, repack=False)
