@@ -137,11 +137,14 @@ def test_int4_fusion_equals_separate():
 
 @pytest.mark.parametrize("rows", [1, 2, 4, 5, 16, 40])
 @pytest.mark.parametrize("out_features, in_features", [(96, 576), (33, 96), (64, 1536)])
-def test_packed_int4_matches_dequantized_weights(rows, out_features, in_features):
-    """Our 4-bit kernel against the float32 product with the dequantized weights (odd group counts, as
-    96 = 3 groups, take the kernel's tail), and each row's result independent of the other rows."""
+def test_packed_int4_matches_dequantized_weights(rows, out_features, in_features, monkeypatch):
+    """Our bf16 4-bit kernel (what CPUs without AVX-512 VNNI run; the integer one is tests/test_int4_vnni.py) against
+    the float32 product with the dequantized weights (odd group counts, as 96 = 3 groups, take the kernel's tail),
+    and each row's result independent of the other rows."""
+    import ownllm.layers.quant as quant
     from ownllm.layers.quant import Int4Weight, PackedInt4
 
+    monkeypatch.setattr(quant, "vnni_kernels", lambda name="kquant_vnni": None)
     torch.manual_seed(rows + out_features)
     groups = in_features // 32
     weight = Int4Weight.from_codes(torch.randint(0, 16, (out_features, in_features), dtype=torch.uint8),

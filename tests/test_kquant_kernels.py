@@ -68,7 +68,7 @@ def test_activations_quantize_as_the_reference(kernel, block):
 def test_kquant_matmul_against_references(kernel, qtype, rows, out_features, in_features):
     weight, exact = random_weight(qtype, out_features, in_features, seed=rows)
     check_against_references(lambda x, bias: kernel.kquant_matmul(x, weight.blocks, weight.qtype, bias),
-                             qtype, exact, rows, seed=rows)
+                             FORMATS[qtype], exact, rows, seed=rows)
 
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
@@ -82,8 +82,8 @@ def test_interleaved_rows_against_references(kernel, qtype, rows, out_features, 
     weight, exact = random_weight(qtype, out_features, in_features, seed=rows)
     packed = kernel.x8_repack(weight.blocks, weight.qtype)
     assert packed.shape == (out_features // 8, in_features // 256 * INTERLEAVED_BYTES[weight.qtype])
-    out = check_against_references(lambda x, bias: kernel.x8_matmul(x, packed, weight.qtype, bias), qtype, exact, rows,
-                                   seed=rows)
+    out = check_against_references(lambda x, bias: kernel.x8_matmul(x, packed, weight.qtype, bias), FORMATS[qtype],
+                                   exact, rows, seed=rows)
     x = activations(rows, in_features, seed=rows)
     torch.manual_seed(rows)  # the bias check_against_references drew
     bias = torch.randn(out_features).bfloat16()
@@ -118,9 +118,9 @@ def test_interleaved_rows_dequantize_as_gguf(kernel, qtype):
     assert torch.equal(out, exact.float().bfloat16())
 
 
-def check_against_references(multiply, qtype: str, exact: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
-    """multiply(x [rows, K] bf16, bias [N] bf16) -> [rows, N] bf16 against the float64 references below; returns
-    the product as float64."""
+def check_against_references(multiply, block: int, exact: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
+    """multiply(x [rows, K] bf16, bias [N] bf16) -> [rows, N] bf16, activations quantized per `block` values,
+    against the float64 references below; returns the product as float64."""
     out_features, in_features = exact.shape
     x = activations(rows, in_features, seed=seed)
     torch.manual_seed(seed)
@@ -130,7 +130,6 @@ def check_against_references(multiply, qtype: str, exact: torch.Tensor, rows: in
     out = out.double()
 
     # 1. the activations quantized as the kernel does, then float64: equal within float32 sums and bf16 output
-    block = FORMATS[qtype]
     codes, scales = quantize_reference(x, block)
     dequantized = torch.from_numpy(codes.astype(np.float64) * np.repeat(scales.astype(np.float64), block, axis=1))
     reference = dequantized @ exact.T + bias.double()
@@ -199,7 +198,7 @@ def test_k_quant_weights_are_repacked_at_load(kernel, qtype, monkeypatch):
     """BlockWeight.packed (what Linear.finalize keeps) repacks Q4_K and Q6_K with rows a multiple of 8 into
     InterleavedBlocks, which multiplies Q6_K's decode batches by the rows kernel and Q4_K's by the tiles, and
     prefill (or, with the integer kernels not asked for, everything) with its rows dequantized to bf16 for oneDNN;
-    other row counts, other formats and weights asked to stay as loaded keep the file's blocks."""
+    other row counts, formats other than Q8_0 and weights asked to stay as loaded keep the file's blocks."""
     import ownllm.layers.quant as quant
     from ownllm.layers.quant import X8_ROWS_KERNEL_MAX_ROWS, BlockWeight, InterleavedBlocks
 
@@ -224,5 +223,5 @@ def test_k_quant_weights_are_repacked_at_load(kernel, qtype, monkeypatch):
     assert weight.packed(torch.bfloat16, repack=False) is weight
     assert weight.packed(torch.float32) is weight
     odd, _ = random_weight(qtype, 20, 512, seed=1)
-    q8, _ = random_weight("Q8_0", 16, 512, seed=1)
-    assert odd.packed(torch.bfloat16) is odd and q8.packed(torch.bfloat16) is q8
+    q5, _ = random_weight("Q5_0", 16, 512, seed=1)  # (Q8_0 is repacked too: tests/test_x16_vnni.py)
+    assert odd.packed(torch.bfloat16) is odd and q5.packed(torch.bfloat16) is q5

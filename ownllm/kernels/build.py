@@ -33,8 +33,8 @@ OPENMP_FLAGS = ("-fopenmp",)
 BF16_FLAGS = ("-mavx512f", "-mavx512bf16", "-mavx512vl", "-mavx512bw", "-mf16c")
 BF16_CPU_FLAGS = ("avx512_bf16", "avx512bw")  # /proc/cpuinfo names of what BF16_FLAGS compiles for
 # block_matmul decodes GGUF blocks with float32 arithmetic that must round as gguf-py's dequantize rounds
-KERNEL_FLAGS = {"block_matmul": ("-ffp-contract=off",), "kquant_vnni": ("-mavx512vnni",)}
-VNNI_CPU_FLAGS = ("avx512_vnni",)  # what kquant_vnni needs besides BF16_CPU_FLAGS
+KERNEL_FLAGS = {"block_matmul": ("-ffp-contract=off",), "kquant_vnni": ("-mavx512vnni",), "x16_vnni": ("-mavx512vnni",)}
+VNNI_CPU_FLAGS = ("avx512_vnni",)  # what kquant_vnni and x16_vnni need besides BF16_CPU_FLAGS
 # the skinny bf16 matmul kernels (gemv_bf16, block_matmul) take batches of up to this many rows; larger ones
 # go to oneDNN. Up to 64 they are right, but slower than oneDNN on K = 8192 (bench/skinny_matmul.py)
 GEMV_MAX_ROWS = 32
@@ -108,9 +108,10 @@ def cpu_has_vnni() -> bool:
     return cpu_has_bf16() and set(VNNI_CPU_FLAGS) <= cpu_flags()
 
 
-def vnni_kernels():
-    """The integer block kernels (kernels/kquant_vnni.cpp), or None on CPUs without AVX-512 VNNI (or no kernels)."""
-    return bf16_kernels("kquant_vnni") if cpu_has_vnni() else None
+def vnni_kernels(name: str = "kquant_vnni"):
+    """The integer block kernels (kernels/kquant_vnni.cpp; x16_vnni.cpp for the 16-row layouts), or None on CPUs without
+    AVX-512 VNNI (or no kernels)."""
+    return bf16_kernels(name) if cpu_has_vnni() else None
 
 
 @functools.cache

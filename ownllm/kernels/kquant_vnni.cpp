@@ -4,7 +4,7 @@
 // floats costs more instructions per weight than memory costs time on these formats (block_matmul.cpp is
 // arithmetic-bound at batch 1); here 64 weights cost one multiply-add of bytes per activation row.
 //
-// Activations, per row (quantize_row), in one of two layouts:
+// Activations (q8_activations.h), per row, in one of two layouts:
 // - Q8_K, for the K-quants (256 values a block): d = absmax / 127, q = round(x * 127 / absmax) in int8, and
 //   bsums[16]: the sums of each 16 q (for the weights' offsets: Q4_K's mins, Q6_K's bias of 32).
 // - Q8_0-like, for the 32-weight formats: the same per 32 values, stored as q + 128 in uint8 (VNNI's
@@ -33,18 +33,17 @@
 #include <vector>
 
 #include "gguf_blocks.h"
+#include "q8_activations.h"
 
 namespace {
 
 using bf16 = at::BFloat16;
 using gguf_blocks::fp16_at;
+using q8_activations::Activations;
+using q8_activations::in_order;
+using q8_activations::q4_k_order;
 constexpr int64_t kMaxRows = 32;  // activation rows per call of the row kernels (decode batches; the tiles take any)
 constexpr int64_t kGrain = 16;    // weight rows per task
-
-// x[0..15] as float32 (bf16 is float32's upper half)
-inline __m512 load16(const bf16* x) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)x)), 16));
-}
 
 // A vpshufb control that spreads byte `first` of each 128-bit lane into the int16 lanes 0-15 and byte `second`
 // into lanes 16-31, zero-extended (0x80 zeroes the high byte): one in-lane shuffle of the scales broadcast to
@@ -53,58 +52,6 @@ inline __m512i spread(int first, int second) {
   return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi16((short)(0x8000 | first))),
                             _mm256_set1_epi16((short)(0x8000 | second)), 1);
 }
-
-// Where each 16 values of a 256-value block go: in order, or (Q4_K) in the order its codes unpack, each 128
-// values as the sub-blocks of 32 at 0, 64, 32, 96 (a byte's low nibbles, then its high ones).
-inline int64_t in_order(int64_t chunk) { return 16 * chunk; }
-inline int64_t q4_k_order(int64_t chunk) {
-  const int64_t v = 16 * chunk, sub = v % 128 / 32;
-  return v / 128 * 128 + sub % 2 * 64 + sub / 2 * 32 + v % 32;
-}
-
-// The quantized activation rows, [M, K] codes with their scales, in the layout of kBlock-value blocks.
-template <int64_t kBlock>
-struct Activations {
-  static constexpr bool kKQuant = kBlock == 256;
-  int64_t K;
-  std::vector<int8_t> q;        // [M, K]: Q8_K's codes, or the 32-block codes + 128 (as uint8)
-  std::vector<float> d;         // Q8_K: [M, K / 256]; 32-blocks: [M, K / 64, 16], each d in its 8 lanes
-  std::vector<int16_t> bsums;   // Q8_K: [M, K / 16]
-
-  // order: where each 16 values of a block go among its codes (bsums stay in order)
-  Activations(const bf16* x, int64_t M, int64_t K, int64_t (*order)(int64_t) = in_order)
-      : K(K), q(M * K), d(M * (kKQuant ? K / 256 : K / 4)), bsums(kKQuant ? M * K / 16 : 0) {
-    // rows split between threads where there are enough of them (prefill); each row's numbers are the same
-    at::parallel_for(0, M, std::max<int64_t>(1, (int64_t{1} << 16) / K), [&](int64_t m0, int64_t m1) {
-      for (int64_t m = m0; m < m1; ++m)
-        for (int64_t b = 0; b < K / kBlock; ++b) quantize_block(x + m * K + b * kBlock, m, b, order);
-    });
-  }
-
-  // One block: d = absmax / 127, q = round-to-nearest-even(x * (127 / absmax)) in float32 (0 when all are 0).
-  void quantize_block(const bf16* x, int64_t m, int64_t b, int64_t (*order)(int64_t)) {
-    __m512 v[kBlock / 16];
-    __m512 amax = _mm512_setzero_ps();
-    for (int i = 0; i < kBlock / 16; ++i) {
-      v[i] = load16(x + 16 * i);
-      amax = _mm512_max_ps(amax, _mm512_abs_ps(v[i]));
-    }
-    const float absmax = _mm512_reduce_max_ps(amax);
-    const float scale = absmax / 127.f, inverse = absmax > 0.f ? 127.f / absmax : 0.f;
-    int8_t* codes = q.data() + m * K + b * kBlock;
-    for (int i = 0; i < kBlock / 16; ++i) {
-      const __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], _mm512_set1_ps(inverse)));
-      __m128i bytes = _mm512_cvtsepi32_epi8(qi);
-      if (kKQuant) bsums[(m * K + b * kBlock) / 16 + i] = (int16_t)_mm512_reduce_add_epi32(qi);
-      else bytes = _mm_xor_si128(bytes, _mm_set1_epi8((char)0x80));  // + 128, as uint8
-      _mm_storeu_si128((__m128i*)(codes + order(i)), bytes);
-    }
-    if (kKQuant) d[m * (K / 256) + b] = scale;
-    else std::fill_n(d.data() + m * (K / 4) + b * 8, 8, scale);  // pair b / 2, lanes 8 (b % 2) ...
-  }
-
-  const int8_t* codes(int64_t m) const { return q.data() + m * K; }
-};
 
 // --- the K-quants against Q8_K ---------------------------------------------------------------------------
 // Both decode a block to 4 vectors of 64 unsigned codes (in the order the activations are stored), with, for

@@ -1,7 +1,9 @@
 """GGUF weights kept quantized, for bfloat16 compute: Q4_0 and Q4_1 repacked; Q5_0, Q5_1, Q8_0 and the
 K-quants as stored.
 
-4-bit weights are multiplied by our kernel (kernels/int4_matmul.cpp) on CPUs with AVX-512 BF16,
+4-bit weights are multiplied, on CPUs with AVX-512 VNNI, by kernels/x16_vnni.cpp (activations quantized to 8
+bits per block of 32 as llama.cpp does, integer dot products; weights repacked at load 16 rows interleaved), at
+any number of rows; on CPUs with AVX-512 BF16 alone by kernels/int4_matmul.cpp (bf16 activations as they are);
 by torch's int4 CPU kernel (_weight_int4pack_mm_for_cpu) elsewhere.
 
 GGUF's Q4_0 and Q4_1 store groups of 32 weights as 4-bit codes q with an fp16 scale d (and, for
@@ -44,6 +46,7 @@ from ownllm.layers.registry import named
 GROUP_SIZE = 32
 _Q4_0_BLOCK = np.dtype([("d", "<f2"), ("qs", "V16")])  # GGUF's block_q4_0: fp16 scale, 32 4-bit codes
 _Q4_1_BLOCK = np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "V16")])  # block_q4_1: and an fp16 minimum
+Q4_X16_TYPE = 2  # the GGUF type (Q4_0) that tells kernels/x16_vnni.cpp a weight is in its 4-bit layout (Q4_1 too)
 PREFILL_CHUNK_ROWS = 1024  # block-quantized weight rows dequantized at a time for batches too large for the kernel
 
 
@@ -104,7 +107,12 @@ class Int4Weight:
         return dtype == torch.bfloat16
 
     def packed(self, dtype: torch.dtype, repack: bool = True) -> "PackedInt4":
-        return PackedInt4(self, dtype)  # always a copy in the kernel's layout (`repack` is for BlockWeight)
+        """Always a copy in a kernel's layout; the integer kernel's only where `repack` allows. Models with routed
+        experts pass False for all their 4-bit weights (models/base.py post_load) and keep the bf16 kernel: routing
+        is where rounding shows, and on the tiny random Mixtral Q4_0 of tests/test_moe_parity.py 8-bit activations
+        (in the attention projections alone, too) moved 7 of 96 teacher-forced steps by more than 0.2 nats, where
+        that test allows 4."""
+        return PackedInt4(self, dtype, integer=repack)
 
     def pack(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (codes in torch's int4 kernel layout, scales_and_zeros [K // 32, N, 2] in the activations' dtype)."""
@@ -118,10 +126,46 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP_SIZE, scales_and_zeros)
 
 
-class PackedInt4:
-    """An Int4Weight in the layout its kernel multiplies, built once after loading (and fusing)."""
+X16_ROWS = 16  # weight rows kernels/x16_vnni.cpp interleaves
 
-    def __init__(self, weight: Int4Weight, dtype: torch.dtype) -> None:
+
+def interleave_x16(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """-> [ceil(N / 16), K / 32 * B] uint8, kernels/x16_vnni.cpp's layout (w = scale * code + offset): per 16 rows
+    (zero rows pad the last group) and block of 32 weights, the 16 rows' code bytes 4 at a time (int32 lane r: row
+    r's), then their float32 scales, then their offsets. codes: [N, K / 32, words, 4] uint8 (word j of a block: its
+    bytes 4j..4j+3); scale, offset: [N, K / 32]."""
+    rows, blocks, words = codes.shape[:3]
+    groups = -(-rows // X16_ROWS)
+
+    def by_group(t: torch.Tensor) -> torch.Tensor:  # [N, ...] -> [groups, 16, ...], zero rows padding
+        return F.pad(t, (0,) * (2 * t.dim() - 1) + (groups * X16_ROWS - rows,)).view(groups, X16_ROWS, *t.shape[1:])
+
+    words_first = by_group(codes).permute(0, 2, 3, 1, 4).reshape(groups, blocks, words * 64)  # [G, blocks, word, r, 4]
+
+    def lanes(t: torch.Tensor) -> torch.Tensor:  # [N, blocks] float32 -> [G, blocks, 64] bytes
+        return by_group(t.float()).transpose(1, 2).contiguous().view(torch.uint8)
+
+    return torch.cat([words_first, lanes(scale), lanes(offset)], dim=-1).reshape(groups, -1).contiguous()
+
+
+def interleave_int4(weight: Int4Weight) -> torch.Tensor:
+    """Q4_0 / Q4_1 codes in x16_vnni's Q4 layout: the file's code bytes (two codes each), offset zero - 8 scale."""
+    rows, cols = weight.shape
+    codes = weight.codes.view(rows, cols // GROUP_SIZE, 4, 4)
+    return interleave_x16(codes, weight.scale, weight.zero.float() - 8 * weight.scale.float())
+
+
+class PackedInt4:
+    """An Int4Weight in the layout its kernel multiplies, built once after loading (and fusing): interleaved for the
+    integer kernel where it runs (`integer`), else the file's codes with float32 scales for the bf16 one
+    (`kernel`), else torch's int4 layout."""
+
+    def __init__(self, weight: Int4Weight, dtype: torch.dtype, integer: bool = True) -> None:
+        self.integer = vnni_kernels("x16_vnni") if integer and dtype == torch.bfloat16 else None
+        if self.integer is not None:
+            self.rows = weight.shape[0]
+            self.interleaved = interleave_int4(weight)  # [ceil(N / 16), K / 32 * 384]
+            return
         self.kernel = bf16_kernels("int4_matmul") if dtype == torch.bfloat16 else None
         if self.kernel is None:
             self.packed, self.scales_and_zeros = weight.pack(dtype)
@@ -132,6 +176,8 @@ class PackedInt4:
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # x: [T, K] -> [T, N]
+        if self.integer is not None:
+            return self.integer.x16_matmul(x, self.interleaved, self.rows, Q4_X16_TYPE, bias)
         if self.kernel is None:
             out = int4_linear(x, self.packed, self.scales_and_zeros)
             return out if bias is None else out + bias
@@ -203,11 +249,13 @@ class BlockWeight:
         return BlockWeight(torch.cat([w.blocks for w in weights]), weights[0].qtype)
 
     def packed(self, dtype: torch.dtype, repack: bool = True) -> "BlockWeight":
-        """The layout its kernel multiplies: Q4_K and Q6_K rows 8 at a time interleaved (InterleavedBlocks) where the
-        integer kernel runs and `repack` allows (a copy: not for weights that must stay views of the file), else
-        the blocks as they are."""
+        """The layout its kernel multiplies: Q4_K and Q6_K rows 8 at a time interleaved (InterleavedBlocks), Q8_0 rows
+        16 at a time (X16Blocks), where the integer kernels run and `repack` allows (a copy: not for weights that
+        must stay views of the file), else the blocks as they are."""
         if repack and dtype == torch.bfloat16 and InterleavedBlocks.takes(self):
             return InterleavedBlocks.repack(self)
+        if repack and dtype == torch.bfloat16 and X16Blocks.takes(self):
+            return X16Blocks.repack(self)
         return self
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -301,6 +349,69 @@ class InterleavedBlocks(BlockWeight):
         buffer = _dequantize_buffer(PREFILL_CHUNK_ROWS, self.shape[1])
         out = torch.cat([F.linear(x, kernel.x8_dequantize(chunk, qtype, buffer[: chunk.shape[0] * self.ROWS]))
                          for chunk in self.blocks.split(PREFILL_CHUNK_ROWS // self.ROWS)], dim=-1)
+        return out if bias is None else out + bias
+
+
+Q8_0 = 8
+X16_Q8_BYTES = 640  # x16_vnni's Q8 layout: bytes per 16 rows x 32 weights (codes 512, scales 64, offsets 64)
+
+
+@dataclass
+class X16Blocks(BlockWeight):
+    """Q8_0 weights repacked at load for kernels/x16_vnni.cpp: `blocks` is [ceil(N / 16), K / 32 * 640], 16 rows
+    interleaved, codes + 128 as uint8, d as float32, offset -128 d (the layout is in the kernel's comments; 1.18x the
+    file's bytes). One broadcast of 4 activation codes serves 16 rows and each block's float epilogue runs once for
+    16 rows, where the file layout's kernel (kquant_vnni's pairs) reduces each row's vector at its end. The
+    activations are rounded as there (8 bits per 32), so decode batches (up to VNNI_MAX_ROWS rows) give the file
+    layout's numbers up to float32 summation order; larger batches (prefill) dequantize a chunk of rows at a time
+    to bf16 for oneDNN, as BlockWeight does."""
+
+    rows: int = 0
+
+    @staticmethod
+    def takes(weight: BlockWeight) -> bool:
+        return int(weight.qtype) == Q8_0 and VNNI_MAX_ROWS.get(Q8_0, 0) > 0 and vnni_kernels("x16_vnni") is not None
+
+    @classmethod
+    def repack(cls, weight: BlockWeight) -> "X16Blocks":
+        rows = weight.blocks.shape[0]
+        raw = weight.blocks.view(rows, -1, 34)  # [N, K / 32, 34]: fp16 d, int8 q[32]
+        d = raw[..., :2].contiguous().view(torch.float16)[..., 0].float()  # [N, K / 32]
+        codes = raw[..., 2:].contiguous().view(torch.int8).to(torch.int16).add(128).to(torch.uint8)  # q + 128
+        return cls(interleave_x16(codes.view(rows, -1, 8, 4), d, -128 * d), weight.qtype, rows)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.rows, self.blocks.shape[1] // X16_Q8_BYTES * GROUP_SIZE))
+
+    def dequantize(self, dtype: torch.dtype, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """-> [N, K] as gguf-py dequantizes the file's blocks (d q in float32), in `dtype`."""
+        out = self._dequantize_groups(self.blocks)[: self.rows]
+        return (out if rows is None else out.index_select(0, rows)).to(dtype)
+
+    @staticmethod
+    def _dequantize_groups(packed: torch.Tensor) -> torch.Tensor:
+        # [G, K / 32 * 640] -> [16 G, K] float32
+        groups = packed.shape[0]
+        blocks = packed.view(groups, -1, X16_Q8_BYTES)  # [G, K / 32, 640]
+        codes = blocks[..., :512].view(groups, -1, 8, X16_ROWS, 4).permute(0, 3, 1, 2, 4)  # [G, 16, K / 32, 8, 4]
+        d = blocks[..., 512:576].contiguous().view(torch.float32).transpose(1, 2)  # [G, 16, K / 32]
+        values = (codes.reshape(groups, X16_ROWS, -1, GROUP_SIZE).float() - 128) * d.unsqueeze(-1)
+        return values.reshape(groups * X16_ROWS, -1)
+
+    def map_rows(self, fn):
+        raise TypeError("X16Blocks is a kernel layout built after loading: map the file's BlockWeight instead")
+
+    def packed(self, dtype: torch.dtype, repack: bool = True) -> "X16Blocks":
+        return self
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # x: [T, K] bf16 -> [T, N]
+        if x.shape[0] <= VNNI_MAX_ROWS.get(Q8_0, 0):
+            return vnni_kernels("x16_vnni").x16_matmul(x, self.blocks, self.rows, Q8_0, bias)
+        # prefill: oneDNN on bf16 weights, dequantized PREFILL_CHUNK_ROWS rows at a time
+        chunks = self.blocks.split(PREFILL_CHUNK_ROWS // X16_ROWS)
+        out = torch.cat([F.linear(x, self._dequantize_groups(chunk).to(x.dtype)) for chunk in chunks], dim=-1)[:, : self.rows]
         return out if bias is None else out + bias
 
 

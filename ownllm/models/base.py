@@ -24,7 +24,7 @@ from ownllm.layers.mla import MultiLatentAttention
 from ownllm.layers.module import Module
 from ownllm.layers.moe import Experts
 from ownllm.layers.parallel import load_shard
-from ownllm.layers.quant import BlockWeight, QuantizedWeight
+from ownllm.layers.quant import BlockWeight, Int4Weight, QuantizedWeight
 
 
 class CausalLM(Module):
@@ -59,11 +59,15 @@ class CausalLM(Module):
 
     def post_load(self) -> None:
         """Rearranges loaded weights for speed; parity tests cover the result: fuses projections
-        (fuse_projections), then packs 4-bit weights into the kernel's layout and binds the MoE and MLA backends."""
+        (fuse_projections), then packs 4-bit weights into the kernel's layout and binds the MoE and MLA backends.
+        Models with routed experts keep their 4-bit weights on bf16 activations (see Int4Weight.packed)."""
         self.fuse_projections()
         dtype = getattr(torch, self.config.dtype)
+        routed = any(isinstance(module, Experts) for module in self.modules())
         for module in self.modules():
             if isinstance(module, Linear):
+                if routed and isinstance(module.quantized, Int4Weight):
+                    module.keep_file_layout = True
                 module.finalize(dtype)
             elif isinstance(module, Experts):
                 module.backend = self.backends.moe

@@ -16,7 +16,9 @@ from ownllm.loader.resolve import BUNDLED_MODEL_NAME
 from tests.server.conftest import start_server
 
 pytestmark = pytest.mark.slow
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+# llama.cpp (the reference for this file) answers this with Paris; the bare question opens with a near-tie ("The" or
+# "L'", 0.12 nats apart) that llama.cpp itself takes to "L'Étoile, la Cité, ..."
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,8 @@ from tests.server.conftest import BUNDLED_KEY
 
 pytestmark = pytest.mark.slow
 GREEDY = dict(model=BUNDLED_MODEL_NAME, temperature=0)
-QUESTION = "What is the capital of France?"
+# llama.cpp answers this one with Paris; the bare question opens with a near-tie that it takes to "L'Étoile, ..."
+QUESTION = "What is the capital of France? Answer in one sentence."
 WEATHER_SCHEMA = {"type": "object", "properties": {"city": {"type": "string"},
                                                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
                   "required": ["city", "unit"], "additionalProperties": False}
