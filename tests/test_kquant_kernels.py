@@ -100,8 +100,8 @@ def test_interleaved_tiles_against_references(kernel, qtype, rows, out_features,
     tile partial at odd row counts), and at up to 32 rows the rows kernel's within float32 summation order."""
     weight, exact = random_weight(qtype, out_features, in_features, seed=rows)
     packed = kernel.x8_repack(weight.blocks, weight.qtype)
-    out = check_against_references(lambda x, bias: kernel.x8_gemm(x, packed, weight.qtype, bias), qtype, exact, rows,
-                                   seed=rows)
+    out = check_against_references(lambda x, bias: kernel.x8_gemm(x, packed, weight.qtype, bias), FORMATS[qtype],
+                                   exact, rows, seed=rows)
     if rows <= 32:
         x = activations(rows, in_features, seed=rows)
         torch.manual_seed(rows)
