@@ -217,6 +217,16 @@ def test_k_quant_weights_are_repacked_at_load(kernel, qtype, monkeypatch):
     expected = torch.nn.functional.linear(x, exact.float().bfloat16(), bias)
     torch.testing.assert_close(packed.matmul(x, bias), expected, rtol=2**-7, atol=1e-2)
     assert torch.equal(packed.matmul(x, bias), packed.float_matmul(x, bias))
+    x = activations(70, 512, seed=70)  # a decode batch of 70 rows: the integer kernels, 32 rows at a time at most
+    with quant.decode_step(True):
+        decoded = packed.matmul(x, bias)
+    if rows_kernel_max:
+        expected = torch.cat([kernel.x8_matmul(c, packed.blocks, weight.qtype, bias) for c in x.split(32)])
+    else:
+        expected = kernel.x8_gemm(x, packed.blocks, weight.qtype, bias)
+    assert torch.equal(decoded, expected)
+    assert torch.equal(decoded[40:41], packed.matmul(x[40:41], bias))  # a row's numbers: the same alone
+    assert torch.equal(packed.matmul(x, bias), packed.float_matmul(x, bias))  # outside a decode step: a prompt
     monkeypatch.setattr(quant, "VNNI_MAX_ROWS", {})  # the integer kernels not asked for: the float path throughout
     x = activations(4, 512, seed=4)
     assert torch.equal(packed.matmul(x, bias), packed.float_matmul(x, bias))
@@ -225,3 +235,8 @@ def test_k_quant_weights_are_repacked_at_load(kernel, qtype, monkeypatch):
     odd, _ = random_weight(qtype, 20, 512, seed=1)
     q5, _ = random_weight("Q5_0", 16, 512, seed=1)  # (Q8_0 is repacked too: tests/test_x16_vnni.py)
     assert odd.packed(torch.bfloat16) is odd and q5.packed(torch.bfloat16) is q5
+    monkeypatch.undo()
+    x = activations(40, 512, seed=40)  # the file's blocks in a decode batch: the integer kernel by 32 rows
+    with quant.decode_step(True):
+        assert torch.equal(q5.matmul(x, None), torch.cat([kernel.kquant_matmul(c, q5.blocks, q5.qtype, None)
+                                                           for c in x.split(32)]))

@@ -65,9 +65,11 @@ def test_q8_0_weights_against_references(kernel, rows, out_features, in_features
         assert ((out - file_layout).abs() <= file_layout.abs() * 2**-7 + file_layout.abs().max() * 1e-5).all()
 
 
-def test_q8_0_prefill_batches_dequantize_for_onednn(kernel):
-    """Beyond VNNI_MAX_ROWS rows the repacked Q8_0 rows are dequantized to bf16 a chunk at a time (1040 rows: two
-    chunks) and multiplied by oneDNN, as the file layout's BlockWeight does: the same numbers."""
+def test_q8_0_prompts_dequantize_for_onednn_and_decode_batches_stay_integer(kernel):
+    """A prompt beyond VNNI_MAX_ROWS rows goes to the weight as loaded (1040 rows: two chunks dequantized to bf16
+    for oneDNN): the file layout's numbers. A decode batch of as many rows takes the integer kernel, each row as
+    alone."""
+    from ownllm.layers.quant import decode_step
     from tests.test_kquant_kernels import random_weight
 
     weight, _ = random_weight("Q8_0", 1040, 256, seed=3)
@@ -75,6 +77,10 @@ def test_q8_0_prefill_batches_dequantize_for_onednn(kernel):
     x = activations(40, 256, seed=40)
     bias = torch.randn(1040).bfloat16()
     assert torch.equal(packed.matmul(x, bias), weight.matmul(x, bias))
+    with decode_step(True):
+        decoded = packed.matmul(x, bias)
+    assert torch.equal(decoded, kernel.x16_matmul(x, packed.blocks, packed.rows, 8, bias))
+    assert torch.equal(decoded[33:34], packed.matmul(x[33:34], bias))
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])

@@ -21,9 +21,11 @@ go instead to kernels/kquant_vnni.cpp, which quantizes the activations to 8 bits
 multiplies with integer dot products (faster again; it rounds the activations, by at most half a step of
 absmax / 127 per block of 32 or 256). There, Q4_K and Q6_K Linear weights (not MoE experts, which stay views of
 the file) are repacked after loading, 8 rows interleaved (InterleavedBlocks): one vector of activation codes then
-serves 8 rows and the blocks' scales need no decoding per row, about 2x faster per block than the file's layout; at
-prefill they are multiplied by tiles of activation rows (integer GEMM), not dequantized. Embeddings stored so are dequantized row by row as tokens look
-them up. Without that kernel (CPUs lacking AVX-512 BF16) these tensors are dequantized at load.
+serves 8 rows and the blocks' scales need no decoding per row, about 2x faster per block than the file's layout.
+The integer kernels take every decode batch (`decode_step`: the model runner says when a forward decodes one token
+per sequence), in chunks of 32 rows where a kernel takes no more, so a row's numbers are the same in any batch;
+prompts of more than 32 rows keep bf16 activations (dequantized weights, oneDNN). Embeddings stored so are
+dequantized row by row as tokens look them up. Without that kernel (CPUs lacking AVX-512 BF16) these tensors are dequantized at load.
 
 Quant methods (an interface and a registry, QUANT_METHODS; the runner picks one by name when it builds the
 model) decide what a layer does with a quantized weight at load: "kernels" (the default) keeps it as above
@@ -32,9 +34,11 @@ wherever its kernel runs; "dequantized", the plain-torch reference, dequantizes 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -48,6 +52,37 @@ _Q4_0_BLOCK = np.dtype([("d", "<f2"), ("qs", "V16")])  # GGUF's block_q4_0: fp16
 _Q4_1_BLOCK = np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "V16")])  # block_q4_1: and an fp16 minimum
 Q4_X16_TYPE = 2  # the GGUF type (Q4_0) that tells kernels/x16_vnni.cpp a weight is in its 4-bit layout (Q4_1 too)
 PREFILL_CHUNK_ROWS = 1024  # block-quantized weight rows dequantized at a time for batches too large for the kernel
+
+
+class _Step(threading.local):
+    decode_only = False  # the running forward decodes one token per sequence (model_runner sets it)
+
+
+_STEP = _Step()
+
+
+@contextlib.contextmanager
+def decode_step(decode_only: bool) -> Iterator[None]:
+    """Inside: matmuls belong to a decode batch (decode_only) or not. Decode batches of any size take the integer
+    kernels; a forward with prompt tokens does only up to VNNI_MAX_ROWS rows."""
+    previous, _STEP.decode_only = _STEP.decode_only, decode_only
+    try:
+        yield
+    finally:
+        _STEP.decode_only = previous
+
+
+def takes_integer(qtype: int, rows: int) -> bool:
+    """Whether a matmul of `rows` activation rows of this format runs the integer kernels (see decode_step)."""
+    max_rows = VNNI_MAX_ROWS.get(qtype, 0)
+    return max_rows > 0 and (rows <= max_rows or _STEP.decode_only)
+
+
+def in_row_chunks(multiply: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """multiply (a kernel taking up to GEMV_MAX_ROWS rows) over x [T, K] in chunks of that many rows."""
+    if x.shape[0] <= GEMV_MAX_ROWS:
+        return multiply(x)
+    return torch.cat([multiply(chunk) for chunk in x.split(GEMV_MAX_ROWS)])
 
 
 @dataclass
@@ -262,7 +297,7 @@ class BlockWeight:
         # x: [T, K] bf16 -> [T, N]
         integer = self._integer_kernel(x.shape[0])
         if integer is not None:
-            return integer.kquant_matmul(x, self.blocks, int(self.qtype), bias)
+            return in_row_chunks(lambda rows: integer.kquant_matmul(rows, self.blocks, int(self.qtype), bias), x)
         kernel = bf16_kernels("block_matmul")
         if x.shape[0] <= GEMV_MAX_ROWS:
             return kernel.block_matmul(x, self.blocks, int(self.qtype), bias)
@@ -275,7 +310,7 @@ class BlockWeight:
 
     def _integer_kernel(self, rows: int):
         """kquant_vnni when it runs here and takes this format, these rows and K (a multiple of 64), else None."""
-        if rows > VNNI_MAX_ROWS.get(int(self.qtype), 0) or self.shape[1] % 64:
+        if not takes_integer(int(self.qtype), rows) or self.shape[1] % 64:
             return None
         return vnni_kernels()
 
@@ -337,10 +372,10 @@ class InterleavedBlocks(BlockWeight):
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # x: [T, K] bf16 -> [T, N]
         kernel, qtype = vnni_kernels(), int(self.qtype)
-        if x.shape[0] > VNNI_MAX_ROWS.get(qtype, 0):  # prefill, or the integer kernels not asked for
+        if not takes_integer(qtype, x.shape[0]):  # a prompt's many rows, or the integer kernels not asked for
             return self.float_matmul(x, bias)
-        if x.shape[0] <= X8_ROWS_KERNEL_MAX_ROWS.get(qtype, 0):
-            return kernel.x8_matmul(x, self.blocks, qtype, bias)
+        if qtype in X8_ROWS_KERNEL_MAX_ROWS:
+            return in_row_chunks(lambda rows: kernel.x8_matmul(rows, self.blocks, qtype, bias), x)
         return kernel.x8_gemm(x, self.blocks, qtype, bias)
 
     def float_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -410,7 +445,7 @@ class X16Blocks(BlockWeight):
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # x: [T, K] bf16 -> [T, N]
-        if x.shape[0] <= VNNI_MAX_ROWS.get(Q8_0, 0):
+        if takes_integer(Q8_0, x.shape[0]):
             return vnni_kernels("x16_vnni").x16_matmul(x, self.blocks, self.rows, Q8_0, bias)
         if self.file is not None:  # prefill: the weight as loaded, dequantized in C++ for oneDNN
             return self.file.matmul(x, bias)

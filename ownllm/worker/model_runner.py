@@ -27,6 +27,7 @@ from ownllm.config import BackendConfig, CacheConfig, ModelConfig, SpeculativeCo
 from ownllm.distributed.parallel_state import tp_group
 from ownllm.layers.attention import PagedKVCache
 from ownllm.layers.backends import LayerBackends
+from ownllm.layers.quant import decode_step
 from ownllm.loader import Checkpoint
 from ownllm.models.registry import model_class
 from ownllm.multimodal import ImageInput
@@ -167,11 +168,12 @@ class ModelRunner:
         self._run_encoder(so)
         inputs_embeds = self._inputs_embeds(input_ids, scheduled)
         images = {} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}  # text-only: the plain call
-        if self.proposer_reads_hidden:
-            pre_norm = self.model.hidden_states(input_ids, meta, **images)  # [T, hidden] before the final norm
-            hidden = self.model.model.norm(pre_norm)
-        else:
-            hidden = self.model(input_ids, meta, **images)  # [T, hidden]
+        with decode_step(meta.is_decode_only):  # decode batches of any size take the integer kernels
+            if self.proposer_reads_hidden:
+                pre_norm = self.model.hidden_states(input_ids, meta, **images)  # [T, hidden] before the final norm
+                hidden = self.model.model.norm(pre_norm)
+            else:
+                hidden = self.model(input_ids, meta, **images)  # [T, hidden]
         elapsed = time.perf_counter() - started  # a step's time, for the cost of a draft next to it
         self.step_seconds = 0.8 * self.step_seconds + 0.2 * elapsed if self.step_seconds else elapsed
         output = RunnerOutput(request_ids=list(so.num_scheduled_tokens))
@@ -179,7 +181,8 @@ class ModelRunner:
         states = [state for state, _ in sampling]
         if sampling:
             rows = [first + j for state, first in sampling for j in range(len(state.drafts) + 1)]
-            logits = self.model.compute_logits(hidden[rows]).float()  # [R, vocab]
+            with decode_step(meta.is_decode_only):
+                logits = self.model.compute_logits(hidden[rows]).float()  # [R, vocab]
             bitmask = so.allowed_token_bitmask  # grammar masks, filled during the forward: waited for here
             bitmask = bitmask.result() if isinstance(bitmask, Future) else bitmask
             sampled = sample_and_verify(self.sampler, logits, states, self.eos_token_ids, bitmask)
