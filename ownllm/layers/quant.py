@@ -337,9 +337,9 @@ class InterleavedBlocks(BlockWeight):
     and 2.9% (Q6_K) more bytes than the file's). At 1 row they multiply about 2x faster than the file's blocks,
     whose per-block decoding, not memory, bounded the kernel; the integer arithmetic is the same, so the numbers
     are the file layout's up to float32 summation order. A row's numbers are the same in any decode batch (Q6_K's
-rows kernel, X8_ROWS_KERNEL_MAX_ROWS, takes larger ones 32 rows at a time). A prompt of more than VNNI_MAX_ROWS
-    rows is dequantized a chunk of rows at a time for oneDNN (float_matmul), keeping bf16 activations: the tiles (x8_gemm) take any row count and
-    are 1.4-3x faster there, but 8-bit activations over a whole prompt move the tiny random checkpoints' logprobs
+    rows kernel, X8_ROWS_KERNEL_MAX_ROWS, takes larger ones 32 rows at a time). A prompt of more than
+    VNNI_MAX_ROWS rows is dequantized a chunk of rows at a time for oneDNN (float_matmul), keeping bf16
+    activations: the tiles (x8_gemm) take any row count and are 1.4-3x faster there, but 8-bit activations over a whole prompt move the tiny random checkpoints' logprobs
     past the bounds tests/test_gguf_parity.py and test_moe_parity.py hold for bf16 activations (mean 0.055-0.058
     against 0.05), and a bound is not loosened for speed."""
 
