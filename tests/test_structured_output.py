@@ -161,8 +161,9 @@ def constrained(llm, text: str, **spec) -> str:
 
 def test_json_schema_regex_choice_and_grammar(llm):
     jsonschema.validate(json.loads(constrained(llm, "A person as JSON.", json=PERSON)), PERSON)
-    assert json.loads(constrained(llm, 'Reply with the JSON object {"ok": true} and nothing else.',
-                                  json_object=True)) == {"ok": True}
+    # (the bundled model's greedy answer to "Reply with the JSON object {"ok": true} and nothing else." adds a key
+    # since prompts run its 4-bit integer kernel: a near-tie; this wording is no tie on either path)
+    assert json.loads(constrained(llm, 'Repeat this JSON object exactly: {"ok": true}', json_object=True)) == {"ok": True}
     assert constrained(llm, "Is the sky blue?", choice=["yes", "no"]) in ("yes", "no")
     import re
 
