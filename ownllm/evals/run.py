@@ -110,12 +110,12 @@ def curve(lines: list[dict], strategies: list[str], counts: list[int]) -> list[E
     expected accuracy and sampled tokens on k-subsets. The interval is Wilson's on the summed per-problem means
     (conservative: averaging over subsets only narrows the spread); seconds only where k is the run's own count."""
     rows = []
+    recorded = [[SampleResult(**s) for s in line["per_sample"]] for line in lines]  # parsed once, replayed often
     for strategy in strategies:
         params = ComputeParams(**STRATEGIES[strategy])
         for count in counts:
             accuracy = tokens = 0.0
-            for line in lines:
-                samples = [SampleResult(**s) for s in line["per_sample"]]
+            for line, samples in zip(lines, recorded):
                 plays = [play(params, subset)
                          for subset in subsets(samples, count, line["index"], ordered=params.early_stop)]
                 accuracy += sum(_is_right(answer, line["expected"]) for answer, _ in plays) / len(plays)
