@@ -97,7 +97,8 @@ def test_interleaved_rows_against_references(kernel, qtype, rows, out_features, 
 def test_interleaved_tiles_against_references(kernel, qtype, rows, out_features, in_features):
     """The tiled kernel (x8_gemm: up to 8 activation rows x 8 interleaved weight rows, any number of rows, also
     prefill's): the same bounds as the rows kernel, a row's numbers the same alone as in any batch (the last
-    tile partial at odd row counts), and at up to 32 rows the rows kernel's within float32 summation order."""
+    tile partial at odd row counts), and at up to 32 rows the rows kernel's: Q6_K's exactly (a decode batch may
+    take either), Q4_K's within float32 summation order."""
     weight, exact = random_weight(qtype, out_features, in_features, seed=rows)
     packed = kernel.x8_repack(weight.blocks, weight.qtype)
     out = check_against_references(lambda x, bias: kernel.x8_gemm(x, packed, weight.qtype, bias), FORMATS[qtype],
@@ -108,6 +109,8 @@ def test_interleaved_tiles_against_references(kernel, qtype, rows, out_features,
         bias = torch.randn(out_features).bfloat16()
         rows_kernel = kernel.x8_matmul(x, packed, weight.qtype, bias).double()
         assert ((out - rows_kernel).abs() <= rows_kernel.abs() * 2**-7 + rows_kernel.abs().max() * 1e-5).all()
+        if qtype == "Q6_K":
+            assert torch.equal(out, rows_kernel)
 
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
@@ -196,7 +199,7 @@ def test_block_weight_falls_back_without_the_integer_kernel(monkeypatch):
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
 def test_k_quant_weights_are_repacked_at_load(kernel, qtype, monkeypatch):
     """BlockWeight.packed (what Linear.finalize keeps) repacks Q4_K and Q6_K with rows a multiple of 8 into
-    InterleavedBlocks, which multiplies Q6_K's decode batches by the rows kernel and Q4_K's by the tiles, and
+    InterleavedBlocks, which multiplies decode batches by the tiles (Q6_K's of up to 4 rows by the rows kernel), and
     prefill (or, with the integer kernels not asked for, everything) with its rows dequantized to bf16 for oneDNN;
     other row counts, formats other than Q8_0 and weights asked to stay as loaded keep the file's blocks."""
     import ownllm.layers.quant as quant
@@ -208,7 +211,7 @@ def test_k_quant_weights_are_repacked_at_load(kernel, qtype, monkeypatch):
     assert packed.shape == weight.shape and packed.packed(torch.bfloat16) is packed
     assert torch.equal(packed.dequantize(torch.bfloat16), weight.dequantize(torch.bfloat16))
     rows_kernel_max = X8_ROWS_KERNEL_MAX_ROWS.get(weight.qtype, 0)
-    for rows in (1, 8, 32):
+    for rows in (1, 4, 5, 8, 32):
         x = activations(rows, 512, seed=rows)
         multiply = kernel.x8_matmul if rows <= rows_kernel_max else kernel.x8_gemm
         assert torch.equal(packed.matmul(x, None), multiply(x, packed.blocks, weight.qtype, None))
@@ -217,15 +220,12 @@ def test_k_quant_weights_are_repacked_at_load(kernel, qtype, monkeypatch):
     expected = torch.nn.functional.linear(x, exact.float().bfloat16(), bias)
     torch.testing.assert_close(packed.matmul(x, bias), expected, rtol=2**-7, atol=1e-2)
     assert torch.equal(packed.matmul(x, bias), packed.float_matmul(x, bias))
-    x = activations(70, 512, seed=70)  # a decode batch of 70 rows: the integer kernels, 32 rows at a time at most
+    x = activations(70, 512, seed=70)  # a decode batch of 70 rows: the tiles
     with quant.decode_step(True):
         decoded = packed.matmul(x, bias)
-    if rows_kernel_max:
-        expected = torch.cat([kernel.x8_matmul(c, packed.blocks, weight.qtype, bias) for c in x.split(32)])
-    else:
-        expected = kernel.x8_gemm(x, packed.blocks, weight.qtype, bias)
-    assert torch.equal(decoded, expected)
-    assert torch.equal(decoded[40:41], packed.matmul(x[40:41], bias))  # a row's numbers: the same alone
+    assert torch.equal(decoded, kernel.x8_gemm(x, packed.blocks, weight.qtype, bias))
+    for rows in (1, 3, 5):  # a row's numbers: the same in a batch of any size, whichever kernel takes it
+        assert torch.equal(decoded[40 : 40 + rows], packed.matmul(x[40 : 40 + rows], bias))
     assert torch.equal(packed.matmul(x, bias), packed.float_matmul(x, bias))  # outside a decode step: a prompt
     monkeypatch.setattr(quant, "VNNI_MAX_ROWS", {})  # the integer kernels not asked for: the float path throughout
     x = activations(4, 512, seed=4)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from ownllm import SamplingParams
-from ownllm.worker.sampler import (Sampler, SamplerOutput, SamplingMetadata, SamplingRow, apply_token_bitmask,
-                                  filter_logits)
+from ownllm.worker.sampler import (CDF_BLOCK, Sampler, SamplerOutput, SamplingMetadata, SamplingRow, _first_above,
+                                  _inverse_cdf, apply_token_bitmask, filter_logits)
 
 LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
 
@@ -76,6 +76,37 @@ def test_chi_square_detects_a_wrong_distribution():
     counts = _draws(SamplingParams(temperature=1.0, seed=7), 6000)
     statistic, dof = _chi_square(counts, (LOGITS / 0.7).softmax(-1))
     assert statistic > CRITICAL[dof]
+
+
+def test_inverse_cdf_draws_across_blocks_follow_the_weights():
+    """A vocabulary of several CDF blocks and a ragged last one: tokens of zero weight (beside every boundary, and
+    the padding) are never drawn, the frequencies match the weights, and each draw is the token a float64 running
+    sum over the whole row gives for the same uniform number, small weights (1e-4 each) included."""
+    vocab = 3 * CDF_BLOCK + 37
+    weights = torch.zeros(vocab)
+    picked = [0, CDF_BLOCK - 1, CDF_BLOCK + 5, 2 * CDF_BLOCK, 3 * CDF_BLOCK + 2, vocab - 1]
+    weights[picked] = torch.tensor([3.0, 1.0, 2.0, 0.5, 1.0, 1.5])
+    weights[CDF_BLOCK + 100 : 2 * CDF_BLOCK] = 1e-4
+    rows = 4000
+    drawn = _inverse_cdf(weights.expand(rows, -1), list(range(rows)),
+                         {i: torch.Generator().manual_seed(i) for i in range(rows)})
+    uniforms = torch.tensor([torch.rand(1, dtype=torch.float64, generator=torch.Generator().manual_seed(i)).item()
+                             for i in range(rows)], dtype=torch.float64)
+    cdf = weights.double().cumsum(0)
+    expected = torch.searchsorted(cdf, uniforms * cdf[-1], right=True)
+    assert torch.equal(drawn, expected)
+    counts = torch.bincount(drawn, minlength=vocab).float()
+    assert counts[weights == 0].sum() == 0
+    kept = weights > 1e-3
+    probs = weights[kept] / weights[kept].sum()
+    statistic, dof = _chi_square(counts[kept], probs)
+    assert statistic < CRITICAL[dof], f"chi-square {statistic:.1f}; counts {counts[kept].tolist()}"
+
+
+def test_first_above_never_lands_past_the_last_entry_with_mass():
+    cdf = torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.0, 0.2, 0.2, 0.7]], dtype=torch.float64)
+    assert _first_above(cdf, torch.tensor([0.5, 0.7], dtype=torch.float64)).tolist() == [2, 3]  # target = total
+    assert _first_above(cdf, torch.tensor([0.1, 0.0], dtype=torch.float64)).tolist() == [2, 1]  # skips empty entries
 
 
 def test_seed_reproduces_and_different_seeds_differ():

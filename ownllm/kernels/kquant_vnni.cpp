@@ -383,15 +383,16 @@ void q6_kx8_rows(const uint8_t* group, int64_t blocks, const Activations<256>& a
       }
     const __m512 d2 = _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(_mm256_loadu_ps((const float*)p)));
     const __m512i bias = _mm512_maskz_permutexvar_epi32(0x5555, twice, _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(p + 32))));
-    for (int j = 0; j < R; ++j) {
+    for (int j = 0; j < R; ++j) {  // lane 2r: row r's block total, exact, scaled as q6_kx8_tile scales it
+      const __m512i half = _mm512_sub_epi32(sum[j], bias), total = _mm512_add_epi32(half, _mm512_srli_epi64(half, 32));
       const float dx = a.d[(m0 + j) * (K / 256) + g];
-      acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sum[j], bias)), _mm512_mul_ps(d2, _mm512_set1_ps(dx)), acc[j]);
+      acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(d2, _mm512_set1_ps(dx)), acc[j]);
     }
   }
   for (int j = 0; j < R; ++j) {
     alignas(64) float lanes[16];
     _mm512_store_ps(lanes, acc[j]);
-    for (int r = 0; r < kX8Rows; ++r) out[j][r] = lanes[2 * r] + lanes[2 * r + 1];
+    for (int r = 0; r < kX8Rows; ++r) out[j][r] = lanes[2 * r];
   }
 }
 
@@ -603,11 +604,18 @@ void q6_kx8_tile(const uint8_t* group, int64_t blocks, const TileActivations& t,
           sum[j] = _mm512_dpwssd_epi32(sum[j], _mm512_packs_epi32(s0, s1), scales);
         }
       }
+    // row lanes 4L + b: row 2L + b's block total, exact, then one rounding of d dx and one fma: q6_kx8_rows' numbers
     const __m512 d = _mm512_permutexvar_ps(row_lane_index(), _mm512_castps256_ps512(_mm256_loadu_ps((const float*)p)));
-    for (int j = 0; j < R; ++j)
-      acc[j] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sum[j]), d), _mm512_set1_ps(a.d[(m0 + j) * blocks + g]), acc[j]);
+    for (int j = 0; j < R; ++j) {
+      const __m512i total = _mm512_add_epi32(sum[j], _mm512_bsrli_epi128(sum[j], 8));
+      acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(d, _mm512_set1_ps(a.d[(m0 + j) * blocks + g])), acc[j]);
+    }
   }
-  tile_out<R>(acc, out);
+  for (int j = 0; j < R; ++j) {
+    alignas(64) float lanes[16];
+    _mm512_store_ps(lanes, acc[j]);
+    for (int r = 0; r < kX8Rows; ++r) out[j][r] = lanes[4 * (r / 2) + r % 2];
+  }
 }
 
 using X8Tile = void (*)(const uint8_t*, int64_t, const TileActivations&, int64_t, float (*)[kX8Rows]);

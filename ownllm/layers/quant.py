@@ -317,12 +317,13 @@ class BlockWeight:
 
 # Which integer kernel multiplies the 8-row layouts (kernels/kquant_vnni.cpp): the tiles (x8_gemm: up to 8 activation
 # rows at a time, each block's codes unpacked once per tile) at any number of rows, but for Q6_K up to this many
-# rows the rows kernel (x8_matmul), whose lighter unpacking is 1.15-1.3x faster at 1-4 rows on the 1.5B's Q6_K
-# matrices (the tiles are 1.3-1.6x faster from 8 rows); the rows kernel takes every Q6_K decode batch (32 rows at a
-# time) so that a row's numbers stay the same in any of them. Measured on an AMD EPYC (Zen 4), 1 thread, CPU time, under load:
-# Q4_K tiles 1.0-1.3x the rows kernel at 1 row, 1.3-1.5x at 2-32; the tiles beat the float path (x8_dequantize,
-# then oneDNN bf16) at every row count above 32: Q4_K 1.4x (512 rows) to 3x (33), Q6_K 1.05x to 2.4x.
-X8_ROWS_KERNEL_MAX_ROWS = {14: GEMV_MAX_ROWS}  # Q6_K
+# rows the rows kernel (x8_matmul), whose lighter unpacking is 1.15-1.6x faster at 1-4 rows on the 1.5B's Q6_K
+# matrices (the tiles are 1.04-1.09x faster at 5-6 rows, 1.17-1.25x at 8, 1.3-1.4x at 16; 2 threads). The two give a
+# row the same numbers (each block's integer total, then one float multiply-add), so a row's numbers are the same
+# in any decode batch. Measured on an AMD EPYC (Zen 4): Q4_K tiles 1.0-1.3x the rows kernel at 1 row, 1.3-1.5x at
+# 2-32 (1 thread, CPU time, under load); the tiles beat the float path (x8_dequantize, then oneDNN bf16) at every
+# row count above 32: Q4_K 1.4x (512 rows) to 3x (33), Q6_K 1.05x to 2.4x.
+X8_ROWS_KERNEL_MAX_ROWS = {14: 4}  # Q6_K
 
 # Block formats repacked at load for the integer kernel's 8-row layouts (kernels/kquant_vnni.cpp, Q4_Kx8 and
 # Q6_Kx8): GGML type number -> bytes per group of 8 rows per 256 weights
@@ -336,8 +337,8 @@ class InterleavedBlocks(BlockWeight):
     8 rows' codes), scales as bytes, d (and dmin) as float32 (the layouts are in the kernel's comments; 5.6% (Q4_K)
     and 2.9% (Q6_K) more bytes than the file's). At 1 row they multiply about 2x faster than the file's blocks,
     whose per-block decoding, not memory, bounded the kernel; the integer arithmetic is the same, so the numbers
-    are the file layout's up to float32 summation order. A row's numbers are the same in any decode batch (Q6_K's
-    rows kernel, X8_ROWS_KERNEL_MAX_ROWS, takes larger ones 32 rows at a time). A prompt of more than
+    are the file layout's up to float32 summation order. A row's numbers are the same in any decode batch (see
+    X8_ROWS_KERNEL_MAX_ROWS). A prompt of more than
     VNNI_MAX_ROWS rows is dequantized a chunk of rows at a time for oneDNN (float_matmul), keeping bf16
     activations: the tiles (x8_gemm) take any row count and are 1.4-3x faster there, but 8-bit activations over a whole prompt move the tiny random checkpoints' logprobs
     past the bounds tests/test_gguf_parity.py and test_moe_parity.py hold for bf16 activations (mean 0.055-0.058
@@ -374,8 +375,8 @@ class InterleavedBlocks(BlockWeight):
         kernel, qtype = vnni_kernels(), int(self.qtype)
         if not takes_integer(qtype, x.shape[0]):  # a prompt's many rows, or the integer kernels not asked for
             return self.float_matmul(x, bias)
-        if qtype in X8_ROWS_KERNEL_MAX_ROWS:
-            return in_row_chunks(lambda rows: kernel.x8_matmul(rows, self.blocks, qtype, bias), x)
+        if x.shape[0] <= X8_ROWS_KERNEL_MAX_ROWS.get(qtype, 0):
+            return kernel.x8_matmul(x, self.blocks, qtype, bias)
         return kernel.x8_gemm(x, self.blocks, qtype, bias)
 
     def float_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
