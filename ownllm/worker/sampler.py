@@ -16,7 +16,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from ownllm.outputs import SampleLogprobs
 from ownllm.sampling_params import SamplingParams
@@ -220,11 +219,13 @@ class Sampler:
         if meta.greedy_rows:
             greedy = meta.greedy_rows
             token_ids[greedy] = x[greedy].argmax(-1) if len(greedy) < x.shape[0] else x.argmax(-1)
-        random = x[meta.random_rows] if meta.random_rows else None  # [N, vocab], a copy
+        random = None
+        if meta.random_rows:  # [N, vocab] temperature-scaled, a new tensor
+            random = (x if len(meta.random_rows) == x.shape[0] else x[meta.random_rows]) / meta.temperature
         if meta.allowed_token_bitmask is not None:
             _apply_grammar(x, random, token_ids, meta)
         if random is not None:
-            token_ids[meta.random_rows] = draw(random / meta.temperature, meta)
+            token_ids[meta.random_rows] = draw(random, meta)
         return _logprobs(logits, token_ids, meta.num_logprobs)
 
 
@@ -259,14 +260,17 @@ def _inverse_cdf(weights: torch.Tensor, rows: list[int], generators: dict[int, t
     for i, row in enumerate(rows):
         if row in generators:
             uniforms[i] = torch.rand(1, dtype=torch.float64, device=device, generator=generators[row])[0]
-    pad = -n % CDF_BLOCK
-    blocks = (F.pad(weights, (0, pad)) if pad else weights).view(num_rows, -1, CDF_BLOCK)  # [N, n / B, B]
-    block_cdf = blocks.sum(-1, dtype=torch.float64).cumsum(-1)  # [N, n / B]
+    whole = n // CDF_BLOCK * CDF_BLOCK
+    sums = weights[:, :whole].view(num_rows, -1, CDF_BLOCK).sum(-1, dtype=torch.float64)  # [N, n // B]
+    if whole < n:  # the last, shorter block
+        sums = torch.cat([sums, weights[:, whole:].sum(-1, keepdim=True, dtype=torch.float64)], dim=1)
+    block_cdf = sums.cumsum(-1)  # [N, blocks]
     target = uniforms * block_cdf[:, -1]  # [N], below each row's total
     block = _first_above(block_cdf, target)
     before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)[:, None]).squeeze(1), 0.0)
-    inner_cdf = blocks[torch.arange(num_rows, device=device), block].double().cumsum(-1)  # [N, B]
-    return block * CDF_BLOCK + _first_above(inner_cdf, target - before)
+    entries = block[:, None] * CDF_BLOCK + torch.arange(CDF_BLOCK, device=device)  # [N, B]
+    inner = weights.gather(1, entries.clamp(max=n - 1)).masked_fill(entries >= n, 0)  # [N, B]
+    return block * CDF_BLOCK + _first_above(inner.double().cumsum(-1), target - before)
 
 
 def _first_above(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -310,7 +314,8 @@ def draw(x: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
             token_ids[[rows[j] for j in inside]] = ids[inside].gather(1, chosen[:, None]).squeeze(1)
     if full:
         full.sort()
-        probs = filter_logits(x[full], meta.top_k[full], meta.top_p[full], meta.min_p[full]).softmax(-1)
+        rows = x if len(full) == num_rows else x[full]
+        probs = filter_logits(rows, meta.top_k[full], meta.top_p[full], meta.min_p[full]).softmax(-1)
         token_ids[full] = _inverse_cdf(probs, full, meta.generators)
     return token_ids
 
