@@ -163,6 +163,51 @@ def assert_tracks_reference(llm, prompt: list[int], reference, atol: float) -> l
     return differences
 
 
+def llama_cpp_forced_differences(path, prompts: list[list[int]], references) -> list[float]:
+    """llama.cpp (float32 activations, rounded to 8 bits for each quantized matmul as its CPU kernels do) on the
+    GGUF at path, teacher-forced along reference runs (CompletionOutputs with logprobs, one per prompt): at each
+    step |llama.cpp's logprob of the reference's token - the reference's|."""
+    import numpy as np
+    import pytest
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, logits_all=True, verbose=False)
+    differences = []
+    for prompt, reference in zip(prompts, references, strict=True):
+        tokens = prompt + reference.token_ids
+        model.reset()
+        model.eval(tokens)
+        logprobs = torch.tensor(np.array(model.scores[: len(tokens)]), dtype=torch.float64).log_softmax(-1)
+        differences += [abs(logprobs[len(prompt) + i - 1, token].item() - reference.logprobs[i][token].logprob)
+                        for i, token in enumerate(reference.token_ids)]
+    return differences
+
+
+def activation_moves(path, prompts: list[list[int]], references, monkeypatch) -> tuple[list[float], list[float]]:
+    """How far a bfloat16 load of the GGUF at path is moved from float32 reference runs by each of two roundings,
+    teacher-forced (differences as assert_tracks_reference takes them, steps where the reference's token left
+    the top 20 left out): bf16 activations alone (the same load with the integer kernels off), and 8-bit
+    activations alone, which llama.cpp measures (its CPU kernels round float32 activations to 8 bits, as ours
+    round bf16 ones). -> (bf16's differences, llama.cpp's)."""
+    import ownllm.layers.quant as quant
+    from ownllm import LLM
+
+    with monkeypatch.context() as patch:
+        patch.setattr(quant, "VNNI_MAX_ROWS", {})
+        bf16 = LLM(str(path), dtype="bfloat16")
+        bf16_moves = [abs(ours[token] - expected) for prompt, reference in zip(prompts, references, strict=True)
+                      for ours, token, expected in teacher_forced(bf16, prompt, reference) if token in ours]
+    return bf16_moves, llama_cpp_forced_differences(path, prompts, references)
+
+
+def eight_bit_bounds(path, prompts: list[list[int]], references, monkeypatch) -> tuple[float, float]:
+    """What 8-bit activations (the integer kernels, at prefill and decode) on top of bf16 ones may move a bfloat16
+    load from float32 references: the two roundings' moves (activation_moves) added, since their errors add at
+    most. -> (bound on the mean difference, on any one step's)."""
+    bf16, eight_bit = activation_moves(path, prompts, references, monkeypatch)
+    return sum(bf16) / len(bf16) + sum(eight_bit) / len(eight_bit), max(bf16) + max(eight_bit)
+
+
 @torch.inference_mode()
 def assert_matches_reference(token_ids: list[int], logprobs: list[dict], reference, k: int = 5,
                              atol: float = 1e-3) -> None:

@@ -199,8 +199,8 @@ def test_block_weight_falls_back_without_the_integer_kernel(monkeypatch):
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
 def test_k_quant_weights_are_repacked_at_load(kernel, qtype, monkeypatch):
     """BlockWeight.packed (what Linear.finalize keeps) repacks Q4_K and Q6_K with rows a multiple of 8 into
-    InterleavedBlocks, which multiplies decode batches by the tiles (Q6_K's of up to 4 rows by the rows kernel), and
-    prefill (or, with the integer kernels not asked for, everything) with its rows dequantized to bf16 for oneDNN;
+    InterleavedBlocks, which multiplies any rows by the tiles (Q6_K's up to 4 rows by the rows kernel, the same
+    numbers) and, with the integer kernels not asked for, with its rows dequantized to bf16 for oneDNN;
     other row counts, formats other than Q8_0 and weights asked to stay as loaded keep the file's blocks."""
     import ownllm.layers.quant as quant
     from ownllm.layers.quant import X8_ROWS_KERNEL_MAX_ROWS, BlockWeight, InterleavedBlocks
@@ -215,18 +215,18 @@ def test_k_quant_weights_are_repacked_at_load(kernel, qtype, monkeypatch):
         x = activations(rows, 512, seed=rows)
         multiply = kernel.x8_matmul if rows <= rows_kernel_max else kernel.x8_gemm
         assert torch.equal(packed.matmul(x, None), multiply(x, packed.blocks, weight.qtype, None))
-    x = activations(33, 512, seed=33)  # prefill: bf16 activations, the float path
+    x = activations(33, 512, seed=33)  # a prompt: the tiles too (the float path, bf16 activations, when asked)
     bias = torch.randn(1032).bfloat16()
     expected = torch.nn.functional.linear(x, exact.float().bfloat16(), bias)
-    torch.testing.assert_close(packed.matmul(x, bias), expected, rtol=2**-7, atol=1e-2)
-    assert torch.equal(packed.matmul(x, bias), packed.float_matmul(x, bias))
+    torch.testing.assert_close(packed.float_matmul(x, bias), expected, rtol=2**-7, atol=1e-2)
+    assert torch.equal(packed.matmul(x, bias), kernel.x8_gemm(x, packed.blocks, weight.qtype, bias))
     x = activations(70, 512, seed=70)  # a decode batch of 70 rows: the tiles
     with quant.decode_step(True):
         decoded = packed.matmul(x, bias)
     assert torch.equal(decoded, kernel.x8_gemm(x, packed.blocks, weight.qtype, bias))
     for rows in (1, 3, 5):  # a row's numbers: the same in a batch of any size, whichever kernel takes it
         assert torch.equal(decoded[40 : 40 + rows], packed.matmul(x[40 : 40 + rows], bias))
-    assert torch.equal(packed.matmul(x, bias), packed.float_matmul(x, bias))  # outside a decode step: a prompt
+    assert torch.equal(packed.matmul(x, bias), decoded)  # outside a decode step (a prompt): the same numbers
     monkeypatch.setattr(quant, "VNNI_MAX_ROWS", {})  # the integer kernels not asked for: the float path throughout
     x = activations(4, 512, seed=4)
     assert torch.equal(packed.matmul(x, bias), packed.float_matmul(x, bias))

@@ -23,8 +23,8 @@ import torch
 from ownllm import LLM, SamplingParams
 from ownllm.layers.moe import Experts
 from ownllm.models.llama4 import Llama4Attention
-from tests.checkpoints import (BASE, assert_matches_reference, assert_same_generations, build_checkpoint, hf_greedy,
-                               random_prompts, save_tiny_tokenizer, teacher_forced)
+from tests.checkpoints import (BASE, activation_moves, assert_matches_reference, assert_same_generations,
+                               build_checkpoint, hf_greedy, random_prompts, save_tiny_tokenizer, teacher_forced)
 
 NEW_TOKENS = 32
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -298,12 +298,12 @@ def test_gguf_loads_like_the_checkpoint(name, tmp_path):
 
 
 @pytest.mark.parametrize("name, ftype", [("mixtral", "Q4_K_M"), ("qwen3moe", "Q4_K_M"), ("mixtral", "Q4_0")])
-def test_quantized_gguf_experts_stay_quantized(name, ftype, tmp_path):
+def test_quantized_gguf_experts_stay_quantized(name, ftype, tmp_path, monkeypatch):
     """A quantized MoE GGUF (llama.cpp's quantizer) in bfloat16: every expert's projections stay quantized, the
     file's blocks (views of its mapping) for K-quants, 4-bit repacked for Q4_0, multiplied by our kernels one
     expert at a time; teacher-forced along the
     float32 load of the same file, within what bf16 activations move it (measured with the experts dequantized
-    to bf16)."""
+    to bf16) and, for K-quants, what 8-bit activations move it (llama.cpp on the same file)."""
     from ownllm.kernels.build import cpu_has_bf16
     from ownllm.layers.quant import BlockWeight, PackedInt4
     from tests.gguf_writer import quantize_with_llama_cpp
@@ -325,9 +325,19 @@ def test_quantized_gguf_experts_stay_quantized(name, ftype, tmp_path):
         assert_experts_memory_mapped(kept, path.name)
     # bf16 activations flip a few near-tie routing choices, and a step whose experts changed has another
     # distribution (with the experts dequantized to bf16 too: up to 2 of 96 steps move by 0.8 or lose the
-    # reference's token from the top 20). So: most steps within the dense models' 0.2, and a small mean.
-    steps = [(ours, token, expected) for prompt, reference in zip(random_prompts(), generate(LLM(str(path), dtype="float32")))
+    # reference's token from the top 20). So: most steps within the dense models' 0.2, and a small mean. K-quant
+    # prompts run on 8-bit activations too (the attention's projections), which flip others: as many more steps
+    # may move past 0.2 as llama.cpp's own 8-bit activations move there, and the mean bound is both roundings'
+    # moves added (measured: mixtral 91/96 steps within 0.2, mean 0.064, where llama.cpp has 93/96, 0.070;
+    # qwen3moe 92/96, 0.060, llama.cpp 90/96, 0.112).
+    references = generate(LLM(str(path), dtype="float32"))
+    steps = [(ours, token, expected) for prompt, reference in zip(random_prompts(), references)
              for ours, token, expected in teacher_forced(kept, prompt, reference)]
     differences = [abs(ours[token] - expected) for ours, token, expected in steps if token in ours]
-    assert sum(d < 0.2 for d in differences) >= 0.95 * len(steps)
-    assert sum(differences) / len(differences) < 0.05
+    allowed_far, mean_bound = 0.05 * len(steps), 0.05
+    if ftype != "Q4_0":
+        bf16, eight_bit = activation_moves(path, random_prompts(), references, monkeypatch)
+        allowed_far += sum(d >= 0.2 for d in eight_bit)
+        mean_bound = sum(bf16) / len(bf16) + sum(eight_bit) / len(eight_bit)
+    assert sum(d < 0.2 for d in differences) >= len(steps) - allowed_far
+    assert sum(differences) / len(differences) < mean_bound

@@ -337,12 +337,12 @@ class InterleavedBlocks(BlockWeight):
     8 rows' codes), scales as bytes, d (and dmin) as float32 (the layouts are in the kernel's comments; 5.6% (Q4_K)
     and 2.9% (Q6_K) more bytes than the file's). At 1 row they multiply about 2x faster than the file's blocks,
     whose per-block decoding, not memory, bounded the kernel; the integer arithmetic is the same, so the numbers
-    are the file layout's up to float32 summation order. A row's numbers are the same in any decode batch (see
-    X8_ROWS_KERNEL_MAX_ROWS). A prompt of more than
-    VNNI_MAX_ROWS rows is dequantized a chunk of rows at a time for oneDNN (float_matmul), keeping bf16
-    activations: the tiles (x8_gemm) take any row count and are 1.4-3x faster there, but 8-bit activations over a whole prompt move the tiny random checkpoints' logprobs
-    past the bounds tests/test_gguf_parity.py and test_moe_parity.py hold for bf16 activations (mean 0.055-0.058
-    against 0.05), and a bound is not loosened for speed."""
+    are the file layout's up to float32 summation order. Every batch, a prompt's too, takes the tiles (x8_gemm;
+    Q6_K's of up to 4 rows the rows kernel, see X8_ROWS_KERNEL_MAX_ROWS), so a row's numbers are the same in any
+    batch and at prefill as at decode. Prompts run on 8-bit activations, as llama.cpp's do: the tiles are 1.4-3x
+    faster than dequantizing to bf16 for oneDNN (float_matmul, kept for when the integer kernels are not asked
+    for), and they move the tiny random checkpoints' logprobs as far from float32 as llama.cpp's own kernels move
+    them, plus what bf16 activations add (tests/test_gguf_parity.py, eight_bit_bounds)."""
 
     ROWS = 8
 
@@ -373,7 +373,7 @@ class InterleavedBlocks(BlockWeight):
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # x: [T, K] bf16 -> [T, N]
         kernel, qtype = vnni_kernels(), int(self.qtype)
-        if not takes_integer(qtype, x.shape[0]):  # a prompt's many rows, or the integer kernels not asked for
+        if not VNNI_MAX_ROWS.get(qtype, 0):  # the integer kernels not asked for
             return self.float_matmul(x, bias)
         if x.shape[0] <= X8_ROWS_KERNEL_MAX_ROWS.get(qtype, 0):
             return kernel.x8_matmul(x, self.blocks, qtype, bias)
