@@ -32,7 +32,7 @@ speeds = []
 for _ in range(3):  # the first warms up
     prompt = [rng.randrange(100, llm.config.vocab_size - 100) for _ in range(prompt_tokens)]
     first = None
-    for _ in llm.stream({"prompt_token_ids": prompt}, params):
+    for _ in llm.stream_token_ids({"prompt_token_ids": prompt}, params):
         first = first or time.perf_counter()
     speeds.append((len(llm.last_output.token_ids) - 1) / (time.perf_counter() - first))
 print(json.dumps(max(speeds[1:])))

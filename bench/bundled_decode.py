@@ -29,7 +29,7 @@ def time_ownllm(prompt_ids: list[int], new_tokens: int, repeats: int, dtype: str
     runs = []
     for _ in range(repeats + 1):
         start = time.perf_counter()
-        stream = llm.stream({"prompt_token_ids": prompt_ids}, params)
+        stream = llm.stream_token_ids({"prompt_token_ids": prompt_ids}, params)
         next(stream)
         first = time.perf_counter()
         for _ in stream:

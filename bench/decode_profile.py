@@ -74,7 +74,7 @@ def main() -> None:
 
     def step_time() -> float:
         first = None
-        for _ in llm.stream({"prompt_token_ids": prompt}, params):
+        for _ in llm.stream_token_ids({"prompt_token_ids": prompt}, params):
             first = first or time.perf_counter()
         return (time.perf_counter() - first) / (args.new_tokens - 1)
 

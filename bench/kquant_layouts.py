@@ -134,7 +134,7 @@ def decode_table(args) -> list[str]:
         def ours(layout):
             def run(prompt):
                 use(layout)
-                return timed(llm.stream({"prompt_token_ids": prompt}, params))
+                return timed(llm.stream_token_ids({"prompt_token_ids": prompt}, params))
             return run
 
         def run_theirs(prompt):

@@ -87,7 +87,7 @@ def compare(label: str, ours_path: str, dtype: str, gguf: str, new: int, prompt_
     params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
 
     def run_ours(prompt):
-        return timed(ours.stream({"prompt_token_ids": prompt}, params))
+        return timed(ours.stream_token_ids({"prompt_token_ids": prompt}, params))
 
     def run_theirs(prompt):
         def tokens():

@@ -51,6 +51,17 @@ def test_stream_joined_equals_generate(llm):
     assert llm.last_output.finish_reason == "length" and len(llm.last_output.token_ids) == 20
 
 
+def test_stream_token_ids_yields_once_per_step(llm):
+    """One yield per decoded token, also where a token adds no text (stream() then yields nothing): what
+    benchmarks time token by token."""
+    params = greedy(max_tokens=12)
+    steps = list(llm.stream_token_ids(PROMPT, params))
+    assert len(steps) == 12 and all(len(step) == 1 for step in steps)
+    assert [t for step in steps for t in step] == llm.last_output.token_ids
+    assert llm.last_output.token_ids == llm.generate(PROMPT, params)[0].outputs[0].token_ids
+    assert len(list(llm.stream(PROMPT, params))) <= len(steps)
+
+
 def test_stop_token_id_and_max_tokens(llm):
     full = llm.generate(PROMPT, greedy())[0].outputs[0]
     assert full.finish_reason == "length" and len(full.token_ids) == 24

@@ -212,9 +212,22 @@ class LLM:
     def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yields the text of one request as it is generated; closing the iterator aborts the request.
         The finished output is left in `self.last_output`."""
+        for delta in self._deltas(prompt, sampling_params, "stream"):
+            if delta.text:
+                yield delta.text
+
+    def stream_token_ids(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[list[int]]:
+        """As stream, the token ids each engine step adds, also where they add no text (a special token, half of
+        a character): what a benchmark times token by token."""
+        for delta in self._deltas(prompt, sampling_params, "stream_token_ids"):
+            yield delta.token_ids
+
+    def _deltas(self, prompt: PromptType, sampling_params: SamplingParams | None,
+                caller: str) -> Iterator[CompletionOutput]:
+        """One request's CompletionOutput deltas, step by step (see stream)."""
         params = sampling_params or self.default_sampling_params()
         if params.n != 1:
-            raise ValueError("stream() takes one sample (n=1)")
+            raise ValueError(f"{caller}() takes one sample (n=1)")
         request_id = self._add(prompt, params, "delta")
         self.last_output = None
         token_ids: list[int] = []
@@ -227,8 +240,7 @@ class LLM:
                     delta = output.outputs[0]
                     token_ids += delta.token_ids
                     text += delta.text
-                    if delta.text:
-                        yield delta.text
+                    yield delta
                     if output.finished:
                         self.last_output = replace(delta, text=text, token_ids=token_ids)
                         return
