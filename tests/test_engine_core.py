@@ -79,8 +79,8 @@ def make_core(tokenizer, runner, num_blocks=64, block_size=4, max_num_spec_rows=
     return EngineCore(UniprocExecutor(runner), KVCacheManager(num_blocks, block_size), tokenizer, 200, config, eos_token_ids=[2])
 
 
-def add(core: EngineCore, request_id: str, prompt_len: int, **params) -> Request:
-    request = Request(request_id, [10 + i for i in range(prompt_len)], SamplingParams(**{"max_tokens": 30, **params}))
+def add(core: EngineCore, request_id: str, prompt_len: int, first: int = 10, **params) -> Request:
+    request = Request(request_id, [first + i for i in range(prompt_len)], SamplingParams(**{"max_tokens": 30, **params}))
     core.output_processor.add(request)
     core.add_request(request)
     return request
@@ -189,7 +189,7 @@ def test_finished_and_preempted_requests_are_named_to_the_runner(tokenizer):
     runner = FakeRunner()
     core = make_core(tokenizer, runner, num_blocks=4, block_size=4)
     add(core, "a", 7, max_tokens=3)
-    add(core, "b", 7, max_tokens=3)
+    add(core, "b", 7, first=40, max_tokens=3)  # no shared prefix: admitted in a's step
     run(core)
     named = set().union(*(so.finished_request_ids for so in runner.outputs))
     assert "b" in named and core.scheduler.num_preemptions > 0  # b was preempted when a grew

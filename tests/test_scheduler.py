@@ -134,3 +134,21 @@ def test_prefix_cache_hit_skips_computed_blocks():
     assert out.requests == [a, b] and out.num_tokens == [1, 2]  # b reuses a's two full blocks
     assert s.kv_cache.block_ids("b")[:2] == s.kv_cache.block_ids("a")[:2]
     assert (s.kv_cache.num_query_tokens, s.kv_cache.num_hit_tokens) == (20, 8)
+
+
+def test_requests_sharing_a_prefix_at_once_compute_it_once():
+    """b's first block is the one a computes in the same step: b waits a step and then finds it (and the next)
+    cached, where admitting both at once would compute the shared blocks twice; c, which shares nothing, does
+    not wait."""
+    s = make(block_size=4, budget=64)
+    shared = list(range(1, 9))  # two full blocks
+    a = Request("a", shared + [50, 51], SamplingParams())
+    b = Request("b", shared + [60, 61, 62], SamplingParams())
+    c = request("c", 6, first_token=100)
+    for r in (a, b, c):
+        s.add(r)
+    first = run_step(s)
+    assert first.requests == [a, c] and first.num_tokens == [10, 6] and s.waiting == [b]
+    second = run_step(s)
+    assert second.requests == [a, c, b] and second.num_tokens == [1, 1, 3]
+    assert s.kv_cache.block_ids("b")[:2] == s.kv_cache.block_ids("a")[:2]

@@ -124,20 +124,27 @@ class KVCacheManager:
     def block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.req_blocks.get(request_id, [])]
 
-    def find_cached_prefix(self, token_ids: Sequence[int],
-                           image_spans: Sequence[ImageSpan] = ()) -> tuple[list[Block], int]:
+    def find_cached_prefix(self, token_ids: Sequence[int], image_spans: Sequence[ImageSpan] = (),
+                           hashes: Sequence[int] | None = None) -> tuple[list[Block], int]:
         """Cached blocks for the longest cached prefix of token_ids -> (blocks, tokens they hold).
-        At least the last token is always left to compute, since its logits are needed."""
+        At least the last token is always left to compute, since its logits are needed. hashes: token_ids'
+        lookup_hashes, when the caller has them."""
         if not self.enable_prefix_caching:
             return [], 0
-        max_blocks = (len(token_ids) - 1) // self.block_size
         blocks = []
-        for block_hash in prefix_hashes(token_ids, self.block_size, max_blocks, image_spans):
+        for block_hash in self.lookup_hashes(token_ids, image_spans) if hashes is None else hashes:
             block = self.pool.cached.get(block_hash)
             if block is None:
                 break
             blocks.append(block)
         return blocks, len(blocks) * self.block_size
+
+    def lookup_hashes(self, token_ids: Sequence[int], image_spans: Sequence[ImageSpan] = ()) -> list[int]:
+        """The hash chain of the full blocks of token_ids a prefix-cache lookup may match (all but the last
+        token's); none without prefix caching."""
+        if not self.enable_prefix_caching:
+            return []
+        return prefix_hashes(token_ids, self.block_size, (len(token_ids) - 1) // self.block_size, image_spans)
 
     def allocate(self, request_id: str, num_tokens: int, cached_blocks: Sequence[Block] = ()) -> bool:
         """Makes the request's blocks cover num_tokens tokens, first adopting cached_blocks (new requests

@@ -6,7 +6,9 @@ prompt at first, one token once decoding, plus the drafts it verifies), and each
 requests, then waiting ones, as many of those tokens as the budget allows. When the KV cache runs out
 of blocks, the most recently admitted running request is preempted: its blocks are freed and it waits
 to be recomputed (its prefix-cache blocks usually survive, so that is cheap). Waiting requests are
-admitted by (priority, arrival), lower priority values first.
+admitted by (priority, arrival), lower priority values first, except that a request whose next uncached block
+a request admitted before it computes in the same step waits one step, then finds that block in the prefix
+cache (SGLang's in-batch prefix caching): clients that send one system prompt at once compute it once.
 
 Speculation backs off under load: a step verifies drafts only while its decode rows (one per decoding
 request plus its drafts) stay within `max_num_spec_rows`, the batch size up to which decoding is bound
@@ -171,19 +173,27 @@ class Scheduler:
         self.waiting.sort(key=lambda r: (r.priority, r.arrival_time))
 
     def _admit_waiting(self, budget: int, out: SchedulerOutput) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
+        computing: set[int] = set()  # hashes of the full blocks the requests admitted here compute this step
+        index = 0
+        while index < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[index]
             token_ids = request.all_token_ids
-            cached_blocks, num_cached = self.kv_cache.find_cached_prefix(token_ids, request.image_spans)
+            hashes = self.kv_cache.lookup_hashes(token_ids, request.image_spans)
+            cached_blocks, num_cached = self.kv_cache.find_cached_prefix(token_ids, request.image_spans, hashes)
+            first_new = num_cached // self.kv_cache.block_size
             if request.sampling_params.prompt_logprobs is not None:  # each prompt token's logits are needed
                 cached_blocks, num_cached = [], 0
+            elif first_new < len(hashes) and hashes[first_new] in computing:
+                index += 1  # its next block is computed this step by a request before it: a cache hit next step
+                continue
             request.num_computed_tokens = num_cached
             num_new, to_encode = self._plan_images(request, min(len(token_ids) - num_cached, budget))
             if num_new == 0 or not self.kv_cache.allocate(request.request_id, num_cached + num_new, cached_blocks):
                 request.num_computed_tokens = 0
                 break
             self.kv_cache.record_prefix_query(len(token_ids), num_cached)
-            self.waiting.pop(0)
+            computing.update(hashes[first_new : (num_cached + num_new) // self.kv_cache.block_size])
+            self.waiting.pop(index)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             self._schedule(request, num_new, out, new=True)
