@@ -31,8 +31,9 @@ print("add:", module.add(2, 3) if module else None, "torch:", torch.__file__, fl
 """
 
 
-def start_run(cache_dir: Path, pythonpath: str = "", source: Path = TINY) -> subprocess.Popen:
-    env = {**os.environ, "OWNLLM_CACHE": str(cache_dir), "PYTHONPATH": os.pathsep.join(filter(None, [pythonpath, str(REPO)]))}
+def start_run(cache_dir: Path, pythonpath: str = "", source: Path = TINY, **env_vars: str) -> subprocess.Popen:
+    env = {**os.environ, "OWNLLM_CACHE": str(cache_dir), "PYTHONPATH": os.pathsep.join(filter(None, [pythonpath, str(REPO)])),
+           **env_vars}
     return subprocess.Popen([sys.executable, "-c", RUN_TINY, str(source)], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -62,9 +63,18 @@ def wait_for_compiler(cache_dir: Path, run: subprocess.Popen) -> None:
     time.sleep(0.5)
 
 
+def slow_compiler(folder: Path) -> str:
+    """A C++ compiler that waits 60 s before each compile (not before torch's version checks), so that a signal sent
+    mid-build always finds the build running, however fast the machine compiles tiny.cpp."""
+    wrapper = folder / "slow-c++"
+    wrapper.write_text(f'#!/bin/sh\ncase " $* " in *" -c "*) sleep 60;; esac\nexec {os.environ.get("CXX", "c++")} "$@"\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
 def test_interrupted_build_never_blocks_the_next_run(tmp_path, sig):
-    first = start_run(tmp_path)
+    first = start_run(tmp_path, CXX=slow_compiler(tmp_path))
     wait_for_compiler(tmp_path, first)
     first.send_signal(sig)
     _, err = first.communicate(timeout=30)

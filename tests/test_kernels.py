@@ -163,6 +163,25 @@ def test_packed_int4_matches_dequantized_weights(rows, out_features, in_features
     assert torch.equal(packed.matmul(x[-1:], bias), out[-1:])  # batch-invariant: alone = in the batch
 
 
+@pytest.mark.parametrize("out_features", [33, 48])
+def test_int4_weights_without_our_kernels(out_features, monkeypatch):
+    """CPUs without AVX-512 (BF16 or VNNI) multiply 4-bit weights with torch's int4 kernel, which takes only row
+    counts that are multiples of 16; other counts take the dequantized weights instead of failing to load."""
+    import ownllm.layers.quant as quant
+    from ownllm.layers.quant import Int4Weight, PackedInt4
+
+    monkeypatch.setattr(quant, "vnni_kernels", lambda name="kquant_vnni": None)
+    monkeypatch.setattr(quant, "bf16_kernels", lambda name: None)
+    torch.manual_seed(out_features)
+    weight = Int4Weight.from_codes(torch.randint(0, 16, (out_features, 96), dtype=torch.uint8),
+                                   torch.rand(out_features, 3) / 8, torch.randn(out_features, 3) / 4)
+    packed = PackedInt4(weight, torch.bfloat16)
+    assert hasattr(packed, "dense") == (out_features % 16 != 0)
+    x, bias = torch.randn(5, 96).bfloat16(), torch.randn(out_features).bfloat16()
+    reference = x.float() @ weight.dequantize(torch.float32).T + bias.float()
+    assert (packed.matmul(x, bias).float() - reference).abs().max() <= 2**-6 * reference.abs().max()
+
+
 BLOCK_TYPES = ["Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
 
 

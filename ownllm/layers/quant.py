@@ -162,6 +162,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
 
 
 X16_ROWS = 16  # weight rows kernels/x16_vnni.cpp interleaves
+TORCH_INT4_ROWS = 16  # torch's int4 CPU kernel takes weights of a multiple of this many rows
 
 
 def interleave_x16(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
@@ -193,7 +194,8 @@ def interleave_int4(weight: Int4Weight) -> torch.Tensor:
 class PackedInt4:
     """An Int4Weight in the layout its kernel multiplies, built once after loading (and fusing): interleaved for the
     integer kernel where it runs (`integer`), else the file's codes with float32 scales for the bf16 one
-    (`kernel`), else torch's int4 layout."""
+    (`kernel`), else torch's int4 layout (`packed`), else, for row counts torch's kernel refuses, the dequantized
+    weights (`dense`)."""
 
     def __init__(self, weight: Int4Weight, dtype: torch.dtype, integer: bool = True) -> None:
         self.integer = vnni_kernels("x16_vnni") if integer and dtype == torch.bfloat16 else None
@@ -203,7 +205,10 @@ class PackedInt4:
             return
         self.kernel = bf16_kernels("int4_matmul") if dtype == torch.bfloat16 else None
         if self.kernel is None:
-            self.packed, self.scales_and_zeros = weight.pack(dtype)
+            if weight.shape[0] % TORCH_INT4_ROWS:  # torch's kernel refuses the shape: the weights, dequantized
+                self.dense = weight.dequantize(dtype)
+            else:
+                self.packed, self.scales_and_zeros = weight.pack(dtype)
             return
         self.codes = weight.codes.contiguous()  # [N, K / 2], already the kernel's layout
         self.scales = weight.scale.float().contiguous()  # [N, K / 32]
@@ -214,6 +219,8 @@ class PackedInt4:
         if self.integer is not None:
             return self.integer.x16_matmul(x, self.interleaved, self.rows, Q4_X16_TYPE, bias)
         if self.kernel is None:
+            if hasattr(self, "dense"):
+                return F.linear(x, self.dense, bias)
             out = int4_linear(x, self.packed, self.scales_and_zeros)
             return out if bias is None else out + bias
         return self.kernel.int4_matmul(x, self.codes, self.scales, self.mins, bias)
