@@ -100,6 +100,11 @@ SAMPLES = [  # parser, reasoning parser, prompt, answer, expected (content, reas
     ("hermes", None, "", '{"name": "get_time", "arguments": {"city": "Oslo"}}\n{"name": "f", "arguments": {}}',
      ("", "", [("get_time", {"city": "Oslo"}), ("f", {})])),  # the tags left out, as small models do
     ("hermes", None, "", '{"name": "x"} is how a call looks', ('{"name": "x"} is how a call looks', "", [])),
+    ("hermes", None, "", '```json\n{"name": "get_time", "arguments": {"city": "Oslo"}}\n```',
+     ("", "", [("get_time", {"city": "Oslo"})])),  # in a code fence, as Qwen2.5-Coder writes most of its calls
+    ("hermes", None, "", '```json\n{"a": 1}\n```', ('```json\n{"a": 1}\n```', "", [])),
+    ("hermes", None, "", '```python\nprint({"name": 1})\n```', ('```python\nprint({"name": 1})\n```', "", [])),
+    ("llama3_json", None, "", '```json\n{"name": "f", "parameters": {"x": 1}}\n```', ("", "", [("f", {"x": 1})])),
     ("llama3_json", None, "", '{"a": 1} is JSON, not a call', ('{"a": 1} is JSON, not a call', "", [])),
     ("llama3_json", None, "", '<|python_tag|>{"name": "f", "parameters": {"x": 1}}; {"name": "g", "parameters": {}}',
      ("", "", [("f", {"x": 1}), ("g", {})])),
@@ -217,9 +222,15 @@ def test_strict_grammar_takes_valid_calls_and_content_and_refuses_invalid_calls(
 
 @pytest.mark.parametrize("template_name", ["qwen3", "llama3_1"])
 def test_strict_grammar_takes_bare_json_calls_only_when_they_validate(template_name):
+    """Bare and in a ```json code fence."""
     tokenizer = byte_tokenizer(MARKERS)
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
     key = "arguments" if template_name == "qwen3" else "parameters"
     matcher = strict_matcher(template_name, tokenizer, schemas)
     assert accepts(matcher, tokenizer, json.dumps({"name": "get_weather", key: {"city": "Paris"}}))
     assert not accepts(matcher, tokenizer, json.dumps({"name": "get_weather", key: {"town": "Paris"}}))
+    fenced = "```json\n{}\n```"
+    assert accepts(matcher, tokenizer, fenced.format(json.dumps({"name": "get_weather", key: {"city": "Paris"}})))
+    assert not accepts(matcher, tokenizer, fenced.format(json.dumps({"name": "get_weather", key: {"town": "Paris"}})))
+    assert not accepts(matcher, tokenizer, fenced.format('{"a": 1}'))  # JSON in that fence is a call
+    assert accepts(matcher, tokenizer, "```python\nprint(1)\n```")  # other code is content

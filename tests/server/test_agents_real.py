@@ -83,7 +83,7 @@ def test_strict_tools_under_auto_give_calls_that_validate(client):
     """With "strict": true the model still chooses between calling and answering (tool_choice auto), and every
     call it makes validates against the schema; the same questions without strict show what the grammar adds."""
     strict = [forecast_calls(client, q, strict=True) for q in QUESTIONS]
-    assert strict[0] and strict[0][0]["city"] == "Paris", strict  # measured: 2 of the 4 questions get calls
+    assert strict[0] and strict[0][0]["city"] == "Paris", strict  # measured: all 4 call, 3 in a ```json fence
     for calls in strict:
         for arguments in calls:
             jsonschema.validate(arguments, FORECAST)

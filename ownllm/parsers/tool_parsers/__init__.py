@@ -67,10 +67,26 @@ def find_marker(content: str, marker: str) -> tuple[int, bool]:
     return len(content), True
 
 
+_FENCE_OPENING = re.compile(r"```(?:json)?[ \n]*")
+_FENCED = re.compile(r"\s*```(?:json)?[ \n]*(.*?)\s*```\s*", re.DOTALL)
+
+
 def maybe_bare_call(content: str) -> bool:
-    """Whether a whole answer so far may be a call written as bare JSON (nothing yet, or an object opening)."""
+    """Whether a whole answer so far may be a call written as bare JSON: nothing yet, an object opening, or one
+    inside a Markdown code fence (```json), as Qwen2.5-Coder writes most of its calls."""
     stripped = content.lstrip()
-    return not stripped or stripped[0] == "{"
+    if "```json".startswith(stripped):
+        return True
+    opening = _FENCE_OPENING.match(stripped)
+    rest = stripped[opening.end():] if opening else stripped
+    return not rest or rest[0] == "{"
+
+
+def unfenced(text: str) -> str:
+    """The inside of a whole answer that is one Markdown code fence (```json ... ``` or ``` ... ```), else the
+    text."""
+    fenced = _FENCED.fullmatch(text)
+    return fenced.group(1) if fenced else text
 
 
 def arguments_text(value) -> str:
@@ -113,18 +129,32 @@ def json_rule(schema: dict) -> str:
     return "%json " + json.dumps({**schema, "x-guidance": STRICT_JSON_OPTIONS}, ensure_ascii=False)
 
 
-def content_and_opening(start: str, literal: Callable[[str], str], bare_json: bool) -> list[str]:
-    """Lark lines for TEXT, content that holds no call marker (and, for formats whose calls may be bare JSON,
-    does not open with `{`), so that every call of a strict answer goes through the call rules; and `opening`,
-    content then the marker `start` that opens the calls. A marker that is text joins the content in one
-    terminal, as llguidance's lexer does not step back out of a greedy TEXT; a marker that is one token
-    follows it."""
+def content_rules(start: str, bare_json: bool) -> list[str]:
+    """Lark lines for TEXT, content that holds no call marker `start` (and, for formats whose calls may be bare
+    JSON, does not open with `{` or a ```json fence: FENCE, for `fenced_calls`), so that every call of a strict
+    answer goes through the call rules."""
     text = r"[ \n]+|[ \n]*[^{ \n](.|\n)*" if bare_json else r"(.|\n)+"
+    anything = r"(.|\n)*"
+    never = [f"~/{anything}{re.escape(start)}{anything}/", *([f"~/[ \n]*{FENCE}{anything}/"] if bare_json else [])]
+    return [f"TEXT: /{text}/ & {' & '.join(never)}", *([f"FENCE: /{FENCE}/"] if bare_json else [])]
+
+
+def content_and_opening(start: str, literal: Callable[[str], str], bare_json: bool) -> list[str]:
+    """`content_rules`, and `opening`: content then the marker `start` that opens the calls. A marker that is
+    text joins the content in one terminal, as llguidance's lexer does not step back out of a greedy TEXT; a
+    marker that is one token follows it."""
     marker = literal(start)
     opening = [f"opening: TEXT? {marker}"] if marker.startswith("<[") else ["opening: OPENING",
                                                                            f"OPENING: TEXT? {marker}"]
-    anything = r"(.|\n)*"
-    return [f"TEXT: /{text}/ & ~/{anything}{re.escape(start)}{anything}/", *opening]
+    return [*content_rules(start, bare_json), *opening]
+
+
+FENCE = "```json"  # the Markdown fence bare JSON calls may come in: content never opens with it
+
+
+def fenced_calls(calls: str) -> str:
+    """A Lark expansion: `calls` inside a ```json code fence (FENCE, from `content_rules`)."""
+    return f'{GAP} FENCE {GAP} {calls} {GAP} "```" {GAP}'
 
 
 TOOL_PARSERS: dict[str, type[ToolParser]] = {}

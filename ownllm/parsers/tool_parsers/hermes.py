@@ -1,13 +1,13 @@
 """Hermes-style calls (Qwen2.5, Qwen3, SmolLM and NousResearch templates): each call is
 `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, several in a row for parallel calls. Small models
 (Qwen2.5-Coder-0.5B) often drop the tags: a whole answer that is such a JSON object, or several on their own
-lines, is read as calls too."""
+lines, bare or in a ```json code fence, is read as calls too."""
 
 from __future__ import annotations
 
 from ownllm.parsers.tool_parsers import (
-    GAP, Taken, ToolParser, call_from_object, calls_schema, content_and_opening, find_marker, json_rule,
-    maybe_bare_call, read_json, register,
+    GAP, Taken, ToolParser, call_from_object, calls_schema, content_and_opening, fenced_calls, find_marker,
+    json_rule, maybe_bare_call, read_json, register, unfenced,
 )
 
 START, END = "<tool_call>", "</tool_call>"
@@ -24,7 +24,7 @@ class HermesToolParser(ToolParser):
         return find_marker(content, START)
 
     def take_calls(self, text: str, final: bool) -> Taken | None:
-        if text.lstrip().startswith("{"):  # a bare JSON answer
+        if text.lstrip().startswith(("{", "`")):  # a bare JSON answer, or one fenced as code
             return _bare_calls(text) if final else Taken([], 0, done=False)
         calls, consumed = [], 0
         while True:
@@ -46,17 +46,17 @@ class HermesToolParser(ToolParser):
             consumed = end + len(END)
 
     def strict_grammar(self, schemas, literal) -> str:
-        call = f"body {GAP} {literal(END)}"
+        call, bare = f"body {GAP} {literal(END)}", f"body ({GAP} body)*"  # bare: without the tags, as small models write
         return "\n".join([
             f"start: TEXT? | opening {GAP} {call} ({GAP} {literal(START)} {GAP} {call})* {GAP}"
-            f" | {GAP} body ({GAP} body)* {GAP}",  # calls written as bare JSON, which small models do
+            f" | {GAP} {bare} {GAP} | {fenced_calls(bare)}",
             f"body: {json_rule(calls_schema(schemas))}",
             *content_and_opening(START, literal, bare_json=True),
         ])
 
 
-def _bare_calls(text: str) -> Taken | None:
-    calls, at = [], 0
+def _bare_calls(answer: str) -> Taken | None:
+    calls, at, text = [], 0, unfenced(answer)
     while text[at:].strip():
         parsed = read_json(text, at)
         call = call_from_object(parsed[0], ("arguments",)) if parsed else None
@@ -64,4 +64,4 @@ def _bare_calls(text: str) -> Taken | None:
             return None
         calls.append(call)
         at = parsed[1]
-    return Taken(calls, len(text), done=True) if calls else None
+    return Taken(calls, len(answer), done=True) if calls else None

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 from ownllm.parsers.tool_parsers import (
-    GAP, Taken, ToolParser, call_from_object, calls_schema, content_and_opening, json_rule, maybe_bare_call, read_json,
-    register,
+    GAP, Taken, ToolParser, call_from_object, calls_schema, content_rules, fenced_calls, json_rule, maybe_bare_call,
+    read_json, register, unfenced,
 )
 
 PYTHON_TAG = "<|python_tag|>"
@@ -29,7 +29,7 @@ class Llama3JsonToolParser(ToolParser):
         if not final:
             return Taken([], 0, done=False)
         body = text.lstrip()
-        body = body[len(PYTHON_TAG):] if body.startswith(PYTHON_TAG) else body
+        body = body[len(PYTHON_TAG):] if body.startswith(PYTHON_TAG) else unfenced(body)
         calls, at = [], 0
         while True:
             parsed = read_json(body, at)
@@ -45,9 +45,9 @@ class Llama3JsonToolParser(ToolParser):
             at = len(body) - len(rest) + 1
 
     def strict_grammar(self, schemas, literal) -> str:
+        calls = f'body ({GAP} ";" {GAP} body)*'
         return "\n".join([
-            f'start: TEXT? | {literal(PYTHON_TAG)}? body ({GAP} ";" {GAP} body)*',
+            f"start: TEXT? | {literal(PYTHON_TAG)}? {calls} | {fenced_calls(calls)}",  # its calls open the answer
             f"body: {json_rule(calls_schema(schemas, 'parameters'))}",
-            *content_and_opening(PYTHON_TAG, literal, bare_json=True)[:1],  # its calls open the answer
+            *content_rules(PYTHON_TAG, bare_json=True),
         ])
-
