@@ -34,8 +34,11 @@ print("add:", module.add(2, 3) if module else None, "torch:", torch.__file__, fl
 def start_run(cache_dir: Path, pythonpath: str = "", source: Path = TINY, **env_vars: str) -> subprocess.Popen:
     env = {**os.environ, "OWNLLM_CACHE": str(cache_dir), "PYTHONPATH": os.pathsep.join(filter(None, [pythonpath, str(REPO)])),
            **env_vars}
+    # Ctrl-C's SIGINT as in a terminal, also where this test runs in the background (bash starts background jobs
+    # with SIGINT ignored, and a Python started so never raises KeyboardInterrupt)
     return subprocess.Popen([sys.executable, "-c", RUN_TINY, str(source)], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def finish(run: subprocess.Popen, timeout: float = 120) -> tuple[str, str]:
