@@ -126,9 +126,6 @@ class ModelConfig:
     layer_types: tuple[str, ...]
     dtype: str
     hf_config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
-    # Linear weights kept in this dtype instead of `dtype` (the loader's choice: bfloat16 for a quantized GGUF file
-    # computed in float32 on a CPU without AVX-512 BF16, layers/linear.py `linear`); None: `dtype`
-    linear_weights_dtype: str | None = None
     # encoders (BERT): post-norm LayerNorm, the feed-forward activation and token-type (segment) embeddings
     layer_norm_eps: float = 1e-12
     hidden_act: str = "silu"

@@ -4,8 +4,6 @@ Decode multiplies a few activation rows by each weight, which is bound by memory
 bfloat16 weights and up to 32 rows the AVX-512 BF16 kernel (kernels/gemv_bf16.cpp) streams each
 weight row once, and gives each row the same numbers in any batch of up to 32 rows. Larger batches
 (prefill, or decodes beside a prompt chunk) go to torch (oneDNN), which is faster there and rounds differently.
-On CPUs without AVX-512 BF16, a float32 model from a quantized GGUF file keeps its Linear weights in bfloat16
-(half the bytes a decode step reads), multiplied in bfloat16 at a few rows and in float32 above.
 A Linear may instead hold a GGUF file's quantized weights as they are kept (layers/quant.py).
 """
 
@@ -24,18 +22,8 @@ def gemv_kernel():
     return bf16_kernels("gemv_bf16")
 
 
-# float32 activations times bfloat16-stored weights (CPUs without AVX-512 BF16, ModelConfig.linear_weights_dtype):
-# up to this many rows in bfloat16 (torch's GEMV reads half the bytes of float32: 2.3x faster at one row on a
-# Zen 3), more in float32 with the weight converted per call (bfloat16 GEMMs are 2.5-4x slower there than float32)
-HALF_STORED_GEMV_ROWS = 4
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     # x: [T, in] -> [T, out]
-    if weight.dtype != x.dtype:  # bfloat16-stored weights of a float32 model
-        if x.shape[0] <= HALF_STORED_GEMV_ROWS:
-            return F.linear(x.to(weight.dtype), weight).to(x.dtype) + (0 if bias is None else bias)
-        return F.linear(x, weight.to(x.dtype), bias)
     if (x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and on_bf16_cpu(x)
             and weight.dtype == torch.bfloat16 and weight.is_contiguous() and gemv_kernel() is not None):
         return gemv_kernel().gemv_bf16(x, weight, bias)

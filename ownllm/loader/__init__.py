@@ -8,7 +8,6 @@ checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -46,16 +45,12 @@ def load_checkpoint(model: str | None, dtype: str | None = None, keep_quantized:
         from ownllm.loader.gguf import load_gguf, open_gguf
 
         reader = open_gguf(str(path))  # parsed once: the vocabulary makes it the slow part of start-up
-        half_stored = dtype is None and keep_quantized and _stores_linear_weights_in_bf16(reader)
         dtype = dtype or (_quantized_gguf_dtype(reader) if keep_quantized else None)
         gguf = load_gguf(path, dtype=_torch_dtype(dtype), reader=reader,
                          keep_quantized=keep_quantized and normalize_dtype(dtype) == "bfloat16",
                          with_tensors=with_tensors)
         if mmproj is None:
-            config = ModelConfig.from_hf(gguf.hf_config, dtype)
-            if half_stored:
-                config = dataclasses.replace(config, linear_weights_dtype="bfloat16")
-            return Checkpoint(config, gguf.tensors, gguf.tokenizer, {}, path)
+            return Checkpoint(ModelConfig.from_hf(gguf.hf_config, dtype), gguf.tensors, gguf.tokenizer, {}, path)
         from ownllm.loader.mmproj import load_mmproj, multimodal_checkpoint
 
         projector = load_mmproj(mmproj)
@@ -71,25 +66,15 @@ def load_checkpoint(model: str | None, dtype: str | None = None, keep_quantized:
 def _quantized_gguf_dtype(reader) -> str | None:
     """Quantized GGUF files run in bfloat16 with 4-bit and 8-bit kernels where the CPU multiplies bfloat16 natively
     (AVX-512 BF16); elsewhere loading follows gguf.default_dtype (float32 for quantized files)."""
-    from ownllm.kernels.build import cpu_has_bf16
-
-    return "bfloat16" if cpu_has_bf16() and _is_quantized(reader) else None
-
-
-def _stores_linear_weights_in_bf16(reader) -> bool:
-    """Where a quantized file runs in float32 (no AVX-512 BF16), its dequantized Linear weights are kept in
-    bfloat16: half the bytes a decode step reads (2x the decode speed on a Zen 3, bench/RESULTS.md "CPUs without
-    AVX-512"); the rest of the model stays float32."""
-    from ownllm.kernels.build import cpu_has_bf16
-
-    return not cpu_has_bf16() and _is_quantized(reader)
-
-
-def _is_quantized(reader) -> bool:
     from gguf import GGMLQuantizationType as QType
 
+    from ownllm.kernels.build import cpu_has_bf16
+
+    if not cpu_has_bf16():
+        return None
     plain = {QType.F32, QType.F16, QType.BF16}
-    return any(t.tensor_type not in plain for t in reader.tensors if len(t.shape) == 2)
+    quantized = any(t.tensor_type not in plain for t in reader.tensors if len(t.shape) == 2)
+    return "bfloat16" if quantized else None
 
 
 def _torch_dtype(dtype: str | None):

@@ -44,18 +44,9 @@ class CausalLM(Module):
         model.backends = backends
         model.load_weights(tensors, getattr(torch, config.dtype))
         model.post_load()
-        if config.linear_weights_dtype is not None:
-            model.store_linear_weights(getattr(torch, config.linear_weights_dtype))
         model.eval().requires_grad_(False)
         model.freeze()
         return model
-
-    def store_linear_weights(self, dtype: torch.dtype) -> None:
-        """Dense Linear weights (after fusing) converted to `dtype`; layers/linear.py multiplies them by activations
-        of the model's dtype."""
-        for module in self.modules():
-            if isinstance(module, Linear) and module.weight is not None and module.weight.dtype != dtype:
-                module.weight = nn.Parameter(module.weight.to(dtype), requires_grad=False)
 
     def freeze(self) -> None:
         """For inference from here on: every submodule and parameter becomes a plain instance attribute too.
