@@ -32,8 +32,8 @@ print("add:", module.add(2, 3) if module else None, "torch:", torch.__file__, fl
 
 
 def start_run(cache_dir: Path, pythonpath: str = "", source: Path = TINY, **env_vars: str) -> subprocess.Popen:
-    env = {**os.environ, "OWNLLM_CACHE": str(cache_dir), "PYTHONPATH": os.pathsep.join(filter(None, [pythonpath, str(REPO)])),
-           **env_vars}
+    paths = os.pathsep.join(filter(None, [pythonpath, str(REPO)]))
+    env = {**os.environ, "OWNLLM_CACHE": str(cache_dir), "PYTHONPATH": paths, **env_vars}
     # Ctrl-C's SIGINT as in a terminal, also where this test runs in the background (bash starts background jobs
     # with SIGINT ignored, and a Python started so never raises KeyboardInterrupt)
     return subprocess.Popen([sys.executable, "-c", RUN_TINY, str(source)], cwd=REPO, env=env, text=True,
@@ -70,7 +70,8 @@ def slow_compiler(folder: Path) -> str:
     """A C++ compiler that waits 60 s before each compile (not before torch's version checks), so that a signal sent
     mid-build always finds the build running, however fast the machine compiles tiny.cpp."""
     wrapper = folder / "slow-c++"
-    wrapper.write_text(f'#!/bin/sh\ncase " $* " in *" -c "*) sleep 60;; esac\nexec {os.environ.get("CXX", "c++")} "$@"\n')
+    compiler = os.environ.get("CXX", "c++")
+    wrapper.write_text(f'#!/bin/sh\ncase " $* " in *" -c "*) sleep 60;; esac\nexec {compiler} "$@"\n')
     wrapper.chmod(0o755)
     return str(wrapper)
 

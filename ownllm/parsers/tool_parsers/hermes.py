@@ -46,7 +46,8 @@ class HermesToolParser(ToolParser):
             consumed = end + len(END)
 
     def strict_grammar(self, schemas, literal) -> str:
-        call, bare = f"body {GAP} {literal(END)}", f"body ({GAP} body)*"  # bare: without the tags, as small models write
+        call = f"body {GAP} {literal(END)}"
+        bare = f"body ({GAP} body)*"  # calls without the tags, as small models write them
         return "\n".join([
             f"start: TEXT? | opening {GAP} {call} ({GAP} {literal(START)} {GAP} {call})* {GAP}"
             f" | {GAP} {bare} {GAP} | {fenced_calls(bare)}",
