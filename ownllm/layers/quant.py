@@ -204,10 +204,9 @@ class PackedInt4:
             self.interleaved = interleave_int4(weight)  # [ceil(N / 16), K / 32 * 384]
             return
         self.kernel = bf16_kernels("int4_matmul") if dtype == torch.bfloat16 else None
-        if self.kernel is None:
-            if weight.shape[0] % TORCH_INT4_ROWS:  # torch's kernel refuses the shape: the weights, dequantized
-                self.dense = weight.dequantize(dtype)
-            else:
+        if self.kernel is None:  # torch's kernel, or the weights dequantized where it refuses the shape
+            self.dense = weight.dequantize(dtype) if weight.shape[0] % TORCH_INT4_ROWS else None
+            if self.dense is None:
                 self.packed, self.scales_and_zeros = weight.pack(dtype)
             return
         self.codes = weight.codes.contiguous()  # [N, K / 2], already the kernel's layout
@@ -219,7 +218,7 @@ class PackedInt4:
         if self.integer is not None:
             return self.integer.x16_matmul(x, self.interleaved, self.rows, Q4_X16_TYPE, bias)
         if self.kernel is None:
-            if hasattr(self, "dense"):
+            if self.dense is not None:
                 return F.linear(x, self.dense, bias)
             out = int4_linear(x, self.packed, self.scales_and_zeros)
             return out if bias is None else out + bias

@@ -67,6 +67,7 @@ def find_marker(content: str, marker: str) -> tuple[int, bool]:
     return len(content), True
 
 
+FENCE = "```json"  # the Markdown fence bare JSON calls may come in (the parsers also take a bare ```)
 _FENCE_OPENING = re.compile(r"```(?:json)?[ \n]*")
 _FENCED = re.compile(r"\s*```(?:json)?[ \n]*(.*?)\s*```\s*", re.DOTALL)
 
@@ -148,8 +149,6 @@ def content_and_opening(start: str, literal: Callable[[str], str], bare_json: bo
                                                                            f"OPENING: TEXT? {marker}"]
     return [*content_rules(start, bare_json), *opening]
 
-
-FENCE = "```json"  # the Markdown fence bare JSON calls may come in: content never opens with it
 
 
 def fenced_calls(calls: str) -> str:
