@@ -46,11 +46,11 @@ def quantize_reference(x: torch.Tensor, block: int) -> tuple[np.ndarray, np.ndar
     return codes.reshape(x.shape), (absmax / np.float32(127)).astype(np.float32)[..., 0]
 
 
-def activations(rows: int, cols: int, seed: int) -> torch.Tensor:
+def activations(rows: int, cols: int, seed: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     torch.manual_seed(seed)
     x = torch.randn(rows, cols) * torch.rand(rows, cols // 32, 1).repeat_interleave(32, -1).view(rows, cols) * 4
     x[0, :32] = 0  # an all-zero block (scale 0)
-    return x.bfloat16()
+    return x.to(dtype)
 
 
 @pytest.mark.parametrize("block", [32, 256])
@@ -121,30 +121,33 @@ def test_interleaved_rows_dequantize_as_gguf(kernel, qtype):
     assert torch.equal(out, exact.float().bfloat16())
 
 
-def check_against_references(multiply, block: int, exact: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
-    """multiply(x [rows, K] bf16, bias [N] bf16) -> [rows, N] bf16, activations quantized per `block` values,
-    against the float64 references below; returns the product as float64."""
+def check_against_references(multiply, block: int, exact: torch.Tensor, rows: int, seed: int,
+                             dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """multiply(x [rows, K], bias [N]) -> [rows, N], all of `dtype` (bf16, or float32 for kernels/x16_avx2.cpp),
+    activations quantized per `block` values, against the float64 references below; returns the product as
+    float64."""
     out_features, in_features = exact.shape
-    x = activations(rows, in_features, seed=seed)
+    x = activations(rows, in_features, seed=seed, dtype=dtype)
     torch.manual_seed(seed)
-    bias = torch.randn(out_features).bfloat16()
+    bias = torch.randn(out_features).to(dtype)
     out = multiply(x, bias)
-    assert out.shape == (rows, out_features) and out.dtype == torch.bfloat16
+    assert out.shape == (rows, out_features) and out.dtype == dtype
     out = out.double()
+    output_rounding = 2**-8 if dtype == torch.bfloat16 else 2**-20
 
-    # 1. the activations quantized as the kernel does, then float64: equal within float32 sums and bf16 output
+    # 1. the activations quantized as the kernel does, then float64: equal within float32 sums and output rounding
     codes, scales = quantize_reference(x, block)
     dequantized = torch.from_numpy(codes.astype(np.float64) * np.repeat(scales.astype(np.float64), block, axis=1))
     reference = dequantized @ exact.T + bias.double()
     scale = reference.abs().max().item()
-    assert ((out - reference).abs() <= reference.abs() * 2**-8 + scale * 1e-5).all()
+    assert ((out - reference).abs() <= reference.abs() * output_rounding + scale * 1e-5).all()
 
     # 2. the unquantized activations: each x is off by at most d / 2 = absmax / 254 of its block, so each output
     # by at most sum over blocks of (sum of |w| in the block) * absmax / 254, plus the rounding above
     exact_out = x.double() @ exact.T + bias.double()
     absmax = x.double().abs().view(rows, -1, block).amax(-1)  # [rows, blocks]
     weight_mass = exact.abs().view(out_features, -1, block).sum(-1)  # [out, blocks]
-    bound = absmax @ weight_mass.T / 254 + exact_out.abs() * 2**-8 + scale * 1e-5
+    bound = absmax @ weight_mass.T / 254 + exact_out.abs() * output_rounding + scale * 1e-5
     assert ((out - exact_out).abs() <= bound).all()
 
     # 3. every row the same numbers alone as in the batch (and, for large batches, as in a batch of its own tile's

@@ -1,8 +1,9 @@
 """Which C++ kernels this machine can run, and each one's compiled module: built once per torch version into the
 cache (cache.py, compile.py), then loaded from it by name.
 
-All the kernels in this folder are AVX-512 BF16 code. The first time any of them is needed and the cache lacks
-it, every kernel the cache lacks is built, in parallel, so a model's first answer waits for one round of builds
+The kernels in this folder are AVX-512 BF16 code, but for those of AVX2_KERNELS (CPUs with AVX2 and FMA alone,
+float32 activations). The first time any of them is needed and the cache lacks it, every kernel of its
+instruction set that the cache lacks is built, in parallel, so a model's first answer waits for one round of builds
 rather than one build per kernel. A kernel that cannot be built (no compiler, a compiler error) is reported in
 one line and its callers fall back to plain torch; so do CPUs without the instructions. OWNLLM_NO_KERNELS=1 turns
 them all off. Every kernel function releases the GIL while it runs (py::call_guard<py::gil_scoped_release>: they
@@ -32,6 +33,9 @@ KERNEL_DIR = Path(__file__).parent
 OPENMP_FLAGS = ("-fopenmp",)
 BF16_FLAGS = ("-mavx512f", "-mavx512bf16", "-mavx512vl", "-mavx512bw", "-mf16c")
 BF16_CPU_FLAGS = ("avx512_bf16", "avx512bw")  # /proc/cpuinfo names of what BF16_FLAGS compiles for
+AVX2_KERNELS = ("x16_avx2",)  # kernels for CPUs without AVX-512, compiled with AVX2_FLAGS
+AVX2_FLAGS = ("-mavx2", "-mfma", "-mf16c")
+AVX2_CPU_FLAGS = ("avx2", "fma", "f16c")
 # block_matmul decodes GGUF blocks with float32 arithmetic that must round as gguf-py's dequantize rounds
 KERNEL_FLAGS = {"block_matmul": ("-ffp-contract=off",), "kquant_vnni": ("-mavx512vnni",), "x16_vnni": ("-mavx512vnni",)}
 VNNI_CPU_FLAGS = ("avx512_vnni",)  # what kquant_vnni and x16_vnni need besides BF16_CPU_FLAGS
@@ -57,12 +61,15 @@ def kernel_spec(name: str) -> KernelSpec:
     source = KERNEL_DIR / f"{name}.cpp"
     if not source.is_file():
         raise ValueError(f"no kernel named {name!r}; kernels: {', '.join(kernel_names())}")
-    cflags = ("-O3", *OPENMP_FLAGS, *BF16_FLAGS, *KERNEL_FLAGS.get(name, ()))
+    isa_flags = AVX2_FLAGS if name in AVX2_KERNELS else BF16_FLAGS
+    cflags = ("-O3", *OPENMP_FLAGS, *isa_flags, *KERNEL_FLAGS.get(name, ()))
     return KernelSpec(name, source, cflags, OPENMP_FLAGS)
 
 
-def kernel_names() -> list[str]:
-    return sorted(source.stem for source in KERNEL_DIR.glob("*.cpp"))
+def kernel_names(avx2: bool | None = None) -> list[str]:
+    """Every kernel's name, or (avx2 True / False) those of AVX2_KERNELS / the AVX-512 ones."""
+    names = sorted(source.stem for source in KERNEL_DIR.glob("*.cpp"))
+    return names if avx2 is None else [name for name in names if (name in AVX2_KERNELS) == avx2]
 
 
 def load(spec: KernelSpec, batch: tuple[KernelSpec, ...] = ()) -> ModuleType | None:
@@ -122,7 +129,20 @@ def bf16_kernels(name: str):
     if not cpu_has_bf16():
         logger.info("kernel %s disabled: the CPU lacks %s", name, ", ".join(sorted(set(BF16_CPU_FLAGS) - cpu_flags())))
         return None
-    return load(kernel_spec(name), tuple(kernel_spec(other) for other in kernel_names()))
+    return load(kernel_spec(name), tuple(kernel_spec(other) for other in kernel_names(avx2=False)))
+
+
+def cpu_has_avx2() -> bool:
+    """Whether this CPU runs the AVX2 kernels (every CPU that runs the AVX-512 ones does too)."""
+    return set(AVX2_CPU_FLAGS) <= cpu_flags()
+
+
+@functools.cache
+def avx2_kernels(name: str = "x16_avx2"):
+    """A module of AVX2_KERNELS, or None on CPUs without AVX2 and FMA (or no kernels)."""
+    if os.environ.get("OWNLLM_NO_KERNELS") == "1" or not cpu_has_avx2():
+        return None
+    return load(kernel_spec(name), tuple(kernel_spec(other) for other in kernel_names(avx2=True)))
 
 
 def on_bf16_cpu(x: torch.Tensor) -> bool:

@@ -18,17 +18,18 @@ from ownllm.layers.quant import BlockWeight
 
 
 class Embedding(Module, nn.Embedding):
-    quantized: BlockWeight | None = None  # set instead of `weight` (quantized weights imply bfloat16 compute)
+    quantized: BlockWeight | None = None  # set instead of `weight`
+    quantized_dtype = torch.bfloat16  # what lookups in `quantized` return: the compute dtype
 
     def reset_parameters(self) -> None:  # the checkpoint's weights replace it
         pass
 
-    def set_quantized(self, weight: BlockWeight) -> None:
-        self.quantized = weight
+    def set_quantized(self, weight: BlockWeight, dtype: torch.dtype = torch.bfloat16) -> None:
+        self.quantized, self.quantized_dtype = weight, dtype
         self.weight = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         # input_ids: [T] -> [T, embedding_dim]
         if self.weight is None:
-            return self.quantized.dequantize(torch.bfloat16, rows=input_ids)
+            return self.quantized.dequantize(self.quantized_dtype, rows=input_ids)
         return F.embedding(input_ids, self.weight)

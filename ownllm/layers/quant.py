@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from ownllm.kernels.build import GEMV_MAX_ROWS, bf16_kernels, vnni_kernels
+from ownllm.layers.quant_avx2 import Q4_LAYOUT, DenseWeight, X16Weight, float32_kernel
 from ownllm.layers.registry import named
 
 GROUP_SIZE = 32
@@ -138,15 +139,19 @@ class Int4Weight:
 
     @staticmethod
     def runs_here(dtype: torch.dtype) -> bool:
-        """Whether 4-bit weights can stay quantized for compute in `dtype` (our kernel or torch's)."""
-        return dtype == torch.bfloat16
+        """Whether 4-bit weights can stay quantized for compute in `dtype` (our kernel or torch's; in float32, the
+        AVX2 kernel of layers/quant_avx2.py)."""
+        return dtype == torch.bfloat16 or (dtype == torch.float32 and float32_kernel() is not None)
 
-    def packed(self, dtype: torch.dtype, repack: bool = True) -> "PackedInt4":
+    def packed(self, dtype: torch.dtype, repack: bool = True) -> "PackedInt4 | X16Weight | DenseWeight":
         """Always a copy in a kernel's layout; the integer kernel's only where `repack` allows. Models with routed
-        experts pass False for all their 4-bit weights (models/base.py post_load) and keep the bf16 kernel: routing
-        is where rounding shows, and on the tiny random Mixtral Q4_0 of tests/test_moe_parity.py 8-bit activations
-        (in the attention projections alone, too) moved 7 of 96 teacher-forced steps by more than 0.2 nats, where
-        that test allows 4."""
+        experts pass False for all their 4-bit weights (models/base.py post_load) and keep the bf16 kernel (float32:
+        the weights dequantized): routing is where rounding shows, and on the tiny random Mixtral Q4_0 of
+        tests/test_moe_parity.py 8-bit activations (in the attention projections alone, too) moved 7 of 96
+        teacher-forced steps by more than 0.2 nats, where that test allows 4."""
+        if dtype == torch.float32:
+            return X16Weight(interleave_int4(self), self.shape[0], Q4_LAYOUT, GROUP_SIZE) if repack else \
+                DenseWeight(self.dequantize(dtype))
         return PackedInt4(self, dtype, integer=repack)
 
     def pack(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,7 +270,9 @@ class BlockWeight:
 
     @staticmethod
     def runs_here(dtype: torch.dtype) -> bool:
-        """Whether block-quantized weights can stay so for compute in `dtype` on this CPU."""
+        """Whether block-quantized weights can stay so for compute in `dtype` on this CPU (float32: see Int4Weight)."""
+        if dtype == torch.float32:
+            return float32_kernel() is not None
         return dtype == torch.bfloat16 and bf16_kernels("block_matmul") is not None
 
     def dequantize(self, dtype: torch.dtype, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -292,7 +299,10 @@ class BlockWeight:
     def packed(self, dtype: torch.dtype, repack: bool = True) -> "BlockWeight":
         """The layout its kernel multiplies: Q4_K and Q6_K rows 8 at a time interleaved (InterleavedBlocks), Q8_0 rows
         16 at a time (X16Blocks), where the integer kernels run and `repack` allows (a copy: not for weights that
-        must stay views of the file), else the blocks as they are."""
+        must stay views of the file), else the blocks as they are. In float32, the AVX2 kernel's layout (a copy), or
+        the weights dequantized where `repack` does not allow a copy."""
+        if dtype == torch.float32:
+            return X16Weight.from_file(self.blocks, int(self.qtype)) if repack else DenseWeight(self.dequantize(dtype))
         if repack and dtype == torch.bfloat16 and InterleavedBlocks.takes(self):
             return InterleavedBlocks.repack(self)
         if repack and dtype == torch.bfloat16 and X16Blocks.takes(self):

@@ -47,7 +47,7 @@ def load_checkpoint(model: str | None, dtype: str | None = None, keep_quantized:
         reader = open_gguf(str(path))  # parsed once: the vocabulary makes it the slow part of start-up
         dtype = dtype or (_quantized_gguf_dtype(reader) if keep_quantized else None)
         gguf = load_gguf(path, dtype=_torch_dtype(dtype), reader=reader,
-                         keep_quantized=keep_quantized and normalize_dtype(dtype) == "bfloat16",
+                         keep_quantized=keep_quantized and _kernels_compute_in(normalize_dtype(dtype)),
                          with_tensors=with_tensors)
         if mmproj is None:
             return Checkpoint(ModelConfig.from_hf(gguf.hf_config, dtype), gguf.tensors, gguf.tokenizer, {}, path)
@@ -65,16 +65,25 @@ def load_checkpoint(model: str | None, dtype: str | None = None, keep_quantized:
 
 def _quantized_gguf_dtype(reader) -> str | None:
     """Quantized GGUF files run in bfloat16 with 4-bit and 8-bit kernels where the CPU multiplies bfloat16 natively
-    (AVX-512 BF16); elsewhere loading follows gguf.default_dtype (float32 for quantized files)."""
+    (AVX-512 BF16), in float32 with the AVX2 kernel elsewhere (layers/quant_avx2.py); plain files follow
+    gguf.default_dtype."""
     from gguf import GGMLQuantizationType as QType
 
     from ownllm.kernels.build import cpu_has_bf16
 
-    if not cpu_has_bf16():
-        return None
     plain = {QType.F32, QType.F16, QType.BF16}
     quantized = any(t.tensor_type not in plain for t in reader.tensors if len(t.shape) == 2)
-    return "bfloat16" if quantized else None
+    return None if not quantized else "bfloat16" if cpu_has_bf16() else "float32"
+
+
+def _kernels_compute_in(dtype: str | None) -> bool:
+    """Whether quantized weights stay quantized for compute in `dtype`: bfloat16, or float32 where the AVX2 kernel
+    runs (and the AVX-512 ones do not)."""
+    if dtype == "float32":
+        from ownllm.layers.quant_avx2 import float32_kernel
+
+        return float32_kernel() is not None
+    return dtype == "bfloat16"
 
 
 def _torch_dtype(dtype: str | None):

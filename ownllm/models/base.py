@@ -126,7 +126,10 @@ class CausalLM(Module):
         module = self.get_submodule(module_name)
         kept = isinstance(module, Linear) or (isinstance(module, Embedding) and isinstance(weight, BlockWeight))
         if attr == "weight" and kept and self.backends.quant.keeps(weight, dtype):
-            module.set_quantized(weight)
+            if isinstance(module, Embedding):
+                module.set_quantized(weight, dtype)
+            else:
+                module.set_quantized(weight)
         else:  # the kernels multiply bfloat16 activations by Linear weights (and look up block-quantized embeddings) only
             self._set_parameter(name, weight.dequantize(dtype))
 

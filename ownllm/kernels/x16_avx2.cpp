@@ -1,0 +1,208 @@
+// Block-quantized weights times float32 activation rows on CPUs with AVX2 and FMA (no AVX-512): the way
+// llama.cpp's AVX2 code multiplies them. The activations are quantized to 8 bits per block of B values once per
+// call (d = absmax / 127, codes q = round(x / d), as q8_activations.h does for the AVX-512 kernels), then the
+// weights' unsigned codes c meet them in integer dot products (vpmaddubsw: u8 x s8 -> pairs summed in int16;
+// vpmaddwd by ones -> int32), and each block's scale and offset are applied once per block in float32:
+// w = scale c + offset, so
+//   x . w = d_x scale (c . q_x) + offset d_x sum(q_x).
+// It differs from float math on the weights only by the activations' rounding (|x - d q| <= d / 2 per value).
+//
+// Weights are repacked at load (layers/quant_avx2.py) in x16_vnni.cpp's layout, 16 rows interleaved: per group
+// of 16 weight rows (n = 16 G + r) and block g of B weights, the codes (B / 4 vectors of 64 bytes, int32 lane r
+// holding row r's 4 codes), then float scale[r] (64 bytes), then float offset[r] (64 bytes). A 256-bit vector
+// is half of one: rows 0-7, then rows 8-15. Three layouts:
+//   kQ4 (B = 32; Q4_0, Q4_1, Q4_K): 4 vectors; in vector i, row r's bytes hold codes 4i..4i+3 in their low
+//      nibbles and 16 + 4i..16 + 4i + 3 in their high ones (GGUF's Q4_0 byte order);
+//   kSmall8 (B = 32: Q5_0, Q5_1, Q5_K; B = 16: Q6_K, whose scales change every 16 weights): one code a byte,
+//      codes < 64, so that a vpmaddubsw pair (2 x 63 x 127) and two of them summed stay within int16;
+//   kQ8 (B = 32; Q8_0): one code a byte, q + 128: these are turned back into signed q and multiplied with the
+//      sign trick (|q| unsigned times x with q's sign, as llama.cpp does), the offset unused (w = scale q).
+// One broadcast of 4 activation codes meets 8 rows' codes in one vpmaddubsw, each int32 lane's sum is one row's
+// (no reduction across lanes), and the float epilogue of a block runs once for 8 rows.
+//
+// Threads take contiguous ranges of 16-row groups; in each, tiles of up to kTile activation rows pass over the
+// group's blocks. Every activation row gets the same operations in the same order whatever the batch and its
+// place in a tile, so a row's numbers do not depend on what else shares its call (batch-invariant decoding).
+#include <immintrin.h>
+#include "torch_lite.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kRows = 16;  // weight rows interleaved
+constexpr int kTile = 4;       // activation rows per pass over a group's blocks (AVX2 has 16 vector registers)
+enum Layout : int64_t { kQ4 = 0, kSmall8 = 1, kQ8 = 2 };
+
+inline float horizontal_max(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+inline int32_t horizontal_sum(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1))));
+}
+
+// Activation rows [M, K] quantized per block of B: codes q [M, K] int8, d [M, K / B], dsum [M, K / B] = d times
+// the block's sum of codes (for the weights' offsets).
+struct Activations {
+  int64_t K, B;
+  std::vector<int8_t> q;
+  std::vector<float> d, dsum;
+
+  Activations(const float* x, int64_t M, int64_t K, int64_t B) : K(K), B(B), q(M * K), d(M * K / B), dsum(M * K / B) {
+    // rows split between threads where there are enough of them (prefill); each row's numbers are the same
+    at::parallel_for(0, M, std::max<int64_t>(1, (int64_t{1} << 16) / K), [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m)
+        for (int64_t b = 0; b < K / B; ++b) quantize_block(x + m * K + b * B, m * (K / B) + b);
+    });
+  }
+
+  // One block: d = absmax / 127, q = round-to-nearest-even(x * (127 / absmax)) in float32 (0 when all are 0).
+  void quantize_block(const float* x, int64_t i) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 amax = _mm256_setzero_ps();
+    for (int64_t v = 0; v < B; v += 8) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + v)));
+    const float absmax = horizontal_max(amax);
+    const __m256 inverse = _mm256_set1_ps(absmax > 0.f ? 127.f / absmax : 0.f);
+    int8_t* codes = q.data() + i * B;
+    __m256i total = _mm256_setzero_si256();
+    for (int64_t v = 0; v < B; v += 8) {
+      const __m256i qi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + v), inverse));  // |qi| <= 127
+      total = _mm256_add_epi32(total, qi);
+      const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1));
+      _mm_storel_epi64((__m128i*)(codes + v), _mm_packs_epi16(words, words));
+    }
+    d[i] = absmax / 127.f;
+    dsum[i] = d[i] * (float)horizontal_sum(total);
+  }
+
+  const int8_t* codes(int64_t m) const { return q.data() + m * K; }
+};
+
+inline __m256i broadcast4(const int8_t* x) {
+  int32_t word;
+  std::memcpy(&word, x, sizeof(word));
+  return _mm256_set1_epi32(word);
+}
+
+// Row r's (r < 8) integer dot product of its codes at `p` (one half of the group's block: 32 bytes a vector,
+// vectors 64 bytes apart) with activation codes x[0..B), in int32 lane r.
+template <int64_t L, int64_t B>
+inline __m256i dot(const uint8_t* p, const int8_t* x) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  if constexpr (L == kQ4) {  // 16 products a lane summed in int16: at most 16 x 15 x 127 = 30480
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
+    __m256i sum = _mm256_setzero_si256();
+    for (int i = 0; i < 4; ++i) {
+      const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 64 * i));
+      sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(_mm256_and_si256(v, nibble), broadcast4(x + 4 * i)));
+      sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), nibble),
+                                                       broadcast4(x + 16 + 4 * i)));
+    }
+    return _mm256_madd_epi16(sum, ones);
+  } else if constexpr (L == kSmall8) {  // two vectors' pairs summed in int16: at most 4 x 63 x 127 = 32004
+    __m256i sum = _mm256_setzero_si256();
+    for (int k = 0; k < B / 4; k += 2) {
+      const __m256i a = _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i*)(p + 64 * k)), broadcast4(x + 4 * k));
+      const __m256i b = _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i*)(p + 64 * k + 64)),
+                                             broadcast4(x + 4 * k + 4));
+      sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_add_epi16(a, b), ones));
+    }
+    return sum;
+  } else {  // kQ8: a pair at most 2 x 128 x 127 = 32512
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    __m256i sum = _mm256_setzero_si256();
+    for (int k = 0; k < 8; ++k) {
+      const __m256i c = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(p + 64 * k)), flip);  // signed q
+      const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(c), _mm256_sign_epi8(broadcast4(x + 4 * k), c));
+      sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, ones));
+    }
+    return sum;
+  }
+}
+
+template <int64_t L, int64_t B>
+constexpr int64_t kCodeBytes = L == kQ4 ? 256 : 16 * B;  // per group and block
+
+// out[2 j + h] = activation row m0 + j times weight rows 16 G + 8 h .. + 7, for the group at `group`
+template <int64_t L, int64_t B, int R>
+void tile(const uint8_t* group, int64_t blocks, const Activations& a, int64_t m0, __m256* out) {
+  constexpr int64_t kBlockBytes = kCodeBytes<L, B> + 128;
+  __m256 acc[2 * R];
+  for (int j = 0; j < 2 * R; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < blocks; ++g) {
+    const uint8_t* p = group + g * kBlockBytes;
+    for (int h = 0; h < 2; ++h) {
+      const __m256 scale = _mm256_loadu_ps((const float*)(p + kCodeBytes<L, B>) + 8 * h);
+      const __m256 offset = _mm256_loadu_ps((const float*)(p + kCodeBytes<L, B> + 64) + 8 * h);
+      for (int j = 0; j < R; ++j) {
+        const int64_t m = m0 + j, i = m * blocks + g;
+        const __m256 sum = _mm256_cvtepi32_ps(dot<L, B>(p + 32 * h, a.codes(m) + B * g));
+        __m256 r = _mm256_fmadd_ps(sum, _mm256_mul_ps(scale, _mm256_set1_ps(a.d[i])), acc[2 * j + h]);
+        if constexpr (L != kQ8) r = _mm256_fmadd_ps(offset, _mm256_set1_ps(a.dsum[i]), r);
+        acc[2 * j + h] = r;
+      }
+    }
+  }
+  for (int j = 0; j < 2 * R; ++j) out[j] = acc[j];
+}
+
+using Tile = void (*)(const uint8_t*, int64_t, const Activations&, int64_t, __m256*);
+template <int64_t L, int64_t B>
+constexpr Tile kTiles[kTile] = {tile<L, B, 1>, tile<L, B, 2>, tile<L, B, 3>, tile<L, B, 4>};
+
+}  // namespace
+
+// x: [M, K] float32 (any M); packed: [ceil(N / 16), K / B * block bytes] uint8 in layout `layout` (above) with
+// blocks of `block` (B) weights; bias: [N] or None -> [M, N] float32.
+at::Tensor x16_matmul_avx2(at::Tensor x, at::Tensor packed, int64_t N, int64_t layout, int64_t block,
+                           c10::optional<at::Tensor> bias) {
+  TORCH_CHECK((layout == kQ4 || layout == kQ8 || layout == kSmall8) && (block == 32 || (layout == kSmall8 && block == 16)),
+              "x16_matmul_avx2: layout ", layout, " with blocks of ", block, " is not one of Q4 / 32, Small8 / 32 or 16, Q8 / 32");
+  const int64_t code_bytes = layout == kQ4 ? 256 : 16 * block, block_bytes = code_bytes + 128;
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous() &&
+              packed.size(1) % block_bytes == 0 && packed.size(0) == (N + kRows - 1) / kRows,
+              "x16_matmul_avx2: packed [ceil(N / 16), K / ", block, " * ", block_bytes, "] uint8, contiguous, N = ", N);
+  const int64_t blocks = packed.size(1) / block_bytes, K = block * blocks, M = x.size(0);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == K, "x: [M, K] float32, K = ", K);
+  x = x.contiguous();
+  at::Tensor bias_c;
+  if (bias.has_value() && bias->defined()) bias_c = bias->to(at::kFloat).contiguous();
+  const float* b = bias_c.defined() ? bias_c.data_ptr<float>() : nullptr;
+  auto y = at::empty({M, N}, x.options());
+  const Activations a(x.data_ptr<float>(), M, K, block);
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  const Tile* tiles = layout == kQ4 ? kTiles<kQ4, 32> : layout == kQ8 ? kTiles<kQ8, 32>
+                      : block == 32 ? kTiles<kSmall8, 32> : kTiles<kSmall8, 16>;
+  at::parallel_for(0, packed.size(0), 1, [&](int64_t g0, int64_t g1) {
+    __m256 out[2 * kTile];
+    float row[kRows];
+    for (int64_t G = g0; G < g1; ++G) {
+      const int64_t n0 = G * kRows, valid = std::min(kRows, N - n0);
+      for (int64_t m0 = 0; m0 < M; m0 += kTile) {
+        const int64_t rows = std::min<int64_t>(kTile, M - m0);
+        tiles[rows - 1](w + G * blocks * block_bytes, blocks, a, m0, out);
+        for (int64_t j = 0; j < rows; ++j) {
+          _mm256_storeu_ps(row, out[2 * j]);
+          _mm256_storeu_ps(row + 8, out[2 * j + 1]);
+          float* y_row = yp + (m0 + j) * N + n0;
+          for (int64_t r = 0; r < valid; ++r) y_row[r] = b ? row[r] + b[n0 + r] : row[r];
+        }
+      }
+    }
+  });
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("x16_matmul_avx2", &x16_matmul_avx2,
+        "float32 rows quantized to 8 bits times 16-row interleaved block-quantized weights (AVX2)",
+        py::call_guard<py::gil_scoped_release>());
+}

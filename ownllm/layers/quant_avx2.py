@@ -1,0 +1,174 @@
+"""GGUF weights kept quantized for float32 compute on CPUs without AVX-512 (AVX2 and FMA: most laptops and desktops,
+AMD Zen 1-3): every block format repacked at load for kernels/x16_avx2.cpp, which quantizes the activations to 8
+bits per block as llama.cpp does and multiplies with integer dot products (the kernel's comments give the layouts).
+
+Each format is first decoded to unsigned codes with a float32 scale and offset per block of B weights,
+w = scale * code + offset, exactly the file's weights (gguf-py's dequantization, up to float32 rounding of the
+product): Q4_0 / Q4_1 / Q4_K keep 4-bit codes (0.75 bytes a weight, file: 0.56-0.63), Q5_0 / Q5_1 / Q5_K and
+Q8_0 one byte a code (1.25 bytes, file: 0.69-1.06), Q6_K one byte a code in blocks of 16, its scales' step
+(1.5 bytes, file: 0.82). That is 2.7-5.3x fewer bytes than the float32 weights these CPUs ran before, and the
+integer dot products keep decode bound by memory.
+
+Every batch takes the kernel, prompts too (as the K-quants do on AVX-512), so a row's numbers are the same in
+any batch and at prefill as at decode. Weights that must stay views of the file (Linear.keep_file_layout: routed
+experts) are dequantized to float32 instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ownllm.kernels.build import avx2_kernels, cpu_has_bf16
+
+# kernels/x16_avx2.cpp's layouts
+Q4_LAYOUT, SMALL8_LAYOUT, Q8_LAYOUT = 0, 1, 2
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 12, 13, 14  # GGUF type numbers
+
+
+def float32_kernel():
+    """kernels/x16_avx2.cpp where quantized weights compute in float32: CPUs with AVX2 but not the AVX-512 BF16
+    kernels (where those run, quantized files compute in bfloat16); else None."""
+    return None if cpu_has_bf16() else avx2_kernels()
+
+
+@dataclass
+class X16Weight:
+    """A weight in one of x16_avx2's layouts: `blocks` [ceil(N / 16), K / block * bytes] uint8, N = `rows`."""
+
+    blocks: torch.Tensor
+    rows: int
+    layout: int
+    block: int
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, block: int,
+                   layout: int) -> "X16Weight":
+        """codes [N, K] uint8 (unsigned, w = scale * code + offset), scale and offset [N, K / block] float32."""
+        from ownllm.layers.quant import interleave_x16
+
+        rows, cols = codes.shape
+        if layout == Q4_LAYOUT:  # byte j of a block of 32: code j in its low nibble, code j + 16 in its high one
+            halves = codes.view(rows, cols // 32, 2, 16)
+            codes = halves[:, :, 0] | (halves[:, :, 1] << 4)  # [N, K / 32, 16]
+        words = codes.reshape(rows, -1, 4)  # [N, K / 4, 4]
+        return cls(interleave_x16(words.view(rows, scale.shape[1], -1, 4), scale, offset), rows, layout, block)
+
+    @classmethod
+    def from_file(cls, blocks: torch.Tensor, qtype: int) -> "X16Weight":
+        """GGUF blocks [N, K / W * bytes] of type `qtype` -> their x16_avx2 layout."""
+        codes, scale, offset, block = decode_blocks(blocks.numpy(), qtype)
+        layout = Q4_LAYOUT if qtype in (Q4_0, Q4_1, Q4_K) else Q8_LAYOUT if qtype == Q8_0 else SMALL8_LAYOUT
+        return cls.from_codes(*(torch.from_numpy(t) for t in (codes, scale, offset)), block, layout)
+
+    @property
+    def shape(self) -> torch.Size:
+        code_bytes = 256 if self.layout == Q4_LAYOUT else 16 * self.block
+        return torch.Size((self.rows, self.blocks.shape[1] // (code_bytes + 128) * self.block))
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # x: [T, K] float32 -> [T, N]
+        return avx2_kernels().x16_matmul_avx2(x, self.blocks, self.rows, self.layout, self.block, bias)
+
+
+@dataclass
+class DenseWeight:
+    """A quantized weight dequantized at load (where it must not be repacked), multiplied by torch."""
+
+    weight: torch.Tensor  # [N, K]
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, self.weight, bias)
+
+
+# --- GGUF blocks -> (codes, scale, offset) --------------------------------------------------------------------
+
+
+def decode_blocks(raw: np.ndarray, qtype: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """raw [N, K / W * bytes] uint8 GGUF blocks -> (codes [N, K] uint8, scale [N, K / B] float32, offset [N, K / B]
+    float32, B) with w = scale * code + offset (the layouts are gguf-py's, gguf/quants.py)."""
+    rows = raw.shape[0]
+    if qtype not in _DECODERS:
+        raise ValueError(f"GGUF type {qtype} has no x16_avx2 layout")
+    bytes_per_block = _BLOCK_BYTES[qtype]
+    codes, scale, offset, block = _DECODERS[qtype](raw.reshape(-1, bytes_per_block))
+    return (codes.reshape(rows, -1), scale.reshape(rows, -1).astype(np.float32),
+            offset.reshape(rows, -1).astype(np.float32), block)
+
+
+_BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q5_0: 22, Q5_1: 24, Q8_0: 34, Q4_K: 144, Q5_K: 176, Q6_K: 210}
+
+
+def _f16(b: np.ndarray) -> np.ndarray:  # [n, 2] uint8 -> [n, 1] float32
+    return np.ascontiguousarray(b).view(np.float16).astype(np.float32)
+
+
+def _nibbles32(qs: np.ndarray) -> np.ndarray:
+    """[n, 16] bytes of a block of 32 (low nibbles: codes 0-15, high: 16-31) -> [n, 32] codes."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _high_bits32(qh: np.ndarray) -> np.ndarray:
+    """[n, 4] bytes, bit j of the little-endian word the fifth bit of code j -> [n, 32] of 0 or 16."""
+    return (np.unpackbits(np.ascontiguousarray(qh), axis=-1, bitorder="little") << 4).astype(np.uint8)
+
+
+def _q4_0(b):
+    d = _f16(b[:, :2])
+    return _nibbles32(b[:, 2:]), d, -8 * d, 32
+
+
+def _q4_1(b):
+    return _nibbles32(b[:, 4:]), _f16(b[:, :2]), _f16(b[:, 2:4]), 32
+
+
+def _q5_0(b):
+    d = _f16(b[:, :2])
+    return _nibbles32(b[:, 6:]) | _high_bits32(b[:, 2:6]), d, -16 * d, 32
+
+
+def _q5_1(b):
+    return _nibbles32(b[:, 8:]) | _high_bits32(b[:, 4:8]), _f16(b[:, :2]), _f16(b[:, 2:4]), 32
+
+
+def _q8_0(b):
+    d = _f16(b[:, :2])
+    return (b[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8), d, -128 * d, 32
+
+
+def _k_scales(b):
+    """Q4_K / Q5_K: [n, 8] scale d * sc and offset -dmin * m of each sub-block of 32."""
+    d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
+    s = b[:, 4:16].reshape(-1, 3, 4)
+    sc = np.concatenate([s[:, 0] & 0x3F, (s[:, 2] & 0x0F) | ((s[:, 0] >> 2) & 0x30)], axis=-1)
+    m = np.concatenate([s[:, 1] & 0x3F, (s[:, 2] >> 4) | ((s[:, 1] >> 2) & 0x30)], axis=-1)
+    return d * sc.astype(np.float32), -(dmin * m.astype(np.float32))
+
+
+def _k_nibbles(qs: np.ndarray) -> np.ndarray:
+    """[n, 128] bytes: each 32 hold sub-block 2i in their low nibbles, 2i + 1 in their high ones -> [n, 256]."""
+    chunks = qs.reshape(-1, 4, 1, 32)
+    return np.concatenate([chunks & 0x0F, chunks >> 4], axis=2).reshape(-1, 256)
+
+
+def _q4_k(b):
+    return (_k_nibbles(b[:, 16:144]), *_k_scales(b), 32)
+
+
+def _q5_k(b):
+    high = (b[:, 16:48].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1  # [n, 8, 32]
+    return (_k_nibbles(b[:, 48:176]) | (high.reshape(-1, 256) << 4), *_k_scales(b), 32)
+
+
+def _q6_k(b):
+    low = b[:, :128].reshape(-1, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    high = b[:, 128:192].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    codes = (low & 0x0F).reshape(-1, 256) | ((high & 0x03).reshape(-1, 256) << 4)  # 0..63, w = d sc (q - 32)
+    scale = _f16(b[:, 208:210]) * b[:, 192:208].view(np.int8).astype(np.float32)  # [n, 16]
+    return codes, scale, -32 * scale, 16
+
+
+_DECODERS = {Q4_0: _q4_0, Q4_1: _q4_1, Q5_0: _q5_0, Q5_1: _q5_1, Q8_0: _q8_0, Q4_K: _q4_k, Q5_K: _q5_k, Q6_K: _q6_k}
