@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ownllm.kernels.build import cpu_has_bf16, decode_ops, prefill_attention_kernel
+from ownllm.kernels.build import avx2_kernels, cpu_has_avx2, cpu_has_bf16, decode_ops, prefill_attention_kernel
 from ownllm.layers.module import Module
 from ownllm.layers.registry import named
 
@@ -235,12 +235,45 @@ class CpuKernelAttention(TorchAttention):
         return prefill_kernel_attention(q, keys, values, positions, key_start, scale, window, chunk)
 
 
-ATTENTION_BACKENDS: dict[str, TorchAttention] = {b.name: b for b in (TorchAttention(), CpuKernelAttention())}
+class Float32KernelAttention(TorchAttention):
+    """float32 on a CPU with AVX2 (kernels/attention_f32.cpp): every query row, of a decode batch or a prompt,
+    computed alone over the paged cache, so its numbers are the same in any batch, chunked or not, at decode as
+    at prefill (what the integer kernels of layers/quant_avx2.py need: they round activations to 8 bits).
+    Bidirectional ranges (images) and chunked attention (Llama 4) go to the reference."""
+
+    name = "cpu_float32"
+
+    def decode(self, layer: Attention, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        kernel = avx2_kernels("attention_f32") if q.dtype == torch.float32 else None
+        if kernel is None or layer.chunk_size is not None:
+            return super().decode(layer, q, k_cache, v_cache, meta)
+        return kernel.paged_attention_f32(q.view(q.shape[0], layer.num_heads, layer.head_dim), k_cache, v_cache,
+                                          meta.block_tables, meta.positions, layer.scale, layer.sliding_window or 0)
+
+    def sequence(self, layer: Attention, q, k_cache, v_cache, meta: AttentionMetadata, i: int) -> torch.Tensor:
+        kernel = avx2_kernels("attention_f32") if q.dtype == torch.float32 else None
+        if kernel is None or layer.chunk_size is not None or (meta.bidirectional or {}).get(i):
+            return super().sequence(layer, q, k_cache, v_cache, meta, i)
+        start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+        rows = q[start:end].view(end - start, layer.num_heads, layer.head_dim)
+        return kernel.paged_attention_f32(rows, k_cache, v_cache, meta.block_tables[i : i + 1],
+                                          meta.positions[start:end], layer.scale, layer.sliding_window or 0)
+
+
+ATTENTION_BACKENDS: dict[str, TorchAttention] = {
+    b.name: b for b in (TorchAttention(), CpuKernelAttention(), Float32KernelAttention())}
 
 
 def attention_backend(name: str | None, dtype: torch.dtype, device: str) -> TorchAttention:
     """The backend named, or (None) the fastest that runs here: the CPU kernels for bfloat16 on a CPU with
-    AVX-512 BF16, else the reference."""
+    AVX-512 BF16, the float32 one for float32 on a CPU with AVX2 but not those (where quantized weights compute in
+    float32: layers/quant_avx2.py), else the reference."""
     if name is None:
-        name = "cpu_kernels" if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and cpu_has_bf16() else "torch"
+        cpu = torch.device(device).type == "cpu"
+        if cpu and dtype == torch.bfloat16 and cpu_has_bf16():
+            name = "cpu_kernels"
+        elif cpu and dtype == torch.float32 and not cpu_has_bf16() and cpu_has_avx2():
+            name = "cpu_float32"
+        else:
+            name = "torch"
     return named(ATTENTION_BACKENDS, name, "attention backend")

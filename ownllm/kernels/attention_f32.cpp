@@ -1,0 +1,87 @@
+// float32 attention of query rows over the paged KV cache (CPUs with AVX2 and FMA), each row computed alone:
+// its scores over its own keys in order (dot products of 8 lanes, summed in a fixed order), the softmax, and the
+// weighted sum of values. A row's numbers therefore do not depend on how many rows share the call, on other
+// sequences' lengths (no padding), or on whether it is a decode step or a prompt row (prompts chunked or
+// whole, speculative verification). The integer kernels round activations to 8 bits, which turns the smallest
+// of such differences into a flipped code now and then: torch's SDPA (a row alone vs among a prompt's rows:
+// 4e-7) and padded batched decode moved the bundled model's greedy tokens with the batch.
+#include <immintrin.h>
+#include "torch_lite.h"
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+inline float dot(const float* a, const float* b, int64_t D) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  float total = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  for (; d < D; ++d) total += a[d] * b[d];
+  return total;
+}
+
+}  // namespace
+
+// q: [R, H, D]; k_cache, v_cache: [blocks, block_size, KVH, D]; tables: [R, max_blocks] (or [1, max_blocks]:
+// every row one sequence's), positions: [R] (row r attends to keys max(0, p - window + 1) .. p, window 0: none)
+// -> [R, H, D] float32.
+at::Tensor paged_attention_f32(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor tables,
+                               at::Tensor positions, double scale, int64_t window) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat &&
+              v_cache.scalar_type() == at::kFloat, "paged_attention_f32: float32 q and caches");
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
+              v_cache.is_contiguous() && k_cache.size(3) == q.size(2) && q.size(1) % k_cache.size(2) == 0,
+              "paged_attention_f32: q [R, H, D], caches [blocks, block_size, KVH, D] contiguous, H a multiple of KVH");
+  const int64_t R = q.size(0), H = q.size(1), D = q.size(2), block_size = k_cache.size(1), KVH = k_cache.size(2);
+  TORCH_CHECK(positions.numel() == R && tables.dim() == 2 && (tables.size(0) == R || tables.size(0) == 1),
+              "paged_attention_f32: positions [R], tables [R or 1, max_blocks]");
+  q = q.contiguous();
+  const at::Tensor table = tables.to(at::kLong).contiguous(), pos = positions.to(at::kLong).contiguous();
+  auto out = at::empty({R, H, D}, q.options());
+  const float *qp = q.data_ptr<float>(), *kp = k_cache.data_ptr<float>(), *vp = v_cache.data_ptr<float>();
+  const int64_t *tp = table.data_ptr<int64_t>(), *pp = pos.data_ptr<int64_t>();
+  const int64_t max_blocks = table.size(1), group = H / KVH, row_stride = KVH * D;
+  for (int64_t r = 0; r < R; ++r)
+    TORCH_CHECK(pp[r] >= 0 && pp[r] < max_blocks * block_size, "paged_attention_f32: position ", pp[r],
+                " beyond the block table's ", max_blocks * block_size, " slots");
+  float* op = out.data_ptr<float>();
+  const float s = (float)scale;
+  at::parallel_for(0, R * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = i / H, h = i % H, kvh = h / group;
+      const int64_t* t = tp + (tables.size(0) == R ? r : 0) * max_blocks;
+      const int64_t last = pp[r] + 1, first = window > 0 ? std::max<int64_t>(0, last - window) : 0;
+      const float* qr = qp + i * D;
+      auto slot = [&](int64_t j) { return (t[j / block_size] * block_size + j % block_size) * row_stride + kvh * D; };
+      p.resize(last - first);
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t j = first; j < last; ++j) {
+        p[j - first] = dot(qr, kp + slot(j), D) * s;
+        top = std::max(top, p[j - first]);
+      }
+      float sum = 0.f;
+      for (auto& v : p) sum += (v = std::exp(v - top));
+      float* o = op + i * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
+      for (int64_t j = first; j < last; ++j) {
+        const float* v = vp + slot(j);
+        const float w = p[j - first];
+        for (int64_t d = 0; d < D; ++d) o[d] += w * v[d];
+      }
+      const float inverse = 1.f / sum;
+      for (int64_t d = 0; d < D; ++d) o[d] *= inverse;
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_attention_f32", &paged_attention_f32,
+        "float32 query rows over the paged KV cache, each row alone (AVX2)", py::call_guard<py::gil_scoped_release>());
+}
