@@ -127,8 +127,8 @@ def test_block_quantized_kept_in_float32(arch, qtype, overrides, tmp_path, monke
     about as close as llama.cpp on the same file. Both round the same float32 activations, independently (ours in
     blocks of 32 or 16, llama.cpp's K-quant dot products in blocks of 256), so the mean move is allowed a quarter
     more than llama.cpp's, and any one step twice llama.cpp's largest. Measured (ours / llama.cpp, mean and max):
-    Llama Q8_0 0.025 / 0.026, 0.117 / 0.084; Llama Q4_K_M 0.043 / 0.051, 0.213 / 0.193; Qwen2 Q5_K_M 0.035 /
-    0.056, 0.153 / 0.256; hidden 160 (Q5_0 and Q8_0 fallbacks) 0.029 / 0.038, 0.094 / 0.109."""
+    Llama Q8_0 0.025 / 0.026, 0.117 / 0.084; Llama Q4_K_M 0.041 / 0.051, 0.191 / 0.193; Qwen2 Q5_K_M 0.038 /
+    0.056, 0.159 / 0.256; hidden 160 (Q5_0 and Q8_0 fallbacks) 0.028 / 0.038, 0.088 / 0.109."""
     import ownllm.layers.quant_avx2 as quant_avx2
     from ownllm.kernels.build import cpu_has_avx2
     from ownllm.layers.quant_avx2 import X16Weight

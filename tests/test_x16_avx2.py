@@ -27,14 +27,14 @@ def kernel():
     return module
 
 
-@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize("name", [name for name in FORMATS if name != "Q4_K"])  # Q4_K: packed from its blocks
 def test_decoded_codes_give_gguf_weights(name):
     from ownllm.layers.quant_avx2 import decode_blocks
 
     weight, exact = random_weight(name, 5, 512, seed=len(name))
     codes, scale, offset, block = decode_blocks(weight.blocks.numpy(), int(gguf.GGMLQuantizationType[name]))
     assert codes.shape == (5, 512) and scale.shape == offset.shape == (5, 512 // block)
-    assert codes.max() < (16 if name in ("Q4_0", "Q4_1", "Q4_K") else 256 if name == "Q8_0" else 64)
+    assert codes.max() < (16 if name in ("Q4_0", "Q4_1") else 256 if name == "Q8_0" else 64)
     values = codes * np.repeat(scale.astype(np.float64), block, 1) + np.repeat(offset.astype(np.float64), block, 1)
     assert np.allclose(values, exact.numpy(), rtol=1e-6, atol=1e-9)
 
@@ -59,14 +59,14 @@ def packed_weight(name: str, out_features: int, in_features: int, seed: int):
 def test_formats_against_references(kernel, name, rows):
     out_features, in_features = (40, 512) if rows % 2 else (19, 768)  # N a multiple of 16 or not
     packed, exact = packed_weight(name, out_features, in_features, seed=rows)
-    check_against_references(packed.matmul, packed.block, exact, rows, seed=rows, dtype=torch.float32)
+    check_against_references(packed.matmul, packed.activation_block, exact, rows, seed=rows, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("name", ["Q4_K", "Q6_K"])
 def test_prompt_sized_batches_keep_each_rows_numbers(kernel, name):
     """A prompt of 70 rows: the same bounds, and its rows' numbers as when each is multiplied alone."""
     packed, exact = packed_weight(name, 33, 256, seed=70)
-    check_against_references(packed.matmul, packed.block, exact, 70, seed=70, dtype=torch.float32)
+    check_against_references(packed.matmul, packed.activation_block, exact, 70, seed=70, dtype=torch.float32)
 
 
 def test_bad_input_is_refused_by_name(kernel):

@@ -17,6 +17,16 @@
 //      codes < 64, so that a vpmaddubsw pair (2 x 63 x 127) and two of them summed stay within int16;
 //   kQ8 (B = 32; Q8_0): one code a byte, q + 128: these are turned back into signed q and multiplied with the
 //      sign trick (|q| unsigned times x with q's sign, as llama.cpp does), the offset unused (w = scale q).
+// Two more keep the K-quants at about the file's bytes, per group and super-block of 256 weights, activations
+// still quantized per 32: the sub-block scales stay integers, applied to the int16 sums by vpmaddwd (as llama.cpp's
+// Q4_K x Q8_K does), d (and dmin) once per super-block in float32:
+//   kQ4K (Q4_K, 2432 bytes): 8 sub-blocks of 32 in kQ4's code layout, then uint8 sc[8][16 rows], uint8 m[8][16],
+//      float d[16], float dmin[16]: w = d sc q - dmin m (0.59 bytes a weight; the file's 0.56);
+//   kQ6K (Q6_K, 3392 bytes): per 32 weights their low 4 bits in kQ4's layout (256 bytes), then their top 2 bits
+//      (2 vectors of 64 bytes: byte b of vector k holds, for code vectors 2k and 2k + 1 in its low and high
+//      nibble, the top bits of the byte's low-nibble code in bits 0-1 and of its high-nibble code in bits 2-3);
+//      after the 8 groups of 32, int8 sc[16 sub-blocks of 16][16 rows], float d[16]: w = d sc (q - 32), the 32
+//      taken off in integers with the activations' sums per 16 (0.83 bytes a weight; the file's 0.82).
 // One broadcast of 4 activation codes meets 8 rows' codes in one vpmaddubsw, each int32 lane's sum is one row's
 // (no reduction across lanes), and the float epilogue of a block runs once for 8 rows.
 //
@@ -34,7 +44,7 @@ namespace {
 
 constexpr int64_t kRows = 16;  // weight rows interleaved
 constexpr int kTile = 4;       // activation rows per pass over a group's blocks (AVX2 has 16 vector registers)
-enum Layout : int64_t { kQ4 = 0, kSmall8 = 1, kQ8 = 2 };
+enum Layout : int64_t { kQ4 = 0, kSmall8 = 1, kQ8 = 2, kQ4K = 3, kQ6K = 4 };
 
 inline float horizontal_max(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -49,17 +59,25 @@ inline int32_t horizontal_sum(__m256i v) {
 }
 
 // Activation rows [M, K] quantized per block of B: codes q [M, K] int8, d [M, K / B], dsum [M, K / B] = d times
-// the block's sum of codes (for the weights' offsets).
+// the block's sum of codes (for the weights' offsets), and for kQ6K sum16 [M, K / 16], each 16 codes' sum.
 struct Activations {
   int64_t K, B;
   std::vector<int8_t> q;
   std::vector<float> d, dsum;
+  std::vector<int16_t> sum16;
 
-  Activations(const float* x, int64_t M, int64_t K, int64_t B) : K(K), B(B), q(M * K), d(M * K / B), dsum(M * K / B) {
+  Activations(const float* x, int64_t M, int64_t K, int64_t B, bool sums16 = false)
+      : K(K), B(B), q(M * K), d(M * K / B), dsum(M * K / B), sum16(sums16 ? M * K / 16 : 0) {
     // rows split between threads where there are enough of them (prefill); each row's numbers are the same
     at::parallel_for(0, M, std::max<int64_t>(1, (int64_t{1} << 16) / K), [&](int64_t m0, int64_t m1) {
-      for (int64_t m = m0; m < m1; ++m)
+      for (int64_t m = m0; m < m1; ++m) {
         for (int64_t b = 0; b < K / B; ++b) quantize_block(x + m * K + b * B, m * (K / B) + b);
+        for (int64_t i = 0; i < (int64_t)sum16.size() / M; ++i) {
+          int32_t total = 0;
+          for (int64_t j = 0; j < 16; ++j) total += q[m * K + 16 * i + j];
+          sum16[m * (K / 16) + i] = (int16_t)total;  // |total| <= 16 x 127
+        }
+      }
     });
   }
 
@@ -93,19 +111,33 @@ inline __m256i broadcast4(const int8_t* x) {
 
 // Row r's (r < 8) integer dot product of its codes at `p` (one half of the group's block: 32 bytes a vector,
 // vectors 64 bytes apart) with activation codes x[0..B), in int32 lane r.
+// kQ4's 32 codes of a row (rows r < 8 of the half at `p`) times x[0..32), the pairs summed in int16: 16 products a
+// lane, at most 16 x 15 x 127 = 30480
+inline __m256i q4_sums(const uint8_t* p, const int8_t* x) {
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  __m256i sum = _mm256_setzero_si256();
+  for (int i = 0; i < 4; ++i) {
+    const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 64 * i));
+    sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(_mm256_and_si256(v, nibble), broadcast4(x + 4 * i)));
+    sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), nibble),
+                                                     broadcast4(x + 16 + 4 * i)));
+  }
+  return sum;
+}
+
+// 8 bytes (one per row of a half) -> int32 lanes, zero- or sign-extended
+inline __m256i widen_u8(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
+inline __m256i widen_i8(const int8_t* p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
+// int32 lanes a and b (each within int16) -> lanes holding a in their low int16 and b in their high one
+inline __m256i pair16(__m256i a, __m256i b) {
+  return _mm256_or_si256(_mm256_and_si256(a, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(b, 16));
+}
+
 template <int64_t L, int64_t B>
 inline __m256i dot(const uint8_t* p, const int8_t* x) {
   const __m256i ones = _mm256_set1_epi16(1);
-  if constexpr (L == kQ4) {  // 16 products a lane summed in int16: at most 16 x 15 x 127 = 30480
-    const __m256i nibble = _mm256_set1_epi8(0x0F);
-    __m256i sum = _mm256_setzero_si256();
-    for (int i = 0; i < 4; ++i) {
-      const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 64 * i));
-      sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(_mm256_and_si256(v, nibble), broadcast4(x + 4 * i)));
-      sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), nibble),
-                                                       broadcast4(x + 16 + 4 * i)));
-    }
-    return _mm256_madd_epi16(sum, ones);
+  if constexpr (L == kQ4) {
+    return _mm256_madd_epi16(q4_sums(p, x), ones);
   } else if constexpr (L == kSmall8) {  // two vectors' pairs summed in int16: at most 4 x 63 x 127 = 32004
     __m256i sum = _mm256_setzero_si256();
     for (int k = 0; k < B / 4; k += 2) {
@@ -130,23 +162,82 @@ inline __m256i dot(const uint8_t* p, const int8_t* x) {
 template <int64_t L, int64_t B>
 constexpr int64_t kCodeBytes = L == kQ4 ? 256 : 16 * B;  // per group and block
 
+// kQ4K: one half's (rows 8 h ..) super-block at `p` times activation row m's codes from x, the float sums
+// d sum_j dx_j sc_j (q_j . x_j) - dmin sum_j m_j dsum_j added to acc
+inline __m256 q4_k_super_block(const uint8_t* p, int h, const Activations& a, int64_t m, int64_t g, __m256 acc) {
+  const int64_t blocks32 = a.K / 32;
+  const int8_t* x = a.codes(m) + 256 * g;
+  __m256 scaled = _mm256_setzero_ps(), mins = _mm256_setzero_ps();
+  for (int j = 0; j < 8; ++j) {
+    const int64_t i = m * blocks32 + 8 * g + j;
+    const __m256i sc = widen_u8(p + 2048 + 16 * j + 8 * h);
+    const __m256i sums = _mm256_madd_epi16(q4_sums(p + 256 * j + 32 * h, x + 32 * j), pair16(sc, sc));  // sc (q . x)
+    scaled = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(a.d[i]), scaled);
+    mins = _mm256_fmadd_ps(_mm256_cvtepi32_ps(widen_u8(p + 2176 + 16 * j + 8 * h)), _mm256_set1_ps(a.dsum[i]), mins);
+  }
+  const __m256 d = _mm256_loadu_ps((const float*)(p + 2304) + 8 * h), dmin = _mm256_loadu_ps((const float*)(p + 2368) + 8 * h);
+  return _mm256_fnmadd_ps(dmin, mins, _mm256_fmadd_ps(d, scaled, acc));
+}
+
+// kQ6K: as above, d sum_j dx_j (sum over its two sub-blocks s of sc_s (q_s . x_s - 32 sum(x_s)))
+inline __m256 q6_k_super_block(const uint8_t* p, int h, const Activations& a, int64_t m, int64_t g, __m256 acc) {
+  const __m256i nibble = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(0x03), twelve = _mm256_set1_epi8(0x0C);
+  const int64_t blocks32 = a.K / 32;
+  const int8_t* x = a.codes(m) + 256 * g;
+  const int16_t* sum16 = a.sum16.data() + m * (a.K / 16) + 16 * g;
+  __m256 scaled = _mm256_setzero_ps();
+  for (int j = 0; j < 8; ++j) {
+    const uint8_t* codes = p + 384 * j + 32 * h;
+    __m256i low[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()}, high[2] = {low[0], low[1]};  // int16 pairs
+    for (int i = 0; i < 4; ++i) {  // two products a pair, two pairs summed: at most 4 x 63 x 127 = 32004
+      const __m256i v = _mm256_loadu_si256((const __m256i*)(codes + 64 * i));
+      __m256i top = _mm256_loadu_si256((const __m256i*)(codes + 256 + 64 * (i / 2)));
+      if (i % 2) top = _mm256_srli_epi16(top, 4);
+      const __m256i lo = _mm256_or_si256(_mm256_and_si256(v, nibble), _mm256_slli_epi16(_mm256_and_si256(top, two), 4));
+      const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), nibble),
+                                         _mm256_slli_epi16(_mm256_and_si256(top, twelve), 2));
+      low[i / 2] = _mm256_add_epi16(low[i / 2], _mm256_maddubs_epi16(lo, broadcast4(x + 32 * j + 4 * i)));
+      high[i / 2] = _mm256_add_epi16(high[i / 2], _mm256_maddubs_epi16(hi, broadcast4(x + 32 * j + 16 + 4 * i)));
+    }
+    const int8_t* sc = (const int8_t*)p + 3072 + 32 * j + 8 * h;  // sub-blocks 2 j (codes 0-15), 2 j + 1 (16-31)
+    const __m256i s0 = widen_i8(sc), s1 = widen_i8(sc + 16), s00 = pair16(s0, s0), s11 = pair16(s1, s1);
+    __m256i sums = _mm256_add_epi32(_mm256_add_epi32(_mm256_madd_epi16(low[0], s00), _mm256_madd_epi16(low[1], s00)),
+                                    _mm256_add_epi32(_mm256_madd_epi16(high[0], s11), _mm256_madd_epi16(high[1], s11)));
+    int32_t xs;  // the two activation sums of 16, as an int16 pair
+    const int16_t pair[2] = {sum16[2 * j], sum16[2 * j + 1]};
+    std::memcpy(&xs, pair, sizeof(xs));
+    sums = _mm256_sub_epi32(sums, _mm256_slli_epi32(_mm256_madd_epi16(pair16(s0, s1), _mm256_set1_epi32(xs)), 5));
+    scaled = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(a.d[m * blocks32 + 8 * g + j]), scaled);
+  }
+  return _mm256_fmadd_ps(_mm256_loadu_ps((const float*)(p + 3328) + 8 * h), scaled, acc);
+}
+
 // out[2 j + h] = activation row m0 + j times weight rows 16 G + 8 h .. + 7, for the group at `group`
+template <int64_t L, int64_t B>
+constexpr int64_t kBlockBytes = L == kQ4K ? 2432 : L == kQ6K ? 3392 : kCodeBytes<L, B> + 128;
+
 template <int64_t L, int64_t B, int R>
 void tile(const uint8_t* group, int64_t blocks, const Activations& a, int64_t m0, __m256* out) {
-  constexpr int64_t kBlockBytes = kCodeBytes<L, B> + 128;
   __m256 acc[2 * R];
   for (int j = 0; j < 2 * R; ++j) acc[j] = _mm256_setzero_ps();
   for (int64_t g = 0; g < blocks; ++g) {
-    const uint8_t* p = group + g * kBlockBytes;
-    for (int h = 0; h < 2; ++h) {
-      const __m256 scale = _mm256_loadu_ps((const float*)(p + kCodeBytes<L, B>) + 8 * h);
-      const __m256 offset = _mm256_loadu_ps((const float*)(p + kCodeBytes<L, B> + 64) + 8 * h);
-      for (int j = 0; j < R; ++j) {
-        const int64_t m = m0 + j, i = m * blocks + g;
-        const __m256 sum = _mm256_cvtepi32_ps(dot<L, B>(p + 32 * h, a.codes(m) + B * g));
-        __m256 r = _mm256_fmadd_ps(sum, _mm256_mul_ps(scale, _mm256_set1_ps(a.d[i])), acc[2 * j + h]);
-        if constexpr (L != kQ8) r = _mm256_fmadd_ps(offset, _mm256_set1_ps(a.dsum[i]), r);
-        acc[2 * j + h] = r;
+    const uint8_t* p = group + g * kBlockBytes<L, B>;
+    if constexpr (L == kQ4K || L == kQ6K) {
+      for (int h = 0; h < 2; ++h)
+        for (int j = 0; j < R; ++j)
+          acc[2 * j + h] = L == kQ4K ? q4_k_super_block(p, h, a, m0 + j, g, acc[2 * j + h])
+                                     : q6_k_super_block(p, h, a, m0 + j, g, acc[2 * j + h]);
+    } else {
+      for (int h = 0; h < 2; ++h) {
+        const __m256 scale = _mm256_loadu_ps((const float*)(p + kCodeBytes<L, B>) + 8 * h);
+        const __m256 offset = _mm256_loadu_ps((const float*)(p + kCodeBytes<L, B> + 64) + 8 * h);
+        for (int j = 0; j < R; ++j) {
+          const int64_t m = m0 + j, i = m * blocks + g;
+          const __m256 sum = _mm256_cvtepi32_ps(dot<L, B>(p + 32 * h, a.codes(m) + B * g));
+          __m256 r = _mm256_fmadd_ps(sum, _mm256_mul_ps(scale, _mm256_set1_ps(a.d[i])), acc[2 * j + h]);
+          if constexpr (L != kQ8) r = _mm256_fmadd_ps(offset, _mm256_set1_ps(a.dsum[i]), r);
+          acc[2 * j + h] = r;
+        }
       }
     }
   }
@@ -163,9 +254,11 @@ constexpr Tile kTiles[kTile] = {tile<L, B, 1>, tile<L, B, 2>, tile<L, B, 3>, til
 // blocks of `block` (B) weights; bias: [N] or None -> [M, N] float32.
 at::Tensor x16_matmul_avx2(at::Tensor x, at::Tensor packed, int64_t N, int64_t layout, int64_t block,
                            c10::optional<at::Tensor> bias) {
-  TORCH_CHECK((layout == kQ4 || layout == kQ8 || layout == kSmall8) && (block == 32 || (layout == kSmall8 && block == 16)),
-              "x16_matmul_avx2: layout ", layout, " with blocks of ", block, " is not one of Q4 / 32, Small8 / 32 or 16, Q8 / 32");
-  const int64_t code_bytes = layout == kQ4 ? 256 : 16 * block, block_bytes = code_bytes + 128;
+  const bool k_quant = layout == kQ4K || layout == kQ6K;
+  TORCH_CHECK(((layout == kQ4 || layout == kQ8) && block == 32) || (layout == kSmall8 && (block == 32 || block == 16)) ||
+              (k_quant && block == 256), "x16_matmul_avx2: layout ", layout, " with blocks of ", block,
+              " is not one of Q4 / 32, Small8 / 32 or 16, Q8 / 32, Q4K / 256, Q6K / 256");
+  const int64_t block_bytes = layout == kQ4K ? 2432 : layout == kQ6K ? 3392 : (layout == kQ4 ? 256 : 16 * block) + 128;
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous() &&
               packed.size(1) % block_bytes == 0 && packed.size(0) == (N + kRows - 1) / kRows,
               "x16_matmul_avx2: packed [ceil(N / 16), K / ", block, " * ", block_bytes, "] uint8, contiguous, N = ", N);
@@ -176,11 +269,11 @@ at::Tensor x16_matmul_avx2(at::Tensor x, at::Tensor packed, int64_t N, int64_t l
   if (bias.has_value() && bias->defined()) bias_c = bias->to(at::kFloat).contiguous();
   const float* b = bias_c.defined() ? bias_c.data_ptr<float>() : nullptr;
   auto y = at::empty({M, N}, x.options());
-  const Activations a(x.data_ptr<float>(), M, K, block);
+  const Activations a(x.data_ptr<float>(), M, K, k_quant ? 32 : block, layout == kQ6K);
   const uint8_t* w = packed.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
-  const Tile* tiles = layout == kQ4 ? kTiles<kQ4, 32> : layout == kQ8 ? kTiles<kQ8, 32>
-                      : block == 32 ? kTiles<kSmall8, 32> : kTiles<kSmall8, 16>;
+  const Tile* tiles = layout == kQ4 ? kTiles<kQ4, 32> : layout == kQ8 ? kTiles<kQ8, 32> : layout == kQ4K ? kTiles<kQ4K, 256>
+                      : layout == kQ6K ? kTiles<kQ6K, 256> : block == 32 ? kTiles<kSmall8, 32> : kTiles<kSmall8, 16>;
   at::parallel_for(0, packed.size(0), 1, [&](int64_t g0, int64_t g1) {
     __m256 out[2 * kTile];
     float row[kRows];

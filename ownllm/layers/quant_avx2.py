@@ -2,12 +2,12 @@
 AMD Zen 1-3): every block format repacked at load for kernels/x16_avx2.cpp, which quantizes the activations to 8
 bits per block as llama.cpp does and multiplies with integer dot products (the kernel's comments give the layouts).
 
-Each format is first decoded to unsigned codes with a float32 scale and offset per block of B weights,
-w = scale * code + offset, exactly the file's weights (gguf-py's dequantization, up to float32 rounding of the
-product): Q4_0 / Q4_1 / Q4_K keep 4-bit codes (0.75 bytes a weight, file: 0.56-0.63), Q5_0 / Q5_1 / Q5_K and
-Q8_0 one byte a code (1.25 bytes, file: 0.69-1.06), Q6_K one byte a code in blocks of 16, its scales' step
-(1.5 bytes, file: 0.82). That is 2.7-5.3x fewer bytes than the float32 weights these CPUs ran before, and the
-integer dot products keep decode bound by memory.
+Q4_0 / Q4_1 and the 5- and 8-bit formats are decoded to unsigned codes with a float32 scale and offset per block
+of 32 weights, w = scale * code + offset, exactly the file's weights (gguf-py's dequantization, up to float32
+rounding of the product): Q4_0 / Q4_1 keep 4-bit codes (0.75 bytes a weight, file: 0.56-0.63), Q5_0 / Q5_1 / Q5_K
+and Q8_0 one byte a code (1.25 bytes, file: 0.69-1.06). Q4_K and Q6_K keep their integer sub-block scales and
+their bits (0.59 and 0.83 bytes a weight, file: 0.56 and 0.82). That is 3.2-7x fewer bytes than the float32
+weights these CPUs ran before, and the integer dot products keep decode bound by memory.
 
 Every batch takes the kernel, prompts too (as the K-quants do on AVX-512), so a row's numbers are the same in
 any batch and at prefill as at decode. Weights that must stay views of the file (Linear.keep_file_layout: routed
@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from ownllm.kernels.build import avx2_kernels, cpu_has_bf16
 
 # kernels/x16_avx2.cpp's layouts
-Q4_LAYOUT, SMALL8_LAYOUT, Q8_LAYOUT = 0, 1, 2
+Q4_LAYOUT, SMALL8_LAYOUT, Q8_LAYOUT, Q4K_LAYOUT, Q6K_LAYOUT = 0, 1, 2, 3, 4
+SUPER_BLOCK_BYTES = {Q4K_LAYOUT: 2432, Q6K_LAYOUT: 3392}  # per 16 rows and 256 weights
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 12, 13, 14  # GGUF type numbers
 
 
@@ -60,14 +61,22 @@ class X16Weight:
     @classmethod
     def from_file(cls, blocks: torch.Tensor, qtype: int) -> "X16Weight":
         """GGUF blocks [N, K / W * bytes] of type `qtype` -> their x16_avx2 layout."""
+        if qtype in (Q4_K, Q6_K):
+            pack = _q4_k_layout if qtype == Q4_K else _q6_k_layout
+            return cls(pack(blocks.numpy()), blocks.shape[0], Q4K_LAYOUT if qtype == Q4_K else Q6K_LAYOUT, 256)
         codes, scale, offset, block = decode_blocks(blocks.numpy(), qtype)
-        layout = Q4_LAYOUT if qtype in (Q4_0, Q4_1, Q4_K) else Q8_LAYOUT if qtype == Q8_0 else SMALL8_LAYOUT
+        layout = Q4_LAYOUT if qtype in (Q4_0, Q4_1) else Q8_LAYOUT if qtype == Q8_0 else SMALL8_LAYOUT
         return cls.from_codes(*(torch.from_numpy(t) for t in (codes, scale, offset)), block, layout)
 
     @property
     def shape(self) -> torch.Size:
-        code_bytes = 256 if self.layout == Q4_LAYOUT else 16 * self.block
-        return torch.Size((self.rows, self.blocks.shape[1] // (code_bytes + 128) * self.block))
+        block_bytes = SUPER_BLOCK_BYTES.get(self.layout) or (256 if self.layout == Q4_LAYOUT else 16 * self.block) + 128
+        return torch.Size((self.rows, self.blocks.shape[1] // block_bytes * self.block))
+
+    @property
+    def activation_block(self) -> int:
+        """The kernel quantizes activations to 8 bits per this many values."""
+        return min(self.block, 32)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # x: [T, K] float32 -> [T, N]
@@ -99,7 +108,7 @@ def decode_blocks(raw: np.ndarray, qtype: int) -> tuple[np.ndarray, np.ndarray, 
             offset.reshape(rows, -1).astype(np.float32), block)
 
 
-_BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q5_0: 22, Q5_1: 24, Q8_0: 34, Q4_K: 144, Q5_K: 176, Q6_K: 210}
+_BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q5_0: 22, Q5_1: 24, Q8_0: 34, Q5_K: 176, Q6_K: 210}
 
 
 def _f16(b: np.ndarray) -> np.ndarray:  # [n, 2] uint8 -> [n, 1] float32
@@ -139,23 +148,24 @@ def _q8_0(b):
     return (b[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8), d, -128 * d, 32
 
 
-def _k_scales(b):
-    """Q4_K / Q5_K: [n, 8] scale d * sc and offset -dmin * m of each sub-block of 32."""
-    d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
+def _k_sub_scales(b):
+    """Q4_K / Q5_K: the 6-bit sc and m [n, 8] uint8 of each sub-block of 32 (w = d sc q - dmin m)."""
     s = b[:, 4:16].reshape(-1, 3, 4)
     sc = np.concatenate([s[:, 0] & 0x3F, (s[:, 2] & 0x0F) | ((s[:, 0] >> 2) & 0x30)], axis=-1)
     m = np.concatenate([s[:, 1] & 0x3F, (s[:, 2] >> 4) | ((s[:, 1] >> 2) & 0x30)], axis=-1)
-    return d * sc.astype(np.float32), -(dmin * m.astype(np.float32))
+    return sc, m
+
+
+def _k_scales(b):
+    """Q4_K / Q5_K: [n, 8] scale d * sc and offset -dmin * m of each sub-block of 32."""
+    sc, m = _k_sub_scales(b)
+    return _f16(b[:, :2]) * sc.astype(np.float32), -(_f16(b[:, 2:4]) * m.astype(np.float32))
 
 
 def _k_nibbles(qs: np.ndarray) -> np.ndarray:
     """[n, 128] bytes: each 32 hold sub-block 2i in their low nibbles, 2i + 1 in their high ones -> [n, 256]."""
     chunks = qs.reshape(-1, 4, 1, 32)
     return np.concatenate([chunks & 0x0F, chunks >> 4], axis=2).reshape(-1, 256)
-
-
-def _q4_k(b):
-    return (_k_nibbles(b[:, 16:144]), *_k_scales(b), 32)
 
 
 def _q5_k(b):
@@ -171,4 +181,47 @@ def _q6_k(b):
     return codes, scale, -32 * scale, 16
 
 
-_DECODERS = {Q4_0: _q4_0, Q4_1: _q4_1, Q5_0: _q5_0, Q5_1: _q5_1, Q8_0: _q8_0, Q4_K: _q4_k, Q5_K: _q5_k, Q6_K: _q6_k}
+_DECODERS = {Q4_0: _q4_0, Q4_1: _q4_1, Q5_0: _q5_0, Q5_1: _q5_1, Q8_0: _q8_0, Q5_K: _q5_k, Q6_K: _q6_k}  # Q4_K: below
+
+
+# --- Q4_K and Q6_K -> kQ4K and kQ6K (integer sub-block scales; the kernel's comments give the layouts) ------------
+
+
+def _rows_inside(t: torch.Tensor) -> torch.Tensor:
+    """[N, S, *parts, bytes] -> [ceil(N / 16), S, prod(parts) * 16 * bytes] uint8: per group of 16 rows (zero rows
+    padding the last) and super-block, each part's 16 rows side by side."""
+    rows, groups = t.shape[0], -(-t.shape[0] // 16)
+    t = F.pad(t, (0,) * (2 * t.dim() - 1) + (groups * 16 - rows,)).view(groups, 16, *t.shape[1:])
+    return t.movedim(1, -2).reshape(groups, t.shape[2], -1)
+
+
+def _as_bytes(values: np.ndarray, rows: int) -> torch.Tensor:
+    """[N * S, ...] numbers -> [N, S, ..., bytes] uint8 (their little-endian bytes)."""
+    t = torch.from_numpy(np.ascontiguousarray(values))
+    return t.view(torch.uint8).view(rows, -1, *t.shape[1:-1], t.shape[-1] * t.element_size())
+
+
+def _nibble_words(codes: np.ndarray) -> np.ndarray:
+    """[n, 256] 4-bit codes -> [n, 8, 4, 4]: per 32, byte j holding code j and j + 16 (kQ4's words of 4 bytes)."""
+    c = codes.reshape(-1, 8, 2, 16)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(-1, 8, 4, 4)
+
+
+def _q4_k_layout(raw: np.ndarray) -> torch.Tensor:
+    rows = raw.shape[0]
+    b = raw.reshape(-1, 144)
+    sc, m = _k_sub_scales(b)
+    parts = [_as_bytes(_nibble_words(_k_nibbles(b[:, 16:144])), rows), _as_bytes(sc[..., None], rows),
+             _as_bytes(m[..., None], rows), _as_bytes(_f16(b[:, :2]), rows), _as_bytes(_f16(b[:, 2:4]), rows)]
+    return torch.cat([_rows_inside(part) for part in parts], dim=-1).reshape(-(-rows // 16), -1).contiguous()
+
+
+def _q6_k_layout(raw: np.ndarray) -> torch.Tensor:
+    rows = raw.shape[0]
+    b = raw.reshape(-1, 210)
+    codes, scale, _, _ = _q6_k(b)  # codes 0..63 [n, 256]
+    top = (codes >> 4).reshape(-1, 8, 2, 16)
+    top = (top[:, :, 0] | (top[:, :, 1] << 2)).reshape(-1, 8, 4, 4)  # per code byte: its two codes' top bits
+    vectors = np.concatenate([_nibble_words(codes & 0x0F), top[:, :, 0::2] | (top[:, :, 1::2] << 4)], axis=2)
+    parts = [_as_bytes(vectors, rows), _as_bytes(b[:, 192:208][..., None], rows), _as_bytes(_f16(b[:, 208:210]), rows)]
+    return torch.cat([_rows_inside(part) for part in parts], dim=-1).reshape(-(-rows // 16), -1).contiguous()
