@@ -10,12 +10,13 @@
 // Weights are repacked at load (layers/quant_avx2.py) in x16_vnni.cpp's layout, 16 rows interleaved: per group
 // of 16 weight rows (n = 16 G + r) and block g of B weights, the codes (B / 4 vectors of 64 bytes, int32 lane r
 // holding row r's 4 codes), then float scale[r] (64 bytes), then float offset[r] (64 bytes). A 256-bit vector
-// is half of one: rows 0-7, then rows 8-15. Three layouts:
-//   kQ4 (B = 32; Q4_0, Q4_1, Q4_K): 4 vectors; in vector i, row r's bytes hold codes 4i..4i+3 in their low
-//      nibbles and 16 + 4i..16 + 4i + 3 in their high ones (GGUF's Q4_0 byte order);
-//   kSmall8 (B = 32: Q5_0, Q5_1, Q5_K; B = 16: Q6_K, whose scales change every 16 weights): one code a byte,
-//      codes < 64, so that a vpmaddubsw pair (2 x 63 x 127) and two of them summed stay within int16;
-//   kQ8 (B = 32; Q8_0): one code a byte, q + 128: these are turned back into signed q and multiplied with the
+// is half of one: rows 0-7, then rows 8-15. Three layouts of blocks of 32:
+//   kQ4 (Q4_0, Q4_1; 0.75 bytes a weight): 4 vectors; in vector i, row r's bytes hold codes 4i..4i+3 in their
+//      low nibbles and 16 + 4i..16 + 4i + 3 in their high ones (GGUF's Q4_0 byte order);
+//   kQ5 (Q5_0, Q5_1, Q5_K; 0.875): kQ4's 4 vectors of the codes' low 4 bits, then one vector of their fifth
+//      bits: byte i of row r's lane holds those of vector i's bytes, bit 2b the low-nibble code's of byte b, bit
+//      2b + 1 the high-nibble code's;
+//   kQ8 (Q8_0; 1.25): one code a byte, q + 128: these are turned back into signed q and multiplied with the
 //      sign trick (|q| unsigned times x with q's sign, as llama.cpp does), the offset unused (w = scale q).
 // Two more keep the K-quants at about the file's bytes, per group and super-block of 256 weights, activations
 // still quantized per 32: the sub-block scales stay integers, applied to the int16 sums by vpmaddwd (as llama.cpp's
@@ -44,7 +45,7 @@ namespace {
 
 constexpr int64_t kRows = 16;  // weight rows interleaved
 constexpr int kTile = 4;       // activation rows per pass over a group's blocks (AVX2 has 16 vector registers)
-enum Layout : int64_t { kQ4 = 0, kSmall8 = 1, kQ8 = 2, kQ4K = 3, kQ6K = 4 };
+enum Layout : int64_t { kQ4 = 0, kQ5 = 1, kQ8 = 2, kQ4K = 3, kQ6K = 4 };
 
 inline float horizontal_max(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -138,13 +139,23 @@ inline __m256i dot(const uint8_t* p, const int8_t* x) {
   const __m256i ones = _mm256_set1_epi16(1);
   if constexpr (L == kQ4) {
     return _mm256_madd_epi16(q4_sums(p, x), ones);
-  } else if constexpr (L == kSmall8) {  // two vectors' pairs summed in int16: at most 4 x 63 x 127 = 32004
+  } else if constexpr (L == kQ5) {  // two vectors' pairs summed in int16: at most 4 x 31 x 127 = 15748
+    const __m256i nibble = _mm256_set1_epi8(0x0F), sixteen = _mm256_set1_epi8(0x10);
+    const __m256i low_bit = _mm256_set1_epi32(0x40100401), high_bit = _mm256_set1_epi32((int)0x80200802);
+    const __m256i lanes = _mm256_setr_epi32(0, 0x04040404, 0x08080808, 0x0C0C0C0C, 0, 0x04040404, 0x08080808,
+                                            0x0C0C0C0C);  // each byte's lane, as pshufb indexes
+    const __m256i fifth = _mm256_loadu_si256((const __m256i*)(p + 256));
     __m256i sum = _mm256_setzero_si256();
-    for (int k = 0; k < B / 4; k += 2) {
-      const __m256i a = _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i*)(p + 64 * k)), broadcast4(x + 4 * k));
-      const __m256i b = _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i*)(p + 64 * k + 64)),
-                                             broadcast4(x + 4 * k + 4));
-      sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_add_epi16(a, b), ones));
+    for (int i = 0; i < 4; ++i) {
+      const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 64 * i));
+      const __m256i bits = _mm256_shuffle_epi8(fifth, _mm256_add_epi8(lanes, _mm256_set1_epi8((char)i)));  // byte i, x4
+      const __m256i lo = _mm256_or_si256(_mm256_and_si256(v, nibble), _mm256_and_si256(
+          _mm256_cmpeq_epi8(_mm256_and_si256(bits, low_bit), low_bit), sixteen));
+      const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), nibble), _mm256_and_si256(
+          _mm256_cmpeq_epi8(_mm256_and_si256(bits, high_bit), high_bit), sixteen));
+      const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, broadcast4(x + 4 * i)),
+                                             _mm256_maddubs_epi16(hi, broadcast4(x + 16 + 4 * i)));
+      sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, ones));
     }
     return sum;
   } else {  // kQ8: a pair at most 2 x 128 x 127 = 32512
@@ -160,7 +171,7 @@ inline __m256i dot(const uint8_t* p, const int8_t* x) {
 }
 
 template <int64_t L, int64_t B>
-constexpr int64_t kCodeBytes = L == kQ4 ? 256 : 16 * B;  // per group and block
+constexpr int64_t kCodeBytes = L == kQ4 ? 256 : L == kQ5 ? 320 : 512;  // per group and block of 32
 
 // kQ4K: one half's (rows 8 h ..) super-block at `p` times activation row m's codes from x, the float sums
 // d sum_j dx_j sc_j (q_j . x_j) - dmin sum_j m_j dsum_j added to acc
@@ -255,10 +266,10 @@ constexpr Tile kTiles[kTile] = {tile<L, B, 1>, tile<L, B, 2>, tile<L, B, 3>, til
 at::Tensor x16_matmul_avx2(at::Tensor x, at::Tensor packed, int64_t N, int64_t layout, int64_t block,
                            c10::optional<at::Tensor> bias) {
   const bool k_quant = layout == kQ4K || layout == kQ6K;
-  TORCH_CHECK(((layout == kQ4 || layout == kQ8) && block == 32) || (layout == kSmall8 && (block == 32 || block == 16)) ||
-              (k_quant && block == 256), "x16_matmul_avx2: layout ", layout, " with blocks of ", block,
-              " is not one of Q4 / 32, Small8 / 32 or 16, Q8 / 32, Q4K / 256, Q6K / 256");
-  const int64_t block_bytes = layout == kQ4K ? 2432 : layout == kQ6K ? 3392 : (layout == kQ4 ? 256 : 16 * block) + 128;
+  TORCH_CHECK(((layout == kQ4 || layout == kQ5 || layout == kQ8) && block == 32) || (k_quant && block == 256),
+              "x16_matmul_avx2: layout ", layout, " with blocks of ", block,
+              " is not one of Q4 / 32, Q5 / 32, Q8 / 32, Q4K / 256, Q6K / 256");
+  const int64_t block_bytes = layout == kQ4K ? 2432 : layout == kQ6K ? 3392 : (layout == kQ4 ? 256 : layout == kQ5 ? 320 : 512) + 128;
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous() &&
               packed.size(1) % block_bytes == 0 && packed.size(0) == (N + kRows - 1) / kRows,
               "x16_matmul_avx2: packed [ceil(N / 16), K / ", block, " * ", block_bytes, "] uint8, contiguous, N = ", N);
@@ -273,7 +284,7 @@ at::Tensor x16_matmul_avx2(at::Tensor x, at::Tensor packed, int64_t N, int64_t l
   const uint8_t* w = packed.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   const Tile* tiles = layout == kQ4 ? kTiles<kQ4, 32> : layout == kQ8 ? kTiles<kQ8, 32> : layout == kQ4K ? kTiles<kQ4K, 256>
-                      : layout == kQ6K ? kTiles<kQ6K, 256> : block == 32 ? kTiles<kSmall8, 32> : kTiles<kSmall8, 16>;
+                      : layout == kQ6K ? kTiles<kQ6K, 256> : kTiles<kQ5, 32>;
   at::parallel_for(0, packed.size(0), 1, [&](int64_t g0, int64_t g1) {
     __m256 out[2 * kTile];
     float row[kRows];

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from ownllm.kernels.build import avx2_kernels, cpu_has_bf16
 
 # kernels/x16_avx2.cpp's layouts
-Q4_LAYOUT, SMALL8_LAYOUT, Q8_LAYOUT, Q4K_LAYOUT, Q6K_LAYOUT = 0, 1, 2, 3, 4
-SUPER_BLOCK_BYTES = {Q4K_LAYOUT: 2432, Q6K_LAYOUT: 3392}  # per 16 rows and 256 weights
+Q4_LAYOUT, Q5_LAYOUT, Q8_LAYOUT, Q4K_LAYOUT, Q6K_LAYOUT = 0, 1, 2, 3, 4
+# bytes per group of 16 rows and block (32 weights; the K layouts' super-blocks: 256)
+LAYOUT_BYTES = {Q4_LAYOUT: 384, Q5_LAYOUT: 448, Q8_LAYOUT: 640, Q4K_LAYOUT: 2432, Q6K_LAYOUT: 3392}
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 12, 13, 14  # GGUF type numbers
 
 
@@ -52,11 +53,18 @@ class X16Weight:
         from ownllm.layers.quant import interleave_x16
 
         rows, cols = codes.shape
-        if layout == Q4_LAYOUT:  # byte j of a block of 32: code j in its low nibble, code j + 16 in its high one
+        if layout in (Q4_LAYOUT, Q5_LAYOUT):  # byte j of a block of 32: code j in its low nibble, j + 16 in its high
             halves = codes.view(rows, cols // 32, 2, 16)
-            codes = halves[:, :, 0] | (halves[:, :, 1] << 4)  # [N, K / 32, 16]
-        words = codes.reshape(rows, -1, 4)  # [N, K / 4, 4]
-        return cls(interleave_x16(words.view(rows, scale.shape[1], -1, 4), scale, offset), rows, layout, block)
+            low = (halves[:, :, 0] & 0x0F) | ((halves[:, :, 1] & 0x0F) << 4)  # [N, K / 32, 16]
+            words = [low.view(rows, -1, 4, 4)]
+            if layout == Q5_LAYOUT:  # word 4: byte i bit 2b the fifth bit of code 4i + b, bit 2b + 1 of 16 + 4i + b
+                fifth = ((halves >> 4) & 1).view(rows, cols // 32, 2, 4, 4).to(torch.int32)  # [N, K / 32, 2, i, b]
+                shifts = 2 * torch.arange(4, dtype=torch.int32) + torch.arange(2, dtype=torch.int32)[:, None, None]
+                words.append((fifth << shifts).sum((2, 4)).to(torch.uint8).view(rows, -1, 1, 4))
+            words = torch.cat(words, dim=2)  # [N, K / 32, words, 4]
+        else:
+            words = codes.view(rows, cols // 32, 8, 4)
+        return cls(interleave_x16(words, scale, offset), rows, layout, block)
 
     @classmethod
     def from_file(cls, blocks: torch.Tensor, qtype: int) -> "X16Weight":
@@ -65,13 +73,12 @@ class X16Weight:
             pack = _q4_k_layout if qtype == Q4_K else _q6_k_layout
             return cls(pack(blocks.numpy()), blocks.shape[0], Q4K_LAYOUT if qtype == Q4_K else Q6K_LAYOUT, 256)
         codes, scale, offset, block = decode_blocks(blocks.numpy(), qtype)
-        layout = Q4_LAYOUT if qtype in (Q4_0, Q4_1) else Q8_LAYOUT if qtype == Q8_0 else SMALL8_LAYOUT
+        layout = Q4_LAYOUT if qtype in (Q4_0, Q4_1) else Q8_LAYOUT if qtype == Q8_0 else Q5_LAYOUT
         return cls.from_codes(*(torch.from_numpy(t) for t in (codes, scale, offset)), block, layout)
 
     @property
     def shape(self) -> torch.Size:
-        block_bytes = SUPER_BLOCK_BYTES.get(self.layout) or (256 if self.layout == Q4_LAYOUT else 16 * self.block) + 128
-        return torch.Size((self.rows, self.blocks.shape[1] // block_bytes * self.block))
+        return torch.Size((self.rows, self.blocks.shape[1] // LAYOUT_BYTES[self.layout] * self.block))
 
     @property
     def activation_block(self) -> int:
