@@ -9,15 +9,15 @@
 //
 // Weights are repacked at load (layers/quant_avx2.py) in x16_vnni.cpp's layout, 16 rows interleaved: per group
 // of 16 weight rows (n = 16 G + r) and block g of B weights, the codes (B / 4 vectors of 64 bytes, int32 lane r
-// holding row r's 4 codes), then float scale[r] (64 bytes), then float offset[r] (64 bytes). A 256-bit vector
-// is half of one: rows 0-7, then rows 8-15. Three layouts of blocks of 32:
+// holding row r's 4 codes), then float scale[r] (64 bytes), then float offset[r] (64 bytes; none in kQ8). A
+// 256-bit vector is half of one: rows 0-7, then rows 8-15. Three layouts of blocks of 32:
 //   kQ4 (Q4_0, Q4_1; 0.75 bytes a weight): 4 vectors; in vector i, row r's bytes hold codes 4i..4i+3 in their
 //      low nibbles and 16 + 4i..16 + 4i + 3 in their high ones (GGUF's Q4_0 byte order);
 //   kQ5 (Q5_0, Q5_1, Q5_K; 0.875): kQ4's 4 vectors of the codes' low 4 bits, then one vector of their fifth
 //      bits: byte i of row r's lane holds those of vector i's bytes, bit 2b the low-nibble code's of byte b, bit
 //      2b + 1 the high-nibble code's;
-//   kQ8 (Q8_0; 1.25): one code a byte, q + 128: these are turned back into signed q and multiplied with the
-//      sign trick (|q| unsigned times x with q's sign, as llama.cpp does), the offset unused (w = scale q).
+//   kQ8 (Q8_0; 1.125): one code a byte, q + 128: these are turned back into signed q and multiplied with the
+//      sign trick (|q| unsigned times x with q's sign, as llama.cpp does); no offsets (w = scale q).
 // Two more keep the K-quants at about the file's bytes, per group and super-block of 256 weights, activations
 // still quantized per 32: the sub-block scales stay integers, applied to the int16 sums by vpmaddwd (as llama.cpp's
 // Q4_K x Q8_K does), d (and dmin) once per super-block in float32:
@@ -186,7 +186,8 @@ inline __m256 q4_k_super_block(const uint8_t* p, int h, const Activations& a, in
     scaled = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(a.d[i]), scaled);
     mins = _mm256_fmadd_ps(_mm256_cvtepi32_ps(widen_u8(p + 2176 + 16 * j + 8 * h)), _mm256_set1_ps(a.dsum[i]), mins);
   }
-  const __m256 d = _mm256_loadu_ps((const float*)(p + 2304) + 8 * h), dmin = _mm256_loadu_ps((const float*)(p + 2368) + 8 * h);
+  const __m256 d = _mm256_loadu_ps((const float*)(p + 2304) + 8 * h);
+  const __m256 dmin = _mm256_loadu_ps((const float*)(p + 2368) + 8 * h);
   return _mm256_fnmadd_ps(dmin, mins, _mm256_fmadd_ps(d, scaled, acc));
 }
 
@@ -224,15 +225,17 @@ inline __m256 q6_k_super_block(const uint8_t* p, int h, const Activations& a, in
 }
 
 // out[2 j + h] = activation row m0 + j times weight rows 16 G + 8 h .. + 7, for the group at `group`
-template <int64_t L, int64_t B>
-constexpr int64_t kBlockBytes = L == kQ4K ? 2432 : L == kQ6K ? 3392 : kCodeBytes<L, B> + 128;
+// bytes per group of 16 rows and block (of 32; the K layouts' super-blocks of 256)
+constexpr int64_t layout_bytes(int64_t L) {
+  return L == kQ4 ? 384 : L == kQ5 ? 448 : L == kQ8 ? 576 : L == kQ4K ? 2432 : 3392;
+}
 
 template <int64_t L, int64_t B, int R>
 void tile(const uint8_t* group, int64_t blocks, const Activations& a, int64_t m0, __m256* out) {
   __m256 acc[2 * R];
   for (int j = 0; j < 2 * R; ++j) acc[j] = _mm256_setzero_ps();
   for (int64_t g = 0; g < blocks; ++g) {
-    const uint8_t* p = group + g * kBlockBytes<L, B>;
+    const uint8_t* p = group + g * layout_bytes(L);
     if constexpr (L == kQ4K || L == kQ6K) {
       for (int h = 0; h < 2; ++h)
         for (int j = 0; j < R; ++j)
@@ -241,7 +244,8 @@ void tile(const uint8_t* group, int64_t blocks, const Activations& a, int64_t m0
     } else {
       for (int h = 0; h < 2; ++h) {
         const __m256 scale = _mm256_loadu_ps((const float*)(p + kCodeBytes<L, B>) + 8 * h);
-        const __m256 offset = _mm256_loadu_ps((const float*)(p + kCodeBytes<L, B> + 64) + 8 * h);
+        const __m256 offset =
+            L == kQ8 ? _mm256_setzero_ps() : _mm256_loadu_ps((const float*)(p + kCodeBytes<L, B> + 64) + 8 * h);
         for (int j = 0; j < R; ++j) {
           const int64_t m = m0 + j, i = m * blocks + g;
           const __m256 sum = _mm256_cvtepi32_ps(dot<L, B>(p + 32 * h, a.codes(m) + B * g));
@@ -269,7 +273,7 @@ at::Tensor x16_matmul_avx2(at::Tensor x, at::Tensor packed, int64_t N, int64_t l
   TORCH_CHECK(((layout == kQ4 || layout == kQ5 || layout == kQ8) && block == 32) || (k_quant && block == 256),
               "x16_matmul_avx2: layout ", layout, " with blocks of ", block,
               " is not one of Q4 / 32, Q5 / 32, Q8 / 32, Q4K / 256, Q6K / 256");
-  const int64_t block_bytes = layout == kQ4K ? 2432 : layout == kQ6K ? 3392 : (layout == kQ4 ? 256 : layout == kQ5 ? 320 : 512) + 128;
+  const int64_t block_bytes = layout_bytes(layout);
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous() &&
               packed.size(1) % block_bytes == 0 && packed.size(0) == (N + kRows - 1) / kRows,
               "x16_matmul_avx2: packed [ceil(N / 16), K / ", block, " * ", block_bytes, "] uint8, contiguous, N = ", N);
@@ -283,8 +287,8 @@ at::Tensor x16_matmul_avx2(at::Tensor x, at::Tensor packed, int64_t N, int64_t l
   const Activations a(x.data_ptr<float>(), M, K, k_quant ? 32 : block, layout == kQ6K);
   const uint8_t* w = packed.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
-  const Tile* tiles = layout == kQ4 ? kTiles<kQ4, 32> : layout == kQ8 ? kTiles<kQ8, 32> : layout == kQ4K ? kTiles<kQ4K, 256>
-                      : layout == kQ6K ? kTiles<kQ6K, 256> : kTiles<kQ5, 32>;
+  const Tile* tiles = layout == kQ4 ? kTiles<kQ4, 32> : layout == kQ5 ? kTiles<kQ5, 32> : layout == kQ8 ? kTiles<kQ8, 32>
+                      : layout == kQ4K ? kTiles<kQ4K, 256> : kTiles<kQ6K, 256>;
   at::parallel_for(0, packed.size(0), 1, [&](int64_t g0, int64_t g1) {
     __m256 out[2 * kTile];
     float row[kRows];

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from ownllm.kernels.build import GEMV_MAX_ROWS, bf16_kernels, vnni_kernels
 from ownllm.layers.quant_avx2 import Q4_LAYOUT, DenseWeight, X16Weight, float32_kernel
+from ownllm.layers.x16_layout import X16_ROWS, interleave_x16
 from ownllm.layers.registry import named
 
 GROUP_SIZE = 32
@@ -166,27 +167,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP_SIZE, scales_and_zeros)
 
 
-X16_ROWS = 16  # weight rows kernels/x16_vnni.cpp interleaves
 TORCH_INT4_ROWS = 16  # torch's int4 CPU kernel takes weights of a multiple of this many rows
-
-
-def interleave_x16(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """-> [ceil(N / 16), K / 32 * B] uint8, kernels/x16_vnni.cpp's layout (w = scale * code + offset): per 16 rows
-    (zero rows pad the last group) and block of 32 weights, the 16 rows' code bytes 4 at a time (int32 lane r: row
-    r's), then their float32 scales, then their offsets. codes: [N, K / 32, words, 4] uint8 (word j of a block: its
-    bytes 4j..4j+3); scale, offset: [N, K / 32]."""
-    rows, blocks, words = codes.shape[:3]
-    groups = -(-rows // X16_ROWS)
-
-    def by_group(t: torch.Tensor) -> torch.Tensor:  # [N, ...] -> [groups, 16, ...], zero rows padding
-        return F.pad(t, (0,) * (2 * t.dim() - 1) + (groups * X16_ROWS - rows,)).view(groups, X16_ROWS, *t.shape[1:])
-
-    words_first = by_group(codes).permute(0, 2, 3, 1, 4).reshape(groups, blocks, words * 64)  # [G, blocks, word, r, 4]
-
-    def lanes(t: torch.Tensor) -> torch.Tensor:  # [N, blocks] float32 -> [G, blocks, 64] bytes
-        return by_group(t.float()).transpose(1, 2).contiguous().view(torch.uint8)
-
-    return torch.cat([words_first, lanes(scale), lanes(offset)], dim=-1).reshape(groups, -1).contiguous()
 
 
 def interleave_int4(weight: Int4Weight) -> torch.Tensor:

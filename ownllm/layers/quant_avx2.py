@@ -23,11 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from ownllm.kernels.build import avx2_kernels, cpu_has_bf16
+from ownllm.layers.x16_layout import X16_ROWS, interleave_rows, interleave_x16
 
 # kernels/x16_avx2.cpp's layouts
 Q4_LAYOUT, Q5_LAYOUT, Q8_LAYOUT, Q4K_LAYOUT, Q6K_LAYOUT = 0, 1, 2, 3, 4
 # bytes per group of 16 rows and block (32 weights; the K layouts' super-blocks: 256)
-LAYOUT_BYTES = {Q4_LAYOUT: 384, Q5_LAYOUT: 448, Q8_LAYOUT: 640, Q4K_LAYOUT: 2432, Q6K_LAYOUT: 3392}
+LAYOUT_BYTES = {Q4_LAYOUT: 384, Q5_LAYOUT: 448, Q8_LAYOUT: 576, Q4K_LAYOUT: 2432, Q6K_LAYOUT: 3392}
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 12, 13, 14  # GGUF type numbers
 
 
@@ -50,8 +51,6 @@ class X16Weight:
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, block: int,
                    layout: int) -> "X16Weight":
         """codes [N, K] uint8 (unsigned, w = scale * code + offset), scale and offset [N, K / block] float32."""
-        from ownllm.layers.quant import interleave_x16
-
         rows, cols = codes.shape
         if layout in (Q4_LAYOUT, Q5_LAYOUT):  # byte j of a block of 32: code j in its low nibble, j + 16 in its high
             halves = codes.view(rows, cols // 32, 2, 16)
@@ -64,7 +63,7 @@ class X16Weight:
             words = torch.cat(words, dim=2)  # [N, K / 32, words, 4]
         else:
             words = codes.view(rows, cols // 32, 8, 4)
-        return cls(interleave_x16(words, scale, offset), rows, layout, block)
+        return cls(interleave_x16(words, scale, None if layout == Q8_LAYOUT else offset), rows, layout, block)
 
     @classmethod
     def from_file(cls, blocks: torch.Tensor, qtype: int) -> "X16Weight":
@@ -194,14 +193,6 @@ _DECODERS = {Q4_0: _q4_0, Q4_1: _q4_1, Q5_0: _q5_0, Q5_1: _q5_1, Q8_0: _q8_0, Q5
 # --- Q4_K and Q6_K -> kQ4K and kQ6K (integer sub-block scales; the kernel's comments give the layouts) ------------
 
 
-def _rows_inside(t: torch.Tensor) -> torch.Tensor:
-    """[N, S, *parts, bytes] -> [ceil(N / 16), S, prod(parts) * 16 * bytes] uint8: per group of 16 rows (zero rows
-    padding the last) and super-block, each part's 16 rows side by side."""
-    rows, groups = t.shape[0], -(-t.shape[0] // 16)
-    t = F.pad(t, (0,) * (2 * t.dim() - 1) + (groups * 16 - rows,)).view(groups, 16, *t.shape[1:])
-    return t.movedim(1, -2).reshape(groups, t.shape[2], -1)
-
-
 def _as_bytes(values: np.ndarray, rows: int) -> torch.Tensor:
     """[N * S, ...] numbers -> [N, S, ..., bytes] uint8 (their little-endian bytes)."""
     t = torch.from_numpy(np.ascontiguousarray(values))
@@ -220,7 +211,7 @@ def _q4_k_layout(raw: np.ndarray) -> torch.Tensor:
     sc, m = _k_sub_scales(b)
     parts = [_as_bytes(_nibble_words(_k_nibbles(b[:, 16:144])), rows), _as_bytes(sc[..., None], rows),
              _as_bytes(m[..., None], rows), _as_bytes(_f16(b[:, :2]), rows), _as_bytes(_f16(b[:, 2:4]), rows)]
-    return torch.cat([_rows_inside(part) for part in parts], dim=-1).reshape(-(-rows // 16), -1).contiguous()
+    return torch.cat([interleave_rows(part) for part in parts], dim=-1).reshape(-(-rows // X16_ROWS), -1).contiguous()
 
 
 def _q6_k_layout(raw: np.ndarray) -> torch.Tensor:
@@ -231,4 +222,4 @@ def _q6_k_layout(raw: np.ndarray) -> torch.Tensor:
     top = (top[:, :, 0] | (top[:, :, 1] << 2)).reshape(-1, 8, 4, 4)  # per code byte: its two codes' top bits
     vectors = np.concatenate([_nibble_words(codes & 0x0F), top[:, :, 0::2] | (top[:, :, 1::2] << 4)], axis=2)
     parts = [_as_bytes(vectors, rows), _as_bytes(b[:, 192:208][..., None], rows), _as_bytes(_f16(b[:, 208:210]), rows)]
-    return torch.cat([_rows_inside(part) for part in parts], dim=-1).reshape(-(-rows // 16), -1).contiguous()
+    return torch.cat([interleave_rows(part) for part in parts], dim=-1).reshape(-(-rows // X16_ROWS), -1).contiguous()
