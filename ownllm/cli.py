@@ -33,7 +33,8 @@ ModelOpt = Annotated[Optional[str], typer.Option(
     f"'{BUNDLED_MODEL_NAME}'. Default: the bundled {BUNDLED_MODEL_NAME}.")]
 DtypeOpt = Annotated[Optional[str], typer.Option(
     help="Compute dtype: float32, bfloat16 or float16. Default: the checkpoint's; quantized GGUF files run in "
-    "bfloat16 with their weights kept quantized on CPUs with AVX-512 BF16, else in float32.")]
+    "bfloat16 with their weights kept quantized on CPUs with AVX-512 BF16, in float32 with them kept quantized on "
+    "CPUs with AVX2 alone.")]
 DeviceOpt = Annotated[Optional[str], typer.Option(
     help="Where to run: cpu (default) or cuda (plain-torch paths; GGUF weights dequantized).")]
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate per answer.")]
