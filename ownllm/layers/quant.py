@@ -1,5 +1,5 @@
 """GGUF weights kept quantized, for bfloat16 compute: Q4_0 and Q4_1 repacked; Q5_0, Q5_1, Q8_0 and the
-K-quants as stored.
+K-quants as stored. (For float32 compute on CPUs with AVX2 but not AVX-512: layers/quant_avx2.py.)
 
 4-bit weights are multiplied, on CPUs with AVX-512 VNNI, by kernels/x16_vnni.cpp (activations quantized to 8
 bits per block of 32 as llama.cpp does, integer dot products; weights repacked at load 16 rows interleaved), at

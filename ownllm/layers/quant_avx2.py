@@ -5,9 +5,9 @@ bits per block as llama.cpp does and multiplies with integer dot products (the k
 Q4_0 / Q4_1 and the 5- and 8-bit formats are decoded to unsigned codes with a float32 scale and offset per block
 of 32 weights, w = scale * code + offset, exactly the file's weights (gguf-py's dequantization, up to float32
 rounding of the product): Q4_0 / Q4_1 keep 4-bit codes (0.75 bytes a weight, file: 0.56-0.63), Q5_0 / Q5_1 / Q5_K
-and Q8_0 one byte a code (1.25 bytes, file: 0.69-1.06). Q4_K and Q6_K keep their integer sub-block scales and
-their bits (0.59 and 0.83 bytes a weight, file: 0.56 and 0.82). That is 3.2-7x fewer bytes than the float32
-weights these CPUs ran before, and the integer dot products keep decode bound by memory.
+4-bit codes and a vector of fifth bits (0.875, file: 0.69-0.75), Q8_0 a byte a code (1.125, file: 1.06). Q4_K and
+Q6_K keep their integer sub-block scales and their bits (0.59 and 0.83, file: 0.56 and 0.82). That is 3.5-7x fewer
+bytes than the float32 weights these CPUs ran before.
 
 Every batch takes the kernel, prompts too (as the K-quants do on AVX-512), so a row's numbers are the same in
 any batch and at prefill as at decode. Weights that must stay views of the file (Linear.keep_file_layout: routed
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ownllm.kernels.build import avx2_kernels, cpu_has_bf16
-from ownllm.layers.x16_layout import X16_ROWS, interleave_rows, interleave_x16
+from ownllm.layers.x16_layout import interleave_rows, interleave_x16
 
 # kernels/x16_avx2.cpp's layouts
 Q4_LAYOUT, Q5_LAYOUT, Q8_LAYOUT, Q4K_LAYOUT, Q6K_LAYOUT = 0, 1, 2, 3, 4
@@ -48,9 +48,9 @@ class X16Weight:
     block: int
 
     @classmethod
-    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, block: int,
-                   layout: int) -> "X16Weight":
-        """codes [N, K] uint8 (unsigned, w = scale * code + offset), scale and offset [N, K / block] float32."""
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, layout: int) -> "X16Weight":
+        """codes [N, K] uint8 (unsigned, w = scale * code + offset), scale and offset [N, K / 32] float32, in layout
+        Q4 (codes < 16), Q5 (< 32) or Q8."""
         rows, cols = codes.shape
         if layout in (Q4_LAYOUT, Q5_LAYOUT):  # byte j of a block of 32: code j in its low nibble, j + 16 in its high
             halves = codes.view(rows, cols // 32, 2, 16)
@@ -63,7 +63,7 @@ class X16Weight:
             words = torch.cat(words, dim=2)  # [N, K / 32, words, 4]
         else:
             words = codes.view(rows, cols // 32, 8, 4)
-        return cls(interleave_x16(words, scale, None if layout == Q8_LAYOUT else offset), rows, layout, block)
+        return cls(interleave_x16(words, scale, None if layout == Q8_LAYOUT else offset), rows, layout, 32)
 
     @classmethod
     def from_file(cls, blocks: torch.Tensor, qtype: int) -> "X16Weight":
@@ -71,9 +71,9 @@ class X16Weight:
         if qtype in (Q4_K, Q6_K):
             pack = _q4_k_layout if qtype == Q4_K else _q6_k_layout
             return cls(pack(blocks.numpy()), blocks.shape[0], Q4K_LAYOUT if qtype == Q4_K else Q6K_LAYOUT, 256)
-        codes, scale, offset, block = decode_blocks(blocks.numpy(), qtype)
+        codes, scale, offset, _ = decode_blocks(blocks.numpy(), qtype)
         layout = Q4_LAYOUT if qtype in (Q4_0, Q4_1) else Q8_LAYOUT if qtype == Q8_0 else Q5_LAYOUT
-        return cls.from_codes(*(torch.from_numpy(t) for t in (codes, scale, offset)), block, layout)
+        return cls.from_codes(*(torch.from_numpy(t) for t in (codes, scale, offset)), layout)
 
     @property
     def shape(self) -> torch.Size:
@@ -193,10 +193,15 @@ _DECODERS = {Q4_0: _q4_0, Q4_1: _q4_1, Q5_0: _q5_0, Q5_1: _q5_1, Q8_0: _q8_0, Q5
 # --- Q4_K and Q6_K -> kQ4K and kQ6K (integer sub-block scales; the kernel's comments give the layouts) ------------
 
 
-def _as_bytes(values: np.ndarray, rows: int) -> torch.Tensor:
-    """[N * S, ...] numbers -> [N, S, ..., bytes] uint8 (their little-endian bytes)."""
-    t = torch.from_numpy(np.ascontiguousarray(values))
-    return t.view(torch.uint8).view(rows, -1, *t.shape[1:-1], t.shape[-1] * t.element_size())
+def _interleaved(parts: list[np.ndarray], rows: int) -> torch.Tensor:
+    """Each super-block's parts [N * S, ...] (numbers of any type) -> [ceil(N / 16), S * bytes] uint8: per group of
+    16 rows and super-block, each part's bytes with the 16 rows side by side, the parts one after another."""
+    def as_bytes(values: np.ndarray) -> torch.Tensor:  # [N * S, ..., last] -> [N, S, ..., last * itemsize] uint8
+        t = torch.from_numpy(np.ascontiguousarray(values))
+        return t.view(torch.uint8).view(rows, -1, *t.shape[1:-1], t.shape[-1] * t.element_size())
+
+    interleaved = torch.cat([interleave_rows(as_bytes(part)) for part in parts], dim=-1)  # [G, S, bytes]
+    return interleaved.reshape(interleaved.shape[0], -1).contiguous()
 
 
 def _nibble_words(codes: np.ndarray) -> np.ndarray:
@@ -209,9 +214,8 @@ def _q4_k_layout(raw: np.ndarray) -> torch.Tensor:
     rows = raw.shape[0]
     b = raw.reshape(-1, 144)
     sc, m = _k_sub_scales(b)
-    parts = [_as_bytes(_nibble_words(_k_nibbles(b[:, 16:144])), rows), _as_bytes(sc[..., None], rows),
-             _as_bytes(m[..., None], rows), _as_bytes(_f16(b[:, :2]), rows), _as_bytes(_f16(b[:, 2:4]), rows)]
-    return torch.cat([interleave_rows(part) for part in parts], dim=-1).reshape(-(-rows // X16_ROWS), -1).contiguous()
+    return _interleaved([_nibble_words(_k_nibbles(b[:, 16:144])), sc[..., None], m[..., None], _f16(b[:, :2]),
+                         _f16(b[:, 2:4])], rows)
 
 
 def _q6_k_layout(raw: np.ndarray) -> torch.Tensor:
@@ -221,5 +225,4 @@ def _q6_k_layout(raw: np.ndarray) -> torch.Tensor:
     top = (codes >> 4).reshape(-1, 8, 2, 16)
     top = (top[:, :, 0] | (top[:, :, 1] << 2)).reshape(-1, 8, 4, 4)  # per code byte: its two codes' top bits
     vectors = np.concatenate([_nibble_words(codes & 0x0F), top[:, :, 0::2] | (top[:, :, 1::2] << 4)], axis=2)
-    parts = [_as_bytes(vectors, rows), _as_bytes(b[:, 192:208][..., None], rows), _as_bytes(_f16(b[:, 208:210]), rows)]
-    return torch.cat([interleave_rows(part) for part in parts], dim=-1).reshape(-(-rows // X16_ROWS), -1).contiguous()
+    return _interleaved([vectors, b[:, 192:208][..., None], _f16(b[:, 208:210])], rows)
