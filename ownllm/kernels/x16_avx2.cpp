@@ -45,6 +45,7 @@ namespace {
 
 constexpr int64_t kRows = 16;  // weight rows interleaved
 constexpr int kTile = 4;       // activation rows per pass over a group's blocks (AVX2 has 16 vector registers)
+constexpr int64_t kPrefetchBytes = 4096;  // how far ahead of its reads a tile fetches its group's bytes
 enum Layout : int64_t { kQ4 = 0, kQ5 = 1, kQ8 = 2, kQ4K = 3, kQ6K = 4 };
 
 inline float horizontal_max(__m256 v) {
@@ -236,6 +237,8 @@ void tile(const uint8_t* group, int64_t blocks, const Activations& a, int64_t m0
   for (int j = 0; j < 2 * R; ++j) acc[j] = _mm256_setzero_ps();
   for (int64_t g = 0; g < blocks; ++g) {
     const uint8_t* p = group + g * layout_bytes(L);
+    for (int64_t line = 0; line < layout_bytes(L); line += 64)  // the lines read kPrefetchBytes later
+      _mm_prefetch((const char*)(p + kPrefetchBytes + line), _MM_HINT_T0);
     if constexpr (L == kQ4K || L == kQ6K) {
       for (int h = 0; h < 2; ++h)
         for (int j = 0; j < R; ++j)
