@@ -84,4 +84,6 @@ at::Tensor paged_attention_f32(at::Tensor q, at::Tensor k_cache, at::Tensor v_ca
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention_f32", &paged_attention_f32,
         "float32 query rows over the paged KV cache, each row alone (AVX2)", py::call_guard<py::gil_scoped_release>());
+  // the same function for decode_f32's DecodeLayersF32, which calls it from C++
+  m.attr("paged_attention_f32_capsule") = py::capsule((void*)&paged_attention_f32, "ownllm.paged_attention_f32");
 }

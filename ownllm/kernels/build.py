@@ -33,11 +33,13 @@ KERNEL_DIR = Path(__file__).parent
 OPENMP_FLAGS = ("-fopenmp",)
 BF16_FLAGS = ("-mavx512f", "-mavx512bf16", "-mavx512vl", "-mavx512bw", "-mf16c")
 BF16_CPU_FLAGS = ("avx512_bf16", "avx512bw")  # /proc/cpuinfo names of what BF16_FLAGS compiles for
-AVX2_KERNELS = ("attention_f32", "x16_avx2")  # kernels for CPUs without AVX-512, compiled with AVX2_FLAGS
+AVX2_KERNELS = ("attention_f32", "decode_f32", "x16_avx2")  # kernels for CPUs without AVX-512, compiled with AVX2_FLAGS
 AVX2_FLAGS = ("-mavx2", "-mfma", "-mf16c")
 AVX2_CPU_FLAGS = ("avx2", "fma", "f16c")
 # block_matmul decodes GGUF blocks with float32 arithmetic that must round as gguf-py's dequantize rounds
-KERNEL_FLAGS = {"block_matmul": ("-ffp-contract=off",), "kquant_vnni": ("-mavx512vnni",), "x16_vnni": ("-mavx512vnni",)}
+# decode_f32 rounds each float32 product and sum as torch's separate ops do
+KERNEL_FLAGS = {"block_matmul": ("-ffp-contract=off",), "decode_f32": ("-ffp-contract=off",),
+                "kquant_vnni": ("-mavx512vnni",), "x16_vnni": ("-mavx512vnni",)}
 VNNI_CPU_FLAGS = ("avx512_vnni",)  # what kquant_vnni and x16_vnni need besides BF16_CPU_FLAGS
 # the skinny bf16 matmul kernels (gemv_bf16, block_matmul) take batches of up to this many rows; larger ones
 # go to oneDNN. Up to 64 they are right, but slower than oneDNN on K = 8192 (bench/skinny_matmul.py)

@@ -316,4 +316,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("x16_matmul_avx2", &x16_matmul_avx2,
         "float32 rows quantized to 8 bits times 16-row interleaved block-quantized weights (AVX2)",
         py::call_guard<py::gil_scoped_release>());
+  // the same function for decode_f32's DecodeLayersF32, which calls it from C++
+  m.attr("x16_matmul_avx2_capsule") = py::capsule((void*)&x16_matmul_avx2, "ownllm.x16_matmul_avx2");
 }

@@ -7,11 +7,15 @@ Python computes the rotary cos/sin once and makes one call. The C++ loop runs th
 as the Python layers (RMSNorm, fused qkv, RoPE, paged attention, o_proj, residual add fused with the next
 RMSNorm, fused gate_up, SiLU-and-multiply, down_proj), so the numbers are the same, bit for bit, in any batch.
 
-It applies to decode-only batches of up to GEMV_MAX_ROWS rows, in bfloat16 on a CPU with the kernels, for models
-whose layers are exactly the Llama decoder layer (Llama, Mistral, Qwen2, Qwen3) with fused projections, SiLU,
-rotate-half RoPE, no tensor parallelism; anything else (prefill, other layers) runs the Python layers. Dense bf16
-projections are multiplied in C++; quantized ones (GGUF files) are called back as their Linear's forward, one
-Python call each. OWNLLM_NO_DECODE_STACK=1 turns it off (to compare).
+It applies to decode-only batches (bfloat16: of up to GEMV_MAX_ROWS rows) on a CPU with the kernels, for models
+whose layers are exactly the Llama decoder layer (Llama, Mistral, Qwen2, Qwen3) with SiLU, rotate-half RoPE, no
+tensor parallelism; anything else (prefill, other layers) runs the Python layers. Two kernels:
+- bfloat16 (AVX-512 BF16): decode_ops.cpp's DecodeLayers, for fused projections; dense bf16 ones multiplied in C++,
+  quantized ones (GGUF files) called back as their Linear's forward, one Python call each;
+- float32 (CPUs with AVX2 and no AVX-512, where GGUF files compute in float32): decode_f32.cpp's DecodeLayersF32,
+  which calls x16_avx2's integer matmuls and attention_f32's attention itself (fused projections or not) and
+  rounds every other step as torch's ops do, so its numbers are the Python layers' bit for bit.
+OWNLLM_NO_DECODE_STACK=1 turns it off (to compare).
 """
 
 from __future__ import annotations
@@ -21,42 +25,66 @@ import os
 import torch
 
 from ownllm.distributed.parallel_state import tp_group
-from ownllm.kernels.build import GEMV_MAX_ROWS, decode_ops
-from ownllm.layers.attention import AttentionMetadata, CpuKernelAttention, PagedKVCache
+from ownllm.kernels.build import GEMV_MAX_ROWS, avx2_kernels, decode_ops
+from ownllm.layers.attention import AttentionMetadata, CpuKernelAttention, Float32KernelAttention, PagedKVCache
 from ownllm.layers.linear import Linear
 from ownllm.layers.mlp import GatedMLP
 from ownllm.layers.norm import RMSNorm
+from ownllm.layers.quant_avx2 import X16Weight
 from ownllm.layers.rotary import RotaryEmbedding
 
 NONE = torch.empty(0, dtype=torch.bfloat16)  # an absent bias or q/k norm, as the C++ side takes it
+NONE_F32 = torch.empty(0)
 
 
-def _dense(linear: Linear) -> bool:
-    """Weights the kernel multiplies itself (gemv_bf16's tiles); others it calls the Linear for."""
-    return (linear.weight is not None and linear.weight.dtype == torch.bfloat16 and linear.weight.is_contiguous()
-            and (linear.bias is None or linear.bias.dtype == torch.bfloat16))
+def _dense(linear: Linear, dtype: torch.dtype) -> bool:
+    """Weights the kernel multiplies itself (bf16: gemv_bf16's tiles); others it calls the Linear for."""
+    return (linear.weight is not None and linear.weight.dtype == dtype and linear.weight.is_contiguous()
+            and (linear.bias is None or linear.bias.dtype == dtype))
 
 
-def _projection(linear) -> bool:
-    return type(linear) is Linear and (_dense(linear) or linear.weight is None)  # dense, or quantized (packed)
+def _projections(module, fused: str, parts: tuple[str, ...], dtype: torch.dtype) -> list[Linear] | None:
+    """The Linears of `module`'s fused projection (or, in float32, of its unfused parts), or None where one is not a
+    plain Linear the kernel can take (dense, or quantized: packed)."""
+    linears = [getattr(module, fused)] if hasattr(module, fused) else [getattr(module, p, None) for p in parts]
+    if len(linears) > 1 and dtype != torch.float32:
+        return None  # decode_ops's DecodeLayers takes fused projections only
+    ok = all(type(p) is Linear and (_dense(p, dtype) or p.weight is None) for p in linears)
+    return linears if ok else None
 
 
-def _norm(norm) -> bool:
-    return type(norm) is RMSNorm and norm.weight.dtype == torch.bfloat16
+def _norm(norm, dtype: torch.dtype) -> bool:
+    return type(norm) is RMSNorm and norm.weight.dtype == dtype
+
+
+def _part(linear: Linear) -> tuple:
+    """A float32 projection as DecodeLayersF32 takes it: x16_avx2's layout, dense, or the Linear's own forward."""
+    if linear.weight is not None:
+        return ("dense", linear.weight, linear.bias)
+    packed = linear.packed
+    if isinstance(packed, X16Weight):
+        return ("x16", packed.blocks, packed.rows, packed.layout, packed.block, linear.bias)
+    return ("call", linear.forward)
+
+
+def _f32_kernels_built() -> bool:
+    return all(avx2_kernels(name) is not None for name in ("decode_f32", "x16_avx2", "attention_f32"))
 
 
 class DecodeStack:
     """The layers of `model` (a LlamaForCausalLM or subclass) as one kernel call per decode step."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, dtype: torch.dtype) -> None:
         self.model = model
         self.rope = model.rope
-        self._kernel = None  # DecodeLayers, for the pool in self._cache
+        self.dtype = dtype
+        self.backend = CpuKernelAttention if dtype == torch.bfloat16 else Float32KernelAttention
+        self._kernel = None  # DecodeLayers (or DecodeLayersF32), for the pool in self._cache
         self._cache: PagedKVCache | None = None
 
     @classmethod
     def build(cls, model) -> "DecodeStack | None":
-        """The stack for `model`, or None when its layers are not ones the kernel computes as they do."""
+        """The stack for `model`, or None when its layers are not ones a kernel computes as they do."""
         from ownllm.models.base import CausalLM
         from ownllm.models.llama import LlamaAttention, LlamaDecoderLayer
 
@@ -65,15 +93,19 @@ class DecodeStack:
         if (type(model).hidden_states is not CausalLM.hidden_states or type(model).rope_for is not CausalLM.rope_for
                 or type(model.rope) is not RotaryEmbedding):
             return None
-        if torch.device(model.model.norm.weight.device).type != "cpu":
+        weight = model.model.norm.weight
+        if torch.device(weight.device).type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float32):
             return None
+        dtype = weight.dtype
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             if not (type(layer) is LlamaDecoderLayer and type(attn) is LlamaAttention and type(mlp) is GatedMLP
-                    and _norm(layer.input_layernorm) and _norm(layer.post_attention_layernorm)
-                    and hasattr(attn, "qkv_proj") and hasattr(mlp, "gate_up_proj") and mlp.act_name == "silu"
-                    and all(_projection(p) for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
-                    and (not attn.qk_norm or (_norm(attn.q_norm) and _norm(attn.k_norm)))
+                    and _norm(layer.input_layernorm, dtype) and _norm(layer.post_attention_layernorm, dtype)
+                    and _projections(attn, "qkv_proj", ("q_proj", "k_proj", "v_proj"), dtype)
+                    and _projections(mlp, "gate_up_proj", ("gate_proj", "up_proj"), dtype)
+                    and _projections(attn, "o_proj", (), dtype) and _projections(mlp, "down_proj", (), dtype)
+                    and mlp.act_name == "silu"
+                    and (not attn.qk_norm or (_norm(attn.q_norm, dtype) and _norm(attn.k_norm, dtype)))
                     and attn.attn.chunk_size is None and attn.head_dim <= 512):
                 return None
         attns = [layer.self_attn for layer in model.model.layers]
@@ -82,39 +114,66 @@ class DecodeStack:
         if (len({n.eps for n in norms}) != 1 or len({a.attn.scale for a in attns}) != 1
                 or any(a.attn.layer_idx != i for i, a in enumerate(attns))):
             return None  # one eps and one scale for all, passed once; layer i reads cache view i
-        if decode_ops(model.model.norm.weight) is None:
+        if dtype == torch.bfloat16 and decode_ops(weight) is None:
             return None
-        return cls(model)
+        return cls(model, dtype)
 
     def applies(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
-        """Whether this step is one the kernel runs: decode rows only, few enough, with the CPU kernel backend."""
-        return (x.shape[0] <= GEMV_MAX_ROWS and x.dtype == torch.bfloat16 and x.is_cpu and meta.is_decode_only
-                and type(meta.backend) is CpuKernelAttention and not meta.bidirectional)
+        """Whether this step is one the kernel runs: decode rows only (bf16: few enough), with its attention backend
+        (float32: cpu_float32, the default on AVX2 CPUs without AVX-512, and the kernels built)."""
+        return (x.dtype == self.dtype and x.is_cpu and meta.is_decode_only and type(meta.backend) is self.backend
+                and not meta.bidirectional and (x.shape[0] <= GEMV_MAX_ROWS if self.dtype == torch.bfloat16
+                                                else _f32_kernels_built()))
 
     def _layers(self, cache: PagedKVCache):
-        """DecodeLayers for this KV pool, made on the first step over it: it holds the weight tensors as they are
+        """The kernel for this KV pool, made on the first step over it: it holds the weight tensors as they are
         then (weights swapped in later would not be seen; nothing in ownllm swaps them after loading)."""
         if self._cache is not cache:
-            layers, projections, windows = [], [], []
-            for layer in self.model.model.layers:
-                attn, mlp = layer.self_attn, layer.mlp
-                linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-                # (weight, bias) of each projection the kernel multiplies; NONE where it calls the Linear instead
-                dense = [(p.weight, NONE if p.bias is None else p.bias) if _dense(p) else (NONE, NONE) for p in linears]
-                layers.append([
-                    layer.input_layernorm.weight, *dense[0],
-                    attn.q_norm.weight if attn.qk_norm else NONE, attn.k_norm.weight if attn.qk_norm else NONE,
-                    *dense[1], layer.post_attention_layernorm.weight, *dense[2], *dense[3],
-                ])
-                projections.append([None if _dense(p) else p.forward for p in linears])
-                windows.append(attn.attn.sliding_window or 0)
-            first = self.model.model.layers[0]
-            attn = first.self_attn
-            self._kernel = decode_ops(first.input_layernorm.weight).DecodeLayers(
-                layers, projections, list(cache.k_layers), list(cache.v_layers), windows, attn.num_heads,
-                attn.num_kv_heads, attn.head_dim, first.input_layernorm.eps, attn.attn.scale)
+            self._kernel = (self._bf16_layers if self.dtype == torch.bfloat16 else self._f32_layers)(cache)
             self._cache = cache
         return self._kernel
+
+    def _bf16_layers(self, cache: PagedKVCache):
+        layers, projections, windows = [], [], []
+        for layer in self.model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            dense = [_dense(p, torch.bfloat16) for p in linears]
+            # (weight, bias) of each projection the kernel multiplies; NONE where it calls the Linear instead
+            tensors = [(p.weight, NONE if p.bias is None else p.bias) if d else (NONE, NONE)
+                       for p, d in zip(linears, dense)]
+            layers.append([
+                layer.input_layernorm.weight, *tensors[0],
+                attn.q_norm.weight if attn.qk_norm else NONE, attn.k_norm.weight if attn.qk_norm else NONE,
+                *tensors[1], layer.post_attention_layernorm.weight, *tensors[2], *tensors[3],
+            ])
+            projections.append([None if d else p.forward for p, d in zip(linears, dense)])
+            windows.append(layer.self_attn.attn.sliding_window or 0)
+        first = self.model.model.layers[0]
+        attn = first.self_attn
+        return decode_ops(first.input_layernorm.weight).DecodeLayers(
+            layers, projections, list(cache.k_layers), list(cache.v_layers), windows, attn.num_heads,
+            attn.num_kv_heads, attn.head_dim, first.input_layernorm.eps, attn.attn.scale)
+
+    def _f32_layers(self, cache: PagedKVCache):
+        norms, projections, windows = [], [], []
+        for layer in self.model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            norms.append([layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                          attn.q_norm.weight if attn.qk_norm else NONE_F32,
+                          attn.k_norm.weight if attn.qk_norm else NONE_F32])
+            projections.append([[_part(p) for p in _projections(module, fused, parts, torch.float32)]
+                                for module, fused, parts in ((attn, "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                                                             (attn, "o_proj", ()),
+                                                             (mlp, "gate_up_proj", ("gate_proj", "up_proj")),
+                                                             (mlp, "down_proj", ()))])
+            windows.append(attn.attn.sliding_window or 0)
+        first = self.model.model.layers[0]
+        attn = first.self_attn
+        return avx2_kernels("decode_f32").DecodeLayersF32(
+            norms, projections, list(cache.k_layers), list(cache.v_layers), windows, attn.num_heads,
+            attn.num_kv_heads, attn.head_dim, first.input_layernorm.eps, attn.attn.scale,
+            avx2_kernels("x16_avx2").x16_matmul_avx2_capsule, avx2_kernels("attention_f32").paged_attention_f32_capsule)
 
     def __call__(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # x: [B, hidden] input embeddings -> [B, hidden], the last layer's output (before the final norm)
