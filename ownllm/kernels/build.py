@@ -37,9 +37,11 @@ AVX2_KERNELS = ("attention_f32", "decode_f32", "x16_avx2")  # kernels for CPUs w
 AVX2_FLAGS = ("-mavx2", "-mfma", "-mf16c")
 AVX2_CPU_FLAGS = ("avx2", "fma", "f16c")
 # block_matmul decodes GGUF blocks with float32 arithmetic that must round as gguf-py's dequantize rounds
-# decode_f32 rounds each float32 product and sum as torch's separate ops do
+# decode_f32 rounds each float32 product and sum as torch's separate ops do. x16_avx2: GCC's reassociation of the
+# integer sums and its scheduling blind to register pressure spilled a tile's accumulators (1.1-1.5x without them)
 KERNEL_FLAGS = {"block_matmul": ("-ffp-contract=off",), "decode_f32": ("-ffp-contract=off",),
-                "kquant_vnni": ("-mavx512vnni",), "x16_vnni": ("-mavx512vnni",)}
+                "kquant_vnni": ("-mavx512vnni",), "x16_vnni": ("-mavx512vnni",),
+                "x16_avx2": ("-fno-tree-reassoc", "-fsched-pressure", "-fschedule-insns")}
 VNNI_CPU_FLAGS = ("avx512_vnni",)  # what kquant_vnni and x16_vnni need besides BF16_CPU_FLAGS
 # the skinny bf16 matmul kernels (gemv_bf16, block_matmul) take batches of up to this many rows; larger ones
 # go to oneDNN. Up to 64 they are right, but slower than oneDNN on K = 8192 (bench/skinny_matmul.py)

@@ -38,13 +38,15 @@
 #include "torch_lite.h"
 
 #include <algorithm>
+#include <array>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 namespace {
 
 constexpr int64_t kRows = 16;  // weight rows interleaved
-constexpr int kTile = 4;       // activation rows per pass over a group's blocks (AVX2 has 16 vector registers)
+constexpr int kTile = 4;  // activation rows per pass over a group's blocks (AVX2 has 16 vector registers)
 constexpr int64_t kPrefetchBytes = 4096;  // how far ahead of its reads a tile fetches its group's bytes
 enum Layout : int64_t { kQ4 = 0, kQ5 = 1, kQ8 = 2, kQ4K = 3, kQ6K = 4 };
 
@@ -111,20 +113,24 @@ inline __m256i broadcast4(const int8_t* x) {
   return _mm256_set1_epi32(word);
 }
 
-// Row r's (r < 8) integer dot product of its codes at `p` (one half of the group's block: 32 bytes a vector,
-// vectors 64 bytes apart) with activation codes x[0..B), in int32 lane r.
-// kQ4's 32 codes of a row (rows r < 8 of the half at `p`) times x[0..32), the pairs summed in int16: 16 products a
-// lane, at most 16 x 15 x 127 = 30480
-inline __m256i q4_sums(const uint8_t* p, const int8_t* x) {
+// The integer dot products of one half of a group's block (rows r < 8 of the half at `p`: 32 bytes a vector,
+// vectors 64 bytes apart) with the codes of R activation rows (row j's at x + j K), row r's sum in int32 lane r
+// of sum[j].
+// Each weight vector is loaded and unpacked once for the R rows (a tile's rows share it); each row's integer
+// sums are the same as alone.
+// kQ4's 32 codes of a row times row j's 32 codes, the pairs summed in int16: 16 products a lane, at most 16 x 15 x 127
+template <int R>
+inline void q4_sums(const uint8_t* p, const int8_t* x, int64_t K, __m256i (&sum)[R]) {
   const __m256i nibble = _mm256_set1_epi8(0x0F);
-  __m256i sum = _mm256_setzero_si256();
+  for (int j = 0; j < R; ++j) sum[j] = _mm256_setzero_si256();
   for (int i = 0; i < 4; ++i) {
     const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 64 * i));
-    sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(_mm256_and_si256(v, nibble), broadcast4(x + 4 * i)));
-    sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), nibble),
-                                                     broadcast4(x + 16 + 4 * i)));
+    const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+    for (int j = 0; j < R; ++j) {
+      sum[j] = _mm256_add_epi16(sum[j], _mm256_maddubs_epi16(lo, broadcast4(x + j * K + 4 * i)));
+      sum[j] = _mm256_add_epi16(sum[j], _mm256_maddubs_epi16(hi, broadcast4(x + j * K + 16 + 4 * i)));
+    }
   }
-  return sum;
 }
 
 // 8 bytes (one per row of a half) -> int32 lanes, zero- or sign-extended
@@ -135,18 +141,19 @@ inline __m256i pair16(__m256i a, __m256i b) {
   return _mm256_or_si256(_mm256_and_si256(a, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(b, 16));
 }
 
-template <int64_t L, int64_t B>
-inline __m256i dot(const uint8_t* p, const int8_t* x) {
+template <int64_t L, int64_t B, int R>
+inline void dots(const uint8_t* p, const int8_t* x, int64_t K, __m256i (&sum)[R]) {
   const __m256i ones = _mm256_set1_epi16(1);
   if constexpr (L == kQ4) {
-    return _mm256_madd_epi16(q4_sums(p, x), ones);
+    q4_sums<R>(p, x, K, sum);
+    for (int j = 0; j < R; ++j) sum[j] = _mm256_madd_epi16(sum[j], ones);
   } else if constexpr (L == kQ5) {  // two vectors' pairs summed in int16: at most 4 x 31 x 127 = 15748
     const __m256i nibble = _mm256_set1_epi8(0x0F), sixteen = _mm256_set1_epi8(0x10);
     const __m256i low_bit = _mm256_set1_epi32(0x40100401), high_bit = _mm256_set1_epi32((int)0x80200802);
     const __m256i lanes = _mm256_setr_epi32(0, 0x04040404, 0x08080808, 0x0C0C0C0C, 0, 0x04040404, 0x08080808,
                                             0x0C0C0C0C);  // each byte's lane, as pshufb indexes
     const __m256i fifth = _mm256_loadu_si256((const __m256i*)(p + 256));
-    __m256i sum = _mm256_setzero_si256();
+    for (int j = 0; j < R; ++j) sum[j] = _mm256_setzero_si256();
     for (int i = 0; i < 4; ++i) {
       const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 64 * i));
       const __m256i bits = _mm256_shuffle_epi8(fifth, _mm256_add_epi8(lanes, _mm256_set1_epi8((char)i)));  // byte i, x4
@@ -154,75 +161,111 @@ inline __m256i dot(const uint8_t* p, const int8_t* x) {
           _mm256_cmpeq_epi8(_mm256_and_si256(bits, low_bit), low_bit), sixteen));
       const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), nibble), _mm256_and_si256(
           _mm256_cmpeq_epi8(_mm256_and_si256(bits, high_bit), high_bit), sixteen));
-      const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, broadcast4(x + 4 * i)),
-                                             _mm256_maddubs_epi16(hi, broadcast4(x + 16 + 4 * i)));
-      sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, ones));
+      for (int j = 0; j < R; ++j) {
+        const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, broadcast4(x + j * K + 4 * i)),
+                                               _mm256_maddubs_epi16(hi, broadcast4(x + j * K + 16 + 4 * i)));
+        sum[j] = _mm256_add_epi32(sum[j], _mm256_madd_epi16(pairs, ones));
+      }
     }
-    return sum;
   } else {  // kQ8: a pair at most 2 x 128 x 127 = 32512
     const __m256i flip = _mm256_set1_epi8((char)0x80);
-    __m256i sum = _mm256_setzero_si256();
+    for (int j = 0; j < R; ++j) sum[j] = _mm256_setzero_si256();
     for (int k = 0; k < 8; ++k) {
       const __m256i c = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(p + 64 * k)), flip);  // signed q
-      const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(c), _mm256_sign_epi8(broadcast4(x + 4 * k), c));
-      sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, ones));
+      const __m256i magnitude = _mm256_abs_epi8(c);
+      for (int j = 0; j < R; ++j) {
+        const __m256i pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(broadcast4(x + j * K + 4 * k), c));
+        sum[j] = _mm256_add_epi32(sum[j], _mm256_madd_epi16(pairs, ones));
+      }
     }
-    return sum;
   }
 }
 
 template <int64_t L, int64_t B>
 constexpr int64_t kCodeBytes = L == kQ4 ? 256 : L == kQ5 ? 320 : 512;  // per group and block of 32
 
-// kQ4K: one half's (rows 8 h ..) super-block at `p` times activation row m's codes from x, the float sums
-// d sum_j dx_j sc_j (q_j . x_j) - dmin sum_j m_j dsum_j added to acc
-inline __m256 q4_k_super_block(const uint8_t* p, int h, const Activations& a, int64_t m, int64_t g, __m256 acc) {
-  const int64_t blocks32 = a.K / 32;
-  const int8_t* x = a.codes(m) + 256 * g;
-  __m256 scaled = _mm256_setzero_ps(), mins = _mm256_setzero_ps();
+// A tile's activation rows m0 .. m0 + R - 1 as plain values (held in registers: the vector stores cannot alias
+// them): row m0 + r's codes at x + r K, its scales per 32 at d + r K / 32 (and dsum), its sums of 16 (kQ6K) at
+// sum16 + r K / 16.
+struct TileRows {
+  const int8_t* x;
+  int64_t K;
+  const float *d, *dsum;
+  const int16_t* sum16;
+
+  TileRows(const Activations& a, int64_t m0)
+      : x(a.codes(m0)), K(a.K), d(a.d.data() + m0 * (a.K / 32)), dsum(a.dsum.data() + m0 * (a.K / 32)),
+        sum16(a.sum16.empty() ? nullptr : a.sum16.data() + m0 * (a.K / 16)) {}
+};
+
+// kQ4K: one half's (rows 8 h ..) super-block g at `p` times the tile's rows, the float sums
+// d sum_j dx_j sc_j (q_j . x_j) - dmin sum_j m_j dsum_j added to acc[2 r + h]
+template <int R>
+inline void q4_k_super_block(const uint8_t* p, int h, const TileRows& t, int64_t g, __m256 (&acc)[2 * R]) {
+  const int64_t blocks32 = t.K / 32;
+  __m256 scaled[R], mins[R];
+  for (int r = 0; r < R; ++r) scaled[r] = mins[r] = _mm256_setzero_ps();
   for (int j = 0; j < 8; ++j) {
-    const int64_t i = m * blocks32 + 8 * g + j;
-    const __m256i sc = widen_u8(p + 2048 + 16 * j + 8 * h);
-    const __m256i sums = _mm256_madd_epi16(q4_sums(p + 256 * j + 32 * h, x + 32 * j), pair16(sc, sc));  // sc (q . x)
-    scaled = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(a.d[i]), scaled);
-    mins = _mm256_fmadd_ps(_mm256_cvtepi32_ps(widen_u8(p + 2176 + 16 * j + 8 * h)), _mm256_set1_ps(a.dsum[i]), mins);
+    const __m256i sc = widen_u8(p + 2048 + 16 * j + 8 * h), sc_pairs = pair16(sc, sc);
+    const __m256 m = _mm256_cvtepi32_ps(widen_u8(p + 2176 + 16 * j + 8 * h));
+    __m256i sums[R];
+    q4_sums<R>(p + 256 * j + 32 * h, t.x + 256 * g + 32 * j, t.K, sums);
+    for (int r = 0; r < R; ++r) {
+      const int64_t i = r * blocks32 + 8 * g + j;
+      const __m256i scaled_sums = _mm256_madd_epi16(sums[r], sc_pairs);  // sc (q . x)
+      scaled[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(scaled_sums), _mm256_set1_ps(t.d[i]), scaled[r]);
+      mins[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(t.dsum[i]), mins[r]);
+    }
   }
   const __m256 d = _mm256_loadu_ps((const float*)(p + 2304) + 8 * h);
   const __m256 dmin = _mm256_loadu_ps((const float*)(p + 2368) + 8 * h);
-  return _mm256_fnmadd_ps(dmin, mins, _mm256_fmadd_ps(d, scaled, acc));
+  for (int r = 0; r < R; ++r)
+    acc[2 * r + h] = _mm256_fnmadd_ps(dmin, mins[r], _mm256_fmadd_ps(d, scaled[r], acc[2 * r + h]));
 }
 
 // kQ6K: as above, d sum_j dx_j (sum over its two sub-blocks s of sc_s (q_s . x_s - 32 sum(x_s)))
-inline __m256 q6_k_super_block(const uint8_t* p, int h, const Activations& a, int64_t m, int64_t g, __m256 acc) {
+template <int R>
+inline void q6_k_super_block(const uint8_t* p, int h, const TileRows& t, int64_t g, __m256 (&acc)[2 * R]) {
   const __m256i nibble = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(0x03), twelve = _mm256_set1_epi8(0x0C);
-  const int64_t blocks32 = a.K / 32;
-  const int8_t* x = a.codes(m) + 256 * g;
-  const int16_t* sum16 = a.sum16.data() + m * (a.K / 16) + 16 * g;
-  __m256 scaled = _mm256_setzero_ps();
+  const int64_t blocks32 = t.K / 32;
+  __m256 scaled[R];
+  for (int r = 0; r < R; ++r) scaled[r] = _mm256_setzero_ps();
   for (int j = 0; j < 8; ++j) {
     const uint8_t* codes = p + 384 * j + 32 * h;
-    __m256i low[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()}, high[2] = {low[0], low[1]};  // int16 pairs
-    for (int i = 0; i < 4; ++i) {  // two products a pair, two pairs summed: at most 4 x 63 x 127 = 32004
-      const __m256i v = _mm256_loadu_si256((const __m256i*)(codes + 64 * i));
-      __m256i top = _mm256_loadu_si256((const __m256i*)(codes + 256 + 64 * (i / 2)));
-      if (i % 2) top = _mm256_srli_epi16(top, 4);
-      const __m256i lo = _mm256_or_si256(_mm256_and_si256(v, nibble), _mm256_slli_epi16(_mm256_and_si256(top, two), 4));
-      const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), nibble),
-                                         _mm256_slli_epi16(_mm256_and_si256(top, twelve), 2));
-      low[i / 2] = _mm256_add_epi16(low[i / 2], _mm256_maddubs_epi16(lo, broadcast4(x + 32 * j + 4 * i)));
-      high[i / 2] = _mm256_add_epi16(high[i / 2], _mm256_maddubs_epi16(hi, broadcast4(x + 32 * j + 16 + 4 * i)));
-    }
+    const int8_t* x = t.x + 256 * g + 32 * j;
     const int8_t* sc = (const int8_t*)p + 3072 + 32 * j + 8 * h;  // sub-blocks 2 j (codes 0-15), 2 j + 1 (16-31)
     const __m256i s0 = widen_i8(sc), s1 = widen_i8(sc + 16), s00 = pair16(s0, s0), s11 = pair16(s1, s1);
-    __m256i sums = _mm256_add_epi32(_mm256_add_epi32(_mm256_madd_epi16(low[0], s00), _mm256_madd_epi16(low[1], s00)),
-                                    _mm256_add_epi32(_mm256_madd_epi16(high[0], s11), _mm256_madd_epi16(high[1], s11)));
-    int32_t xs;  // the two activation sums of 16, as an int16 pair
-    const int16_t pair[2] = {sum16[2 * j], sum16[2 * j + 1]};
-    std::memcpy(&xs, pair, sizeof(xs));
-    sums = _mm256_sub_epi32(sums, _mm256_slli_epi32(_mm256_madd_epi16(pair16(s0, s1), _mm256_set1_epi32(xs)), 5));
-    scaled = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(a.d[m * blocks32 + 8 * g + j]), scaled);
+    __m256i sums[R];
+    for (int r = 0; r < R; ++r) sums[r] = _mm256_setzero_si256();
+    for (int half = 0; half < 2; ++half) {  // two products a pair, two pairs summed: at most 4 x 63 x 127 = 32004
+      __m256i low[R], high[R];  // int16 pairs
+      for (int r = 0; r < R; ++r) low[r] = high[r] = _mm256_setzero_si256();
+      const __m256i top_bits = _mm256_loadu_si256((const __m256i*)(codes + 256 + 64 * half));
+      for (int i = 2 * half; i < 2 * half + 2; ++i) {
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(codes + 64 * i));
+        const __m256i top = i % 2 ? _mm256_srli_epi16(top_bits, 4) : top_bits;
+        const __m256i lo = _mm256_or_si256(_mm256_and_si256(v, nibble), _mm256_slli_epi16(_mm256_and_si256(top, two), 4));
+        const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), nibble),
+                                           _mm256_slli_epi16(_mm256_and_si256(top, twelve), 2));
+        for (int r = 0; r < R; ++r) {
+          low[r] = _mm256_add_epi16(low[r], _mm256_maddubs_epi16(lo, broadcast4(x + r * t.K + 4 * i)));
+          high[r] = _mm256_add_epi16(high[r], _mm256_maddubs_epi16(hi, broadcast4(x + r * t.K + 16 + 4 * i)));
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        sums[r] = _mm256_add_epi32(sums[r], _mm256_add_epi32(_mm256_madd_epi16(low[r], s00), _mm256_madd_epi16(high[r], s11)));
+    }
+    const __m256i s01 = pair16(s0, s1);
+    for (int r = 0; r < R; ++r) {
+      const int16_t* sum16 = t.sum16 + r * (t.K / 16) + 16 * g;
+      int32_t xs;  // the two activation sums of 16, as an int16 pair
+      std::memcpy(&xs, sum16 + 2 * j, sizeof(xs));
+      const __m256i total = _mm256_sub_epi32(sums[r], _mm256_slli_epi32(_mm256_madd_epi16(s01, _mm256_set1_epi32(xs)), 5));
+      scaled[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), _mm256_set1_ps(t.d[r * blocks32 + 8 * g + j]), scaled[r]);
+    }
   }
-  return _mm256_fmadd_ps(_mm256_loadu_ps((const float*)(p + 3328) + 8 * h), scaled, acc);
+  const __m256 d = _mm256_loadu_ps((const float*)(p + 3328) + 8 * h);
+  for (int r = 0; r < R; ++r) acc[2 * r + h] = _mm256_fmadd_ps(d, scaled[r], acc[2 * r + h]);
 }
 
 // out[2 j + h] = activation row m0 + j times weight rows 16 G + 8 h .. + 7, for the group at `group`
@@ -233,27 +276,32 @@ constexpr int64_t layout_bytes(int64_t L) {
 
 template <int64_t L, int64_t B, int R>
 void tile(const uint8_t* group, int64_t blocks, const Activations& a, int64_t m0, __m256* out) {
+  const TileRows t(a, m0);
   __m256 acc[2 * R];
   for (int j = 0; j < 2 * R; ++j) acc[j] = _mm256_setzero_ps();
   for (int64_t g = 0; g < blocks; ++g) {
     const uint8_t* p = group + g * layout_bytes(L);
     for (int64_t line = 0; line < layout_bytes(L); line += 64)  // the lines read kPrefetchBytes later
       _mm_prefetch((const char*)(p + kPrefetchBytes + line), _MM_HINT_T0);
-    if constexpr (L == kQ4K || L == kQ6K) {
-      for (int h = 0; h < 2; ++h)
-        for (int j = 0; j < R; ++j)
-          acc[2 * j + h] = L == kQ4K ? q4_k_super_block(p, h, a, m0 + j, g, acc[2 * j + h])
-                                     : q6_k_super_block(p, h, a, m0 + j, g, acc[2 * j + h]);
-    } else {
-      for (int h = 0; h < 2; ++h) {
+    for (int h = 0; h < 2; ++h) {
+      // the halves share their activation codes: a compiler that hoists those broadcasts out of this loop runs
+      // out of registers and spills (here: 15-30% slower at 4 rows)
+      asm volatile("" ::: "memory");
+      if constexpr (L == kQ4K) {
+        q4_k_super_block<R>(p, h, t, g, acc);
+      } else if constexpr (L == kQ6K) {
+        q6_k_super_block<R>(p, h, t, g, acc);
+      } else {
         const __m256 scale = _mm256_loadu_ps((const float*)(p + kCodeBytes<L, B>) + 8 * h);
         const __m256 offset =
             L == kQ8 ? _mm256_setzero_ps() : _mm256_loadu_ps((const float*)(p + kCodeBytes<L, B> + 64) + 8 * h);
+        __m256i sums[R];
+        dots<L, B, R>(p + 32 * h, t.x + B * g, t.K, sums);
         for (int j = 0; j < R; ++j) {
-          const int64_t m = m0 + j, i = m * blocks + g;
-          const __m256 sum = _mm256_cvtepi32_ps(dot<L, B>(p + 32 * h, a.codes(m) + B * g));
-          __m256 r = _mm256_fmadd_ps(sum, _mm256_mul_ps(scale, _mm256_set1_ps(a.d[i])), acc[2 * j + h]);
-          if constexpr (L != kQ8) r = _mm256_fmadd_ps(offset, _mm256_set1_ps(a.dsum[i]), r);
+          const int64_t i = j * blocks + g;
+          __m256 r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[j]), _mm256_mul_ps(scale, _mm256_set1_ps(t.d[i])),
+                                     acc[2 * j + h]);
+          if constexpr (L != kQ8) r = _mm256_fmadd_ps(offset, _mm256_set1_ps(t.dsum[i]), r);
           acc[2 * j + h] = r;
         }
       }
@@ -263,8 +311,10 @@ void tile(const uint8_t* group, int64_t blocks, const Activations& a, int64_t m0
 }
 
 using Tile = void (*)(const uint8_t*, int64_t, const Activations&, int64_t, __m256*);
+template <int64_t L, int64_t B, int... R>
+constexpr std::array<Tile, kTile> make_tiles(std::integer_sequence<int, R...>) { return {tile<L, B, R + 1>...}; }
 template <int64_t L, int64_t B>
-constexpr Tile kTiles[kTile] = {tile<L, B, 1>, tile<L, B, 2>, tile<L, B, 3>, tile<L, B, 4>};
+constexpr std::array<Tile, kTile> kTiles = make_tiles<L, B>(std::make_integer_sequence<int, kTile>());
 
 }  // namespace
 
@@ -290,8 +340,9 @@ at::Tensor x16_matmul_avx2(at::Tensor x, at::Tensor packed, int64_t N, int64_t l
   const Activations a(x.data_ptr<float>(), M, K, k_quant ? 32 : block, layout == kQ6K);
   const uint8_t* w = packed.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
-  const Tile* tiles = layout == kQ4 ? kTiles<kQ4, 32> : layout == kQ5 ? kTiles<kQ5, 32> : layout == kQ8 ? kTiles<kQ8, 32>
-                      : layout == kQ4K ? kTiles<kQ4K, 256> : kTiles<kQ6K, 256>;
+  const Tile* tiles = layout == kQ4 ? kTiles<kQ4, 32>.data() : layout == kQ5 ? kTiles<kQ5, 32>.data()
+                      : layout == kQ8 ? kTiles<kQ8, 32>.data() : layout == kQ4K ? kTiles<kQ4K, 256>.data()
+                      : kTiles<kQ6K, 256>.data();
   at::parallel_for(0, packed.size(0), 1, [&](int64_t g0, int64_t g1) {
     __m256 out[2 * kTile];
     float row[kRows];
