@@ -84,11 +84,11 @@ void rope_rotate_half_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& s
 
 // x [R, D] += y [R, D] (any row strides)
 void add_(at::Tensor& x, const at::Tensor& y) {
-  const int64_t R = x.size(0), D = x.size(1);
+  const int64_t R = x.size(0), D = x.size(1), x_stride = x.stride(0), y_stride = y.stride(0);
   float* xp = x.data_ptr<float>();
   const float* yp = y.data_ptr<float>();
   for (int64_t r = 0; r < R; ++r)
-    for (int64_t d = 0; d < D; ++d) xp[r * x.stride(0) + d] += yp[r * y.stride(0) + d];
+    for (int64_t d = 0; d < D; ++d) xp[r * x_stride + d] += yp[r * y_stride + d];
 }
 
 // One matmul of a projection: a weight in an x16_avx2 layout, a dense float32 weight, or a Python callable (any other
@@ -209,10 +209,11 @@ class DecodeLayersF32 {
 
   // act [B, I] *= up [B, I] (any row stride)
   static void mul_(at::Tensor& act, const at::Tensor& up) {
+    const int64_t B = act.size(0), I = act.size(1), act_stride = act.stride(0), up_stride = up.stride(0);
     float* ap = act.data_ptr<float>();
     const float* up_p = up.data_ptr<float>();
-    for (int64_t b = 0; b < act.size(0); ++b)
-      for (int64_t i = 0; i < act.size(1); ++i) ap[b * act.stride(0) + i] *= up_p[b * up.stride(0) + i];
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < I; ++i) ap[b * act_stride + i] *= up_p[b * up_stride + i];
   }
 
   // k [B, KVH, D] (rotated), v [B, KVH * D] rows into layer l's cache slots
