@@ -17,7 +17,8 @@ def test_imports_no_torch():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 
-def test_allocation_takes_blocks_in_order_and_free_returns_them_tail_first():
+def test_allocation_takes_blocks_in_order_and_free_returns_uncached_ones_to_the_head():
+    """Blocks that hold no cached prefix are reused first (their memory is warm), in their chain's order."""
     kv = KVCacheManager(num_blocks=8, block_size=4, enable_prefix_caching=False)
     assert kv.allocate("a", 10)  # 3 blocks
     assert kv.block_ids("a") == [0, 1, 2]
@@ -27,8 +28,19 @@ def test_allocation_takes_blocks_in_order_and_free_returns_them_tail_first():
     assert kv.block_ids("a") == [0, 1, 2, 4]
     assert kv.num_free_blocks == 3
     kv.free("a")
-    assert list(kv.pool.free_queue) == [5, 6, 7, 4, 2, 1, 0]  # the tail of a's chain is evicted first
+    assert list(kv.pool.free_queue) == [0, 1, 2, 4, 5, 6, 7]  # a's blocks before the never-used ones
     assert [kv.pool.blocks[i].ref_cnt for i in range(8)] == [0, 0, 0, 1, 0, 0, 0, 0]
+    assert kv.allocate("c", 8) and kv.block_ids("c") == [0, 1]
+
+
+def test_free_returns_cached_blocks_to_the_tail_tail_first():
+    """Blocks holding a cached prefix join the LRU end, the tail of a chain evicted first; the partial last block
+    (no hash) is reused first."""
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    assert kv.allocate("a", 10)  # blocks 0, 1 full, 2 partial
+    kv.cache_full_blocks("a", list(range(10)), 10)
+    kv.free("a")
+    assert list(kv.pool.free_queue) == [2, 3, 4, 5, 6, 7, 1, 0]
 
 
 def test_allocation_failure_changes_nothing():

@@ -5,7 +5,9 @@ A full block is identified by a hash of (its parent block's hash, its token ids,
 the images whose placeholder tokens it covers), so equal prefixes map to equal hash chains, and equal text
 with different images does not. Freed blocks go to the tail of the free queue but keep their
 hash until reallocated, so the free queue is the LRU eviction order: allocation takes from the
-head, evicting the least recently used cached block first. Never imports torch or the model.
+head, evicting the least recently used cached block first. Freed blocks that hold no cached prefix go
+to the head instead, the last one freed first: their memory is warm, where a block never used yet costs
+page faults on the CPU (the pool's pages are mapped on first touch). Never imports torch or the model.
 """
 
 from __future__ import annotations
@@ -90,11 +92,14 @@ class BlockPool:
             block.ref_cnt += 1
 
     def release(self, blocks: Sequence[Block]) -> None:
-        """Drops a reference; blocks nobody holds join the free queue's tail (the most recently used end)."""
+        """Drops a reference; blocks nobody holds join the free queue: its tail (the most recently used end) when
+        they hold a cached prefix, else its head (reused first)."""
         for block in blocks:
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
                 self.free_queue[block.block_id] = block
+                if block.block_hash is None:
+                    self.free_queue.move_to_end(block.block_id, last=False)
 
     def register(self, block: Block, block_hash: int) -> None:
         block.block_hash = block_hash

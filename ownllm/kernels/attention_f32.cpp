@@ -1,6 +1,7 @@
 // float32 attention of query rows over the paged KV cache (CPUs with AVX2 and FMA), each row computed alone:
 // its scores over its own keys in order (dot products of 8 lanes, summed in a fixed order), the softmax, and the
-// weighted sum of values. A row's numbers therefore do not depend on how many rows share the call, on other
+// weighted sum of values (a fused multiply-add per key, in key order). Keys are walked block by block (one
+// division a block, not two a key). A row's numbers therefore do not depend on how many rows share the call, on other
 // sequences' lengths (no padding), or on whether it is a decode step or a prompt row (prompts chunked or
 // whole, speculative verification). The integer kernels round activations to 8 bits, which turns the smallest
 // of such differences into a flipped code now and then: torch's SDPA (a row alone vs among a prompt's rows:
@@ -57,22 +58,45 @@ at::Tensor paged_attention_f32(at::Tensor q, at::Tensor k_cache, at::Tensor v_ca
       const int64_t r = i / H, h = i % H, kvh = h / group;
       const int64_t* t = tp + (tables.size(0) == R ? r : 0) * max_blocks;
       const int64_t last = pp[r] + 1, first = window > 0 ? std::max<int64_t>(0, last - window) : 0;
+      // f(j, row) for keys j = first .. last - 1 in order, row: key j's (or value j's) row of this head
+      auto each_key = [&](const float* cache, auto&& f) {
+        for (int64_t j = first; j < last;) {
+          const int64_t offset = j % block_size, end = std::min(last, j - offset + block_size);
+          const float* row = cache + (t[j / block_size] * block_size + offset) * row_stride + kvh * D;
+          for (; j < end; ++j, row += row_stride) f(j, row);
+        }
+      };
       const float* qr = qp + i * D;
-      auto slot = [&](int64_t j) { return (t[j / block_size] * block_size + j % block_size) * row_stride + kvh * D; };
       p.resize(last - first);
       float top = -std::numeric_limits<float>::infinity();
-      for (int64_t j = first; j < last; ++j) {
-        p[j - first] = dot(qr, kp + slot(j), D) * s;
+      each_key(kp, [&](int64_t j, const float* key) {
+        p[j - first] = dot(qr, key, D) * s;
         top = std::max(top, p[j - first]);
-      }
+      });
       float sum = 0.f;
       for (auto& v : p) sum += (v = std::exp(v - top));
+      // o = sum_j p_j v_j, a fused multiply-add per key in key order, 32 values of o at a time in registers
       float* o = op + i * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
-      for (int64_t j = first; j < last; ++j) {
-        const float* v = vp + slot(j);
-        const float w = p[j - first];
-        for (int64_t d = 0; d < D; ++d) o[d] += w * v[d];
+      int64_t d = 0;
+      for (; d + 32 <= D; d += 32) {
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        each_key(vp, [&](int64_t j, const float* value) {
+          const __m256 w = _mm256_set1_ps(p[j - first]);
+          for (int c = 0; c < 4; ++c) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(value + d + 8 * c), acc[c]);
+        });
+        for (int c = 0; c < 4; ++c) _mm256_storeu_ps(o + d + 8 * c, acc[c]);
+      }
+      for (; d + 8 <= D; d += 8) {
+        __m256 acc = _mm256_setzero_ps();
+        each_key(vp, [&](int64_t j, const float* value) {
+          acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j - first]), _mm256_loadu_ps(value + d), acc);
+        });
+        _mm256_storeu_ps(o + d, acc);
+      }
+      for (; d < D; ++d) {
+        float acc = 0.f;
+        each_key(vp, [&](int64_t j, const float* value) { acc = std::fma(p[j - first], value[d], acc); });
+        o[d] = acc;
       }
       const float inverse = 1.f / sum;
       for (int64_t d = 0; d < D; ++d) o[d] *= inverse;
