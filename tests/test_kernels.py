@@ -200,6 +200,21 @@ def random_blocks(qtype: str, rows: int, cols: int, seed: int = 0):
 
 @pytest.mark.parametrize("qtype", BLOCK_TYPES)
 def test_block_weights_dequantize_as_gguf_py(qtype):
+    """float32: gguf-py's numbers, all rows or some (an embedding's lookup; Q8_0 by torch, not gguf-py)."""
+    import gguf
+
+    from ownllm.layers.quant import BlockWeight
+
+    blocks, expected = random_blocks(qtype, 48, 512)
+    weight = BlockWeight.from_gguf_blocks(blocks, (48, 512), gguf.GGMLQuantizationType[qtype])
+    assert weight.shape == (48, 512)
+    assert torch.equal(weight.dequantize(torch.float32), expected)
+    rows = torch.tensor([5, 0, 47, 5])
+    assert torch.equal(weight.dequantize(torch.float32, rows=rows), expected[rows])
+
+
+@pytest.mark.parametrize("qtype", BLOCK_TYPES)
+def test_block_weights_dequantize_in_bfloat16_by_the_kernel(qtype):
     import gguf
 
     from ownllm.layers.quant import BlockWeight
@@ -208,8 +223,6 @@ def test_block_weights_dequantize_as_gguf_py(qtype):
         pytest.skip("the block kernels cannot run on this CPU")
     blocks, expected = random_blocks(qtype, 48, 512)
     weight = BlockWeight.from_gguf_blocks(blocks, (48, 512), gguf.GGMLQuantizationType[qtype])
-    assert weight.shape == (48, 512)
-    assert torch.equal(weight.dequantize(torch.float32), expected)  # gguf-py's numbers
     assert torch.equal(weight.dequantize(torch.bfloat16), expected.bfloat16())  # the kernel's, rounded alike
     rows = torch.tensor([5, 0, 47, 5])
     assert torch.equal(weight.dequantize(torch.bfloat16, rows=rows), expected.bfloat16()[rows])
