@@ -262,11 +262,6 @@ class BlockWeight:
         if dtype == torch.bfloat16 and self.runs_here(dtype):
             out = torch.empty(raw.shape[0], self.shape[1], dtype=torch.bfloat16)
             return bf16_kernels("block_matmul").block_dequantize(raw, int(self.qtype), out)
-        if self.qtype == Q8_0:  # an embedding's rows at each step: torch, not gguf-py's numpy (~0.3 ms a call)
-            blocks = raw.view(raw.shape[0], -1, 34)  # [n, K / 32, fp16 d + int8 q[32]]
-            d = blocks[..., :2].contiguous().view(torch.float16).float()  # [n, K / 32, 1]
-            q = blocks[..., 2:].contiguous().view(torch.int8).float()  # [n, K / 32, 32]
-            return (d * q).view(raw.shape[0], -1).to(dtype)  # d * q in float32, as gguf-py computes it
         import gguf
 
         values = gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType(self.qtype))  # float32
