@@ -38,9 +38,7 @@
 #include "torch_lite.h"
 
 #include <algorithm>
-#include <array>
 #include <cstring>
-#include <utility>
 #include <vector>
 
 namespace {
@@ -311,10 +309,8 @@ void tile(const uint8_t* group, int64_t blocks, const Activations& a, int64_t m0
 }
 
 using Tile = void (*)(const uint8_t*, int64_t, const Activations&, int64_t, __m256*);
-template <int64_t L, int64_t B, int... R>
-constexpr std::array<Tile, kTile> make_tiles(std::integer_sequence<int, R...>) { return {tile<L, B, R + 1>...}; }
 template <int64_t L, int64_t B>
-constexpr std::array<Tile, kTile> kTiles = make_tiles<L, B>(std::make_integer_sequence<int, kTile>());
+constexpr Tile kTiles[kTile] = {tile<L, B, 1>, tile<L, B, 2>, tile<L, B, 3>, tile<L, B, 4>};
 
 }  // namespace
 
@@ -340,9 +336,8 @@ at::Tensor x16_matmul_avx2(at::Tensor x, at::Tensor packed, int64_t N, int64_t l
   const Activations a(x.data_ptr<float>(), M, K, k_quant ? 32 : block, layout == kQ6K);
   const uint8_t* w = packed.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
-  const Tile* tiles = layout == kQ4 ? kTiles<kQ4, 32>.data() : layout == kQ5 ? kTiles<kQ5, 32>.data()
-                      : layout == kQ8 ? kTiles<kQ8, 32>.data() : layout == kQ4K ? kTiles<kQ4K, 256>.data()
-                      : kTiles<kQ6K, 256>.data();
+  const Tile* tiles = layout == kQ4 ? kTiles<kQ4, 32> : layout == kQ5 ? kTiles<kQ5, 32> : layout == kQ8 ? kTiles<kQ8, 32>
+                      : layout == kQ4K ? kTiles<kQ4K, 256> : kTiles<kQ6K, 256>;
   at::parallel_for(0, packed.size(0), 1, [&](int64_t g0, int64_t g1) {
     __m256 out[2 * kTile];
     float row[kRows];

@@ -20,6 +20,7 @@ OWNLLM_NO_DECODE_STACK=1 turns it off (to compare).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -67,6 +68,7 @@ def _part(linear: Linear) -> tuple:
     return ("call", linear.forward)
 
 
+@functools.cache  # checked at every decode step: the answer does not change once the kernels are loaded (or not)
 def _f32_kernels_built() -> bool:
     return all(avx2_kernels(name) is not None for name in ("decode_f32", "x16_avx2", "attention_f32"))
 
