@@ -46,9 +46,10 @@ namespace {
 constexpr int64_t kRows = 16;  // weight rows interleaved
 constexpr int kTile = 4;  // activation rows per pass over a group's blocks (AVX2 has 16 vector registers)
 constexpr int64_t kPrefetchBytes = 4096;  // how far ahead of its reads a tile fetches its group's bytes
-// activation rows from which a K-quant group's codes are unpacked once for all its tiles (unpack_codes): at 128
-// rows Q6_K 1.2-1.35x, Q4_K 1.07-1.12x; at 16, 1.1x and 1.0x; at 8, Q4_K loses (0.9x)
-constexpr int64_t kUnpackRows = 16;
+// activation rows from which a K-quant group's codes are unpacked once for all its tiles (unpack_codes): Q6_K
+// 1.1-1.2x at 8 rows (0.98-1.1x at 5-7), 1.2-1.35x at 128; Q4_K 1.0x at 16, 1.07-1.12x at 128, 0.9x at 8 (its
+// unpacking is cheap). Q4_0 / Q4_1 (kQ4) tried: no gain at 16-64 rows
+constexpr int64_t kUnpackRowsQ4K = 16, kUnpackRowsQ6K = 8;
 enum Layout : int64_t { kQ4 = 0, kQ5 = 1, kQ8 = 2, kQ4K = 3, kQ6K = 4 };
 
 inline float horizontal_max(__m256 v) {
@@ -433,7 +434,7 @@ at::Tensor x16_matmul_avx2(at::Tensor x, at::Tensor packed, int64_t N, int64_t l
   float* yp = y.data_ptr<float>();
   const Tile* tiles = layout == kQ4 ? kTiles<kQ4, 32> : layout == kQ5 ? kTiles<kQ5, 32> : layout == kQ8 ? kTiles<kQ8, 32>
                       : layout == kQ4K ? kTiles<kQ4K, 256> : kTiles<kQ6K, 256>;
-  const bool unpack = k_quant && M >= kUnpackRows;
+  const bool unpack = k_quant && M >= (layout == kQ4K ? kUnpackRowsQ4K : kUnpackRowsQ6K);
   if (unpack) tiles = layout == kQ4K ? kTiles<kQ4K, 256, true> : kTiles<kQ6K, 256, true>;
   at::parallel_for(0, packed.size(0), 1, [&](int64_t g0, int64_t g1) {
     __m256 out[2 * kTile];
