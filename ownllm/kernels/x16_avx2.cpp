@@ -159,10 +159,6 @@ inline void q4_row_sums(const uint8_t* p, const int8_t* x, __m256i (&sum)[2]) {
 
 // 8 bytes (one per row of a half) -> int32 lanes, zero-extended
 inline __m256i widen_u8(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
-// int32 lanes a and b (each within int16) -> lanes holding a in their low int16 and b in their high one
-inline __m256i pair16(__m256i a, __m256i b) {
-  return _mm256_or_si256(_mm256_and_si256(a, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(b, 16));
-}
 
 // 8 int8 scales (one per row of a half) -> int32 lanes holding the row's scale in both int16 halves (for
 // vpmaddwd), sign-extended: one shuffle puts each scale in the high byte of both halves, an arithmetic shift brings
@@ -241,7 +237,7 @@ inline void q4_k_super_block(const uint8_t* p, int h, const TileRows& t, int64_t
   __m256 scaled[R], mins[R];
   for (int r = 0; r < R; ++r) scaled[r] = mins[r] = _mm256_setzero_ps();
   for (int j = 0; j < 8; ++j) {
-    const __m256i sc = widen_u8(p + 2048 + 16 * j + 8 * h), sc_pairs = pair16(sc, sc);
+    const __m256i sc_pairs = scale_pairs((const int8_t*)p + 2048 + 16 * j + 8 * h);  // sc < 64
     const __m256 m = _mm256_cvtepi32_ps(widen_u8(p + 2176 + 16 * j + 8 * h));
     __m256i sums[R];
     q4_sums<R, Unpacked>(p + 256 * j + 32 * h, t.x + 256 * g + 32 * j, t.K, sums, t.u + ((g * 8 + j) * 2 + h) * 256);
@@ -267,9 +263,8 @@ inline void q4_k_super_block_row(const uint8_t* p, const TileRows& t, int64_t g,
     q4_row_sums(p + 256 * j, t.x + 256 * g + 32 * j, sums);
     const int64_t i = 8 * g + j;
     for (int h = 0; h < 2; ++h) {
-      const __m256i sc = widen_u8(p + 2048 + 16 * j + 8 * h);
       const __m256 m = _mm256_cvtepi32_ps(widen_u8(p + 2176 + 16 * j + 8 * h));
-      const __m256i scaled_sums = _mm256_madd_epi16(sums[h], pair16(sc, sc));  // sc (q . x)
+      const __m256i scaled_sums = _mm256_madd_epi16(sums[h], scale_pairs((const int8_t*)p + 2048 + 16 * j + 8 * h));
       scaled[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(scaled_sums), _mm256_set1_ps(t.d[i]), scaled[h]);
       mins[h] = _mm256_fmadd_ps(m, _mm256_set1_ps(t.dsum[i]), mins[h]);
     }
