@@ -20,14 +20,15 @@
 //      sign trick (|q| unsigned times x with q's sign, as llama.cpp does); no offsets (w = scale q).
 // Two more keep the K-quants at about the file's bytes, per group and super-block of 256 weights, activations
 // still quantized per 32: the sub-block scales stay integers, applied to the int16 sums by vpmaddwd (as llama.cpp's
-// Q4_K x Q8_K does), d (and dmin) once per super-block in float32:
-//   kQ4K (Q4_K, 2432 bytes): 8 sub-blocks of 32 in kQ4's code layout, then uint8 sc[8][16 rows], uint8 m[8][16],
-//      float d[16], float dmin[16]: w = d sc q - dmin m (0.59 bytes a weight; the file's 0.56);
-//   kQ6K (Q6_K, 3392 bytes): per 32 weights their low 4 bits in kQ4's layout (256 bytes), then their top 2 bits
+// Q4_K x Q8_K does), d (and dmin) once per super-block in float32, read as the file's float16 (at one row the
+// kernel reads memory as fast as it can: every byte counts):
+//   kQ4K (Q4_K, 2368 bytes): 8 sub-blocks of 32 in kQ4's code layout, then uint8 sc[8][16 rows], uint8 m[8][16],
+//      float16 d[16], float16 dmin[16]: w = d sc q - dmin m (0.5625 bytes a weight, as the file);
+//   kQ6K (Q6_K, 3360 bytes): per 32 weights their low 4 bits in kQ4's layout (256 bytes), then their top 2 bits
 //      (2 vectors of 64 bytes: byte b of vector k holds, for code vectors 2k and 2k + 1 in its low and high
 //      nibble, the top bits of the byte's low-nibble code in bits 0-1 and of its high-nibble code in bits 2-3);
-//      after the 8 groups of 32, int8 sc[16 sub-blocks of 16][16 rows], float d[16]: w = d sc (q - 32), the 32
-//      taken off in integers with the activations' sums per 16 (0.83 bytes a weight; the file's 0.82).
+//      after the 8 groups of 32, int8 sc[16 sub-blocks of 16][16 rows], float16 d[16]: w = d sc (q - 32), the 32
+//      taken off in integers with the activations' sums per 16 (0.82 bytes a weight, as the file).
 // One broadcast of 4 activation codes meets 8 rows' codes in one vpmaddubsw, each int32 lane's sum is one row's
 // (no reduction across lanes), and the float epilogue of a block runs once for 8 rows.
 //
@@ -157,6 +158,8 @@ inline void q4_row_sums(const uint8_t* p, const int8_t* x, __m256i (&sum)[2]) {
   }
 }
 
+// 8 float16 (one per row of a half) -> float32 (exactly)
+inline __m256 halves_to_float(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
 // 8 bytes (one per row of a half) -> int32 lanes, zero-extended
 inline __m256i widen_u8(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
 
@@ -248,8 +251,7 @@ inline void q4_k_super_block(const uint8_t* p, int h, const TileRows& t, int64_t
       mins[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(t.dsum[i]), mins[r]);
     }
   }
-  const __m256 d = _mm256_loadu_ps((const float*)(p + 2304) + 8 * h);
-  const __m256 dmin = _mm256_loadu_ps((const float*)(p + 2368) + 8 * h);
+  const __m256 d = halves_to_float(p + 2304 + 16 * h), dmin = halves_to_float(p + 2336 + 16 * h);
   for (int r = 0; r < R; ++r)
     acc[2 * r + h] = _mm256_fnmadd_ps(dmin, mins[r], _mm256_fmadd_ps(d, scaled[r], acc[2 * r + h]));
 }
@@ -270,8 +272,7 @@ inline void q4_k_super_block_row(const uint8_t* p, const TileRows& t, int64_t g,
     }
   }
   for (int h = 0; h < 2; ++h) {
-    const __m256 d = _mm256_loadu_ps((const float*)(p + 2304) + 8 * h);
-    const __m256 dmin = _mm256_loadu_ps((const float*)(p + 2368) + 8 * h);
+    const __m256 d = halves_to_float(p + 2304 + 16 * h), dmin = halves_to_float(p + 2336 + 16 * h);
     acc[h] = _mm256_fnmadd_ps(dmin, mins[h], _mm256_fmadd_ps(d, scaled[h], acc[h]));
   }
 }
@@ -328,14 +329,14 @@ inline void q6_k_super_block(const uint8_t* p, int h, const TileRows& t, int64_t
       scaled[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), _mm256_set1_ps(t.d[r * blocks32 + 8 * g + j]), scaled[r]);
     }
   }
-  const __m256 d = _mm256_loadu_ps((const float*)(p + 3328) + 8 * h);
+  const __m256 d = halves_to_float(p + 3328 + 16 * h);
   for (int r = 0; r < R; ++r) acc[2 * r + h] = _mm256_fmadd_ps(d, scaled[r], acc[2 * r + h]);
 }
 
 // out[2 j + h] = activation row m0 + j times weight rows 16 G + 8 h .. + 7, for the group at `group`
 // bytes per group of 16 rows and block (of 32; the K layouts' super-blocks of 256)
 constexpr int64_t layout_bytes(int64_t L) {
-  return L == kQ4 ? 384 : L == kQ5 ? 448 : L == kQ8 ? 576 : L == kQ4K ? 2432 : 3392;
+  return L == kQ4 ? 384 : L == kQ5 ? 448 : L == kQ8 ? 576 : L == kQ4K ? 2368 : 3360;
 }
 
 template <int64_t L, int64_t B, int R, bool Unpacked = false>
@@ -401,10 +402,11 @@ void unpack_codes(const uint8_t* group, int64_t blocks, uint8_t* u) {
         for (int i = 0; i < 4; ++i) {
           __m256i lo, hi;
           if constexpr (L == kQ4K) {
-            const __m256i v = _mm256_loadu_si256((const __m256i*)(group + g * 2432 + 256 * j + 32 * h + 64 * i));
+            const uint8_t* codes = group + g * layout_bytes(L) + 256 * j + 32 * h;
+            const __m256i v = _mm256_loadu_si256((const __m256i*)(codes + 64 * i));
             lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
           } else {
-            const uint8_t* codes = group + g * 3392 + 384 * j + 32 * h;
+            const uint8_t* codes = group + g * layout_bytes(L) + 384 * j + 32 * h;
             q6_codes(codes + 64 * i, _mm256_loadu_si256((const __m256i*)(codes + 256 + 64 * (i / 2))), i, lo, hi);
           }
           uint8_t* o = u + ((((g * 8 + j) * 2 + h) * 4 + i) * 64);

@@ -6,8 +6,8 @@ Q4_0 / Q4_1 and the 5- and 8-bit formats are decoded to unsigned codes with a fl
 of 32 weights, w = scale * code + offset, exactly the file's weights (gguf-py's dequantization, up to float32
 rounding of the product): Q4_0 / Q4_1 keep 4-bit codes (0.75 bytes a weight, file: 0.56-0.63), Q5_0 / Q5_1 / Q5_K
 4-bit codes and a vector of fifth bits (0.875, file: 0.69-0.75), Q8_0 a byte a code (1.125, file: 1.06). Q4_K and
-Q6_K keep their integer sub-block scales and their bits (0.59 and 0.83, file: 0.56 and 0.82). That is 3.5-7x fewer
-bytes than the float32 weights these CPUs ran before.
+Q6_K keep their integer sub-block scales, their bits and their float16 scales: the file's bytes (0.5625 and 0.82).
+That is 3.5-7x fewer bytes than the float32 weights these CPUs ran before.
 
 Every batch takes the kernel, prompts too (as the K-quants do on AVX-512), so a row's numbers are the same in
 any batch and at prefill as at decode. Weights that must stay views of the file (Linear.keep_file_layout: routed
@@ -28,7 +28,7 @@ from ownllm.layers.x16_layout import interleave_rows, interleave_x16
 # kernels/x16_avx2.cpp's layouts
 Q4_LAYOUT, Q5_LAYOUT, Q8_LAYOUT, Q4K_LAYOUT, Q6K_LAYOUT = 0, 1, 2, 3, 4
 # bytes per group of 16 rows and block (32 weights; the K layouts' super-blocks: 256)
-LAYOUT_BYTES = {Q4_LAYOUT: 384, Q5_LAYOUT: 448, Q8_LAYOUT: 576, Q4K_LAYOUT: 2432, Q6K_LAYOUT: 3392}
+LAYOUT_BYTES = {Q4_LAYOUT: 384, Q5_LAYOUT: 448, Q8_LAYOUT: 576, Q4K_LAYOUT: 2368, Q6K_LAYOUT: 3360}
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 12, 13, 14  # GGUF type numbers
 
 
@@ -214,8 +214,8 @@ def _q4_k_layout(raw: np.ndarray) -> torch.Tensor:
     rows = raw.shape[0]
     b = raw.reshape(-1, 144)
     sc, m = _k_sub_scales(b)
-    return _interleaved([_nibble_words(_k_nibbles(b[:, 16:144])), sc[..., None], m[..., None], _f16(b[:, :2]),
-                         _f16(b[:, 2:4])], rows)
+    return _interleaved([_nibble_words(_k_nibbles(b[:, 16:144])), sc[..., None], m[..., None], b[:, :2], b[:, 2:4]],
+                        rows)  # d and dmin as the file's float16
 
 
 def _q6_k_layout(raw: np.ndarray) -> torch.Tensor:
@@ -225,4 +225,4 @@ def _q6_k_layout(raw: np.ndarray) -> torch.Tensor:
     top = (codes >> 4).reshape(-1, 8, 2, 16)
     top = (top[:, :, 0] | (top[:, :, 1] << 2)).reshape(-1, 8, 4, 4)  # per code byte: its two codes' top bits
     vectors = np.concatenate([_nibble_words(codes & 0x0F), top[:, :, 0::2] | (top[:, :, 1::2] << 4)], axis=2)
-    return _interleaved([vectors, b[:, 192:208][..., None], _f16(b[:, 208:210])], rows)
+    return _interleaved([vectors, b[:, 192:208][..., None], b[:, 208:210]], rows)  # d as the file's float16
