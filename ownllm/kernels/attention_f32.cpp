@@ -147,7 +147,8 @@ at::Tensor paged_attention_f32(at::Tensor q, at::Tensor k_cache, at::Tensor v_ca
         pending[count++] = key;
         if (count < 8) return;
         for (int64_t c = 0; c < n; ++c)
-          _mm256_storeu_ps(&p[c * keys + j - 7 - first], _mm256_mul_ps(dot8(qr + c * D, pending, D), _mm256_set1_ps(s)));
+          _mm256_storeu_ps(&p[c * keys + j - 7 - first],
+                           _mm256_mul_ps(dot8(qr + c * D, pending, D), _mm256_set1_ps(s)));
         count = 0;
       });
       for (int64_t c = 0; c < n; ++c)

@@ -33,8 +33,11 @@
 // (no reduction across lanes), and the float epilogue of a block runs once for 8 rows.
 //
 // Threads take contiguous ranges of 16-row groups; in each, tiles of up to kTile activation rows pass over the
-// group's blocks, prefetching kPrefetchBytes ahead (1.1-1.25x at one row on the 4-, 5- and 6-bit layouts). Every activation row gets the same operations in the same order whatever the batch and its
-// place in a tile, so a row's numbers do not depend on what else shares its call (batch-invariant decoding).
+// group's blocks, prefetching kPrefetchBytes ahead (1.1-1.25x at one row on the 4-, 5- and 6-bit layouts). A tile
+// of one row takes a block's two halves at once for kQ4 and kQ4K (each activation broadcast meets both); from a few
+// rows on, a K-quant group's codes are unpacked once for all its tiles (unpack_codes). Every activation row gets the
+// same integer sums and float operations in the same order whatever the batch and its place in a tile, so a row's
+// numbers do not depend on what else shares its call (batch-invariant decoding).
 #include <immintrin.h>
 #include "torch_lite.h"
 
@@ -152,8 +155,9 @@ inline void q4_row_sums(const uint8_t* p, const int8_t* x, __m256i (&sum)[2]) {
     const __m256i low = broadcast4(x + 4 * i), high = broadcast4(x + 16 + 4 * i);
     for (int h = 0; h < 2; ++h) {
       const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 64 * i + 32 * h));
-      sum[h] = _mm256_add_epi16(sum[h], _mm256_maddubs_epi16(_mm256_and_si256(v, nibble), low));
-      sum[h] = _mm256_add_epi16(sum[h], _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), nibble), high));
+      const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+      sum[h] = _mm256_add_epi16(sum[h], _mm256_maddubs_epi16(lo, low));
+      sum[h] = _mm256_add_epi16(sum[h], _mm256_maddubs_epi16(hi, high));
     }
   }
 }
@@ -243,7 +247,8 @@ inline void q4_k_super_block(const uint8_t* p, int h, const TileRows& t, int64_t
     const __m256i sc_pairs = scale_pairs((const int8_t*)p + 2048 + 16 * j + 8 * h);  // sc < 64
     const __m256 m = _mm256_cvtepi32_ps(widen_u8(p + 2176 + 16 * j + 8 * h));
     __m256i sums[R];
-    q4_sums<R, Unpacked>(p + 256 * j + 32 * h, t.x + 256 * g + 32 * j, t.K, sums, t.u + ((g * 8 + j) * 2 + h) * 256);
+    const uint8_t* unpacked = Unpacked ? t.u + ((g * 8 + j) * 2 + h) * 256 : nullptr;
+    q4_sums<R, Unpacked>(p + 256 * j + 32 * h, t.x + 256 * g + 32 * j, t.K, sums, unpacked);
     for (int r = 0; r < R; ++r) {
       const int64_t i = r * blocks32 + 8 * g + j;
       const __m256i scaled_sums = _mm256_madd_epi16(sums[r], sc_pairs);  // sc (q . x)
@@ -259,7 +264,7 @@ inline void q4_k_super_block(const uint8_t* p, int h, const TileRows& t, int64_t
 // kQ4K at one activation row: both halves of super-block g at once (q4_row_sums), the numbers of
 // q4_k_super_block<1> for h = 0 and 1
 inline void q4_k_super_block_row(const uint8_t* p, const TileRows& t, int64_t g, __m256 (&acc)[2]) {
-  __m256 scaled[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, mins[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  __m256 scaled[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, mins[2] = {scaled[0], scaled[0]};
   for (int j = 0; j < 8; ++j) {
     __m256i sums[2];
     q4_row_sums(p + 256 * j, t.x + 256 * g + 32 * j, sums);
@@ -277,13 +282,15 @@ inline void q4_k_super_block_row(const uint8_t* p, const TileRows& t, int64_t g,
   }
 }
 
-// kQ6K's code vector i of a half at v (its top bits in top_bits) -> its 32 low-nibble and 32 high-nibble 6-bit codes
-inline void q6_codes(const uint8_t* v_at, __m256i top_bits, int i, __m256i& lo, __m256i& hi) {
+// kQ6K's code vector i of a half (at `codes`, its top bits in top_bits) -> the 6-bit codes of its bytes' low nibbles
+// (lo) and of their high ones (hi)
+inline void q6_codes(const uint8_t* codes, __m256i top_bits, int i, __m256i& lo, __m256i& hi) {
   const __m256i nibble = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(0x03), twelve = _mm256_set1_epi8(0x0C);
-  const __m256i v = _mm256_loadu_si256((const __m256i*)v_at);
+  const __m256i v = _mm256_loadu_si256((const __m256i*)codes);
   const __m256i top = i % 2 ? _mm256_srli_epi16(top_bits, 4) : top_bits;
   lo = _mm256_or_si256(_mm256_and_si256(v, nibble), _mm256_slli_epi16(_mm256_and_si256(top, two), 4));
-  hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), nibble), _mm256_slli_epi16(_mm256_and_si256(top, twelve), 2));
+  hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), nibble),
+                       _mm256_slli_epi16(_mm256_and_si256(top, twelve), 2));
 }
 
 // kQ6K: as above, d sum_j dx_j (sum over its two sub-blocks s of sc_s (q_s . x_s - 32 sum(x_s)))
@@ -302,7 +309,8 @@ inline void q6_k_super_block(const uint8_t* p, int h, const TileRows& t, int64_t
     for (int half = 0; half < 2; ++half) {  // two products a pair, two pairs summed: at most 4 x 63 x 127 = 32004
       __m256i low[R], high[R];  // int16 pairs
       for (int r = 0; r < R; ++r) low[r] = high[r] = _mm256_setzero_si256();
-      const __m256i top_bits = Unpacked ? _mm256_setzero_si256() : _mm256_loadu_si256((const __m256i*)(codes + 256 + 64 * half));
+      const __m256i top_bits =
+          Unpacked ? _mm256_setzero_si256() : _mm256_loadu_si256((const __m256i*)(codes + 256 + 64 * half));
       for (int i = 2 * half; i < 2 * half + 2; ++i) {
         __m256i lo, hi;
         if constexpr (Unpacked) {
@@ -447,11 +455,12 @@ at::Tensor x16_matmul_avx2(at::Tensor x, at::Tensor packed, int64_t N, int64_t l
     __m256 out[2 * kTile];
     float row[kRows];
     uint8_t* u = nullptr;
-    std::vector<__m256i> unpacked(unpack ? blocks * 8 * 2 * 4 * 2 : 0);
+    std::vector<__m256i> unpacked(unpack ? blocks * 8 * 2 * 4 * 2 : 0);  // 64 bytes a code vector: aligned
     if (unpack) u = (uint8_t*)unpacked.data();
     for (int64_t G = g0; G < g1; ++G) {
       const int64_t n0 = G * kRows, valid = std::min(kRows, N - n0);
-      if (unpack) (layout == kQ4K ? unpack_codes<kQ4K> : unpack_codes<kQ6K>)(w + G * blocks * block_bytes, blocks, u);
+      if (unpack)
+        (layout == kQ4K ? unpack_codes<kQ4K> : unpack_codes<kQ6K>)(w + G * blocks * block_bytes, blocks, u);
       for (int64_t m0 = 0; m0 < M; m0 += kTile) {
         const int64_t rows = std::min<int64_t>(kTile, M - m0);
         tiles[rows - 1](w + G * blocks * block_bytes, blocks, a, m0, out, u);
