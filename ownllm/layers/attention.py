@@ -243,16 +243,23 @@ class Float32KernelAttention(TorchAttention):
 
     name = "cpu_float32"
 
+    @staticmethod
+    def _kernel(layer: Attention, q: torch.Tensor):
+        """attention_f32 where it takes this layer's float32 queries, else None (the reference)."""
+        if q.dtype != torch.float32 or layer.chunk_size is not None:
+            return None
+        return avx2_kernels("attention_f32")
+
     def decode(self, layer: Attention, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
-        kernel = avx2_kernels("attention_f32") if q.dtype == torch.float32 else None
-        if kernel is None or layer.chunk_size is not None:
+        kernel = self._kernel(layer, q)
+        if kernel is None:
             return super().decode(layer, q, k_cache, v_cache, meta)
         return kernel.paged_attention_f32(q.view(q.shape[0], layer.num_heads, layer.head_dim), k_cache, v_cache,
                                           meta.block_tables, meta.positions, layer.scale, layer.sliding_window or 0)
 
     def sequence(self, layer: Attention, q, k_cache, v_cache, meta: AttentionMetadata, i: int) -> torch.Tensor:
-        kernel = avx2_kernels("attention_f32") if q.dtype == torch.float32 else None
-        if kernel is None or layer.chunk_size is not None or (meta.bidirectional or {}).get(i):
+        kernel = self._kernel(layer, q)
+        if kernel is None or (meta.bidirectional or {}).get(i):
             return super().sequence(layer, q, k_cache, v_cache, meta, i)
         start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
         rows = q[start:end].view(end - start, layer.num_heads, layer.head_dim)
