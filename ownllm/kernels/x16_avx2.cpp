@@ -125,9 +125,14 @@ inline __m256i broadcast4(const int8_t* x) {
 // Each weight vector is loaded and unpacked once for the R rows (a tile's rows share it); each row's integer
 // sums are the same as alone.
 // kQ4's 32 codes of a row times row j's 32 codes, the pairs summed in int16: 16 products a lane, at most 16 x 15 x 127
+// A kQ4 / kQ4K code vector -> the codes of its bytes' low nibbles (lo) and of their high ones (hi)
+inline void q4_codes(const uint8_t* codes, __m256i& lo, __m256i& hi) {
+  const __m256i nibble = _mm256_set1_epi8(0x0F), v = _mm256_loadu_si256((const __m256i*)codes);
+  lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+}
+
 template <int R, bool Unpacked = false>
 inline void q4_sums(const uint8_t* p, const int8_t* x, int64_t K, __m256i (&sum)[R], const uint8_t* u = nullptr) {
-  const __m256i nibble = _mm256_set1_epi8(0x0F);
   for (int j = 0; j < R; ++j) sum[j] = _mm256_setzero_si256();
   for (int i = 0; i < 4; ++i) {
     __m256i lo, hi;
@@ -135,8 +140,7 @@ inline void q4_sums(const uint8_t* p, const int8_t* x, int64_t K, __m256i (&sum)
       lo = _mm256_load_si256((const __m256i*)(u + 64 * i));
       hi = _mm256_load_si256((const __m256i*)(u + 64 * i + 32));
     } else {
-      const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 64 * i));
-      lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+      q4_codes(p + 64 * i, lo, hi);
     }
     for (int j = 0; j < R; ++j) {
       sum[j] = _mm256_add_epi16(sum[j], _mm256_maddubs_epi16(lo, broadcast4(x + j * K + 4 * i)));
@@ -149,18 +153,20 @@ inline void q4_sums(const uint8_t* p, const int8_t* x, int64_t K, __m256i (&sum)
 // sums: each activation broadcast meets both halves' codes, where the halves one after the other broadcast every
 // code twice (1.15-1.25x at one row; with more rows the registers run out, and a broadcast serves every row's codes)
 inline void q4_row_sums(const uint8_t* p, const int8_t* x, __m256i (&sum)[2]) {
-  const __m256i nibble = _mm256_set1_epi8(0x0F);
   sum[0] = sum[1] = _mm256_setzero_si256();
   for (int i = 0; i < 4; ++i) {
     const __m256i low = broadcast4(x + 4 * i), high = broadcast4(x + 16 + 4 * i);
     for (int h = 0; h < 2; ++h) {
-      const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 64 * i + 32 * h));
-      const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+      __m256i lo, hi;
+      q4_codes(p + 64 * i + 32 * h, lo, hi);
       sum[h] = _mm256_add_epi16(sum[h], _mm256_maddubs_epi16(lo, low));
       sum[h] = _mm256_add_epi16(sum[h], _mm256_maddubs_epi16(hi, high));
     }
   }
 }
+
+// Where unpack_codes puts the code vectors of super-block g, sub-block j and half h: 4 vectors of 64 bytes
+constexpr int64_t unpacked_at(int64_t g, int j, int h) { return ((g * 8 + j) * 2 + h) * 256; }
 
 // 8 float16 (one per row of a half) -> float32 (exactly)
 inline __m256 halves_to_float(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
@@ -247,7 +253,7 @@ inline void q4_k_super_block(const uint8_t* p, int h, const TileRows& t, int64_t
     const __m256i sc_pairs = scale_pairs((const int8_t*)p + 2048 + 16 * j + 8 * h);  // sc < 64
     const __m256 m = _mm256_cvtepi32_ps(widen_u8(p + 2176 + 16 * j + 8 * h));
     __m256i sums[R];
-    const uint8_t* unpacked = Unpacked ? t.u + ((g * 8 + j) * 2 + h) * 256 : nullptr;
+    const uint8_t* unpacked = Unpacked ? t.u + unpacked_at(g, j, h) : nullptr;
     q4_sums<R, Unpacked>(p + 256 * j + 32 * h, t.x + 256 * g + 32 * j, t.K, sums, unpacked);
     for (int r = 0; r < R; ++r) {
       const int64_t i = r * blocks32 + 8 * g + j;
@@ -314,7 +320,7 @@ inline void q6_k_super_block(const uint8_t* p, int h, const TileRows& t, int64_t
       for (int i = 2 * half; i < 2 * half + 2; ++i) {
         __m256i lo, hi;
         if constexpr (Unpacked) {
-          const uint8_t* u = t.u + ((((g * 8 + j) * 2 + h) * 4 + i) * 64);
+          const uint8_t* u = t.u + unpacked_at(g, j, h) + 64 * i;
           lo = _mm256_load_si256((const __m256i*)u);
           hi = _mm256_load_si256((const __m256i*)(u + 32));
         } else {
@@ -394,30 +400,28 @@ void tile(const uint8_t* group, int64_t blocks, const Activations& a, int64_t m0
 }
 
 using Tile = void (*)(const uint8_t*, int64_t, const Activations&, int64_t, __m256*, const uint8_t*);
-template <int64_t L, int64_t B, bool U = false>
-constexpr Tile kTiles[kTile] = {tile<L, B, 1, U>, tile<L, B, 2, U>, tile<L, B, 3, U>, tile<L, B, 4, U>};
+template <int64_t L, int64_t B, bool Unpacked = false>
+constexpr Tile kTiles[kTile] = {tile<L, B, 1, Unpacked>, tile<L, B, 2, Unpacked>, tile<L, B, 3, Unpacked>,
+                                tile<L, B, 4, Unpacked>};
 
 // A K-quant group's codes as the tiles read them, ready to multiply: per super-block g, sub-block j, half h and code
-// vector i, 64 bytes at ((((g 8 + j) 2 + h) 4 + i) 64: the codes in the vector's low nibbles (with their top bits:
+// vector i, 64 bytes at unpacked_at(g, j, h) + 64 i: the codes in the vector's low nibbles (with their top bits:
 // kQ6K), then those in its high ones. Done once per group where many tiles pass over it, each of which would
 // unpack every vector again.
 template <int64_t L>
 void unpack_codes(const uint8_t* group, int64_t blocks, uint8_t* u) {
-  const __m256i nibble = _mm256_set1_epi8(0x0F);
   for (int64_t g = 0; g < blocks; ++g)
     for (int j = 0; j < 8; ++j)
       for (int h = 0; h < 2; ++h)
         for (int i = 0; i < 4; ++i) {
           __m256i lo, hi;
           if constexpr (L == kQ4K) {
-            const uint8_t* codes = group + g * layout_bytes(L) + 256 * j + 32 * h;
-            const __m256i v = _mm256_loadu_si256((const __m256i*)(codes + 64 * i));
-            lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+            q4_codes(group + g * layout_bytes(L) + 256 * j + 32 * h + 64 * i, lo, hi);
           } else {
             const uint8_t* codes = group + g * layout_bytes(L) + 384 * j + 32 * h;
             q6_codes(codes + 64 * i, _mm256_loadu_si256((const __m256i*)(codes + 256 + 64 * (i / 2))), i, lo, hi);
           }
-          uint8_t* o = u + ((((g * 8 + j) * 2 + h) * 4 + i) * 64);
+          uint8_t* o = u + unpacked_at(g, j, h) + 64 * i;
           _mm256_store_si256((__m256i*)o, lo);
           _mm256_store_si256((__m256i*)(o + 32), hi);
         }
