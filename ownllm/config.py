@@ -124,8 +124,11 @@ class ModelConfig:
     mlp_bias: bool
     sliding_window: int | None
     layer_types: tuple[str, ...]
-    dtype: str
+    dtype: str  # the compute dtype: activations, norms, the KV cache
     hf_config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # a 16-bit dtype the Linear weights and the token embedding stay in while the model computes in float32 (CPUs
+    # without bfloat16 arithmetic: layers/linear.py), or None: every weight in `dtype`
+    weight_dtype: str | None = None
     # encoders (BERT): post-norm LayerNorm, the feed-forward activation and token-type (segment) embeddings
     layer_norm_eps: float = 1e-12
     hidden_act: str = "silu"

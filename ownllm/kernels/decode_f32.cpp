@@ -9,10 +9,10 @@
 //
 // The numbers are the Python layers' own, bit for bit, so a row gets the same ones in a decode step as in a prompt
 // or a mixed batch (the integer kernels round activations to 8 bits: the smallest difference upstream can flip a
-// code). So the matmuls and the attention are the very functions the layers call (x16_avx2's and attention_f32's,
-// handed over as capsules; dense weights: at::linear, as F.linear), torch's reductions and SiLU are called as
-// torch calls them (at::sum, at::silu), and the elementwise steps round as torch's ops do, one operation at a time
-// (this file is compiled with -ffp-contract=off: no fused multiply-adds).
+// code). So the matmuls and the attention are the very functions the layers call (x16_avx2's, half_avx2's and
+// attention_f32's, handed over as capsules; dense float32 weights: at::linear, as F.linear), torch's reductions and
+// SiLU are called as torch calls them (at::sum, at::silu), and the elementwise steps round as torch's ops do, one
+// operation at a time (this file is compiled with -ffp-contract=off: no fused multiply-adds).
 #include "torch_lite.h"
 
 #include <ATen/ops/linear.h>
@@ -27,6 +27,7 @@
 namespace {
 
 using X16Matmul = at::Tensor (*)(at::Tensor, at::Tensor, int64_t, int64_t, int64_t, c10::optional<at::Tensor>);
+using HalfMatmul = at::Tensor (*)(at::Tensor, at::Tensor, c10::optional<at::Tensor>);
 using PagedAttention = at::Tensor (*)(at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, int64_t);
 
 template <typename Function>
@@ -91,16 +92,17 @@ void add_(at::Tensor& x, const at::Tensor& y) {
     for (int64_t d = 0; d < D; ++d) xp[r * x_stride + d] += yp[r * y_stride + d];
 }
 
-// One matmul of a projection: a weight in an x16_avx2 layout, a dense float32 weight, or a Python callable (any other
-// kept-quantized weight: the Linear's own forward).
+// One matmul of a projection: a weight in an x16_avx2 layout, a dense float32 weight, a dense 16-bit one (half_avx2),
+// or a Python callable (any other kept-quantized weight: the Linear's own forward).
 struct Part {
   at::Tensor blocks;  // x16_avx2 layout, or undefined
   int64_t rows = 0, layout = 0, block = 0;
   at::Tensor weight;  // dense [N, K] float32, or undefined
+  at::Tensor half;  // dense [N, K] bfloat16 or float16, or undefined
   c10::optional<at::Tensor> bias;
   py::object call;  // or None
 
-  // ("x16", blocks, rows, layout, block, bias) | ("dense", weight, bias) | ("call", callable)
+  // ("x16", blocks, rows, layout, block, bias) | ("dense", weight, bias) | ("half", weight, bias) | ("call", callable)
   explicit Part(const py::tuple& spec) {
     const std::string kind = spec[0].cast<std::string>();
     if (kind == "x16") {
@@ -111,15 +113,19 @@ struct Part {
       weight = spec[1].cast<at::Tensor>();
       check_f32(weight, "dense weights");
       if (!spec[2].is_none()) bias = spec[2].cast<at::Tensor>();
+    } else if (kind == "half") {
+      half = spec[1].cast<at::Tensor>();
+      if (!spec[2].is_none()) bias = spec[2].cast<at::Tensor>();
     } else {
-      TORCH_CHECK(kind == "call", "DecodeLayersF32: a projection part is x16, dense or call, not ", kind);
+      TORCH_CHECK(kind == "call", "DecodeLayersF32: a projection part is x16, dense, half or call, not ", kind);
       call = spec[1];
     }
   }
 
-  at::Tensor operator()(const at::Tensor& x, X16Matmul x16) const {
+  at::Tensor operator()(const at::Tensor& x, X16Matmul x16, HalfMatmul half_matmul) const {
     if (blocks.defined()) return x16(x, blocks, rows, layout, block, bias);
     if (weight.defined()) return at::linear(x, weight, bias);
+    if (half.defined()) return half_matmul(x, half, bias);
     py::gil_scoped_acquire gil;
     return call(x).cast<at::Tensor>();
   }
@@ -134,10 +140,11 @@ class DecodeLayersF32 {
   DecodeLayersF32(std::vector<std::vector<at::Tensor>> norms, std::vector<std::vector<std::vector<py::tuple>>> projections,
                   std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches, std::vector<int64_t> windows,
                   int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, double scale,
-                  py::object x16_matmul, py::object paged_attention)
+                  py::object x16_matmul, py::object half_matmul, py::object paged_attention)
       : norms_(std::move(norms)), k_caches_(std::move(k_caches)), v_caches_(std::move(v_caches)),
         windows_(std::move(windows)), H_(num_heads), KVH_(num_kv_heads), D_(head_dim), eps_(eps), scale_(scale),
         x16_(from_capsule<X16Matmul>(x16_matmul, "ownllm.x16_matmul_avx2")),
+        half_(from_capsule<HalfMatmul>(half_matmul, "ownllm.half_matmul_avx2")),
         attention_(from_capsule<PagedAttention>(paged_attention, "ownllm.paged_attention_f32")) {
     const size_t L = norms_.size();
     TORCH_CHECK(L > 0 && projections.size() == L && k_caches_.size() == L && v_caches_.size() == L &&
@@ -203,7 +210,7 @@ class DecodeLayersF32 {
   // projection p of layer l on x: each part's output
   std::vector<at::Tensor> project(size_t l, int p, const at::Tensor& x) const {
     std::vector<at::Tensor> out;
-    for (const Part& part : projections_[l][p]) out.push_back(part(x, x16_));
+    for (const Part& part : projections_[l][p]) out.push_back(part(x, x16_, half_));
     return out;
   }
 
@@ -236,6 +243,7 @@ class DecodeLayersF32 {
   int64_t H_, KVH_, D_;
   double eps_, scale_;
   X16Matmul x16_;
+  HalfMatmul half_;
   PagedAttention attention_;
 };
 
@@ -251,7 +259,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<DecodeLayersF32>(m, "DecodeLayersF32")
       .def(py::init<std::vector<std::vector<at::Tensor>>, std::vector<std::vector<std::vector<py::tuple>>>,
                     std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>, int64_t, int64_t, int64_t,
-                    double, double, py::object, py::object>())
+                    double, double, py::object, py::object, py::object>())
       .def("forward", &DecodeLayersF32::forward, py::call_guard<py::gil_scoped_release>());
   m.def("rms_norm_f32", &rms_norm_f32, "float32 RMSNorm as the decode stack computes it",
         py::call_guard<py::gil_scoped_release>());

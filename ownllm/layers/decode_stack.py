@@ -12,8 +12,9 @@ whose layers are exactly the Llama decoder layer (Llama, Mistral, Qwen2, Qwen3) 
 tensor parallelism; anything else (prefill, other layers) runs the Python layers. Two kernels:
 - bfloat16 (AVX-512 BF16): decode_ops.cpp's DecodeLayers, for fused projections; dense bf16 ones multiplied in C++,
   quantized ones (GGUF files) called back as their Linear's forward, one Python call each;
-- float32 (CPUs with AVX2 and no AVX-512, where GGUF files compute in float32): decode_f32.cpp's DecodeLayersF32,
-  which calls x16_avx2's integer matmuls and attention_f32's attention itself (fused projections or not) and
+- float32 (CPUs with AVX2 and no AVX-512, where GGUF files and 16-bit checkpoints compute in float32):
+  decode_f32.cpp's DecodeLayersF32, which calls x16_avx2's integer matmuls, half_avx2's 16-bit ones and
+  attention_f32's attention itself (fused projections or not) and
   rounds every other step as torch's ops do, so its numbers are the Python layers' bit for bit.
 OWNLLM_NO_DECODE_STACK=1 turns it off (to compare).
 """
@@ -28,7 +29,7 @@ import torch
 from ownllm.distributed.parallel_state import tp_group
 from ownllm.kernels.build import GEMV_MAX_ROWS, avx2_kernels, decode_ops
 from ownllm.layers.attention import AttentionMetadata, CpuKernelAttention, Float32KernelAttention, PagedKVCache
-from ownllm.layers.linear import Linear
+from ownllm.layers.linear import HALF_DTYPES, Linear
 from ownllm.layers.mlp import GatedMLP
 from ownllm.layers.norm import RMSNorm
 from ownllm.layers.quant_avx2 import X16Weight
@@ -39,8 +40,10 @@ NONE_F32 = torch.empty(0)
 
 
 def _dense(linear: Linear, dtype: torch.dtype) -> bool:
-    """Weights the kernel multiplies itself (bf16: gemv_bf16's tiles); others it calls the Linear for."""
-    return (linear.weight is not None and linear.weight.dtype == dtype and linear.weight.is_contiguous()
+    """Weights the kernel multiplies itself (bf16: gemv_bf16's tiles; float32: float32 or 16-bit weights, the
+    latter with half_avx2's); others it calls the Linear for."""
+    weight_dtypes = (dtype, *HALF_DTYPES) if dtype == torch.float32 else (dtype,)
+    return (linear.weight is not None and linear.weight.dtype in weight_dtypes and linear.weight.is_contiguous()
             and (linear.bias is None or linear.bias.dtype == dtype))
 
 
@@ -59,9 +62,10 @@ def _norm(norm, dtype: torch.dtype) -> bool:
 
 
 def _part(linear: Linear) -> tuple:
-    """A float32 projection as DecodeLayersF32 takes it: x16_avx2's layout, dense, or the Linear's own forward."""
+    """A float32 projection as DecodeLayersF32 takes it: x16_avx2's layout, dense (float32, or 16-bit: half_avx2), or
+    the Linear's own forward."""
     if linear.weight is not None:
-        return ("dense", linear.weight, linear.bias)
+        return ("half" if linear.weight.dtype in HALF_DTYPES else "dense", linear.weight, linear.bias)
     packed = linear.packed
     if isinstance(packed, X16Weight):
         return ("x16", packed.blocks, packed.rows, packed.layout, packed.block, linear.bias)
@@ -70,7 +74,7 @@ def _part(linear: Linear) -> tuple:
 
 @functools.cache  # checked at every decode step: the answer does not change once the kernels are loaded (or not)
 def _f32_kernels_built() -> bool:
-    return all(avx2_kernels(name) is not None for name in ("decode_f32", "x16_avx2", "attention_f32"))
+    return all(avx2_kernels(name) is not None for name in ("decode_f32", "x16_avx2", "half_avx2", "attention_f32"))
 
 
 class DecodeStack:
@@ -175,7 +179,8 @@ class DecodeStack:
         return avx2_kernels("decode_f32").DecodeLayersF32(
             norms, projections, list(cache.k_layers), list(cache.v_layers), windows, attn.num_heads,
             attn.num_kv_heads, attn.head_dim, first.input_layernorm.eps, attn.attn.scale,
-            avx2_kernels("x16_avx2").x16_matmul_avx2_capsule, avx2_kernels("attention_f32").paged_attention_f32_capsule)
+            avx2_kernels("x16_avx2").x16_matmul_avx2_capsule, avx2_kernels("half_avx2").half_matmul_avx2_capsule,
+            avx2_kernels("attention_f32").paged_attention_f32_capsule)
 
     def __call__(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # x: [B, hidden] input embeddings -> [B, hidden], the last layer's output (before the final norm)

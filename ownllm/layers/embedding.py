@@ -4,7 +4,8 @@ Every weight comes from the checkpoint, and nn.Embedding's normal_ init on the m
 the first time (torch imports its Python decompositions for it), a sixth of the 1B shape's start-up.
 A GGUF embedding in one of the block formats (layers/quant.py BlockWeight) may instead stay quantized:
 each lookup dequantizes only the rows it needs, so the table is held once, at its file size, even when a
-tied lm_head multiplies by it.
+tied lm_head multiplies by it. A 16-bit table under float32 compute (ModelConfig.weight_dtype) stays 16-bit too,
+its rows widened as they are looked up.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ownllm.layers.quant import BlockWeight
 class Embedding(Module, nn.Embedding):
     quantized: BlockWeight | None = None  # set instead of `weight`
     quantized_dtype = torch.bfloat16  # what lookups in `quantized` return: the compute dtype
+    lookup_dtype: torch.dtype | None = None  # what lookups in a 16-bit `weight` kept under float32 compute return
 
     def reset_parameters(self) -> None:  # the checkpoint's weights replace it
         pass
@@ -32,4 +34,5 @@ class Embedding(Module, nn.Embedding):
         # input_ids: [T] -> [T, embedding_dim]
         if self.weight is None:
             return self.quantized.dequantize(self.quantized_dtype, rows=input_ids)
-        return F.embedding(input_ids, self.weight)
+        rows = F.embedding(input_ids, self.weight)
+        return rows if self.lookup_dtype is None else rows.to(self.lookup_dtype)

@@ -4,6 +4,8 @@ Decode multiplies a few activation rows by each weight, which is bound by memory
 bfloat16 weights and up to 32 rows the AVX-512 BF16 kernel (kernels/gemv_bf16.cpp) streams each
 weight row once, and gives each row the same numbers in any batch of up to 32 rows. Larger batches
 (prefill, or decodes beside a prompt chunk) go to torch (oneDNN), which is faster there and rounds differently.
+On CPUs without AVX-512 BF16, a 16-bit checkpoint computes in float32 with its weights kept 16-bit
+(ModelConfig.weight_dtype): kernels/half_avx2.cpp widens them in registers, every batch.
 A Linear may instead hold a GGUF file's quantized weights as they are kept (layers/quant.py).
 """
 
@@ -13,17 +15,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ownllm.kernels.build import GEMV_MAX_ROWS, bf16_kernels, on_bf16_cpu
+from ownllm.kernels.build import GEMV_MAX_ROWS, avx2_kernels, bf16_kernels, cpu_has_bf16, on_bf16_cpu
 from ownllm.layers.module import Module
 from ownllm.layers.quant import QuantizedWeight
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def gemv_kernel():
     return bf16_kernels("gemv_bf16")
 
 
+def half_kernel():
+    """kernels/half_avx2.cpp where 16-bit weights stay 16-bit under float32 compute: CPUs with AVX2 but not the
+    AVX-512 BF16 kernels (where those run, a bfloat16 model computes in bfloat16); else None."""
+    return None if cpu_has_bf16() else avx2_kernels("half_avx2")
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    # x: [T, in] -> [T, out]
+    # x: [..., in] -> [..., out]
+    if x.dtype == torch.float32 and weight.dtype in HALF_DTYPES and x.is_cpu:  # ModelConfig.weight_dtype
+        out = half_kernel().half_matmul_avx2(x.reshape(-1, x.shape[-1]), weight, bias)  # [T, out]
+        return out.view(*x.shape[:-1], weight.shape[0])
     if (x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and on_bf16_cpu(x)
             and weight.dtype == torch.bfloat16 and weight.is_contiguous() and gemv_kernel() is not None):
         return gemv_kernel().gemv_bf16(x, weight, bias)

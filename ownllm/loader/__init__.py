@@ -8,12 +8,16 @@ checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from ownllm.config import ModelConfig, normalize_dtype
 from ownllm.loader.resolve import resolve_model
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import torch
@@ -60,7 +64,24 @@ def load_checkpoint(model: str | None, dtype: str | None = None, keep_quantized:
                           projector.preprocessor_config)
     from ownllm.loader.hf import load_hf_folder
 
-    return load_hf_folder(path, dtype)
+    checkpoint = load_hf_folder(path, dtype)
+    if keep_quantized:
+        checkpoint.config = _with_half_weights(checkpoint.config)
+    return checkpoint
+
+
+def _with_half_weights(config: ModelConfig) -> ModelConfig:
+    """A bfloat16 or float16 model on a CPU without 16-bit arithmetic (AVX2, no AVX-512 BF16) computes in float32,
+    its Linear weights and token embedding kept 16-bit and widened in registers by kernels/half_avx2.cpp: the
+    weights are read at their 2 bytes, where torch's emulated 16-bit math ran at a third of llama.cpp's F16 speed."""
+    if config.dtype not in ("bfloat16", "float16"):
+        return config
+    from ownllm.layers.linear import half_kernel
+
+    if half_kernel() is None:
+        return config
+    logger.info("%s weights, float32 compute (this CPU has no bfloat16 arithmetic)", config.dtype)
+    return dataclasses.replace(config, dtype="float32", weight_dtype=config.dtype)
 
 
 def _quantized_gguf_dtype(reader) -> str | None:

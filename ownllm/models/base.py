@@ -98,6 +98,7 @@ class CausalLM(Module):
 
     def load_weights(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:
         tied = self.tied_parameters()
+        half = getattr(torch, self.config.weight_dtype) if self.config.weight_dtype else None
         for name, param in list(self.named_parameters()):
             if name in tied:
                 continue
@@ -112,6 +113,8 @@ class CausalLM(Module):
                 )
             if isinstance(tensor, QuantizedWeight):
                 self._set_quantized(name, tensor, dtype)
+            elif half is not None and self._kept_half(name):
+                self._set_parameter(name, tensor.to(half))
             else:
                 self._set_parameter(name, tensor.to(dtype))
         for name, source in tied.items():
@@ -120,6 +123,22 @@ class CausalLM(Module):
                 self.get_submodule(name.rpartition(".")[0]).set_quantized(source_module.quantized)
             else:
                 self._set_parameter(name, self.get_parameter(source))
+
+    def _kept_half(self, name: str) -> bool:
+        """Whether parameter `name` stays in config.weight_dtype under float32 compute: the weights of Linear layers
+        (which multiply them as they are: layers/linear.py) and of the token embedding (whose lookups widen the rows
+        they take), but not those other code reads as tensors (routed experts, MLA's absorbed kv_b_proj)."""
+        module_name, _, attr = name.rpartition(".")
+        module = self.get_submodule(module_name)
+        if attr != "weight" or not isinstance(module, (Linear, Embedding)):
+            return False
+        parts = module_name.split(".")
+        if any(isinstance(self.get_submodule(".".join(parts[:i])), (Experts, MultiLatentAttention))
+               for i in range(1, len(parts))):
+            return False
+        if isinstance(module, Embedding):
+            module.lookup_dtype = torch.float32
+        return True
 
     def _set_quantized(self, name: str, weight: QuantizedWeight, dtype: torch.dtype) -> None:
         module_name, _, attr = name.rpartition(".")
