@@ -8,6 +8,7 @@ import torch
 
 from ownllm import LLM, SamplingParams
 from ownllm.kernels.build import GEMV_MAX_ROWS, avx2_kernels, cpu_has_avx2, decode_ops
+from ownllm.layers import linear as linear_module
 from ownllm.layers import quant_avx2
 from ownllm.layers.attention import ATTENTION_BACKENDS, AttentionMetadata, PagedKVCache
 from ownllm.layers.decode_stack import DecodeStack
@@ -35,6 +36,9 @@ VARIANTS = {  # architecture, config overrides: biases, qk-norm, a sliding windo
     "f32-gguf-q8_0": ("LlamaForCausalLM", {}),
     "f32-gguf-qwen2-q4_k_m": ("Qwen2ForCausalLM", dict(hidden_size=256, intermediate_size=512)),  # mixed: unfused
     "f32-bundled-q4_1": (None, {}),
+    # 16-bit checkpoints under float32 compute: their weights kept 16-bit (half_avx2)
+    "f32-half-llama-bf16": ("LlamaForCausalLM", dict(tie_word_embeddings=True)),
+    "f32-half-qwen2-f16": ("Qwen2ForCausalLM", {}),
 }
 
 
@@ -59,11 +63,15 @@ def llm(request, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         # float32: GGUF blocks kept quantized (x16_avx2) and cpu_float32 attention, as on CPUs without AVX-512
         patch.setattr(quant_avx2, "cpu_has_bf16", lambda: False)
+        patch.setattr(linear_module, "cpu_has_bf16", lambda: False)
         options = dict(dtype="float32", attention_backend="cpu_float32") if f32 else {}
         if arch is None:
             return LLM(enable_prefix_caching=False, **options)
         folder = tmp_path_factory.mktemp(name)
-        build_checkpoint(folder, arch, num_hidden_layers=3, **overrides)
+        hf_model = build_checkpoint(folder, arch, num_hidden_layers=3, **overrides)
+        if "half" in name:  # saved 16-bit, loaded in the checkpoint's dtype
+            hf_model.to(torch.float16 if name.endswith("f16") else torch.bfloat16).save_pretrained(folder)
+            return LLM(str(folder), enable_prefix_caching=False, attention_backend="cpu_float32")
         if "q4_k_m" in name:
             path = quantize_with_llama_cpp(write_gguf(folder, folder / "f32.gguf"), folder / "model.gguf", "Q4_K_M")
             return LLM(str(path), enable_prefix_caching=False, **options)
@@ -105,6 +113,9 @@ def test_stack_matches_the_layers_bit_for_bit_in_every_batch(llm):
     assert isinstance(model.decode_stack, DecodeStack)
     quantized = [p.weight is None for layer in model.model.layers for p in layer.modules() if isinstance(p, Linear)]
     assert all(quantized) if str(llm.model_path).endswith(".gguf") else not any(quantized)
+    if "half" in str(llm.model_path):
+        assert all(p.weight.dtype in (torch.bfloat16, torch.float16) for layer in model.model.layers
+                   for p in layer.modules() if isinstance(p, Linear))  # multiplied by half_avx2 inside the stack
     if model.decode_stack.dtype == torch.float32 and quantized[0]:
         assert all(isinstance(p.packed, X16Weight) for layer in model.model.layers for p in layer.modules()
                    if isinstance(p, Linear))  # multiplied by x16_avx2 inside the stack
