@@ -34,7 +34,7 @@ ModelOpt = Annotated[Optional[str], typer.Option(
 DtypeOpt = Annotated[Optional[str], typer.Option(
     help="Compute dtype: float32, bfloat16 or float16. Default: the checkpoint's; quantized GGUF files run in "
     "bfloat16 with their weights kept quantized on CPUs with AVX-512 BF16, in float32 with them kept quantized on "
-    "CPUs with AVX2 alone.")]
+    "CPUs with AVX2 alone; there, bfloat16 and float16 also compute in float32, the weights kept 16-bit.")]
 DeviceOpt = Annotated[Optional[str], typer.Option(
     help="Where to run: cpu (default) or cuda (plain-torch paths; GGUF weights dequantized).")]
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate per answer.")]
