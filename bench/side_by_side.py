@@ -54,6 +54,7 @@ def pairs(wanted: list[str]) -> list[tuple[str, str, str, str]]:
         "llama-3.2-1b Q8_0": lambda: same_file(lambda: random_shape("llama-3.2-1b", "Q8_0")),
         "smollm2-135m (bf16 / F16)": lambda: (random_shape("smollm2-135m", "bf16"), "bfloat16",
                                               random_shape("smollm2-135m", "F16")),
+        "smollm2-135m F16 GGUF": lambda: same_file(lambda: random_shape("smollm2-135m", "F16")),
         "llama-3.2-1b Q4_K_M": lambda: same_file(lambda: random_shape("llama-3.2-1b", "Q4_K_M")),
         "smollm2-135m Q4_K_M": lambda: same_file(lambda: random_shape("smollm2-135m", "Q4_K_M")),
         "bundled SmolLM2-135M Q4_1": lambda: same_file(bundled_model_path),

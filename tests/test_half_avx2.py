@@ -2,7 +2,8 @@
 kernel against float64 references (within the rounding of float32 sums, exactly where the sums are exact), each row
 the same alone as in a batch; then bfloat16 and float16 checkpoints loaded on a CPU without AVX-512 BF16 (forced on
 one that has it): float32 compute, the Linear weights and the token embedding kept 16-bit, greedy tokens and top-5
-logprobs as transformers' float32 run of the same files. Runs on every CPU with AVX2, FMA and F16C."""
+logprobs as transformers' float32 run of the same files (safetensors folders and F16 / BF16 GGUF files). Runs on
+every CPU with AVX2, FMA and F16C."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from ownllm.layers import linear as linear_module
 from ownllm.layers.embedding import Embedding
 from ownllm.layers.linear import Linear
 from tests.checkpoints import assert_matches_reference, build_checkpoint, hf_greedy, random_prompts
+from tests.gguf_writer import write_gguf
 
 HALVES = [torch.bfloat16, torch.float16]
 U = 2.0**-24  # float32's unit roundoff
@@ -102,6 +104,22 @@ def test_16_bit_checkpoint_computes_in_float32_as_transformers(tmp_path, without
     assert model.model.embed_tokens.weight.dtype == dtype and model.model.norm.weight.dtype == torch.float32
     if overrides.get("tie_word_embeddings"):  # one table, looked up and multiplied 16-bit
         assert model.lm_head.weight is model.model.embed_tokens.weight
+    params = SamplingParams(temperature=0, max_tokens=24, min_tokens=24, logprobs=5)
+    prompts = random_prompts()
+    for prompt, output in zip(prompts, llm.generate(prompts, params)):
+        ours = output.outputs[0]
+        assert_matches_reference(ours.token_ids, ours.logprobs, hf_greedy(reference, prompt, 24))
+
+
+@pytest.mark.parametrize("qtype", ["F16", "BF16"])
+def test_16_bit_gguf_file_too(tmp_path, without_bf16, qtype):
+    """A GGUF file of F16 (or BF16) matrices: the same, its weights views of the file."""
+    dtype = torch.float16 if qtype == "F16" else torch.bfloat16
+    build_checkpoint(tmp_path, "LlamaForCausalLM").to(dtype).save_pretrained(tmp_path, safe_serialization=True)
+    reference = transformers.LlamaForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32).eval()
+    llm = LLM(str(write_gguf(tmp_path, tmp_path / "model.gguf", qtype)))
+    assert (llm.config.dtype, llm.config.weight_dtype) == ("float32", str(dtype).removeprefix("torch."))
+    assert all(m.weight.dtype == dtype for m in llm.runner.model.modules() if isinstance(m, Linear))
     params = SamplingParams(temperature=0, max_tokens=24, min_tokens=24, logprobs=5)
     prompts = random_prompts()
     for prompt, output in zip(prompts, llm.generate(prompts, params)):

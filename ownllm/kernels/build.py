@@ -33,7 +33,8 @@ KERNEL_DIR = Path(__file__).parent
 OPENMP_FLAGS = ("-fopenmp",)
 BF16_FLAGS = ("-mavx512f", "-mavx512bf16", "-mavx512vl", "-mavx512bw", "-mf16c")
 BF16_CPU_FLAGS = ("avx512_bf16", "avx512bw")  # /proc/cpuinfo names of what BF16_FLAGS compiles for
-AVX2_KERNELS = ("attention_f32", "decode_f32", "half_avx2", "x16_avx2")  # kernels for CPUs without AVX-512, compiled with AVX2_FLAGS
+# kernels for CPUs without AVX-512, compiled with AVX2_FLAGS
+AVX2_KERNELS = ("attention_f32", "decode_f32", "half_avx2", "x16_avx2")
 AVX2_FLAGS = ("-mavx2", "-mfma", "-mf16c")
 AVX2_CPU_FLAGS = ("avx2", "fma", "f16c")
 # block_matmul decodes GGUF blocks with float32 arithmetic that must round as gguf-py's dequantize rounds

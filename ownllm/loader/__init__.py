@@ -54,7 +54,9 @@ def load_checkpoint(model: str | None, dtype: str | None = None, keep_quantized:
                          keep_quantized=keep_quantized and _kernels_compute_in(normalize_dtype(dtype)),
                          with_tensors=with_tensors)
         if mmproj is None:
-            return Checkpoint(ModelConfig.from_hf(gguf.hf_config, dtype), gguf.tensors, gguf.tokenizer, {}, path)
+            config = ModelConfig.from_hf(gguf.hf_config, dtype)
+            return Checkpoint(_with_half_weights(config) if keep_quantized else config, gguf.tensors, gguf.tokenizer,
+                              {}, path)
         from ownllm.loader.mmproj import load_mmproj, multimodal_checkpoint
 
         projector = load_mmproj(mmproj)
