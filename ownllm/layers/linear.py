@@ -34,8 +34,9 @@ def half_kernel():
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     # x: [..., in] -> [..., out]
-    if x.dtype == torch.float32 and weight.dtype in HALF_DTYPES and x.is_cpu:  # ModelConfig.weight_dtype
-        out = half_kernel().half_matmul_avx2(x.reshape(-1, x.shape[-1]), weight, bias)  # [T, out]
+    if (x.dtype == torch.float32 and weight.dtype in HALF_DTYPES and x.is_cpu  # ModelConfig.weight_dtype
+            and (kernel := half_kernel()) is not None):
+        out = kernel.half_matmul_avx2(x.reshape(-1, x.shape[-1]), weight, bias)  # [T, out]
         return out.view(*x.shape[:-1], weight.shape[0])
     if (x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and on_bf16_cpu(x)
             and weight.dtype == torch.bfloat16 and weight.is_contiguous() and gemv_kernel() is not None):

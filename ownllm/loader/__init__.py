@@ -82,7 +82,7 @@ def _with_half_weights(config: ModelConfig) -> ModelConfig:
 
     if half_kernel() is None:
         return config
-    logger.info("%s weights, float32 compute (this CPU has no bfloat16 arithmetic)", config.dtype)
+    logger.info("%s weights, float32 compute (this CPU has no 16-bit arithmetic)", config.dtype)
     return dataclasses.replace(config, dtype="float32", weight_dtype=config.dtype)
 
 

@@ -123,6 +123,9 @@ class CausalLM(Module):
                 self.get_submodule(name.rpartition(".")[0]).set_quantized(source_module.quantized)
             else:
                 self._set_parameter(name, self.get_parameter(source))
+        for module in self.modules():  # 16-bit tables kept under float32 compute: lookups widen their rows
+            if isinstance(module, Embedding) and module.weight is not None and module.weight.dtype != dtype:
+                module.lookup_dtype = dtype
 
     def _kept_half(self, name: str) -> bool:
         """Whether parameter `name` stays in config.weight_dtype under float32 compute: the weights of Linear layers
@@ -133,12 +136,8 @@ class CausalLM(Module):
         if attr != "weight" or not isinstance(module, (Linear, Embedding)):
             return False
         parts = module_name.split(".")
-        if any(isinstance(self.get_submodule(".".join(parts[:i])), (Experts, MultiLatentAttention))
-               for i in range(1, len(parts))):
-            return False
-        if isinstance(module, Embedding):
-            module.lookup_dtype = torch.float32
-        return True
+        return not any(isinstance(self.get_submodule(".".join(parts[:i])), (Experts, MultiLatentAttention))
+                       for i in range(1, len(parts)))
 
     def _set_quantized(self, name: str, weight: QuantizedWeight, dtype: torch.dtype) -> None:
         module_name, _, attr = name.rpartition(".")
