@@ -16,7 +16,8 @@ from ownllm.kernels.build import avx2_kernels, cpu_has_avx2
 from ownllm.layers import linear as linear_module
 from ownllm.layers.embedding import Embedding
 from ownllm.layers.linear import Linear
-from tests.checkpoints import assert_matches_reference, build_checkpoint, hf_greedy, random_prompts
+from tests.checkpoints import (assert_matches_reference, build_bert_checkpoint, build_checkpoint, hf_greedy,
+                               random_prompts)
 from tests.gguf_writer import write_gguf
 
 HALVES = [torch.bfloat16, torch.float16]
@@ -134,3 +135,15 @@ def test_explicit_float32_widens_every_weight(tmp_path, without_bf16):
     model = llm.runner.model
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all(m.lookup_dtype is None for m in model.modules() if isinstance(m, Embedding))
+
+
+def test_16_bit_encoder_embeds_as_when_widened_at_load(tmp_path, without_bf16):
+    """A bfloat16 BERT folder (sentence-transformers): its Linear weights and embedding tables kept 16-bit, the
+    embeddings as the float32 load's, within float32 rounding."""
+    build_bert_checkpoint(tmp_path).to(torch.bfloat16).save_pretrained(tmp_path, safe_serialization=True)
+    half, widened = LLM(str(tmp_path)), LLM(str(tmp_path), dtype="float32")
+    assert (half.config.dtype, half.config.weight_dtype) == ("float32", "bfloat16")
+    texts = ["hello world", "the quick brown fox jumps over the lazy dog"]
+    ours = torch.tensor([out.embedding for out in half.embed(texts)])
+    reference = torch.tensor([out.embedding for out in widened.embed(texts)])
+    assert torch.allclose(ours, reference, rtol=0, atol=1e-6)
