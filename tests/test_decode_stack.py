@@ -8,7 +8,6 @@ import torch
 
 from ownllm import LLM, SamplingParams
 from ownllm.kernels.build import GEMV_MAX_ROWS, avx2_kernels, cpu_has_avx2, decode_ops
-from ownllm.layers import linear as linear_module
 from ownllm.layers import quant_avx2
 from ownllm.layers.attention import ATTENTION_BACKENDS, AttentionMetadata, PagedKVCache
 from ownllm.layers.decode_stack import DecodeStack
@@ -63,7 +62,6 @@ def llm(request, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         # float32: GGUF blocks kept quantized (x16_avx2) and cpu_float32 attention, as on CPUs without AVX-512
         patch.setattr(quant_avx2, "cpu_has_bf16", lambda: False)
-        patch.setattr(linear_module, "cpu_has_bf16", lambda: False)
         options = dict(dtype="float32", attention_backend="cpu_float32") if f32 else {}
         if arch is None:
             return LLM(enable_prefix_caching=False, **options)

@@ -13,7 +13,7 @@ import transformers
 
 from ownllm import LLM, SamplingParams
 from ownllm.kernels.build import avx2_kernels, cpu_has_avx2
-from ownllm.layers import linear as linear_module
+from ownllm.layers import quant_avx2
 from ownllm.layers.embedding import Embedding
 from ownllm.layers.linear import Linear
 from tests.checkpoints import (assert_matches_reference, build_bert_checkpoint, build_checkpoint, hf_greedy,
@@ -88,7 +88,7 @@ def test_refuses_what_it_cannot_multiply(kernel):
 @pytest.fixture
 def without_bf16(monkeypatch, kernel):
     """As on a CPU without AVX-512 BF16 (where this machine has it)."""
-    monkeypatch.setattr(linear_module, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(quant_avx2, "cpu_has_bf16", lambda: False)
 
 
 @pytest.mark.parametrize("dtype", HALVES)

@@ -119,18 +119,18 @@ inline __m256i broadcast4(const int8_t* x) {
   return _mm256_set1_epi32(word);
 }
 
-// The integer dot products of one half of a group's block (rows r < 8 of the half at `p`: 32 bytes a vector,
-// vectors 64 bytes apart) with the codes of R activation rows (row j's at x + j K), row r's sum in int32 lane r
-// of sum[j].
-// Each weight vector is loaded and unpacked once for the R rows (a tile's rows share it); each row's integer
-// sums are the same as alone.
-// kQ4's 32 codes of a row times row j's 32 codes, the pairs summed in int16: 16 products a lane, at most 16 x 15 x 127
 // A kQ4 / kQ4K code vector -> the codes of its bytes' low nibbles (lo) and of their high ones (hi)
 inline void q4_codes(const uint8_t* codes, __m256i& lo, __m256i& hi) {
   const __m256i nibble = _mm256_set1_epi8(0x0F), v = _mm256_loadu_si256((const __m256i*)codes);
   lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
 }
 
+// The integer dot products of one half of a group's block (rows r < 8 of the half at `p`: 32 bytes a vector,
+// vectors 64 bytes apart) with the codes of R activation rows (row j's at x + j K), row r's sum in int32 lane r
+// of sum[j].
+// Each weight vector is loaded and unpacked once for the R rows (a tile's rows share it); each row's integer
+// sums are the same as alone.
+// kQ4's 32 codes of a row times row j's 32 codes, the pairs summed in int16: 16 products a lane, at most 16 x 15 x 127
 template <int R, bool Unpacked = false>
 inline void q4_sums(const uint8_t* p, const int8_t* x, int64_t K, __m256i (&sum)[R], const uint8_t* u = nullptr) {
   for (int j = 0; j < R; ++j) sum[j] = _mm256_setzero_si256();

@@ -20,19 +20,20 @@ from ownllm.layers.quant import BlockWeight
 
 class Embedding(Module, nn.Embedding):
     quantized: BlockWeight | None = None  # set instead of `weight`
-    quantized_dtype = torch.bfloat16  # what lookups in `quantized` return: the compute dtype
-    lookup_dtype: torch.dtype | None = None  # what lookups in a 16-bit `weight` kept under float32 compute return
+    # what lookups return where the table is kept otherwise than in the compute dtype (quantized blocks, or 16-bit
+    # under float32 compute): the compute dtype; None: the table's own
+    lookup_dtype: torch.dtype | None = None
 
     def reset_parameters(self) -> None:  # the checkpoint's weights replace it
         pass
 
     def set_quantized(self, weight: BlockWeight, dtype: torch.dtype = torch.bfloat16) -> None:
-        self.quantized, self.quantized_dtype = weight, dtype
+        self.quantized, self.lookup_dtype = weight, dtype
         self.weight = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         # input_ids: [T] -> [T, embedding_dim]
         if self.weight is None:
-            return self.quantized.dequantize(self.quantized_dtype, rows=input_ids)
+            return self.quantized.dequantize(self.lookup_dtype, rows=input_ids)
         rows = F.embedding(input_ids, self.weight)
         return rows if self.lookup_dtype is None else rows.to(self.lookup_dtype)

@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ownllm.kernels.build import GEMV_MAX_ROWS, avx2_kernels, bf16_kernels, cpu_has_bf16, on_bf16_cpu
+from ownllm.kernels.build import GEMV_MAX_ROWS, bf16_kernels, on_bf16_cpu
 from ownllm.layers.module import Module
 from ownllm.layers.quant import QuantizedWeight
+from ownllm.layers.quant_avx2 import float32_kernel
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -26,16 +27,10 @@ def gemv_kernel():
     return bf16_kernels("gemv_bf16")
 
 
-def half_kernel():
-    """kernels/half_avx2.cpp where 16-bit weights stay 16-bit under float32 compute: CPUs with AVX2 but not the
-    AVX-512 BF16 kernels (where those run, a bfloat16 model computes in bfloat16); else None."""
-    return None if cpu_has_bf16() else avx2_kernels("half_avx2")
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     # x: [..., in] -> [..., out]
     if (x.dtype == torch.float32 and weight.dtype in HALF_DTYPES and x.is_cpu  # ModelConfig.weight_dtype
-            and (kernel := half_kernel()) is not None):
+            and (kernel := float32_kernel("half_avx2")) is not None):
         out = kernel.half_matmul_avx2(x.reshape(-1, x.shape[-1]), weight, bias)  # [T, out]
         return out.view(*x.shape[:-1], weight.shape[0])
     if (x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and on_bf16_cpu(x)

@@ -32,10 +32,11 @@ LAYOUT_BYTES = {Q4_LAYOUT: 384, Q5_LAYOUT: 448, Q8_LAYOUT: 576, Q4K_LAYOUT: 2368
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 12, 13, 14  # GGUF type numbers
 
 
-def float32_kernel():
-    """kernels/x16_avx2.cpp where quantized weights compute in float32: CPUs with AVX2 but not the AVX-512 BF16
-    kernels (where those run, quantized files compute in bfloat16); else None."""
-    return None if cpu_has_bf16() else avx2_kernels()
+def float32_kernel(name: str = "x16_avx2"):
+    """The AVX2 kernel `name` where models compute in float32 with their weights kept quantized (x16_avx2) or 16-bit
+    (half_avx2): CPUs with AVX2 but not the AVX-512 BF16 kernels (where those run, such models compute in bfloat16);
+    else None."""
+    return None if cpu_has_bf16() else avx2_kernels(name)
 
 
 @dataclass

@@ -78,9 +78,9 @@ def _with_half_weights(config: ModelConfig) -> ModelConfig:
     weights are read at their 2 bytes, where torch's emulated 16-bit math ran at a third of llama.cpp's F16 speed."""
     if config.dtype not in ("bfloat16", "float16"):
         return config
-    from ownllm.layers.linear import half_kernel
+    from ownllm.layers.quant_avx2 import float32_kernel
 
-    if half_kernel() is None:
+    if float32_kernel("half_avx2") is None:
         return config
     logger.info("%s weights, float32 compute (this CPU has no 16-bit arithmetic)", config.dtype)
     return dataclasses.replace(config, dtype="float32", weight_dtype=config.dtype)
